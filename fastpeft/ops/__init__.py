@@ -1,0 +1,1 @@
+"""Custom ops (torch.library) with autograd; each picks the Triton launcher or the reference."""

@@ -1,0 +1,225 @@
+"""NF4 weights: ``quantize_nf4`` and the ``NF4Weight`` container, byte-compatible with bitsandbytes.
+
+An ``NF4Weight`` holds exactly what bitsandbytes' ``QuantState`` serializes for a 4-bit
+``Linear4bit`` (transformers' "bnb-4bit" checkpoints): the packed codes, the absmax (float32, or
+uint8 with ``nested_absmax`` and ``offset`` under double quantization), the two code maps and a JSON
+blob with the remaining fields. ``to_bnb_state_dict`` / ``from_bnb_state_dict`` read and write those
+six keys under a layer prefix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from fastpeft.kernels.formats import NESTED_BLOCKSIZE, check_blocksize, dynamic_map, nf4_code
+from fastpeft.ops import nf4 as nf4_ops
+
+__all__ = ["NF4Weight", "quantize_nf4"]
+
+_BLOB_KEY = "quant_state.bitsandbytes__nf4"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass
+class NF4Weight:
+    """A weight quantized to NF4 in bitsandbytes' layout.
+
+    Attributes:
+        packed: ``[(numel + 1) // 2, 1]`` uint8, two codes a byte, even element in the high nibble.
+        absmax: ``[n_blocks]`` float32, or uint8 codes when double-quantized.
+        shape: the original weight's shape.
+        dtype: the original weight's dtype (what ``dequantize()`` returns by default).
+        blocksize: elements per absmax block.
+        quant_map: the 16 NF4 values (float32).
+        nested_absmax: ``[ceil(n_blocks / 256)]`` float32 (double quantization only).
+        offset: one-element float32, the mean that was subtracted from absmax (double quantization only).
+        nested_quant_map: the 256-value dynamic map (double quantization only).
+        nested_blocksize: absmax values per nested block.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int = 64
+    quant_map: torch.Tensor | None = None
+    nested_absmax: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+    nested_quant_map: torch.Tensor | None = None
+    nested_blocksize: int = NESTED_BLOCKSIZE
+
+    def __post_init__(self) -> None:
+        self.shape = torch.Size(self.shape)
+        if self.quant_map is None:
+            self.quant_map = nf4_code(self.packed.device)
+        if self.double_quant and self.nested_quant_map is None:
+            self.nested_quant_map = dynamic_map(self.packed.device)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax.dtype == torch.uint8
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def nbytes(self) -> int:
+        """Bytes held on the device (codes, absmax and the nested statistics)."""
+        tensors = [self.packed, self.absmax, self.quant_map, self.nested_absmax, self.offset, self.nested_quant_map]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight as a dense ``shape`` tensor of ``dtype`` (default: the original dtype)."""
+        flat = nf4_ops.nf4_dequantize(
+            self.packed,
+            self.absmax,
+            self.numel,
+            dtype or self.dtype,
+            self.blocksize,
+            self.nested_absmax,
+            self.offset,
+            self.quant_map,
+            self.nested_quant_map,
+            self.nested_blocksize,
+        )
+        return flat.view(self.shape)
+
+    def to(self, device: torch.device | str) -> NF4Weight:
+        """A copy with every tensor on ``device``."""
+        moved = {
+            name: getattr(self, name).to(device)
+            for name in ("packed", "absmax", "quant_map", "nested_absmax", "offset", "nested_quant_map")
+            if getattr(self, name) is not None
+        }
+        return replace(self, **moved)
+
+    def to_bnb_state_dict(self, prefix: str = "") -> dict[str, torch.Tensor]:
+        """The six keys transformers writes for a bitsandbytes 4-bit Linear weight under ``prefix``.
+
+        ``prefix`` names the layer (``"model.layers.0.self_attn.q_proj"``, with or without a trailing
+        dot); keys are ``<prefix>.weight`` and ``<prefix>.weight.<field>``.
+        """
+        p = _weight_key(prefix)
+        blob: dict[str, object] = {
+            "quant_type": "nf4",
+            "blocksize": self.blocksize,
+            "dtype": _dtype_name(self.dtype),
+            "shape": list(self.shape),
+        }
+        sd = {p: self.packed, f"{p}.absmax": self.absmax, f"{p}.quant_map": self.quant_map}
+        if self.double_quant:
+            sd[f"{p}.nested_absmax"] = self.nested_absmax
+            sd[f"{p}.nested_quant_map"] = self.nested_quant_map
+            blob.update(
+                nested_blocksize=self.nested_blocksize,
+                nested_dtype="float32",
+                nested_offset=float(self.offset.reshape(()).item()),
+            )
+        data = json.dumps(blob).encode("utf-8")
+        sd[f"{p}.{_BLOB_KEY}"] = torch.tensor(list(data), dtype=torch.uint8)
+        return sd
+
+    @classmethod
+    def from_bnb_state_dict(cls, state_dict: dict[str, torch.Tensor], prefix: str = "") -> NF4Weight:
+        """Read a bitsandbytes / transformers 4-bit weight from ``state_dict`` (inverse of ``to_bnb_state_dict``).
+
+        Raises:
+            ValueError: a key is missing, mis-shaped or of the wrong dtype, or the JSON blob is
+                unreadable or describes something other than NF4.
+        """
+        p = _weight_key(prefix)
+
+        def get(key: str) -> torch.Tensor:
+            if key not in state_dict:
+                near = sorted(k for k in state_dict if k.startswith(p))[:8]
+                raise ValueError(f"missing key {key!r} in the 4-bit state dict (keys under {p!r}: {near})")
+            return state_dict[key]
+
+        blob_t = get(f"{p}.{_BLOB_KEY}")
+        try:
+            blob = json.loads(bytes(blob_t.to("cpu", torch.uint8).tolist()).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{p}.{_BLOB_KEY} does not hold a JSON quant state: {e}") from None
+        if blob.get("quant_type") != "nf4":
+            raise ValueError(f"{p}: quant_type {blob.get('quant_type')!r} is not supported (only 'nf4')")
+        for field in ("blocksize", "dtype", "shape"):
+            if field not in blob:
+                raise ValueError(f"{p}.{_BLOB_KEY} lacks {field!r}")
+        if blob["dtype"] not in _DTYPES:
+            raise ValueError(f"{p}: unsupported dtype {blob['dtype']!r}")
+        blocksize, shape = int(blob["blocksize"]), torch.Size(blob["shape"])
+        check_blocksize(blocksize)
+        numel = math.prod(shape)
+        n_blocks = -(-numel // blocksize)
+
+        packed = get(p)
+        if packed.dtype != torch.uint8:  # bitsandbytes allows other storage dtypes for the same bytes
+            packed = packed.contiguous().view(-1).view(torch.uint8).reshape(-1, 1)
+        _expect(f"{p}", packed, torch.uint8, (numel + 1) // 2)
+        quant_map = get(f"{p}.quant_map")
+        _expect(f"{p}.quant_map", quant_map, torch.float32, 16)
+        absmax = get(f"{p}.absmax")
+        fields = dict(packed=packed.reshape(-1, 1), shape=shape, dtype=_DTYPES[blob["dtype"]], blocksize=blocksize,
+                      quant_map=quant_map)  # fmt: skip
+        if "nested_blocksize" in blob or f"{p}.nested_absmax" in state_dict:
+            _expect(f"{p}.absmax", absmax, torch.uint8, n_blocks)
+            for field in ("nested_blocksize", "nested_offset"):
+                if field not in blob:
+                    raise ValueError(f"{p}.{_BLOB_KEY} lacks {field!r}")
+            nested_blocksize = int(blob["nested_blocksize"])
+            check_blocksize(nested_blocksize, "nested_blocksize")
+            nested_absmax = get(f"{p}.nested_absmax")
+            _expect(f"{p}.nested_absmax", nested_absmax, torch.float32, -(-n_blocks // nested_blocksize))
+            nested_quant_map = get(f"{p}.nested_quant_map")
+            _expect(f"{p}.nested_quant_map", nested_quant_map, torch.float32, 256)
+            offset = torch.tensor(float(blob["nested_offset"]), dtype=torch.float32, device=packed.device)
+            fields.update(nested_absmax=nested_absmax, offset=offset, nested_quant_map=nested_quant_map,
+                          nested_blocksize=nested_blocksize)  # fmt: skip
+        else:
+            _expect(f"{p}.absmax", absmax, torch.float32, n_blocks)
+        return cls(absmax=absmax, **fields)
+
+
+def _weight_key(prefix: str) -> str:
+    return f"{prefix.rstrip('.')}.weight" if prefix else "weight"
+
+
+def _expect(key: str, t: torch.Tensor, dtype: torch.dtype, numel: int) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.numel() != numel:
+        got = f"{t.dtype} with {t.numel()} elements" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{key}: expected {dtype} with {numel} elements, got {got}")
+
+
+def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Weight:
+    """Quantize a float weight to NF4 exactly as bitsandbytes' ``quantize_4bit(quant_type="nf4")``.
+
+    Args:
+        w: float32/float16/bfloat16 tensor of any shape (a Linear weight is ``[out, in]``); finite.
+        blocksize: elements per absmax block (64 as in QLoRA; 128 ... 4096 also accepted).
+        double_quant: also quantize the absmax to 8 bits (bitsandbytes' ``compress_statistics``).
+
+    Raises:
+        TypeError: ``w`` is not a floating tensor.
+        ValueError: ``w`` is empty or holds inf/NaN, or the blocksize is unsupported.
+    """
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
+    with torch.no_grad():
+        packed, absmax = nf4_ops.nf4_quantize(w.contiguous(), blocksize)
+        if not double_quant:
+            return NF4Weight(packed, absmax, w.shape, w.dtype, blocksize)
+        offset = absmax.mean()
+        codes, nested_absmax = nf4_ops.dynamic8_quantize(absmax - offset, NESTED_BLOCKSIZE)
+    return NF4Weight(packed, codes, w.shape, w.dtype, blocksize, nested_absmax=nested_absmax, offset=offset)

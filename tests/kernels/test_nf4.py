@@ -1,0 +1,92 @@
+"""NF4 Triton kernels (interpreter on CPU) against kernels/reference.py and bitsandbytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastpeft.kernels import nf4, reference
+
+SHAPES = [(1,), (7,), (64,), (65,), (3, 70), (17, 129), (5, 64 * 3 + 1), (40, 97)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _rand(shape, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g) * torch.rand((), generator=g) * 4).to(dtype)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_quantize_kernel_matches_reference(shape, dtype):
+    w = _rand(shape, dtype, hash((shape, str(dtype))) % 2**31)
+    packed, absmax = nf4.nf4_quantize(w)
+    ref_packed, ref_absmax = reference.nf4_quantize_reference(w)
+    assert packed.shape == ref_packed.shape == ((w.numel() + 1) // 2, 1)
+    diff = (packed != ref_packed).nonzero()
+    assert diff.numel() == 0, f"packed bytes differ at {diff[:5].flatten().tolist()}"
+    assert torch.equal(absmax, ref_absmax)
+
+
+@pytest.mark.parametrize("blocksize", [64, 128, 256])
+def test_quantize_kernel_other_blocksizes(blocksize):
+    w = _rand((9, 301), torch.float32, blocksize)
+    for got, want in zip(nf4.nf4_quantize(w, blocksize), reference.nf4_quantize_reference(w, blocksize)):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("n", [1, 255, 256, 257, 1000])
+def test_dynamic8_kernel_matches_reference(n):
+    x = _rand((n,), torch.float32, n) - 0.3
+    codes, absmax = nf4.dynamic8_quantize(x)
+    ref_codes, ref_absmax = reference.dynamic8_quantize_reference(x)
+    diff = (codes != ref_codes).nonzero().flatten()
+    assert diff.numel() == 0, f"codes differ at {diff[:5].tolist()}: {codes[diff[:5]]} vs {ref_codes[diff[:5]]}"
+    assert torch.equal(absmax, ref_absmax)
+
+
+@pytest.mark.parametrize("shape", [(1,), (3, 70), (17, 129), (300, 257)])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantize_kernel_matches_reference(shape, dtype, double_quant):
+    w = _rand(shape, torch.float32, 7)
+    packed, absmax = reference.nf4_quantize_reference(w)
+    kw = {}
+    if double_quant:
+        offset = absmax.mean()
+        absmax, nested = reference.dynamic8_quantize_reference(absmax - offset)
+        kw = {"nested_absmax": nested, "offset": offset}
+    got = nf4.nf4_dequantize(packed, absmax, w.numel(), dtype, **kw)
+    want = reference.nf4_dequantize_reference(packed, absmax, w.numel(), dtype, **kw)
+    assert got.dtype == dtype and got.shape == (w.numel(),)
+    diff = (got != want).nonzero().flatten()
+    assert diff.numel() == 0, f"values differ at {diff[:5].tolist()}: {got[diff[:5]]} vs {want[diff[:5]]}"
+
+
+def test_all_zero_blocks_dequantize_to_zero():
+    w = _rand((4, 64), torch.float32, 3)
+    w[1] = 0.0  # one whole block of zeros
+    w[3, :10] = 0.0
+    packed, absmax = nf4.nf4_quantize(w)
+    assert absmax[1] == 0
+    out = nf4.nf4_dequantize(packed, absmax, w.numel()).view(4, 64)
+    assert torch.equal(out[1], torch.zeros(64))
+    assert torch.equal(out[3, :10], torch.zeros(10))
+
+
+def test_launchers_reject_bad_input():
+    with pytest.raises(TypeError, match="w must be float32"):
+        nf4.nf4_quantize(torch.ones(8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="w is empty"):
+        nf4.nf4_quantize(torch.ones(0))
+    with pytest.raises(ValueError, match="non-finite"):
+        nf4.nf4_quantize(torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="blocksize must be one of"):
+        nf4.nf4_quantize(torch.ones(64), blocksize=48)
+    with pytest.raises(ValueError, match="contiguous"):
+        nf4.nf4_quantize(torch.ones(8, 8).t())
+    packed, absmax = nf4.nf4_quantize(torch.randn(100))
+    with pytest.raises(ValueError, match="packed has 50 bytes"):
+        nf4.nf4_dequantize(packed, absmax, 120)
+    with pytest.raises(ValueError, match="needs nested_absmax"):
+        nf4.nf4_dequantize(packed, absmax.to(torch.uint8), 100)
