@@ -4,6 +4,7 @@ supported block sizes, and the argument checks the NF4 launchers and their refer
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -112,3 +113,21 @@ def check_dequantize_args(
             )
         if offset.numel() != 1:
             raise ValueError(f"offset must hold one element, got {offset.numel()}")
+
+
+class NF4Args(NamedTuple):
+    """An NF4 weight ``[N, K]`` as the fused kernels take it (bitsandbytes layout, see ``kernels/nf4.py``).
+
+    ``absmax`` is float32 ``[n_blocks]``, or uint8 with ``nested_absmax`` / ``offset`` under double
+    quantization. ``quant_map`` / ``nested_quant_map`` default to NF4 / the dynamic map.
+    """
+
+    packed: torch.Tensor
+    absmax: torch.Tensor
+    shape: tuple[int, int]
+    blocksize: int = 64
+    nested_absmax: torch.Tensor | None = None
+    offset: torch.Tensor | None = None
+    quant_map: torch.Tensor | None = None
+    nested_quant_map: torch.Tensor | None = None
+    nested_blocksize: int = NESTED_BLOCKSIZE

@@ -153,7 +153,6 @@ def _nf4_dequantize_kernel(
     tl.store(out_ptr + offs, _cast_out(vals, out_ptr.dtype.element_ty), mask=offs < numel)
 
 
-
 # ----------------------------------------------------------------------------------------------
 # launchers
 # ----------------------------------------------------------------------------------------------
@@ -283,7 +282,14 @@ def compile_gate_cases() -> list[GateCase]:
             name="dynamic8_quantize[bs=256]",
             module=__name__,
             kernel="_dynamic8_quantize_kernel",
-            signature={"x_ptr": "*fp32", "q_ptr": "*u8", "absmax_ptr": "*fp32", "mid_ptr": "*fp32", "n": "i64", "n_blocks": "i64"},
+            signature={
+                "x_ptr": "*fp32",
+                "q_ptr": "*u8",
+                "absmax_ptr": "*fp32",
+                "mid_ptr": "*fp32",
+                "n": "i64",
+                "n_blocks": "i64",
+            },
             constexprs={"BLOCKSIZE": NESTED_BLOCKSIZE},
         )
     )
@@ -295,11 +301,22 @@ def compile_gate_cases() -> list[GateCase]:
                     module=__name__,
                     kernel="_nf4_dequantize_kernel",
                     signature={
-                        "q_ptr": "*u8", "absmax_ptr": "*u8" if dq else "*fp32", "code_ptr": "*fp32",
-                        "out_ptr": f"*{out_ty}", "qmap_ptr": "*fp32", "nested_absmax_ptr": "*fp32",
-                        "offset_ptr": "*fp32", "numel": "i64", "n_bytes": "i64",
+                        "q_ptr": "*u8",
+                        "absmax_ptr": "*u8" if dq else "*fp32",
+                        "code_ptr": "*fp32",
+                        "out_ptr": f"*{out_ty}",
+                        "qmap_ptr": "*fp32",
+                        "nested_absmax_ptr": "*fp32",
+                        "offset_ptr": "*fp32",
+                        "numel": "i64",
+                        "n_bytes": "i64",
                     },  # fmt: skip
-                    constexprs={"BLOCKSIZE": 64, "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE, "DOUBLE_QUANT": dq, "BLOCK": _DEQUANT_BLOCK},
+                    constexprs={
+                        "BLOCKSIZE": 64,
+                        "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE,
+                        "DOUBLE_QUANT": dq,
+                        "BLOCK": _DEQUANT_BLOCK,
+                    },
                     options={"enable_fp_fusion": False},
                 )
             )

@@ -32,7 +32,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     torch.testing.assert_close(actual, expected.to(actual.dtype), **tol, msg=lambda m: f"{msg}\n{m}")
 
 
-def assert_oracle(actual: torch.Tensor, exact: torch.Tensor, eager: torch.Tensor, msg: str = "", slack: float = 2.0) -> None:
+def assert_oracle(
+    actual: torch.Tensor, exact: torch.Tensor, eager: torch.Tensor, msg: str = "", slack: float = 2.0
+) -> None:
     """The oracle rule for matmul paths: ``actual``'s error against the fp64 ``exact`` result is at
     most ``slack`` x the error of eager torch at the same precision (plus a floor of one fp32 ulp of
     the result's scale, so exact agreement of eager with fp64 does not demand the impossible)."""

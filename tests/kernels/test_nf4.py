@@ -31,7 +31,7 @@ def test_quantize_kernel_matches_reference(shape, dtype):
 @pytest.mark.parametrize("blocksize", [64, 128, 256])
 def test_quantize_kernel_other_blocksizes(blocksize):
     w = _rand((9, 301), torch.float32, blocksize)
-    for got, want in zip(nf4.nf4_quantize(w, blocksize), reference.nf4_quantize_reference(w, blocksize)):
+    for got, want in zip(nf4.nf4_quantize(w, blocksize), reference.nf4_quantize_reference(w, blocksize), strict=True):
         assert torch.equal(got, want)
 
 
