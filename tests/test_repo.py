@@ -1,0 +1,38 @@
+"""The repository's promises: CI runs the README's commands; the package imports cleanly."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    setup = text.split("## Set up", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```bash\n(.*?)```", setup, re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_ci_runs_the_readme_commands_verbatim():
+    commands = _readme_commands()
+    assert any("pip install" in c for c in commands) and any("pytest" in c for c in commands)
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    missing = [c for c in commands if c not in ci]
+    assert not missing, f".ci/run lacks README commands: {missing}"
+
+
+def test_import_has_no_side_effects_and_kernels_live_under_fastpeft(tmp_path):
+    # from another directory: no top-level `kernels` module, no output, no CUDA initialisation
+    code = (
+        "import sys, torch, fastpeft, fastpeft.kernels.reference;"
+        "assert 'kernels' not in sys.modules, 'top-level kernels module imported';"
+        "assert not torch.cuda.is_initialized();"
+        "print(fastpeft.kernels.reference.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "fastpeft.kernels.reference"
+    assert out.stderr == ""
