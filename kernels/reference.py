@@ -198,3 +198,172 @@ def lora_linear_bwd_reference(
 # ----------------------------------------------------------------------------------------------
 # Bottleneck adapter (kernels/adapter.py)
 # ----------------------------------------------------------------------------------------------
+
+ADAPTER_ACTIVATIONS = ("relu", "silu", "gelu", "gelu_tanh")
+"""Bottleneck activations: ReLU, SiLU (swish), GELU with erf (exact), GELU tanh approximation (``gelu_new``)."""
+
+
+def check_adapter_args(
+    h: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor,
+    activation: str,
+    residual: torch.Tensor | None = None,
+    *,
+    allow_float64: bool = True,
+) -> None:
+    """Shape, dtype and device checks shared by ``adapter_fwd`` and its reference (errors name the argument)."""
+    dtypes = (torch.float32, torch.float16, torch.bfloat16) + ((torch.float64,) if allow_float64 else ())
+    named = {"h": h, "w_down": w_down, "b_down": b_down, "w_up": w_up, "b_up": b_up}
+    if residual is not None:
+        named["residual"] = residual
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in dtypes:
+            raise TypeError(f"{name} must be one of {dtypes}, got {t.dtype}")
+        if t.dtype != h.dtype:
+            raise TypeError(f"{name} must have h's dtype {h.dtype}, got {t.dtype}")
+        if t.device != h.device:
+            raise ValueError(f"{name} is on {t.device}, h on {h.device}")
+    if activation not in ADAPTER_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ADAPTER_ACTIVATIONS}, got {activation!r}")
+    if h.dim() != 2 or h.shape[0] == 0 or h.shape[1] == 0:
+        raise ValueError(f"h must be a non-empty [M, H] matrix, got shape {tuple(h.shape)}")
+    m, hidden = h.shape
+    if w_down.dim() != 2 or w_down.shape[1] != hidden or w_down.shape[0] == 0:
+        raise ValueError(f"w_down must be [b, H={hidden}] with b >= 1, got {tuple(w_down.shape)}")
+    b = w_down.shape[0]
+    for name, t, want in (("b_down", b_down, (b,)), ("w_up", w_up, (hidden, b)), ("b_up", b_up, (hidden,))):
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+    if residual is not None and tuple(residual.shape) != (m, hidden):
+        raise ValueError(f"residual must have h's shape {(m, hidden)}, got {tuple(residual.shape)}")
+
+
+def check_adapter_bwd_args(
+    dy: torch.Tensor, h: torch.Tensor, w_down: torch.Tensor, w_up: torch.Tensor, z: torch.Tensor, activation: str
+) -> None:
+    """Checks shared by ``adapter_bwd`` and its reference, beyond the forward's."""
+    check_adapter_args(h, w_down, w_down.new_empty(w_down.shape[:1]), w_up, w_up.new_empty(w_up.shape[:1]), activation)
+    if not isinstance(dy, torch.Tensor) or dy.shape != h.shape or dy.dtype != h.dtype or dy.device != h.device:
+        got = (tuple(dy.shape), dy.dtype, dy.device) if isinstance(dy, torch.Tensor) else type(dy).__name__
+        raise ValueError(f"dy must match h {(tuple(h.shape), h.dtype, h.device)}, got {got}")
+    want = (h.shape[0], w_down.shape[0])
+    if not isinstance(z, torch.Tensor) or tuple(z.shape) != want or z.dtype != _acc(h) or z.device != h.device:
+        got = (tuple(z.shape), z.dtype) if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(f"z must be the forward's {want} {_acc(h)} pre-activation, got {got}")
+    if not z.is_contiguous():
+        raise ValueError("z must be contiguous")
+
+
+def adapter_act_reference(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """``act(z)`` for one of ``ADAPTER_ACTIVATIONS``."""
+    if activation == "relu":
+        return torch.relu(z)
+    if activation == "silu":
+        return torch.nn.functional.silu(z)
+    return torch.nn.functional.gelu(z, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def adapter_act_grad_reference(z: torch.Tensor, activation: str) -> torch.Tensor:
+    """``act'(z)``, written out (the kernels evaluate the same closed forms)."""
+    if activation == "relu":
+        return (z > 0).to(z.dtype)
+    if activation == "silu":
+        sig = torch.sigmoid(z)
+        return sig * (1 + z * (1 - sig))
+    if activation == "gelu_tanh":
+        c = 0.7978845608028654  # sqrt(2 / pi)
+        t = torch.tanh(c * (z + 0.044715 * z**3))
+        return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z)
+    return 0.5 * (1 + torch.erf(z * 0.7071067811865476)) + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
+
+
+def adapter_fwd_reference(
+    h: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor,
+    scaling: float,
+    activation: str,
+    residual: torch.Tensor | None = None,
+    *,
+    save_z: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``y = r + s·(act(z)·W_upᵀ + b_up)`` with ``z = h·W_downᵀ + b_down`` and ``r = residual or h``.
+
+    Args:
+        h: ``[M, H]``. w_down: ``[b, H]``. b_down: ``[b]``. w_up: ``[H, b]``. b_up: ``[H]``.
+        scaling: ``s``. activation: one of ``ADAPTER_ACTIVATIONS``. residual: ``[M, H]`` or None (``r = h``).
+
+    Returns:
+        ``y [M, H]`` in h's dtype and ``z [M, b]`` in float32 (float64 for float64 inputs), kept for the
+        backward (None unless ``save_z``). ``act(z)`` is rounded to h's dtype once before the up
+        projection, as the kernel feeds it to the tensor cores.
+    """
+    check_adapter_args(h, w_down, b_down, w_up, b_up, activation, residual)
+    acc = _acc(h)
+    z = h.to(acc) @ w_down.to(acc).t() + b_down.to(acc)
+    a = adapter_act_reference(z, activation).to(h.dtype).to(acc)
+    r = h if residual is None else residual
+    y = r.to(acc) + scaling * (a @ w_up.to(acc).t() + b_up.to(acc))
+    return y.to(h.dtype), (z if save_z else None)
+
+
+def adapter_bwd_reference(
+    dy: torch.Tensor,
+    h: torch.Tensor,
+    w_down: torch.Tensor,
+    w_up: torch.Tensor,
+    z: torch.Tensor,
+    scaling: float,
+    activation: str,
+    *,
+    residual_is_separate: bool = False,
+    needs_dh: bool = True,
+    needs_dw: bool = True,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of ``adapter_fwd`` from the saved pre-activation ``z`` (no recomputation of h·W_downᵀ).
+
+    Args:
+        dy: ``[M, H]`` in h's dtype. h: ``[M, H]``. w_down: ``[b, H]``. w_up: ``[H, b]``.
+        z: ``[M, b]`` float32 from ``adapter_fwd``. scaling, activation: as in the forward.
+        residual_is_separate: True when the forward got a ``residual`` (then dY does not flow into dh).
+
+    With ``a = act(z)`` rounded to h's dtype and ``dz = s·(dY·W_up) ⊙ act'(z)`` (rounded to h's dtype
+    where it enters a matmul)::
+
+        dh      = dz·W_down + (dY unless the residual is separate)   [M, H]
+        dW_down = dzᵀ·h                                              [b, H]
+        db_down = Σ_m dz          (summed in float32 before rounding) [b]
+        dW_up   = s·dYᵀ·a                                            [H, b]
+        db_up   = s·Σ_m dY                                           [H]
+
+    The gradient of a separate residual is ``dY`` itself (the op returns it, no kernel needed).
+
+    Returns:
+        ``(dh, dw_down, db_down, dw_up, db_up)`` in h's dtype; ``dh`` is None unless ``needs_dh``, the
+        four weight gradients are None unless ``needs_dw``.
+    """
+    check_adapter_bwd_args(dy, h, w_down, w_up, z, activation)
+    acc = _acc(dy)
+    dyf = dy.to(acc)
+    dz = scaling * (dyf @ w_up.to(acc)) * adapter_act_grad_reference(z.to(acc), activation)
+    dzc = dz.to(h.dtype).to(acc)
+    dh = dw_down = db_down = dw_up = db_up = None
+    if needs_dh:
+        dh = dzc @ w_down.to(acc)
+        if not residual_is_separate:
+            dh = dh + dyf
+        dh = dh.to(h.dtype)
+    if needs_dw:
+        a = adapter_act_reference(z.to(acc), activation).to(h.dtype).to(acc)
+        dw_down = (dzc.t() @ h.to(acc)).to(h.dtype)
+        db_down = dz.sum(0).to(h.dtype)
+        dw_up = (scaling * (dyf.t() @ a)).to(h.dtype)
+        db_up = (scaling * dyf.sum(0)).to(h.dtype)
+    return dh, dw_down, db_down, dw_up, db_up

@@ -1,0 +1,537 @@
+"""Fused bottleneck adapter (Houlsby / Pfeiffer / parallel placements share one op).
+
+Math, for ``h [M, H]``, ``W_down [b, H]``, ``b_down [b]``, ``W_up [H, b]``, ``b_up [H]``, scaling ``s`` and
+a residual ``r [M, H]`` (``r = h`` unless given; the parallel placement passes the FFN output)::
+
+    z = h·W_downᵀ + b_down                      [M, b]   (float32, saved for the backward)
+    a = act(z)                                  [M, b]   (rounded to h's dtype once, fed to the MMA)
+    y = r + s·(a·W_upᵀ + b_up)                  [M, H]
+
+with act one of relu, silu, gelu (erf) and gelu_tanh (transformers' ``gelu_new``).
+
+Forward (one kernel): a program owns ``BLOCK_M`` rows. It loops over H to accumulate ``z`` in
+registers, applies bias and activation, then loops over H again writing ``y`` tiles, so the bottleneck
+activation never leaves the chip. ``b`` is small (≤ 256): ``BLOCK_B = next_pow2(max(b, 16))``, masked.
+
+Backward, from the saved ``z`` (``M·b`` floats, 1/H-th of h, so recomputing ``h·W_downᵀ`` is not
+worth its read of h)::
+
+    dz      = s·(dY·W_up) ⊙ act'(z)             [M, b]
+    dh      = dz·W_down (+ dY when r = h)       [M, H]
+    dW_down = dzᵀ·h,   db_down = Σ_m dz
+    dW_up   = s·dYᵀ·a, db_up   = s·Σ_m dY
+
+Kernel ``_adapter_bwd_dz_kernel`` (per ``BLOCK_M`` rows) forms ``dz`` on chip, writes ``dh`` and, for
+the weight gradients, ``dz`` and ``a`` in h's dtype plus per-program partial sums of ``dz``.
+Kernel ``_adapter_bwd_dw_kernel`` computes ``Xᵀ·G`` over a slice of rows (``X = dY, G = a`` for
+``dW_up``; ``X = h, G = dz`` for ``dW_down``, stored transposed) into float32 partials, one per
+row slice; a tiny ``sum`` over slices finishes the reduction. No atomics: fp16 atomics are slow and
+make results run-to-run nondeterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastpeft.kernels._gate import GateCase
+from fastpeft.kernels.nf4 import _cast_out
+from fastpeft.kernels.reference import ADAPTER_ACTIVATIONS, check_adapter_args, check_adapter_bwd_args
+
+__all__ = ["adapter_bwd", "adapter_fwd", "compile_gate_cases"]
+
+_ACT_ID = {name: i for i, name in enumerate(ADAPTER_ACTIVATIONS)}  # relu 0, silu 1, gelu 2, gelu_tanh 3
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_INV_SQRT_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_GELU_C = tl.constexpr(0.044715)
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tanh(x):
+    # tanh through the sigmoid: libdevice's tanh is unavailable in the interpreter
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _act(z, ACT: tl.constexpr):
+    if ACT == 0:
+        return tl.maximum(z, 0.0)
+    elif ACT == 1:
+        return z * tl.sigmoid(z)
+    elif ACT == 2:
+        return 0.5 * z * (1.0 + tl.erf(z * _INV_SQRT_2))
+    else:
+        return 0.5 * z * (1.0 + _tanh((z + z * z * z * _GELU_C) * _SQRT_2_OVER_PI))
+
+
+@triton.jit
+def _act_grad(z, ACT: tl.constexpr):
+    if ACT == 0:
+        return tl.where(z > 0.0, 1.0, 0.0)
+    elif ACT == 1:
+        sig = tl.sigmoid(z)
+        return sig * (1.0 + z * (1.0 - sig))
+    elif ACT == 2:
+        return 0.5 * (1.0 + tl.erf(z * _INV_SQRT_2)) + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    else:
+        t = _tanh((z + z * z * z * _GELU_C) * _SQRT_2_OVER_PI)
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * (1.0 + z * z * (3.0 * _GELU_C)) * _SQRT_2_OVER_PI
+
+
+@triton.jit(do_not_specialize=["scaling"])
+def _adapter_fwd_kernel(
+    h_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, r_ptr, y_ptr, z_ptr,
+    M, H, B, scaling,
+    stride_hm, stride_hh, stride_wdb, stride_wdh, stride_wuh, stride_wub, stride_rm, stride_rh,
+    ACT: tl.constexpr, SAVE_Z: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_b = tl.arange(0, BLOCK_B)
+    mask_m = offs_m < M
+    mask_b = offs_b < B
+    # -- down projection: z = h·W_downᵀ, K loop over H --
+    acc = tl.zeros([BLOCK_M, BLOCK_B], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < H
+        h = tl.load(
+            h_ptr + offs_m[:, None] * stride_hm + offs_k[None, :] * stride_hh,
+            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+        )  # fmt: skip
+        wd = tl.load(
+            wd_ptr + offs_k[:, None] * stride_wdh + offs_b[None, :] * stride_wdb,
+            mask=mask_k[:, None] & mask_b[None, :], other=0.0,
+        )  # fmt: skip
+        acc = tl.dot(h, wd, acc, input_precision=DOT_PRECISION)
+    # -- bias + activation, on chip --
+    z = acc + tl.load(bd_ptr + offs_b, mask=mask_b, other=0.0).to(tl.float32)[None, :]
+    if SAVE_Z:
+        tl.store(z_ptr + offs_m[:, None] * B + offs_b[None, :], z, mask=mask_m[:, None] & mask_b[None, :])
+    # padded bottleneck columns meet zero rows of W_up, so their act(z) needs no masking
+    a = _act(z, ACT).to(h_ptr.dtype.element_ty)
+    # -- up projection + bias + residual, N loop over H --
+    for n0 in range(0, H, BLOCK_K):
+        offs_n = n0 + tl.arange(0, BLOCK_K)
+        mask_n = offs_n < H
+        wu = tl.load(
+            wu_ptr + offs_b[:, None] * stride_wub + offs_n[None, :] * stride_wuh,
+            mask=mask_b[:, None] & mask_n[None, :], other=0.0,
+        )  # fmt: skip
+        out = tl.dot(a, wu, input_precision=DOT_PRECISION)
+        out += tl.load(bu_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        mask = mask_m[:, None] & mask_n[None, :]
+        r = tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rh, mask=mask, other=0.0)
+        y = r.to(tl.float32) + scaling * out
+        tl.store(y_ptr + offs_m[:, None] * H + offs_n[None, :], _cast_out(y, y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit(do_not_specialize=["scaling"])
+def _adapter_bwd_dz_kernel(
+    dy_ptr, z_ptr, wu_ptr, wd_ptr, dh_ptr, dz_ptr, a_ptr, dbd_part_ptr,
+    M, H, B, scaling,
+    stride_dym, stride_dyh, stride_wuh, stride_wub, stride_wdb, stride_wdh,
+    ACT: tl.constexpr, ADD_DY: tl.constexpr, COMPUTE_DH: tl.constexpr, STORE_DW_INPUTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0).to(tl.int64)
+    offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_b = tl.arange(0, BLOCK_B)
+    mask_m = offs_m < M
+    mask_b = offs_b < B
+    mask_mb = mask_m[:, None] & mask_b[None, :]
+    # -- da = dY·W_up, K loop over H --
+    da = tl.zeros([BLOCK_M, BLOCK_B], dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < H
+        dy = tl.load(
+            dy_ptr + offs_m[:, None] * stride_dym + offs_k[None, :] * stride_dyh,
+            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+        )  # fmt: skip
+        wu = tl.load(
+            wu_ptr + offs_k[:, None] * stride_wuh + offs_b[None, :] * stride_wub,
+            mask=mask_k[:, None] & mask_b[None, :], other=0.0,
+        )  # fmt: skip
+        da = tl.dot(dy, wu, da, input_precision=DOT_PRECISION)
+    # -- chain rule through the activation; padded rows and columns have da = 0, hence dz = 0 --
+    z = tl.load(z_ptr + offs_m[:, None] * B + offs_b[None, :], mask=mask_mb, other=0.0)
+    dz = scaling * da * _act_grad(z, ACT)
+    dzc = dz.to(dh_ptr.dtype.element_ty)
+    if STORE_DW_INPUTS:
+        tl.store(dz_ptr + offs_m[:, None] * B + offs_b[None, :], dzc, mask=mask_mb)
+        tl.store(a_ptr + offs_m[:, None] * B + offs_b[None, :], _act(z, ACT).to(a_ptr.dtype.element_ty), mask=mask_mb)
+        # db_down in float32 from the unrounded dz: one partial row per program
+        tl.store(dbd_part_ptr + pid * B + offs_b, tl.sum(dz, axis=0), mask=mask_b)
+    if COMPUTE_DH:
+        # -- dh = dz·W_down (+ dY), N loop over H --
+        for n0 in range(0, H, BLOCK_K):
+            offs_n = n0 + tl.arange(0, BLOCK_K)
+            mask_n = offs_n < H
+            wd = tl.load(
+                wd_ptr + offs_b[:, None] * stride_wdb + offs_n[None, :] * stride_wdh,
+                mask=mask_b[:, None] & mask_n[None, :], other=0.0,
+            )  # fmt: skip
+            dh = tl.dot(dzc, wd, input_precision=DOT_PRECISION)
+            mask = mask_m[:, None] & mask_n[None, :]
+            if ADD_DY:
+                dh += tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyh, mask=mask).to(
+                    tl.float32
+                )
+            tl.store(dh_ptr + offs_m[:, None] * H + offs_n[None, :], _cast_out(dh, dh_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _adapter_bwd_dw_kernel(
+    x_ptr, g_ptr, out_ptr, colsum_ptr,
+    M, N, B, rows_per_split,
+    stride_xm, stride_xn, stride_gm, stride_gb, stride_os, stride_on, stride_ob,
+    HAS_COLSUM: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    # out[s, n, j] = Σ_{m in slice s} x[m, n]·g[m, j]  and  colsum[s, n] = Σ_{m in slice s} x[m, n]
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = tl.arange(0, BLOCK_B)
+    mask_n = offs_n < N
+    mask_b = offs_b < B
+    m_start = pid_s * rows_per_split
+    m_end = tl.minimum(m_start + rows_per_split, M)
+    acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
+    colsum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < m_end
+        xt = tl.load(
+            x_ptr + offs_n[:, None] * stride_xn + offs_m[None, :] * stride_xm,
+            mask=mask_n[:, None] & mask_m[None, :], other=0.0,
+        )  # fmt: skip
+        g = tl.load(
+            g_ptr + offs_m[:, None] * stride_gm + offs_b[None, :] * stride_gb,
+            mask=mask_m[:, None] & mask_b[None, :], other=0.0,
+        )  # fmt: skip
+        acc = tl.dot(xt, g, acc, input_precision=DOT_PRECISION)
+        if HAS_COLSUM:
+            colsum += tl.sum(xt.to(tl.float32), axis=1)
+    out = out_ptr + pid_s * stride_os + offs_n[:, None] * stride_on + offs_b[None, :] * stride_ob
+    tl.store(out, acc, mask=mask_n[:, None] & mask_b[None, :])
+    if HAS_COLSUM:
+        tl.store(colsum_ptr + pid_s * N + offs_n, colsum, mask=mask_n)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+BOTTLENECK_BLOCKS = (16, 32, 64, 128, 256)  # BLOCK_B choices: b ≤ 256
+_DW_BLOCK_M = 64
+_DW_BLOCK_N = 64
+
+
+def _block_b(b: int) -> int:
+    # tl.dot needs every dimension ≥ 16
+    return max(16, triton.next_power_of_2(b))
+
+
+def _row_config(block_b: int, dtype: torch.dtype) -> dict[str, int]:
+    """Tile sizes of the row kernels (forward, backward dz/dh) by rule: the [BLOCK_M, BLOCK_B] float32
+    accumulator is the register budget; wide bottlenecks get more warps and shorter H tiles."""
+    wide = block_b >= 128
+    block_m = 32 if (dtype == torch.float32 and wide) else 64
+    return {
+        "BLOCK_M": block_m,
+        "BLOCK_K": 32 if wide else 64,
+        "BLOCK_B": block_b,
+        "num_warps": 8 if wide else 4,
+        "num_stages": 2 if block_b == 256 else 3,
+    }
+
+
+def _dw_config(block_b: int) -> dict[str, int]:
+    return {
+        "BLOCK_M": _DW_BLOCK_M,
+        "BLOCK_N": _DW_BLOCK_N,
+        "BLOCK_B": block_b,
+        "num_warps": 8 if block_b >= 128 else 4,
+        "num_stages": 2 if block_b == 256 else 3,
+    }
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs get IEEE products (torch's default, no TF32); 16-bit inputs are exact on the MMA
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_bottleneck(w_down: torch.Tensor) -> None:
+    if w_down.shape[0] > BOTTLENECK_BLOCKS[-1]:
+        raise ValueError(f"w_down has bottleneck size {w_down.shape[0]}; the fused kernel supports up to 256")
+
+
+def adapter_fwd(
+    h: torch.Tensor,
+    w_down: torch.Tensor,
+    b_down: torch.Tensor,
+    w_up: torch.Tensor,
+    b_up: torch.Tensor,
+    scaling: float,
+    activation: str,
+    residual: torch.Tensor | None = None,
+    *,
+    save_z: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Fused ``y = r + s·(act(h·W_downᵀ + b_down)·W_upᵀ + b_up)`` (see the module docstring).
+
+    Args:
+        h: ``[M, H]`` float32/float16/bfloat16, any strides. w_down: ``[b, H]``, b ≤ 256. b_down: ``[b]``
+            (contiguous). w_up: ``[H, b]``. b_up: ``[H]`` (contiguous). scaling: ``s``. activation: one of
+            ``relu, silu, gelu, gelu_tanh``. residual: ``[M, H]`` or None (``r = h``).
+        save_z: also return the pre-activation for the backward.
+
+    Returns:
+        ``y [M, H]`` (contiguous, h's dtype) and ``z [M, b]`` float32, or None unless ``save_z``.
+    """
+    check_adapter_args(h, w_down, b_down, w_up, b_up, activation, residual, allow_float64=False)
+    _check_bottleneck(w_down)
+    for name, t in (("b_down", b_down), ("b_up", b_up)):
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    m, hidden = h.shape
+    b = w_down.shape[0]
+    r = h if residual is None else residual
+    y = torch.empty((m, hidden), dtype=h.dtype, device=h.device)
+    z = torch.empty((m, b), dtype=torch.float32, device=h.device) if save_z else y  # y: unused placeholder
+    cfg = _row_config(_block_b(b), h.dtype)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]),)
+    _adapter_fwd_kernel[grid](
+        h, w_down, b_down, w_up, b_up, r, y, z,
+        m, hidden, b, float(scaling),
+        h.stride(0), h.stride(1), w_down.stride(0), w_down.stride(1), w_up.stride(0), w_up.stride(1),
+        r.stride(0), r.stride(1),
+        ACT=_ACT_ID[activation], SAVE_Z=save_z, DOT_PRECISION=_dot_precision(h.dtype), **cfg,
+    )  # fmt: skip
+    return y, (z if save_z else None)
+
+
+def _num_splits(m: int, n_tiles: int, device: torch.device) -> int:
+    """Row slices for the weight-gradient reduction: enough programs to fill the GPU about twice."""
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+    return max(1, min(triton.cdiv(m, _DW_BLOCK_M), triton.cdiv(target, n_tiles)))
+
+
+def _xt_g(x: torch.Tensor, g: torch.Tensor, out_t: bool, colsum: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float32 ``xᵀ·g`` ``[N, B]`` (or its transpose ``[B, N]`` when ``out_t``) and optionally ``Σ_m x [N]``."""
+    m, n = x.shape
+    b = g.shape[1]
+    cfg = _dw_config(_block_b(b))
+    n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
+    splits = _num_splits(m, n_tiles, x.device)
+    rows_per_split = cfg["BLOCK_M"] * triton.cdiv(triton.cdiv(m, cfg["BLOCK_M"]), splits)
+    splits = triton.cdiv(m, rows_per_split)
+    part = torch.empty((splits, b, n) if out_t else (splits, n, b), dtype=torch.float32, device=x.device)
+    stride_on, stride_ob = (part.stride(2), part.stride(1)) if out_t else (part.stride(1), part.stride(2))
+    sums = torch.empty((splits, n), dtype=torch.float32, device=x.device) if colsum else part  # placeholder
+    _adapter_bwd_dw_kernel[(n_tiles, splits)](
+        x, g, part, sums,
+        m, n, b, rows_per_split,
+        x.stride(0), x.stride(1), g.stride(0), g.stride(1), part.stride(0), stride_on, stride_ob,
+        HAS_COLSUM=colsum, DOT_PRECISION=_dot_precision(x.dtype), **cfg,
+    )  # fmt: skip
+    # the tiny second stage of the reduction: splits × (N·B) float32 partials
+    return part.sum(0), (sums.sum(0) if colsum else None)
+
+
+def adapter_bwd(
+    dy: torch.Tensor,
+    h: torch.Tensor,
+    w_down: torch.Tensor,
+    w_up: torch.Tensor,
+    z: torch.Tensor,
+    scaling: float,
+    activation: str,
+    *,
+    residual_is_separate: bool = False,
+    needs_dh: bool = True,
+    needs_dw: bool = True,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of ``adapter_fwd`` from its saved ``z``; contract of ``adapter_bwd_reference``.
+
+    Args:
+        dy: ``[M, H]`` in h's dtype, any strides. h: ``[M, H]``. w_down: ``[b, H]``. w_up: ``[H, b]``.
+        z: ``[M, b]`` float32 (contiguous) from ``adapter_fwd``. scaling, activation: as in the forward.
+        residual_is_separate: the forward got a ``residual``, so dY does not flow into dh.
+        needs_dh / needs_dw: skip the input / the four weight gradients.
+
+    Returns:
+        ``(dh [M, H], dw_down [b, H], db_down [b], dw_up [H, b], db_up [H])`` in h's dtype, None where
+        not asked for.
+    """
+    check_adapter_bwd_args(dy, h, w_down, w_up, z, activation)
+    if h.dtype == torch.float64:
+        raise TypeError("h must be float32, float16 or bfloat16 for the Triton kernels, got torch.float64")
+    _check_bottleneck(w_down)
+    m, hidden = h.shape
+    b = w_down.shape[0]
+    dh = dw_down = db_down = dw_up = db_up = None
+    if not (needs_dh or needs_dw):
+        return dh, dw_down, db_down, dw_up, db_up
+    cfg = _row_config(_block_b(b), h.dtype)
+    n_prog = triton.cdiv(m, cfg["BLOCK_M"])
+    dh_buf = torch.empty((m, hidden), dtype=h.dtype, device=h.device) if needs_dh else dy  # dy: placeholder
+    if needs_dw:
+        dz = torch.empty((m, b), dtype=h.dtype, device=h.device)
+        a = torch.empty((m, b), dtype=h.dtype, device=h.device)
+        dbd_part = torch.empty((n_prog, b), dtype=torch.float32, device=h.device)
+    else:
+        dz = a = dbd_part = z  # placeholders, never touched
+    _adapter_bwd_dz_kernel[(n_prog,)](
+        dy, z, w_up, w_down, dh_buf, dz, a, dbd_part,
+        m, hidden, b, float(scaling),
+        dy.stride(0), dy.stride(1), w_up.stride(0), w_up.stride(1), w_down.stride(0), w_down.stride(1),
+        ACT=_ACT_ID[activation], ADD_DY=not residual_is_separate, COMPUTE_DH=needs_dh, STORE_DW_INPUTS=needs_dw,
+        DOT_PRECISION=_dot_precision(h.dtype), **cfg,
+    )  # fmt: skip
+    if needs_dh:
+        dh = dh_buf
+    if needs_dw:
+        dwu, dy_sum = _xt_g(dy, a, out_t=False, colsum=True)
+        dwd, _ = _xt_g(h, dz, out_t=True, colsum=False)
+        dw_down = dwd.to(h.dtype)
+        db_down = dbd_part.sum(0).to(h.dtype)
+        dw_up = (scaling * dwu).to(h.dtype)
+        db_up = (scaling * dy_sum).to(h.dtype)
+    return dh, dw_down, db_down, dw_up, db_up
+
+
+# ----------------------------------------------------------------------------------------------
+# compile gate
+# ----------------------------------------------------------------------------------------------
+
+_GATE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def compile_gate_cases() -> list[GateCase]:
+    """Every tile configuration the launchers pick: each BLOCK_B in float32 and bfloat16, for the three
+    kernels. float16 shares bfloat16's tiles and schedule (only the MMA's input type differs), so it is
+    gated at the widest bottleneck only, which keeps the gate inside CI's time budget.
+
+    Activation and flags do not change tile shapes; the cases use the costliest activation (gelu_tanh)
+    with every optional store enabled. 16-bit cases must run their matmuls on tensor cores.
+    """
+    cases = []
+    for dtype, ty in _GATE_DTYPES.items():
+        mma = dtype != torch.float32
+        prec = _dot_precision(dtype)
+        for block_b in BOTTLENECK_BLOCKS if dtype != torch.float16 else BOTTLENECK_BLOCKS[-1:]:
+            row = _row_config(block_b, dtype)
+            row_constexprs = {k: v for k, v in row.items() if k.startswith("BLOCK")}
+            launch = {"num_warps": row["num_warps"], "num_stages": row["num_stages"], "tensor_cores": mma}
+            cases.append(
+                GateCase(
+                    name=f"adapter_fwd[{ty},BLOCK_B={block_b}]",
+                    module=__name__,
+                    kernel="_adapter_fwd_kernel",
+                    signature={
+                        "h_ptr": f"*{ty}",
+                        "wd_ptr": f"*{ty}",
+                        "bd_ptr": f"*{ty}",
+                        "wu_ptr": f"*{ty}",
+                        "bu_ptr": f"*{ty}",
+                        "r_ptr": f"*{ty}",
+                        "y_ptr": f"*{ty}",
+                        "z_ptr": "*fp32",
+                        "M": "i32",
+                        "H": "i32",
+                        "B": "i32",
+                        "scaling": "fp32",
+                        "stride_hm": "i32",
+                        "stride_hh": "i32",
+                        "stride_wdb": "i32",
+                        "stride_wdh": "i32",
+                        "stride_wuh": "i32",
+                        "stride_wub": "i32",
+                        "stride_rm": "i32",
+                        "stride_rh": "i32",
+                    },  # fmt: skip
+                    constexprs={"ACT": _ACT_ID["gelu_tanh"], "SAVE_Z": True, "DOT_PRECISION": prec, **row_constexprs},
+                    **launch,
+                )
+            )
+            cases.append(
+                GateCase(
+                    name=f"adapter_bwd_dz[{ty},BLOCK_B={block_b}]",
+                    module=__name__,
+                    kernel="_adapter_bwd_dz_kernel",
+                    signature={
+                        "dy_ptr": f"*{ty}",
+                        "z_ptr": "*fp32",
+                        "wu_ptr": f"*{ty}",
+                        "wd_ptr": f"*{ty}",
+                        "dh_ptr": f"*{ty}",
+                        "dz_ptr": f"*{ty}",
+                        "a_ptr": f"*{ty}",
+                        "dbd_part_ptr": "*fp32",
+                        "M": "i32",
+                        "H": "i32",
+                        "B": "i32",
+                        "scaling": "fp32",
+                        "stride_dym": "i32",
+                        "stride_dyh": "i32",
+                        "stride_wuh": "i32",
+                        "stride_wub": "i32",
+                        "stride_wdb": "i32",
+                        "stride_wdh": "i32",
+                    },  # fmt: skip
+                    constexprs={
+                        "ACT": _ACT_ID["gelu_tanh"],
+                        "ADD_DY": True,
+                        "COMPUTE_DH": True,
+                        "STORE_DW_INPUTS": True,
+                        "DOT_PRECISION": prec,
+                        **row_constexprs,
+                    },  # fmt: skip
+                    **launch,
+                )
+            )
+            dw = _dw_config(block_b)
+            cases.append(
+                GateCase(
+                    name=f"adapter_bwd_dw[{ty},BLOCK_B={block_b}]",
+                    module=__name__,
+                    kernel="_adapter_bwd_dw_kernel",
+                    signature={
+                        "x_ptr": f"*{ty}",
+                        "g_ptr": f"*{ty}",
+                        "out_ptr": "*fp32",
+                        "colsum_ptr": "*fp32",
+                        "M": "i32",
+                        "N": "i32",
+                        "B": "i32",
+                        "rows_per_split": "i32",
+                        "stride_xm": "i32",
+                        "stride_xn": "i32",
+                        "stride_gm": "i32",
+                        "stride_gb": "i32",
+                        "stride_os": "i32",
+                        "stride_on": "i32",
+                        "stride_ob": "i32",
+                    },  # fmt: skip
+                    constexprs={
+                        "HAS_COLSUM": True,
+                        "DOT_PRECISION": prec,
+                        **{k: v for k, v in dw.items() if k.startswith("BLOCK")},
+                    },  # fmt: skip
+                    num_warps=dw["num_warps"],
+                    num_stages=dw["num_stages"],
+                    tensor_cores=mma,
+                )
+            )
+    return cases
