@@ -1,0 +1,88 @@
+"""``BottleneckAdapter``: a trainable bottleneck inside a frozen transformer block (Houlsby et al., 2019).
+
+``forward(h, residual=None) = (h if residual is None else residual) + s·up(act(down(h)))`` through the
+fused ``fastpeft::bottleneck_adapter_fwd`` op. ``up`` starts at zero, so a new adapter is the identity
+and training starts from the base model's function. Sequential placements (Houlsby, Pfeiffer) call it
+with the sublayer output only; the parallel placement passes the sublayer's input as ``h`` and its
+output as ``residual``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastpeft.ops.adapter import ACTIVATION_ALIASES, bottleneck_adapter, canonical_activation
+
+__all__ = ["BottleneckAdapter"]
+
+
+class BottleneckAdapter(nn.Module):
+    """Down-projection, activation, up-projection and a residual add in one fused op.
+
+    Args:
+        hidden_size: ``H``, the width of the hidden states.
+        bottleneck_size: ``b``, 1 to 256 for the fused GPU kernel.
+        non_linearity: ``relu``, ``silu`` / ``swish``, ``gelu`` (exact erf) or ``gelu_new`` (tanh
+            approximation; ``gelu_tanh`` and ``gelu_pytorch_tanh`` are accepted too).
+        scaling: ``s``, the adapter output's multiplier.
+
+    Submodules ``down = nn.Linear(H, b)`` and ``up = nn.Linear(b, H)`` (weights ``[b, H]`` and ``[H, b]``).
+    Their parameters are cast to h's dtype in the forward (the cast is differentiable), so float32 master
+    weights serve bfloat16 activations.
+    """
+
+    def __init__(
+        self, hidden_size: int, bottleneck_size: int, non_linearity: str = "relu", scaling: float = 1.0
+    ) -> None:
+        super().__init__()
+        if not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        if not isinstance(bottleneck_size, int) or bottleneck_size < 1:
+            raise ValueError(f"bottleneck_size must be a positive int, got {bottleneck_size!r}")
+        if non_linearity not in ACTIVATION_ALIASES:
+            raise ValueError(f"non_linearity must be one of {sorted(ACTIVATION_ALIASES)}, got {non_linearity!r}")
+        self.hidden_size = hidden_size
+        self.bottleneck_size = bottleneck_size
+        self.non_linearity = non_linearity
+        self.activation = canonical_activation(non_linearity)
+        self.scaling = float(scaling)
+        self.down = nn.Linear(hidden_size, bottleneck_size)
+        self.up = nn.Linear(bottleneck_size, hidden_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """``down`` keeps nn.Linear's init; ``up`` is zeroed so the adapter starts as the identity."""
+        self.down.reset_parameters()
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``(residual or h) + s·up(act(down(h)))``.
+
+        Args:
+            h: ``[..., H]`` hidden states fed to the adapter.
+            residual: ``[..., H]`` added to the adapter output instead of h (parallel placement).
+
+        Returns:
+            ``[..., H]`` in h's dtype.
+        """
+        if h.shape[-1] != self.hidden_size:
+            raise ValueError(f"h's last dim must be hidden_size={self.hidden_size}, got shape {tuple(h.shape)}")
+        dt = h.dtype
+        return bottleneck_adapter(
+            h,
+            self.down.weight.to(dt),
+            self.down.bias.to(dt),
+            self.up.weight.to(dt),
+            self.up.bias.to(dt),
+            self.scaling,
+            self.activation,
+            residual,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"hidden_size={self.hidden_size}, bottleneck_size={self.bottleneck_size}, "
+            f"non_linearity={self.non_linearity!r}, scaling={self.scaling}"
+        )
