@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from fastpeft.kernels.formats import NESTED_BLOCKSIZE, check_blocksize, dynamic_map, nf4_code
+from fastpeft.kernels.formats import NESTED_BLOCKSIZE, NF4Args, check_blocksize, dynamic_map, nf4_code
 from fastpeft.ops import nf4 as nf4_ops
 
 __all__ = ["NF4Weight", "quantize_nf4"]
@@ -95,6 +95,26 @@ class NF4Weight:
             self.nested_blocksize,
         )
         return flat.view(self.shape)
+
+    def kernel_args(self) -> NF4Args:
+        """This weight as the fused kernels take it (``fastpeft.kernels.formats.NF4Args``).
+
+        Raises:
+            ValueError: the weight is not 2-D (``[N, K]``, a Linear weight).
+        """
+        if len(self.shape) != 2:
+            raise ValueError(f"kernel_args needs a 2-D [out, in] weight, got shape {tuple(self.shape)}")
+        return NF4Args(
+            packed=self.packed,
+            absmax=self.absmax,
+            shape=(int(self.shape[0]), int(self.shape[1])),
+            blocksize=self.blocksize,
+            nested_absmax=self.nested_absmax,
+            offset=self.offset,
+            quant_map=self.quant_map,
+            nested_quant_map=self.nested_quant_map,
+            nested_blocksize=self.nested_blocksize,
+        )
 
     def to(self, device: torch.device | str) -> NF4Weight:
         """A copy with every tensor on ``device``."""

@@ -1,0 +1,237 @@
+"""LoraLinear and the lora_linear op: parity with HF PEFT (dense and bitsandbytes 4-bit bases), gradients,
+dropout, adapters, merging, autocast, torch.compile, and the Triton path through the interpreter."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import assert_close, assert_oracle
+from torch import nn
+
+from fastpeft.kernels import reference
+from fastpeft.nn import LoraLinear, NF4Linear
+from fastpeft.ops.lora import lora_linear, lora_linear_fwd, make_dropout_mask
+
+peft = pytest.importorskip("peft")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _linear(k: int, n: int, seed: int, bias: bool = True) -> nn.Linear:
+    g = _gen(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(n, k, generator=g) * 0.2)
+        if bias:
+            lin.bias.copy_(torch.randn(n, generator=g))
+    return lin
+
+
+def _randomize_adapter(layer: nn.Module, seed: int, name: str = "default") -> None:
+    """Give A and B fresh non-zero values (B starts at zero, which would hide every LoRA term)."""
+    g = _gen(seed)
+    with torch.no_grad():
+        for table in (layer.lora_A, layer.lora_B):
+            w = table[name].weight
+            w.copy_(torch.randn(w.shape, generator=g) * 0.3)
+
+
+def _peft_layer(base: nn.Module, r: int, alpha: float, dropout: float, rslora: bool, four_bit: bool = False):
+    """HF PEFT's LoRA layer around a copy of ``base`` (get_peft_model on a one-layer model)."""
+
+    class One(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = copy.deepcopy(base)
+            self.is_loaded_in_4bit = four_bit  # what transformers sets; PEFT dispatches Linear4bit on it
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x)
+
+    config = peft.LoraConfig(target_modules=["proj"], r=r, lora_alpha=alpha, lora_dropout=dropout,
+                             use_rslora=rslora, init_lora_weights=False)  # fmt: skip
+    return peft.get_peft_model(One(), config).base_model.model.proj
+
+
+def _grads(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    x = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    y.backward(dy)
+    return y.detach(), x.grad, layer.lora_A["default"].weight.grad, layer.lora_B["default"].weight.grad
+
+
+# ----------------------------------------------------------------------------------------------
+# parity with HF PEFT
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "m,k,n,r,alpha,rslora",
+    [(1, 33, 17, 1, 1, False), (17, 70, 33, 8, 16, False), (5, 129, 64, 16, 8, True), (3, 64, 65, 64, 32, True)],
+)
+def test_dense_parity_with_peft(m, k, n, r, alpha, rslora):
+    base = _linear(k, n, seed=k * n)
+    theirs = _peft_layer(base, r, alpha, dropout=0.25, rslora=rslora).eval()  # eval: dropout is identity
+    _randomize_adapter(theirs, seed=r)
+    ours = LoraLinear(copy.deepcopy(base), r=r, lora_alpha=alpha, lora_dropout=0.25, use_rslora=rslora).eval()
+    ours.load_state_dict(theirs.state_dict())  # identical names and shapes: loads strictly
+    assert ours.scaling == theirs.scaling, f"scaling {ours.scaling} != PEFT's {theirs.scaling}"
+    assert math.isclose(ours.scaling["default"], alpha / math.sqrt(r) if rslora else alpha / r)
+
+    x = torch.randn(2, m, k, generator=_gen(m))
+    dy = torch.randn(2, m, n, generator=_gen(m + 1))
+    exact = _grads(copy.deepcopy(theirs).double(), x.double(), dy.double())
+    eager = _grads(theirs, x, dy)
+    got = _grads(ours, x, dy)
+    for what, a, e, ex in zip(("y", "dx", "dA", "dB"), got, eager, exact, strict=True):
+        assert_oracle(a, ex, e, msg=f"{what} vs PEFT (m={m}, k={k}, n={n}, r={r})")
+    assert ours.base_layer.weight.grad is None and ours.base_layer.bias.grad is None
+    # eval mode is deterministic
+    assert torch.equal(ours(x), ours(x))
+
+
+def _bnb_linear4bit(lin: nn.Linear):
+    bnb = pytest.importorskip("bitsandbytes")
+    l4 = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                           compute_dtype=torch.float32, quant_type="nf4")  # fmt: skip
+    l4.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                  compress_statistics=True)  # fmt: skip
+    l4.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+    return l4.to("cpu")
+
+
+@pytest.mark.parametrize("m,k,n,r,rslora", [(7, 70, 33, 8, False), (16, 128, 96, 4, True)])
+def test_qlora_parity_with_peft_over_bitsandbytes(m, k, n, r, rslora):
+    l4 = _bnb_linear4bit(_linear(k, n, seed=m + k))
+    theirs = _peft_layer(l4, r, 16, dropout=0.1, rslora=rslora, four_bit=True).eval()
+    assert type(theirs).__module__ == "peft.tuners.lora.bnb", type(theirs)
+    _randomize_adapter(theirs, seed=m)
+    ours = LoraLinear(NF4Linear.from_bnb(theirs.base_layer), r=r, lora_alpha=16, lora_dropout=0.1,
+                      use_rslora=rslora).eval()  # fmt: skip
+    ours.load_state_dict(theirs.state_dict())  # the 4-bit base's six keys included
+    assert ours.scaling == theirs.scaling
+
+    x = torch.randn(m, k, generator=_gen(k))
+    dy = torch.randn(m, n, generator=_gen(n))
+    w = ours.base_layer.dequantize(torch.float64)
+    a, b = theirs.lora_A["default"].weight.detach().double(), theirs.lora_B["default"].weight.detach().double()
+    s = theirs.scaling["default"]
+    xd, dyd = x.double(), dy.double()
+    exact = (xd @ w.t() + theirs.base_layer.bias.double() + s * (xd @ a.t()) @ b.t(), dyd @ w + s * (dyd @ b) @ a,
+             s * (dyd @ b).t() @ xd, s * dyd.t() @ (xd @ a.t()))  # fmt: skip
+    eager = _grads(theirs, x, dy)
+    got = _grads(ours, x, dy)
+    for what, g, e, ex in zip(("y", "dx", "dA", "dB"), got, eager, exact, strict=True):
+        assert_oracle(g, ex, e, msg=f"{what} vs PEFT+bitsandbytes (m={m}, k={k}, n={n}, r={r})")
+
+
+# ----------------------------------------------------------------------------------------------
+# the op: gradients, gradcheck, dropout
+# ----------------------------------------------------------------------------------------------
+
+
+def _operands(m: int, k: int, n: int, r: int, seed: int, dtype: torch.dtype = torch.float32):
+    g = _gen(seed)
+    x = torch.randn(m, k, generator=g, dtype=dtype)
+    w = torch.randn(n, k, generator=g, dtype=dtype) * 0.2
+    bias = torch.randn(n, generator=g, dtype=dtype)
+    a = torch.randn(r, k, generator=g, dtype=dtype) * 0.3
+    b = torch.randn(n, r, generator=g, dtype=dtype) * 0.3
+    return x, w, bias, a, b
+
+
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_op_gradients_match_autograd_through_reference_math(nf4, p):
+    from fastpeft import quantize_nf4
+
+    m, k, n, r, s = 19, 70, 37, 5, 0.75
+    x, w, bias, a, b = _operands(m, k, n, r, seed=int(nf4) * 10 + int(p * 10))
+    q = quantize_nf4(w) if nf4 else None
+    w_used = q.dequantize() if nf4 else w
+    dy = torch.randn(m, n, generator=_gen(3))
+    leaves = [t.clone().requires_grad_(True) for t in (x, bias, a, b)]
+    torch.manual_seed(1234)
+    y = lora_linear(leaves[0], None if nf4 else w, leaves[1], leaves[2], leaves[3], s,
+                    nf4=q.kernel_args() if nf4 else None, dropout_p=p)  # fmt: skip
+    y.backward(dy)
+    torch.manual_seed(1234)
+    mask = make_dropout_mask((m, k), p, "cpu").float() / (1 - p) if p > 0 else torch.ones(m, k)
+    refs = [t.clone().requires_grad_(True) for t in (x, bias, a, b)]
+    y_ref = refs[0] @ w_used.t() + refs[1] + s * ((refs[0] * mask) @ refs[2].t()) @ refs[3].t()
+    y_ref.backward(dy)
+    assert_close(y, y_ref, msg="forward")
+    for what, got, want in zip(("dx", "dbias", "dA", "dB"), leaves, refs, strict=True):
+        assert_close(got.grad, want.grad, msg=f"{what} (nf4={nf4}, p={p})")
+
+
+def test_op_skips_gradients_nobody_needs():
+    x, w, bias, a, b = _operands(4, 16, 8, 2, seed=5)
+    a.requires_grad_(True)
+    y = lora_linear(x, w, bias, a, b, 2.0)
+    y.sum().backward()
+    assert a.grad is not None and x.grad is None and b.grad is None and bias.grad is None
+
+
+def test_gradcheck_fp64_reference_path():
+    from fastpeft import quantize_nf4
+
+    x, w, bias, a, b = _operands(5, 13, 7, 3, seed=7, dtype=torch.float64)
+    mask = make_dropout_mask((5, 13), 0.4, "cpu", generator=_gen(8))
+    q = quantize_nf4(w.float(), double_quant=True).kernel_args()
+    flat_nf4 = (q.packed, q.absmax, 7, 13, q.blocksize, q.nested_absmax, q.offset, q.quant_map, q.nested_quant_map,
+                q.nested_blocksize)  # fmt: skip
+    no_nf4 = (None, None, 0, 0, 64, None, None, None, None, 256)
+    inputs = [t.clone().requires_grad_(True) for t in (x, bias, a, b)]
+
+    def dense(x, bias, a, b):
+        return lora_linear_fwd(x, w, bias, a, b, 0.6, *no_nf4, mask, 0.4)[0]
+
+    def quantized(x, bias, a, b):
+        return lora_linear_fwd(x, None, bias, a, b, 0.6, *flat_nf4, mask, 0.4)[0]
+
+    assert torch.autograd.gradcheck(dense, inputs)
+    assert torch.autograd.gradcheck(quantized, inputs)
+
+
+def test_dropout_training_matches_reference_with_the_same_mask():
+    m, k, n, r, p = 64, 40, 24, 4, 0.35
+    layer = LoraLinear(_linear(k, n, seed=9), r=r, lora_alpha=8, lora_dropout=p).train()
+    _randomize_adapter(layer, seed=10)
+    x = torch.randn(2, m // 2, k, generator=_gen(11))
+    torch.manual_seed(77)
+    y = layer(x)
+    torch.manual_seed(77)
+    mask = make_dropout_mask((m, k), p, "cpu")
+    kept = mask.float().mean().item()
+    assert abs(kept - (1 - p)) < 0.05, f"mask keeps {kept:.3f}, expected about {1 - p}"
+    want, _ = reference.lora_linear_fwd_reference(
+        x.reshape(m, k), layer.base_layer.weight, layer.base_layer.bias, layer.lora_A["default"].weight,
+        layer.lora_B["default"].weight, layer.scaling["default"], dropout_mask=mask, dropout_p=p,
+    )  # fmt: skip
+    assert_close(y.reshape(m, n), want, msg="training-mode dropout")
+    layer.eval()
+    y_eval = layer(x)
+    assert torch.equal(y_eval, layer(x)), "eval mode must be deterministic"
+    assert (y_eval - y).abs().max() > 1e-3, "dropout changed nothing in training mode"
+
+
+def test_invalid_arguments_raise():
+    x, w, bias, a, b = _operands(3, 8, 4, 2, seed=1)
+    with pytest.raises(ValueError, match="exactly one"):
+        lora_linear(x, None, bias, a, b, 1.0)
+    with pytest.raises(ValueError, match="dropout_p"):
+        lora_linear(x, w, bias, a, b, 1.0, dropout_p=1.0)
+    with pytest.raises(ValueError, match="features"):
+        lora_linear(x[:, :5], w, bias, a, b, 1.0)
+    with pytest.raises(TypeError):
+        LoraLinear(nn.Conv1d(3, 3, 1))
+    with pytest.raises(ValueError, match="r must"):
+        LoraLinear(nn.Linear(4, 4), r=0)
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        LoraLinear(nn.Linear(4, 4), init_lora_weights="pissa")
