@@ -235,3 +235,201 @@ def test_invalid_arguments_raise():
         LoraLinear(nn.Linear(4, 4), r=0)
     with pytest.raises(ValueError, match="init_lora_weights"):
         LoraLinear(nn.Linear(4, 4), init_lora_weights="pissa")
+
+
+# ----------------------------------------------------------------------------------------------
+# adapters: init, several adapters, disabling
+# ----------------------------------------------------------------------------------------------
+
+
+def test_init_lora_weights_variants():
+    k, n, r = 96, 40, 8
+    base = _linear(k, n, seed=21)
+    x = torch.randn(6, k, generator=_gen(22))
+    torch.manual_seed(0)
+    default = LoraLinear(copy.deepcopy(base), r=r)
+    a = default.lora_A["default"].weight
+    bound = 1 / math.sqrt(k)  # kaiming_uniform_(a=sqrt(5)) on fan_in k, as nn.Linear and PEFT
+    assert a.abs().max() <= bound and a.abs().max() > 0.8 * bound, f"A range {a.abs().max():.4f} vs bound {bound:.4f}"
+    assert torch.count_nonzero(default.lora_B["default"].weight) == 0
+    assert torch.equal(default(x), base(x)), "B = 0: the layer must start as the base"
+    assert default.lora_A["default"].weight.shape == (r, k) and default.lora_B["default"].weight.shape == (n, r)
+
+    gaussian = LoraLinear(copy.deepcopy(base), r=r, init_lora_weights="gaussian")
+    std = gaussian.lora_A["default"].weight.std().item()
+    assert abs(std - 1 / r) < 0.25 / r, f"gaussian A std {std:.4f}, expected about {1 / r}"
+    assert torch.count_nonzero(gaussian.lora_B["default"].weight) == 0
+
+    noisy = LoraLinear(copy.deepcopy(base), r=r, init_lora_weights=False)
+    assert torch.count_nonzero(noisy.lora_B["default"].weight) == n * r, "init False leaves B random"
+    assert (noisy(x) - base(x)).abs().max() > 1e-3
+
+
+def test_base_is_frozen_and_only_the_active_adapter_trains():
+    layer = LoraLinear(_linear(24, 12, seed=31), r=4, init_lora_weights=False)
+    layer.update_layer("other", r=2, lora_alpha=4, lora_dropout=0.1, use_rslora=True, init_lora_weights=False)
+    assert not any(p.requires_grad for p in layer.base_layer.parameters())
+    assert layer.active_adapter == "default"
+    assert layer.scaling == {"default": 2.0, "other": 4 / math.sqrt(2)}
+    trainable = sorted(name for name, p in layer.named_parameters() if p.requires_grad)
+    assert trainable == ["lora_A.default.weight", "lora_B.default.weight"], trainable
+    assert isinstance(layer.lora_dropout["other"], nn.Dropout) and isinstance(layer.lora_dropout["default"], nn.Identity)
+    layer.set_adapter("other")
+    trainable = sorted(name for name, p in layer.named_parameters() if p.requires_grad)
+    assert trainable == ["lora_A.other.weight", "lora_B.other.weight"], trainable
+
+
+def test_set_delete_and_disable_adapters():
+    base = _linear(24, 12, seed=41)
+    layer = LoraLinear(copy.deepcopy(base), r=4, lora_alpha=8, init_lora_weights=False).eval()
+    layer.update_layer("second", r=3, lora_alpha=6, init_lora_weights=False)
+    x = torch.randn(5, 24, generator=_gen(42))
+
+    def expected(name: str) -> torch.Tensor:
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        return base(x) + layer.scaling[name] * (x @ a.t()) @ b.t()
+
+    assert_close(layer(x), expected("default"), msg="default adapter")
+    layer.set_adapter("second")
+    assert layer.active_adapter == "second"
+    assert_close(layer(x), expected("second"), msg="second adapter")
+    with pytest.raises(ValueError, match="no adapter named"):
+        layer.set_adapter("missing")
+    layer.disable_adapters = True
+    assert torch.equal(layer(x), base(x)), "disabled adapters must give the base output"
+    layer.disable_adapters = False
+    layer.delete_adapter("second")
+    assert layer.active_adapter == "default" and list(layer.lora_A) == ["default"] and "second" not in layer.scaling
+    assert_close(layer(x), expected("default"), msg="after deleting the active adapter")
+    with pytest.raises(ValueError, match="no adapter named"):
+        layer.delete_adapter("second")
+    layer.delete_adapter("default")
+    assert layer.active_adapter is None
+    assert torch.equal(layer(x), base(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# merging
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_merge_unmerge_round_trip(dtype):
+    base = _linear(70, 33, seed=51).to(dtype)
+    layer = LoraLinear(copy.deepcopy(base), r=8, lora_alpha=16, init_lora_weights=False).eval()
+    layer.update_layer("b", r=2, lora_alpha=2, init_lora_weights=False)
+    x = torch.randn(9, 70, generator=_gen(52)).to(dtype)
+    before = layer(x)
+    w0 = layer.base_layer.weight.detach().clone()
+    layer.merge()
+    assert layer.merged and layer.merged_adapters == ["default"]
+    merged_w = layer.base_layer.weight.detach()
+    want_w = (w0.double() + layer.get_delta_weight("default").double()).to(dtype)
+    assert torch.equal(merged_w, want_w), "merge must round the float32 sum once"
+    assert_close(layer(x), before, dtype=dtype, msg="merged output")
+    layer.merge(adapter_names=["default", "b"])
+    assert layer.merged_adapters == ["default", "b"]
+    layer.unmerge()
+    assert not layer.merged
+    err = (layer.base_layer.weight.detach().double() - w0.double()).abs().max().item()
+    ulp = torch.finfo(dtype).eps * w0.abs().max().item()
+    assert err <= 2 * ulp, f"unmerge left the weight {err:.2e} away (allowed {2 * ulp:.2e})"
+    with pytest.raises(ValueError, match="no adapter named"):
+        layer.merge(adapter_names=["nope"])
+
+
+def test_nf4_merge_replaces_base_with_dense_and_unmerge_restores_it():
+    nf4 = NF4Linear.from_linear(_linear(70, 33, seed=61).to(torch.bfloat16))
+    packed = nf4.packed.clone()
+    layer = LoraLinear(nf4, r=4, lora_alpha=8, init_lora_weights=False).eval()
+    x = torch.randn(7, 70, generator=_gen(62)).to(torch.bfloat16)
+    before = layer(x)
+    layer.merge()
+    dense = layer.base_layer
+    assert type(dense) is nn.Linear and dense.weight.dtype == torch.bfloat16, "merged base must be a 16-bit Linear"
+    want = (nf4.dequantize(torch.float32) + layer.get_delta_weight("default")).to(torch.bfloat16)
+    assert torch.equal(dense.weight, want)
+    assert not any(p.requires_grad for p in dense.parameters())
+    assert_close(layer(x), before, msg="merged NF4 output")
+    assert "base_layer.weight.absmax" not in layer.state_dict()
+    layer.unmerge()
+    assert layer.base_layer is nf4 and torch.equal(nf4.packed, packed), "unmerge must restore the NF4 layer"
+    assert torch.equal(layer(x), before)
+    # disabling adapters while merged gives the base: unmerges first
+    layer.merge()
+    layer.disable_adapters = True
+    assert_close(layer(x), nf4(x), msg="disabled while merged")
+    assert layer.base_layer is nf4
+
+
+# ----------------------------------------------------------------------------------------------
+# dtypes, autocast, torch.compile
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_forward_and_backward(dtype):
+    base = _linear(70, 33, seed=71)
+    layer = LoraLinear(copy.deepcopy(base), r=8, init_lora_weights=False)
+    _randomize_adapter(layer, seed=72)
+    x = torch.randn(2, 9, 70, generator=_gen(73))
+    dy = torch.randn(2, 9, 33, generator=_gen(74))
+    exact = _grads(copy.deepcopy(layer).double(), x.double(), dy.double())
+    eager_ref = _peft_layer(base, 8, 8, 0.0, False)
+    eager_ref.load_state_dict(layer.state_dict())
+    eager = _grads(eager_ref.to(dtype), x.to(dtype), dy.to(dtype))
+    got = _grads(layer.to(dtype), x.to(dtype), dy.to(dtype))
+    for what, g, e, ex in zip(("y", "dx", "dA", "dB"), got, eager, exact, strict=True):
+        assert g.dtype == dtype, f"{what} is {g.dtype}"
+        assert_oracle(g, ex, e, msg=f"{dtype} {what} vs PEFT at the same precision")
+
+
+def test_autocast_casts_like_nn_linear():
+    base = _linear(70, 33, seed=81)
+    theirs = _peft_layer(base, 8, 8, 0.0, False)
+    _randomize_adapter(theirs, seed=82)
+    ours = LoraLinear(copy.deepcopy(base), r=8, init_lora_weights=False)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(9, 70, generator=_gen(83))
+    dy = torch.randn(9, 33, generator=_gen(84))
+    exact = _grads(copy.deepcopy(ours).double(), x.double(), dy.double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager = _grads(theirs, x, dy)
+        got = _grads(ours, x, dy)
+    assert got[0].dtype == torch.bfloat16 and got[1].dtype == torch.float32 and got[2].dtype == torch.float32
+    for what, g, e, ex in zip(("y", "dx", "dA", "dB"), got, eager, exact, strict=True):
+        assert_oracle(g, ex, e, msg=f"autocast {what} vs PEFT under autocast")
+
+
+def _tiny_model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        LoraLinear(_linear(32, 48, seed=1), r=4, lora_dropout=0.1, init_lora_weights=False),
+        nn.GELU(),
+        LoraLinear(NF4Linear.from_linear(_linear(48, 40, seed=2)), r=2, init_lora_weights=False),
+        nn.GELU(),
+        NF4Linear.from_linear(_linear(40, 8, seed=3)),
+    )
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(backend):
+    model = _tiny_model().eval()
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    x = torch.randn(3, 5, 32, generator=_gen(91))
+    dy = torch.randn(3, 5, 8, generator=_gen(92))
+    results = []
+    for fn in (compiled, model):
+        model.zero_grad()
+        xx = x.clone().requires_grad_(True)
+        y = fn(xx)
+        y.backward(dy)
+        results.append([y.detach(), xx.grad] + [p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for i, (got, want) in enumerate(zip(*results, strict=True)):
+        assert_close(got, want, msg=f"{backend}: output/grad #{i} differs from eager")
+    if backend == "aot_eager":  # inductor draws its own random numbers; aot_eager uses torch's
+        model.train()
+        torch.manual_seed(5)
+        y1 = compiled(x)
+        torch.manual_seed(5)
+        assert_close(y1, model(x), msg="training-mode dropout under compile")

@@ -79,6 +79,8 @@ class LoraLinear(nn.Module):
     ) -> None:
         """Add (or replace) adapter ``adapter_name``; the first adapter added becomes the active one.
 
+        Only the active adapter's weights require grad: a new non-active adapter starts frozen.
+
         Raises:
             ValueError: ``r`` not a positive int, ``lora_dropout`` outside [0, 1), unknown ``init_lora_weights``.
         """
@@ -109,6 +111,13 @@ class LoraLinear(nn.Module):
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         if self._active_adapter is None:
             self._active_adapter = adapter_name
+        self._train_only_active()
+
+    def _train_only_active(self) -> None:
+        """The active adapter's weights require grad, every other adapter's are frozen (PEFT's rule)."""
+        for name in self.lora_A:
+            self.lora_A[name].requires_grad_(name == self._active_adapter)
+            self.lora_B[name].requires_grad_(name == self._active_adapter)
 
     def _adapter_device_dtype(self) -> tuple[torch.device, torch.dtype]:
         """Adapters live on the base's device, in its float dtype (float32 for a quantized base, as PEFT)."""
@@ -138,10 +147,8 @@ class LoraLinear(nn.Module):
             raise ValueError(f"no adapter named {adapter_name!r}; this layer has {list(self.lora_A)}")
         if self.merged:
             self.unmerge()
-        for name in self.lora_A:
-            self.lora_A[name].requires_grad_(name == adapter_name)
-            self.lora_B[name].requires_grad_(name == adapter_name)
         self._active_adapter = adapter_name
+        self._train_only_active()
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name`` (unmerging first if it is merged); the next remaining adapter becomes active.
@@ -194,14 +201,16 @@ class LoraLinear(nn.Module):
         for name in names:
             if name in self.merged_adapters:
                 continue
-            if isinstance(self.base_layer, NF4Linear):
-                self.__dict__["_unmerged_nf4"] = self.base_layer
-                self.base_layer = _dense_from_nf4(self.base_layer)
-            weight = self.base_layer.weight
-            merged = weight.float() + self.get_delta_weight(name).to(weight.device)
+            base = self.base_layer
+            current = base.dequantize(torch.float32) if isinstance(base, NF4Linear) else base.weight.float()
+            merged = current + self.get_delta_weight(name).to(current.device)
             if safe_merge and not bool(torch.isfinite(merged).all()):
                 raise ValueError(f"merging adapter {name!r} gives non-finite weights; the base was left as it was")
-            weight.copy_(merged)
+            if isinstance(base, NF4Linear):
+                self.__dict__["_unmerged_nf4"] = base
+                self.base_layer = _dense_like(base, merged.to(base.weight_nf4.dtype))
+            else:
+                base.weight.copy_(merged)
             self.merged_adapters.append(name)
 
     @torch.no_grad()
@@ -256,9 +265,8 @@ class LoraLinear(nn.Module):
         return f"active_adapter={self._active_adapter!r}, r={self.r}, merged={self.merged_adapters}"
 
 
-def _dense_from_nf4(layer: NF4Linear) -> nn.Linear:
-    """A frozen ``nn.Linear`` holding ``dequant(W)`` in the weight's original dtype, and the same bias."""
-    weight = layer.dequantize()
+def _dense_like(layer: NF4Linear, weight: torch.Tensor) -> nn.Linear:
+    """A frozen ``nn.Linear`` holding ``weight`` ``[out, in]`` and ``layer``'s bias."""
     dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device,
                       dtype=weight.dtype)  # fmt: skip
     dense.weight.copy_(weight)
