@@ -273,7 +273,8 @@ def test_base_is_frozen_and_only_the_active_adapter_trains():
     assert layer.scaling == {"default": 2.0, "other": 4 / math.sqrt(2)}
     trainable = sorted(name for name, p in layer.named_parameters() if p.requires_grad)
     assert trainable == ["lora_A.default.weight", "lora_B.default.weight"], trainable
-    assert isinstance(layer.lora_dropout["other"], nn.Dropout) and isinstance(layer.lora_dropout["default"], nn.Identity)
+    assert isinstance(layer.lora_dropout["other"], nn.Dropout)
+    assert isinstance(layer.lora_dropout["default"], nn.Identity)
     layer.set_adapter("other")
     trainable = sorted(name for name, p in layer.named_parameters() if p.requires_grad)
     assert trainable == ["lora_A.other.weight", "lora_B.other.weight"], trainable
