@@ -434,3 +434,89 @@ def test_torch_compile_fullgraph(backend):
         y1 = compiled(x)
         torch.manual_seed(5)
         assert_close(y1, model(x), msg="training-mode dropout under compile")
+
+
+# ----------------------------------------------------------------------------------------------
+# the Triton launchers (interpreter on CPU; fp32 because the interpreter's bf16 tl.dot is wrong)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def launcher_calls(monkeypatch):
+    """Count calls into fastpeft.kernels.lora_linear (skips until that module exists)."""
+    mod = pytest.importorskip("fastpeft.kernels.lora_linear")
+    calls = {"fwd": 0, "bwd": 0}
+    for kind in calls:
+        real = getattr(mod, f"lora_linear_{kind}")
+
+        def counted(*args, _real=real, _kind=kind, **kwargs):
+            calls[_kind] += 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(mod, f"lora_linear_{kind}", counted)
+    return calls
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_triton_backend_matches_reference(launcher_calls, monkeypatch, quantized, p):
+    m, k, n, r = 17, 70, 33, 4
+    lin = _linear(k, n, seed=101)
+    base = NF4Linear.from_linear(lin) if quantized else lin
+    layer = LoraLinear(base, r=r, lora_alpha=8, lora_dropout=p, init_lora_weights=False).train()
+    _randomize_adapter(layer, seed=102)
+    x = torch.randn(m, k, generator=_gen(103))
+    dy = torch.randn(m, n, generator=_gen(104))
+    results = {}
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+        layer.zero_grad()
+        torch.manual_seed(105)  # the same dropout mask for both backends
+        results[backend] = _grads(layer, x, dy)
+    assert launcher_calls == {"fwd": 1, "bwd": 1}, f"the Triton launchers were not used: {launcher_calls}"
+    monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
+    exact = _grads(copy.deepcopy(layer).double(), x.double(), dy.double()) if p == 0.0 else None
+    for i, what in enumerate(("y", "dx", "dA", "dB")):
+        got, ref = results["triton"][i], results["reference"][i]
+        if exact is not None:
+            assert_oracle(got, exact[i], ref, msg=f"triton {what} (quantized={quantized})")
+        else:
+            assert_close(got, ref, msg=f"triton {what} with dropout (quantized={quantized})")
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA, bf16 (the production dtype; the interpreter cannot check bf16 dot products)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("m", [1, 17, 300])
+def test_cuda_bf16_forward_backward(quantized, m):
+    k, n, r = 4096 // 4 + 64, 1024 // 4 + 3, 16  # not multiples of the tiles
+    lin = _linear(k, n, seed=m)
+    base = NF4Linear.from_linear(lin.to(torch.bfloat16)) if quantized else lin.to(torch.bfloat16)
+    layer = LoraLinear(base, r=r, lora_alpha=32, init_lora_weights=False).cuda().eval()
+    _randomize_adapter(layer, seed=m + 1)
+    x = torch.randn(m, k, generator=_gen(m + 2)).to("cuda", torch.bfloat16)
+    dy = torch.randn(m, n, generator=_gen(m + 3)).to("cuda", torch.bfloat16)
+    got = _grads(layer, x, dy)
+    w = layer.base_layer.dequantize(torch.float64) if quantized else layer.base_layer.weight.double()
+    bias = layer.base_layer.bias
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    s = layer.scaling["default"]
+
+    def math_(x, w, bias, a, b, dy):  # PEFT's unfused computation, in the dtype it is given
+        xl, al, bl = (t.detach().clone().requires_grad_(True) for t in (x, a, b))
+        y = xl @ w.t() + bias + s * (xl @ al.t()) @ bl.t()
+        y.backward(dy)
+        return y.detach(), xl.grad, al.grad, bl.grad
+
+    bf16 = torch.bfloat16
+    exact = math_(x.double(), w, bias.double(), a.double(), b.double(), dy.double())
+    eager = math_(x, w.to(bf16), bias.to(bf16), a.to(bf16), b.to(bf16), dy)
+    # y and dx in bf16; the adapters' gradients in the adapters' dtype (float32 over an NF4 base, as PEFT)
+    dtypes = (bf16, bf16, a.dtype, b.dtype)
+    for what, g, e, ex, dtype in zip(("y", "dx", "dA", "dB"), got, eager, exact, dtypes, strict=True):
+        assert g.dtype == dtype and g.is_cuda, f"{what}: {g.dtype} on {g.device}, expected {dtype}"
+        assert_oracle(g, ex, e, msg=f"cuda bf16 {what} (quantized={quantized}, m={m})")
