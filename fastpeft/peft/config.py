@@ -1,0 +1,334 @@
+"""Adapter configs with HF PEFT's field names, defaults and meaning, for the subset fastpeft supports.
+
+Every config is a ``@dataclass``. ``to_dict()`` gives what ``adapter_config.json`` holds (``peft_type``
+included); ``config_from_dict()`` is its inverse and refuses what it does not understand: an option
+HF PEFT has but fastpeft does not implement raises ``ValueError`` naming it whenever it is set to a
+non-default value, and an unknown key raises too. Keys HF PEFT writes for its own bookkeeping
+(``peft_version``, ``auto_mapping``, and the many method options it serializes at their defaults)
+are accepted only at those defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+__all__ = [
+    "AdapterConfig",
+    "LoraConfig",
+    "PeftConfigBase",
+    "PrefixTuningConfig",
+    "PromptTuningConfig",
+    "config_from_dict",
+]
+
+_TASK_TYPES = {None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"}
+
+# HF PEFT writes these into adapter_config.json; reading one at this value is harmless, any other
+# value means a feature we do not implement.
+_HF_BOOKKEEPING: dict[str, Any] = {
+    "peft_version": Any,  # any value: a version string
+    "auto_mapping": Any,  # HF records the base class it was built on
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "corda_config": None,
+    "ensure_weight_tying": False,
+    "eva_config": None,
+    "kasa_config": None,
+    "lora_ga_config": None,
+    "megatron_core": "megatron.core",
+    "monteclora_config": None,
+    "qalora_group_size": 16,
+    "use_bdlora": None,
+    "velora_config": None,
+    "tokenizer_kwargs": None,
+    "megatron_config": None,
+    "loftq_config": {},
+}
+
+
+@dataclass
+class PeftConfigBase:
+    """Fields every adapter config shares (HF PEFT's ``PeftConfig``)."""
+
+    peft_type: ClassVar[str] = ""
+    # Options HF PEFT has that fastpeft does not implement, with their defaults.
+    _unsupported: ClassVar[dict[str, Any]] = {}
+
+    task_type: str | None = None
+    inference_mode: bool = False
+    base_model_name_or_path: str | None = None
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.task_type is not None and not isinstance(self.task_type, str):
+            self.task_type = str(getattr(self.task_type, "value", self.task_type))
+        if self.task_type not in _TASK_TYPES:
+            raise ValueError(f"task_type={self.task_type!r} is not one of {sorted(t for t in _TASK_TYPES if t)}")
+        for name, default in self._unsupported.items():
+            value = getattr(self, name)
+            if value != default and not (value is None and default in ({}, [])):
+                raise ValueError(
+                    f"{type(self).__name__}: option {name}={value!r} is not supported by fastpeft "
+                    f"(only the default {default!r})"
+                )
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return False
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-ready dict written to ``adapter_config.json`` (``peft_type`` included)."""
+        out = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        out["peft_type"] = self.peft_type
+        return out
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (set, tuple)):
+        return sorted(value) if isinstance(value, set) else list(value)
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if value is not None and not isinstance(value, (str, int, float, bool, list)):
+        # A tokenizer object given as tokenizer_name_or_path: record where it came from.
+        return getattr(value, "name_or_path", None) or str(value)
+    return value
+
+
+@dataclass
+class LoraConfig(PeftConfigBase):
+    """LoRA (and QLoRA when the base is NF4): ``y = base(x) + (alpha / r) * B(A(dropout(x)))``.
+
+    Args:
+        r: rank of ``A [r, in]`` and ``B [out, r]``.
+        target_modules: list (exact module name or ``.suffix`` match), str (regex fullmatch on the
+            module path) or ``"all-linear"`` (every linear layer but the output head); ``None`` picks
+            HF PEFT's default for the architecture.
+        exclude_modules: same matching rules; matched modules are never wrapped.
+        lora_alpha: numerator of the scaling.
+        lora_dropout: dropout on the LoRA input.
+        bias: ``"none"``, ``"all"`` (every bias trains and is saved) or ``"lora_only"`` (biases of
+            wrapped layers).
+        use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+        modules_to_save: modules trained in full (a trainable copy per adapter).
+        init_lora_weights: ``True`` (Kaiming A, zero B), ``"gaussian"`` or ``False`` (random B too).
+        fan_in_fan_out: ``True`` when the targets store ``[in, out]`` weights (GPT-2's ``Conv1D``);
+            fastpeft detects ``Conv1D`` by type and sets this like HF PEFT does.
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+    _unsupported: ClassVar[dict[str, Any]] = {
+        "use_dora": False,
+        "lora_bias": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "target_parameters": None,
+        "trainable_token_indices": None,
+        "layer_replication": None,
+        "use_qalora": False,
+    }
+
+    r: int = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_alpha: int | float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    use_dora: bool = False
+    lora_bias: bool = False
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    target_parameters: list[str] | None = None
+    trainable_token_indices: list[int] | dict | None = None
+    layer_replication: list | None = None
+    use_qalora: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ValueError(f"LoraConfig: r must be a positive int, got {self.r!r}")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"LoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(
+                f"LoraConfig: init_lora_weights={self.init_lora_weights!r} is not supported (True, False or 'gaussian')"
+            )
+        for name in ("target_modules", "exclude_modules", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                setattr(self, name, list(value))
+        if self.modules_to_save is not None and isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+
+
+@dataclass
+class _PromptLearningConfig(PeftConfigBase):
+    """Fields of HF PEFT's ``PromptLearningConfig``; the model-shape ones are filled in at injection."""
+
+    num_virtual_tokens: int | None = None
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_virtual_tokens is not None and (
+            not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0
+        ):
+            raise ValueError(f"{type(self).__name__}: num_virtual_tokens must be a positive int")
+        if self.modules_to_save:
+            raise ValueError(f"{type(self).__name__}: option modules_to_save is not supported for prompt learning")
+        if self.num_transformer_submodules not in (None, 1):
+            raise ValueError(
+                f"{type(self).__name__}: num_transformer_submodules={self.num_transformer_submodules} "
+                "is not supported (decoder-only models: 1)"
+            )
+
+    @property
+    def is_prompt_learning(self) -> bool:
+        return True
+
+
+@dataclass
+class PromptTuningConfig(_PromptLearningConfig):
+    """Prompt tuning: ``num_virtual_tokens`` learned embeddings prepended to the input embeddings.
+
+    Args:
+        prompt_tuning_init: ``"RANDOM"`` (N(0, 1), like ``nn.Embedding``) or ``"TEXT"`` (the
+            embeddings of ``prompt_tuning_init_text``'s tokens, repeated or cut to length).
+        prompt_tuning_init_text: the text for ``"TEXT"`` init.
+        tokenizer_name_or_path: a tokenizer object, or a local path ``AutoTokenizer`` can load.
+    """
+
+    peft_type: ClassVar[str] = "PROMPT_TUNING"
+    _unsupported: ClassVar[dict[str, Any]] = {"tokenizer_kwargs": None}
+
+    prompt_tuning_init: str = "RANDOM"
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: Any = None
+    tokenizer_kwargs: dict | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.prompt_tuning_init = str(getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init))
+        if self.prompt_tuning_init not in ("RANDOM", "TEXT"):
+            raise ValueError(
+                f"PromptTuningConfig: prompt_tuning_init={self.prompt_tuning_init!r} is not supported "
+                "('RANDOM' or 'TEXT')"
+            )
+        if self.prompt_tuning_init == "TEXT" and not self.inference_mode:
+            if not self.prompt_tuning_init_text or self.tokenizer_name_or_path is None:
+                raise ValueError(
+                    "PromptTuningConfig: prompt_tuning_init='TEXT' needs prompt_tuning_init_text and "
+                    "tokenizer_name_or_path"
+                )
+
+
+@dataclass
+class PrefixTuningConfig(_PromptLearningConfig):
+    """Prefix tuning: learned per-layer key/value prefixes fed to attention through the KV cache.
+
+    Args:
+        prefix_projection: learn ``[num_virtual_tokens, token_dim]`` embeddings and map them through
+            ``Linear(token_dim, encoder_hidden_size) -> tanh -> Linear(encoder_hidden_size,
+            num_layers * 2 * token_dim)``; without it the table itself is learned.
+        encoder_hidden_size: the MLP's hidden width (default: ``token_dim``).
+        init_weights: ``None`` (random) or ``"zero"`` (zero prefixes / zero last MLP layer).
+    """
+
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
+
+    encoder_hidden_size: int | None = None
+    prefix_projection: bool = False
+    init_weights: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.init_weights not in (None, "zero"):
+            raise ValueError(
+                f"PrefixTuningConfig: init_weights={self.init_weights!r} is not supported (None or 'zero')"
+            )
+
+
+@dataclass
+class AdapterConfig(PeftConfigBase):
+    """Bottleneck adapters (Houlsby / Pfeiffer / parallel) placed in every transformer block.
+
+    Args:
+        bottleneck_size: the adapter's inner width; default ``hidden_size // reduction_factor``.
+        reduction_factor: used when ``bottleneck_size`` is ``None``.
+        non_linearity: ``"relu"``, ``"gelu"``, ``"silu"`` or ``"tanh"`` (what ``BottleneckAdapter`` takes).
+        placement: ``"pfeiffer"`` (after each feed-forward), ``"houlsby"`` (after attention and after
+            the feed-forward) or ``"parallel"`` (beside the feed-forward).
+        scaling: multiplies the adapter's output.
+        target_layers: block indices to adapt (default: all).
+    """
+
+    peft_type: ClassVar[str] = "BOTTLENECK_ADAPTER"
+
+    bottleneck_size: int | None = None
+    reduction_factor: int = 16
+    non_linearity: str = "relu"
+    placement: str = "pfeiffer"
+    scaling: float = 1.0
+    target_layers: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.placement not in ("pfeiffer", "houlsby", "parallel"):
+            raise ValueError(f"AdapterConfig: placement={self.placement!r} (pfeiffer, houlsby or parallel)")
+        if self.bottleneck_size is not None and self.bottleneck_size <= 0:
+            raise ValueError(f"AdapterConfig: bottleneck_size must be positive, got {self.bottleneck_size}")
+        if self.reduction_factor <= 0:
+            raise ValueError(f"AdapterConfig: reduction_factor must be positive, got {self.reduction_factor}")
+        if self.target_layers is not None:
+            self.target_layers = [int(i) for i in self.target_layers]
+
+
+_CONFIGS: dict[str, type[PeftConfigBase]] = {
+    c.peft_type: c for c in (LoraConfig, PromptTuningConfig, PrefixTuningConfig, AdapterConfig)
+}
+
+
+def config_from_dict(data: dict[str, Any], source: str = "adapter_config.json") -> PeftConfigBase:
+    """Build the config an ``adapter_config.json`` describes.
+
+    Raises:
+        ValueError: unknown ``peft_type``, an unknown key, or a bookkeeping key HF PEFT writes set to
+            a value other than its default (``source`` names the file in the message).
+    """
+    data = dict(data)
+    peft_type = data.pop("peft_type", None)
+    if peft_type not in _CONFIGS:
+        raise ValueError(f"{source}: peft_type {peft_type!r} is not supported (one of {sorted(_CONFIGS)})")
+    cls = _CONFIGS[peft_type]
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs, unknown = {}, []
+    for key, value in data.items():
+        if key in names:
+            kwargs[key] = value
+        elif key in _HF_BOOKKEEPING:
+            default = _HF_BOOKKEEPING[key]
+            if default is not Any and value != default and not (value is None and default == {}):
+                raise ValueError(f"{source}: option {key}={value!r} is not supported by fastpeft")
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"{source}: unknown keys for {peft_type}: {sorted(unknown)}")
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None

@@ -1,0 +1,317 @@
+"""LoRA injection: find the target layers, wrap them in ``fastpeft.nn.LoraLinear`` on the model instance.
+
+Targets are matched on module paths with HF PEFT's rules (list: exact name or ``.suffix``; str: regex
+fullmatch; ``"all-linear"``: every linear layer but the output head). Wrappable layers are
+``nn.Linear``, ``fastpeft.nn.NF4Linear``, bitsandbytes ``Linear4bit`` (re-wrapped as ``NF4Linear``
+over the same bytes) and transformers' ``Conv1D`` (GPT-2), whose ``[in, out]`` weight becomes an
+``nn.Linear`` ``[out, in]`` copy under the LoRA layer and is turned back into a ``Conv1D`` on unload.
+
+``modules_to_save`` wraps a module in ``ModulesToSaveWrapper``: the frozen original plus a trainable
+copy per adapter, named like HF PEFT (``<path>.modules_to_save.<adapter>.<param>`` in memory,
+``<path>.<param>`` in files).
+
+File keys are relative to the PeftModel (``base_model.model.<module path>...``) and come from one
+function, ``lora_file_params``, used for saving and loading alike.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+
+import torch
+from torch import nn
+
+from fastpeft import nn as fnn
+from fastpeft.peft.config import LoraConfig
+
+__all__ = [
+    "ModulesToSaveWrapper",
+    "inject_lora",
+    "is_linear_like",
+    "lora_file_params",
+    "lora_layers",
+    "match_module",
+    "set_lora_adapter",
+    "unload_lora",
+]
+
+PREFIX = "base_model.model."
+
+# HF PEFT's defaults when target_modules is None.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+}
+
+
+class ModulesToSaveWrapper(nn.Module):
+    """A frozen ``original_module`` plus a trainable deep copy per adapter in ``modules_to_save``."""
+
+    def __init__(self, module_to_save: nn.Module, adapter_name: str) -> None:
+        super().__init__()
+        self.original_module = module_to_save
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter = adapter_name
+        self.disable_adapters = False
+        self.update(adapter_name)
+
+    def update(self, adapter_name: str) -> None:
+        self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
+        self.original_module.requires_grad_(False)
+
+    def forward(self, *args, **kwargs):
+        if self.disable_adapters or self.active_adapter not in self.modules_to_save:
+            return self.original_module(*args, **kwargs)
+        return self.modules_to_save[self.active_adapter](*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        # Callers reach into wrapped modules (``lm_head.weight``, ``classifier.out_features``).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("original_module"), name)
+
+
+def _conv1d_cls() -> type | None:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:
+        return None
+    return Conv1D
+
+
+def _is_bnb4(module: nn.Module) -> bool:
+    # Only a model built with bitsandbytes can hold its layers; never import it ourselves.
+    bnb = sys.modules.get("bitsandbytes")
+    return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """True for the layer kinds LoRA can wrap (see module doc)."""
+    conv1d = _conv1d_cls()
+    return (
+        isinstance(module, (nn.Linear, fnn.NF4Linear))
+        or (conv1d is not None and isinstance(module, conv1d))
+        or _is_bnb4(module)
+    )
+
+
+def match_module(name: str, targets: list[str] | str) -> bool:
+    """HF PEFT's rule: a str is a regex fullmatch on the path, a list matches exact names or ``.suffix``."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith(f".{t}") for t in targets)
+
+
+def _resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str:
+    targets = config.target_modules
+    if targets is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(
+                f"LoraConfig.target_modules is None and there is no default for model_type={model_type!r}; "
+                "set target_modules"
+            )
+        targets = DEFAULT_TARGETS[model_type]
+    return targets
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def _walk(model: nn.Module):
+    """``named_modules`` without descending into LoRA layers or modules_to_save wrappers."""
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(module, (fnn.LoraLinear, ModulesToSaveWrapper)):
+            skip.append(name)
+        yield name, module
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _linear_from_conv1d(conv: nn.Module) -> nn.Linear:
+    in_f, out_f = conv.weight.shape
+    lin = nn.Linear(in_f, out_f, bias=conv.bias is not None, device="meta")
+    lin.weight = nn.Parameter(conv.weight.detach().t().contiguous(), requires_grad=False)
+    if conv.bias is not None:
+        lin.bias = nn.Parameter(conv.bias.detach(), requires_grad=False)
+    return lin
+
+
+def _conv1d_from_linear(lin: nn.Linear) -> nn.Module:
+    conv = _conv1d_cls()(lin.out_features, lin.in_features)
+    conv.weight = nn.Parameter(lin.weight.detach().t().contiguous(), requires_grad=False)
+    if lin.bias is not None:
+        conv.bias = nn.Parameter(lin.bias.detach(), requires_grad=False)
+    else:
+        conv.bias = None
+    return conv
+
+
+def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
+    """Wrap every matching layer of ``model`` (in place) with a LoRA adapter ``adapter_name``.
+
+    Returns:
+        The module paths that got the adapter.
+
+    Raises:
+        ValueError: nothing matched (the message names the targets and some module names), or a
+            matched module is not a linear layer.
+    """
+    targets = _resolve_targets(model, config)
+    head = _output_head(model)
+    all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
+    conv1d = _conv1d_cls()
+    names: list[str] = []
+    for name, module in list(_walk(model)):
+        if not name or isinstance(module, ModulesToSaveWrapper):
+            continue
+        if all_linear:
+            hit = (is_linear_like(module) or isinstance(module, fnn.LoraLinear)) and module is not head
+        else:
+            hit = match_module(name, targets)
+        if not hit or (config.exclude_modules and match_module(name, config.exclude_modules)):
+            continue
+        if not (is_linear_like(module) or isinstance(module, fnn.LoraLinear)):
+            raise ValueError(
+                f"target {name!r} is a {type(module).__name__}; LoRA wraps nn.Linear, NF4Linear, "
+                "bitsandbytes Linear4bit and transformers Conv1D only"
+            )
+        names.append(name)
+    if not names:
+        sample = [n for n, _ in model.named_modules() if n][:20]
+        raise ValueError(
+            f"target_modules={targets!r} (exclude_modules={config.exclude_modules!r}) matched no module; "
+            f"module names look like: {sample}"
+        )
+    kwargs = dict(
+        r=config.r,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        use_rslora=config.use_rslora,
+        init_lora_weights=config.init_lora_weights,
+    )
+    for name in names:
+        module = model.get_submodule(name)
+        if isinstance(module, fnn.LoraLinear):
+            module.update_layer(adapter_name, **kwargs)
+            continue
+        is_conv = conv1d is not None and isinstance(module, conv1d)
+        if is_conv:
+            config.fan_in_fan_out = True
+            module = _linear_from_conv1d(module)
+        elif _is_bnb4(module):
+            module = fnn.NF4Linear.from_bnb(module)
+        layer = fnn.LoraLinear(module, adapter_name=adapter_name, **kwargs)
+        layer.train(module.training)  # a new module defaults to training mode; keep the model's mode
+        layer._fastpeft_conv1d = is_conv
+        _set_submodule(model, name, layer)
+    for name, module in list(_walk(model)):
+        if config.modules_to_save and name and match_module(name, config.modules_to_save):
+            if isinstance(module, ModulesToSaveWrapper):
+                module.update(adapter_name)
+            else:
+                _set_submodule(model, name, ModulesToSaveWrapper(module, adapter_name).train(module.training))
+    return names
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, fnn.LoraLinear)]
+
+
+def _wrappers(model: nn.Module) -> list[tuple[str, ModulesToSaveWrapper]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+
+
+def lora_file_params(model: nn.Module, config: LoraConfig, adapter_name: str) -> dict[str, torch.Tensor]:
+    """File key -> the live tensor it stores, for adapter ``adapter_name`` (HF PEFT's key names)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, layer in lora_layers(model):
+        if adapter_name in layer.lora_A:
+            out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
+            out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+    wrapped = _wrappers(model)
+    for name, wrapper in wrapped:
+        if adapter_name in wrapper.modules_to_save:
+            for k, t in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                out[f"{PREFIX}{name}.{k}"] = t
+    if config.bias != "none":
+        inside = [n for n, _ in wrapped]
+        lora_paths = {n for n, _ in lora_layers(model)}
+        for pname, p in model.named_parameters():
+            if not pname.endswith(".bias") or any(pname.startswith(w + ".") for w in inside):
+                continue
+            if ".lora_A." in pname or ".lora_B." in pname:
+                continue
+            if config.bias == "lora_only" and pname.removesuffix(".base_layer.bias") not in lora_paths:
+                continue
+            out[f"{PREFIX}{pname}"] = p
+    return out
+
+
+def set_lora_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, trainable: bool) -> None:
+    """Make ``adapter_name`` the active adapter; freeze everything but its weights (all of it if not trainable)."""
+    for _, layer in lora_layers(model):
+        has = adapter_name in layer.lora_A
+        if has:
+            layer.set_adapter(adapter_name)
+        layer.disable_adapters = not has
+    for _, wrapper in _wrappers(model):
+        wrapper.active_adapter = adapter_name
+    # After the layers' own set_adapter (which makes the active adapter trainable): freeze all first.
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if trainable:
+        for t in lora_file_params(model, config, adapter_name).values():
+            if isinstance(t, nn.Parameter) or t.is_floating_point():
+                t.requires_grad_(True)
+
+
+def delete_lora_adapter(model: nn.Module, adapter_name: str) -> None:
+    for _, layer in lora_layers(model):
+        if adapter_name in layer.lora_A:
+            layer.delete_adapter(adapter_name)
+    for _, wrapper in _wrappers(model):
+        if adapter_name in wrapper.modules_to_save:
+            del wrapper.modules_to_save[adapter_name]
+
+
+def set_lora_disabled(model: nn.Module, disabled: bool) -> list[tuple[nn.Module, bool]]:
+    """Set ``disable_adapters`` on every LoRA layer and wrapper; returns the previous states to restore."""
+    previous = []
+    for _, m in lora_layers(model) + _wrappers(model):
+        previous.append((m, m.disable_adapters))
+        m.disable_adapters = disabled
+    return previous
+
+
+def unload_lora(model: nn.Module, merge: bool) -> nn.Module:
+    """Put the base layers back (merging the active adapter into them first when ``merge``)."""
+    for name, layer in lora_layers(model):
+        if merge and not layer.disable_adapters:
+            layer.merge()
+        base = layer.get_base_layer()
+        if getattr(layer, "_fastpeft_conv1d", False) and isinstance(base, nn.Linear):
+            base = _conv1d_from_linear(base)
+        _set_submodule(model, name, base)
+    for name, wrapper in _wrappers(model):
+        keep = wrapper.original_module
+        if merge and wrapper.active_adapter in wrapper.modules_to_save:
+            keep = wrapper.modules_to_save[wrapper.active_adapter]
+        _set_submodule(model, name, keep)
+    return model

@@ -1,0 +1,335 @@
+"""``PeftModel`` and ``get_peft_model``: HF PEFT's model API over fastpeft's layers.
+
+Module layout mirrors HF PEFT so parameter names (and so checkpoints and optimizer code) carry
+over: for LoRA and bottleneck adapters ``peft_model.base_model`` is a ``TunerModel`` whose ``.model``
+is the user's model (``base_model.model.<path>.lora_A.default.weight``); for prompt and prefix
+tuning ``base_model`` is the user's model and the learned tables live in
+``prompt_encoder.<adapter>``. Attribute lookups the wrapper does not answer go to the model
+(``config``, ``generation_config``, ``gradient_checkpointing_enable``, ...).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastpeft import nn as fnn
+from fastpeft.peft import adapters as adp
+from fastpeft.peft import lora, prompt
+from fastpeft.peft.config import (
+    AdapterConfig,
+    LoraConfig,
+    PeftConfigBase,
+    config_from_dict,
+)
+from fastpeft.peft.io import CONFIG_NAME, WEIGHTS_NAME, check_state_dict, read_adapter_dir, write_adapter_dir
+
+__all__ = ["PeftModel", "TunerModel", "get_peft_model"]
+
+
+class TunerModel(nn.Module):
+    """Holds the injected model as ``.model`` (HF PEFT's ``LoraModel`` position in the module tree)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("model"), name)
+
+
+def _kind(config: PeftConfigBase) -> str:
+    if isinstance(config, LoraConfig):
+        return "lora"
+    if isinstance(config, AdapterConfig):
+        return "adapter"
+    if config.is_prompt_learning:
+        return "prompt"
+    raise TypeError(f"unsupported config type {type(config).__name__}")
+
+
+class PeftModel(nn.Module):
+    """A model with one or more named adapters of one kind (LoRA, bottleneck adapters, or prompt learning).
+
+    Args:
+        model: the model to adapt (modified in place for LoRA and bottleneck adapters).
+        peft_config: the first adapter's config.
+        adapter_name: its name.
+    """
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfigBase, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.peft_config: dict[str, PeftConfigBase] = {}
+        self._peft_kind = _kind(peft_config)
+        if self._peft_kind == "prompt":
+            self.base_model = model
+            self.prompt_encoder = nn.ModuleDict()
+        else:
+            self.base_model = TunerModel(model)
+        self.active_adapter = adapter_name
+        self._disabled = False
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+        self.train(model.training)
+
+    # -- structure -------------------------------------------------------------------------------
+
+    def get_base_model(self) -> nn.Module:
+        """The user's model (with the injected layers for LoRA / adapters)."""
+        return self.base_model if self._peft_kind == "prompt" else self.base_model.model
+
+    @property
+    def active_peft_config(self) -> PeftConfigBase:
+        return self.peft_config[self.active_adapter]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name == "base_model":
+                raise
+            return getattr(self.get_base_model(), name)
+
+    # -- adapters by name ------------------------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfigBase) -> None:
+        """Add adapter ``adapter_name`` (same kind as the existing ones); the active adapter does not change."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists")
+        kind = _kind(peft_config)
+        if kind != self._peft_kind:
+            raise ValueError(f"cannot mix a {kind} adapter into a PeftModel holding {self._peft_kind} adapters")
+        model = self.get_base_model()
+        if peft_config.base_model_name_or_path is None:
+            peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+        if kind == "lora":
+            lora.inject_lora(model, peft_config, adapter_name)
+        elif kind == "adapter":
+            adp.inject_adapters(model, peft_config, adapter_name)
+        else:
+            existing = next(iter(self.peft_config.values()), None)
+            if existing is not None and existing.peft_type != peft_config.peft_type:
+                raise ValueError(f"cannot mix {peft_config.peft_type} with {existing.peft_type} adapters")
+            self.prompt_encoder[adapter_name] = prompt.build_prompt_encoder(model, peft_config)
+        self.peft_config[adapter_name] = peft_config
+        # Keep the active adapter's trainable state; the new one stays frozen until set_adapter.
+        if adapter_name != self.active_adapter and self.active_adapter in self.peft_config:
+            self.set_adapter(self.active_adapter)
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the one used in forward and trained (unless loaded for inference)."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} not found; have {sorted(self.peft_config)}")
+        config = self.peft_config[adapter_name]
+        trainable = not config.inference_mode
+        model = self.get_base_model()
+        if self._peft_kind == "lora":
+            lora.set_lora_adapter(model, config, adapter_name, trainable)
+        elif self._peft_kind == "adapter":
+            adp.set_active_adapter(model, adapter_name, trainable)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for name, enc in self.prompt_encoder.items():
+                enc.requires_grad_(trainable and name == adapter_name)
+        self.active_adapter = adapter_name
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove ``adapter_name``; deleting the active one activates another that remains."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} not found; have {sorted(self.peft_config)}")
+        if len(self.peft_config) == 1:
+            raise ValueError(f"cannot delete {adapter_name!r}, the only adapter (use unload() instead)")
+        model = self.get_base_model()
+        if self._peft_kind == "lora":
+            lora.delete_lora_adapter(model, adapter_name)
+        elif self._peft_kind == "adapter":
+            adp.delete_adapter(model, adapter_name)
+        else:
+            del self.prompt_encoder[adapter_name]
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.set_adapter(next(iter(self.peft_config)))
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context manager: inside it the model computes exactly the base model."""
+        model = self.get_base_model()
+        if self._peft_kind == "lora":
+            previous = lora.set_lora_disabled(model, True)
+        elif self._peft_kind == "adapter":
+            previous = adp.set_adapters_disabled(model, True)
+        else:
+            previous = []
+        old = self._disabled
+        self._disabled = True
+        try:
+            yield
+        finally:
+            self._disabled = old
+            for module, state in previous:
+                module.disable_adapters = state
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge the active LoRA adapter into the base layers and return the plain model."""
+        if self._peft_kind != "lora":
+            raise ValueError(
+                f"merge_and_unload: merging is not applicable to {self.active_peft_config.peft_type} adapters "
+                "(use unload() to get the base model back)"
+            )
+        return lora.unload_lora(self.get_base_model(), merge=True)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the plain model."""
+        model = self.get_base_model()
+        if self._peft_kind == "lora":
+            return lora.unload_lora(model, merge=False)
+        if self._peft_kind == "adapter":
+            return adp.unload_adapters(model)
+        return model
+
+    # -- counting --------------------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """``(trainable, total)`` parameter counts; an NF4 weight counts its original number of elements."""
+        trainable = total = 0
+        for p in self.parameters():
+            if p.dtype == torch.uint8:
+                continue  # packed 4-bit storage, counted through its NF4Linear below
+            total += p.numel()
+            if p.requires_grad:
+                trainable += p.numel()
+        for m in self.modules():
+            if isinstance(m, fnn.NF4Linear):
+                total += m.in_features * m.out_features
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        """Print HF PEFT's one-line summary (this method's whole purpose is console output)."""
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
+
+    # -- running ---------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        *args: Any,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The adapted model's forward (for prompt learning: virtual tokens / prefixes added first)."""
+        if self._peft_kind == "prompt" and not self._disabled:
+            if args:
+                input_ids, args = args[0], args[1:]
+            if args:
+                raise TypeError("prompt-learning forward takes input_ids positionally, the rest by keyword")
+            return prompt.forward(self, input_ids, attention_mask, inputs_embeds, labels, **kwargs)
+        named = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels)
+        kwargs.update({k: v for k, v in named.items() if v is not None})
+        return self.get_base_model()(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's ``generate``, with the prompt / prefix in place for prompt learning."""
+        if self._peft_kind == "prompt" and not self._disabled:
+            return prompt.generate(self, *args, **kwargs)
+        return self.get_base_model().generate(*args, **kwargs)
+
+    # -- files -----------------------------------------------------------------------------------
+
+    def _file_params(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        config = self.peft_config[adapter_name]
+        model = self.get_base_model()
+        if self._peft_kind == "lora":
+            return lora.lora_file_params(model, config, adapter_name)
+        if self._peft_kind == "adapter":
+            return adp.adapter_file_params(model, adapter_name)
+        return {"prompt_embeddings": prompt.embeddings_to_save(self, adapter_name)}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
+        """Write each adapter in HF PEFT's layout: ``default`` in ``save_directory``, others in ``<dir>/<name>/``."""
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"adapter {name!r} not found; have {sorted(self.peft_config)}")
+            target = Path(save_directory) if name == "default" else Path(save_directory) / name
+            config = self.peft_config[name].to_dict()
+            config["inference_mode"] = True  # what HF PEFT writes: a saved adapter loads for inference
+            write_adapter_dir(target, config, self._file_params(name))
+
+    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+        """Add adapter ``adapter_name`` from a directory written by fastpeft or HF PEFT."""
+        cfg_dict, tensors = read_adapter_dir(model_id)
+        config = config_from_dict(cfg_dict, str(Path(model_id) / CONFIG_NAME))
+        config.inference_mode = not is_trainable
+        self.add_adapter(adapter_name, config)
+        self._load_tensors(adapter_name, tensors, Path(model_id) / WEIGHTS_NAME)
+        self.set_adapter(self.active_adapter)
+
+    def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: Path) -> None:
+        if self._peft_kind == "prompt":
+            prompt.load_embeddings(self, adapter_name, tensors, source)
+            return
+        params = self._file_params(adapter_name)
+        check_state_dict(source, tensors, {k: t.shape for k, t in params.items()})
+        with torch.no_grad():
+            for key, t in params.items():
+                t.copy_(tensors[key].to(device=t.device, dtype=t.dtype))
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfigBase | None = None,
+    ) -> PeftModel:
+        """Load an adapter directory (fastpeft's or HF PEFT's) onto ``model``.
+
+        Args:
+            model: the base model (modified in place for LoRA and bottleneck adapters).
+            model_id: a local adapter directory.
+            adapter_name: the name to give the adapter.
+            is_trainable: keep the adapter trainable; by default it loads frozen for inference.
+            config: use this config instead of the directory's ``adapter_config.json``.
+
+        Raises:
+            FileNotFoundError: a file is missing.
+            ValueError: a file is unreadable or does not match the model (missing, unexpected or
+                mis-shaped keys, named with the file).
+        """
+        cfg_dict, tensors = read_adapter_dir(model_id)
+        if config is None:
+            config = config_from_dict(cfg_dict, str(Path(model_id) / CONFIG_NAME))
+        config.inference_mode = not is_trainable
+        peft_model = cls(model, config, adapter_name)
+        peft_model._load_tensors(adapter_name, tensors, Path(model_id) / WEIGHTS_NAME)
+        peft_model.set_adapter(adapter_name)
+        if not is_trainable:
+            peft_model.eval()  # loaded for inference: no dropout, as HF PEFT does
+        return peft_model
+
+
+def get_peft_model(model: nn.Module, peft_config: PeftConfigBase, adapter_name: str = "default") -> PeftModel:
+    """Inject the adapter ``peft_config`` describes into ``model`` and return the ``PeftModel``.
+
+    The base model's parameters are frozen; only the adapter's (and ``modules_to_save`` copies') train.
+    """
+    return PeftModel(model, peft_config, adapter_name)

@@ -1,0 +1,192 @@
+"""LoRA through the PEFT API, with the real ``peft`` package as the oracle in both directions."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+from safetensors import safe_open
+from tiny_models import batch, build, max_diff, randomize, twin
+
+from fastpeft import LoraConfig, PeftModel, get_peft_model
+from fastpeft.peft.lora import ModulesToSaveWrapper
+
+CASES = [
+    ("llama", ["q_proj", "v_proj", "down_proj"], None),
+    ("qwen2", "all-linear", None),
+    ("mistral", r".*\.(k_proj|o_proj)", None),
+    ("gpt2", ["c_attn", "c_fc"], None),
+    ("bert", ["query", "value"], ["classifier"]),
+]
+ATOL = 1e-5  # same fp32 math in both libraries; only summation order differs
+
+
+def _logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def _file(path):
+    with safe_open(str(path / "adapter_model.safetensors"), "pt") as f:
+        return f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+
+
+def _same_files(ours, theirs, where):
+    meta_a, a = _file(ours)
+    meta_b, b = _file(theirs)
+    assert meta_a == {"format": "pt"}, f"{where}: metadata {meta_a}"
+    assert sorted(a) == sorted(b), (
+        f"{where}: keys differ: only ours {sorted(set(a) - set(b))}, only theirs {sorted(set(b) - set(a))}"
+    )
+    for k in a:
+        assert a[k].shape == b[k].shape, f"{where}: {k} shape {tuple(a[k].shape)} vs {tuple(b[k].shape)}"
+        assert torch.equal(a[k], b[k]), f"{where}: {k} values differ by {max_diff(a[k], b[k]):.3e}"
+
+
+@pytest.mark.parametrize(("arch", "targets", "to_save"), CASES, ids=[c[0] for c in CASES])
+def test_ours_loads_in_peft_and_back(arch, targets, to_save, tmp_path):
+    base = build(arch)
+    oracle_base = twin(base)
+    inputs = batch()
+    pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=12, target_modules=targets, modules_to_save=to_save,
+                                         init_lora_weights=False))  # fmt: skip
+    randomize(pm, ("modules_to_save",), seed=5)  # the saved copy must differ from the frozen original
+    ours = _logits(pm, inputs)
+    assert max_diff(ours, _logits(oracle_base, inputs)) > 1e-3, "the adapter changed nothing"
+    pm.save_pretrained(tmp_path / "ours")
+    cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["inference_mode"] is True and cfg["r"] == 4
+
+    hf = peft.PeftModel.from_pretrained(oracle_base, tmp_path / "ours").eval()
+    theirs = _logits(hf, inputs)
+    assert max_diff(ours, theirs) < ATOL, f"{arch}: peft on our file differs by {max_diff(ours, theirs):.3e}"
+    hf.save_pretrained(tmp_path / "theirs")
+    _same_files(tmp_path / "ours", tmp_path / "theirs", arch)
+
+
+@pytest.mark.parametrize(("arch", "targets", "to_save"), CASES[:4], ids=[c[0] for c in CASES[:4]])
+def test_peft_file_loads_in_ours(arch, targets, to_save, tmp_path):
+    base = build(arch)
+    ours_base = twin(base)
+    inputs = batch(seed=3)
+    hf = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=targets,
+                                                   init_lora_weights=False))  # fmt: skip
+    hf.eval()
+    theirs = _logits(hf, inputs)
+    hf.save_pretrained(tmp_path / "theirs")
+    pm = PeftModel.from_pretrained(ours_base, tmp_path / "theirs")
+    ours = _logits(pm, inputs)
+    assert max_diff(ours, theirs) < ATOL, f"{arch}: our load of peft's file differs by {max_diff(ours, theirs):.3e}"
+    assert pm.get_nb_trainable_parameters()[0] == 0, "an adapter loaded for inference must be frozen"
+    pm.save_pretrained(tmp_path / "ours")
+    _same_files(tmp_path / "ours", tmp_path / "theirs", arch)
+
+
+def test_training_changes_only_adapter_and_lowers_loss(tmp_path):
+    model = build("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", lora_dropout=0.1))
+    pm.train()
+    trainable, total = pm.get_nb_trainable_parameters()
+    names = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert names and all(".lora_A.default." in n or ".lora_B.default." in n for n in names), names[:5]
+    assert trainable == sum(p.numel() for n, p in pm.named_parameters() if p.requires_grad) and total > trainable
+    inputs = batch(4, 9)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = pm(**inputs, labels=inputs["input_ids"]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, f"loss did not go down: {losses}"
+    after = dict(pm.get_base_model().named_parameters())
+    for n, p in before.items():
+        key = n if n in after else n.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        assert torch.equal(after[key], p), f"base parameter {n} changed"
+    pm.eval()
+    out = _logits(pm, inputs)
+    pm.save_pretrained(tmp_path)
+    again = PeftModel.from_pretrained(build("llama"), tmp_path)
+    assert max_diff(_logits(again, inputs), out) == 0.0, "save -> load changed the outputs"
+
+
+def test_adapters_by_name_merge_unload_disable(tmp_path):
+    model = build("llama")
+    plain = twin(model)
+    inputs = batch()
+    base_out = _logits(plain, inputs)
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    pm.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"], init_lora_weights=False))
+    assert pm.active_adapter == "default" and set(pm.peft_config) == {"default", "other"}
+    out_default = _logits(pm, inputs)
+    pm.set_adapter("other")
+    out_other = _logits(pm, inputs)
+    assert max_diff(out_default, out_other) > 1e-3, "switching adapters changed nothing"
+    trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert trainable and all(".other." in n for n in trainable), trainable[:4]
+    with pm.disable_adapter():
+        assert max_diff(_logits(pm, inputs), base_out) == 0.0, "disable_adapter() is not the base model"
+    assert max_diff(_logits(pm, inputs), out_other) == 0.0, "leaving disable_adapter() did not restore"
+    pm.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "other" / "adapter_config.json").is_file()
+    pm.set_adapter("default")
+    pm.delete_adapter("other")
+    assert list(pm.peft_config) == ["default"] and not any(".other." in n for n, _ in pm.named_parameters())
+    assert pm.config is pm.get_base_model().config  # attribute passthrough
+    merged = pm.merge_and_unload()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert max_diff(_logits(merged, inputs), out_default) < 1e-5, "merge_and_unload changed the outputs"
+    loaded = PeftModel.from_pretrained(build("llama"), tmp_path / "other", adapter_name="other")
+    assert max_diff(_logits(loaded, inputs), out_other) == 0.0
+
+
+def test_gpt2_conv1d_unload_gives_conv1d_back():
+    from transformers.pytorch_utils import Conv1D
+
+    model = build("gpt2")
+    inputs = batch()
+    base_out = _logits(twin(model), inputs)
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False))
+    out = _logits(pm, inputs)
+    merged = pm.merge_and_unload()
+    assert isinstance(merged.transformer.h[0].attn.c_attn, Conv1D)
+    assert max_diff(_logits(merged, inputs), out) < 1e-5
+    pm2 = get_peft_model(merged, LoraConfig(r=2, target_modules=["c_fc"]))
+    assert max_diff(_logits(pm2.unload(), inputs), out) < 1e-5 and max_diff(out, base_out) > 1e-3
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_bias_modes_match_peft(bias, tmp_path):
+    base = build("llama")
+    torch.manual_seed(0)
+    oracle_base = twin(base)
+    cfg = dict(r=4, target_modules=["q_proj", "down_proj"], bias=bias, init_lora_weights=False)
+    hf = peft.get_peft_model(base, peft.LoraConfig(**cfg))
+    ours = get_peft_model(oracle_base, LoraConfig(**cfg))
+    hf_train = sorted(n for n, p in hf.named_parameters() if p.requires_grad)
+    our_train = sorted(n for n, p in ours.named_parameters() if p.requires_grad)
+    strip = [n.replace(".default.", ".") for n in hf_train if "lora_" not in n]
+    assert strip == [n for n in our_train if "lora_" not in n], f"{bias}: trainable biases differ"
+
+
+def test_modules_to_save_naming():
+    pm = get_peft_model(build("bert"), LoraConfig(target_modules=["query"], modules_to_save=["classifier"]))
+    head = pm.get_base_model().classifier
+    assert isinstance(head, ModulesToSaveWrapper)
+    names = [n for n, p in pm.named_parameters() if p.requires_grad and "classifier" in n]
+    assert names == [
+        "base_model.model.classifier.modules_to_save.default.weight",
+        "base_model.model.classifier.modules_to_save.default.bias",
+    ], names
+    assert not head.original_module.weight.requires_grad
+
+
+def test_nothing_matched_names_targets_and_modules():
+    with pytest.raises(ValueError, match=r"(?s)nope.*model\.layers"):
+        get_peft_model(build("llama"), LoraConfig(target_modules=["nope"]))
+    with pytest.raises(ValueError, match="Embedding"):
+        get_peft_model(build("llama"), LoraConfig(target_modules=["embed_tokens"]))

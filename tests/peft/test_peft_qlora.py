@@ -1,0 +1,136 @@
+"""QLoRA through the PEFT API: quantize_model, bitsandbytes 4-bit models, training, transformers.Trainer."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from tiny_models import batch, build, max_diff, twin
+from torch import nn
+
+from fastpeft import LoraConfig, PeftModel, get_peft_model, quantize_model
+from fastpeft.nn import LoraLinear, NF4Linear
+
+
+def _dequantized_twin(qmodel: nn.Module) -> nn.Module:
+    """The quantized model with every NF4Linear replaced by an nn.Linear holding dequant(W): the oracle."""
+    dense = twin(qmodel)
+    for name, m in list(dense.named_modules()):
+        if isinstance(m, NF4Linear):
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
+            lin.weight.data = m.dequantize(torch.float32)
+            if m.bias is not None:
+                lin.bias.data = m.bias.data.float()
+            parent, _, child = name.rpartition(".")
+            setattr(dense.get_submodule(parent), child, lin)
+    return dense
+
+
+def test_quantize_model_replaces_and_frees_one_layer_at_a_time():
+    model = build("llama")
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    refs = {n: weakref.ref(m.weight) for n, m in linears.items() if n != "lm_head"}
+    del linears
+    out = quantize_model(model, skip=("lm_head",), double_quant=True)
+    assert out is model
+    kinds = {n: type(m).__name__ for n, m in model.named_modules() if isinstance(m, (nn.Linear, NF4Linear))}
+    assert kinds.pop("lm_head") == "Linear" and set(kinds.values()) == {"NF4Linear"}, kinds
+    gc.collect()
+    alive = [n for n, r in refs.items() if r() is not None]
+    assert not alive, f"16-bit weights still referenced after quantization: {alive}"
+    inputs = batch()
+    with torch.no_grad():
+        got, want = model(**inputs).logits, _dequantized_twin(model)(**inputs).logits
+    assert max_diff(got, want) < 1e-4, f"NF4 model vs dequantized twin: {max_diff(got, want):.3e}"
+
+
+def test_qlora_trains_only_adapter(tmp_path):
+    model = quantize_model(build("qwen2"), double_quant=False)
+    pm = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    layers = [m for m in pm.modules() if isinstance(m, LoraLinear)]
+    assert layers and all(isinstance(m.get_base_layer(), NF4Linear) for m in layers)
+    trainable, total = pm.get_nb_trainable_parameters()
+    assert 0 < trainable < total
+    packed = {n: b.clone() for n, b in pm.named_buffers() if n.endswith(".packed")}
+    pm.train()
+    inputs = batch(4, 9, seed=4)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-2)
+    losses = []
+    for _ in range(6):
+        loss = pm(**inputs, labels=inputs["input_ids"]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, f"QLoRA loss did not go down: {losses}"
+    for n, b in pm.named_buffers():
+        if n in packed:
+            assert torch.equal(b, packed[n]), f"NF4 codes of {n} changed during training"
+    pm.eval()
+    with torch.no_grad():
+        out = pm(**inputs).logits
+    pm.save_pretrained(tmp_path)
+    again = PeftModel.from_pretrained(quantize_model(build("qwen2"), double_quant=False), tmp_path)
+    with torch.no_grad():
+        assert max_diff(again(**inputs).logits, out) == 0.0
+
+
+def _bnb_model():
+    bnb = pytest.importorskip("bitsandbytes")
+    # Rows of at least one 64-element block: bitsandbytes 0.50's CPU dequantize is wrong for shorter
+    # rows (the oracle itself errs there; fastpeft's decode matches the format definition).
+    model = build("llama", hidden_size=64)
+    dense = twin(model)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.Linear) and name != "lm_head":
+            l4 = bnb.nn.Linear4bit(m.in_features, m.out_features, bias=m.bias is not None,
+                                   compute_dtype=torch.float32, quant_type="nf4")  # fmt: skip
+            l4.weight = bnb.nn.Params4bit(m.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                          compress_statistics=True)  # fmt: skip
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, l4.to("cpu"))  # bitsandbytes quantizes on the move
+    return model, dense, bnb
+
+
+def test_bitsandbytes_model_is_reused_byte_for_byte():
+    model, _, bnb = _bnb_model()
+    inputs = batch()
+    with torch.no_grad():
+        bnb_out = model(**inputs).logits
+    storage = {n: m.weight.data.data_ptr() for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    quantize_model(model)
+    for name, ptr in storage.items():
+        layer = model.get_submodule(name)
+        assert isinstance(layer, NF4Linear), f"{name} is {type(layer).__name__}"
+        assert layer.packed.data_ptr() == ptr, f"{name}: the 4-bit bytes were copied or requantized"
+    with torch.no_grad():
+        ours = model(**inputs).logits
+    assert max_diff(ours, bnb_out) < 1e-4, f"NF4Linear model vs bitsandbytes model: {max_diff(ours, bnb_out):.3e}"
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert isinstance(pm.get_base_model().model.layers[0].self_attn.q_proj.base_layer, NF4Linear)
+
+
+def test_get_peft_model_accepts_linear4bit_directly():
+    model, _, _ = _bnb_model()
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"]))
+    assert isinstance(pm.get_base_model().model.layers[1].self_attn.q_proj.base_layer, NF4Linear)
+
+
+def test_transformers_trainer_trains_a_peft_model(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    pm = get_peft_model(build("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    start = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    g = torch.Generator().manual_seed(7)
+    rows = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+            for ids in torch.randint(3, 96, (16, 10), generator=g)]  # fmt: skip
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=4,
+                             learning_rate=1e-2, use_cpu=True, report_to=[], save_strategy="no",
+                             logging_steps=1, disable_tqdm=True)  # fmt: skip
+    trainer = Trainer(model=pm, args=args, train_dataset=rows)
+    result = trainer.train()
+    assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
+    changed = {n for n, p in pm.named_parameters() if not torch.equal(p.detach(), start[n])}
+    assert changed and all("lora_" in n for n in changed), sorted(changed)[:5]

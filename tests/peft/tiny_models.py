@@ -1,0 +1,61 @@
+"""Tiny transformers models built from configs (nothing downloaded) for the PEFT API tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+VOCAB = 96
+
+
+def build(arch: str, seed: int = 0, hidden_size: int = 32) -> nn.Module:
+    """A randomly initialized tiny model of family ``arch`` in eval mode (dropout off)."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    inter = 48 if hidden_size == 32 else 2 * hidden_size
+    common = dict(vocab_size=VOCAB, hidden_size=hidden_size, intermediate_size=inter, num_hidden_layers=2,
+                  num_attention_heads=4)  # fmt: skip
+    if arch == "llama":
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(**common, num_key_value_heads=2))
+    elif arch == "qwen2":
+        model = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common, num_key_value_heads=2))
+    elif arch == "mistral":
+        model = tf.MistralForCausalLM(tf.MistralConfig(**common, num_key_value_heads=1, sliding_window=None))
+    elif arch == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    elif arch == "bert":
+        cfg = tf.BertConfig(**common, max_position_embeddings=64, num_labels=3)
+        model = tf.BertForSequenceClassification(cfg)
+    else:
+        raise ValueError(arch)
+    return model.eval()
+
+
+def twin(model: nn.Module) -> nn.Module:
+    """An independent copy with identical weights."""
+    return copy.deepcopy(model)
+
+
+def batch(n: int = 2, t: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Random token ids with a left-padded attention mask (row 0 has 2 pad positions)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (n, t), generator=g)
+    mask = torch.ones(n, t, dtype=torch.long)
+    mask[0, :2] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def randomize(module: nn.Module, names: tuple[str, ...], seed: int = 2) -> None:
+    """Fill parameters whose name contains one of ``names`` with fresh N(0, 0.1) values (never zeros)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in module.named_parameters():
+            if any(s in n for s in names):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
