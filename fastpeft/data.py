@@ -1,0 +1,237 @@
+"""Training data for ``fastpeft finetune``: JSONL reading, tokenization, deterministic batching.
+
+A data file holds one JSON object a line, either ``{"text": ...}`` (the loss covers every token) or
+``{"prompt": ..., "completion": ...}`` (the loss covers only the completion's tokens and the end of
+sequence). Each line becomes one example ``bos + tokens + eos``, truncated to ``seq_len``.
+
+Batches are drawn without replacement in an order fixed by ``(seed, epoch)``, so a position
+``(epoch, batch_index)`` is all a checkpoint needs to continue the stream exactly.
+
+Without a data file the built-in corpus below is used, with a byte-level tokenizer built in memory
+(``byte_tokenizer``): the embedded demo needs no download.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TINY_CORPUS",
+    "Batches",
+    "Example",
+    "byte_tokenizer",
+    "encode_records",
+    "read_jsonl",
+]
+
+IGNORE_INDEX = -100  # the label transformers' cross-entropy skips
+
+# A small corpus with plenty of repeated structure, so a few hundred steps visibly lower the loss.
+TINY_CORPUS: tuple[str, ...] = (
+    "the cat sat on the mat.",
+    "the dog sat on the rug.",
+    "the cat ran to the door.",
+    "the dog ran to the gate.",
+    "a bird sang in the tree.",
+    "a bird flew over the tree.",
+    "the sun is warm in the morning.",
+    "the moon is bright at night.",
+    "the rain falls on the roof.",
+    "the wind blows over the hill.",
+    "one, two, three, four, five.",
+    "six, seven, eight, nine, ten.",
+    "red, green, blue, yellow, white.",
+    "monday, tuesday, wednesday, thursday, friday.",
+    "the cat sleeps on the warm mat.",
+    "the dog sleeps by the warm fire.",
+    "we read a book in the morning.",
+    "we walk to the park at noon.",
+    "they eat bread and drink milk.",
+    "they eat rice and drink tea.",
+    "the river runs to the sea.",
+    "the road runs to the town.",
+    "a fish swims in the river.",
+    "a frog sits on the log.",
+    "the tree is tall and green.",
+    "the sky is clear and blue.",
+    "the snow is cold and white.",
+    "the fire is hot and red.",
+    "she opens the door and smiles.",
+    "he closes the window and waits.",
+    "the cat and the dog are friends.",
+    "the bird and the fish are not friends.",
+    "a b c d e f g h i j k l m.",
+    "n o p q r s t u v w x y z.",
+    "the train leaves at nine.",
+    "the bus leaves at ten.",
+    "the sun sets over the sea.",
+    "the moon rises over the hill.",
+    "the cat sat on the mat again.",
+    "the dog ran to the gate again.",
+)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized training sequence.
+
+    Attributes:
+        input_ids: ``[L]`` token ids, ``L <= seq_len``.
+        labels: ``[L]`` the ids the loss is taken on, ``IGNORE_INDEX`` elsewhere (prompt tokens).
+    """
+
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Read a JSONL data file into records ``{"text": ...}`` or ``{"prompt": ..., "completion": ...}``.
+
+    Blank lines are skipped.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: a line is not a JSON object of one of the two forms (``FILE:LINE: reason``), or the
+            file holds no records.
+    """
+    records: list[dict[str, str]] = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj: Any = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            if "text" in obj:
+                keys = ("text",)
+            elif "prompt" in obj and "completion" in obj:
+                keys = ("prompt", "completion")
+            else:
+                raise ValueError(f"{where}: expected 'text', or 'prompt' and 'completion'; got keys {sorted(obj)}")
+            for k in keys:
+                if not isinstance(obj[k], str):
+                    raise ValueError(f"{where}: field {k!r} must be a string, got {type(obj[k]).__name__}")
+            records.append({k: obj[k] for k in keys})
+    if not records:
+        raise ValueError(f"{path}: no records (expected one JSON object a line)")
+    return records
+
+
+def encode_records(records: Sequence[dict[str, str]], tokenizer: Any, seq_len: int) -> list[Example]:
+    """Tokenize records into examples ``bos + prompt + completion + eos`` truncated to ``seq_len``.
+
+    Args:
+        records: as ``read_jsonl`` returns them.
+        tokenizer: a transformers tokenizer (``bos_token_id`` / ``eos_token_id`` used when set).
+        seq_len: the maximum sequence length (>= 2).
+
+    Raises:
+        ValueError: ``seq_len`` is too small, or no example keeps a token to learn from.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def ids(text: str) -> list[int]:
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    examples = []
+    for rec in records:
+        if "text" in rec:
+            prompt, completion = bos, ids(rec["text"]) + eos
+        else:
+            prompt, completion = bos + ids(rec["prompt"]), ids(rec["completion"]) + eos
+        input_ids = (prompt + completion)[:seq_len]
+        labels = ([IGNORE_INDEX] * len(prompt) + completion)[:seq_len]
+        # The first label is never predicted (nothing precedes it); an example needs one more.
+        if any(lab != IGNORE_INDEX for lab in labels[1:]):
+            examples.append(Example(tuple(input_ids), tuple(labels)))
+    if not examples:
+        raise ValueError(f"no example has a token to learn from within seq_len={seq_len}")
+    return examples
+
+
+class Batches:
+    """Right-padded batches of examples in a reproducible order.
+
+    Epoch ``e`` visits the examples in the permutation drawn from ``torch.Generator`` seeded with
+    ``seed + e``; batch ``i`` of the epoch holds positions ``[i * batch_size, (i + 1) * batch_size)``
+    of it (the last batch may be short).
+
+    Args:
+        examples: the tokenized examples.
+        batch_size: examples per batch.
+        pad_id: the id padding positions get (they are masked out and carry no label).
+        seed: the base seed of the shuffles.
+    """
+
+    def __init__(self, examples: Sequence[Example], batch_size: int, pad_id: int, seed: int) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.examples = list(examples)
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.seed = seed
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.examples) / self.batch_size)
+
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(len(self.examples), generator=g).tolist()
+
+    def collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        """``input_ids``, ``attention_mask``, ``labels``: each ``[B, L_max]`` int64."""
+        width = max(len(ex.input_ids) for ex in examples)
+        ids = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(examples), width), dtype=torch.long)
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        for row, ex in enumerate(examples):
+            n = len(ex.input_ids)
+            ids[row, :n] = torch.tensor(ex.input_ids)
+            mask[row, :n] = 1
+            labels[row, :n] = torch.tensor(ex.labels)
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def iterate(self, epoch: int = 0, index: int = 0) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+        """Yield ``(epoch, index, batch)`` forever, starting at batch ``index`` of ``epoch``."""
+        while True:
+            order = self._order(epoch)
+            for i in range(index, self.batches_per_epoch):
+                chunk = order[i * self.batch_size : (i + 1) * self.batch_size]
+                yield epoch, i, self.collate([self.examples[j] for j in chunk])
+            epoch, index = epoch + 1, 0
+
+
+def byte_tokenizer() -> Any:
+    """A byte-level tokenizer built in memory: 4 special tokens then the 256 bytes (vocabulary 260).
+
+    Returns a ``transformers.PreTrainedTokenizerFast`` with ``<s>``, ``</s>``, ``<pad>``, ``<unk>``.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(specials + alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )

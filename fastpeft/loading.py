@@ -1,0 +1,363 @@
+"""Streaming model loading: a transformers causal LM read tensor by tensor, linear weights quantized to NF4 on arrival.
+
+``load_causal_lm(dir, quantize=True)`` builds the model on the meta device (no memory), then walks the
+safetensors shards with ``safe_open``: each linear weight (not the LM head) is read, quantized to NF4 on
+the target device and dropped, every other tensor is read and installed in place of its meta twin. The
+full 16-bit model never exists; the peak is the quantized model plus one 16-bit tensor.
+
+Checkpoints already quantized by bitsandbytes (transformers' ``load_in_4bit`` format: six keys per
+linear, see ``fastpeft.quant``) load directly into ``NF4Linear`` layers. Tied parameters (an LM head
+tied to the input embedding) are loaded once and shared. Missing, unexpected or mis-shaped tensors are
+errors naming them; only safetensors files are read (never pickle).
+
+``save_quantized`` writes the NF4 checkpoint transformers + bitsandbytes load as ``load_in_4bit``;
+``dequantize_model`` turns ``NF4Linear`` layers back into dense ``nn.Linear`` (to merge adapters onto).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastpeft.quant import NF4Weight, quantize_nf4
+
+__all__ = [
+    "bnb_quantization_config",
+    "dequantize_model",
+    "is_prequantized",
+    "load_causal_lm",
+    "load_config",
+    "require_transformers",
+    "save_quantized",
+    "weight_files",
+]
+
+_BLOB_SUFFIX = ".weight.quant_state.bitsandbytes__nf4"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def require_transformers() -> Any:
+    """Import ``transformers`` or raise a one-line ``ImportError`` saying how to get it."""
+    try:
+        import transformers
+    except ImportError:
+        raise ImportError("this command needs transformers: pip install 'fastpeft[dev]' (or transformers)") from None
+    return transformers
+
+
+def _names(keys: Iterable[str], limit: int = 6) -> str:
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - limit} more" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def load_config(model_dir: str | os.PathLike) -> Any:
+    """The model directory's ``config.json`` as a transformers config.
+
+    Raises:
+        FileNotFoundError: the directory or its ``config.json`` is missing.
+        ValueError: the config is unreadable or names an architecture transformers does not know.
+    """
+    transformers = require_transformers()
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.json (not a transformers checkpoint)")
+    try:
+        return transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{model_dir / 'config.json'}: unsupported or unreadable config ({first})") from None
+
+
+def weight_files(model_dir: str | os.PathLike) -> list[Path]:
+    """The safetensors shards of a checkpoint: those its index names, else every ``*.safetensors``.
+
+    Raises:
+        FileNotFoundError: no safetensors file, or a shard the index names is missing.
+        ValueError: the index is unreadable.
+    """
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: unreadable shard index ({type(e).__name__}: {e})") from None
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{model_dir}: shard(s) named in {index.name} are missing: {_names(missing)}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in model_dir.glob("*.bin"))
+        hint = f" ({_names(pickled)} present: pickle checkpoints are never loaded)" if pickled else ""
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors weights{hint}")
+    return files
+
+
+def is_prequantized(config: Any) -> bool:
+    """True when the config says the checkpoint holds bitsandbytes 4-bit NF4 weights.
+
+    Raises:
+        ValueError: the checkpoint is quantized some other way (8-bit, FP4, GPTQ, ...).
+    """
+    q = getattr(config, "quantization_config", None)
+    if q is None:
+        return False
+    q = q if isinstance(q, dict) else q.to_dict()
+    if q.get("quant_method") == "bitsandbytes" and q.get("load_in_4bit") and q.get("bnb_4bit_quant_type") == "nf4":
+        return True
+    raise ValueError(f"unsupported quantization_config {json.dumps(q, sort_keys=True)[:200]} (only bitsandbytes NF4)")
+
+
+def _skipped(name: str, skip: Iterable[str]) -> bool:
+    return any(name == s or name.endswith(f".{s}") or name.startswith(f"{s}.") for s in skip)
+
+
+def _install(model: nn.Module, key: str, value: torch.Tensor, requires_grad: bool) -> None:
+    mod_name, _, attr = key.rpartition(".")
+    module = model.get_submodule(mod_name)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=requires_grad and value.is_floating_point())
+    else:
+        module._buffers[attr] = value
+
+
+def _build_on_meta(model_dir: Path, config: Any) -> nn.Module:
+    transformers = require_transformers()
+    if hasattr(config, "quantization_config"):
+        # The layers are swapped here, not by transformers' quantizer: build the plain architecture.
+        config = type(config).from_dict({k: v for k, v in config.to_dict().items() if k != "quantization_config"})
+    try:
+        with torch.device("meta"):
+            return transformers.AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        kind = getattr(config, "model_type", "?")
+        raise ValueError(f"{model_dir}: cannot build a causal LM for model_type {kind!r} ({first})") from None
+
+
+def load_causal_lm(
+    model_dir: str | os.PathLike,
+    quantize: bool = False,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    skip: Iterable[str] = ("lm_head",),
+    double_quant: bool = True,
+) -> nn.Module:
+    """Load a transformers causal LM from a local safetensors checkpoint, streaming (see module doc).
+
+    Args:
+        model_dir: a directory with ``config.json`` and safetensors weights (one file, or shards with or
+            without ``model.safetensors.index.json``).
+        quantize: quantize every ``nn.Linear`` not matched by ``skip`` to NF4 while reading.
+        device: where the model's tensors go (quantization runs there too).
+        dtype: dtype of the floating tensors kept dense; default the checkpoint's (``config.dtype``).
+        skip: module names (exact, ``.suffix`` or a parent path) kept dense.
+        double_quant: QLoRA double quantization of the absmax statistics.
+
+    Returns:
+        the model in eval mode; pre-quantized checkpoints always come back with ``NF4Linear`` layers.
+
+    Raises:
+        FileNotFoundError: the directory, its config or its weights are missing.
+        ValueError: unsupported architecture or quantization, unreadable shard, missing / unexpected /
+            mis-shaped tensors (named).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    from fastpeft.nn import NF4Linear
+
+    model_dir, device, skip = Path(model_dir), torch.device(device), tuple(skip)
+    config = load_config(model_dir)
+    prequantized = is_prequantized(config)
+    files = weight_files(model_dir)
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        dtype = _DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else dtype
+    model = _build_on_meta(model_dir, config)
+
+    meta = model.state_dict(keep_vars=True)
+    # Tied parameters share one meta tensor: group their names, load one, point the rest at it.
+    groups: dict[int, list[str]] = defaultdict(list)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups[id(p)].append(name)
+    alias_of = {n: names[0] for names in groups.values() if len(names) > 1 for n in names}
+    tied = set(alias_of)
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    targets = {n for n in linears if quantize and not _skipped(n, skip) and f"{n}.weight" not in tied}
+
+    key_file: dict[str, Path] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    key_file[k] = f
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f}: unreadable safetensors file ({e})") from None
+    prequant = {k[: -len(_BLOB_SUFFIX)] for k in key_file if k.endswith(_BLOB_SUFFIX)}
+    if prequant and not prequantized:
+        raise ValueError(f"{model_dir}: 4-bit tensors present but config.json has no bitsandbytes quantization_config")
+    unknown = prequant - linears
+    if unknown:
+        raise ValueError(f"{model_dir}: 4-bit tensors for modules that are not linear layers: {_names(unknown)}")
+    targets -= prequant
+
+    def owner(key: str) -> str | None:
+        """The pre-quantized linear a key belongs to (``P.weight``, ``P.weight.<field>``, ``P.bias``)."""
+        for depth in (1, 2, 3):
+            cand = key.rsplit(".", depth)[0]
+            rest = key[len(cand) + 1 :]
+            if cand in prequant and (rest == "bias" or rest.split(".")[0] == "weight"):
+                return cand
+        return None
+
+    nf4: dict[str, NF4Weight] = {}
+    bias: dict[str, torch.Tensor] = {}
+    pending: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    loaded: dict[str, str] = {}  # the first name of each parameter -> the key it was read from
+    unexpected: list[str] = []
+    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
+    for f in files:
+        with safe_open(str(f), framework="pt", device=str(device)) as sf:
+            for key in sf.keys():
+                mod, _, attr = key.rpartition(".")
+                prefix = owner(key) if prequant else None
+                if prefix is not None:
+                    pending[prefix][key] = sf.get_tensor(key)
+                    continue
+                if key not in meta:
+                    if not any(p.search(key) for p in ignore):
+                        unexpected.append(key)
+                    continue
+                if alias_of.get(key, key) in loaded:
+                    continue  # the other name of a tied parameter, already read
+                t = sf.get_tensor(key)
+                if tuple(t.shape) != tuple(meta[key].shape):
+                    raise ValueError(
+                        f"{f.name}: size mismatch for {key}: the checkpoint holds {tuple(t.shape)}, "
+                        f"the model expects {tuple(meta[key].shape)}"
+                    )
+                if t.is_floating_point():
+                    t = t.to(dtype)
+                if mod in targets and attr == "weight":
+                    nf4[mod] = quantize_nf4(t, double_quant=double_quant)
+                    del t  # the 16-bit weight dies here: only its NF4 form stays
+                elif mod in targets and attr == "bias":
+                    bias[mod] = t
+                else:
+                    _install(model, key, t, requires_grad=bool(getattr(meta[key], "requires_grad", False)))
+                loaded[alias_of.get(key, key)] = key
+    if unexpected:
+        name = type(model).__name__
+        raise ValueError(f"{model_dir}: unexpected tensors not in the {name} model: {_names(unexpected)}")
+
+    for prefix, sd in pending.items():
+        nf4[prefix] = NF4Weight.from_bnb_state_dict(sd, prefix)
+        if f"{prefix}.bias" in sd:
+            bias[prefix] = sd[f"{prefix}.bias"].to(dtype)
+        loaded.update({k: k for k in meta if k.startswith(f"{prefix}.")})
+    missing = [k for k in meta if alias_of.get(k, k) not in loaded]
+    if missing:
+        raise ValueError(f"{model_dir}: tensors missing from the checkpoint: {_names(missing)}")
+
+    for prefix, w in nf4.items():
+        parent_name, _, child = prefix.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, NF4Linear(w, bias.get(prefix)))
+    for names in groups.values():
+        if len(names) > 1:
+            src = model.get_parameter(loaded[names[0]])
+            for n in names:
+                mod_name, _, attr = n.rpartition(".")
+                model.get_submodule(mod_name)._parameters[attr] = src
+    _materialize_buffers(model, device)
+    model.config._name_or_path = str(model_dir)
+    return model.eval()
+
+
+def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers (rotary frequencies, ...) are not in checkpoints: rebuild them on ``device``."""
+    for mod_name, module in list(model.named_modules()):
+        metas = [k for k, b in module._buffers.items() if b is not None and b.is_meta]
+        if not metas:
+            continue
+        for k in metas:
+            module._buffers[k] = torch.empty_like(module._buffers[k], device=device)
+        init = getattr(model, "_init_weights", None)
+        if init is None or "Rotary" not in type(module).__name__:
+            raise ValueError(f"cannot rebuild buffer(s) {metas} of {mod_name or 'the model'} ({type(module).__name__})")
+        init(module)
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Replace every ``NF4Linear`` by an ``nn.Linear`` holding ``dequant(W)`` in ``dtype`` (in place)."""
+    from fastpeft.nn import NF4Linear
+
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, NF4Linear):
+            continue
+        dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        dense.weight = nn.Parameter(module.dequantize(dtype), requires_grad=False)
+        if module.bias is not None:
+            dense.bias = nn.Parameter(module.bias.detach().to(dtype), requires_grad=False)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+    return model
+
+
+def bnb_quantization_config(compute_dtype: torch.dtype, skip: Iterable[str] = ("lm_head",)) -> dict[str, Any]:
+    """The ``quantization_config`` transformers writes for 4-bit NF4 with double quantization (bitsandbytes)."""
+    return {
+        "_load_in_4bit": True,
+        "_load_in_8bit": False,
+        "bnb_4bit_compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "bnb_4bit_quant_storage": "uint8",
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "llm_int8_enable_fp32_cpu_offload": False,
+        "llm_int8_has_fp16_weight": False,
+        "llm_int8_skip_modules": list(skip),
+        "llm_int8_threshold": 6.0,
+        "load_in_4bit": True,
+        "load_in_8bit": False,
+        "quant_method": "bitsandbytes",
+    }
+
+
+def save_quantized(model: nn.Module, out_dir: str | os.PathLike, compute_dtype: torch.dtype = torch.bfloat16,
+                   skip: Iterable[str] = ("lm_head",)) -> None:  # fmt: skip
+    """Write ``model`` (with ``NF4Linear`` layers) as a transformers bitsandbytes-4-bit checkpoint into ``out_dir``.
+
+    Files: ``config.json`` (with ``quantization_config``), ``generation_config.json`` when the model has
+    one, and ``model.safetensors`` (six keys per quantized linear, tied parameters stored once).
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    first: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        first.setdefault(id(p), name)
+    aliases = {name for name, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != name}
+    # Tied parameters are stored once (transformers re-ties them on load); everything else, even
+    # tensors shared between layers (the NF4 code maps), is stored under each key.
+    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in model.state_dict().items() if k not in aliases}
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config.to_dict()
+    config["quantization_config"] = bnb_quantization_config(compute_dtype, skip)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    gen = getattr(model, "generation_config", None)
+    if gen is not None:
+        gen.save_pretrained(str(out_dir))
