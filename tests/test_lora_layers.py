@@ -269,6 +269,9 @@ def test_base_is_frozen_and_only_the_active_adapter_trains():
     layer = LoraLinear(_linear(24, 12, seed=31), r=4, init_lora_weights=False)
     layer.update_layer("other", r=2, lora_alpha=4, lora_dropout=0.1, use_rslora=True, init_lora_weights=False)
     assert not any(p.requires_grad for p in layer.base_layer.parameters())
+    assert layer.weight is layer.base_layer.weight and layer.bias is layer.base_layer.bias
+    assert layer.get_base_layer() is layer.base_layer
+    assert (layer.in_features, layer.out_features) == (24, 12)
     assert layer.active_adapter == "default"
     assert layer.scaling == {"default": 2.0, "other": 4 / math.sqrt(2)}
     trainable = sorted(name for name, p in layer.named_parameters() if p.requires_grad)

@@ -103,6 +103,7 @@ def test_from_bnb_reuses_bytes_and_matches_bitsandbytes():
     l4 = _bnb_linear4bit(lin)
     layer = NF4Linear.from_bnb(l4)
     assert layer.packed.data_ptr() == l4.weight.data.data_ptr(), "packed bytes were copied, not reused"
+    assert layer.weight is layer.packed and layer.weight.shape == l4.weight.shape
     assert layer.absmax.data_ptr() == l4.weight.quant_state.absmax.data_ptr()
     want_w = bnb.functional.dequantize_4bit(l4.weight.data, l4.weight.quant_state)
     assert torch.equal(layer.dequantize(), want_w), "dequantized weight differs from bitsandbytes'"

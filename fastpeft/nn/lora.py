@@ -177,6 +177,16 @@ class LoraLinear(nn.Module):
         """The base layer forward runs (a dense ``nn.Linear`` while an NF4 base is merged)."""
         return self.base_layer
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (PEFT exposes it too; model code reads ``proj.weight.dtype``)."""
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias."""
+        return self.base_layer.bias
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``s·B·A`` ``[out, in]`` in float32."""
         a = self.lora_A[adapter_name].weight.detach().float()

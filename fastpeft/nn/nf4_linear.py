@@ -69,6 +69,11 @@ class NF4Linear(nn.Module):
             nested_quant_map=self.nested_quant_map, nested_blocksize=self.nested_blocksize,
         )  # fmt: skip
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """The packed codes ``[(out * in + 1) // 2, 1]`` uint8, as bitsandbytes' ``Linear4bit.weight`` (read-only)."""
+        return self.packed
+
     def kernel_args(self) -> NF4Args:
         """The weight as the fused kernels take it (built from the buffers; cheap, traceable)."""
         return NF4Args(self.packed, self.absmax, (self.out_features, self.in_features), self.blocksize,
