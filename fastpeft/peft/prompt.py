@@ -218,8 +218,9 @@ def generate(pm: PeftModel, *args: Any, **kwargs: Any) -> Any:
     had_own = "prepare_inputs_for_generation" in model.__dict__
     original = model.prepare_inputs_for_generation
 
-    def prepare(*a: Any, **kw: Any) -> dict[str, Any]:
-        return _prepare_inputs(pm, original(*a, **kw))
+    # transformers validates generate() kwargs against this signature: the var-keyword must be "kwargs".
+    def prepare(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        return _prepare_inputs(pm, original(*args, **kwargs))
 
     model.prepare_inputs_for_generation = prepare
     try:
