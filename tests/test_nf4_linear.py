@@ -214,3 +214,38 @@ def test_cuda_move_and_bf16_forward():
     assert x.grad is not None and x.grad.dtype == torch.bfloat16
     back = layer.cpu()
     assert back.packed.device.type == "cpu"
+
+
+def test_kernel_args_describe_the_weight():
+    w = quantize_nf4(torch.randn(33, 70, generator=_gen(71)), blocksize=128, double_quant=True)
+    args = w.kernel_args()
+    assert args.shape == (33, 70) and args.blocksize == 128 and args.nested_blocksize == w.nested_blocksize
+    assert args.packed is w.packed and args.absmax is w.absmax and args.nested_absmax is w.nested_absmax
+    assert args.offset is w.offset and args.quant_map is w.quant_map and args.nested_quant_map is w.nested_quant_map
+    layer = NF4Linear(w)
+    assert all(a is b or a == b for a, b in zip(layer.kernel_args(), args, strict=True))
+    with pytest.raises(ValueError, match="2-D"):
+        quantize_nf4(torch.randn(4, 8, 8)).kernel_args()
+
+
+def test_triton_backend_through_the_interpreter(monkeypatch):
+    from fastpeft.kernels import nf4 as nf4_kernels
+
+    calls = []
+    real = nf4_kernels.nf4_dequantize
+    monkeypatch.setattr(nf4_kernels, "nf4_dequantize", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    layer = NF4Linear.from_linear(_linear(129, 65, seed=81))
+    layer.bias.requires_grad_(True)
+    x = torch.randn(5, 129, generator=_gen(82))
+    dy = torch.randn(5, 65, generator=_gen(83))
+    results = []
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+        layer.zero_grad()
+        xx = x.clone().requires_grad_(True)
+        y = layer(xx)
+        y.backward(dy)
+        results.append((y.detach(), xx.grad, layer.bias.grad.clone()))
+    assert len(calls) == 2, f"the Triton dequantize ran {len(calls)} times, expected forward + backward"
+    for what, got, want in zip(("y", "dx", "dbias"), results[1], results[0], strict=True):
+        assert_close(got, want, msg=f"triton backend {what}")
