@@ -229,8 +229,10 @@ def test_invalid_arguments_raise():
         lora_linear(x, w, bias, a, b, 1.0, dropout_p=1.0)
     with pytest.raises(ValueError, match="features"):
         lora_linear(x[:, :5], w, bias, a, b, 1.0)
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="nn.Linear or an NF4Linear"):
         LoraLinear(nn.Conv1d(3, 3, 1))
+    with pytest.raises(TypeError, match="from_bnb"):
+        LoraLinear(_bnb_linear4bit(_linear(64, 8, seed=2)))
     with pytest.raises(ValueError, match="r must"):
         LoraLinear(nn.Linear(4, 4), r=0)
     with pytest.raises(ValueError, match="init_lora_weights"):

@@ -45,10 +45,15 @@ class LoraLinear(nn.Module):
         init_lora_weights: bool | str = True,
     ) -> None:
         super().__init__()
-        if isinstance(base_layer, NF4Linear | nn.Linear):
-            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
-        else:
+        if not isinstance(base_layer, NF4Linear | nn.Linear):
             raise TypeError(f"base_layer must be an nn.Linear or an NF4Linear, got {type(base_layer).__name__}")
+        if isinstance(base_layer, nn.Linear) and not base_layer.weight.is_floating_point():
+            # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear but hold integer codes
+            raise TypeError(
+                f"base_layer {type(base_layer).__name__} holds a {base_layer.weight.dtype} weight; wrap a "
+                "bitsandbytes 4-bit layer as NF4Linear.from_bnb(layer) first"
+            )
+        self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
         self.lora_A = nn.ModuleDict()
