@@ -184,8 +184,9 @@ def test_state_dict_under_a_parent_prefix():
     assert torch.equal(clone(x), model(x))
 
 
-def test_dtype_moves_keep_the_quantized_buffers():
-    layer = NF4Linear.from_linear(_linear(70, 33, seed=51), double_quant=False)
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_dtype_moves_keep_the_quantized_buffers(double_quant):
+    layer = NF4Linear.from_linear(_linear(70, 33, seed=51), double_quant=double_quant)
     before = {k: v.clone() for k, v in layer.state_dict().items()}
     layer.to(torch.float16)
     assert layer.bias.dtype == torch.float16
@@ -194,6 +195,9 @@ def test_dtype_moves_keep_the_quantized_buffers():
             assert v.dtype == before[key].dtype and torch.equal(v, before[key]), f"{key} changed under .to(float16)"
     layer.half().float()
     assert torch.equal(layer.absmax, before["weight.absmax"])
+    assert torch.equal(layer.quant_map, before["weight.quant_map"])
+    if double_quant:
+        assert layer.offset.dtype == torch.float32 and layer.nested_absmax.dtype == torch.float32
 
 
 @pytest.mark.gpu
