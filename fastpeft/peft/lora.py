@@ -78,7 +78,7 @@ class ModulesToSaveWrapper(nn.Module):
             return getattr(super().__getattr__("original_module"), name)
 
 
-def _conv1d_cls() -> type | None:
+def conv1d_class() -> type | None:
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:
@@ -94,7 +94,7 @@ def _is_bnb4(module: nn.Module) -> bool:
 
 def is_linear_like(module: nn.Module) -> bool:
     """True for the layer kinds LoRA can wrap (see module doc)."""
-    conv1d = _conv1d_cls()
+    conv1d = conv1d_class()
     return (
         isinstance(module, (nn.Linear, fnn.NF4Linear))
         or (conv1d is not None and isinstance(module, conv1d))
@@ -144,7 +144,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _linear_from_conv1d(conv: nn.Module) -> nn.Linear:
+def linear_from_conv1d(conv: nn.Module) -> nn.Linear:
     in_f, out_f = conv.weight.shape
     lin = nn.Linear(in_f, out_f, bias=conv.bias is not None, device="meta")
     lin.weight = nn.Parameter(conv.weight.detach().t().contiguous(), requires_grad=False)
@@ -153,8 +153,8 @@ def _linear_from_conv1d(conv: nn.Module) -> nn.Linear:
     return lin
 
 
-def _conv1d_from_linear(lin: nn.Linear) -> nn.Module:
-    conv = _conv1d_cls()(lin.out_features, lin.in_features)
+def conv1d_from_linear(lin: nn.Linear) -> nn.Module:
+    conv = conv1d_class()(lin.out_features, lin.in_features)
     conv.weight = nn.Parameter(lin.weight.detach().t().contiguous(), requires_grad=False)
     if lin.bias is not None:
         conv.bias = nn.Parameter(lin.bias.detach(), requires_grad=False)
@@ -176,7 +176,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list
     targets = _resolve_targets(model, config)
     head = _output_head(model)
     all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
-    conv1d = _conv1d_cls()
+    conv1d = conv1d_class()
     names: list[str] = []
     for name, module in list(_walk(model)):
         if not name or isinstance(module, ModulesToSaveWrapper):
@@ -214,7 +214,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list
         is_conv = conv1d is not None and isinstance(module, conv1d)
         if is_conv:
             config.fan_in_fan_out = True
-            module = _linear_from_conv1d(module)
+            module = linear_from_conv1d(module)
         elif _is_bnb4(module):
             module = fnn.NF4Linear.from_bnb(module)
         layer = fnn.LoraLinear(module, adapter_name=adapter_name, **kwargs)
@@ -307,7 +307,7 @@ def unload_lora(model: nn.Module, merge: bool) -> nn.Module:
             layer.merge()
         base = layer.get_base_layer()
         if getattr(layer, "_fastpeft_conv1d", False) and isinstance(base, nn.Linear):
-            base = _conv1d_from_linear(base)
+            base = conv1d_from_linear(base)
         _set_submodule(model, name, base)
     for name, wrapper in _wrappers(model):
         keep = wrapper.original_module

@@ -115,6 +115,10 @@ class PeftModel(nn.Module):
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
         if kind == "lora":
+            if peft_config.task_type == "SEQ_CLS":
+                # HF PEFT trains and saves the classification head in full for this task type.
+                extra = [n for n in ("classifier", "score") if n not in (peft_config.modules_to_save or [])]
+                peft_config.modules_to_save = list(peft_config.modules_to_save or []) + extra
             lora.inject_lora(model, peft_config, adapter_name)
         elif kind == "adapter":
             adp.inject_adapters(model, peft_config, adapter_name)

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from fastpeft import nn as fnn
+from fastpeft.peft.lora import conv1d_class, linear_from_conv1d
 
 __all__ = ["quantize_model"]
 
@@ -35,12 +36,15 @@ def quantize_model(
         blocksize: elements per absmax block.
 
     Returns:
-        ``model``, with every non-skipped ``nn.Linear`` / ``Linear4bit`` now an ``NF4Linear``.
+        ``model``, with every non-skipped ``nn.Linear`` / ``Linear4bit`` / transformers ``Conv1D`` now an
+        ``NF4Linear``.
     """
     skip = tuple(skip)
     bnb = sys.modules.get("bitsandbytes")
     linear4bit = bnb.nn.Linear4bit if bnb is not None else None
-    names = [n for n, m in model.named_modules() if n and isinstance(m, (nn.Linear, fnn.NF4Linear))]
+    conv1d = conv1d_class()
+    kinds = (nn.Linear, fnn.NF4Linear) if conv1d is None else (nn.Linear, fnn.NF4Linear, conv1d)
+    names = [n for n, m in model.named_modules() if n and isinstance(m, kinds)]
     if linear4bit is not None:
         names += [n for n, m in model.named_modules() if n and isinstance(m, linear4bit)]
     for name in names:
@@ -53,6 +57,9 @@ def quantize_model(
             continue
         if linear4bit is not None and isinstance(module, linear4bit):
             new = fnn.NF4Linear.from_bnb(module)
+        elif conv1d is not None and isinstance(module, conv1d):
+            # GPT-2's Conv1D stores [in, out]: quantize the [out, in] transpose, as a Linear would hold it.
+            new = fnn.NF4Linear.from_linear(linear_from_conv1d(module), double_quant=double_quant, blocksize=blocksize)
         else:
             new = fnn.NF4Linear.from_linear(module, double_quant=double_quant, blocksize=blocksize)
         setattr(parent, child, new)

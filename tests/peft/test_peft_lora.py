@@ -190,3 +190,30 @@ def test_nothing_matched_names_targets_and_modules():
         get_peft_model(build("llama"), LoraConfig(target_modules=["nope"]))
     with pytest.raises(ValueError, match="Embedding"):
         get_peft_model(build("llama"), LoraConfig(target_modules=["embed_tokens"]))
+
+
+def test_seq_cls_trains_the_head_like_peft(tmp_path):
+    base = build("bert")
+    oracle_base = twin(base)
+    inputs = batch(seed=6)
+    pm = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"], init_lora_weights=False))
+    assert isinstance(pm.get_base_model().classifier, ModulesToSaveWrapper)
+    randomize(pm, ("modules_to_save",), seed=3)
+    ours = _logits(pm, inputs)
+    pm.save_pretrained(tmp_path)
+    hf = peft.PeftModel.from_pretrained(oracle_base, tmp_path).eval()
+    assert max_diff(ours, _logits(hf, inputs)) < ATOL
+
+
+def test_exclude_and_regex_targets():
+    pm = get_peft_model(
+        build("llama"),
+        LoraConfig(r=2, target_modules="all-linear", exclude_modules=["q_proj", "model.layers.1.mlp.up_proj"]),
+    )
+    wrapped = {n.removeprefix("base_model.model.") for n, m in pm.named_modules() if type(m).__name__ == "LoraLinear"}
+    assert "model.layers.0.self_attn.k_proj" in wrapped and "model.layers.0.mlp.up_proj" in wrapped
+    assert not any(n.endswith("q_proj") for n in wrapped) and "model.layers.1.mlp.up_proj" not in wrapped
+    assert "lm_head" not in wrapped and len(wrapped) == 2 * 7 - 2 - 1
+    pm = get_peft_model(build("llama"), LoraConfig(r=2, target_modules=r"model\.layers\.1\..*_proj"))
+    wrapped = {n for n, m in pm.named_modules() if type(m).__name__ == "LoraLinear"}
+    assert len(wrapped) == 7 and all(".layers.1." in n for n in wrapped)

@@ -134,3 +134,15 @@ def test_transformers_trainer_trains_a_peft_model(tmp_path):
     assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
     changed = {n for n, p in pm.named_parameters() if not torch.equal(p.detach(), start[n])}
     assert changed and all("lora_" in n for n in changed), sorted(changed)[:5]
+
+
+def test_gpt2_conv1d_layers_are_quantized():
+    model = build("gpt2", hidden_size=64)
+    quantize_model(model)
+    attn = model.transformer.h[0].attn
+    assert isinstance(attn.c_attn, NF4Linear) and (attn.c_attn.out_features, attn.c_attn.in_features) == (192, 64)
+    inputs = batch()
+    with torch.no_grad():
+        assert max_diff(model(**inputs).logits, _dequantized_twin(model)(**inputs).logits) < 1e-4
+    pm = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"]))
+    assert isinstance(pm.get_base_model().transformer.h[1].attn.c_attn.base_layer, NF4Linear)

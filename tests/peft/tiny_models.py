@@ -25,7 +25,9 @@ def build(arch: str, seed: int = 0, hidden_size: int = 32) -> nn.Module:
     elif arch == "mistral":
         model = tf.MistralForCausalLM(tf.MistralConfig(**common, num_key_value_heads=1, sliding_window=None))
     elif arch == "gpt2":
-        model = tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+        model = tf.GPT2LMHeadModel(
+            tf.GPT2Config(vocab_size=VOCAB, n_embd=hidden_size, n_layer=2, n_head=4, n_positions=64)
+        )
     elif arch == "bert":
         cfg = tf.BertConfig(**common, max_position_embeddings=64, num_labels=3)
         model = tf.BertForSequenceClassification(cfg)

@@ -1,0 +1,139 @@
+"""Configs and adapter files: refused options, unknown keys, missing / truncated / mismatched files, atomic saves."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import batch, build, max_diff
+
+from fastpeft import AdapterConfig, LoraConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
+from fastpeft.peft import config_from_dict, io
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("use_dora", True), ("lora_bias", True), ("layers_to_transform", [0]), ("rank_pattern", {"q_proj": 4}),
+     ("alpha_pattern", {"q_proj": 2}), ("use_qalora", True), ("layers_pattern", "layers")],
+)  # fmt: skip
+def test_unsupported_lora_option_is_named(option, value):
+    with pytest.raises(ValueError, match=option):
+        LoraConfig(**{option: value})
+    with pytest.raises(ValueError, match=option):
+        config_from_dict({**LoraConfig().to_dict(), option: value})
+
+
+def test_hf_configs_round_trip_and_bookkeeping_keys():
+    for hf_cfg, ours_cls in [
+        (peft.LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.1), LoraConfig),
+        (peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), PromptTuningConfig),
+        (peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3), PrefixTuningConfig),
+    ]:
+        data = json.loads(json.dumps(hf_cfg.to_dict(), default=lambda o: sorted(o) if isinstance(o, set) else str(o)))
+        data["peft_type"] = hf_cfg.peft_type.value
+        if data.get("task_type") is not None:
+            data["task_type"] = str(getattr(hf_cfg.task_type, "value", hf_cfg.task_type))
+        ours = config_from_dict(data)
+        assert isinstance(ours, ours_cls)
+        for key, value in ours.to_dict().items():
+            if key in data and key != "peft_type":
+                want = data[key]
+                assert value == want or (isinstance(want, list) and sorted(value) == sorted(want)), key
+    with pytest.raises(ValueError, match="velora_config"):
+        config_from_dict({**LoraConfig().to_dict(), "velora_config": {"x": 1}})
+    with pytest.raises(ValueError, match="unknown keys.*frobnicate"):
+        config_from_dict({**LoraConfig().to_dict(), "frobnicate": 1})
+    with pytest.raises(ValueError, match="peft_type"):
+        config_from_dict({"peft_type": "IA3"})
+    with pytest.raises(ValueError, match="bias"):
+        LoraConfig(bias="some")
+    assert config_from_dict(AdapterConfig(placement="parallel").to_dict()).placement == "parallel"
+
+
+def _saved(tmp_path):
+    pm = get_peft_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    pm.save_pretrained(tmp_path)
+    return pm
+
+
+def test_missing_files_are_named(tmp_path):
+    _saved(tmp_path)
+    (tmp_path / "adapter_model.safetensors").rename(tmp_path / "moved")
+    torch.save({}, tmp_path / "adapter_model.bin")
+    with pytest.raises(FileNotFoundError, match=r"adapter_model\.safetensors.*pickle"):
+        PeftModel.from_pretrained(build("llama"), tmp_path)
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        PeftModel.from_pretrained(build("llama"), tmp_path / "nowhere")
+
+
+def test_truncated_file_is_named(tmp_path):
+    _saved(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors.*truncated"):
+        PeftModel.from_pretrained(build("llama"), tmp_path)
+    (tmp_path / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="adapter_config.json"):
+        PeftModel.from_pretrained(build("llama"), tmp_path)
+
+
+def test_mismatched_keys_and_shapes_are_named(tmp_path):
+    _saved(tmp_path)
+    path = tmp_path / "adapter_model.safetensors"
+    tensors = load_file(str(path))
+    gone = "base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"
+    del tensors[gone]
+    bad = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    tensors[bad] = torch.randn(3, 32)
+    tensors["base_model.model.extra.lora_A.weight"] = torch.randn(2, 2)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with pytest.raises(ValueError) as info:
+        PeftModel.from_pretrained(build("llama"), tmp_path)
+    msg = str(info.value)
+    assert str(path) in msg and gone in msg and "extra.lora_A" in msg and f"{bad}: file (3, 32) vs model (4, 32)" in msg
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["r"] = 2
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="shape mismatches"):
+        PeftModel.from_pretrained(build("llama"), tmp_path)
+
+
+def test_interrupted_save_keeps_the_old_adapter(tmp_path, monkeypatch):
+    pm = _saved(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(1.0)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        pm.save_pretrained(tmp_path)
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert after == before, f"an interrupted save changed the directory: {sorted(after)} vs {sorted(before)}"
+    monkeypatch.undo()
+    pm.save_pretrained(tmp_path)
+    inputs = batch()
+    again = PeftModel.from_pretrained(build("llama"), tmp_path)
+    with torch.no_grad():
+        assert max_diff(again(**inputs).logits, pm(**inputs).logits) == 0.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_print_trainable_parameters(capsys):
+    pm = get_peft_model(build("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    pm.print_trainable_parameters()
+    trainable, total = pm.get_nb_trainable_parameters()
+    assert trainable == 2 * 2 * (32 + 32)
+    line = capsys.readouterr().out.strip()
+    assert (
+        line
+        == f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+    )
