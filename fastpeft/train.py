@@ -1,0 +1,549 @@
+"""The fine-tuning loop behind ``fastpeft finetune``: model and data set-up, training, checkpoints, results.
+
+``finetune(TrainConfig(...))`` loads (or, with no ``model``, builds a small seeded Llama) a causal LM,
+streams it to NF4 for QLoRA (``fastpeft.loading``), injects the adapter with the PEFT API, trains the
+adapter with AdamW (state for trainable parameters only) under a warmup + cosine schedule, and writes
+into ``out``: the adapter directory (HF PEFT's files), ``metrics.json`` and ``train_config.json``.
+
+Every input is validated before ``out`` is touched. Checkpoints (``out/checkpoint/``: the trainable
+tensors, optimizer and RNG states as safetensors, step / data position / losses / scheduler as JSON)
+are written into a temporary directory and renamed into place; ``resume=True`` continues from one and
+reproduces the uninterrupted run's losses exactly. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastpeft import data as fdata
+from fastpeft import loading
+
+__all__ = [
+    "METHODS",
+    "Checkpoint",
+    "TrainConfig",
+    "build_embedded_model",
+    "default_lr",
+    "finetune",
+    "load_checkpoint",
+    "resolve_device",
+    "save_checkpoint",
+    "share_permissions",
+]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("lora", "qlora", "adapter", "prefix", "prompt")
+# Fields a resumed run must share with the checkpoint (the others, e.g. max_steps, may change).
+_RESUME_FIELDS = (
+    "model",
+    "data",
+    "method",
+    "r",
+    "alpha",
+    "dropout",
+    "target_modules",
+    "lr",
+    "batch_size",
+    "grad_accum",
+    "seq_len",
+    "seed",
+    "num_virtual_tokens",
+    "bottleneck_size",
+    "warmup_steps",
+)
+_OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "train_config.json")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``finetune`` needs; the CLI flags map one to one (``--grad-accum`` -> ``grad_accum``).
+
+    ``model`` / ``data`` None use the embedded tiny Llama / the built-in corpus. ``method`` None picks
+    ``qlora`` on a GPU and ``lora`` on the CPU; ``max_steps`` None trains ``epochs`` epochs (the
+    embedded demo defaults to 60 steps). ``lr`` None takes ``default_lr``.
+    """
+
+    out: str = "fastpeft-out"
+    model: str | None = None
+    data: str | None = None
+    method: str | None = None
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: str = "all-linear"
+    lr: float | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_steps: int | None = None
+    epochs: float = 1.0
+    seq_len: int = 512
+    seed: int = 0
+    gradient_checkpointing: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    num_virtual_tokens: int = 8
+    bottleneck_size: int = 16
+    warmup_steps: int | None = None
+    save_steps: int = 50
+    device: str | None = None
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def default_lr(method: str, embedded: bool) -> float:
+    """The peak learning rate when none is given: 1e-2 for the embedded demo (a tiny random base),
+    else 2e-4 for LoRA / QLoRA / adapters and 1e-2 for prefix and prompt tuning (their usual ranges)."""
+    if embedded:
+        return 1e-2
+    return 1e-2 if method in ("prefix", "prompt") else 2e-4
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``device`` as given, else the GPU when there is one, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a torch device") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA GPU is available")
+    return dev
+
+
+def build_embedded_model(seed: int, device: torch.device, dtype: torch.dtype, vocab_size: int) -> nn.Module:
+    """A small Llama (2 layers, width 64) with seeded random weights: the demo's base model."""
+    transformers = loading.require_transformers()
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=176,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        initializer_range=0.2,
+    )
+    # initializer_range 0.2 (not 0.02): with width 64 a 0.02 LM head caps the logits near +-1.3, so no
+    # adapter could lower the loss much below log(vocab); at 0.2 the base behaves like a trained model's scale.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = transformers.LlamaForCausalLM(config)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def _load_tokenizer(model_dir: str) -> Any:
+    transformers = loading.require_transformers()
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{model_dir}: no usable tokenizer files ({first})") from None
+    return tok
+
+
+def _peft_config(cfg: TrainConfig, method: str) -> Any:
+    from fastpeft.peft import AdapterConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig
+
+    if method in ("lora", "qlora"):
+        targets: str | list[str] = cfg.target_modules
+        if targets != "all-linear":
+            targets = [t.strip() for t in targets.split(",") if t.strip()]
+        return LoraConfig(
+            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM"
+        )
+    if method == "adapter":
+        return AdapterConfig(bottleneck_size=cfg.bottleneck_size, task_type="CAUSAL_LM")
+    if method == "prefix":
+        return PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM")
+    return PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM")
+
+
+def _check_out(cfg: TrainConfig) -> None:
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory")
+    if cfg.resume:
+        if not (out / "checkpoint").is_dir():
+            raise ValueError(f"--resume: no checkpoint in {out / 'checkpoint'}")
+    elif out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        raise ValueError(f"--out {out} is not empty (pass --resume to continue or --overwrite to replace)")
+
+
+def _memory_now(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _memory_peak(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_peak_rss"
+
+
+def _schedule(total: int, warmup: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine down to 10% of the peak
+
+    return factor
+
+
+def _setup(cfg: TrainConfig, device: torch.device, method: str) -> tuple[Any, Any, fdata.Batches]:
+    """Tokenizer, data and PEFT model, validating every input (nothing is written yet)."""
+    from fastpeft.peft import get_peft_model, quantize_model
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if cfg.model is not None:
+        loading.load_config(cfg.model)  # a missing / unsupported model fails before the tokenizer is read
+        tokenizer = _load_tokenizer(cfg.model)
+    else:
+        tokenizer = fdata.byte_tokenizer()
+    records = fdata.read_jsonl(cfg.data) if cfg.data is not None else [{"text": t} for t in fdata.TINY_CORPUS]
+    examples = fdata.encode_records(records, tokenizer, cfg.seq_len)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    batches = fdata.Batches(examples, cfg.batch_size, pad_id, cfg.seed)
+
+    if cfg.model is not None:
+        base = loading.load_causal_lm(cfg.model, quantize=method == "qlora", device=device, dtype=dtype)
+    else:
+        base = build_embedded_model(cfg.seed, device, dtype, len(tokenizer))
+        if method == "qlora":
+            quantize_model(base)
+    vocab = base.get_input_embeddings().num_embeddings
+    top = max(max(ex.input_ids) for ex in examples)
+    if top >= vocab:
+        raise ValueError(f"the tokenizer produces id {top} but the model's vocabulary has {vocab} entries")
+    if cfg.gradient_checkpointing:
+        if not getattr(base, "supports_gradient_checkpointing", False):
+            raise ValueError(f"{type(base).__name__} does not support gradient checkpointing")
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        base.enable_input_require_grads()  # the base is frozen: checkpointed blocks still need a grad path
+    base.config.use_cache = False
+    torch.manual_seed(cfg.seed)  # the adapter's initialization
+    model = get_peft_model(base, _peft_config(cfg, method))
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()  # AdamW on bf16 parameters loses small updates: keep the adapter fp32
+    return tokenizer, model, batches
+
+
+# -- checkpoints -------------------------------------------------------------------------------------
+
+_CKPT_FILES = ("adapter_state.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer_state.json")
+
+
+def share_permissions(directory: Path) -> None:
+    """Give ``directory`` and its files the umask's usual modes (``mkdtemp`` and safetensors make them private)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(directory, 0o777 & ~mask)
+    for f in directory.rglob("*"):
+        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
+
+
+def _fsync_dir_files(directory: Path) -> None:
+    for f in directory.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def save_checkpoint(
+    directory: Path,
+    named: list[tuple[str, nn.Parameter]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    device: torch.device,
+    **trainer_state: Any,
+) -> None:
+    """Write a complete checkpoint next to ``directory`` and rename it into place (the old one goes last)."""
+    from safetensors.torch import save_file
+
+    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-tmp-", dir=directory.parent))
+    try:
+        save_file({n: p.detach().to("cpu").contiguous() for n, p in named}, str(tmp / _CKPT_FILES[0]))
+        opt = optimizer.state_dict()
+        tensors, scalars = {}, {}
+        for idx, st in opt["state"].items():
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor):
+                    tensors[f"{idx}.{k}"] = v.detach().to("cpu").contiguous()
+                else:
+                    scalars[f"{idx}.{k}"] = v
+        save_file(tensors, str(tmp / _CKPT_FILES[1]))
+        rng = {"cpu": torch.get_rng_state()}
+        if device.type == "cuda":
+            rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+        save_file(rng, str(tmp / _CKPT_FILES[2]))
+        meta = dict(
+            trainer_state,
+            param_names=[n for n, _ in named],
+            optimizer_param_groups=opt["param_groups"],
+            optimizer_scalars=scalars,
+            scheduler=scheduler.state_dict(),
+        )
+        (tmp / _CKPT_FILES[3]).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        _fsync_dir_files(tmp)
+        share_permissions(tmp)
+        old = directory.parent / f".checkpoint-old-{os.getpid()}"
+        if directory.exists():
+            os.replace(directory, old)
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read back by ``load_checkpoint`` (all tensors on the CPU)."""
+
+    directory: Path
+    meta: dict[str, Any]
+    params: dict[str, torch.Tensor]
+    optimizer_tensors: dict[str, torch.Tensor]
+    rng: dict[str, torch.Tensor]
+
+    def restore(
+        self,
+        named: list[tuple[str, nn.Parameter]],
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        device: torch.device,
+    ) -> None:
+        """Load the trainable tensors, optimizer, scheduler and RNG states into a freshly set-up run."""
+        names = [n for n, _ in named]
+        if names != self.meta["param_names"] or set(names) != set(self.params):
+            diff = set(names) ^ set(self.params)
+            raise ValueError(
+                f"{self.directory}: the checkpoint's trainable tensors differ from this run's: "
+                f"{loading._names(diff) if diff else 'order'}"
+            )
+        with torch.no_grad():
+            for n, p in named:
+                if self.params[n].shape != p.shape:
+                    raise ValueError(
+                        f"{self.directory}: {n} has shape {tuple(self.params[n].shape)}, expected {tuple(p.shape)}"
+                    )
+                p.copy_(self.params[n])
+        state: dict[int, dict[str, Any]] = {}
+        for key, t in self.optimizer_tensors.items():
+            idx, _, k = key.partition(".")
+            state.setdefault(int(idx), {})[k] = t
+        for key, v in self.meta["optimizer_scalars"].items():
+            idx, _, k = key.partition(".")
+            state.setdefault(int(idx), {})[k] = v
+        optimizer.load_state_dict({"state": state, "param_groups": self.meta["optimizer_param_groups"]})
+        scheduler.load_state_dict(self.meta["scheduler"])
+        torch.set_rng_state(self.rng["cpu"])
+        if device.type == "cuda":
+            torch.cuda.set_rng_state_all(
+                [self.rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in self.rng]
+            )
+
+
+def load_checkpoint(directory: Path) -> Checkpoint:
+    """Read ``directory`` as written by ``save_checkpoint`` (safetensors and JSON only).
+
+    Raises:
+        FileNotFoundError: a checkpoint file is missing.
+        ValueError: a file is unreadable.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    for name in _CKPT_FILES:
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory}: incomplete checkpoint, {name} is missing")
+    try:
+        meta = json.loads((directory / _CKPT_FILES[3]).read_text(encoding="utf-8"))
+        tensors = [load_file(str(directory / name)) for name in _CKPT_FILES[:3]]
+    except (SafetensorError, json.JSONDecodeError, OSError) as e:
+        raise ValueError(f"{directory}: unreadable checkpoint ({e})") from None
+    return Checkpoint(directory, meta, *tensors)
+
+
+# -- results ------------------------------------------------------------------------------------------
+
+
+def _write_results(out: Path, model: Any, metrics: dict[str, Any], cfg_dict: dict[str, Any]) -> None:
+    """Adapter files, metrics and config into a temporary directory, then each renamed into ``out``."""
+    tmp = Path(tempfile.mkdtemp(prefix=".final-tmp-", dir=out))
+    try:
+        model.save_pretrained(tmp)
+        for name, obj in (("metrics.json", metrics), ("train_config.json", cfg_dict)):
+            (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        share_permissions(tmp)
+        for name in _OUTPUT_FILES:
+            os.replace(tmp / name, out / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Fine-tune as ``cfg`` says and write the results into ``cfg.out`` (see module doc).
+
+    Args:
+        cfg: the run's settings.
+        callback: called after every optimizer step with ``(step, loss)`` (1-based step).
+
+    Returns:
+        the metrics written to ``metrics.json``: ``first_loss``, ``final_loss``, ``losses`` (one per
+        step), ``trainable_params``, ``total_params``, ``peak_memory_bytes``, ``tokens_per_second``,
+        ``steps``, ...
+
+    Raises:
+        ValueError / FileNotFoundError: bad input, reported before ``cfg.out`` is touched.
+    """
+    from tqdm.auto import tqdm
+
+    device = resolve_device(cfg.device)
+    method = cfg.method or ("qlora" if device.type == "cuda" else "lora")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    for name in ("r", "batch_size", "grad_accum", "seq_len", "num_virtual_tokens", "bottleneck_size", "save_steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise ValueError(f"--max-steps must be at least 1, got {cfg.max_steps}")
+    if cfg.lr is None:
+        cfg = replace(cfg, lr=default_lr(method, cfg.model is None))
+    if cfg.lr <= 0 or cfg.epochs <= 0 or not 0 <= cfg.dropout < 1:
+        raise ValueError("--lr and --epochs must be positive and --dropout in [0, 1)")
+    _check_out(cfg)
+    out = Path(cfg.out)
+    state = load_checkpoint(out / "checkpoint") if cfg.resume else None
+    cfg_dict = {k: v for k, v in asdict(cfg).items() if k not in ("out", "resume", "overwrite", "progress", "extra")}
+    cfg_dict["method"] = method
+    if state is not None:
+        for name in _RESUME_FIELDS:
+            if state.meta["config"].get(name) != cfg_dict.get(name):
+                raise ValueError(
+                    f"--resume: the checkpoint was written with {name}={state.meta['config'].get(name)!r}, "
+                    f"this run has {name}={cfg_dict.get(name)!r}"
+                )
+
+    tokenizer, model, batches = _setup(cfg, device, method)
+    steps_per_epoch = math.ceil(batches.batches_per_epoch / cfg.grad_accum)
+    default_steps = 60 if cfg.model is None and cfg.data is None else math.ceil(cfg.epochs * steps_per_epoch)
+    total = cfg.max_steps or default_steps
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(10, total // 10)
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    fused = device.type == "cuda"
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=fused)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, warmup))
+
+    # -- prepare out (inputs are valid from here on) --
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite and not cfg.resume:
+        for name in _OUTPUT_FILES:
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+    step, epoch, index, losses, tokens, seconds = 0, 0, 0, [], 0, 0.0
+    if state is not None:
+        state.restore(named, optimizer, scheduler, device)
+        m = state.meta
+        step, epoch, index = m["step"], m["epoch"], m["index"]
+        losses, tokens, seconds = list(m["losses"]), m["tokens"], m["seconds"]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    stream = batches.iterate(epoch, index)
+    bar = tqdm(total=total, initial=step, desc=f"finetune {method}", disable=not cfg.progress, dynamic_ncols=True)
+    model.train()
+    while step < total:
+        t0 = time.perf_counter()
+        micro = [next(stream) for _ in range(cfg.grad_accum)]
+        epoch, index = micro[-1][0], micro[-1][1] + 1
+        counts = [int((b["labels"][:, 1:] != fdata.IGNORE_INDEX).sum()) for _, _, b in micro]
+        n_total = sum(counts)
+        step_loss = 0.0
+        for (_, _, batch), n in zip(micro, counts, strict=True):
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            with autocast:
+                loss = model(**batch).loss
+            # Token-weighted mean over the accumulated micro-batches (not a mean of means).
+            (loss * (n / n_total)).backward()
+            step_loss += float(loss.detach()) * n / n_total
+            tokens += int(batch["attention_mask"].sum())
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds += time.perf_counter() - t0
+        step += 1
+        losses.append(step_loss)
+        bar.update(1)
+        bar.set_postfix(
+            loss=f"{step_loss:.4f}",
+            tok_s=f"{tokens / max(seconds, 1e-9):.0f}",
+            mem=f"{_memory_now(device) / 2**20:.0f}MiB",
+        )
+        if step % cfg.save_steps == 0 or step == total:
+            save_checkpoint(
+                out / "checkpoint",
+                named,
+                optimizer,
+                scheduler,
+                device,
+                config=cfg_dict,
+                step=step,
+                epoch=epoch,
+                index=index,
+                losses=losses,
+                tokens=tokens,
+                seconds=seconds,
+            )
+        if callback is not None:
+            callback(step, step_loss)
+    bar.close()
+
+    trainable, total_params = model.get_nb_trainable_parameters()
+    peak, peak_kind = _memory_peak(device)
+    metrics = {
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "losses": losses,
+        "steps": step,
+        "trainable_params": trainable,
+        "total_params": total_params,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": peak_kind,
+        "tokens": tokens,
+        "train_seconds": seconds,
+        "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+        "method": method,
+        "device": str(device),
+    }
+    _write_results(out, model, metrics, cfg_dict)
+    return metrics
