@@ -162,3 +162,19 @@ def test_prompt_learning_errors():
         get_peft_model(build("llama"), PrefixTuningConfig(task_type="CAUSAL_LM"))
     with pytest.raises(ValueError, match="SAMPLE_VOCAB"):
         PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, prompt_tuning_init="SAMPLE_VOCAB")
+
+
+def test_two_prompt_adapters_switch_and_load_trainable(tmp_path):
+    pm = get_peft_model(build("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    pm.add_adapter("long", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    inputs = batch()
+    assert _run(pm, inputs)[0].shape[1] == 7 + 2
+    pm.set_adapter("long")
+    assert _run(pm, inputs)[0].shape[1] == 7 + 4
+    assert {n for n, p in pm.named_parameters() if p.requires_grad} == {"prompt_encoder.long.embedding.weight"}
+    with pytest.raises(ValueError, match="cannot mix"):
+        pm.add_adapter("x", PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    pm.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(build("llama"), tmp_path / "long", is_trainable=True)
+    assert loaded.get_nb_trainable_parameters()[0] == 4 * 32
+    assert max_diff(_run(loaded, inputs)[0], _run(pm, inputs)[0]) == 0.0

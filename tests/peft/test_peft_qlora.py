@@ -146,3 +146,34 @@ def test_gpt2_conv1d_layers_are_quantized():
         assert max_diff(model(**inputs).logits, _dequantized_twin(model)(**inputs).logits) < 1e-4
     pm = get_peft_model(model, LoraConfig(r=2, target_modules=["c_attn"]))
     assert isinstance(pm.get_base_model().transformer.h[1].attn.c_attn.base_layer, NF4Linear)
+
+
+def test_qlora_merge_and_unload_gives_dense_layers():
+    model = quantize_model(build("llama"))
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    inputs = batch()
+    with torch.no_grad():
+        out = pm(**inputs).logits
+    merged = pm.merge_and_unload()
+    q = merged.model.layers[0].self_attn.q_proj
+    assert type(q) is nn.Linear, f"merged NF4 base should be a dense nn.Linear, got {type(q).__name__}"
+    assert isinstance(merged.model.layers[0].self_attn.k_proj, NF4Linear)
+    with torch.no_grad():
+        assert max_diff(merged(**inputs).logits, out) < 1e-4
+
+
+@pytest.mark.gpu
+def test_qlora_trains_on_cuda_in_bf16():
+    model = build("llama", hidden_size=64).to("cuda", torch.bfloat16)
+    pm = get_peft_model(quantize_model(model), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    pm.train()
+    inputs = {k: v.cuda() for k, v in batch(4, 16, seed=2).items()}
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-2)
+    losses = []
+    for _ in range(6):
+        loss = pm(**inputs, labels=inputs["input_ids"]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, f"QLoRA on CUDA: loss did not go down: {losses}"
