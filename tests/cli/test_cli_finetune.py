@@ -1,0 +1,160 @@
+"""``fastpeft finetune`` end to end on the CPU: the embedded demo, every method, HF PEFT interop, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tinymodels import qa_records, write_checkpoint, write_jsonl
+
+from fastpeft import train
+from fastpeft.cli import main
+
+METRIC_FIELDS = ("first_loss", "final_loss", "trainable_params", "peak_memory_bytes", "tokens_per_second", "steps")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny")
+    return {
+        "model": write_checkpoint(root / "model", seed=1),
+        "data": write_jsonl(root / "qa.jsonl", qa_records()),
+    }
+
+
+def _args(tiny: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["finetune", "--model", str(tiny["model"]), "--data", str(tiny["data"]), "--out", str(out),
+            "--batch-size", "4", "--lr", "1e-2", "--no-progress", *extra]  # fmt: skip
+
+
+def _metrics(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+def test_embedded_default_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["finetune", "--out", str(out), "--max-steps", "40", "--no-progress"]) == 0
+    for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "train_config.json"):
+        assert (out / name).is_file(), f"{name} missing from {sorted(p.name for p in out.iterdir())}"
+    assert (out / "checkpoint" / "trainer_state.json").is_file()
+    m = _metrics(out)
+    missing = [k for k in METRIC_FIELDS if k not in m]
+    assert not missing, f"metrics.json lacks {missing}"
+    assert m["steps"] == 40 and len(m["losses"]) == 40
+    assert m["method"] == "lora" and m["trainable_params"] > 0 and m["peak_memory_bytes"] > 0
+    assert m["tokens_per_second"] > 0
+    # The demo's point: the loss clearly falls (log(260) = 5.56 at random).
+    first, last = _mean(m["losses"][:3]), _mean(m["losses"][-5:])
+    assert last < 0.75 * first, f"loss did not fall enough: first 3 steps {first:.3f}, last 5 {last:.3f}"
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 8
+    summary = capsys.readouterr().out
+    assert "trainable params" in summary and "tokens/s" in summary and "peak memory" in summary, summary
+
+
+@pytest.mark.parametrize(
+    ("method", "peft_type"),
+    [("lora", "LORA"), ("qlora", "LORA"), ("adapter", "BOTTLENECK_ADAPTER"), ("prefix", "PREFIX_TUNING"),
+     ("prompt", "PROMPT_TUNING")],
+)  # fmt: skip
+def test_each_method_trains_and_reloads(tiny: dict[str, Path], tmp_path: Path, method: str, peft_type: str) -> None:
+    from fastpeft.loading import load_causal_lm
+    from fastpeft.nn import NF4Linear
+    from fastpeft.peft import PeftModel
+
+    out = tmp_path / method
+    assert main(_args(tiny, out, "--method", method, "--max-steps", "12")) == 0
+    m = _metrics(out)
+    assert m["method"] == method and all(math.isfinite(x) for x in m["losses"]), m["losses"]
+    assert _mean(m["losses"][-3:]) < _mean(m["losses"][:3]), f"{method}: loss did not fall: {m['losses']}"
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == peft_type
+    # The trained adapter reloads onto a fresh base and reproduces the checkpoint's trained tensors.
+    base = load_causal_lm(tiny["model"], quantize=method == "qlora")
+    assert any(isinstance(mod, NF4Linear) for mod in base.modules()) == (method == "qlora")
+    loaded = PeftModel.from_pretrained(base, str(out))
+    saved = load_file(str(out / "checkpoint" / "adapter_state.safetensors"))
+    params = dict(loaded.named_parameters())
+    for name, t in saved.items():
+        assert torch.equal(params[name].detach(), t), f"{method}: {name} differs after reload"
+
+
+def test_prompt_completion_loss_covers_only_completion(tiny: dict[str, Path]) -> None:
+    from fastpeft.data import IGNORE_INDEX, byte_tokenizer, encode_records
+
+    tok = byte_tokenizer()
+    (ex,) = encode_records([{"prompt": "say cat: ", "completion": "cat."}], tok, 64)
+    n_prompt = 1 + len("say cat: ")  # bos + one byte a character
+    assert all(lab == IGNORE_INDEX for lab in ex.labels[:n_prompt]), ex.labels
+    assert list(ex.labels[n_prompt:]) == list(ex.input_ids[n_prompt:]), ex.labels
+    assert ex.input_ids[-1] == tok.eos_token_id
+
+
+def test_hf_peft_loads_the_lora_adapter(tiny: dict[str, Path], tmp_path: Path) -> None:
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from fastpeft.loading import load_causal_lm
+    from fastpeft.peft import PeftModel
+
+    out = tmp_path / "lora"
+    assert (
+        main(_args(tiny, out, "--method", "lora", "--max-steps", "6", "--target-modules", "q_proj,v_proj,down_proj"))
+        == 0
+    )
+    ids = torch.randint(3, 260, (2, 11), generator=torch.Generator().manual_seed(5))
+    ours = PeftModel.from_pretrained(load_causal_lm(tiny["model"]), str(out)).eval()
+    theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny["model"])), str(out)).eval()
+    base = AutoModelForCausalLM.from_pretrained(str(tiny["model"])).eval()
+    with torch.no_grad():
+        a, b, c = ours(input_ids=ids).logits, theirs(input_ids=ids).logits, base(input_ids=ids).logits
+    assert (a - c).abs().max() > 1e-3, "the trained adapter does not change the output: the test would prove nothing"
+    diff = (a - b).abs().max().item()
+    assert diff < 1e-4, f"fastpeft and HF PEFT logits differ by {diff:.3e}"
+
+
+def test_resume_continues_with_the_same_losses(tiny: dict[str, Path], tmp_path: Path) -> None:
+    common = ("--method", "lora", "--max-steps", "6", "--save-steps", "2", "--dropout", "0.2", "--batch-size", "3",
+              "--grad-accum", "2", "--seed", "3")  # fmt: skip
+    full = tmp_path / "full"
+    assert main(_args(tiny, full, *common)) == 0
+    expected = _metrics(full)["losses"]
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_5(step: int, loss: float) -> None:
+        if step == 5:
+            raise Crash
+
+    part = tmp_path / "part"
+    cfg = train.TrainConfig(out=str(part), model=str(tiny["model"]), data=str(tiny["data"]), method="lora",
+                            max_steps=6, save_steps=2, dropout=0.2, batch_size=3, grad_accum=2, seed=3, lr=1e-2,
+                            progress=False)  # fmt: skip
+    with pytest.raises(Crash):
+        train.finetune(cfg, callback=crash_at_5)
+    assert json.loads((part / "checkpoint" / "trainer_state.json").read_text())["step"] == 4
+    assert not (part / "metrics.json").exists()
+    assert main(_args(tiny, part, *common, "--resume")) == 0
+    got = _metrics(part)["losses"]
+    assert got == expected, f"resumed losses {got} != uninterrupted {expected}"
+    a = load_file(str(full / "adapter_model.safetensors"))
+    b = load_file(str(part / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "final adapters differ"
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny: dict[str, Path], tmp_path: Path) -> None:
+    runs = []
+    for flag in ((), ("--gradient-checkpointing",)):
+        out = tmp_path / f"gc{len(flag)}"
+        assert main(_args(tiny, out, "--method", "lora", "--max-steps", "4", *flag)) == 0
+        runs.append(_metrics(out)["losses"])
+    diff = max(abs(a - b) for a, b in zip(*runs, strict=True))
+    assert diff < 1e-4, f"gradient checkpointing changed the losses by {diff:.2e}: {runs}"
