@@ -166,8 +166,9 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, adapter_name: str) 
                 raise ValueError(f"{blocks_name}.{i}.{sub} already holds a {wrapper.mode} adapter; cannot add {mode}")
             adapter = fnn.BottleneckAdapter(hidden, size, non_linearity=config.non_linearity, scaling=config.scaling)
             ref = next(iter(wrapper.base_layer.parameters()), None)
-            if ref is not None and ref.is_floating_point():
-                adapter.to(device=ref.device, dtype=ref.dtype)
+            if ref is not None:
+                # float32 master weights: BottleneckAdapter casts them to the activations' dtype itself.
+                adapter.to(device=ref.device)
             wrapper.bottleneck[adapter_name] = adapter.train(wrapper.training)
             paths.append(f"{blocks_name}.{i}.{sub}")
     return paths

@@ -166,7 +166,9 @@ class LoraConfig(PeftConfigBase):
             )
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
             value = getattr(self, name)
-            if isinstance(value, (set, tuple)):
+            if isinstance(value, (set, frozenset)):
+                setattr(self, name, sorted(value))
+            elif isinstance(value, tuple):
                 setattr(self, name, list(value))
         if self.modules_to_save is not None and isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
@@ -270,7 +272,7 @@ class AdapterConfig(PeftConfigBase):
     Args:
         bottleneck_size: the adapter's inner width; default ``hidden_size // reduction_factor``.
         reduction_factor: used when ``bottleneck_size`` is ``None``.
-        non_linearity: ``"relu"``, ``"gelu"``, ``"silu"`` or ``"tanh"`` (what ``BottleneckAdapter`` takes).
+        non_linearity: ``"relu"``, ``"gelu"``, ``"silu"``, ``"gelu_new"``, ... (what ``BottleneckAdapter`` takes).
         placement: ``"pfeiffer"`` (after each feed-forward), ``"houlsby"`` (after attention and after
             the feed-forward) or ``"parallel"`` (beside the feed-forward).
         scaling: multiplies the adapter's output.
@@ -288,6 +290,12 @@ class AdapterConfig(PeftConfigBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        from fastpeft.ops.adapter import ACTIVATION_ALIASES
+
+        if self.non_linearity not in ACTIVATION_ALIASES:
+            raise ValueError(
+                f"AdapterConfig: non_linearity={self.non_linearity!r} is not one of {sorted(ACTIVATION_ALIASES)}"
+            )
         if self.placement not in ("pfeiffer", "houlsby", "parallel"):
             raise ValueError(f"AdapterConfig: placement={self.placement!r} (pfeiffer, houlsby or parallel)")
         if self.bottleneck_size is not None and self.bottleneck_size <= 0:

@@ -71,11 +71,17 @@ class ModulesToSaveWrapper(nn.Module):
         return self.modules_to_save[self.active_adapter](*args, **kwargs)
 
     def __getattr__(self, name: str):
-        # Callers reach into wrapped modules (``lm_head.weight``, ``classifier.out_features``).
+        # Callers reach into wrapped modules (``lm_head.weight``, ``classifier.out_features``): answer
+        # with the module forward uses, the active copy unless disabled.
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(super().__getattr__("original_module"), name)
+            pass
+        copies = super().__getattr__("modules_to_save")
+        active = self.__dict__.get("active_adapter")
+        if not self.__dict__.get("disable_adapters", False) and active in copies:
+            return getattr(copies[active], name)
+        return getattr(super().__getattr__("original_module"), name)
 
 
 def conv1d_class() -> type | None:

@@ -161,16 +161,28 @@ def test_gpt2_conv1d_unload_gives_conv1d_back():
 
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
 def test_bias_modes_match_peft(bias, tmp_path):
-    base = build("llama")
-    torch.manual_seed(0)
+    base = build("gpt2")
     oracle_base = twin(base)
-    cfg = dict(r=4, target_modules=["q_proj", "down_proj"], bias=bias, init_lora_weights=False)
-    hf = peft.get_peft_model(base, peft.LoraConfig(**cfg))
-    ours = get_peft_model(oracle_base, LoraConfig(**cfg))
-    hf_train = sorted(n for n, p in hf.named_parameters() if p.requires_grad)
-    our_train = sorted(n for n, p in ours.named_parameters() if p.requires_grad)
-    strip = [n.replace(".default.", ".") for n in hf_train if "lora_" not in n]
-    assert strip == [n for n in our_train if "lora_" not in n], f"{bias}: trainable biases differ"
+    inputs = batch(seed=8)
+    cfg = dict(r=4, target_modules=["c_attn", "c_fc"], bias=bias, init_lora_weights=False)
+    ours = get_peft_model(base, LoraConfig(**cfg))
+    hf_probe = peft.get_peft_model(twin(oracle_base), peft.LoraConfig(**cfg))
+    hf_train = sorted(n.replace(".default.", ".") for n, p in hf_probe.named_parameters() if p.requires_grad)
+    our_train = sorted(n.replace(".default.", ".") for n, p in ours.named_parameters() if p.requires_grad)
+    biases = [n for n in our_train if n.endswith("bias")]
+    assert biases and our_train == hf_train, f"{bias}: trainable sets differ: {sorted(set(our_train) ^ set(hf_train))}"
+    if bias == "lora_only":
+        assert all(".base_layer.bias" in n for n in biases), biases
+    with torch.no_grad():  # "trained" biases: they must travel with the adapter
+        for n, p in ours.named_parameters():
+            if p.requires_grad and n.endswith("bias"):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.1)
+    out = _logits(ours, inputs)
+    ours.save_pretrained(tmp_path / "ours")
+    hf = peft.PeftModel.from_pretrained(oracle_base, tmp_path / "ours").eval()
+    assert max_diff(out, _logits(hf, inputs)) < ATOL, f"{bias}: peft on our file differs"
+    hf.save_pretrained(tmp_path / "theirs")
+    _same_files(tmp_path / "ours", tmp_path / "theirs", bias)
 
 
 def test_modules_to_save_naming():
