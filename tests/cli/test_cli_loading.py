@@ -1,0 +1,160 @@
+"""Streaming NF4 loading, ``fastpeft quantize`` (transformers + bitsandbytes as the oracle) and ``fastpeft merge``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tinymodels import qa_records, write_checkpoint, write_jsonl
+
+from fastpeft.cli import main
+from fastpeft.loading import load_causal_lm
+from fastpeft.nn import NF4Linear
+
+_NF4_BUFFERS = ("packed", "absmax", "quant_map", "nested_absmax", "offset", "nested_quant_map")
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpts")
+    return {
+        "plain": write_checkpoint(root / "plain", seed=2),
+        "sharded_tied": write_checkpoint(root / "sharded_tied", seed=3, tie=True, shard="40KB"),
+    }
+
+
+def _ids(seed: int) -> torch.Tensor:
+    return torch.randint(3, 260, (2, 13), generator=torch.Generator().manual_seed(seed))
+
+
+def _nf4_layers(model: torch.nn.Module) -> dict[str, NF4Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
+
+
+@pytest.mark.parametrize("which", ["plain", "sharded_tied"])
+def test_streaming_qlora_equals_quantize_model(ckpts: dict[str, Path], which: str) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from fastpeft.peft import quantize_model
+
+    path = ckpts[which]
+    if which == "sharded_tied":
+        assert (path / "model.safetensors.index.json").is_file(), "the fixture should be sharded"
+    streamed = load_causal_lm(path, quantize=True)
+    eager = quantize_model(AutoModelForCausalLM.from_pretrained(str(path)).eval())
+    a, b = _nf4_layers(streamed), _nf4_layers(eager)
+    assert a.keys() == b.keys() and len(a) == 14, sorted(a)
+    for name in a:
+        for buf in _NF4_BUFFERS:
+            x, y = getattr(a[name], buf), getattr(b[name], buf)
+            assert torch.equal(x, y), f"{name}.{buf} differs (max abs diff {(x.float() - y.float()).abs().max():.3e})"
+    assert not isinstance(streamed.lm_head, NF4Linear), "the LM head must stay dense"
+    if which == "sharded_tied":
+        assert streamed.lm_head.weight is streamed.model.embed_tokens.weight, "tied embeddings were not re-tied"
+    assert not any(t.is_meta for t in list(streamed.parameters()) + list(streamed.buffers())), "meta tensors remain"
+    with torch.no_grad():
+        diff = (streamed(_ids(1)).logits - eager(_ids(1)).logits).abs().max().item()
+    assert diff == 0.0, f"streamed and eagerly quantized logits differ by {diff:.3e}"
+
+
+def test_streaming_dense_equals_from_pretrained(ckpts: dict[str, Path]) -> None:
+    from transformers import AutoModelForCausalLM
+
+    path = ckpts["sharded_tied"]
+    ours, ref = load_causal_lm(path), AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    with torch.no_grad():
+        diff = (ours(_ids(2)).logits - ref(_ids(2)).logits).abs().max().item()
+    assert diff == 0.0, f"logits differ by {diff:.3e}"
+
+
+def _edit_weights(src: Path, dst: Path, edit) -> Path:  # noqa: ANN001 - a small callable
+    dst.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (dst / f).write_bytes((src / f).read_bytes())
+    tensors = load_file(str(src / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def test_missing_unexpected_and_misshapen_tensors_are_named(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    src = ckpts["plain"]
+    key = "model.layers.1.mlp.up_proj.weight"
+    missing = _edit_weights(src, tmp_path / "missing", lambda t: t.pop(key))
+    with pytest.raises(ValueError, match=r"missing.*model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_causal_lm(missing, quantize=True)
+    extra = _edit_weights(src, tmp_path / "extra", lambda t: t.update({"model.extra.weight": torch.ones(3)}))
+    with pytest.raises(ValueError, match=r"unexpected.*model\.extra\.weight"):
+        load_causal_lm(extra)
+    bad = _edit_weights(src, tmp_path / "bad", lambda t: t.update({key: torch.ones(5, 7)}))
+    with pytest.raises(ValueError, match=r"size mismatch for model\.layers\.1\.mlp\.up_proj\.weight"):
+        load_causal_lm(bad, quantize=True)
+
+
+def test_quantize_writes_a_checkpoint_transformers_and_bitsandbytes_load(
+    ckpts: dict[str, Path], tmp_path: Path
+) -> None:
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "nf4"
+    assert main(["quantize", "--model", str(ckpts["plain"]), "--out", str(out), "--compute-dtype", "float32"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    q = config["quantization_config"]
+    assert q["quant_method"] == "bitsandbytes" and q["load_in_4bit"] and q["bnb_4bit_quant_type"] == "nf4", q
+    assert (out / "tokenizer.json").is_file(), "tokenizer files were not copied"
+    ours = load_causal_lm(ckpts["plain"], quantize=True)
+    reloaded = load_causal_lm(out)  # the pre-quantized path: the six keys straight into NF4Linear
+    theirs = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    for name, layer in _nf4_layers(ours).items():
+        for buf in _NF4_BUFFERS:
+            assert torch.equal(getattr(layer, buf), getattr(reloaded.get_submodule(name), buf)), f"{name}.{buf}"
+        lin4 = theirs.get_submodule(name)
+        assert isinstance(lin4, bnb.nn.Linear4bit), f"transformers loaded {name} as {type(lin4).__name__}"
+        w = bnb.functional.dequantize_4bit(lin4.weight.data, lin4.weight.quant_state).float()
+        diff = (w - layer.dequantize(torch.float32)).abs().max().item()
+        assert diff == 0.0, f"{name}: bitsandbytes dequantizes our bytes differently (max abs diff {diff:.3e})"
+    with torch.no_grad():
+        a, b = ours(_ids(3)).logits, theirs(_ids(3)).logits
+    # bitsandbytes' CPU 4-bit matmul computes in bf16, so agreement is at bf16's level, not fp32's.
+    err = ((a - b).abs().max() / a.abs().max()).item()
+    assert err < 2e-2, f"transformers+bitsandbytes logits differ from fastpeft's by {err:.3e} (relative to max)"
+
+
+@pytest.fixture(scope="module")
+def qlora_adapter(ckpts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("qlora")
+    data = write_jsonl(root / "qa.jsonl", qa_records())
+    out = root / "adapter"
+    args = ["finetune", "--model", str(ckpts["plain"]), "--data", str(data), "--method", "qlora", "--lr", "2e-2",
+            "--max-steps", "6", "--out", str(out), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    return out
+
+
+@pytest.mark.parametrize("onto_original", [False, True])
+def test_merge_equals_base_plus_adapter(
+    ckpts: dict[str, Path], qlora_adapter: Path, tmp_path: Path, onto_original: bool
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from fastpeft.peft import PeftModel
+
+    out = tmp_path / "merged"
+    args = ["merge", "--model", str(ckpts["plain"]), "--adapter", str(qlora_adapter), "--out", str(out)]
+    assert main(args + (["--onto-original"] if onto_original else [])) == 0
+    assert (out / "tokenizer.json").is_file(), "tokenizer files were not copied"
+    merged = AutoModelForCausalLM.from_pretrained(str(out)).eval()
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    # The reference: the base the adapter is merged onto (NF4 by default, the originals otherwise) + the adapter.
+    base = load_causal_lm(ckpts["plain"], quantize=not onto_original)
+    ref = PeftModel.from_pretrained(base, str(qlora_adapter)).eval()
+    plain = AutoModelForCausalLM.from_pretrained(str(ckpts["plain"])).eval()
+    with torch.no_grad():
+        a, b, c = merged(_ids(4)).logits, ref(_ids(4)).logits, plain(_ids(4)).logits
+    assert (b - c).abs().max() > 1e-3, "the adapter (or quantization) changes nothing: the test would prove nothing"
+    diff = (a - b).abs().max().item()
+    assert diff < 1e-4, f"merged model differs from base + adapter by {diff:.3e} (onto_original={onto_original})"
