@@ -298,14 +298,20 @@ def _zero_out(nargs: dict) -> None:
 # sm_80 / sm_90: 128x128 with 8 warps (two warpgroups of HGMMA) for large M; 64x128 with 4 warps and a
 # deeper pipeline for medium M, where fewer rows per tile mean more tiles to fill the SMs.
 _TILED_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_P": 128, "BLOCK_Q": 64, "GROUP_M": 8, "split_k": 1}, num_warps=8, num_stages=3),
-    triton.Config({"BLOCK_M": 64, "BLOCK_P": 128, "BLOCK_Q": 64, "GROUP_M": 8, "split_k": 1}, num_warps=4, num_stages=4),
+    triton.Config(
+        {"BLOCK_M": 128, "BLOCK_P": 128, "BLOCK_Q": 64, "GROUP_M": 8, "split_k": 1}, num_warps=8, num_stages=3
+    ),
+    triton.Config(
+        {"BLOCK_M": 64, "BLOCK_P": 128, "BLOCK_Q": 64, "GROUP_M": 8, "split_k": 1}, num_warps=4, num_stages=4
+    ),
 ]
 # small M: one 16-row tile; only the split count is tuned (a runtime argument, one compiled kernel)
 _SMALL_CONFIGS = [
     triton.Config(
         {"BLOCK_M": 16, "BLOCK_P": 64, "BLOCK_Q": 128, "GROUP_M": 1, "split_k": s},
-        num_warps=4, num_stages=4, pre_hook=_zero_out,
+        num_warps=4,
+        num_stages=4,
+        pre_hook=_zero_out,
     )  # fmt: skip
     for s in (1, 2, 4, 8)
 ]
@@ -703,3 +709,153 @@ def lora_linear_bwd(
         dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
     return dx, da, db, dbias
 
+
+# ----------------------------------------------------------------------------------------------
+# compile gate
+# ----------------------------------------------------------------------------------------------
+
+_GATE_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+_GATE_W = {"dense": _W_DENSE, "nf4": _W_NF4, "nf4dq": _W_NF4_DQ}
+
+
+def _gemm_gate_case(direction: str, dtype: torch.dtype, w: str, cfg: triton.Config, block_r: int) -> GateCase:
+    ty = _GATE_TYPES[dtype]
+    kind = _GATE_W[w]
+    small = cfg.kwargs["BLOCK_M"] <= SMALL_M_MAX
+    ints = ["M", "P", "Q", "R", "m_bucket"] + [
+        f"stride_{s}" for s in ("im", "iq", "wq", "wp", "lm", "lr", "rr", "rp", "km", "kp", "om", "op")
+    ]
+    signature = {
+        "in_ptr": f"*{ty}",
+        "w_ptr": f"*{ty}" if kind == _W_DENSE else "*u8",
+        "absmax_ptr": "*u8" if kind == _W_NF4_DQ else "*fp32",
+        "code_ptr": "*fp32",
+        "qmap_ptr": "*fp32",
+        "nested_ptr": "*fp32",
+        "offset_ptr": "*fp32",
+        "bias_ptr": f"*{ty}",
+        "l_ptr": "*fp32" if direction == "dx" else f"*{ty}",  # G is float32, U is in x's dtype
+        "rt_ptr": f"*{ty}",
+        "keep_ptr": "*u8",
+        "out_ptr": "*fp32" if small else f"*{ty}",
+        **dict.fromkeys(ints, "i32"),
+        "lora_scale": "fp32",
+        "has_bias": "i32",
+        "has_mask": "i32",
+        "split_k": "i32",
+    }
+    blocks = {k: v for k, v in cfg.kwargs.items() if k != "split_k"}
+    tile = "x".join(str(blocks[k]) for k in ("BLOCK_M", "BLOCK_P", "BLOCK_Q"))
+    return GateCase(
+        name=f"lora_gemm_{direction}[{ty},{w},{tile},R={block_r}]",
+        module=__name__,
+        kernel="_lora_gemm_kernel",
+        signature=signature,
+        constexprs={
+            "W_KIND": kind,
+            "BLOCKSIZE": 64,
+            "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE,
+            "LORA_SPLIT": direction == "dx",
+            "ATOMIC_OUT": small,
+            "DOT_PRECISION": _dot_precision(dtype),
+            "BLOCK_R": block_r,
+            **blocks,
+        },
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        # the 16-row split-K tile is below a warpgroup MMA's 64 rows: it runs HMMA on both archs
+        tensor_cores=not small,
+    )
+
+
+def compile_gate_cases() -> list[GateCase]:
+    """Every configuration the launchers ship, for float16 and bfloat16 inputs.
+
+    GEMM (forward and dX): each tiled autotune config and the small-M tile (its split counts are a
+    runtime argument, one binary) x dense / NF4 / NF4 with double quantization, at ``BLOCK_R = 16``
+    (ranks up to 16); ``BLOCK_R = 64`` (ranks past 32, looped past 64) is gated on the heaviest variant
+    (bfloat16, double quantization, largest tile). Bias and the dropout mask are runtime flags, not
+    variants. Skinny and weight-gradient kernels: their rule-picked tiles, both operand kinds.
+    float32 inputs compile on demand (IEEE dots, no tensor-core requirement) and are not gated.
+    """
+    cases = []
+    for direction in ("fwd", "dx"):
+        for dtype in _GATE_TYPES:
+            for w in _GATE_W:
+                for cfg in [*_TILED_CONFIGS, _SMALL_CONFIGS[0]]:
+                    cases.append(_gemm_gate_case(direction, dtype, w, cfg, 16))
+        cases.append(_gemm_gate_case(direction, torch.bfloat16, "nf4dq", _TILED_CONFIGS[0], 64))
+    for dtype, ty in _GATE_TYPES.items():
+        for m in (1, 1024):
+            cfg = _skinny_config(m, interpret=False)
+            cases.append(
+                GateCase(
+                    name=f"lora_skinny[{ty},BLOCK_M={cfg['BLOCK_M']}]",
+                    module=__name__,
+                    kernel="_lora_skinny_kernel",
+                    signature={
+                        "in_ptr": f"*{ty}",
+                        "mat_ptr": f"*{ty}",
+                        "keep_ptr": "*u8",
+                        "out_ptr": "*fp32",
+                        "M": "i32",
+                        "Q": "i32",
+                        "R": "i32",
+                        "stride_im": "i32",
+                        "stride_iq": "i32",
+                        "stride_mq": "i32",
+                        "stride_mr": "i32",
+                        "stride_km": "i32",
+                        "stride_kq": "i32",
+                        "scale": "fp32",
+                        "has_mask": "i32",
+                        "split_k": "i32",
+                    },  # fmt: skip
+                    constexprs={
+                        "DOT_PRECISION": _dot_precision(dtype),
+                        "BLOCK_M": cfg["BLOCK_M"],
+                        "BLOCK_Q": cfg["BLOCK_Q"],
+                        "BLOCK_R": 16,
+                    },
+                    num_warps=cfg["num_warps"],
+                    tensor_cores=cfg["BLOCK_M"] >= 64,
+                )
+            )
+        cfg = _wgrad_config(interpret=False)
+        for grad in ("dA", "dB"):
+            cases.append(
+                GateCase(
+                    name=f"lora_wgrad_{grad}[{ty}]",
+                    module=__name__,
+                    kernel="_lora_wgrad_kernel",
+                    signature={
+                        "x_ptr": f"*{ty}",
+                        "g_ptr": "*fp32" if grad == "dA" else f"*{ty}",
+                        "keep_ptr": "*u8",
+                        "out_ptr": "*fp32",
+                        "colsum_ptr": "*fp32",
+                        "M": "i32",
+                        "P": "i32",
+                        "R": "i32",
+                        "rows_per_split": "i32",
+                        "stride_xm": "i32",
+                        "stride_xp": "i32",
+                        "stride_gm": "i32",
+                        "stride_gr": "i32",
+                        "stride_km": "i32",
+                        "stride_kp": "i32",
+                        "has_mask": "i32",
+                    },  # fmt: skip
+                    constexprs={
+                        "HAS_COLSUM": grad == "dB",
+                        "G_SPLIT": grad == "dA",
+                        "DOT_PRECISION": _dot_precision(dtype),
+                        "BLOCK_M": cfg["BLOCK_M"],
+                        "BLOCK_P": cfg["BLOCK_P"],
+                        "BLOCK_R": 16,
+                    },
+                    num_warps=cfg["num_warps"],
+                    tensor_cores=True,
+                )
+            )
+    return cases
