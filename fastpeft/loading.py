@@ -31,6 +31,7 @@ from fastpeft.quant import NF4Weight, quantize_nf4
 
 __all__ = [
     "bnb_quantization_config",
+    "check_causal_lm",
     "dequantize_model",
     "is_prequantized",
     "load_causal_lm",
@@ -146,6 +147,17 @@ def _build_on_meta(model_dir: Path, config: Any) -> nn.Module:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         kind = getattr(config, "model_type", "?")
         raise ValueError(f"{model_dir}: cannot build a causal LM for model_type {kind!r} ({first})") from None
+
+
+def check_causal_lm(model_dir: str | os.PathLike) -> None:
+    """Fail early, with ``load_causal_lm``'s errors, if ``model_dir`` cannot load (config, weights, architecture).
+
+    Reads only the config and the shard names, and builds the model on the meta device (no memory).
+    """
+    config = load_config(model_dir)
+    is_prequantized(config)
+    _build_on_meta(Path(model_dir), config)
+    weight_files(model_dir)
 
 
 def load_causal_lm(

@@ -221,7 +221,7 @@ def _setup(cfg: TrainConfig, device: torch.device, method: str) -> tuple[Any, An
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if cfg.model is not None:
-        loading.load_config(cfg.model)  # a missing / unsupported model fails before the tokenizer is read
+        loading.check_causal_lm(cfg.model)  # a missing / unsupported model fails before the tokenizer is read
         tokenizer = _load_tokenizer(cfg.model)
     else:
         tokenizer = fdata.byte_tokenizer()
@@ -246,6 +246,8 @@ def _setup(cfg: TrainConfig, device: torch.device, method: str) -> tuple[Any, An
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()  # the base is frozen: checkpointed blocks still need a grad path
     base.config.use_cache = False
+    if method in ("lora", "qlora") and cfg.target_modules != "all-linear":
+        _check_targets(base, cfg.target_modules)
     torch.manual_seed(cfg.seed)  # the adapter's initialization
     model = get_peft_model(base, _peft_config(cfg, method))
     for p in model.parameters():
@@ -390,6 +392,21 @@ def load_checkpoint(directory: Path) -> Checkpoint:
 
 
 # -- results ------------------------------------------------------------------------------------------
+
+
+def _check_targets(model: nn.Module, targets: str) -> None:
+    """Every name in ``--target-modules`` must name some module (PEFT only insists that one of them does)."""
+    names = [n for n, _ in model.named_modules()]
+    leaf = sorted(
+        {
+            n.rpartition(".")[2]
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) or "Linear" in type(m).__name__
+        }
+    )
+    for t in (t.strip() for t in targets.split(",") if t.strip()):
+        if not any(n == t or n.endswith(f".{t}") for n in names):
+            raise ValueError(f"--target-modules: {t!r} matches no module of the model (its linear layers: {leaf})")
 
 
 def _write_results(out: Path, model: Any, metrics: dict[str, Any], cfg_dict: dict[str, Any]) -> None:
