@@ -17,6 +17,7 @@ function, ``lora_file_params``, used for saving and loading alike.
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import sys
 
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 PREFIX = "base_model.model."
+logger = logging.getLogger(__name__)
 
 # HF PEFT's defaults when target_modules is None.
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -188,7 +190,9 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list
         if not name or isinstance(module, ModulesToSaveWrapper):
             continue
         if all_linear:
+            # Heads trained in full (modules_to_save, SEQ_CLS classifiers) are not LoRA targets either.
             hit = (is_linear_like(module) or isinstance(module, fnn.LoraLinear)) and module is not head
+            hit = hit and not (config.modules_to_save and match_module(name, config.modules_to_save))
         else:
             hit = match_module(name, targets)
         if not hit or (config.exclude_modules and match_module(name, config.exclude_modules)):
@@ -218,6 +222,10 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list
             module.update_layer(adapter_name, **kwargs)
             continue
         is_conv = conv1d is not None and isinstance(module, conv1d)
+        if config.fan_in_fan_out and not is_conv:
+            # HF PEFT's rule: an [out, in] layer cannot be fan-in-fan-out; it resets the flag and warns.
+            logger.warning("fan_in_fan_out=True but %s is not a Conv1D; setting fan_in_fan_out=False", name)
+            config.fan_in_fan_out = False
         if is_conv:
             config.fan_in_fan_out = True
             module = linear_from_conv1d(module)

@@ -283,7 +283,11 @@ class PeftModel(nn.Module):
         config = config_from_dict(cfg_dict, str(Path(model_id) / CONFIG_NAME))
         config.inference_mode = not is_trainable
         self.add_adapter(adapter_name, config)
-        self._load_tensors(adapter_name, tensors, Path(model_id) / WEIGHTS_NAME)
+        try:
+            self._load_tensors(adapter_name, tensors, Path(model_id) / WEIGHTS_NAME)
+        except Exception:
+            self.delete_adapter(adapter_name)
+            raise
         self.set_adapter(self.active_adapter)
 
     def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: Path) -> None:
@@ -324,7 +328,11 @@ class PeftModel(nn.Module):
             config = config_from_dict(cfg_dict, str(Path(model_id) / CONFIG_NAME))
         config.inference_mode = not is_trainable
         peft_model = cls(model, config, adapter_name)
-        peft_model._load_tensors(adapter_name, tensors, Path(model_id) / WEIGHTS_NAME)
+        try:
+            peft_model._load_tensors(adapter_name, tensors, Path(model_id) / WEIGHTS_NAME)
+        except Exception:
+            peft_model.unload()  # hand the caller's model back as it was
+            raise
         peft_model.set_adapter(adapter_name)
         if not is_trainable:
             peft_model.eval()  # loaded for inference: no dropout, as HF PEFT does

@@ -91,8 +91,10 @@ def test_mismatched_keys_and_shapes_are_named(tmp_path):
     tensors[bad] = torch.randn(3, 32)
     tensors["base_model.model.extra.lora_A.weight"] = torch.randn(2, 2)
     save_file(tensors, str(path), metadata={"format": "pt"})
+    victim = build("llama")
     with pytest.raises(ValueError) as info:
-        PeftModel.from_pretrained(build("llama"), tmp_path)
+        PeftModel.from_pretrained(victim, tmp_path)
+    assert not any("lora" in n for n, _ in victim.named_modules()), "a failed load left LoRA layers behind"
     msg = str(info.value)
     assert str(path) in msg and gone in msg and "extra.lora_A" in msg and f"{bad}: file (3, 32) vs model (4, 32)" in msg
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())

@@ -229,3 +229,12 @@ def test_exclude_and_regex_targets():
     pm = get_peft_model(build("llama"), LoraConfig(r=2, target_modules=r"model\.layers\.1\..*_proj"))
     wrapped = {n for n, m in pm.named_modules() if type(m).__name__ == "LoraLinear"}
     assert len(wrapped) == 7 and all(".layers.1." in n for n in wrapped)
+
+
+def test_default_targets_follow_peft():
+    for arch in ("llama", "gpt2", "bert"):
+        ours = get_peft_model(build(arch), LoraConfig(r=2))
+        hf = peft.get_peft_model(build(arch), peft.LoraConfig(r=2))
+        names = sorted(n for n, m in ours.named_modules() if type(m).__name__ == "LoraLinear")
+        want = sorted(n for n, m in hf.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
+        assert names == want, f"{arch}: default targets {names} vs peft {want}"
