@@ -462,31 +462,47 @@ def launcher_calls(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("quantized", [False, True])
-@pytest.mark.parametrize("p", [0.0, 0.25])
-def test_triton_backend_matches_reference(launcher_calls, monkeypatch, quantized, p):
-    m, k, n, r = 17, 70, 33, 4
-    lin = _linear(k, n, seed=101)
+@pytest.mark.parametrize(
+    "shape,quantized,p,dtype",
+    [
+        ((17, 70, 33, 4), False, 0.0, torch.float32),
+        ((17, 70, 33, 4), True, 0.0, torch.float32),
+        ((17, 70, 33, 4), False, 0.25, torch.float32),
+        ((17, 70, 33, 4), True, 0.25, torch.float32),
+        ((1, 64, 65, 1), True, 0.0, torch.float32),
+        ((2, 5, 129, 31, 8), False, 0.1, torch.float16),  # batch dims; fp16 dot is right in the interpreter
+    ],
+)
+def test_triton_backend_matches_reference(launcher_calls, monkeypatch, shape, quantized, p, dtype):
+    *lead, k, n, r = shape
+    lin = _linear(k, n, seed=101).to(dtype)
     base = NF4Linear.from_linear(lin) if quantized else lin
     layer = LoraLinear(base, r=r, lora_alpha=8, lora_dropout=p, init_lora_weights=False).train()
     _randomize_adapter(layer, seed=102)
-    x = torch.randn(m, k, generator=_gen(103))
-    dy = torch.randn(m, n, generator=_gen(104))
+    layer.to(dtype)
+    layer.base_layer.bias.requires_grad_(True)  # PEFT's bias="all": dbias through the launcher too
+    x = torch.randn(*lead, k, generator=_gen(103)).to(dtype)
+    dy = torch.randn(*lead, n, generator=_gen(104)).to(dtype)
     results = {}
     for backend in ("reference", "triton"):
         monkeypatch.setenv("FASTPEFT_BACKEND", backend)
         layer.zero_grad()
         torch.manual_seed(105)  # the same dropout mask for both backends
-        results[backend] = _grads(layer, x, dy)
+        results[backend] = _grads(layer, x, dy) + (layer.base_layer.bias.grad,)
     assert launcher_calls == {"fwd": 1, "bwd": 1}, f"the Triton launchers were not used: {launcher_calls}"
     monkeypatch.setenv("FASTPEFT_BACKEND", "reference")
-    exact = _grads(copy.deepcopy(layer).double(), x.double(), dy.double()) if p == 0.0 else None
-    for i, what in enumerate(("y", "dx", "dA", "dB")):
+    exact = None
+    if p == 0.0:
+        ref64 = copy.deepcopy(layer).double()
+        exact = _grads(ref64, x.double(), dy.double()) + (ref64.base_layer.bias.grad,)
+    for i, what in enumerate(("y", "dx", "dA", "dB", "dbias")):
         got, ref = results["triton"][i], results["reference"][i]
+        where = f"triton {what} (shape={shape}, quantized={quantized}, p={p}, {dtype})"
+        assert got.dtype == ref.dtype and got.shape == ref.shape, f"{where}: {got.dtype} {got.shape}"
         if exact is not None:
-            assert_oracle(got, exact[i], ref, msg=f"triton {what} (quantized={quantized})")
+            assert_oracle(got, exact[i], ref, msg=where)
         else:
-            assert_close(got, ref, msg=f"triton {what} with dropout (quantized={quantized})")
+            assert_close(got, ref, msg=where)
 
 
 # ----------------------------------------------------------------------------------------------
