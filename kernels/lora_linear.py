@@ -83,12 +83,55 @@ _W_DENSE, _W_NF4, _W_NF4_DQ = 0, 1, 2
 
 
 @triton.jit
+def _nf4_lookup(nib, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15):
+    # codebook[nib] as a 4-level select tree on the code's bits: 15 selects on register scalars, no
+    # table reads (a gathered table would be pipelined through shared memory tile by tile)
+    b = (nib & 1) != 0
+    v0 = tl.where(b, c1, c0)
+    v1 = tl.where(b, c3, c2)
+    v2 = tl.where(b, c5, c4)
+    v3 = tl.where(b, c7, c6)
+    v4 = tl.where(b, c9, c8)
+    v5 = tl.where(b, c11, c10)
+    v6 = tl.where(b, c13, c12)
+    v7 = tl.where(b, c15, c14)
+    b = (nib & 2) != 0
+    w0 = tl.where(b, v1, v0)
+    w1 = tl.where(b, v3, v2)
+    w2 = tl.where(b, v5, v4)
+    w3 = tl.where(b, v7, v6)
+    b = (nib & 4) != 0
+    x0 = tl.where(b, w1, w0)
+    x1 = tl.where(b, w3, w2)
+    return tl.where((nib & 8) != 0, x1, x0)
+
+
+@triton.jit
+def _absmax_vec(
+    absmax_ptr, qmap_ptr, nested_ptr, offset, blk, mask, W_KIND: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr
+):
+    # float32 absmax of blocks ``blk`` (a vector); double quantization decoded here, on the vector only
+    if W_KIND == 2:
+        a8 = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
+        nested = tl.load(nested_ptr + blk // NESTED_BLOCKSIZE, mask=mask, other=0.0)
+        return tl.load(qmap_ptr + a8) * nested + offset
+    else:
+        return tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+
+
+@triton.jit
 def _load_w_tile(
-    w_ptr, absmax_ptr, code_ptr, qmap_ptr, nested_ptr, offset_ptr,
-    offs_q, offs_p, mask_q, mask_p, stride_wq, stride_wp,
-    W_KIND: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, dtype: tl.constexpr,
+    w_ptr, absmax_ptr, qmap_ptr, nested_ptr, offset, codes,
+    q0, p0, offs_q, offs_p, mask_q, mask_p, stride_wq, stride_wp, n_blocks,
+    W_KIND: tl.constexpr, W_T: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+    dtype: tl.constexpr,
 ):  # fmt: skip
-    """The ``[BLOCK_Q, BLOCK_P]`` tile ``Wt[q, p] = W_flat[q·stride_wq + p·stride_wp]`` in ``dtype``."""
+    """The ``[BLOCK_Q, BLOCK_P]`` tile ``Wt[q, p] = W_flat[q·stride_wq + p·stride_wp]`` in ``dtype``.
+
+    For NF4 the flat index runs contiguously along q (forward, ``W_T`` False) or along p (dX, ``W_T``):
+    a line of ``L`` contiguous elements touches at most ``(L - 1) // 64 + 2`` absmax blocks, so the absmax comes
+    from that many vectors (one value per line each) and a select, not from a per-element gather.
+    """
     mask = mask_q[:, None] & mask_p[None, :]
     idx = offs_q[:, None] * stride_wq + offs_p[None, :] * stride_wp
     if W_KIND == 0:
@@ -97,15 +140,33 @@ def _load_w_tile(
         # -- NF4: element e sits in byte e >> 1, the even element in the high nibble --
         byte = tl.load(w_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
         nib = (byte >> ((1 - (idx & 1)) * 4)) & 0xF
+        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15 = codes
+        value = _nf4_lookup(nib, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
         blk = idx // BLOCKSIZE
-        if W_KIND == 2:
-            a8 = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-            nested = tl.load(nested_ptr + blk // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-            absmax = tl.load(qmap_ptr + a8) * nested + tl.load(offset_ptr)
+        if W_T:
+            first = (offs_q * stride_wq + p0) // BLOCKSIZE  # one line per q
+            rel = blk - first[:, None]
+            absmax = _absmax_vec(absmax_ptr, qmap_ptr, nested_ptr, offset, first, mask_q, W_KIND, NESTED_BLOCKSIZE)
+            absmax = tl.broadcast_to(absmax[:, None], idx.shape)
+            for j in tl.static_range(1, (offs_p.shape[0] - 1) // 64 + 2):
+                more = _absmax_vec(
+                    absmax_ptr, qmap_ptr, nested_ptr, offset, first + j, mask_q & (first + j < n_blocks),
+                    W_KIND, NESTED_BLOCKSIZE,
+                )  # fmt: skip
+                absmax = tl.where(rel == j, more[:, None], absmax)
         else:
-            absmax = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
+            first = (q0 + offs_p * stride_wp) // BLOCKSIZE  # one line per p
+            rel = blk - first[None, :]
+            absmax = _absmax_vec(absmax_ptr, qmap_ptr, nested_ptr, offset, first, mask_p, W_KIND, NESTED_BLOCKSIZE)
+            absmax = tl.broadcast_to(absmax[None, :], idx.shape)
+            for j in tl.static_range(1, (offs_q.shape[0] - 1) // 64 + 2):
+                more = _absmax_vec(
+                    absmax_ptr, qmap_ptr, nested_ptr, offset, first + j, mask_p & (first + j < n_blocks),
+                    W_KIND, NESTED_BLOCKSIZE,
+                )  # fmt: skip
+                absmax = tl.where(rel == j, more[None, :], absmax)
         # masked-out elements decode to finite values; they meet zero rows of IN or masked outputs
-        w = (tl.load(code_ptr + nib) * absmax).to(dtype)
+        w = (value * absmax).to(dtype)
     return w
 
 
@@ -113,11 +174,11 @@ def _load_w_tile(
 def _lora_gemm_kernel(
     in_ptr, w_ptr, absmax_ptr, code_ptr, qmap_ptr, nested_ptr, offset_ptr,
     bias_ptr, l_ptr, rt_ptr, keep_ptr, out_ptr,
-    M, P, Q, R, m_bucket,
+    M, P, Q, R, m_bucket, n_blocks,
     stride_im, stride_iq, stride_wq, stride_wp, stride_lm, stride_lr, stride_rr, stride_rp,
     stride_km, stride_kp, stride_om, stride_op,
     lora_scale, has_bias, has_mask, split_k,
-    W_KIND: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+    W_KIND: tl.constexpr, W_T: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
     LORA_SPLIT: tl.constexpr, ATOMIC_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -143,17 +204,26 @@ def _lora_gemm_kernel(
     per_split = tl.cdiv(tl.cdiv(Q, BLOCK_Q), split_k)
     q_start = pid_k * per_split * BLOCK_Q
     acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+    # the 16 code values and the double-quantization offset: per-program scalars, held in registers
+    codes = (
+        tl.load(code_ptr + 0), tl.load(code_ptr + 1), tl.load(code_ptr + 2), tl.load(code_ptr + 3),
+        tl.load(code_ptr + 4), tl.load(code_ptr + 5), tl.load(code_ptr + 6), tl.load(code_ptr + 7),
+        tl.load(code_ptr + 8), tl.load(code_ptr + 9), tl.load(code_ptr + 10), tl.load(code_ptr + 11),
+        tl.load(code_ptr + 12), tl.load(code_ptr + 13), tl.load(code_ptr + 14), tl.load(code_ptr + 15),
+    )  # fmt: skip
+    offset = tl.load(offset_ptr)
     for it in range(0, per_split):
-        offs_q = q_start + it * BLOCK_Q + tl.arange(0, BLOCK_Q)
+        q0 = q_start + it * BLOCK_Q
+        offs_q = q0 + tl.arange(0, BLOCK_Q)
         mask_q = offs_q < Q
         a = tl.load(
             in_ptr + offs_m[:, None] * stride_im + offs_q[None, :] * stride_iq,
             mask=mask_m[:, None] & mask_q[None, :], other=0.0,
         )  # fmt: skip
         w = _load_w_tile(
-            w_ptr, absmax_ptr, code_ptr, qmap_ptr, nested_ptr, offset_ptr,
-            offs_q, offs_p, mask_q, mask_p, stride_wq, stride_wp,
-            W_KIND, BLOCKSIZE, NESTED_BLOCKSIZE, dtype,
+            w_ptr, absmax_ptr, qmap_ptr, nested_ptr, offset, codes,
+            q0, pid_p * BLOCK_P, offs_q, offs_p, mask_q, mask_p, stride_wq, stride_wp, n_blocks,
+            W_KIND, W_T, BLOCKSIZE, NESTED_BLOCKSIZE, dtype,
         )  # fmt: skip
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
     mask_out = mask_m[:, None] & mask_p[None, :]
@@ -487,7 +557,7 @@ def _w_operand(
     if nf4 is None:
         s_n, s_k = weight.stride()
         strides = (s_n, s_k) if transposed else (s_k, s_n)
-        consts = {"W_KIND": _W_DENSE, "BLOCKSIZE": 64, "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE}
+        consts = {"W_KIND": _W_DENSE, "W_T": transposed, "BLOCKSIZE": 64, "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE}
         return (weight, code, code, code, code, code), *strides, consts
     n, k = nf4.shape
     strides = (k, 1) if transposed else (1, k)
@@ -501,7 +571,7 @@ def _w_operand(
     else:
         qmap = nested = offset = code
         kind = _W_NF4
-    consts = {"W_KIND": kind, "BLOCKSIZE": nf4.blocksize, "NESTED_BLOCKSIZE": nf4.nested_blocksize}
+    consts = {"W_KIND": kind, "W_T": transposed, "BLOCKSIZE": nf4.blocksize, "NESTED_BLOCKSIZE": nf4.nested_blocksize}
     return (nf4.packed, nf4.absmax, code, qmap, nested, offset), *strides, consts
 
 
@@ -527,7 +597,7 @@ def _gemm(
     keep_t, has_mask = keep
     args = (
         inp, *w_ptrs, inp if bias is None else bias, lt, rt, keep_t, out,
-        m, p, q, r, triton.next_power_of_2(m),
+        m, p, q, r, triton.next_power_of_2(m), w_ptrs[1].numel(),
         inp.stride(0), inp.stride(1), stride_wq, stride_wp, lt.stride(0), lt.stride(1), *rt_strides,
         keep_t.stride(0) if has_mask else 0, keep_t.stride(1) if has_mask else 0, out.stride(0), out.stride(1),
         lora_scale, int(bias is not None), int(has_mask),
@@ -722,7 +792,7 @@ def _gemm_gate_case(direction: str, dtype: torch.dtype, w: str, cfg: triton.Conf
     ty = _GATE_TYPES[dtype]
     kind = _GATE_W[w]
     small = cfg.kwargs["BLOCK_M"] <= SMALL_M_MAX
-    ints = ["M", "P", "Q", "R", "m_bucket"] + [
+    ints = ["M", "P", "Q", "R", "m_bucket", "n_blocks"] + [
         f"stride_{s}" for s in ("im", "iq", "wq", "wp", "lm", "lr", "rr", "rp", "km", "kp", "om", "op")
     ]
     signature = {
@@ -753,6 +823,7 @@ def _gemm_gate_case(direction: str, dtype: torch.dtype, w: str, cfg: triton.Conf
         signature=signature,
         constexprs={
             "W_KIND": kind,
+            "W_T": direction == "dx",
             "BLOCKSIZE": 64,
             "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE,
             "LORA_SPLIT": direction == "dx",
