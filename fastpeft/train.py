@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +103,6 @@ class TrainConfig:
     save_steps: int = 50
     device: str | None = None
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def default_lr(method: str, embedded: bool) -> float:
@@ -183,6 +182,10 @@ def _check_out(cfg: TrainConfig) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory")
     if cfg.resume:
+        olds = sorted(out.glob(".checkpoint-old-*"))
+        if not (out / "checkpoint").exists() and olds:
+            # A crash between the two renames of save_checkpoint: the previous checkpoint is complete.
+            os.replace(olds[-1], out / "checkpoint")
         if not (out / "checkpoint").is_dir():
             raise ValueError(f"--resume: no checkpoint in {out / 'checkpoint'}")
     elif out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
@@ -444,6 +447,9 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
     method = cfg.method or ("qlora" if device.type == "cuda" else "lora")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    if method == "lora" and cfg.model is not None and loading.is_prequantized(loading.load_config(cfg.model)):
+        log.info("%s holds NF4 weights: LoRA on it is QLoRA", cfg.model)
+        method = "qlora"
     for name in ("r", "batch_size", "grad_accum", "seq_len", "num_virtual_tokens", "bottleneck_size", "save_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
@@ -456,7 +462,7 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
     _check_out(cfg)
     out = Path(cfg.out)
     state = load_checkpoint(out / "checkpoint") if cfg.resume else None
-    cfg_dict = {k: v for k, v in asdict(cfg).items() if k not in ("out", "resume", "overwrite", "progress", "extra")}
+    cfg_dict = {k: v for k, v in asdict(cfg).items() if k not in ("out", "resume", "overwrite", "progress")}
     cfg_dict["method"] = method
     if state is not None:
         for name in _RESUME_FIELDS:
@@ -480,6 +486,8 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
 
     # -- prepare out (inputs are valid from here on) --
     out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob(".checkpoint-tmp-*"), *out.glob(".checkpoint-old-*"), *out.glob(".final-tmp-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run; never read
     if cfg.overwrite and not cfg.resume:
         for name in _OUTPUT_FILES:
             (out / name).unlink(missing_ok=True)

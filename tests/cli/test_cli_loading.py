@@ -23,6 +23,7 @@ def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "plain": write_checkpoint(root / "plain", seed=2),
         "sharded_tied": write_checkpoint(root / "sharded_tied", seed=3, tie=True, shard="40KB"),
+        "qwen2_bias": write_checkpoint(root / "qwen2_bias", seed=5, arch="qwen2"),
     }
 
 
@@ -34,7 +35,7 @@ def _nf4_layers(model: torch.nn.Module) -> dict[str, NF4Linear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, NF4Linear)}
 
 
-@pytest.mark.parametrize("which", ["plain", "sharded_tied"])
+@pytest.mark.parametrize("which", ["plain", "sharded_tied", "qwen2_bias"])
 def test_streaming_qlora_equals_quantize_model(ckpts: dict[str, Path], which: str) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -52,6 +53,9 @@ def test_streaming_qlora_equals_quantize_model(ckpts: dict[str, Path], which: st
             x, y = getattr(a[name], buf), getattr(b[name], buf)
             assert torch.equal(x, y), f"{name}.{buf} differs (max abs diff {(x.float() - y.float()).abs().max():.3e})"
     assert not isinstance(streamed.lm_head, NF4Linear), "the LM head must stay dense"
+    if which == "qwen2_bias":
+        q = a["model.layers.1.self_attn.q_proj"]
+        assert q.bias is not None and torch.equal(q.bias, b["model.layers.1.self_attn.q_proj"].bias), "bias lost"
     if which == "sharded_tied":
         assert streamed.lm_head.weight is streamed.model.embed_tokens.weight, "tied embeddings were not re-tied"
     assert not any(t.is_meta for t in list(streamed.parameters()) + list(streamed.buffers())), "meta tensors remain"
@@ -158,3 +162,25 @@ def test_merge_equals_base_plus_adapter(
     assert (b - c).abs().max() > 1e-3, "the adapter (or quantization) changes nothing: the test would prove nothing"
     diff = (a - b).abs().max().item()
     assert diff < 1e-4, f"merged model differs from base + adapter by {diff:.3e} (onto_original={onto_original})"
+
+
+def test_finetune_and_merge_on_a_prequantized_checkpoint(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from fastpeft.peft import PeftModel
+
+    nf4 = tmp_path / "nf4"
+    assert main(["quantize", "--model", str(ckpts["plain"]), "--out", str(nf4), "--compute-dtype", "float32"]) == 0
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_records())
+    adapter = tmp_path / "adapter"
+    args = ["finetune", "--model", str(nf4), "--data", str(data), "--method", "lora", "--lr", "2e-2",
+            "--max-steps", "4", "--out", str(adapter), "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    assert json.loads((adapter / "metrics.json").read_text())["method"] == "qlora"
+    merged_dir = tmp_path / "merged"
+    assert main(["merge", "--model", str(nf4), "--adapter", str(adapter), "--out", str(merged_dir)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir)).eval()
+    ref = PeftModel.from_pretrained(load_causal_lm(nf4), str(adapter)).eval()
+    with torch.no_grad():
+        diff = (merged(_ids(6)).logits - ref(_ids(6)).logits).abs().max().item()
+    assert diff < 1e-4, f"merged model differs from NF4 base + adapter by {diff:.3e}"

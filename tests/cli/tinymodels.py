@@ -12,20 +12,32 @@ from fastpeft.data import byte_tokenizer
 VOCAB = 260  # fastpeft.data.byte_tokenizer: 4 special tokens + 256 bytes
 
 
-def write_checkpoint(directory: Path, *, seed: int = 0, tie: bool = False, shard: str | None = None) -> Path:
-    """A 2-layer LlamaForCausalLM (width 64, GQA 4/2 heads) with seeded random weights, its tokenizer too.
+def write_checkpoint(
+    directory: Path, *, seed: int = 0, tie: bool = False, shard: str | None = None, arch: str = "llama"
+) -> Path:
+    """A 2-layer causal LM (width 64, GQA 4/2 heads) with seeded random weights, its tokenizer too.
 
-    Widths are multiples of 64 so bitsandbytes' CPU 4-bit kernels accept the layers.
+    ``arch``: ``"llama"`` or ``"qwen2"`` (biases on q/k/v). Widths are multiples of 64 so bitsandbytes'
+    CPU 4-bit kernels accept the layers.
     """
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import transformers
 
-    config = LlamaConfig(
+    config_cls, model_cls = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[arch]
+    config = config_cls(
         vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.2, tie_word_embeddings=tie,
         bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )  # fmt: skip
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    model = model_cls(config).eval()
+    if arch == "qwen2":
+        with torch.no_grad():  # transformers initializes biases to zero: make them count
+            for name, p in model.named_parameters():
+                if name.endswith(".bias"):
+                    p.normal_()
     kwargs = {"max_shard_size": shard} if shard else {}
     model.save_pretrained(str(directory), **kwargs)
     byte_tokenizer().save_pretrained(str(directory))
