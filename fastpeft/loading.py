@@ -300,17 +300,28 @@ def load_causal_lm(
 
 
 def _materialize_buffers(model: nn.Module, device: torch.device) -> None:
-    """Non-persistent buffers (rotary frequencies, ...) are not in checkpoints: rebuild them on ``device``."""
+    """Non-persistent buffers (rotary frequencies, ...) are not in checkpoints: rebuild them on ``device``.
+
+    The module is constructed again from its config on the CPU (what its ``__init__`` computes is the
+    buffer's value) and the buffers copied over; modules that cannot be rebuilt that way are an error.
+    """
     for mod_name, module in list(model.named_modules()):
         metas = [k for k, b in module._buffers.items() if b is not None and b.is_meta]
         if not metas:
             continue
+        where = f"{mod_name or 'the model'} ({type(module).__name__})"
+        if any(True for _ in module.parameters(recurse=False)) or not hasattr(module, "config"):
+            raise ValueError(f"cannot rebuild buffer(s) {metas} of {where}")
+        try:
+            with torch.device("cpu"):
+                fresh = type(module)(config=module.config)
+        except TypeError as e:
+            raise ValueError(f"cannot rebuild buffer(s) {metas} of {where}: {e}") from None
         for k in metas:
-            module._buffers[k] = torch.empty_like(module._buffers[k], device=device)
-        init = getattr(model, "_init_weights", None)
-        if init is None or "Rotary" not in type(module).__name__:
-            raise ValueError(f"cannot rebuild buffer(s) {metas} of {mod_name or 'the model'} ({type(module).__name__})")
-        init(module)
+            value = fresh._buffers.get(k)
+            if value is None or value.shape != module._buffers[k].shape:
+                raise ValueError(f"cannot rebuild buffer {k!r} of {where}")
+            module._buffers[k] = value.to(device)
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -158,3 +158,12 @@ def test_gradient_checkpointing_gives_the_same_training(tiny: dict[str, Path], t
         runs.append(_metrics(out)["losses"])
     diff = max(abs(a - b) for a, b in zip(*runs, strict=True))
     assert diff < 1e-4, f"gradient checkpointing changed the losses by {diff:.2e}: {runs}"
+
+
+@pytest.mark.gpu
+def test_qlora_on_gpu_is_the_default_and_trains(tiny: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "gpu"
+    assert main(_args(tiny, out, "--max-steps", "12", "--gradient-checkpointing")) == 0
+    m = _metrics(out)
+    assert m["method"] == "qlora" and m["device"].startswith("cuda") and m["peak_memory_kind"] == "cuda_max_allocated"
+    assert _mean(m["losses"][-3:]) < _mean(m["losses"][:3]), f"loss did not fall on the GPU: {m['losses']}"
