@@ -7,6 +7,7 @@ import weakref
 
 import pytest
 import torch
+from conftest import assert_close
 from tiny_models import batch, build, max_diff, twin
 from torch import nn
 
@@ -177,3 +178,32 @@ def test_qlora_trains_on_cuda_in_bf16():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.05, f"QLoRA on CUDA: loss did not go down: {losses}"
+
+
+def test_transformers_bitsandbytes_load_is_accepted(tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    build("llama", hidden_size=64).save_pretrained(tmp_path)
+    bnb_cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                 bnb_4bit_compute_dtype=torch.float32)  # fmt: skip
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=bnb_cfg, device_map="cpu").eval()
+
+    inputs = batch()
+    fresh = load()
+    ptrs = {n: m.weight.data_ptr() for n, m in fresh.named_modules() if type(m).__name__ == "Linear4bit"}
+    quantize_model(fresh)
+    assert ptrs and all(fresh.get_submodule(n).packed.data_ptr() == p for n, p in ptrs.items()), "bytes not reused"
+    used = load()
+    with torch.no_grad():
+        bnb_out = used(**inputs).logits  # on AVX512-BF16 CPUs this repacks the weights into a CPU layout
+    quantize_model(used)
+    with torch.no_grad():
+        ours_fresh, ours_used = fresh(**inputs).logits, used(**inputs).logits
+    # bitsandbytes' repacked CPU path keeps absmax in bf16 and multiplies in bf16: bf16 tolerances.
+    assert_close(ours_used, bnb_out, dtype=torch.bfloat16, msg="NF4Linear vs bitsandbytes after its CPU repack")
+    assert_close(ours_used, ours_fresh, dtype=torch.bfloat16, msg="repacked vs fresh bitsandbytes layers")
+    pm = get_peft_model(used, LoraConfig(r=4, target_modules=["q_proj"]))
+    assert pm.get_nb_trainable_parameters()[0] == 2 * 4 * (64 + 64)
