@@ -211,11 +211,13 @@ def load_causal_lm(
     targets = {n for n in linears if quantize and not _skipped(n, skip) and f"{n}.weight" not in tied}
 
     key_file: dict[str, Path] = {}
+    key_shape: dict[str, tuple[int, ...]] = {}
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as sf:
                 for k in sf.keys():
                     key_file[k] = f
+                    key_shape[k] = tuple(sf.get_slice(k).get_shape())
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{f}: unreadable safetensors file ({e})") from None
     prequant = {k[: -len(_BLOB_SUFFIX)] for k in key_file if k.endswith(_BLOB_SUFFIX)}
@@ -235,32 +237,40 @@ def load_causal_lm(
                 return cand
         return None
 
+    # -- check names and shapes from the headers first: a bad checkpoint fails before any tensor is read --
+    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
+    owned = {k: owner(k) for k in key_file} if prequant else {}
+    unexpected = [
+        k for k in key_file if k not in meta and owned.get(k) is None and not any(p.search(k) for p in ignore)
+    ]
+    if unexpected:
+        name = type(model).__name__
+        raise ValueError(f"{model_dir}: unexpected tensors not in the {name} model: {_names(unexpected)}")
+    present = {alias_of.get(k, k) for k in key_file if k in meta}
+    missing = [k for k in meta if alias_of.get(k, k) not in present and k.rpartition(".")[0] not in prequant]
+    if missing:
+        raise ValueError(f"{model_dir}: tensors missing from the checkpoint: {_names(missing)}")
+    for k, shape in key_shape.items():
+        if k in meta and owned.get(k) is None and shape != tuple(meta[k].shape):
+            raise ValueError(
+                f"{key_file[k].name}: size mismatch for {k}: the checkpoint holds {shape}, "
+                f"the model expects {tuple(meta[k].shape)}"
+            )
+
     nf4: dict[str, NF4Weight] = {}
     bias: dict[str, torch.Tensor] = {}
     pending: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     loaded: dict[str, str] = {}  # the first name of each parameter -> the key it was read from
-    unexpected: list[str] = []
-    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
     for f in files:
         with safe_open(str(f), framework="pt", device=str(device)) as sf:
             for key in sf.keys():
                 mod, _, attr = key.rpartition(".")
-                prefix = owner(key) if prequant else None
-                if prefix is not None:
-                    pending[prefix][key] = sf.get_tensor(key)
+                if owned.get(key) is not None:
+                    pending[owned[key]][key] = sf.get_tensor(key)
                     continue
-                if key not in meta:
-                    if not any(p.search(key) for p in ignore):
-                        unexpected.append(key)
-                    continue
-                if alias_of.get(key, key) in loaded:
-                    continue  # the other name of a tied parameter, already read
+                if key not in meta or alias_of.get(key, key) in loaded:
+                    continue  # an ignored key, or the other name of a tied parameter already read
                 t = sf.get_tensor(key)
-                if tuple(t.shape) != tuple(meta[key].shape):
-                    raise ValueError(
-                        f"{f.name}: size mismatch for {key}: the checkpoint holds {tuple(t.shape)}, "
-                        f"the model expects {tuple(meta[key].shape)}"
-                    )
                 if t.is_floating_point():
                     t = t.to(dtype)
                 if mod in targets and attr == "weight":
@@ -271,18 +281,10 @@ def load_causal_lm(
                 else:
                     _install(model, key, t, requires_grad=bool(getattr(meta[key], "requires_grad", False)))
                 loaded[alias_of.get(key, key)] = key
-    if unexpected:
-        name = type(model).__name__
-        raise ValueError(f"{model_dir}: unexpected tensors not in the {name} model: {_names(unexpected)}")
-
     for prefix, sd in pending.items():
         nf4[prefix] = NF4Weight.from_bnb_state_dict(sd, prefix)
         if f"{prefix}.bias" in sd:
             bias[prefix] = sd[f"{prefix}.bias"].to(dtype)
-        loaded.update({k: k for k in meta if k.startswith(f"{prefix}.")})
-    missing = [k for k in meta if alias_of.get(k, k) not in loaded]
-    if missing:
-        raise ValueError(f"{model_dir}: tensors missing from the checkpoint: {_names(missing)}")
 
     for prefix, w in nf4.items():
         parent_name, _, child = prefix.rpartition(".")
