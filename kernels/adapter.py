@@ -117,9 +117,11 @@ def _adapter_fwd_kernel(
         tl.store(z_ptr + offs_m[:, None] * B + offs_b[None, :], z, mask=mask_m[:, None] & mask_b[None, :])
     # padded bottleneck columns meet zero rows of W_up, so their act(z) needs no masking
     a = _act(z, ACT).to(h_ptr.dtype.element_ty)
-    # -- up projection + bias + residual, N loop over H --
-    for n0 in range(0, H, BLOCK_K):
-        offs_n = n0 + tl.arange(0, BLOCK_K)
+    # -- up projection + bias + residual, N loop over H backwards: with r = h, the h tiles read last
+    # by the down projection are the likeliest to still be in L2 --
+    last = tl.cdiv(H, BLOCK_K) - 1
+    for i in range(0, H, BLOCK_K):
+        offs_n = (last * BLOCK_K - i) + tl.arange(0, BLOCK_K)
         mask_n = offs_n < H
         wu = tl.load(
             wu_ptr + offs_b[:, None] * stride_wub + offs_n[None, :] * stride_wuh,
@@ -172,9 +174,10 @@ def _adapter_bwd_dz_kernel(
         # db_down in float32 from the unrounded dz: one partial row per program
         tl.store(dbd_part_ptr + pid * B + offs_b, tl.sum(dz, axis=0), mask=mask_b)
     if COMPUTE_DH:
-        # -- dh = dz·W_down (+ dY), N loop over H --
-        for n0 in range(0, H, BLOCK_K):
-            offs_n = n0 + tl.arange(0, BLOCK_K)
+        # -- dh = dz·W_down (+ dY), N loop over H backwards (dY tiles read last are likeliest in L2) --
+        last = tl.cdiv(H, BLOCK_K) - 1
+        for i in range(0, H, BLOCK_K):
+            offs_n = (last * BLOCK_K - i) + tl.arange(0, BLOCK_K)
             mask_n = offs_n < H
             wd = tl.load(
                 wd_ptr + offs_b[:, None] * stride_wdb + offs_n[None, :] * stride_wdh,
