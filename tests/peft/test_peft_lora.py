@@ -238,3 +238,21 @@ def test_default_targets_follow_peft():
         names = sorted(n for n, m in ours.named_modules() if type(m).__name__ == "LoraLinear")
         want = sorted(n for n, m in hf.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
         assert names == want, f"{arch}: default targets {names} vs peft {want}"
+        assert ours.get_nb_trainable_parameters() == hf.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_gradient_checkpointing_still_reaches_lora(when):
+    model = build("llama")
+    model.train()
+    if when == "before":
+        model.gradient_checkpointing_enable()
+    pm = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    if when == "after":
+        pm.gradient_checkpointing_enable()
+    assert pm.get_base_model().is_gradient_checkpointing
+    inputs = batch()
+    pm(**inputs, labels=inputs["input_ids"]).loss.backward()
+    grads = {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
+    missing = [n for n, g in grads.items() if g is None or not bool(g.abs().sum() > 0)]
+    assert grads and not missing, f"no gradient reached {missing[:4]}"
