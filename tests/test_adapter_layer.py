@@ -63,6 +63,16 @@ def test_bad_sizes_raise():
         BottleneckAdapter(16, 4)(torch.randn(2, 15))
 
 
+def test_empty_batch_passes_through():
+    adapter = BottleneckAdapter(16, 4, "silu")
+    _randomize_up(adapter, 1)
+    h = torch.randn(0, 5, 16, requires_grad=True)
+    y = adapter(h)
+    assert y.shape == h.shape
+    y.sum().backward()
+    assert h.grad.shape == h.shape
+
+
 def test_trains_with_sgd():
     torch.manual_seed(3)
     adapter = BottleneckAdapter(24, 6, "gelu_new", scaling=1.0)

@@ -39,6 +39,11 @@ def canonical_activation(name: str) -> str:
     return ACTIVATION_ALIASES[name.lower()]
 
 
+def _triton_path(h: torch.Tensor) -> bool:
+    # float64 (gradcheck) always takes the reference: the kernels are float32/16-bit only
+    return h.dtype != torch.float64 and use_triton(h)
+
+
 @torch.library.custom_op("fastpeft::bottleneck_adapter_fwd", mutates_args=())
 def _adapter_fwd(
     h: torch.Tensor,
@@ -50,7 +55,7 @@ def _adapter_fwd(
     scaling: float,
     activation: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(h):
+    if _triton_path(h):
         from fastpeft.kernels.adapter import adapter_fwd as launch
     else:
         launch = reference.adapter_fwd_reference
@@ -79,7 +84,7 @@ def _adapter_bwd(
     needs_dw: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # gradients not asked for come back as empty tensors: custom ops cannot return None
-    if use_triton(h):
+    if _triton_path(h):
         from fastpeft.kernels.adapter import adapter_bwd as launch
     else:
         launch = reference.adapter_bwd_reference
@@ -170,5 +175,7 @@ def bottleneck_adapter(
         if residual.shape != h.shape:
             raise ValueError(f"residual must have h's shape {tuple(h.shape)}, got {tuple(residual.shape)}")
         r2 = residual.reshape(-1, hidden)
+    if h2.shape[0] == 0:  # no tokens: nothing for the kernels to do, and the output is the residual
+        return (h if residual is None else residual).clone()
     y, _ = _adapter_fwd(h2, w_down, b_down, w_up, b_up, r2, float(scaling), act)
     return y.view(h.shape)

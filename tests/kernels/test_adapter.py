@@ -155,6 +155,13 @@ def test_gradcheck_through_op_float64(act):
     assert torch.autograd.gradcheck(lambda *a: bottleneck_adapter(*a[:5], 0.7, act, a[5]), (h, wd, bd, wu, bu, r))
 
 
+def test_float64_takes_the_reference_under_the_triton_backend(monkeypatch):
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    h, w, r, s = _params(5, 48, 7, torch.float64, 6, True)
+    y = bottleneck_adapter(h, *w, s, "gelu", r)
+    assert torch.equal(y, reference.adapter_fwd_reference(h, *w, s, "gelu", r)[0])
+
+
 def test_launchers_reject_bad_input():
     h, (wd, bd, wu, bu), _, s = _params(4, 48, 7, torch.float32, 1, False)
     with pytest.raises(TypeError, match="w_down must have h's dtype"):
