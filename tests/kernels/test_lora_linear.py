@@ -1,0 +1,331 @@
+"""Fused LoRA / QLoRA linear kernels (Triton's interpreter on CPU) against kernels/reference.py.
+
+Matmul results follow the oracle rule (conftest.assert_oracle): the kernel's error against a float64
+evaluation of the reference is at most 2x the error of eager torch at the same precision, eager being
+the unfused chain a user would write (``F.linear`` for the base, two more for LoRA, NF4 dequantized to
+the input dtype first). bfloat16 dot products are wrong in the interpreter, so bfloat16 runs on a GPU only.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, assert_oracle
+
+from fastpeft.kernels import lora_linear as L
+from fastpeft.kernels import reference
+from fastpeft.kernels.formats import NF4Args
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+W_KINDS = ["dense", "nf4", "nf4dq"]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _problem(m, k, n, r, dtype, w_kind, *, bias=True, p=0.0, seed=0, blocksize=64, device=DEVICE):
+    """Random operands of one call; the NF4 base is quantized from a random dense weight."""
+    g = _gen(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+    w = torch.randn((n, k), generator=g) * 0.1
+    prob = {
+        "x": rnd(m, k),
+        "bias": rnd(n) if bias else None,
+        "lora_a": rnd(r, k, scale=0.2),
+        "lora_b": rnd(n, r, scale=0.2),
+        "scaling": float(0.5 + torch.rand((), generator=g)),
+        "dy": rnd(m, n),
+        "dropout_mask": (torch.rand((m, k), generator=g) >= p).to(device) if p > 0 else None,
+        "dropout_p": p,
+        "weight": w.to(device=device, dtype=dtype),
+        "nf4": None,
+    }
+    if w_kind != "dense":
+        packed, absmax = reference.nf4_quantize_reference(w, blocksize)
+        kw = {}
+        if w_kind == "nf4dq":
+            offset = absmax.mean()
+            absmax, nested = reference.dynamic8_quantize_reference(absmax - offset)
+            kw = {"nested_absmax": nested.to(device), "offset": offset.reshape(1).to(device)}
+        prob["nf4"] = NF4Args(packed.to(device), absmax.to(device), (n, k), blocksize, **kw)
+        prob["weight"] = None
+    return prob
+
+
+def _dense_w(prob, dtype) -> torch.Tensor:
+    """The base weight as eager torch holds it: dense, or NF4 dequantized to ``dtype``."""
+    if prob["nf4"] is None:
+        return prob["weight"].to(dtype)
+    nf4 = prob["nf4"]
+    n, k = nf4.shape
+    flat = reference.nf4_dequantize_reference(
+        nf4.packed, nf4.absmax, n * k, torch.float32, blocksize=nf4.blocksize,
+        nested_absmax=nf4.nested_absmax, offset=nf4.offset,
+    )  # fmt: skip
+    return flat.view(n, k).to(dtype)
+
+
+def _as(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
+def _fwd_kwargs(prob):
+    return {"nf4": prob["nf4"], "dropout_mask": prob["dropout_mask"], "dropout_p": prob["dropout_p"]}
+
+
+def _fwd_args(prob, dtype=None):
+    names = ("x", "weight", "bias", "lora_a", "lora_b")
+    return [prob[a] if dtype is None else _as(prob[a], dtype) for a in names] + [prob["scaling"]]
+
+
+def _drop(x, prob):
+    mask = prob["dropout_mask"]
+    return x if mask is None else x * mask.to(x.dtype) / (1 - prob["dropout_p"])
+
+
+def _eager_fwd(prob):
+    """The unfused chain in the inputs' own dtype."""
+    x, w = prob["x"], _dense_w(prob, prob["x"].dtype)
+    u = F.linear(_drop(x, prob), prob["lora_a"])
+    return F.linear(x, w, prob["bias"]) + prob["scaling"] * F.linear(u, prob["lora_b"]), u
+
+
+def _eager_bwd(prob, u):
+    dy, x, s = prob["dy"], prob["x"], prob["scaling"]
+    w = _dense_w(prob, x.dtype)
+    g = dy @ prob["lora_b"]
+    dx = dy @ w + s * _drop(g @ prob["lora_a"], prob)
+    return dx, s * (g.t() @ _drop(x, prob)), s * (dy.t() @ u), dy.sum(0)
+
+
+def _exact_fwd(prob):
+    args = _fwd_args(prob, torch.float64)
+    return reference.lora_linear_fwd_reference(*args, **_fwd_kwargs(prob))
+
+
+def _bwd_args(prob, u, dtype=None):
+    cast = (lambda t: t) if dtype is None else (lambda t: _as(t, dtype))
+    return [cast(prob["dy"]), cast(prob["x"]), cast(prob["weight"]), cast(prob["lora_a"]), cast(prob["lora_b"])] + [
+        cast(u),
+        prob["scaling"],
+    ]
+
+
+def _check_fwd(prob, where: str):
+    y, u = L.lora_linear_fwd(*_fwd_args(prob), **_fwd_kwargs(prob))
+    m, n, r = prob["x"].shape[0], prob["lora_b"].shape[0], prob["lora_a"].shape[0]
+    assert y.shape == (m, n) and u.shape == (m, r), (y.shape, u.shape)
+    assert y.dtype == u.dtype == prob["x"].dtype
+    exact_y, exact_u = _exact_fwd(prob)
+    eager_y, eager_u = _eager_fwd(prob)
+    assert_oracle(u, exact_u, eager_u, msg=f"{where}: u")
+    assert_oracle(y, exact_y, eager_y, msg=f"{where}: y")
+    return y, u
+
+
+def _check_bwd(prob, u, where: str, **needs):
+    flags = {"needs_dx": True, "needs_da": True, "needs_db": True, "needs_dbias": True, **needs}
+    got = L.lora_linear_bwd(*_bwd_args(prob, u), **_fwd_kwargs(prob), **flags)
+    exact = reference.lora_linear_bwd_reference(*_bwd_args(prob, u, torch.float64), **_fwd_kwargs(prob), **flags)
+    eager = _eager_bwd(prob, u)
+    like = (prob["x"], prob["lora_a"], prob["lora_b"], prob["dy"][0])
+    for name, flag, t, ex, ea, ref in zip(
+        ("dx", "da", "db", "dbias"), flags.values(), got, exact, eager, like, strict=True
+    ):
+        if not flag:
+            assert t is None, f"{where}: {name} was not asked for but came back"
+            continue
+        assert t is not None and t.shape == ref.shape and t.dtype == ref.dtype, f"{where}: {name} {t}"
+        assert_oracle(t, ex, ea, msg=f"{where}: {name}")
+    return got
+
+
+# ----------------------------------------------------------------------------------------------
+# forward and backward against the oracle
+# ----------------------------------------------------------------------------------------------
+
+# (M, K, N, R): M on both sides of SMALL_M_MAX, K and N never multiples of a tile or of 64
+SHAPES = [(1, 96, 80, 8), (17, 130, 67, 16), (257, 96, 80, 1), (40, 70, 33, 64)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("w_kind", W_KINDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_forward_backward_match_oracle(shape, w_kind, dtype):
+    m, k, n, r = shape
+    seed = hash((shape, w_kind, str(dtype))) % 2**31
+    # alternate bias and dropout across the grid so every combination occurs
+    bias, p = {0: (True, 0.0), 1: (False, 0.25), 2: (True, 0.1), 3: (False, 0.0)}[SHAPES.index(shape)]
+    prob = _problem(m, k, n, r, dtype, w_kind, bias=bias, p=p, seed=seed)
+    where = f"M={m} K={k} N={n} R={r} {w_kind} {dtype} bias={bias} p={p}"
+    _, u = _check_fwd(prob, where)
+    _check_bwd(prob, u, where)
+
+
+@pytest.mark.parametrize("w_kind", W_KINDS)
+def test_rank_above_one_epilogue_tile(w_kind):
+    # R = 80: the epilogue loops over two BLOCK_R = 64 chunks; the skinny kernels tile R in the grid
+    prob = _problem(20, 70, 33, 80, torch.float32, w_kind, p=0.2, seed=5)
+    _, u = _check_fwd(prob, f"R=80 {w_kind}")
+    _check_bwd(prob, u, f"R=80 {w_kind}")
+
+
+def test_nf4_blocksize_128():
+    # lines of the flat weight straddle 128-element blocks at other places than 64-element ones
+    prob = _problem(19, 200, 45, 8, torch.float32, "nf4dq", seed=7, blocksize=128)
+    _, u = _check_fwd(prob, "blocksize 128")
+    _check_bwd(prob, u, "blocksize 128")
+
+
+def test_strided_inputs():
+    # x a column slice, lora_a and the weight transposed views: the launchers pass strides, no copies
+    prob = _problem(23, 70, 41, 8, torch.float32, "dense", seed=9)
+    g = _gen(10)
+    wide = torch.randn(23, 100, generator=g).to(DEVICE)
+    prob["x"] = wide[:, 10:80]
+    prob["weight"] = prob["weight"].t().contiguous().t()
+    prob["lora_a"] = prob["lora_a"].t().contiguous().t()
+    assert not prob["x"].is_contiguous() and not prob["weight"].is_contiguous()
+    _, u = _check_fwd(prob, "strided")
+    _check_bwd(prob, u, "strided")
+
+
+# ----------------------------------------------------------------------------------------------
+# dispatch: both paths, split-K, needs_* flags
+# ----------------------------------------------------------------------------------------------
+
+
+class _Spy:
+    """Wraps a jit function: records the constexprs and grid of every launch, then runs it."""
+
+    def __init__(self, fn):
+        self.fn, self.launches = fn, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append((grid, kwargs))
+            return self.fn[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="inspects the interpreter's fixed configurations")
+@pytest.mark.parametrize("path", ["small", "tiled"])
+@pytest.mark.parametrize("m", [3, 40])
+def test_both_dispatch_paths(monkeypatch, path, m):
+    # the threshold moved either way, so each M runs each path; the result must not depend on it
+    monkeypatch.setattr(L, "SMALL_M_MAX", 10_000 if path == "small" else 0)
+    spy = _Spy(L._lora_gemm_kernel)
+    monkeypatch.setattr(L, "_lora_gemm_kernel", spy)
+    prob = _problem(m, 130, 67, 16, torch.float16, "nf4dq", p=0.3, seed=m)
+    _, u = _check_fwd(prob, f"{path} path, M={m}")
+    _check_bwd(prob, u, f"{path} path, M={m}", needs_da=False, needs_db=False, needs_dbias=False)
+    assert len(spy.launches) == 2, spy.launches  # Y and dX
+    for _grid, kwargs in spy.launches:
+        assert kwargs["ATOMIC_OUT"] == (path == "small"), kwargs
+        assert kwargs["BLOCK_M"] == (16 if path == "small" else L._INTERPRET_TILED["BLOCK_M"])
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="patches the interpreter's fixed configurations")
+@pytest.mark.parametrize("split_k", [1, 2, 5])
+def test_split_k_counts(monkeypatch, split_k):
+    monkeypatch.setitem(L._INTERPRET_SMALL, "split_k", split_k)
+    prob = _problem(5, 200, 50, 4, torch.float32, "nf4", seed=split_k)
+    _, u = _check_fwd(prob, f"split_k={split_k}")
+    _check_bwd(prob, u, f"split_k={split_k}", needs_da=False, needs_db=False)
+
+
+@pytest.mark.parametrize(
+    "needs",
+    [
+        {"needs_dx": False},
+        {"needs_da": False, "needs_db": False},
+        {"needs_dx": False, "needs_da": False, "needs_dbias": False},
+        {"needs_dx": False, "needs_da": False, "needs_db": False},  # dbias alone
+    ],
+    ids=lambda d: ",".join(k for k in d),
+)
+def test_needs_flags_skip_work(needs):
+    prob = _problem(18, 70, 33, 8, torch.float32, "nf4", p=0.2, seed=11)
+    u = L.lora_linear_fwd(*_fwd_args(prob), **_fwd_kwargs(prob))[1]
+    _check_bwd(prob, u, f"needs {needs}", **needs)
+
+
+def test_dropout_mask_uint8_equals_bool():
+    prob = _problem(9, 70, 33, 8, torch.float32, "dense", p=0.4, seed=12)
+    y_bool, u_bool = L.lora_linear_fwd(*_fwd_args(prob), **_fwd_kwargs(prob))
+    prob["dropout_mask"] = prob["dropout_mask"].to(torch.uint8)
+    y_u8, u_u8 = L.lora_linear_fwd(*_fwd_args(prob), **_fwd_kwargs(prob))
+    assert torch.equal(y_bool, y_u8) and torch.equal(u_bool, u_u8)
+
+
+def test_same_contract_as_reference():
+    prob = _problem(6, 70, 33, 8, torch.float16, "nf4dq", p=0.2, seed=13)
+    y, u = L.lora_linear_fwd(*_fwd_args(prob), **_fwd_kwargs(prob))
+    ref_y, ref_u = reference.lora_linear_fwd_reference(*_fwd_args(prob), **_fwd_kwargs(prob))
+    assert (y.shape, y.dtype, u.shape, u.dtype) == (ref_y.shape, ref_y.dtype, ref_u.shape, ref_u.dtype)
+    # U has no dequantized operand: both sides sum exact fp16 products in float32
+    assert_close(u, ref_u, msg="u, kernel vs reference")
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+
+
+def test_launchers_reject_bad_input():
+    prob = _problem(4, 70, 33, 8, torch.float32, "dense", seed=14)
+    args, kw = _fwd_args(prob), _fwd_kwargs(prob)
+    with pytest.raises(ValueError, match="x must be a non-empty"):
+        L.lora_linear_fwd(prob["x"][0], *args[1:], **kw)
+    with pytest.raises(TypeError, match="x must be float32"):
+        L.lora_linear_fwd(prob["x"].double(), *args[1:], **kw)
+    with pytest.raises(TypeError, match="lora_b must have x's dtype"):
+        L.lora_linear_fwd(*args[:4], prob["lora_b"].half(), args[5], **kw)
+    with pytest.raises(ValueError, match="lora_b must have shape"):
+        L.lora_linear_fwd(*args[:4], prob["lora_b"][:, :4], args[5], **kw)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        L.lora_linear_fwd(args[0], args[1], prob["bias"][:5], *args[3:], **kw)
+    with pytest.raises(ValueError, match="exactly one of weight"):
+        L.lora_linear_fwd(args[0], None, *args[2:], **kw)
+    with pytest.raises(ValueError, match="dropout_mask must be"):
+        L.lora_linear_fwd(*args, dropout_mask=torch.ones(3, 70, dtype=torch.bool), dropout_p=0.1)
+    with pytest.raises(TypeError, match="dropout_mask must be a bool or uint8"):
+        L.lora_linear_fwd(*args, dropout_mask=torch.ones(4, 70), dropout_p=0.1)
+    nf4 = _problem(4, 70, 33, 8, torch.float32, "nf4", seed=15)["nf4"]
+    with pytest.raises(ValueError, match="nf4.shape"):
+        L.lora_linear_fwd(args[0], None, *args[2:], nf4=nf4._replace(shape=(33, 71)))
+    with pytest.raises(ValueError, match="packed has"):
+        L.lora_linear_fwd(args[0], None, *args[2:], nf4=nf4._replace(packed=nf4.packed[:-1]))
+    u = torch.zeros(4, 8)
+    with pytest.raises(ValueError, match="dy must have shape"):
+        L.lora_linear_bwd(prob["dy"][:, :5], prob["x"], prob["weight"], prob["lora_a"], prob["lora_b"], u, 1.0)
+    with pytest.raises(ValueError, match="u must have shape"):
+        L.lora_linear_bwd(prob["dy"], prob["x"], prob["weight"], prob["lora_a"], prob["lora_b"], u[:, :3], 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA: bfloat16 (the interpreter cannot check bf16 dot products) and the autotuned configs
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("w_kind", W_KINDS)
+@pytest.mark.parametrize("m", [1, 16, 17, 300, 2049])
+def test_cuda_bf16_matches_oracle(w_kind, m):
+    prob = _problem(m, 4096 // 4 + 64 + 3, 1024 // 4 + 3, 16, torch.bfloat16, w_kind, p=0.1, seed=m, device="cuda")
+    _, u = _check_fwd(prob, f"cuda bf16 M={m} {w_kind}")
+    _check_bwd(prob, u, f"cuda bf16 M={m} {w_kind}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_cuda_other_dtypes(dtype):
+    prob = _problem(129, 1000, 700, 16, dtype, "nf4dq", p=0.1, seed=3, device="cuda")
+    _, u = _check_fwd(prob, f"cuda {dtype}")
+    _check_bwd(prob, u, f"cuda {dtype}")
