@@ -229,6 +229,10 @@ def test_invalid_arguments_raise():
         lora_linear(x, w, bias, a, b, 1.0, dropout_p=1.0)
     with pytest.raises(ValueError, match="features"):
         lora_linear(x[:, :5], w, bias, a, b, 1.0)
+    with pytest.raises(ValueError, match="frozen"):
+        lora_linear(x, w.requires_grad_(True), bias, a, b, 1.0)
+    with torch.no_grad():
+        lora_linear(x, w, bias, a, b, 1.0)  # no autograd: nothing is silently lost
     with pytest.raises(TypeError, match="nn.Linear or an NF4Linear"):
         LoraLinear(nn.Conv1d(3, 3, 1))
     with pytest.raises(TypeError, match="from_bnb"):

@@ -239,12 +239,16 @@ def lora_linear(
         ``[..., N]`` in x's dtype.
 
     Raises:
-        ValueError: neither or both of ``weight`` and ``nf4``; ``dropout_p`` outside [0, 1); mis-shaped ``x``.
+        ValueError: neither or both of ``weight`` and ``nf4``; ``dropout_p`` outside [0, 1); mis-shaped ``x``;
+            a ``weight`` that requires grad (the base is frozen).
     """
     if (weight is None) == (nf4 is None):
         raise ValueError("pass exactly one of weight (a dense base) and nf4 (a quantized base)")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        # The op never computes dW; failing here beats a silently missing gradient.
+        raise ValueError("weight requires grad, but lora_linear's base is frozen: pass weight.detach()")
     k = lora_a.shape[-1]
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features in its last dim, lora_a expects {k}")
