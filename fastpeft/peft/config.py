@@ -11,6 +11,7 @@ are accepted only at those defaults.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -90,9 +91,11 @@ def _jsonable(value: Any) -> Any:
         return sorted(value) if isinstance(value, set) else list(value)
     if isinstance(value, dict):
         return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
     if value is not None and not isinstance(value, (str, int, float, bool, list)):
-        # A tokenizer object given as tokenizer_name_or_path: record where it came from.
-        return getattr(value, "name_or_path", None) or str(value)
+        # A tokenizer object given as tokenizer_name_or_path: record where it came from, if it knows.
+        return getattr(value, "name_or_path", None) or None
     return value
 
 

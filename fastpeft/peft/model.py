@@ -11,6 +11,7 @@ tuning ``base_model`` is the user's model and the learned tables live in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from fastpeft.peft.config import (
     AdapterConfig,
     LoraConfig,
     PeftConfigBase,
+    PromptTuningConfig,
     config_from_dict,
 )
 from fastpeft.peft.io import CONFIG_NAME, WEIGHTS_NAME, check_state_dict, read_adapter_dir, write_adapter_dir
@@ -282,7 +284,8 @@ class PeftModel(nn.Module):
         cfg_dict, tensors = read_adapter_dir(model_id)
         config = config_from_dict(cfg_dict, str(Path(model_id) / CONFIG_NAME))
         config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, config)
+        self.add_adapter(adapter_name, _without_init(config))
+        self.peft_config[adapter_name] = config
         try:
             self._load_tensors(adapter_name, tensors, Path(model_id) / WEIGHTS_NAME)
         except Exception:
@@ -327,7 +330,8 @@ class PeftModel(nn.Module):
         if config is None:
             config = config_from_dict(cfg_dict, str(Path(model_id) / CONFIG_NAME))
         config.inference_mode = not is_trainable
-        peft_model = cls(model, config, adapter_name)
+        peft_model = cls(model, _without_init(config), adapter_name)
+        peft_model.peft_config[adapter_name] = config
         try:
             peft_model._load_tensors(adapter_name, tensors, Path(model_id) / WEIGHTS_NAME)
         except Exception:
@@ -337,6 +341,13 @@ class PeftModel(nn.Module):
         if not is_trainable:
             peft_model.eval()  # loaded for inference: no dropout, as HF PEFT does
         return peft_model
+
+
+def _without_init(config: PeftConfigBase) -> PeftConfigBase:
+    """The config to build an adapter whose weights a file will overwrite: no TEXT init (no tokenizer needed)."""
+    if isinstance(config, PromptTuningConfig) and config.prompt_tuning_init == "TEXT":
+        return dataclasses.replace(config, prompt_tuning_init="RANDOM")
+    return config
 
 
 def get_peft_model(model: nn.Module, peft_config: PeftConfigBase, adapter_name: str = "default") -> PeftModel:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import peft
 import pytest
 import torch
@@ -153,6 +155,14 @@ def test_text_init_matches_peft(tmp_path):
     assert torch.equal(table, want), f"TEXT init differs by {max_diff(table, want):.3e}"
     emb = ours.get_base_model().get_input_embeddings().weight
     assert torch.equal(table[3], emb[5]) and torch.equal(table[6], emb[5])  # the text repeats to length 7
+    ours.save_pretrained(tmp_path / "saved")
+    cfg = json.loads((tmp_path / "saved" / "adapter_config.json").read_text())
+    assert cfg["prompt_tuning_init"] == "TEXT" and cfg["tokenizer_name_or_path"] in (None, path)
+    cfg["tokenizer_name_or_path"] = str(tmp_path / "no-such-tokenizer")  # loading must not need it
+    (tmp_path / "saved" / "adapter_config.json").write_text(json.dumps(cfg))
+    again = PeftModel.from_pretrained(build("llama"), tmp_path / "saved", is_trainable=True)
+    assert torch.equal(again.prompt_encoder["default"].embedding.weight, table)
+    assert again.peft_config["default"].prompt_tuning_init == "TEXT"
 
 
 def test_prompt_learning_errors():
