@@ -199,12 +199,14 @@ def set_active_adapter(model: nn.Module, adapter_name: str, trainable: bool) -> 
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove ``adapter_name`` from every wrapper (the wrappers stay, running their base alone)."""
     for _, wrapper in _wrappers(model):
         if adapter_name in wrapper.bottleneck:
             del wrapper.bottleneck[adapter_name]
 
 
 def set_adapters_disabled(model: nn.Module, disabled: bool) -> list[tuple[nn.Module, bool]]:
+    """Set ``disable_adapters`` on every wrapper; returns the previous states to restore."""
     previous = []
     for _, wrapper in _wrappers(model):
         previous.append((wrapper, wrapper.disable_adapters))

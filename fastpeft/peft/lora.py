@@ -20,6 +20,7 @@ import copy
 import logging
 import re
 import sys
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,12 +30,18 @@ from fastpeft.peft.config import LoraConfig
 
 __all__ = [
     "ModulesToSaveWrapper",
+    "conv1d_class",
+    "conv1d_from_linear",
+    "delete_lora_adapter",
     "inject_lora",
     "is_linear_like",
+    "linear_from_conv1d",
     "lora_file_params",
     "lora_layers",
     "match_module",
+    "nf4_from_bnb",
     "set_lora_adapter",
+    "set_lora_disabled",
     "unload_lora",
 ]
 
@@ -64,15 +71,17 @@ class ModulesToSaveWrapper(nn.Module):
         self.update(adapter_name)
 
     def update(self, adapter_name: str) -> None:
+        """Add a trainable copy of the original module for ``adapter_name``."""
         self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
         self.original_module.requires_grad_(False)
 
-    def forward(self, *args, **kwargs):
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The active adapter's copy, or the original when disabled / the adapter has no copy here."""
         if self.disable_adapters or self.active_adapter not in self.modules_to_save:
             return self.original_module(*args, **kwargs)
         return self.modules_to_save[self.active_adapter](*args, **kwargs)
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str) -> Any:
         # Callers reach into wrapped modules (``lm_head.weight``, ``classifier.out_features``): answer
         # with the module forward uses, the active copy unless disabled.
         try:
@@ -87,6 +96,7 @@ class ModulesToSaveWrapper(nn.Module):
 
 
 def conv1d_class() -> type | None:
+    """transformers' ``Conv1D`` (GPT-2's ``[in, out]`` linear), or None without transformers."""
     try:
         from transformers.pytorch_utils import Conv1D
     except ImportError:
@@ -164,6 +174,7 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def linear_from_conv1d(conv: nn.Module) -> nn.Linear:
+    """A frozen ``nn.Linear`` ``[out, in]`` computing what ``conv`` (weight ``[in, out]``) computes."""
     in_f, out_f = conv.weight.shape
     lin = nn.Linear(in_f, out_f, bias=conv.bias is not None, device="meta")
     lin.weight = nn.Parameter(conv.weight.detach().t().contiguous(), requires_grad=False)
@@ -173,6 +184,7 @@ def linear_from_conv1d(conv: nn.Module) -> nn.Linear:
 
 
 def conv1d_from_linear(lin: nn.Linear) -> nn.Module:
+    """The inverse of ``linear_from_conv1d``: a ``Conv1D`` holding ``lin.weight`` transposed."""
     conv = conv1d_class()(lin.out_features, lin.in_features)
     conv.weight = nn.Parameter(lin.weight.detach().t().contiguous(), requires_grad=False)
     if lin.bias is not None:
@@ -256,6 +268,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(path, LoraLinear)`` for every LoRA layer of ``model``."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, fnn.LoraLinear)]
 
 
@@ -308,6 +321,7 @@ def set_lora_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, tr
 
 
 def delete_lora_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove ``adapter_name`` from every LoRA layer and modules_to_save wrapper of ``model``."""
     for _, layer in lora_layers(model):
         if adapter_name in layer.lora_A:
             layer.delete_adapter(adapter_name)

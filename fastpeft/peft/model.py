@@ -94,6 +94,7 @@ class PeftModel(nn.Module):
 
     @property
     def active_peft_config(self) -> PeftConfigBase:
+        """The config of the active adapter."""
         return self.peft_config[self.active_adapter]
 
     def __getattr__(self, name: str) -> Any:

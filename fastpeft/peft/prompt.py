@@ -28,7 +28,15 @@ from fastpeft.peft.io import check_state_dict
 if TYPE_CHECKING:
     from fastpeft.peft.model import PeftModel
 
-__all__ = ["PrefixEncoder", "PromptEmbedding", "build_prompt_encoder", "embeddings_to_save", "forward", "generate"]
+__all__ = [
+    "PrefixEncoder",
+    "PromptEmbedding",
+    "build_prompt_encoder",
+    "embeddings_to_save",
+    "forward",
+    "generate",
+    "load_embeddings",
+]
 
 
 def _cfg(model_config: Any, *names: str) -> int | None:

@@ -42,11 +42,13 @@ def _randomize_prompt(pm, encoders, seed):
 
 @pytest.mark.parametrize(
     ("kind", "arch"),
-    [("prompt", "llama"), ("prefix", "llama"), ("prefix_mlp", "llama"), ("prompt", "gpt2"), ("prefix", "gpt2")],
-)
+    [("prompt", "llama"), ("prefix", "llama"), ("prefix_mlp", "llama"), ("prompt", "gpt2"), ("prefix", "gpt2"),
+     ("prefix", "mistral"), ("prefix", "llama-head_dim")],
+)  # fmt: skip
 def test_ours_to_peft_and_back(kind, arch, tmp_path):
     kw, ours_cls, _ = _configs(kind)
-    base = build(arch)
+    # llama-head_dim: 4 heads of 12 over a 32-wide model, 2 kv heads -> kv_dim 24
+    base = build("llama", head_dim=12) if arch == "llama-head_dim" else build(arch)
     oracle_base = twin(base)
     inputs = batch()
     pm = get_peft_model(base, ours_cls(**kw))
@@ -100,6 +102,8 @@ def test_prefix_gqa_shapes_follow_kv_heads():
     assert pm.prompt_encoder["default"].embedding.weight.shape == (3, 2 * 2 * 8)
     out = pm(**batch())
     assert out.logits.shape == (2, 7, VOCAB)
+    pm = get_peft_model(build("llama", head_dim=12), PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    assert pm.prompt_encoder["default"].embedding.weight.shape == (3, 2 * 2 * 12 * 2)  # explicit head_dim, 2 kv heads
 
 
 @pytest.mark.parametrize("kind", ["prompt", "prefix_mlp"])

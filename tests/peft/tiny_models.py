@@ -10,14 +10,14 @@ from torch import nn
 VOCAB = 96
 
 
-def build(arch: str, seed: int = 0, hidden_size: int = 32) -> nn.Module:
+def build(arch: str, seed: int = 0, hidden_size: int = 32, **overrides: object) -> nn.Module:
     """A randomly initialized tiny model of family ``arch`` in eval mode (dropout off)."""
     import transformers as tf
 
     torch.manual_seed(seed)
     inter = 48 if hidden_size == 32 else 2 * hidden_size
     common = dict(vocab_size=VOCAB, hidden_size=hidden_size, intermediate_size=inter, num_hidden_layers=2,
-                  num_attention_heads=4)  # fmt: skip
+                  num_attention_heads=4, **overrides)  # fmt: skip
     if arch == "llama":
         model = tf.LlamaForCausalLM(tf.LlamaConfig(**common, num_key_value_heads=2))
     elif arch == "qwen2":
