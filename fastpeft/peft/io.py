@@ -40,7 +40,11 @@ def write_adapter_dir(directory: str | os.PathLike, config: dict[str, Any], tens
         with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
             f.write("\n")
+        mask = os.umask(0)
+        os.umask(mask)
         for name in (WEIGHTS_NAME, CONFIG_NAME):
+            # safetensors creates its file owner-only; give both files the modes a plain open() would.
+            os.chmod(tmp / name, 0o666 & ~mask)
             with open(tmp / name, "rb") as f:
                 os.fsync(f.fileno())
         for name in (WEIGHTS_NAME, CONFIG_NAME):

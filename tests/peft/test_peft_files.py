@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import peft
 import pytest
@@ -127,6 +128,10 @@ def test_interrupted_save_keeps_the_old_adapter(tmp_path, monkeypatch):
     with torch.no_grad():
         assert max_diff(again(**inputs).logits, pm(**inputs).logits) == 0.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    mask = os.umask(0)
+    os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert set(modes.values()) == {0o666 & ~mask}, f"file modes {modes}"
 
 
 def test_print_trainable_parameters(capsys):
