@@ -109,7 +109,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, str]]:
                 continue
             where = f"{path}:{lineno}"
             try:
-                obj: Any = json.loads(line)
+                obj: Any = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             if not isinstance(obj, dict):

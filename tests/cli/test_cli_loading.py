@@ -184,3 +184,38 @@ def test_finetune_and_merge_on_a_prequantized_checkpoint(ckpts: dict[str, Path],
     with torch.no_grad():
         diff = (merged(_ids(6)).logits - ref(_ids(6)).logits).abs().max().item()
     assert diff < 1e-4, f"merged model differs from NF4 base + adapter by {diff:.3e}"
+
+
+def test_streaming_never_holds_two_dense_linear_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+    import weakref
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fastpeft import loading
+
+    # Shapes no other test uses, so live tensors of these shapes can only come from this load.
+    config = LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=224, num_hidden_layers=3,
+                         num_attention_heads=3, num_key_value_heads=1)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(str(tmp_path / "m"))
+    shapes = {(96, 96), (32, 96), (224, 96), (96, 224)}
+    earlier: list[weakref.ref] = []
+    seen: list[int] = []
+    real = loading.quantize_nf4
+
+    def counting(w: torch.Tensor, **kw: object) -> object:
+        # Every weight quantized before this one must be gone (reference counting frees it at once).
+        seen.append(sum(r() is not None for r in earlier))
+        earlier.append(weakref.ref(w))
+        if len(earlier) == 11:
+            # Half way, also scan the heap: no dense linear weight other than this one may exist at all.
+            live = [t for t in gc.get_objects() if isinstance(t, torch.Tensor) and not t.is_meta
+                    and t.is_floating_point() and tuple(t.shape) in shapes]  # fmt: skip
+            assert len(live) == 1, f"{len(live)} dense linear weights alive half way through streaming"
+        return real(w, **kw)
+
+    monkeypatch.setattr(loading, "quantize_nf4", counting)
+    model = load_causal_lm(tmp_path / "m", quantize=True)
+    assert len(seen) == 3 * 7, f"expected 21 quantized weights, quantize_nf4 ran {len(seen)} times"
+    assert max(seen) == 0, f"earlier dense weights still alive at each quantization: {seen}"
+    assert len(_nf4_layers(model)) == 21
