@@ -221,6 +221,11 @@ def test_dropout_training_matches_reference_with_the_same_mask():
     assert (y_eval - y).abs().max() > 1e-3, "dropout changed nothing in training mode"
 
 
+def test_bitsandbytes_layer_must_be_wrapped_first():
+    with pytest.raises(TypeError, match="from_bnb"):
+        LoraLinear(_bnb_linear4bit(_linear(64, 8, seed=2)))
+
+
 def test_invalid_arguments_raise():
     x, w, bias, a, b = _operands(3, 8, 4, 2, seed=1)
     with pytest.raises(ValueError, match="exactly one"):
@@ -235,8 +240,6 @@ def test_invalid_arguments_raise():
         lora_linear(x, w, bias, a, b, 1.0)  # no autograd: nothing is silently lost
     with pytest.raises(TypeError, match="nn.Linear or an NF4Linear"):
         LoraLinear(nn.Conv1d(3, 3, 1))
-    with pytest.raises(TypeError, match="from_bnb"):
-        LoraLinear(_bnb_linear4bit(_linear(64, 8, seed=2)))
     with pytest.raises(ValueError, match="r must"):
         LoraLinear(nn.Linear(4, 4), r=0)
     with pytest.raises(ValueError, match="init_lora_weights"):

@@ -10,8 +10,6 @@ from torch import nn
 from fastpeft import NF4Weight, quantize_nf4
 from fastpeft.nn import NF4Linear
 
-bnb = pytest.importorskip("bitsandbytes")
-
 SHAPES = [(1, 1, 1), (3, 70, 33), (17, 129, 65), (5, 64, 128)]  # (M, in, out)
 BNB_KEYS = ["weight", "bias", "weight.absmax", "weight.quant_map", "weight.nested_absmax", "weight.nested_quant_map",
             "weight.quant_state.bitsandbytes__nf4"]  # fmt: skip
@@ -31,7 +29,14 @@ def _linear(k: int, n: int, seed: int, bias: bool = True, dtype: torch.dtype = t
     return lin.to(dtype)
 
 
+@pytest.fixture
+def bnb():
+    """bitsandbytes, the format's owner (runs on the CPU); the GPU image may lack it, so only its tests skip."""
+    return pytest.importorskip("bitsandbytes")
+
+
 def _bnb_linear4bit(lin: nn.Linear, double_quant: bool = True) -> nn.Module:
+    bnb = pytest.importorskip("bitsandbytes")
     l4 = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
                            compute_dtype=torch.float32, quant_type="nf4")  # fmt: skip
     l4.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
@@ -98,7 +103,7 @@ def test_autocast_returns_autocast_dtype():
     assert_close(y, want, msg="autocast forward")
 
 
-def test_from_bnb_reuses_bytes_and_matches_bitsandbytes():
+def test_from_bnb_reuses_bytes_and_matches_bitsandbytes(bnb):
     lin = _linear(129, 65, seed=11)
     l4 = _bnb_linear4bit(lin)
     layer = NF4Linear.from_bnb(l4)
@@ -112,7 +117,7 @@ def test_from_bnb_reuses_bytes_and_matches_bitsandbytes():
     assert_oracle(layer(x), exact, l4(x).detach(), msg="NF4Linear.from_bnb vs Linear4bit")
 
 
-def test_from_bnb_refuses_fp4_and_unquantized():
+def test_from_bnb_refuses_fp4_and_unquantized(bnb):
     lin = _linear(64, 8, seed=1)
     fp4 = bnb.nn.Linear4bit(64, 8, quant_type="fp4")
     fp4.weight = bnb.nn.Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="fp4")
@@ -123,7 +128,7 @@ def test_from_bnb_refuses_fp4_and_unquantized():
 
 
 @pytest.mark.parametrize("double_quant", [True, False])
-def test_state_dict_is_bitsandbytes_format_and_round_trips(double_quant):
+def test_state_dict_is_bitsandbytes_format_and_round_trips(bnb, double_quant):
     lin = _linear(70, 33, seed=21)
     l4 = _bnb_linear4bit(lin, double_quant=double_quant)
     ours = NF4Linear.from_linear(lin, double_quant=double_quant)
