@@ -15,6 +15,7 @@ post-MLP prefix table. A model loaded for inference keeps only that table (no ML
 
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -204,7 +205,7 @@ def forward(
     _adjust_ids(config, kwargs)
     model = pm.base_model
     if isinstance(config, PrefixTuningConfig):
-        kwargs["past_key_values"] = _prefix_cache(pm, batch)
+        kwargs[_cache_kwarg(model)] = _prefix_cache(pm, batch)
         return model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
                      **kwargs)  # fmt: skip
     if inputs_embeds is None:
@@ -216,70 +217,62 @@ def forward(
     return model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
 
-def generate(pm: PeftModel, *args: Any, **kwargs: Any) -> Any:
-    """``model.generate`` with the prompt / prefix injected at the prefill step.
+def _cache_kwarg(model: nn.Module) -> str:
+    """The name the model's forward gives its KV cache (``cache`` in newer transformers)."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
-    The model's ``prepare_inputs_for_generation`` is shadowed on this instance for the duration of
-    the call only (an instance attribute, removed afterwards; the class is untouched).
+
+def generate(pm: PeftModel, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """``model.generate`` with the active prompt / prefix; returns ``[B, T + new]`` ids like the model's.
+
+    Done purely through generate's inputs, never by hooking the model:
+
+    - prompt tuning: ``inputs_embeds = [prompt; embed(input_ids)]`` with the mask extended; generate
+      then returns only the new tokens, and ``input_ids`` is put back in front.
+    - prefix tuning: the prefix goes in as a pre-filled cache; generate assumes a cache covers the
+      first tokens of ``input_ids``, so ``num_virtual_tokens`` placeholder ids are put in front (their
+      positions are the prefix's) and cut from the result.
     """
-    model = pm.base_model
-    had_own = "prepare_inputs_for_generation" in model.__dict__
-    original = model.prepare_inputs_for_generation
-
-    # transformers validates generate() kwargs against this signature: the var-keyword must be "kwargs".
-    def prepare(*args: Any, **kwargs: Any) -> dict[str, Any]:
-        return _prepare_inputs(pm, original(*args, **kwargs))
-
-    model.prepare_inputs_for_generation = prepare
-    try:
-        return model.generate(*args, **kwargs)
-    finally:
-        if had_own:
-            model.prepare_inputs_for_generation = original
-        else:
-            del model.prepare_inputs_for_generation
-
-
-def _prepare_inputs(pm: PeftModel, inputs: dict[str, Any]) -> dict[str, Any]:
-    from transformers import Cache
-
     config = pm.active_peft_config
-    n = config.num_virtual_tokens
-    is_prefix = isinstance(config, PrefixTuningConfig)
-    cache = inputs.get("past_key_values")
-    input_ids = inputs.get("input_ids")
+    model = pm.base_model
+    input_ids = kwargs.pop("input_ids", None)
+    if args:
+        if input_ids is not None or len(args) > 1:
+            raise TypeError("prompt-learning generate() takes input_ids as its only positional argument")
+        input_ids = args[0]
     if input_ids is None:
         raise ValueError("prompt-learning generate() needs input_ids")
-    cache_len = cache.get_seq_length() if isinstance(cache, Cache) else 0
-    is_prefill = cache_len == 0
-    if not is_prefill and cache_len >= input_ids.shape[1]:
-        inputs["input_ids"] = input_ids = input_ids[:, -1:]
-    mask = inputs.get("attention_mask")
-    if isinstance(mask, dict):
-        if len(mask) != 1:
-            raise ValueError(f"expected one attention mask, got {len(mask)}")
-        mask = next(iter(mask.values()))
-    if mask is not None:
-        if mask.dim() != 2:
-            raise ValueError(f"prompt-learning generate() needs a 2-D attention mask, got {mask.dim()}-D")
-        ones = torch.ones(mask.shape[0], n, dtype=mask.dtype, device=mask.device)
-        inputs["attention_mask"] = torch.cat((ones, mask), dim=1)
-    _adjust_ids(config, inputs)
-    if is_prefill:
-        batch = input_ids.shape[0]
-        if is_prefix:
-            inputs["past_key_values"] = _prefix_cache(pm, batch)
-        else:
-            embeds = pm.base_model.get_input_embeddings()(input_ids)
-            prompts = _table(pm, batch).to(embeds.dtype)
-            inputs["inputs_embeds"] = torch.cat((prompts, embeds), dim=1)
-            inputs["input_ids"] = None
-    if is_prefix:
-        if is_prefill and inputs.get("cache_position") is not None:
-            inputs["cache_position"] = inputs["cache_position"] + n  # the prefix already fills the cache
-    else:
-        inputs.pop("cache_position", None)  # the model recomputes it over prompt + tokens
-    return inputs
+    if kwargs.get("inputs_embeds") is not None or kwargs.get(_cache_kwarg(model)) is not None:
+        raise ValueError("prompt-learning generate() builds inputs_embeds / the cache itself; do not pass them")
+    batch, n = input_ids.shape[0], config.num_virtual_tokens
+    mask = kwargs.pop("attention_mask", None)
+    if mask is None:
+        mask = torch.ones_like(input_ids)
+    kwargs["attention_mask"] = torch.cat((torch.ones(batch, n, dtype=mask.dtype, device=mask.device), mask), dim=1)
+    if isinstance(config, PrefixTuningConfig):
+        if kwargs.get("max_length") is not None:
+            kwargs["max_length"] += n
+        placeholder = torch.zeros(batch, n, dtype=input_ids.dtype, device=input_ids.device)
+        kwargs[_cache_kwarg(model)] = _prefix_cache(pm, batch)
+        out = model.generate(input_ids=torch.cat((placeholder, input_ids), dim=1), **kwargs)
+        return _strip(out, n)
+    embeds = model.get_input_embeddings()(input_ids)
+    prompts = _table(pm, batch).to(embeds.dtype)
+    if kwargs.get("max_length") is not None:
+        kwargs["max_length"] += n
+    out = model.generate(inputs_embeds=torch.cat((prompts, embeds), dim=1), **kwargs)
+    if isinstance(out, torch.Tensor):
+        return torch.cat((input_ids, out), dim=1)
+    out.sequences = torch.cat((input_ids, out.sequences), dim=1)
+    return out
+
+
+def _strip(out: Any, n: int) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out[:, n:]
+    out.sequences = out.sequences[:, n:]
+    return out
 
 
 def embeddings_to_save(pm: PeftModel, adapter_name: str) -> torch.Tensor:

@@ -24,6 +24,26 @@ def _gen(model, inputs, n=6):
     return model.generate(**inputs, max_new_tokens=n, do_sample=False, pad_token_id=0)
 
 
+def _check_generate(pm, where, n=5):
+    """generate() against a greedy loop through forward (forward is checked against peft's).
+
+    peft 0.21's own generate() disagrees with its forward under transformers 5.24 (cache kwargs were
+    renamed), so it cannot serve as the oracle here. Unpadded rows: a padded row's positions differ
+    between generate (from the mask) and a bare forward (from the cache length), by design.
+    """
+    ids = batch(seed=13)["input_ids"]
+    seq = ids
+    for _ in range(n):
+        with torch.no_grad():
+            logits = pm(input_ids=seq, attention_mask=torch.ones_like(seq)).logits[:, -1]
+        seq = torch.cat((seq, logits.argmax(-1, keepdim=True)), dim=1)
+    got = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                      pad_token_id=0)  # fmt: skip
+    assert torch.equal(got, seq), f"{where}: generate differs from greedy forward:\n{got}\n{seq}"
+    padded = _gen(pm, batch(seed=14), 3)
+    assert padded.shape == (2, 7 + 3) and torch.equal(padded[:, :7], batch(seed=14)["input_ids"])
+
+
 def _configs(kind):
     if kind == "prompt":
         return dict(task_type="CAUSAL_LM", num_virtual_tokens=5), PromptTuningConfig, peft.PromptTuningConfig
@@ -63,9 +83,7 @@ def test_ours_to_peft_and_back(kind, arch, tmp_path):
     hf_logits, hf_loss = _run(hf, inputs)
     assert max_diff(logits, hf_logits) < ATOL, f"{kind}/{arch}: logits differ by {max_diff(logits, hf_logits):.3e}"
     assert abs(loss.item() - hf_loss.item()) < ATOL, f"{kind}/{arch}: loss {loss.item()} vs {hf_loss.item()}"
-    ours_gen, hf_gen = _gen(pm, inputs), _gen(hf, inputs)
-    assert torch.equal(ours_gen, hf_gen), f"{kind}/{arch}: generate differs:\n{ours_gen}\n{hf_gen}"
-    assert ours_gen.shape == (2, 7 + 6)
+    _check_generate(pm, f"{kind}/{arch}")
     hf.save_pretrained(tmp_path / "theirs")
     from safetensors.torch import load_file
 
@@ -90,7 +108,7 @@ def test_peft_to_ours(kind, tmp_path):
     logits, loss = _run(pm, inputs)
     assert max_diff(logits, hf_logits) < ATOL, f"{kind}: logits differ by {max_diff(logits, hf_logits):.3e}"
     assert abs(loss.item() - hf_loss.item()) < ATOL
-    assert torch.equal(_gen(pm, inputs, 4), _gen(hf, inputs, 4))
+    _check_generate(pm, kind)
     assert pm.get_nb_trainable_parameters()[0] == 0
 
 
