@@ -48,11 +48,12 @@ bytes in flight matters, which split-K provides; the tiled path wins once tiles 
 
 Skinny products: ``U`` and ``G`` come from ``_lora_skinny_kernel`` (``[M, Q] · [Q, R]``, split-K by rule
 so that decode shapes still fill the GPU), into float32. ``dA`` and ``dB`` come from
-``_lora_wgrad_kernel`` (``Xᵀ·G`` over slices of M, one float32 partial per slice, with the column sums
-of dY for dbias fused into dB's pass); a ``sum`` over the few slices finishes the reduction. No atomics
-on those: results stay deterministic run to run.
+``_lora_wgrad_kernel`` in ``lora_linear_bwd.py`` (with the ``lora_linear_bwd`` launcher, re-exported
+here): ``Xᵀ·G`` over slices of M, one float32 partial per slice, with the column sums of dY for dbias
+fused into dB's pass; a ``sum`` over the few slices finishes the reduction. No atomics on those:
+results stay deterministic run to run.
 
-Autotune: the two GEMM paths carry short config lists (2 tiled, 4 split-K values of one small-M tile)
+Autotune: the two GEMM paths carry short config lists (2 tiled, 5 split-K values of one small-M tile)
 keyed on shape; the skinny and weight-gradient kernels pick tiles by rule. Under Triton's interpreter
 (CPU tests) a fixed small configuration is used instead of benchmarking.
 """
@@ -70,7 +71,7 @@ from fastpeft.kernels._gate import GateCase
 from fastpeft.kernels.formats import NESTED_BLOCKSIZE, NF4Args, check_dequantize_args, dynamic_map, nf4_code
 from fastpeft.kernels.nf4 import _cast_out
 
-__all__ = ["SMALL_M_MAX", "compile_gate_cases", "lora_linear_bwd", "lora_linear_fwd"]
+__all__ = ["SMALL_M_MAX", "compile_gate_cases", "lora_linear_fwd"]  # lora_linear_bwd: re-exported lazily, below
 
 SMALL_M_MAX = 16
 """Rows up to which the launchers take the split-K bandwidth path instead of the tiled one."""
@@ -303,58 +304,6 @@ def _lora_skinny_kernel(
         tl.store(out, scale * acc, mask=mask)
 
 
-@triton.jit(do_not_specialize=["has_mask", "rows_per_split"])
-def _lora_wgrad_kernel(
-    x_ptr, g_ptr, keep_ptr, out_ptr, colsum_ptr,
-    M, P, R, rows_per_split,
-    stride_xm, stride_xp, stride_gm, stride_gr, stride_km, stride_kp,
-    has_mask,
-    HAS_COLSUM: tl.constexpr, G_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
-):  # fmt: skip
-    # OUT[s, P, R] = Σ_{m in slice s} (keep ⊙ X)[m, p]·G[m, r];  COLSUM[s, P] = Σ_{m in slice s} X[m, p]
-    dtype = x_ptr.dtype.element_ty
-    pid_p = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    pid_s = tl.program_id(2).to(tl.int64)
-    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    mask_p = offs_p < P
-    mask_r = offs_r < R
-    acc = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
-    colsum = tl.zeros([BLOCK_P], dtype=tl.float32)
-    m_start = pid_s * rows_per_split
-    for m0 in range(0, rows_per_split, BLOCK_M):
-        offs_m = m_start + m0 + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        mask_pm = mask_p[:, None] & mask_m[None, :]
-        # X read transposed: the [BLOCK_P, BLOCK_M] tile is the MMA's left operand
-        xt = tl.load(x_ptr + offs_p[:, None] * stride_xp + offs_m[None, :] * stride_xm, mask=mask_pm, other=0.0)
-        if HAS_COLSUM:
-            colsum += tl.sum(xt.to(tl.float32), axis=1)
-        if has_mask:
-            keep = tl.load(keep_ptr + offs_p[:, None] * stride_kp + offs_m[None, :] * stride_km, mask=mask_pm, other=0)
-            xt = tl.where(keep != 0, xt, 0.0)
-        g = tl.load(
-            g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
-            mask=mask_m[:, None] & mask_r[None, :], other=0.0,
-        )  # fmt: skip
-        if G_SPLIT:
-            hi = g.to(dtype)
-            lo = (g - hi.to(tl.float32)).to(dtype)
-            acc = tl.dot(xt, hi, acc, input_precision=DOT_PRECISION)
-            acc = tl.dot(xt, lo, acc, input_precision=DOT_PRECISION)
-        else:
-            acc = tl.dot(xt, g.to(dtype), acc, input_precision=DOT_PRECISION)
-    tl.store(
-        out_ptr + pid_s * P * R + offs_p[:, None] * R + offs_r[None, :], acc,
-        mask=mask_p[:, None] & mask_r[None, :],
-    )  # fmt: skip
-    if HAS_COLSUM:
-        if pid_r == 0:
-            tl.store(colsum_ptr + pid_s * P + offs_p, colsum, mask=mask_p)
-
-
 # ----------------------------------------------------------------------------------------------
 # configurations
 # ----------------------------------------------------------------------------------------------
@@ -383,7 +332,7 @@ _SMALL_CONFIGS = [
         num_stages=4,
         pre_hook=_zero_out,
     )  # fmt: skip
-    for s in (1, 2, 4, 8)
+    for s in (1, 2, 4, 8, 16)
 ]
 # fixed configurations under Triton's interpreter (CPU tests): small tiles keep it fast; the tests
 # patch these to reach other code paths (split counts, several R tiles)
@@ -424,12 +373,6 @@ def _skinny_config(m: int, interpret: bool) -> dict[str, int]:
     if m <= SMALL_M_MAX:
         return {"BLOCK_M": 16, "BLOCK_Q": 128, "num_warps": 4}
     return {"BLOCK_M": 64, "BLOCK_Q": 64, "num_warps": 4}
-
-
-def _wgrad_config(interpret: bool) -> dict[str, int]:
-    if interpret:
-        return {"BLOCK_M": 32, "BLOCK_P": 32, "num_warps": 4}
-    return {"BLOCK_M": 64, "BLOCK_P": 128, "num_warps": 4}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -593,7 +536,11 @@ def _gemm(
     interpret = _interpreting()
     small = m <= SMALL_M_MAX
     # the small-M path adds split-K slices into a float32 workspace; the tiled path stores directly
-    out = torch.zeros((m, p), dtype=torch.float32, device=inp.device) if small else inp.new_empty((m, p))
+    # (zeroed here under the interpreter, by the autotuned configs' pre_hook on a GPU)
+    if small:
+        out = (torch.zeros if interpret else torch.empty)((m, p), dtype=torch.float32, device=inp.device)
+    else:
+        out = inp.new_empty((m, p))
     keep_t, has_mask = keep
     args = (
         inp, *w_ptrs, inp if bias is None else bias, lt, rt, keep_t, out,
@@ -652,36 +599,6 @@ def _skinny(
     return out
 
 
-def _wgrad(
-    x: torch.Tensor, g: torch.Tensor, keep: tuple[torch.Tensor, bool], colsum: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(keep ⊙ X)ᵀ·G [P, R]`` and, if asked, ``Σ_m X [P]``, both float32, for ``X [M, P]``, ``G [M, R]``."""
-    m, p = x.shape
-    r = g.shape[1]
-    interpret = _interpreting()
-    cfg = _wgrad_config(interpret)
-    block_r = _block_r(r)
-    tiles = triton.cdiv(p, cfg["BLOCK_P"]) * triton.cdiv(r, block_r)
-    # slices of M: enough programs to fill the device, each slice a whole number of BLOCK_M rows
-    splits = max(1, min(triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(_target_programs(x.device, interpret), tiles)))
-    rows = triton.cdiv(triton.cdiv(m, splits), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
-    splits = triton.cdiv(m, rows)
-    part = torch.empty((splits, p, r), dtype=torch.float32, device=x.device)
-    sums = torch.empty((splits, p), dtype=torch.float32, device=x.device) if colsum else part
-    keep_t, has_mask = keep
-    grid = (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(r, block_r), splits)
-    _lora_wgrad_kernel[grid](
-        x, g, keep_t, part, sums, m, p, r, rows,
-        x.stride(0), x.stride(1), g.stride(0), g.stride(1),
-        keep_t.stride(0) if has_mask else 0, keep_t.stride(1) if has_mask else 0, int(has_mask),
-        HAS_COLSUM=colsum, G_SPLIT=g.dtype == torch.float32 and x.dtype != torch.float32,
-        DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_R=block_r,
-        num_warps=cfg["num_warps"],
-    )  # fmt: skip
-    # the few per-slice partials are summed by torch: a [splits, P, R] reduction, no atomics
-    return part.sum(0), (sums.sum(0) if colsum else None)
-
-
 def lora_linear_fwd(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -716,68 +633,6 @@ def lora_linear_fwd(
     no_keep = _keep(None, x.device)
     y = _gemm(x, w_args, u, lora_b, (lora_b.stride(1), lora_b.stride(0)), bias, no_keep, float(scaling), n)
     return y, u
-
-
-def lora_linear_bwd(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    u: torch.Tensor,
-    scaling: float,
-    *,
-    nf4: NF4Args | None = None,
-    dropout_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    needs_dx: bool = True,
-    needs_da: bool = True,
-    needs_db: bool = True,
-    needs_dbias: bool = False,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of ``lora_linear_fwd`` (contract: ``lora_linear_bwd_reference``; the frozen W gets none).
-
-    With ``G = dY·B [M, R]`` (float32)::
-
-        dX    = dY·W + s·mask/(1-p) ⊙ (G·A)     [M, K]   (W dequantized again in the kernel)
-        dA    = s·Gᵀ·drop(X)                    [R, K]
-        dB    = s·dYᵀ·U                         [N, R]
-        dbias = Σ_m dY                          [N]
-
-    Args:
-        dy: ``[M, N]`` in x's dtype. x, weight, lora_a, lora_b, nf4, dropout_mask, dropout_p: as in the
-            forward. u: the forward's ``[M, R]``. scaling: ``s``.
-        needs_dx, needs_da, needs_db, needs_dbias: which gradients to compute (the rest is skipped).
-
-    Returns:
-        ``(dx, da, db, dbias)`` in the dtypes of ``x, lora_a, lora_b, dy``; None where not asked.
-    """
-    m, k, n, r = _check_args(x, weight, None, lora_a, lora_b, nf4, dropout_mask, dropout_p)
-    _check_tensor("dy", dy, (m, n), x)
-    _check_tensor("u", u, (m, r), x)
-    keep = _keep(dropout_mask, x.device)
-    inv_keep = 1.0 / (1.0 - dropout_p) if keep[1] else 1.0
-    dx = da = db = dbias = None
-    g = None
-    if needs_dx or needs_da:
-        # -- G = dY·B: MAT[n, r] = B[n, r] --
-        g = _skinny(dy, lora_b, (lora_b.stride(0), lora_b.stride(1)), _keep(None, x.device), 1.0, r)
-    if needs_dx:
-        # -- dX = dY·W + s/(1-p)·keep ⊙ (G·A): W read as Wt[n, k], Rt[r, k] = A[r, k] --
-        w_args = _w_operand(weight, nf4, x.device, transposed=True)
-        dx = _gemm(dy, w_args, g, lora_a, (lora_a.stride(0), lora_a.stride(1)), None, keep, scaling * inv_keep, k)
-    if needs_da:
-        part, _ = _wgrad(x, g, keep, colsum=False)
-        da = (part.t() * (scaling * inv_keep)).to(lora_a.dtype).contiguous()
-    if needs_db:
-        part, sums = _wgrad(dy, u, _keep(None, x.device), colsum=needs_dbias)
-        db = (part * scaling).to(lora_b.dtype)
-        if needs_dbias:
-            dbias = sums.to(dy.dtype)
-    elif needs_dbias:
-        # without dB there is no pass over dY to fuse the column sums into; torch's reduction reads dY once
-        dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
-    return dx, da, db, dbias
 
 
 # ----------------------------------------------------------------------------------------------
@@ -892,41 +747,17 @@ def compile_gate_cases() -> list[GateCase]:
                     tensor_cores=cfg["BLOCK_M"] >= 64,
                 )
             )
-        cfg = _wgrad_config(interpret=False)
-        for grad in ("dA", "dB"):
-            cases.append(
-                GateCase(
-                    name=f"lora_wgrad_{grad}[{ty}]",
-                    module=__name__,
-                    kernel="_lora_wgrad_kernel",
-                    signature={
-                        "x_ptr": f"*{ty}",
-                        "g_ptr": "*fp32" if grad == "dA" else f"*{ty}",
-                        "keep_ptr": "*u8",
-                        "out_ptr": "*fp32",
-                        "colsum_ptr": "*fp32",
-                        "M": "i32",
-                        "P": "i32",
-                        "R": "i32",
-                        "rows_per_split": "i32",
-                        "stride_xm": "i32",
-                        "stride_xp": "i32",
-                        "stride_gm": "i32",
-                        "stride_gr": "i32",
-                        "stride_km": "i32",
-                        "stride_kp": "i32",
-                        "has_mask": "i32",
-                    },  # fmt: skip
-                    constexprs={
-                        "HAS_COLSUM": grad == "dB",
-                        "G_SPLIT": grad == "dA",
-                        "DOT_PRECISION": _dot_precision(dtype),
-                        "BLOCK_M": cfg["BLOCK_M"],
-                        "BLOCK_P": cfg["BLOCK_P"],
-                        "BLOCK_R": 16,
-                    },
-                    num_warps=cfg["num_warps"],
-                    tensor_cores=True,
-                )
-            )
-    return cases
+    from fastpeft.kernels import lora_linear_bwd as bwd
+
+    return cases + bwd.compile_gate_cases()
+
+
+def __getattr__(name: str) -> object:
+    # ``lora_linear_bwd`` lives in lora_linear_bwd.py, which imports this module's kernels and helpers; a
+    # lazy re-export keeps ``from fastpeft.kernels.lora_linear import lora_linear_bwd`` working without an
+    # import cycle
+    if name == "lora_linear_bwd":
+        from fastpeft.kernels.lora_linear_bwd import lora_linear_bwd
+
+        return lora_linear_bwd
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,247 @@
+"""Backward weight gradients of the fused LoRA linear: ``dA``, ``dB`` and ``dbias`` (see ``lora_linear.py``).
+
+``dA = s·Gᵀ·drop(X) [R, K]`` and ``dB = s·dYᵀ·U [N, R]`` are reductions over the M rows of skinny
+operands, so ``_lora_wgrad_kernel`` computes ``(keep ⊙ X)ᵀ·G`` for one slice of rows per program (a
+``[BLOCK_P, BLOCK_M] x [BLOCK_M, BLOCK_R]`` MMA per step, X read transposed), into one float32 partial
+per slice; the column sums of dY for ``dbias`` ride along in dB's pass. A ``sum`` over the few slices
+finishes each reduction: no atomics, so results are deterministic run to run. The number of slices is
+chosen by rule so the grid fills the device. ``G`` is float32; for a 16-bit MMA it is split as
+``hi + lo`` (two MMAs), which keeps its float32 accuracy.
+
+``lora_linear_bwd`` (re-exported by ``fastpeft.kernels.lora_linear``) runs ``G = dY·B`` and
+``dX = dY·W + s·D/(1-p) ⊙ (G·A)`` through the forward module's kernels, then these reductions.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastpeft.kernels._gate import GateCase
+from fastpeft.kernels.formats import NF4Args
+from fastpeft.kernels.lora_linear import (
+    _GATE_TYPES,
+    _block_r,
+    _check_args,
+    _check_tensor,
+    _dot_precision,
+    _gemm,
+    _interpreting,
+    _keep,
+    _skinny,
+    _target_programs,
+    _w_operand,
+)
+
+__all__ = ["compile_gate_cases", "lora_linear_bwd"]
+
+# ----------------------------------------------------------------------------------------------
+# kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["has_mask", "rows_per_split"])
+def _lora_wgrad_kernel(
+    x_ptr, g_ptr, keep_ptr, out_ptr, colsum_ptr,
+    M, P, R, rows_per_split,
+    stride_xm, stride_xp, stride_gm, stride_gr, stride_km, stride_kp,
+    has_mask,
+    HAS_COLSUM: tl.constexpr, G_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    # OUT[s, P, R] = Σ_{m in slice s} (keep ⊙ X)[m, p]·G[m, r];  COLSUM[s, P] = Σ_{m in slice s} X[m, p]
+    dtype = x_ptr.dtype.element_ty
+    pid_p = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2).to(tl.int64)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_p = offs_p < P
+    mask_r = offs_r < R
+    acc = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
+    colsum = tl.zeros([BLOCK_P], dtype=tl.float32)
+    m_start = pid_s * rows_per_split
+    for m0 in range(0, rows_per_split, BLOCK_M):
+        offs_m = m_start + m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        mask_pm = mask_p[:, None] & mask_m[None, :]
+        # X read transposed: the [BLOCK_P, BLOCK_M] tile is the MMA's left operand
+        xt = tl.load(x_ptr + offs_p[:, None] * stride_xp + offs_m[None, :] * stride_xm, mask=mask_pm, other=0.0)
+        if HAS_COLSUM:
+            colsum += tl.sum(xt.to(tl.float32), axis=1)
+        if has_mask:
+            keep = tl.load(keep_ptr + offs_p[:, None] * stride_kp + offs_m[None, :] * stride_km, mask=mask_pm, other=0)
+            xt = tl.where(keep != 0, xt, 0.0)
+        g = tl.load(
+            g_ptr + offs_m[:, None] * stride_gm + offs_r[None, :] * stride_gr,
+            mask=mask_m[:, None] & mask_r[None, :], other=0.0,
+        )  # fmt: skip
+        if G_SPLIT:
+            hi = g.to(dtype)
+            lo = (g - hi.to(tl.float32)).to(dtype)
+            acc = tl.dot(xt, hi, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(xt, lo, acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(xt, g.to(dtype), acc, input_precision=DOT_PRECISION)
+    tl.store(
+        out_ptr + pid_s * P * R + offs_p[:, None] * R + offs_r[None, :], acc,
+        mask=mask_p[:, None] & mask_r[None, :],
+    )  # fmt: skip
+    if HAS_COLSUM:
+        if pid_r == 0:
+            tl.store(colsum_ptr + pid_s * P + offs_p, colsum, mask=mask_p)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _wgrad_config(interpret: bool) -> dict[str, int]:
+    if interpret:
+        return {"BLOCK_M": 32, "BLOCK_P": 32, "num_warps": 4}
+    return {"BLOCK_M": 64, "BLOCK_P": 128, "num_warps": 4}
+
+
+def _wgrad(
+    x: torch.Tensor, g: torch.Tensor, keep: tuple[torch.Tensor, bool], colsum: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(keep ⊙ X)ᵀ·G [P, R]`` and, if asked, ``Σ_m X [P]``, both float32, for ``X [M, P]``, ``G [M, R]``."""
+    m, p = x.shape
+    r = g.shape[1]
+    interpret = _interpreting()
+    cfg = _wgrad_config(interpret)
+    block_r = _block_r(r)
+    tiles = triton.cdiv(p, cfg["BLOCK_P"]) * triton.cdiv(r, block_r)
+    # slices of M: enough programs to fill the device, each slice a whole number of BLOCK_M rows
+    splits = max(1, min(triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(_target_programs(x.device, interpret), tiles)))
+    rows = triton.cdiv(triton.cdiv(m, splits), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
+    splits = triton.cdiv(m, rows)
+    part = torch.empty((splits, p, r), dtype=torch.float32, device=x.device)
+    sums = torch.empty((splits, p), dtype=torch.float32, device=x.device) if colsum else part
+    keep_t, has_mask = keep
+    grid = (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(r, block_r), splits)
+    _lora_wgrad_kernel[grid](
+        x, g, keep_t, part, sums, m, p, r, rows,
+        x.stride(0), x.stride(1), g.stride(0), g.stride(1),
+        keep_t.stride(0) if has_mask else 0, keep_t.stride(1) if has_mask else 0, int(has_mask),
+        HAS_COLSUM=colsum, G_SPLIT=g.dtype == torch.float32 and x.dtype != torch.float32,
+        DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_R=block_r,
+        num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    # the few per-slice partials are summed by torch: a [splits, P, R] reduction, no atomics
+    return part.sum(0), (sums.sum(0) if colsum else None)
+
+
+def lora_linear_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    u: torch.Tensor,
+    scaling: float,
+    *,
+    nf4: NF4Args | None = None,
+    dropout_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    needs_dx: bool = True,
+    needs_da: bool = True,
+    needs_db: bool = True,
+    needs_dbias: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``lora_linear_fwd`` (contract: ``lora_linear_bwd_reference``; the frozen W gets none).
+
+    With ``G = dY·B [M, R]`` (float32)::
+
+        dX    = dY·W + s·mask/(1-p) ⊙ (G·A)     [M, K]   (W dequantized again in the kernel)
+        dA    = s·Gᵀ·drop(X)                    [R, K]
+        dB    = s·dYᵀ·U                         [N, R]
+        dbias = Σ_m dY                          [N]
+
+    Args:
+        dy: ``[M, N]`` in x's dtype. x, weight, lora_a, lora_b, nf4, dropout_mask, dropout_p: as in the
+            forward. u: the forward's ``[M, R]``. scaling: ``s``.
+        needs_dx, needs_da, needs_db, needs_dbias: which gradients to compute (the rest is skipped).
+
+    Returns:
+        ``(dx, da, db, dbias)`` in the dtypes of ``x, lora_a, lora_b, dy``; None where not asked.
+    """
+    m, k, n, r = _check_args(x, weight, None, lora_a, lora_b, nf4, dropout_mask, dropout_p)
+    _check_tensor("dy", dy, (m, n), x)
+    _check_tensor("u", u, (m, r), x)
+    keep = _keep(dropout_mask, x.device)
+    inv_keep = 1.0 / (1.0 - dropout_p) if keep[1] else 1.0
+    dx = da = db = dbias = None
+    g = None
+    if needs_dx or needs_da:
+        # -- G = dY·B: MAT[n, r] = B[n, r] --
+        g = _skinny(dy, lora_b, (lora_b.stride(0), lora_b.stride(1)), _keep(None, x.device), 1.0, r)
+    if needs_dx:
+        # -- dX = dY·W + s/(1-p)·keep ⊙ (G·A): W read as Wt[n, k], Rt[r, k] = A[r, k] --
+        w_args = _w_operand(weight, nf4, x.device, transposed=True)
+        dx = _gemm(dy, w_args, g, lora_a, (lora_a.stride(0), lora_a.stride(1)), None, keep, scaling * inv_keep, k)
+    if needs_da:
+        part, _ = _wgrad(x, g, keep, colsum=False)
+        da = (part.t() * (scaling * inv_keep)).to(lora_a.dtype).contiguous()
+    if needs_db:
+        part, sums = _wgrad(dy, u, _keep(None, x.device), colsum=needs_dbias)
+        db = (part * scaling).to(lora_b.dtype)
+        if needs_dbias:
+            dbias = sums.to(dy.dtype)
+    elif needs_dbias:
+        # without dB there is no pass over dY to fuse the column sums into; torch's reduction reads dY once
+        dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
+    return dx, da, db, dbias
+
+
+# ----------------------------------------------------------------------------------------------
+# compile gate
+# ----------------------------------------------------------------------------------------------
+
+
+def compile_gate_cases() -> list[GateCase]:
+    """The weight-gradient kernel's rule-picked tile for float16 and bfloat16: dA (float32 G, split into
+    hi + lo, dropout select) and dB (16-bit U, column sums for dbias). Collected by ``lora_linear``'s
+    ``compile_gate_cases``."""
+    cases = []
+    for dtype, ty in _GATE_TYPES.items():
+        cfg = _wgrad_config(interpret=False)
+        for grad in ("dA", "dB"):
+            cases.append(
+                GateCase(
+                    name=f"lora_wgrad_{grad}[{ty}]",
+                    module=__name__,
+                    kernel="_lora_wgrad_kernel",
+                    signature={
+                        "x_ptr": f"*{ty}",
+                        "g_ptr": "*fp32" if grad == "dA" else f"*{ty}",
+                        "keep_ptr": "*u8",
+                        "out_ptr": "*fp32",
+                        "colsum_ptr": "*fp32",
+                        "M": "i32",
+                        "P": "i32",
+                        "R": "i32",
+                        "rows_per_split": "i32",
+                        "stride_xm": "i32",
+                        "stride_xp": "i32",
+                        "stride_gm": "i32",
+                        "stride_gr": "i32",
+                        "stride_km": "i32",
+                        "stride_kp": "i32",
+                        "has_mask": "i32",
+                    },  # fmt: skip
+                    constexprs={
+                        "HAS_COLSUM": grad == "dB",
+                        "G_SPLIT": grad == "dA",
+                        "DOT_PRECISION": _dot_precision(dtype),
+                        "BLOCK_M": cfg["BLOCK_M"],
+                        "BLOCK_P": cfg["BLOCK_P"],
+                        "BLOCK_R": 16,
+                    },
+                    num_warps=cfg["num_warps"],
+                    tensor_cores=True,
+                )
+            )
+    return cases
