@@ -167,3 +167,30 @@ def test_qlora_on_gpu_is_the_default_and_trains(tiny: dict[str, Path], tmp_path:
     m = _metrics(out)
     assert m["method"] == "qlora" and m["device"].startswith("cuda") and m["peak_memory_kind"] == "cuda_max_allocated"
     assert _mean(m["losses"][-3:]) < _mean(m["losses"][:3]), f"loss did not fall on the GPU: {m['losses']}"
+
+
+@pytest.mark.slow
+def test_qlora_through_the_triton_kernels_matches_the_reference(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On the CPU this runs the Triton kernels in the interpreter (tests/conftest.py sets TRITON_INTERPRET).
+    argv = [
+        "finetune",
+        "--method",
+        "qlora",
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--seq-len",
+        "32",
+        "--no-progress",
+    ]
+    losses = {}
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+        out = tmp_path / backend
+        assert main([*argv, "--out", str(out)]) == 0
+        losses[backend] = _metrics(out)["losses"]
+    diff = max(abs(a - b) for a, b in zip(losses["reference"], losses["triton"], strict=True))
+    assert diff < 1e-4, f"Triton and reference QLoRA training differ by {diff:.2e}: {losses}"
