@@ -97,27 +97,28 @@ def test_prompt_completion_loss_covers_only_completion(tiny: dict[str, Path]) ->
     assert ex.input_ids[-1] == tok.eos_token_id
 
 
-def test_hf_peft_loads_the_lora_adapter(tiny: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", ["lora", "prompt", "prefix"])
+def test_hf_peft_loads_the_adapter(tiny: dict[str, Path], tmp_path: Path, method: str) -> None:
     import peft
     from transformers import AutoModelForCausalLM
 
     from fastpeft.loading import load_causal_lm
     from fastpeft.peft import PeftModel
 
-    out = tmp_path / "lora"
-    assert (
-        main(_args(tiny, out, "--method", "lora", "--max-steps", "6", "--target-modules", "q_proj,v_proj,down_proj"))
-        == 0
-    )
+    out = tmp_path / method
+    extra = ("--target-modules", "q_proj,v_proj,down_proj") if method == "lora" else ()
+    assert main(_args(tiny, out, "--method", method, "--max-steps", "6", *extra)) == 0
     ids = torch.randint(3, 260, (2, 11), generator=torch.Generator().manual_seed(5))
     ours = PeftModel.from_pretrained(load_causal_lm(tiny["model"]), str(out)).eval()
     theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(tiny["model"])), str(out)).eval()
     base = AutoModelForCausalLM.from_pretrained(str(tiny["model"])).eval()
     with torch.no_grad():
         a, b, c = ours(input_ids=ids).logits, theirs(input_ids=ids).logits, base(input_ids=ids).logits
-    assert (a - c).abs().max() > 1e-3, "the trained adapter does not change the output: the test would prove nothing"
+    # Prompt tuning's logits include the virtual tokens (as in HF PEFT): compare the real positions.
+    assert (a[:, -ids.shape[1] :] - c).abs().max() > 1e-3, "the adapter changes nothing: the test would prove nothing"
+    assert a.shape == b.shape, f"{method}: logits of shape {tuple(a.shape)} vs HF PEFT's {tuple(b.shape)}"
     diff = (a - b).abs().max().item()
-    assert diff < 1e-4, f"fastpeft and HF PEFT logits differ by {diff:.3e}"
+    assert diff < 1e-4, f"{method}: fastpeft and HF PEFT logits differ by {diff:.3e}"
 
 
 def test_resume_continues_with_the_same_losses(tiny: dict[str, Path], tmp_path: Path) -> None:
