@@ -169,7 +169,11 @@ def _prefix_cache(pm: PeftModel, batch_size: int) -> Any:
     heads = config.num_attention_heads
     kv = table.view(batch_size, config.num_virtual_tokens, config.num_layers * 2, heads, config.token_dim // heads)
     kv = kv.permute(2, 0, 3, 1, 4)  # [layers * 2, batch, kv_heads, virtual tokens, head_dim]
-    return DynamicCache([(kv[2 * i], kv[2 * i + 1]) for i in range(config.num_layers)])
+    pairs = [(kv[2 * i], kv[2 * i + 1]) for i in range(config.num_layers)]
+    try:
+        return DynamicCache(pairs)
+    except TypeError:  # transformers < 4.56 builds it from the legacy tuple format only
+        return DynamicCache.from_legacy_cache(tuple(pairs))
 
 
 def _batch_size(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> int:
