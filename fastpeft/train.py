@@ -510,21 +510,20 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
         epoch, index = micro[-1][0], micro[-1][1] + 1
         counts = [int((b["labels"][:, 1:] != fdata.IGNORE_INDEX).sum()) for _, _, b in micro]
         n_total = sum(counts)
-        step_loss = 0.0
+        tokens += sum(int(b["attention_mask"].sum()) for _, _, b in micro)  # counted on the host copies
+        loss_sum = torch.zeros((), device=device)
         for (_, _, batch), n in zip(micro, counts, strict=True):
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             with autocast:
                 loss = model(**batch).loss
             # Token-weighted mean over the accumulated micro-batches (not a mean of means).
             (loss * (n / n_total)).backward()
-            step_loss += float(loss.detach()) * n / n_total
-            tokens += int(batch["attention_mask"].sum())
+            loss_sum += loss.detach().float() * (n / n_total)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        step_loss = float(loss_sum)  # the step's one host sync
         seconds += time.perf_counter() - t0
         step += 1
         losses.append(step_loss)
