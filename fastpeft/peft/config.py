@@ -49,6 +49,12 @@ _HF_BOOKKEEPING: dict[str, Any] = {
 }
 
 
+def _is_default(value: Any, default: Any) -> bool:
+    """``value`` means "not used": equal to ``default``, or any of None / [] / {} where the default is one."""
+    empty = (None, [], {})
+    return value == default or (any(value == e for e in empty) and any(default == e for e in empty))
+
+
 @dataclass
 class PeftConfigBase:
     """Fields every adapter config shares (HF PEFT's ``PeftConfig``)."""
@@ -69,7 +75,7 @@ class PeftConfigBase:
             raise ValueError(f"task_type={self.task_type!r} is not one of {sorted(t for t in _TASK_TYPES if t)}")
         for name, default in self._unsupported.items():
             value = getattr(self, name)
-            if value != default and not (value is None and default in ({}, [])):
+            if not _is_default(value, default):
                 raise ValueError(
                     f"{type(self).__name__}: option {name}={value!r} is not supported by fastpeft "
                     f"(only the default {default!r})"
@@ -333,7 +339,7 @@ def config_from_dict(data: dict[str, Any], source: str = "adapter_config.json") 
             kwargs[key] = value
         elif key in _HF_BOOKKEEPING:
             default = _HF_BOOKKEEPING[key]
-            if default is not Any and value != default and not (value is None and default == {}):
+            if default is not Any and not _is_default(value, default):
                 raise ValueError(f"{source}: option {key}={value!r} is not supported by fastpeft")
         else:
             unknown.append(key)

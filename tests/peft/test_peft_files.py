@@ -43,6 +43,8 @@ def test_hf_configs_round_trip_and_bookkeeping_keys():
             if key in data and key != "peft_type":
                 want = data[key]
                 assert value == want or (isinstance(want, list) and sorted(value) == sorted(want)), key
+    assert LoraConfig(layers_to_transform=[], rank_pattern=None).r == 8  # empty means unused, as in peft
+    assert config_from_dict({**LoraConfig().to_dict(), "loftq_config": None, "eva_config": {}}).r == 8
     with pytest.raises(ValueError, match="velora_config"):
         config_from_dict({**LoraConfig().to_dict(), "velora_config": {"x": 1}})
     with pytest.raises(ValueError, match="unknown keys.*frobnicate"):
