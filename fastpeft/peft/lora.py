@@ -339,11 +339,17 @@ def set_lora_disabled(model: nn.Module, disabled: bool) -> list[tuple[nn.Module,
     return previous
 
 
-def unload_lora(model: nn.Module, merge: bool) -> nn.Module:
-    """Put the base layers back (merging the active adapter into them first when ``merge``)."""
+def unload_lora(
+    model: nn.Module, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None
+) -> nn.Module:
+    """Put the base layers back, first merging ``adapter_names`` (default: the active one) when ``merge``."""
     for name, layer in lora_layers(model):
-        if merge and not layer.disable_adapters:
-            layer.merge()
+        if merge and adapter_names is not None:
+            present = [a for a in adapter_names if a in layer.lora_A]
+            if present:
+                layer.merge(safe_merge=safe_merge, adapter_names=present)
+        elif merge and not layer.disable_adapters:
+            layer.merge(safe_merge=safe_merge)
         base = layer.get_base_layer()
         if getattr(layer, "_fastpeft_conv1d", False) and isinstance(base, nn.Linear):
             base = conv1d_from_linear(base)

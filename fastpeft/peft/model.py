@@ -189,14 +189,25 @@ class PeftModel(nn.Module):
             for module, state in previous:
                 module.disable_adapters = state
 
-    def merge_and_unload(self) -> nn.Module:
-        """Merge the active LoRA adapter into the base layers and return the plain model."""
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge LoRA adapters into the base layers and return the plain model (HF PEFT's signature).
+
+        Args:
+            progressbar: accepted for compatibility; merging here is quick and silent.
+            safe_merge: refuse (``ValueError``) a merge that produces non-finite weights.
+            adapter_names: the adapters to merge (default: the active one).
+        """
         if self._peft_kind != "lora":
             raise ValueError(
                 f"merge_and_unload: merging is not applicable to {self.active_peft_config.peft_type} adapters "
                 "(use unload() to get the base model back)"
             )
-        return lora.unload_lora(self.get_base_model(), merge=True)
+        for name in adapter_names or []:
+            if name not in self.peft_config:
+                raise ValueError(f"adapter {name!r} not found; have {sorted(self.peft_config)}")
+        return lora.unload_lora(self.get_base_model(), merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the plain model."""

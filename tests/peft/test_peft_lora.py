@@ -142,6 +142,12 @@ def test_adapters_by_name_merge_unload_disable(tmp_path):
     assert max_diff(_logits(merged, inputs), out_default) < 1e-5, "merge_and_unload changed the outputs"
     loaded = PeftModel.from_pretrained(build("llama"), tmp_path / "other", adapter_name="other")
     assert max_diff(_logits(loaded, inputs), out_other) == 0.0
+    loaded.load_adapter(tmp_path, "default")
+    both = loaded.merge_and_unload(adapter_names=["default", "other"])
+    want = peft.PeftModel.from_pretrained(build("llama"), tmp_path / "other", adapter_name="other")
+    want.load_adapter(str(tmp_path), "default")
+    want = want.merge_and_unload(adapter_names=["default", "other"])
+    assert max_diff(_logits(both, inputs), _logits(want, inputs)) < 1e-5, "merging two adapters differs from peft"
 
 
 def test_gpt2_conv1d_unload_gives_conv1d_back():
