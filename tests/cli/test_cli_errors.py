@@ -19,6 +19,12 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     no_weights.mkdir()
     for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         (no_weights / f).write_bytes((model / f).read_bytes())
+    truncated = root / "truncated"
+    truncated.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (truncated / f).write_bytes((model / f).read_bytes())
+    weights = (model / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
     alien = root / "alien"
     alien.mkdir()
     (alien / "config.json").write_text(json.dumps({"model_type": "no-such-architecture", "hidden_size": 8}))
@@ -32,6 +38,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "model": model,
         "no_weights": no_weights,
+        "truncated": truncated,
         "alien": alien,
         "vision": vision,
         "data": write_jsonl(root / "qa.jsonl", qa_records()),
@@ -78,6 +85,7 @@ def previous_out(tmp_path: Path) -> Path:
     [
         ("missing_model", ("does not exist",)),
         ("no_weights", ("no *.safetensors",)),
+        ("truncated", ("model.safetensors", "unreadable")),
         ("bad_data", ("bad.jsonl:4:", "'prompt' and 'completion'")),
         ("not_json", ("not_json.jsonl:2:", "not valid JSON")),
         ("missing_data", ("No such file",)),
@@ -94,6 +102,7 @@ def test_finetune_bad_input(
     over = {
         "missing_model": {"--model": str(tiny["model"].parent / "nowhere")},
         "no_weights": {"--model": str(tiny["no_weights"])},
+        "truncated": {"--model": str(tiny["truncated"])},
         "bad_data": {"--data": str(tiny["bad_data"])},
         "not_json": {"--data": str(tiny["not_json"])},
         "missing_data": {"--data": str(tiny["data"].parent / "nothing.jsonl")},
