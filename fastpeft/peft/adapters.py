@@ -27,6 +27,7 @@ as in HF PEFT's LoRA files; in memory it is ``P.bottleneck.<name>.down.weight``)
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -165,7 +166,8 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, adapter_name: str) 
             elif wrapper.mode != mode:
                 raise ValueError(f"{blocks_name}.{i}.{sub} already holds a {wrapper.mode} adapter; cannot add {mode}")
             adapter = fnn.BottleneckAdapter(hidden, size, non_linearity=config.non_linearity, scaling=config.scaling)
-            ref = next(iter(wrapper.base_layer.parameters()), None)
+            # Buffers too: an all-NF4 block (no biases) holds its weights in buffers only.
+            ref = next(itertools.chain(wrapper.base_layer.parameters(), wrapper.base_layer.buffers()), None)
             if ref is not None:
                 # float32 master weights: BottleneckAdapter casts them to the activations' dtype itself.
                 adapter.to(device=ref.device)

@@ -135,3 +135,23 @@ def test_unknown_architecture_is_named():
         AdapterConfig(placement="sideways")
     with pytest.raises(ValueError, match="out of range"):
         get_peft_model(build("llama"), AdapterConfig(target_layers=[5]))
+
+
+def test_adapters_over_a_quantized_base_train():
+    from fastpeft import quantize_model
+    from fastpeft.nn import NF4Linear
+
+    pm = get_peft_model(quantize_model(build("llama")), AdapterConfig(bottleneck_size=8, placement="houlsby"))
+    o_proj = pm.get_base_model().model.layers[0].self_attn.o_proj
+    assert isinstance(o_proj, AdapterWrapper) and isinstance(o_proj.base_layer, NF4Linear)
+    pm.train()
+    inputs = batch(4, 8, seed=10)
+    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=2e-2)
+    losses = []
+    for _ in range(6):
+        loss = pm(**inputs, labels=inputs["input_ids"]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, f"loss did not go down: {losses}"
