@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from tiny_models import batch, build, max_diff, randomize, twin
+from torch import nn
 
 from fastpeft import LoraConfig, PeftModel, get_peft_model
 from fastpeft.peft.lora import ModulesToSaveWrapper
@@ -262,3 +263,24 @@ def test_gradient_checkpointing_still_reaches_lora(when):
     grads = {n: p.grad for n, p in pm.named_parameters() if p.requires_grad}
     missing = [n for n, g in grads.items() if g is None or not bool(g.abs().sum() > 0)]
     assert grads and not missing, f"no gradient reached {missing[:4]}"
+
+
+def test_plain_module_with_positional_forward(tmp_path):
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(13, 24), nn.Linear(24, 5)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    torch.manual_seed(0)
+    net = Net()
+    plain = twin(net)
+    x = torch.randn(3, 13)
+    pm = get_peft_model(net, LoraConfig(r=3, target_modules=["fc1"], modules_to_save=["fc2"], init_lora_weights=False))
+    out = pm(x)
+    assert out.shape == (3, 5) and max_diff(out, plain(x)) > 1e-3
+    pm.save_pretrained(tmp_path)
+    again = PeftModel.from_pretrained(twin(plain), tmp_path)
+    assert max_diff(again(x), out) == 0.0
