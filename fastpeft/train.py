@@ -473,8 +473,9 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
                 )
 
     tokenizer, model, batches = _setup(cfg, device, method)
-    steps_per_epoch = math.ceil(batches.batches_per_epoch / cfg.grad_accum)
-    default_steps = 60 if cfg.model is None and cfg.data is None else math.ceil(cfg.epochs * steps_per_epoch)
+    # Micro-batches stream across epoch boundaries, so an epoch count converts to steps as a whole.
+    by_epochs = math.ceil(cfg.epochs * batches.batches_per_epoch / cfg.grad_accum)
+    default_steps = 60 if cfg.model is None and cfg.data is None else by_epochs
     total = cfg.max_steps or default_steps
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(10, total // 10)
 

@@ -195,3 +195,15 @@ def test_qlora_through_the_triton_kernels_matches_the_reference(
         losses[backend] = _metrics(out)["losses"]
     diff = max(abs(a - b) for a, b in zip(losses["reference"], losses["triton"], strict=True))
     assert diff < 1e-4, f"Triton and reference QLoRA training differ by {diff:.2e}: {losses}"
+
+
+def test_epochs_set_the_number_of_steps(tiny: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "epochs"
+    # 12 records in batches of 5 -> 3 batches an epoch; 2 micro-batches a step -> ceil(2.5 * 3 / 2) = 4 steps.
+    args = _args(tiny, out, "--epochs", "2.5", "--batch-size", "5", "--grad-accum", "2")
+    assert main(args) == 0
+    m = _metrics(out)
+    assert m["steps"] == 4, f"expected 4 steps, ran {m['steps']}"
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    # 8 micro-batches: epochs 0 and 1 (3 each) and 2 of epoch 2 -> the stream continues at epoch 2, batch 2.
+    assert (state["epoch"], state["index"]) == (2, 2), (state["epoch"], state["index"])
