@@ -284,3 +284,14 @@ def test_plain_module_with_positional_forward(tmp_path):
     pm.save_pretrained(tmp_path)
     again = PeftModel.from_pretrained(twin(plain), tmp_path)
     assert max_diff(again(x), out) == 0.0
+
+
+def test_generate_passes_through_to_the_adapted_model():
+    pm = get_peft_model(build("qwen2"), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    ids = batch(seed=11)["input_ids"]
+    got = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    with pm.disable_adapter():
+        plain = pm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    merged = pm.merge_and_unload()
+    want = merged.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, want) and not torch.equal(got, plain), f"{got}\n{want}\n{plain}"
