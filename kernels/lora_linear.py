@@ -122,7 +122,8 @@ def _absmax_vec(
 
 @triton.jit
 def _load_w_tile(
-    w_ptr, absmax_ptr, qmap_ptr, nested_ptr, offset, codes,
+    w_ptr, absmax_ptr, qmap_ptr, nested_ptr, offset,
+    c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15,
     q0, p0, offs_q, offs_p, mask_q, mask_p, stride_wq, stride_wp, n_blocks,
     W_KIND: tl.constexpr, W_T: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
     dtype: tl.constexpr,
@@ -141,7 +142,6 @@ def _load_w_tile(
         # -- NF4: element e sits in byte e >> 1, the even element in the high nibble --
         byte = tl.load(w_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
         nib = (byte >> ((1 - (idx & 1)) * 4)) & 0xF
-        c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15 = codes
         value = _nf4_lookup(nib, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
         blk = idx // BLOCKSIZE
         if W_T:
@@ -206,12 +206,10 @@ def _lora_gemm_kernel(
     q_start = pid_k * per_split * BLOCK_Q
     acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
     # the 16 code values and the double-quantization offset: per-program scalars, held in registers
-    codes = (
-        tl.load(code_ptr + 0), tl.load(code_ptr + 1), tl.load(code_ptr + 2), tl.load(code_ptr + 3),
-        tl.load(code_ptr + 4), tl.load(code_ptr + 5), tl.load(code_ptr + 6), tl.load(code_ptr + 7),
-        tl.load(code_ptr + 8), tl.load(code_ptr + 9), tl.load(code_ptr + 10), tl.load(code_ptr + 11),
-        tl.load(code_ptr + 12), tl.load(code_ptr + 13), tl.load(code_ptr + 14), tl.load(code_ptr + 15),
-    )  # fmt: skip
+    c0, c1, c2, c3 = tl.load(code_ptr + 0), tl.load(code_ptr + 1), tl.load(code_ptr + 2), tl.load(code_ptr + 3)
+    c4, c5, c6, c7 = tl.load(code_ptr + 4), tl.load(code_ptr + 5), tl.load(code_ptr + 6), tl.load(code_ptr + 7)
+    c8, c9, c10, c11 = tl.load(code_ptr + 8), tl.load(code_ptr + 9), tl.load(code_ptr + 10), tl.load(code_ptr + 11)
+    c12, c13, c14, c15 = tl.load(code_ptr + 12), tl.load(code_ptr + 13), tl.load(code_ptr + 14), tl.load(code_ptr + 15)
     offset = tl.load(offset_ptr)
     for it in range(0, per_split):
         q0 = q_start + it * BLOCK_Q
@@ -222,7 +220,8 @@ def _lora_gemm_kernel(
             mask=mask_m[:, None] & mask_q[None, :], other=0.0,
         )  # fmt: skip
         w = _load_w_tile(
-            w_ptr, absmax_ptr, qmap_ptr, nested_ptr, offset, codes,
+            w_ptr, absmax_ptr, qmap_ptr, nested_ptr, offset,
+            c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15,
             q0, pid_p * BLOCK_P, offs_q, offs_p, mask_q, mask_p, stride_wq, stride_wp, n_blocks,
             W_KIND, W_T, BLOCKSIZE, NESTED_BLOCKSIZE, dtype,
         )  # fmt: skip
