@@ -264,10 +264,21 @@ def _setup(cfg: TrainConfig, device: torch.device, method: str) -> tuple[Any, An
 _CKPT_FILES = ("adapter_state.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer_state.json")
 
 
+def _umask() -> int:
+    # Read, not set-and-restore: os.umask() would briefly change it for every thread of the process.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
 def share_permissions(directory: Path) -> None:
     """Give ``directory`` and its files the umask's usual modes (``mkdtemp`` and safetensors make them private)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = _umask()
     os.chmod(directory, 0o777 & ~mask)
     for f in directory.rglob("*"):
         os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
