@@ -109,11 +109,8 @@ def _exact_fwd(prob):
 
 
 def _bwd_args(prob, u, dtype=None):
-    cast = (lambda t: t) if dtype is None else (lambda t: _as(t, dtype))
-    return [cast(prob["dy"]), cast(prob["x"]), cast(prob["weight"]), cast(prob["lora_a"]), cast(prob["lora_b"])] + [
-        cast(u),
-        prob["scaling"],
-    ]
+    tensors = [prob["dy"], prob["x"], prob["weight"], prob["lora_a"], prob["lora_b"], u]
+    return [t if dtype is None else _as(t, dtype) for t in tensors] + [prob["scaling"]]
 
 
 def _check_fwd(prob, where: str):
