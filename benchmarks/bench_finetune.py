@@ -137,13 +137,7 @@ def run_provider(provider: str, model_dir: Path, seq_len: int, batch: int, r: in
         torch.cuda.synchronize()
         if i >= warmup:
             times.append(start.elapsed_time(end))
-    base_params = sum(
-        m.in_features * m.out_features
-        for n, m in model.named_modules()
-        if hasattr(m, "in_features") and "lora_" not in n and not n.endswith("lm_head")
-    )
-    return {"times_ms": times, "peak_mem_bytes": torch.cuda.max_memory_allocated(), "loss": float(loss),
-            "linear_params": base_params}  # fmt: skip
+    return {"times_ms": times, "peak_mem_bytes": torch.cuda.max_memory_allocated(), "loss": float(loss)}
 
 
 def matmul_peak_tflops() -> float:
@@ -207,8 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             continue
         res = json.loads(line[len("RESULT ") :])
         p50 = _quantile(res["times_ms"], 0.5)
-        h = LLAMA3_8B["hidden_size"]
-        flops = 4 * res["linear_params"] * tokens + 4 * args.layers * args.batch_size * args.seq_len**2 * h
+        h, i = LLAMA3_8B["hidden_size"], LLAMA3_8B["intermediate_size"]
+        kv = LLAMA3_8B["num_key_value_heads"] * h // LLAMA3_8B["num_attention_heads"]
+        linear_params = args.layers * (2 * h * h + 2 * kv * h + 3 * h * i)  # the quantized projections
+        flops = 4 * linear_params * tokens + 4 * args.layers * args.batch_size * args.seq_len**2 * h
         tflops = flops / (p50 * 1e-3) / 1e12
         tok_s[provider] = tokens / (p50 * 1e-3)
         rows.append({
