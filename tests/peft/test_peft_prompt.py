@@ -187,6 +187,15 @@ def test_text_init_matches_peft(tmp_path):
     assert again.peft_config["default"].prompt_tuning_init == "TEXT"
 
 
+def test_prefix_projection_file_cannot_resume_training(tmp_path):
+    kw, cls, _ = _configs("prefix_mlp")
+    get_peft_model(build("llama"), cls(**kw)).save_pretrained(tmp_path)
+    victim = build("llama")
+    with pytest.raises(ValueError, match="is_trainable=False"):
+        PeftModel.from_pretrained(victim, tmp_path, is_trainable=True)
+    assert PeftModel.from_pretrained(victim, tmp_path).get_nb_trainable_parameters()[0] == 0
+
+
 def test_prompt_learning_errors():
     with pytest.raises(ValueError, match="task_type"):
         get_peft_model(build("llama"), PromptTuningConfig(num_virtual_tokens=3))
