@@ -131,6 +131,11 @@ class NF4Linear(nn.Module):
             )
         if state.quant_type != "nf4":
             raise ValueError(f"only quant_type 'nf4' is supported, got {state.quant_type!r}")
+        if getattr(state, "packing_format_for_cpu", False):
+            # on CPUs with AVX512-BF16 bitsandbytes repacks a layer into a private layout on its first
+            # inference forward; its own state_dict() converts it back to the standard layout in place
+            linear4bit.state_dict()
+            weight, state = linear4bit.weight, linear4bit.weight.quant_state
         packed = weight.data
         if packed.dtype != torch.uint8:  # bitsandbytes may store the same bytes under another dtype
             packed = packed.contiguous().view(-1).view(torch.uint8)

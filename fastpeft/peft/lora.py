@@ -39,7 +39,6 @@ __all__ = [
     "lora_file_params",
     "lora_layers",
     "match_module",
-    "nf4_from_bnb",
     "set_lora_adapter",
     "set_lora_disabled",
     "unload_lora",
@@ -108,17 +107,6 @@ def _is_bnb4(module: nn.Module) -> bool:
     # Only a model built with bitsandbytes can hold its layers; never import it ourselves.
     bnb = sys.modules.get("bitsandbytes")
     return bnb is not None and isinstance(module, bnb.nn.Linear4bit)
-
-
-def nf4_from_bnb(module: nn.Module) -> nn.Module:
-    """``NF4Linear.from_bnb`` over a bitsandbytes ``Linear4bit``'s bytes, in bitsandbytes' standard layout.
-
-    On CPUs with AVX512-BF16, bitsandbytes repacks a layer's weight into a private CPU layout on its
-    first inference forward; its own ``state_dict()`` converts it back in place, so ask for that first.
-    """
-    if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
-        module.state_dict()
-    return fnn.NF4Linear.from_bnb(module)
 
 
 def is_linear_like(module: nn.Module) -> bool:
@@ -253,7 +241,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list
             config.fan_in_fan_out = True
             module = linear_from_conv1d(module)
         elif _is_bnb4(module):
-            module = nf4_from_bnb(module)
+            module = fnn.NF4Linear.from_bnb(module)
         layer = fnn.LoraLinear(module, adapter_name=adapter_name, **kwargs)
         layer.train(module.training)  # a new module defaults to training mode; keep the model's mode
         layer._fastpeft_conv1d = is_conv

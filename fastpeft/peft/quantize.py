@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from torch import nn
 
 from fastpeft import nn as fnn
-from fastpeft.peft.lora import conv1d_class, linear_from_conv1d, nf4_from_bnb
+from fastpeft.peft.lora import conv1d_class, linear_from_conv1d
 
 __all__ = ["quantize_model"]
 
@@ -56,7 +56,7 @@ def quantize_model(
         if isinstance(module, fnn.NF4Linear):
             continue
         if linear4bit is not None and isinstance(module, linear4bit):
-            new = nf4_from_bnb(module)
+            new = fnn.NF4Linear.from_bnb(module)
         elif conv1d is not None and isinstance(module, conv1d):
             # GPT-2's Conv1D stores [in, out]: quantize the [out, in] transpose, as a Linear would hold it.
             new = fnn.NF4Linear.from_linear(linear_from_conv1d(module), double_quant=double_quant, blocksize=blocksize)
