@@ -22,15 +22,19 @@ so neither a full-size temporary nor a second pass over Y exists. Everything acc
 is cast once at the store.
 
 NF4 in the main loop: each ``[BLOCK_Q, BLOCK_P]`` tile of W is rebuilt from its packed bytes (flat index
-``e``, byte ``e >> 1``, high nibble for even ``e``), the 16-entry codebook and the absmax of block
-``e // blocksize``. Under double quantization the uint8 absmax is decoded in the kernel
-(``map[u8] · nested[b // 256] + offset``, two table reads that stay in L1) rather than by a pre-pass:
-a pre-pass would write and re-read a float32 absmax, 4x the bytes of the uint8 one, on the bandwidth-
-bound decode path. The codebook and the 256-entry map are read through L1 (64 B and 1 KiB, resident
-after the first tile); the dequantized tile only ever lives in registers / shared memory for the MMA.
-The fp32 product ``map · nested + offset`` may be contracted to an FMA on the GPU (at most one ulp of
-absmax away from bitsandbytes' two roundings: far below the GEMM's own rounding). Flat indices are
-int32, so the launchers refuse NF4 weights with 2³¹ or more elements.
+``e``, byte ``e >> 1``, high nibble for even ``e``). The code becomes its value through a 4-level select
+tree on its bits over the 16 code values, loaded once per program as scalars: registers only, no table
+reads (a gathered table would be pipelined through shared memory tile by tile: the first version of
+this kernel needed 200-320 KB of it). The absmax of block ``e // blocksize`` comes per *line*: the flat
+index is contiguous along Q in the forward and along P in dX, and a line of ``L`` contiguous elements
+touches at most ``(L - 1) // 64 + 2`` blocks, so the kernel loads that many absmax vectors (one value
+per line) and selects, instead of gathering one absmax per element. Under double quantization those
+vectors are decoded in the kernel (``map[u8] · nested[b // 256] + offset``) rather than by a pre-pass
+that would write and re-read a float32 absmax, 4x the bytes of the uint8 one, on the bandwidth-bound
+decode path. The dequantized tile only ever lives in registers / shared memory for the MMA, rounded
+once to the input dtype. The fp32 ``map · nested + offset`` may be contracted to an FMA on the GPU (at
+most one ulp of absmax from bitsandbytes' two roundings, far below the GEMM's own rounding). Flat
+indices are int32, so the launchers refuse NF4 weights with 2³¹ or more elements.
 
 ``G`` (backward) is float32; where it feeds a 16-bit MMA it is split as ``hi + lo`` (both 16-bit), two
 MMAs, which keeps float32-level accuracy for the skinny LoRA operand at the cost of one extra small dot.
