@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_close
 from safetensors.torch import load_file
 from tinymodels import qa_records, write_checkpoint, write_jsonl
 
@@ -117,8 +118,7 @@ def test_hf_peft_loads_the_adapter(tiny: dict[str, Path], tmp_path: Path, method
     # Prompt tuning's logits include the virtual tokens (as in HF PEFT): compare the real positions.
     assert (a[:, -ids.shape[1] :] - c).abs().max() > 1e-3, "the adapter changes nothing: the test would prove nothing"
     assert a.shape == b.shape, f"{method}: logits of shape {tuple(a.shape)} vs HF PEFT's {tuple(b.shape)}"
-    diff = (a - b).abs().max().item()
-    assert diff < 1e-4, f"{method}: fastpeft and HF PEFT logits differ by {diff:.3e}"
+    assert_close(a, b, msg=f"{method}: fastpeft vs HF PEFT logits")
 
 
 def test_resume_continues_with_the_same_losses(tiny: dict[str, Path], tmp_path: Path) -> None:
@@ -157,8 +157,7 @@ def test_gradient_checkpointing_gives_the_same_training(tiny: dict[str, Path], t
         out = tmp_path / f"gc{len(flag)}"
         assert main(_args(tiny, out, "--method", "qlora", "--max-steps", "4", "--dropout", "0.1", *flag)) == 0
         runs.append(_metrics(out)["losses"])
-    diff = max(abs(a - b) for a, b in zip(*runs, strict=True))
-    assert diff < 1e-4, f"gradient checkpointing changed the losses by {diff:.2e}: {runs}"
+    assert_close(torch.tensor(runs[1]), torch.tensor(runs[0]), msg="losses with vs without gradient checkpointing")
 
 
 @pytest.mark.gpu
@@ -193,8 +192,7 @@ def test_qlora_through_the_triton_kernels_matches_the_reference(
         out = tmp_path / backend
         assert main([*argv, "--out", str(out)]) == 0
         losses[backend] = _metrics(out)["losses"]
-    diff = max(abs(a - b) for a, b in zip(losses["reference"], losses["triton"], strict=True))
-    assert diff < 1e-4, f"Triton and reference QLoRA training differ by {diff:.2e}: {losses}"
+    assert_close(torch.tensor(losses["triton"]), torch.tensor(losses["reference"]), msg="Triton vs reference losses")
 
 
 def test_epochs_set_the_number_of_steps(tiny: dict[str, Path], tmp_path: Path) -> None:
