@@ -4,6 +4,8 @@ Providers (a provider whose package is missing is skipped with a notice):
 
 * ``fastpeft-nf4``: ``fastpeft.ops.lora.lora_linear`` on an NF4 (double-quantized) base: the fused
   dequantize-in-registers GEMM with the LoRA epilogue.
+* ``fastpeft-nf4-nolora``: the same GEMM without the LoRA epilogue (forward only): the LoRA overhead
+  is ``fastpeft-nf4 / fastpeft-nf4-nolora - 1`` (goal: <= 5% at M >= 2048, <= 10% at M <= 64).
 * ``fastpeft-dense``: the same op on a dense 16-bit base.
 * ``torch-dense``: ``F.linear`` on the dense 16-bit weight + two ``F.linear`` for LoRA (cuBLAS).
 * ``torch-dequant-nf4``: dequantize the NF4 weight with fastpeft's reference (torch eager ops) every
@@ -43,7 +45,15 @@ SHAPES = {
     "4096x14336": (4096, 14336),
 }
 M_VALUES = (1, 16, 64, 256, 2048, 8192)
-PROVIDERS = ("fastpeft-nf4", "fastpeft-dense", "torch-dense", "torch-dequant-nf4", "bnb-peft-nf4")
+PROVIDERS = (
+    "fastpeft-nf4",
+    "fastpeft-nf4-nolora",
+    "fastpeft-dense",
+    "torch-dense",
+    "torch-dequant-nf4",
+    "bnb-peft-nf4",
+)
+FWD_ONLY = ("fastpeft-nf4-nolora",)
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -70,6 +80,10 @@ def _providers(layer: _Layer, names: tuple[str, ...]) -> Iterator[tuple[str, Cal
     args = nf4.kernel_args()
     if "fastpeft-nf4" in names:
         yield "fastpeft-nf4", lambda x: lora_linear(x, None, None, a, b, s, nf4=args)
+    if "fastpeft-nf4-nolora" in names:
+        from fastpeft.kernels.lora_linear import _base_fwd
+
+        yield "fastpeft-nf4-nolora", lambda x: _base_fwd(x, None, args)
     if "fastpeft-dense" in names:
         yield "fastpeft-dense", lambda x: lora_linear(x, layer.weight, None, a, b, s)
     if "torch-dense" in names:
@@ -141,6 +155,8 @@ def run(layer: _Layer, shape: str, m: int, modes: tuple[str, ...], names: tuple[
     dtype_name = str(layer.dtype).removeprefix("torch.")
     for provider, f in _providers(layer, names):
         for mode in modes:
+            if mode != "fwd" and provider in FWD_ONLY:
+                continue
             if mode == "fwd":
 
                 def call(f=f) -> None:

@@ -602,6 +602,15 @@ def _skinny(
     return out
 
 
+def _base_fwd(x: torch.Tensor, weight: torch.Tensor | None, nf4: NF4Args | None) -> torch.Tensor:
+    """``X·Wᵀ`` through the same GEMM with an empty LoRA (R = 0: the epilogue loop runs no step, the
+    compiled kernel is the same). Not part of the op: benchmarks measure the LoRA epilogue's cost with it."""
+    n = weight.shape[0] if nf4 is None else nf4.shape[0]
+    empty_l, empty_r = x.new_empty((x.shape[0], 0)), x.new_empty((0, n))
+    w_args = _w_operand(weight, nf4, x.device, transposed=False)
+    return _gemm(x, w_args, empty_l, empty_r, (0, 1), None, _keep(None, x.device), 0.0, n)
+
+
 def lora_linear_fwd(
     x: torch.Tensor,
     weight: torch.Tensor | None,

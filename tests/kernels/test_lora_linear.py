@@ -326,3 +326,14 @@ def test_cuda_other_dtypes(dtype):
     prob = _problem(129, 1000, 700, 16, dtype, "nf4dq", p=0.1, seed=3, device="cuda")
     _, u = _check_fwd(prob, f"cuda {dtype}")
     _check_bwd(prob, u, f"cuda {dtype}")
+
+
+@pytest.mark.parametrize("m", [2, 33])
+def test_base_only_gemm_is_the_op_without_lora(m):
+    # the benchmarks' no-LoRA baseline must be the same GEMM: base + LoRA term reproduces the op
+    prob = _problem(m, 130, 67, 8, torch.float32, "nf4dq", bias=False, seed=20 + m)
+    base = L._base_fwd(prob["x"], None, prob["nf4"])
+    y, u = L.lora_linear_fwd(*_fwd_args(prob), **_fwd_kwargs(prob))
+    exact = _exact_fwd(prob)[0] - prob["scaling"] * (u.double() @ prob["lora_b"].double().t())
+    eager = F.linear(prob["x"], _dense_w(prob, torch.float32))
+    assert_oracle(base, exact, eager, msg=f"base-only GEMM, M={m}")
