@@ -13,23 +13,16 @@ their gradients (4·H·b each way, small). FLOPs: 4·M·H·b forward, 8·M·H·b
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import os
-import subprocess
 import sys
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-COLUMNS = (
-    "op", "provider", "mode", "shape", "M", "dtype", "p50_ms", "p20_ms", "p80_ms", "tflops", "gbps",
-    "frac_of_peak", "peak_mem_bytes", "gpu", "torch", "triton", "git_sha", "timestamp",
-)  # fmt: skip
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bench, copy_bandwidth, measure_peak_memory, write_rows  # noqa: E402
+
 DEVICE = "cuda"
 _TORCH_ACT = {
     "relu": F.relu,
@@ -49,61 +42,6 @@ class EagerAdapter(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h + self.scaling * self.up(self.act(self.down(h)))
-
-
-# ----------------------------------------------------------------------------------------------
-# measurement plumbing (timing, bandwidth peak, environment, CSV)
-# ----------------------------------------------------------------------------------------------
-
-
-def bench(fn: Callable[[], object], grad_to_none: list[torch.Tensor] | None = None) -> dict[str, float]:
-    """Median and p20 / p80 milliseconds of ``fn`` by ``triton.testing.do_bench``."""
-    import triton.testing
-
-    p50, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)
-    return {"p50_ms": p50, "p20_ms": p20, "p80_ms": p80}
-
-
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    """Device-to-device copy bandwidth in GB/s (read + write bytes), the run's HBM peak."""
-    src = torch.empty(nbytes, dtype=torch.uint8, device=DEVICE)
-    dst = torch.empty_like(src)
-    t = bench(lambda: dst.copy_(src))
-    return 2 * nbytes / (t["p50_ms"] * 1e-3) / 1e9
-
-
-def env_info() -> dict[str, str]:
-    import triton
-
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        sha = ""
-    return {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "git_sha": sha or "unknown",
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
-def write_rows(path: Path, rows: list[dict[str, object]]) -> None:
-    """Append ``rows`` to the CSV at ``path`` (header when new), atomically: temp file + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    old = path.read_text().splitlines(keepends=True) if path.exists() else []
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, newline="") as f:
-        f.writelines(old)
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if not old:
-            w.writeheader()
-        w.writerows(rows)
-    os.replace(f.name, path)
-
-
-# ----------------------------------------------------------------------------------------------
-# the cases
-# ----------------------------------------------------------------------------------------------
 
 
 def _providers(hidden: int, bottleneck: int, act: str, dtype: torch.dtype):
@@ -126,7 +64,6 @@ def run(m: int, hidden: int, bottleneck: int, act: str, dtype: torch.dtype, peak
     w_bytes = 2 * hidden * bottleneck * el
     traffic = {"fwd": 2 * m * hidden * el + w_bytes, "fwd+bwd": 5 * m * hidden * el + 3 * w_bytes}
     flops = {"fwd": 4 * m * hidden * bottleneck, "fwd+bwd": 12 * m * hidden * bottleneck}
-    info = env_info()
     rows, reference_y = [], None
     for provider, module in _providers(hidden, bottleneck, act, dtype):
         params = list(module.parameters())
@@ -145,14 +82,12 @@ def run(m: int, hidden: int, bottleneck: int, act: str, dtype: torch.dtype, peak
 
         for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
             fn()  # warm-up (compilation, autotune) outside the measurement and the memory peak
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
             t = bench(fn, grad_to_none=[h, *params])
             gbps = traffic[mode] / (t["p50_ms"] * 1e-3) / 1e9
             row = dict(
                 op="bottleneck_adapter", provider=provider, mode=mode, shape=f"{hidden}x{bottleneck}", M=m,
                 dtype=str(dtype).removeprefix("torch."), **t, tflops=flops[mode] / (t["p50_ms"] * 1e-3) / 1e12,
-                gbps=gbps, frac_of_peak=gbps / peak_gbps, peak_mem_bytes=torch.cuda.max_memory_allocated(), **info,
+                gbps=gbps, frac_of_peak=gbps / peak_gbps, peak_mem_bytes=measure_peak_memory(fn),
             )  # fmt: skip
             rows.append(row)
             print(f"{provider:14s} {mode:8s} {t['p50_ms']:8.3f} ms  {gbps:7.1f} GB/s ({gbps / peak_gbps:4.0%} of copy)"
