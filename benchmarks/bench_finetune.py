@@ -19,8 +19,6 @@ for the base (forward, recomputed forward, input gradients) plus ``4 * L * T^2 *
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import json
 import os
 import subprocess
@@ -30,10 +28,9 @@ from pathlib import Path
 
 import torch
 
-COLUMNS = (
-    "op", "provider", "mode", "shape", "M", "dtype", "p50_ms", "p20_ms", "p80_ms", "tflops", "gbps",
-    "frac_of_peak", "peak_mem_bytes", "gpu", "torch", "triton", "git_sha", "timestamp",
-)  # fmt: skip
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import matmul_peak, write_rows  # noqa: E402
+
 LLAMA3_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
     rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
@@ -140,31 +137,9 @@ def run_provider(provider: str, model_dir: Path, seq_len: int, batch: int, r: in
     return {"times_ms": times, "peak_mem_bytes": torch.cuda.max_memory_allocated(), "loss": float(loss)}
 
 
-def matmul_peak_tflops() -> float:
-    """A large bf16 matmul's TFLOP/s: the run's compute peak."""
-    import triton.testing
-
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    ms = triton.testing.do_bench(lambda: a @ b)
-    return 2 * 8192**3 / (ms * 1e-3) / 1e12
-
-
 def _quantile(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
-
-
-def _env() -> dict[str, str]:
-    import triton
-
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    except OSError:
-        sha = ""
-    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "git_sha": sha, "timestamp": now}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     write_random_llama(args.model_dir, args.layers)
-    peak = matmul_peak_tflops()
-    env, rows, tok_s = _env(), [], {}
+    peak = matmul_peak(torch.bfloat16)
+    rows, tok_s = [], {}
     tokens = args.batch_size * args.seq_len
     for provider in args.providers.split(","):
         cmd = [sys.executable, __file__, "--worker", provider, *[a for a in (argv or sys.argv[1:])]]
@@ -212,19 +187,13 @@ def main(argv: list[str] | None = None) -> int:
             "shape": f"llama3-8b-L{args.layers} r{args.r} all-linear seq{args.seq_len}", "M": tokens,
             "dtype": "nf4+bf16", "p50_ms": f"{p50:.3f}", "p20_ms": f"{_quantile(res['times_ms'], 0.2):.3f}",
             "p80_ms": f"{_quantile(res['times_ms'], 0.8):.3f}", "tflops": f"{tflops:.2f}", "gbps": "",
-            "frac_of_peak": f"{tflops / peak:.3f}", "peak_mem_bytes": res["peak_mem_bytes"], **env,
+            "frac_of_peak": f"{tflops / peak:.3f}", "peak_mem_bytes": res["peak_mem_bytes"],
         })  # fmt: skip
         gib = res["peak_mem_bytes"] / 2**30
         print(f"{provider:12s} {p50:9.1f} ms/step {tok_s[provider]:9.0f} tok/s peak {gib:6.2f} GiB")
     if not rows:
         return 1
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    new = not args.out.exists()
-    with open(args.out, "a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    write_rows(args.out, rows)
     if len(tok_s) == 2:
         print(f"fastpeft / hf_peft_bnb tokens/s: {tok_s['fastpeft'] / tok_s['hf_peft_bnb']:.2f}x")
     return 0
