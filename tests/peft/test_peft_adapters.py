@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import batch, build, max_diff, randomize, twin
+from tiny_models import batch, build, logits, max_diff, randomize, train_steps, twin
 from torch import nn
 
 from fastpeft import AdapterConfig, PeftModel, get_peft_model
@@ -15,11 +15,6 @@ from fastpeft.peft.adapters import AdapterWrapper
 
 ARCHS = ["llama", "qwen2", "mistral", "gpt2", "bert"]
 PLACEMENTS = ["pfeiffer", "houlsby", "parallel"]
-
-
-def _out(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
@@ -31,10 +26,12 @@ def test_fresh_adapter_is_exactly_the_base(arch, placement):
     pm = get_peft_model(model, AdapterConfig(reduction_factor=4, placement=placement, non_linearity="gelu"))
     wrappers = [m for m in pm.modules() if isinstance(m, AdapterWrapper)]
     assert len(wrappers) == 2 * (2 if placement == "houlsby" else 1), f"{arch}/{placement}: {len(wrappers)} wrappers"
-    assert max_diff(_out(pm, inputs), _out(plain, inputs)) == 0.0, f"{arch}/{placement}: fresh adapter is not identity"
+    assert max_diff(logits(pm, inputs), logits(plain, inputs)) == 0.0, (
+        f"{arch}/{placement}: fresh adapter is not identity"
+    )
     randomize(pm, ("bottleneck",), seed=4)
-    assert max_diff(_out(pm, inputs), _out(plain, inputs)) > 1e-3, f"{arch}/{placement}: adapter changed nothing"
-    assert max_diff(_out(pm.unload(), inputs), _out(plain, inputs)) == 0.0, "unload() did not restore the base"
+    assert max_diff(logits(pm, inputs), logits(plain, inputs)) > 1e-3, f"{arch}/{placement}: adapter changed nothing"
+    assert max_diff(logits(pm.unload(), inputs), logits(plain, inputs)) == 0.0, "unload() did not restore the base"
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
@@ -77,19 +74,12 @@ def test_training_save_load_and_unsupported_merge(tmp_path):
     trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
     assert trainable and all(".bottleneck.default." in n for n in trainable), sorted(trainable)[:4]
     inputs = batch(4, 9, seed=8)
-    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=2e-2)
-    losses = []
-    for _ in range(8):
-        loss = pm(**inputs, labels=inputs["input_ids"]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(pm, inputs, 8, lr=2e-2)
     assert losses[-1] < losses[0] - 0.05, f"loss did not go down: {losses}"
     changed = {n for n, p in pm.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed == trainable, f"changed outside the adapter: {sorted(changed - trainable)[:4]}"
     pm.eval()
-    out = _out(pm, inputs)
+    out = logits(pm, inputs)
     pm.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "BOTTLENECK_ADAPTER" and cfg["placement"] == "houlsby"
@@ -102,11 +92,11 @@ def test_training_save_load_and_unsupported_merge(tmp_path):
     ), sorted(keys)
     assert keys["base_model.model.transformer.h.1.mlp.bottleneck.down.weight"].shape == (8, 32)
     again = PeftModel.from_pretrained(twin(plain), tmp_path)
-    assert max_diff(_out(again, inputs), out) == 0.0, "save -> load changed the outputs"
+    assert max_diff(logits(again, inputs), out) == 0.0, "save -> load changed the outputs"
     with pytest.raises(ValueError, match="not applicable"):
         again.merge_and_unload()
     with again.disable_adapter():
-        assert max_diff(_out(again, inputs), _out(plain, inputs)) == 0.0
+        assert max_diff(logits(again, inputs), logits(plain, inputs)) == 0.0
 
 
 def test_two_named_adapters_and_delete():
@@ -115,12 +105,12 @@ def test_two_named_adapters_and_delete():
     pm = get_peft_model(model, AdapterConfig(bottleneck_size=4))
     pm.add_adapter("b", AdapterConfig(bottleneck_size=6))
     randomize(pm, ("bottleneck",), seed=9)
-    out_default = _out(pm, inputs)
+    out_default = logits(pm, inputs)
     pm.set_adapter("b")
-    assert max_diff(_out(pm, inputs), out_default) > 1e-3
+    assert max_diff(logits(pm, inputs), out_default) > 1e-3
     assert all(".bottleneck.b." in n for n, p in pm.named_parameters() if p.requires_grad)
     pm.delete_adapter("b")
-    assert pm.active_adapter == "default" and max_diff(_out(pm, inputs), out_default) == 0.0
+    assert pm.active_adapter == "default" and max_diff(logits(pm, inputs), out_default) == 0.0
 
 
 def test_unknown_architecture_is_named():
@@ -146,12 +136,5 @@ def test_adapters_over_a_quantized_base_train():
     assert isinstance(o_proj, AdapterWrapper) and isinstance(o_proj.base_layer, NF4Linear)
     pm.train()
     inputs = batch(4, 8, seed=10)
-    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=2e-2)
-    losses = []
-    for _ in range(6):
-        loss = pm(**inputs, labels=inputs["input_ids"]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(pm, inputs, 6, lr=2e-2)
     assert losses[-1] < losses[0] - 0.05, f"loss did not go down: {losses}"

@@ -8,7 +8,7 @@ import peft
 import pytest
 import torch
 from safetensors import safe_open
-from tiny_models import batch, build, max_diff, randomize, twin
+from tiny_models import batch, build, logits, max_diff, randomize, train_steps, twin
 from torch import nn
 
 from fastpeft import LoraConfig, PeftModel, get_peft_model
@@ -22,11 +22,6 @@ CASES = [
     ("bert", ["query", "value"], ["classifier"]),
 ]
 ATOL = 1e-5  # same fp32 math in both libraries; only summation order differs
-
-
-def _logits(model, inputs):
-    with torch.no_grad():
-        return model(**inputs).logits
 
 
 def _file(path):
@@ -54,14 +49,14 @@ def test_ours_loads_in_peft_and_back(arch, targets, to_save, tmp_path):
     pm = get_peft_model(base, LoraConfig(r=4, lora_alpha=12, target_modules=targets, modules_to_save=to_save,
                                          init_lora_weights=False))  # fmt: skip
     randomize(pm, ("modules_to_save",), seed=5)  # the saved copy must differ from the frozen original
-    ours = _logits(pm, inputs)
-    assert max_diff(ours, _logits(oracle_base, inputs)) > 1e-3, "the adapter changed nothing"
+    ours = logits(pm, inputs)
+    assert max_diff(ours, logits(oracle_base, inputs)) > 1e-3, "the adapter changed nothing"
     pm.save_pretrained(tmp_path / "ours")
     cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert cfg["peft_type"] == "LORA" and cfg["inference_mode"] is True and cfg["r"] == 4
 
     hf = peft.PeftModel.from_pretrained(oracle_base, tmp_path / "ours").eval()
-    theirs = _logits(hf, inputs)
+    theirs = logits(hf, inputs)
     assert max_diff(ours, theirs) < ATOL, f"{arch}: peft on our file differs by {max_diff(ours, theirs):.3e}"
     hf.save_pretrained(tmp_path / "theirs")
     _same_files(tmp_path / "ours", tmp_path / "theirs", arch)
@@ -75,10 +70,10 @@ def test_peft_file_loads_in_ours(arch, targets, to_save, tmp_path):
     hf = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, use_rslora=True, target_modules=targets,
                                                    init_lora_weights=False))  # fmt: skip
     hf.eval()
-    theirs = _logits(hf, inputs)
+    theirs = logits(hf, inputs)
     hf.save_pretrained(tmp_path / "theirs")
     pm = PeftModel.from_pretrained(ours_base, tmp_path / "theirs")
-    ours = _logits(pm, inputs)
+    ours = logits(pm, inputs)
     assert max_diff(ours, theirs) < ATOL, f"{arch}: our load of peft's file differs by {max_diff(ours, theirs):.3e}"
     assert pm.get_nb_trainable_parameters()[0] == 0, "an adapter loaded for inference must be frozen"
     pm.save_pretrained(tmp_path / "ours")
@@ -95,43 +90,36 @@ def test_training_changes_only_adapter_and_lowers_loss(tmp_path):
     assert names and all(".lora_A.default." in n or ".lora_B.default." in n for n in names), names[:5]
     assert trainable == sum(p.numel() for n, p in pm.named_parameters() if p.requires_grad) and total > trainable
     inputs = batch(4, 9)
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss = pm(**inputs, labels=inputs["input_ids"]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(pm, inputs, 8, lr=1e-2, optimizer=torch.optim.AdamW)
     assert losses[-1] < losses[0] - 0.05, f"loss did not go down: {losses}"
     after = dict(pm.get_base_model().named_parameters())
     for n, p in before.items():
         key = n if n in after else n.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
         assert torch.equal(after[key], p), f"base parameter {n} changed"
     pm.eval()
-    out = _logits(pm, inputs)
+    out = logits(pm, inputs)
     pm.save_pretrained(tmp_path)
     again = PeftModel.from_pretrained(build("llama"), tmp_path)
-    assert max_diff(_logits(again, inputs), out) == 0.0, "save -> load changed the outputs"
+    assert max_diff(logits(again, inputs), out) == 0.0, "save -> load changed the outputs"
 
 
 def test_adapters_by_name_merge_unload_disable(tmp_path):
     model = build("llama")
     plain = twin(model)
     inputs = batch()
-    base_out = _logits(plain, inputs)
+    base_out = logits(plain, inputs)
     pm = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     pm.add_adapter("other", LoraConfig(r=2, lora_alpha=4, target_modules=["o_proj"], init_lora_weights=False))
     assert pm.active_adapter == "default" and set(pm.peft_config) == {"default", "other"}
-    out_default = _logits(pm, inputs)
+    out_default = logits(pm, inputs)
     pm.set_adapter("other")
-    out_other = _logits(pm, inputs)
+    out_other = logits(pm, inputs)
     assert max_diff(out_default, out_other) > 1e-3, "switching adapters changed nothing"
     trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
     assert trainable and all(".other." in n for n in trainable), trainable[:4]
     with pm.disable_adapter():
-        assert max_diff(_logits(pm, inputs), base_out) == 0.0, "disable_adapter() is not the base model"
-    assert max_diff(_logits(pm, inputs), out_other) == 0.0, "leaving disable_adapter() did not restore"
+        assert max_diff(logits(pm, inputs), base_out) == 0.0, "disable_adapter() is not the base model"
+    assert max_diff(logits(pm, inputs), out_other) == 0.0, "leaving disable_adapter() did not restore"
     pm.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "other" / "adapter_config.json").is_file()
     pm.set_adapter("default")
@@ -140,15 +128,15 @@ def test_adapters_by_name_merge_unload_disable(tmp_path):
     assert pm.config is pm.get_base_model().config  # attribute passthrough
     merged = pm.merge_and_unload()
     assert not any("lora" in n for n, _ in merged.named_parameters())
-    assert max_diff(_logits(merged, inputs), out_default) < 1e-5, "merge_and_unload changed the outputs"
+    assert max_diff(logits(merged, inputs), out_default) < 1e-5, "merge_and_unload changed the outputs"
     loaded = PeftModel.from_pretrained(build("llama"), tmp_path / "other", adapter_name="other")
-    assert max_diff(_logits(loaded, inputs), out_other) == 0.0
+    assert max_diff(logits(loaded, inputs), out_other) == 0.0
     loaded.load_adapter(tmp_path, "default")
     both = loaded.merge_and_unload(adapter_names=["default", "other"])
     want = peft.PeftModel.from_pretrained(build("llama"), tmp_path / "other", adapter_name="other")
     want.load_adapter(str(tmp_path), "default")
     want = want.merge_and_unload(adapter_names=["default", "other"])
-    assert max_diff(_logits(both, inputs), _logits(want, inputs)) < 1e-5, "merging two adapters differs from peft"
+    assert max_diff(logits(both, inputs), logits(want, inputs)) < 1e-5, "merging two adapters differs from peft"
 
 
 def test_gpt2_conv1d_unload_gives_conv1d_back():
@@ -156,14 +144,14 @@ def test_gpt2_conv1d_unload_gives_conv1d_back():
 
     model = build("gpt2")
     inputs = batch()
-    base_out = _logits(twin(model), inputs)
+    base_out = logits(twin(model), inputs)
     pm = get_peft_model(model, LoraConfig(r=4, target_modules=["c_attn"], init_lora_weights=False))
-    out = _logits(pm, inputs)
+    out = logits(pm, inputs)
     merged = pm.merge_and_unload()
     assert isinstance(merged.transformer.h[0].attn.c_attn, Conv1D)
-    assert max_diff(_logits(merged, inputs), out) < 1e-5
+    assert max_diff(logits(merged, inputs), out) < 1e-5
     pm2 = get_peft_model(merged, LoraConfig(r=2, target_modules=["c_fc"]))
-    assert max_diff(_logits(pm2.unload(), inputs), out) < 1e-5 and max_diff(out, base_out) > 1e-3
+    assert max_diff(logits(pm2.unload(), inputs), out) < 1e-5 and max_diff(out, base_out) > 1e-3
 
 
 @pytest.mark.parametrize("bias", ["all", "lora_only"])
@@ -184,10 +172,10 @@ def test_bias_modes_match_peft(bias, tmp_path):
         for n, p in ours.named_parameters():
             if p.requires_grad and n.endswith("bias"):
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.1)
-    out = _logits(ours, inputs)
+    out = logits(ours, inputs)
     ours.save_pretrained(tmp_path / "ours")
     hf = peft.PeftModel.from_pretrained(oracle_base, tmp_path / "ours").eval()
-    assert max_diff(out, _logits(hf, inputs)) < ATOL, f"{bias}: peft on our file differs"
+    assert max_diff(out, logits(hf, inputs)) < ATOL, f"{bias}: peft on our file differs"
     hf.save_pretrained(tmp_path / "theirs")
     _same_files(tmp_path / "ours", tmp_path / "theirs", bias)
 
@@ -218,10 +206,10 @@ def test_seq_cls_trains_the_head_like_peft(tmp_path):
     pm = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["query"], init_lora_weights=False))
     assert isinstance(pm.get_base_model().classifier, ModulesToSaveWrapper)
     randomize(pm, ("modules_to_save",), seed=3)
-    ours = _logits(pm, inputs)
+    ours = logits(pm, inputs)
     pm.save_pretrained(tmp_path)
     hf = peft.PeftModel.from_pretrained(oracle_base, tmp_path).eval()
-    assert max_diff(ours, _logits(hf, inputs)) < ATOL
+    assert max_diff(ours, logits(hf, inputs)) < ATOL
 
 
 def test_exclude_and_regex_targets():

@@ -7,7 +7,7 @@ import json
 import peft
 import pytest
 import torch
-from tiny_models import VOCAB, batch, build, max_diff, twin
+from tiny_models import VOCAB, batch, build, max_diff, train_steps, twin
 
 from fastpeft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
@@ -133,14 +133,7 @@ def test_training_moves_only_the_prompt(kind, tmp_path):
     trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
     assert trainable and all(n.startswith("prompt_encoder.default.") for n in trainable), trainable
     inputs = batch(4, 8, seed=9)
-    opt = torch.optim.Adam([p for p in pm.parameters() if p.requires_grad], lr=5e-2)
-    losses = []
-    for _ in range(8):
-        loss = pm(**inputs, labels=inputs["input_ids"]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(pm, inputs, 8, lr=5e-2)
     assert losses[-1] < losses[0] - 0.02, f"{kind}: loss did not go down: {losses}"
     changed = {n for n, p in pm.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed == trainable, f"changed {sorted(changed - trainable)[:4]}, unchanged {sorted(trainable - changed)}"

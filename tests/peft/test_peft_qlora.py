@@ -8,7 +8,7 @@ import weakref
 import pytest
 import torch
 from conftest import assert_close
-from tiny_models import batch, build, max_diff, twin
+from tiny_models import batch, build, max_diff, train_steps, twin
 from torch import nn
 
 from fastpeft import LoraConfig, PeftModel, get_peft_model, quantize_model
@@ -57,14 +57,7 @@ def test_qlora_trains_only_adapter(tmp_path):
     packed = {n: b.clone() for n, b in pm.named_buffers() if n.endswith(".packed")}
     pm.train()
     inputs = batch(4, 9, seed=4)
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-2)
-    losses = []
-    for _ in range(6):
-        loss = pm(**inputs, labels=inputs["input_ids"]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(pm, inputs, 6, lr=2e-2, optimizer=torch.optim.AdamW)
     assert losses[-1] < losses[0] - 0.05, f"QLoRA loss did not go down: {losses}"
     for n, b in pm.named_buffers():
         if n in packed:
@@ -169,14 +162,7 @@ def test_qlora_trains_on_cuda_in_bf16():
     pm = get_peft_model(quantize_model(model), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
     pm.train()
     inputs = {k: v.cuda() for k, v in batch(4, 16, seed=2).items()}
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-2)
-    losses = []
-    for _ in range(6):
-        loss = pm(**inputs, labels=inputs["input_ids"]).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(pm, inputs, 6, lr=2e-2, optimizer=torch.optim.AdamW)
     assert losses[-1] < losses[0] - 0.05, f"QLoRA on CUDA: loss did not go down: {losses}"
 
 

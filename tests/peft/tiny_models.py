@@ -59,5 +59,33 @@ def randomize(module: nn.Module, names: tuple[str, ...], seed: int = 2) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
+def logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits on ``inputs`` without autograd."""
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def train_steps(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    steps: int,
+    lr: float,
+    optimizer: type[torch.optim.Optimizer] = torch.optim.Adam,
+) -> list[float]:
+    """``steps`` optimizer steps on the causal-LM loss of ``inputs`` (labels = input ids); the losses in order.
+
+    Only parameters with ``requires_grad`` are handed to the optimizer.
+    """
+    opt = optimizer([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
