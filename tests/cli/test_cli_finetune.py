@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import assert_close
 from safetensors.torch import load_file
-from tinymodels import qa_records, write_checkpoint, write_jsonl
+from tinymodels import finetune_args, write_checkpoint, write_qa
 
 from fastpeft import train
 from fastpeft.cli import main
@@ -21,15 +21,11 @@ METRIC_FIELDS = ("first_loss", "final_loss", "trainable_params", "peak_memory_by
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny")
-    return {
-        "model": write_checkpoint(root / "model", seed=1),
-        "data": write_jsonl(root / "qa.jsonl", qa_records()),
-    }
+    return {"model": write_checkpoint(root / "model", seed=1), "data": write_qa(root)}
 
 
 def _args(tiny: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return ["finetune", "--model", str(tiny["model"]), "--data", str(tiny["data"]), "--out", str(out),
-            "--batch-size", "4", "--lr", "1e-2", "--no-progress", *extra]  # fmt: skip
+    return finetune_args(tiny["model"], tiny["data"], out, "--batch-size", "4", "--lr", "1e-2", *extra)
 
 
 def _metrics(out: Path) -> dict:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import assert_close
 from safetensors.torch import load_file, save_file
-from tinymodels import qa_records, write_checkpoint, write_jsonl
+from tinymodels import finetune_args, write_checkpoint, write_qa
 
 from fastpeft.cli import main
 from fastpeft.loading import load_causal_lm
@@ -132,10 +132,8 @@ def test_quantize_writes_a_checkpoint_transformers_and_bitsandbytes_load(
 @pytest.fixture(scope="module")
 def qlora_adapter(ckpts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("qlora")
-    data = write_jsonl(root / "qa.jsonl", qa_records())
     out = root / "adapter"
-    args = ["finetune", "--model", str(ckpts["plain"]), "--data", str(data), "--method", "qlora", "--lr", "2e-2",
-            "--max-steps", "6", "--out", str(out), "--no-progress"]  # fmt: skip
+    args = finetune_args(ckpts["plain"], write_qa(root), out, "--method", "qlora", "--lr", "2e-2", "--max-steps", "6")
     assert main(args) == 0
     return out
 
@@ -188,10 +186,8 @@ def test_merge_equals_base_plus_adapter(
 def test_finetune_and_merge_on_a_prequantized_checkpoint(ckpts: dict[str, Path], tmp_path: Path) -> None:
     nf4 = tmp_path / "nf4"
     assert main(["quantize", "--model", str(ckpts["plain"]), "--out", str(nf4), "--compute-dtype", "float32"]) == 0
-    data = write_jsonl(tmp_path / "qa.jsonl", qa_records())
     adapter = tmp_path / "adapter"
-    args = ["finetune", "--model", str(nf4), "--data", str(data), "--method", "lora", "--lr", "2e-2",
-            "--max-steps", "4", "--out", str(adapter), "--no-progress"]  # fmt: skip
+    args = finetune_args(nf4, write_qa(tmp_path), adapter, "--method", "lora", "--lr", "2e-2", "--max-steps", "4")
     assert main(args) == 0
     assert json.loads((adapter / "metrics.json").read_text())["method"] == "qlora"
     merged_dir = tmp_path / "merged"

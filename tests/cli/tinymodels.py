@@ -55,6 +55,16 @@ def qa_records(n: int = 12) -> list[dict]:
     return [{"prompt": f"say {w}: ", "completion": f"{w} {w}."} for w in (words * 2)[:n]]
 
 
+def write_qa(directory: Path) -> Path:
+    """``qa_records()`` as ``directory / "qa.jsonl"``: the training file of the finetune runs."""
+    return write_jsonl(directory / "qa.jsonl", qa_records())
+
+
+def finetune_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """``fastpeft finetune`` arguments for ``model`` trained on ``data`` into ``out``, progress bar off."""
+    return ["finetune", "--model", str(model), "--data", str(data), "--out", str(out), "--no-progress", *extra]
+
+
 def listing(directory: Path) -> dict[str, bytes]:
     """Every file under ``directory`` with its bytes (to show a directory was left untouched)."""
     if not directory.exists():
