@@ -7,7 +7,18 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny_models import batch, build, logits, max_diff, randomize, train_steps, twin
+from tiny_models import (
+    batch,
+    build,
+    changed_since,
+    logits,
+    max_diff,
+    randomize,
+    snapshot,
+    train_steps,
+    trainable_names,
+    twin,
+)
 from torch import nn
 
 from fastpeft import AdapterConfig, PeftModel, get_peft_model
@@ -70,13 +81,12 @@ def test_training_save_load_and_unsupported_merge(tmp_path):
     pm = get_peft_model(model, AdapterConfig(bottleneck_size=8, placement="houlsby", target_layers=[1]))
     assert not any(isinstance(m, AdapterWrapper) for m in pm.get_base_model().transformer.h[0].modules())
     pm.train()
-    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
-    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    before, trainable = snapshot(pm), trainable_names(pm)
     assert trainable and all(".bottleneck.default." in n for n in trainable), sorted(trainable)[:4]
     inputs = batch(4, 9, seed=8)
     losses = train_steps(pm, inputs, 8, lr=2e-2)
     assert losses[-1] < losses[0] - 0.05, f"loss did not go down: {losses}"
-    changed = {n for n, p in pm.named_parameters() if not torch.equal(p.detach(), before[n])}
+    changed = changed_since(pm, before)
     assert changed == trainable, f"changed outside the adapter: {sorted(changed - trainable)[:4]}"
     pm.eval()
     out = logits(pm, inputs)

@@ -7,7 +7,7 @@ import json
 import peft
 import pytest
 import torch
-from tiny_models import VOCAB, batch, build, max_diff, train_steps, twin
+from tiny_models import VOCAB, batch, build, changed_since, max_diff, snapshot, train_steps, trainable_names, twin
 
 from fastpeft import PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
@@ -129,13 +129,12 @@ def test_training_moves_only_the_prompt(kind, tmp_path):
     kw, ours_cls, _ = _configs(kind)
     pm = get_peft_model(build("llama"), ours_cls(**kw))
     pm.train()
-    before = {n: p.detach().clone() for n, p in pm.named_parameters()}
-    trainable = {n for n, p in pm.named_parameters() if p.requires_grad}
+    before, trainable = snapshot(pm), trainable_names(pm)
     assert trainable and all(n.startswith("prompt_encoder.default.") for n in trainable), trainable
     inputs = batch(4, 8, seed=9)
     losses = train_steps(pm, inputs, 8, lr=5e-2)
     assert losses[-1] < losses[0] - 0.02, f"{kind}: loss did not go down: {losses}"
-    changed = {n for n, p in pm.named_parameters() if not torch.equal(p.detach(), before[n])}
+    changed = changed_since(pm, before)
     assert changed == trainable, f"changed {sorted(changed - trainable)[:4]}, unchanged {sorted(trainable - changed)}"
     pm.eval()
     logits, _ = _run(pm, inputs)

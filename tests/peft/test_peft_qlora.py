@@ -8,7 +8,7 @@ import weakref
 import pytest
 import torch
 from conftest import assert_close
-from tiny_models import batch, build, max_diff, train_steps, twin
+from tiny_models import batch, build, changed_since, max_diff, snapshot, train_steps, twin
 from torch import nn
 
 from fastpeft import LoraConfig, PeftModel, get_peft_model, quantize_model
@@ -116,7 +116,7 @@ def test_transformers_trainer_trains_a_peft_model(tmp_path):
     from transformers import Trainer, TrainingArguments
 
     pm = get_peft_model(build("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    start = {n: p.detach().clone() for n, p in pm.named_parameters()}
+    start = snapshot(pm)
     g = torch.Generator().manual_seed(7)
     rows = [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
             for ids in torch.randint(3, 96, (16, 10), generator=g)]  # fmt: skip
@@ -126,7 +126,7 @@ def test_transformers_trainer_trains_a_peft_model(tmp_path):
     trainer = Trainer(model=pm, args=args, train_dataset=rows)
     result = trainer.train()
     assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
-    changed = {n for n, p in pm.named_parameters() if not torch.equal(p.detach(), start[n])}
+    changed = changed_since(pm, start)
     assert changed and all("lora_" in n for n in changed), sorted(changed)[:5]
 
 

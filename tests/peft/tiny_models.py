@@ -87,5 +87,20 @@ def train_steps(
     return losses
 
 
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached copy of every parameter, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def changed_since(model: nn.Module, before: dict[str, torch.Tensor]) -> set[str]:
+    """Names of the parameters whose values differ from ``before`` (a ``snapshot`` of the same model)."""
+    return {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+
+
+def trainable_names(model: nn.Module) -> set[str]:
+    """Names of the parameters with ``requires_grad``."""
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
