@@ -81,9 +81,9 @@ def _providers(layer: _Layer, names: tuple[str, ...]) -> Iterator[tuple[str, Cal
     if "fastpeft-nf4" in names:
         yield "fastpeft-nf4", lambda x: lora_linear(x, None, None, a, b, s, nf4=args)
     if "fastpeft-nf4-nolora" in names:
-        from fastpeft.kernels.lora_linear import _base_fwd
+        from fastpeft.kernels.lora_linear import nf4_linear_fwd
 
-        yield "fastpeft-nf4-nolora", lambda x: _base_fwd(x, None, args)
+        yield "fastpeft-nf4-nolora", lambda x: nf4_linear_fwd(x, None, args)
     if "fastpeft-dense" in names:
         yield "fastpeft-dense", lambda x: lora_linear(x, layer.weight, None, a, b, s)
     if "torch-dense" in names:

@@ -195,6 +195,30 @@ def lora_linear_bwd_reference(
     return dx, da, db, dbias
 
 
+def nf4_linear_fwd_reference(x: torch.Tensor, bias: torch.Tensor | None, nf4: NF4Args) -> torch.Tensor:
+    """``Y = X·dequant(W)ᵀ + bias`` for an NF4 ``W [N, K]``: the base-only linear, no LoRA.
+
+    Args:
+        x: ``[M, K]``. bias: ``[N]`` or None. nf4: the quantized ``[N, K]`` weight.
+
+    Returns:
+        ``y [M, N]`` in x's dtype. W is dequantized in float32 and rounded to x's dtype (the operand the
+        kernel's MMA takes), the product accumulated in float32 (float64 stays float64).
+    """
+    acc = _acc(x)
+    y = x.to(acc) @ _base_weight(None, nf4, acc).to(x.dtype).to(acc).t()
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype)
+
+
+def nf4_linear_bwd_dx_reference(dy: torch.Tensor, nf4: NF4Args) -> torch.Tensor:
+    """``dX = dY·dequant(W)`` ``[M, K]`` in dy's dtype: the input gradient of ``nf4_linear_fwd`` (W, frozen,
+    gets none; dbias is ``Σ_m dY``). W rounded to dy's dtype, accumulated in float32, as in the forward."""
+    acc = _acc(dy)
+    return (dy.to(acc) @ _base_weight(None, nf4, acc).to(dy.dtype).to(acc)).to(dy.dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # Bottleneck adapter (kernels/adapter.py)
 # ----------------------------------------------------------------------------------------------

@@ -198,14 +198,16 @@ def test_strided_inputs():
 
 
 class _Spy:
-    """Wraps a jit function: records the constexprs and grid of every launch, then runs it."""
+    """Wraps a jit function: records the grid and constexprs of every launch (and the tensor arguments'
+    dtypes, the pointer types of the compiled signature), then runs it."""
 
     def __init__(self, fn):
-        self.fn, self.launches = fn, []
+        self.fn, self.launches, self.arg_dtypes = fn, [], []
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.launches.append((grid, kwargs))
+            self.arg_dtypes.append(tuple(a.dtype if isinstance(a, torch.Tensor) else None for a in args))
             return self.fn[grid](*args, **kwargs)
 
         return launch
@@ -328,10 +330,102 @@ def test_cuda_other_dtypes(dtype):
     _check_bwd(prob, u, f"cuda {dtype}")
 
 
-@pytest.mark.parametrize("m", [2, 33])
-def test_base_only_gemm_is_the_op_without_lora(m):
-    # the benchmarks' no-LoRA baseline: X·Wᵀ through the same GEMM, on both dispatch paths
-    prob = _problem(m, 130, 67, 8, torch.float32, "nf4dq", bias=False, seed=20 + m)
-    base = L._base_fwd(prob["x"], None, prob["nf4"])
-    w = _dense_w(prob, torch.float32)
-    assert_oracle(base, prob["x"].double() @ w.double().t(), F.linear(prob["x"], w), msg=f"base-only GEMM, M={m}")
+# ----------------------------------------------------------------------------------------------
+# the base-only NF4 linear: nf4_linear_fwd / nf4_linear_bwd_dx (the same GEMM with R = 0)
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_nf4_linear(prob, where: str) -> None:
+    """Y and dX of the base-only launchers against the oracle (eager: NF4 dequantized to x's dtype, F.linear)."""
+    x, bias, dy, nf4 = prob["x"], prob["bias"], prob["dy"], prob["nf4"]
+    m, n = dy.shape
+    w = _dense_w(prob, x.dtype)
+    y = L.nf4_linear_fwd(x, bias, nf4)
+    assert y.shape == (m, n) and y.dtype == x.dtype, f"{where}: y {tuple(y.shape)} {y.dtype}"
+    exact_y = reference.nf4_linear_fwd_reference(x.double(), _as(bias, torch.float64), nf4)
+    assert_oracle(y, exact_y, F.linear(x, w, bias), msg=f"{where}: y")
+    dx = L.nf4_linear_bwd_dx(dy, nf4)
+    assert dx.shape == x.shape and dx.dtype == dy.dtype, f"{where}: dx {tuple(dx.shape)} {dx.dtype}"
+    exact_dx = reference.nf4_linear_bwd_dx_reference(dy.double(), nf4)
+    assert_oracle(dx, exact_dx, dy @ w, msg=f"{where}: dx")
+
+
+# (M, K, N): M on both sides of SMALL_M_MAX and past one tiled row block; K and N off every tile and 64
+NF4_LINEAR_SHAPES = [(1, 96, 80), (17, 130, 67), (257, 70, 33)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("w_kind", ["nf4", "nf4dq"])
+@pytest.mark.parametrize("shape", NF4_LINEAR_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_nf4_linear_matches_oracle(shape, w_kind, dtype):
+    m, k, n = shape
+    bias = NF4_LINEAR_SHAPES.index(shape) != 1  # one shape without bias
+    prob = _problem(m, k, n, 1, dtype, w_kind, bias=bias, seed=hash((shape, w_kind, str(dtype))) % 2**31)
+    _check_nf4_linear(prob, f"nf4_linear M={m} K={k} N={n} {w_kind} {dtype} bias={bias}")
+
+
+@pytest.mark.parametrize("blocksize", [128, 256])
+def test_nf4_linear_other_blocksizes_and_strided_operands(blocksize):
+    # absmax blocks straddled at other places; x a column slice and dy a transposed copy: strides, no copies
+    prob = _problem(19, 200, 45, 1, torch.float16, "nf4dq", seed=blocksize, blocksize=blocksize)
+    g = _gen(blocksize + 1)
+    prob["x"] = torch.randn(19, 230, generator=g).to(DEVICE, torch.float16)[:, 20:220]
+    prob["dy"] = torch.randn(45, 19, generator=g).to(DEVICE, torch.float16).t()
+    assert not prob["x"].is_contiguous() and not prob["dy"].is_contiguous()
+    _check_nf4_linear(prob, f"nf4_linear blocksize {blocksize}, strided")
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="inspects the interpreter's fixed configurations")
+@pytest.mark.parametrize("path", ["small", "tiled"])
+@pytest.mark.parametrize("m", [5, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nf4_linear_dispatch_paths_run_the_lora_binaries(monkeypatch, path, m, dtype):
+    # each M on each path; every launch must be the LoRA op's launch of the same path (same constexprs,
+    # same pointer types), so the base-only linear runs binaries the compile gate already checks
+    monkeypatch.setattr(L, "SMALL_M_MAX", 10_000 if path == "small" else 0)
+    spy = _Spy(L._lora_gemm_kernel)
+    monkeypatch.setattr(L, "_lora_gemm_kernel", spy)
+    prob = _problem(m, 130, 67, 16, dtype, "nf4dq", p=0.3, seed=m + 7)
+    _check_nf4_linear(prob, f"nf4_linear {path} path, M={m} {dtype}")
+    base = list(zip(spy.launches, spy.arg_dtypes, strict=True))
+    spy.launches.clear()
+    spy.arg_dtypes.clear()
+    _, u = L.lora_linear_fwd(*_fwd_args(prob), **_fwd_kwargs(prob))
+    L.lora_linear_bwd(*_bwd_args(prob, u), **_fwd_kwargs(prob), needs_da=False, needs_db=False)
+    lora = list(zip(spy.launches, spy.arg_dtypes, strict=True))
+    assert len(base) == len(lora) == 2, (base, lora)  # Y and dX
+    for what, ((_, base_kw), base_types), ((_, lora_kw), lora_types) in zip(("y", "dx"), base, lora, strict=True):
+        assert base_kw["ATOMIC_OUT"] == (path == "small"), f"{what}: {base_kw}"
+        assert base_kw == lora_kw, f"{what}: base-only constexprs {base_kw} != the LoRA op's {lora_kw}"
+        assert base_types == lora_types, f"{what}: base-only pointer types {base_types} != the LoRA op's {lora_types}"
+
+
+def test_nf4_linear_launchers_reject_bad_input():
+    prob = _problem(4, 70, 33, 1, torch.float32, "nf4dq", seed=16)
+    x, bias, dy, nf4 = prob["x"], prob["bias"], prob["dy"], prob["nf4"]
+    with pytest.raises(ValueError, match="x must be a non-empty"):
+        L.nf4_linear_fwd(x[:0], bias, nf4)
+    with pytest.raises(TypeError, match="x must be float32"):
+        L.nf4_linear_fwd(x.double(), bias, nf4)
+    with pytest.raises(ValueError, match="nf4.shape is"):
+        L.nf4_linear_fwd(x[:, :69], bias, nf4)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        L.nf4_linear_fwd(x, bias[:5], nf4)
+    with pytest.raises(TypeError, match="bias must have x's dtype"):
+        L.nf4_linear_fwd(x, bias.half(), nf4)
+    with pytest.raises(TypeError, match="nf4 must be an NF4Args"):
+        L.nf4_linear_fwd(x, bias, (nf4.packed, nf4.absmax))
+    with pytest.raises(ValueError, match="packed has"):
+        L.nf4_linear_fwd(x, bias, nf4._replace(packed=nf4.packed[:-1]))
+    with pytest.raises(ValueError, match="dy has N=32"):
+        L.nf4_linear_bwd_dx(dy[:, :32], nf4)
+    with pytest.raises(TypeError, match="dy must be float32"):
+        L.nf4_linear_bwd_dx(dy.double(), nf4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("w_kind", ["nf4", "nf4dq"])
+@pytest.mark.parametrize("m", [1, 16, 17, 300, 2049])
+def test_cuda_bf16_nf4_linear_matches_oracle(w_kind, m):
+    prob = _problem(m, 4096 // 4 + 64 + 3, 1024 // 4 + 3, 1, torch.bfloat16, w_kind, seed=m, device="cuda")
+    _check_nf4_linear(prob, f"cuda bf16 nf4_linear M={m} {w_kind}")

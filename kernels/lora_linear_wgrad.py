@@ -1,4 +1,4 @@
-"""Backward weight gradients of the fused LoRA linear: ``dA``, ``dB`` and ``dbias`` (see ``lora_linear.py``).
+"""Weight-gradient kernel of the fused LoRA linear: ``dA``, ``dB`` and ``dbias`` (see ``lora_linear.py``).
 
 ``dA = s·Gᵀ·drop(X) [R, K]`` and ``dB = s·dYᵀ·U [N, R]`` are reductions over the M rows of skinny
 operands, so ``_lora_wgrad_kernel`` computes ``(keep ⊙ X)ᵀ·G`` for one slice of rows per program (a
@@ -8,8 +8,8 @@ finishes each reduction: no atomics, so results are deterministic run to run. Th
 chosen by rule so the grid fills the device. ``G`` is float32; for a 16-bit MMA it is split as
 ``hi + lo`` (two MMAs), which keeps its float32 accuracy.
 
-``lora_linear_bwd`` (re-exported by ``fastpeft.kernels.lora_linear``) runs ``G = dY·B`` and
-``dX = dY·W + s·D/(1-p) ⊙ (G·A)`` through the forward module's kernels, then these reductions.
+``lora_linear_bwd`` (in ``lora_linear.py``) runs ``G = dY·B`` and ``dX = dY·W + s·D/(1-p) ⊙ (G·A)``
+through ``lora_linear_kernels.py``, then these reductions through ``_wgrad``.
 """
 
 from __future__ import annotations
@@ -19,22 +19,9 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels._gate import GateCase
-from fastpeft.kernels.formats import NF4Args
-from fastpeft.kernels.lora_linear import (
-    _GATE_TYPES,
-    _block_r,
-    _check_args,
-    _check_tensor,
-    _dot_precision,
-    _gemm,
-    _interpreting,
-    _keep,
-    _skinny,
-    _target_programs,
-    _w_operand,
-)
+from fastpeft.kernels.lora_linear_kernels import _GATE_TYPES, _block_r, _dot_precision, _interpreting, _target_programs
 
-__all__ = ["compile_gate_cases", "lora_linear_bwd"]
+__all__ = ["compile_gate_cases"]
 
 # ----------------------------------------------------------------------------------------------
 # kernel
@@ -94,7 +81,7 @@ def _lora_wgrad_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# launchers
+# launch helper
 # ----------------------------------------------------------------------------------------------
 
 
@@ -132,68 +119,6 @@ def _wgrad(
     )  # fmt: skip
     # the few per-slice partials are summed by torch: a [splits, P, R] reduction, no atomics
     return part.sum(0), (sums.sum(0) if colsum else None)
-
-
-def lora_linear_bwd(
-    dy: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor | None,
-    lora_a: torch.Tensor,
-    lora_b: torch.Tensor,
-    u: torch.Tensor,
-    scaling: float,
-    *,
-    nf4: NF4Args | None = None,
-    dropout_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    needs_dx: bool = True,
-    needs_da: bool = True,
-    needs_db: bool = True,
-    needs_dbias: bool = False,
-) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of ``lora_linear_fwd`` (contract: ``lora_linear_bwd_reference``; the frozen W gets none).
-
-    With ``G = dY·B [M, R]`` (float32)::
-
-        dX    = dY·W + s·mask/(1-p) ⊙ (G·A)     [M, K]   (W dequantized again in the kernel)
-        dA    = s·Gᵀ·drop(X)                    [R, K]
-        dB    = s·dYᵀ·U                         [N, R]
-        dbias = Σ_m dY                          [N]
-
-    Args:
-        dy: ``[M, N]`` in x's dtype. x, weight, lora_a, lora_b, nf4, dropout_mask, dropout_p: as in the
-            forward. u: the forward's ``[M, R]``. scaling: ``s``.
-        needs_dx, needs_da, needs_db, needs_dbias: which gradients to compute (the rest is skipped).
-
-    Returns:
-        ``(dx, da, db, dbias)`` in the dtypes of ``x, lora_a, lora_b, dy``; None where not asked.
-    """
-    m, k, n, r = _check_args(x, weight, None, lora_a, lora_b, nf4, dropout_mask, dropout_p)
-    _check_tensor("dy", dy, (m, n), x)
-    _check_tensor("u", u, (m, r), x)
-    keep = _keep(dropout_mask, x.device)
-    inv_keep = 1.0 / (1.0 - dropout_p) if keep[1] else 1.0
-    dx = da = db = dbias = None
-    g = None
-    if needs_dx or needs_da:
-        # -- G = dY·B: MAT[n, r] = B[n, r] --
-        g = _skinny(dy, lora_b, (lora_b.stride(0), lora_b.stride(1)), _keep(None, x.device), 1.0, r)
-    if needs_dx:
-        # -- dX = dY·W + s/(1-p)·keep ⊙ (G·A): W read as Wt[n, k], Rt[r, k] = A[r, k] --
-        w_args = _w_operand(weight, nf4, x.device, transposed=True)
-        dx = _gemm(dy, w_args, g, lora_a, (lora_a.stride(0), lora_a.stride(1)), None, keep, scaling * inv_keep, k)
-    if needs_da:
-        part, _ = _wgrad(x, g, keep, colsum=False)
-        da = (part.t() * (scaling * inv_keep)).to(lora_a.dtype).contiguous()
-    if needs_db:
-        part, sums = _wgrad(dy, u, _keep(None, x.device), colsum=needs_dbias)
-        db = (part * scaling).to(lora_b.dtype)
-        if needs_dbias:
-            dbias = sums.to(dy.dtype)
-    elif needs_dbias:
-        # without dB there is no pass over dY to fuse the column sums into; torch's reduction reads dY once
-        dbias = dy.sum(0, dtype=torch.float32).to(dy.dtype)
-    return dx, da, db, dbias
 
 
 # ----------------------------------------------------------------------------------------------
