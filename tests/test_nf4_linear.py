@@ -237,16 +237,30 @@ def test_kernel_args_describe_the_weight():
         quantize_nf4(torch.randn(4, 8, 8)).kernel_args()
 
 
-def test_triton_backend_through_the_interpreter(monkeypatch):
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_backend_through_the_interpreter(monkeypatch, double_quant, dtype):
+    # the Triton path runs the fused GEMM forward and backward, never the standalone dequantize: the dense
+    # weight is not materialized; results match the reference path
+    from fastpeft.kernels import lora_linear as lora_kernels
     from fastpeft.kernels import nf4 as nf4_kernels
 
-    calls = []
-    real = nf4_kernels.nf4_dequantize
-    monkeypatch.setattr(nf4_kernels, "nf4_dequantize", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    layer = NF4Linear.from_linear(_linear(129, 65, seed=81))
+    calls = {"fwd": 0, "bwd_dx": 0, "dequantize": 0}
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(lora_kernels, "nf4_linear_fwd", counted("fwd", lora_kernels.nf4_linear_fwd))
+    monkeypatch.setattr(lora_kernels, "nf4_linear_bwd_dx", counted("bwd_dx", lora_kernels.nf4_linear_bwd_dx))
+    monkeypatch.setattr(nf4_kernels, "nf4_dequantize", counted("dequantize", nf4_kernels.nf4_dequantize))
+    layer = NF4Linear.from_linear(_linear(129, 65, seed=81), double_quant=double_quant).to(dtype)
     layer.bias.requires_grad_(True)
-    x = torch.randn(5, 129, generator=_gen(82))
-    dy = torch.randn(5, 65, generator=_gen(83))
+    x = torch.randn(2, 9, 129, generator=_gen(82)).to(dtype)  # M = 18 rows: the tiled path
+    dy = torch.randn(2, 9, 65, generator=_gen(83)).to(dtype)
     results = []
     for backend in ("reference", "triton"):
         monkeypatch.setenv("FASTPEFT_BACKEND", backend)
@@ -255,6 +269,37 @@ def test_triton_backend_through_the_interpreter(monkeypatch):
         y = layer(xx)
         y.backward(dy)
         results.append((y.detach(), xx.grad, layer.bias.grad.clone()))
-    assert len(calls) == 2, f"the Triton dequantize ran {len(calls)} times, expected forward + backward"
-    for what, got, want in zip(("y", "dx", "dbias"), results[1], results[0], strict=True):
-        assert_close(got, want, msg=f"triton backend {what}")
+    assert calls == {"fwd": 1, "bwd_dx": 1, "dequantize": 0}, f"launches on the Triton path: {calls}"
+    w = layer.dequantize(torch.float64)
+    exact = (x.double() @ w.t() + layer.bias.detach().double(), dy.double() @ w, dy.double().sum((0, 1)))
+    for what, got, want, ex in zip(("y", "dx", "dbias"), results[1], results[0], exact, strict=True):
+        assert got.shape == want.shape and got.dtype == want.dtype, f"{what}: {got.shape} {got.dtype}"
+        # both paths round W to the input dtype and accumulate in float32: within twice the reference's error
+        assert_oracle(got, ex, want, msg=f"triton backend {what}, {dtype}, double_quant={double_quant}")
+
+
+def test_empty_batch_and_float64_take_no_kernel(monkeypatch):
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    layer = NF4Linear.from_linear(_linear(70, 33, seed=84))
+    x = torch.randn(0, 70, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 33)
+    y.sum().backward()
+    assert x.grad.shape == (0, 70)
+    # float64 (gradcheck) has no kernel: the reference runs on every backend
+    x64 = torch.randn(3, 70, dtype=torch.float64, generator=_gen(85), requires_grad=True)
+    layer64 = NF4Linear.from_linear(_linear(70, 33, seed=84)).double()
+    assert torch.autograd.gradcheck(lambda t: layer64(t), (x64,))
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_ops_pass_torch_library_opcheck(double_quant):
+    # schema, fake (meta) implementation and autograd registration of both ops, as torch.compile needs them
+    from fastpeft.ops.lora import _flat_nf4, nf4_linear_bwd_dx, nf4_linear_op
+
+    layer = NF4Linear.from_linear(_linear(70, 33, seed=86), double_quant=double_quant)
+    flat = _flat_nf4(layer.kernel_args())
+    x = torch.randn(5, 70, generator=_gen(87), requires_grad=True)
+    bias = layer.bias.detach().clone().requires_grad_(True)
+    torch.library.opcheck(nf4_linear_op, (x, bias, *flat))
+    torch.library.opcheck(nf4_linear_bwd_dx, (torch.randn(5, 33, generator=_gen(88)), *flat))

@@ -9,8 +9,10 @@ Forward and backward run ``fastpeft.kernels.lora_linear`` on CUDA (or with ``FAS
 and ``fastpeft.kernels.reference`` otherwise. ``NF4Args`` is flattened into tensor and int arguments
 because an op schema cannot carry a NamedTuple. ``W`` is frozen: it never receives a gradient.
 
-``nf4_linear`` is ``X·dequant(W)ᵀ + bias`` for a plain NF4 layer; its backward dequantizes ``W``
-again instead of keeping the dense weight alive between forward and backward (the QLoRA memory saving).
+``nf4_linear`` is ``X·dequant(W)ᵀ + bias`` for a plain NF4 layer. On the Triton path its forward and its
+``dX = dY·dequant(W)`` run the fused GEMM with ``W`` dequantized tile by tile in registers, so no dense
+weight is ever materialized, let alone kept alive between forward and backward (the QLoRA memory saving);
+the reference path dequantizes in each call.
 """
 
 from __future__ import annotations
@@ -18,12 +20,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from fastpeft.kernels import reference
 from fastpeft.kernels.formats import FLOAT_DTYPES, NESTED_BLOCKSIZE, NF4Args
 from fastpeft.ops._dispatch import use_triton
-from fastpeft.ops.nf4 import nf4_dequantize
 
 __all__ = ["lora_linear", "make_dropout_mask", "nf4_linear"]
 
@@ -265,13 +265,9 @@ def lora_linear(
 # ----------------------------------------------------------------------------------------------
 
 
-def _dequant(x: Tensor, nf4: NF4Args) -> Tensor:
-    """``W [N, K]`` in x's dtype (float64, for gradcheck, by an exact cast of the float32 values)."""
-    n, k = nf4.shape
-    dtype = x.dtype if x.dtype in FLOAT_DTYPES else torch.float32
-    w = nf4_dequantize(nf4.packed, nf4.absmax, n * k, dtype, nf4.blocksize, nf4.nested_absmax, nf4.offset,
-                       nf4.quant_map, nf4.nested_quant_map, nf4.nested_blocksize)  # fmt: skip
-    return w.view(n, k).to(x.dtype)
+def _nf4_triton(t: Tensor) -> bool:
+    # float64 (gradcheck) has no kernel: it takes the reference on every device
+    return use_triton(t) and t.dtype in FLOAT_DTYPES
 
 
 @torch.library.custom_op("fastpeft::nf4_linear", mutates_args=())
@@ -289,15 +285,51 @@ def nf4_linear_op(
     nested_quant_map: Tensor | None,
     nested_blocksize: int,
 ) -> Tensor:
-    """``X [M, K] · dequant(W)ᵀ + bias -> [M, N]`` in x's dtype."""
+    """``X [M, K] · dequant(W)ᵀ + bias -> [M, N]`` in x's dtype; see ``nf4_linear_fwd_reference``."""
+    if x.shape[0] == 0:  # an empty batch: nothing to launch (the kernels take non-empty matrices)
+        return x.new_empty((0, n))
     nf4 = _nf4(packed, absmax, n, k, blocksize, nested_absmax, offset, quant_map, nested_quant_map, nested_blocksize)
-    return F.linear(x, _dequant(x, nf4), bias)
+    if _nf4_triton(x):
+        from fastpeft.kernels.lora_linear import nf4_linear_fwd as launch
+    else:
+        launch = reference.nf4_linear_fwd_reference
+    return launch(x, bias, nf4)
 
 
 @nf4_linear_op.register_fake
 def _(x, bias, packed, absmax, n, k, blocksize, nested_absmax, offset, quant_map, nested_quant_map,
       nested_blocksize):  # fmt: skip
     return x.new_empty((x.shape[0], n))
+
+
+@torch.library.custom_op("fastpeft::nf4_linear_bwd_dx", mutates_args=())
+def nf4_linear_bwd_dx(
+    dy: Tensor,
+    packed: Tensor,
+    absmax: Tensor,
+    n: int,
+    k: int,
+    blocksize: int,
+    nested_absmax: Tensor | None,
+    offset: Tensor | None,
+    quant_map: Tensor | None,
+    nested_quant_map: Tensor | None,
+    nested_blocksize: int,
+) -> Tensor:
+    """``dY [M, N] · dequant(W) -> dX [M, K]`` in dy's dtype; see ``nf4_linear_bwd_dx_reference``."""
+    if dy.shape[0] == 0:
+        return dy.new_empty((0, k))
+    nf4 = _nf4(packed, absmax, n, k, blocksize, nested_absmax, offset, quant_map, nested_quant_map, nested_blocksize)
+    if _nf4_triton(dy):
+        from fastpeft.kernels.lora_linear import nf4_linear_bwd_dx as launch
+    else:
+        launch = reference.nf4_linear_bwd_dx_reference
+    return launch(dy, nf4)
+
+
+@nf4_linear_bwd_dx.register_fake
+def _(dy, packed, absmax, n, k, blocksize, nested_absmax, offset, quant_map, nested_quant_map, nested_blocksize):
+    return dy.new_empty((dy.shape[0], k))
 
 
 def _nf4_setup_context(ctx, inputs: Sequence, output: Tensor) -> None:
@@ -308,14 +340,16 @@ def _nf4_setup_context(ctx, inputs: Sequence, output: Tensor) -> None:
 
 
 def _nf4_backward(ctx, dy: Tensor) -> tuple:
-    """dX = dY·dequant(W) (W dequantized again, not kept), dbias = Σ_m dY; W gets none."""
+    """dX = dY·dequant(W) (W dequantized again, never kept), dbias = Σ_m dY; W gets none."""
     needs = ctx.needs_input_grad
     packed, absmax, nested_absmax, offset, quant_map, nested_quant_map = ctx.saved_tensors
     n, k, blocksize, nested_blocksize = ctx.consts
-    nf4 = NF4Args(packed, absmax, (n, k), blocksize, nested_absmax, offset, quant_map, nested_quant_map,
-                  nested_blocksize)  # fmt: skip
-    dx = dy @ _dequant(dy, nf4) if needs[0] else None
-    dbias = dy.sum(0) if needs[1] else None
+    dx = dbias = None
+    if needs[0]:
+        dx = nf4_linear_bwd_dx(dy, packed, absmax, n, k, blocksize, nested_absmax, offset, quant_map,
+                               nested_quant_map, nested_blocksize)  # fmt: skip
+    if needs[1]:
+        dbias = dy.sum(0)
     return (dx, dbias) + (None,) * 10
 
 
