@@ -4,8 +4,14 @@ Providers (a provider whose package is missing is skipped with a notice):
 
 * ``fastpeft-nf4``: ``fastpeft.ops.lora.lora_linear`` on an NF4 (double-quantized) base: the fused
   dequantize-in-registers GEMM with the LoRA epilogue.
-* ``fastpeft-nf4-nolora``: the same GEMM without the LoRA epilogue (forward only): the LoRA overhead
-  is ``fastpeft-nf4 / fastpeft-nf4-nolora - 1`` (goal: <= 5% at M >= 2048, <= 10% at M <= 64).
+* ``fastpeft-nf4-nolora``: ``fastpeft.ops.lora.nf4_linear``, the same compiled GEMM with R = 0 (no LoRA
+  term; its backward is dX alone): the LoRA overhead is ``fastpeft-nf4 / fastpeft-nf4-nolora - 1`` in the
+  forward (goal: <= 5% at M >= 2048, <= 10% at M <= 64).
+* ``fastpeft-dequant-cublas``: dequantize-once: NF4 -> the input dtype with fastpeft's dequantize kernel
+  every call, then cuBLAS ``F.linear`` + the LoRA term; autograd keeps the dense W for dX (its memory
+  shows in ``peak_mem_bytes``). Beside ``fastpeft-nf4`` it measures where, as M grows, a dense cuBLAS
+  GEMM after one dequantize pass overtakes the fused kernel's in-register dequantize: the data for a
+  large-M dispatch rule (DESIGN.md: QLoRA fwd+bwd at M = 8192, dequant-once + cuBLAS ≈ 0.96x dense).
 * ``fastpeft-dense``: the same op on a dense 16-bit base.
 * ``torch-dense``: ``F.linear`` on the dense 16-bit weight + two ``F.linear`` for LoRA (cuBLAS).
 * ``torch-dequant-nf4``: dequantize the NF4 weight with fastpeft's reference (torch eager ops) every
@@ -48,12 +54,15 @@ M_VALUES = (1, 16, 64, 256, 2048, 8192)
 PROVIDERS = (
     "fastpeft-nf4",
     "fastpeft-nf4-nolora",
+    "fastpeft-dequant-cublas",
     "fastpeft-dense",
     "torch-dense",
     "torch-dequant-nf4",
     "bnb-peft-nf4",
 )
-FWD_ONLY = ("fastpeft-nf4-nolora",)
+# providers whose base is the NF4 weight (bytes counted as stored) and those without a LoRA term
+NF4_BASE = ("fastpeft-nf4", "fastpeft-nf4-nolora", "fastpeft-dequant-cublas", "torch-dequant-nf4", "bnb-peft-nf4")
+NO_LORA = ("fastpeft-nf4-nolora",)
 MODES = ("fwd", "fwd+bwd")
 
 
@@ -73,17 +82,27 @@ class _Layer:
 
 def _providers(layer: _Layer, names: tuple[str, ...]) -> Iterator[tuple[str, Callable[[torch.Tensor], torch.Tensor]]]:
     """``(name, f)`` with ``f(x) -> y`` differentiable in x and the LoRA factors."""
+    from fastpeft.kernels.nf4 import nf4_dequantize
     from fastpeft.kernels.reference import nf4_dequantize_reference
-    from fastpeft.ops.lora import lora_linear
+    from fastpeft.ops.lora import lora_linear, nf4_linear
 
     a, b, s, nf4 = layer.lora_a, layer.lora_b, layer.scaling, layer.nf4
     args = nf4.kernel_args()
     if "fastpeft-nf4" in names:
         yield "fastpeft-nf4", lambda x: lora_linear(x, None, None, a, b, s, nf4=args)
     if "fastpeft-nf4-nolora" in names:
-        from fastpeft.kernels.lora_linear import nf4_linear_fwd
+        yield "fastpeft-nf4-nolora", lambda x: nf4_linear(x, None, args)
 
-        yield "fastpeft-nf4-nolora", lambda x: nf4_linear_fwd(x, None, args)
+    def dequant_cublas(x: torch.Tensor) -> torch.Tensor:
+        w = nf4_dequantize(
+            args.packed, args.absmax, layer.n * layer.k, x.dtype, blocksize=args.blocksize,
+            nested_absmax=args.nested_absmax, offset=args.offset, quant_map=args.quant_map,
+            nested_quant_map=args.nested_quant_map, nested_blocksize=args.nested_blocksize,
+        ).view(layer.n, layer.k)  # fmt: skip
+        return F.linear(x, w) + s * F.linear(F.linear(x, a), b)
+
+    if "fastpeft-dequant-cublas" in names:
+        yield "fastpeft-dequant-cublas", dequant_cublas
     if "fastpeft-dense" in names:
         yield "fastpeft-dense", lambda x: lora_linear(x, layer.weight, None, a, b, s)
     if "torch-dense" in names:
@@ -135,11 +154,11 @@ def _bnb_peft_model(layer: _Layer) -> torch.nn.Module | None:
     return model
 
 
-def _work(layer: _Layer, m: int, mode: str, nf4_base: bool) -> tuple[float, float]:
+def _work(layer: _Layer, m: int, mode: str, nf4_base: bool, has_lora: bool = True) -> tuple[float, float]:
     """(flops, bytes) of one call."""
     n, k, r = layer.n, layer.k, layer.r
     base = 2 * m * n * k
-    lora = 2 * m * r * (k + n)
+    lora = 2 * m * r * (k + n) if has_lora else 0
     w_bytes = n * k // 2 + (n * k // 64) + 4 * (n * k // 64 // 256) if nf4_base else 2 * n * k
     act = 2 * m * (k + n)
     if mode == "fwd":
@@ -155,8 +174,6 @@ def run(layer: _Layer, shape: str, m: int, modes: tuple[str, ...], names: tuple[
     dtype_name = str(layer.dtype).removeprefix("torch.")
     for provider, f in _providers(layer, names):
         for mode in modes:
-            if mode != "fwd" and provider in FWD_ONLY:
-                continue
             if mode == "fwd":
 
                 def call(f=f) -> None:
@@ -179,7 +196,7 @@ def run(layer: _Layer, shape: str, m: int, modes: tuple[str, ...], names: tuple[
                     print(f"{provider}: no CUDA graph ({type(e).__name__}), timing eagerly", file=sys.stderr)
             if t is None:
                 t = bench(call, grad_to_none=grads)
-            flops, nbytes = _work(layer, m, mode, nf4_base=provider.endswith("nf4"))
+            flops, nbytes = _work(layer, m, mode, nf4_base=provider in NF4_BASE, has_lora=provider not in NO_LORA)
             tflops = flops / (t["p50_ms"] * 1e-3) / 1e12
             gbps = nbytes / (t["p50_ms"] * 1e-3) / 1e9
             frac = max(tflops / peaks["tflops"], gbps / peaks["gbps"])
