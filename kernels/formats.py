@@ -8,6 +8,21 @@ from typing import NamedTuple
 
 import torch
 
+__all__ = [
+    "FLOAT_DTYPES",
+    "NESTED_BLOCKSIZE",
+    "NF4Args",
+    "NF4_CODE",
+    "SUPPORTED_BLOCKSIZES",
+    "check_blocksize",
+    "check_dequantize_args",
+    "check_finite",
+    "check_float_tensor",
+    "dynamic_map",
+    "fp32_midpoints",
+    "nf4_code",
+]
+
 NF4_CODE: tuple[float, ...] = (
     -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
     -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
@@ -82,7 +97,15 @@ def check_dequantize_args(
     nested_absmax: torch.Tensor | None,
     offset: torch.Tensor | None,
     nested_blocksize: int,
+    quant_map: torch.Tensor | None = None,
+    nested_quant_map: torch.Tensor | None = None,
 ) -> None:
+    """TypeError/ValueError naming the first problem with an NF4 dequantize's arguments.
+
+    The kernels index ``absmax`` and ``nested_absmax`` as flat arrays, so both must be contiguous and on
+    ``packed``'s device; the maps may live anywhere (the launchers copy them) but must hold 16 / 256
+    floats.
+    """
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
         raise TypeError(f"packed must be a uint8 tensor, got {getattr(packed, 'dtype', type(packed))}")
     if not isinstance(numel, int) or numel <= 0:
@@ -101,18 +124,40 @@ def check_dequantize_args(
         )
     if absmax.device != packed.device:
         raise ValueError(f"absmax is on {absmax.device}, packed on {packed.device}")
+    if not absmax.is_contiguous():
+        raise ValueError("absmax must be contiguous")
+    _check_map("quant_map", quant_map, 16)
     if absmax.dtype == torch.uint8:
         if nested_absmax is None or offset is None:
             raise ValueError("uint8 absmax (double quantization) needs nested_absmax and offset")
-        check_blocksize(nested_blocksize, "nested_blocksize")
+        if nested_blocksize != NESTED_BLOCKSIZE:
+            raise ValueError(
+                f"nested_blocksize must be {NESTED_BLOCKSIZE} (bitsandbytes' only one), got {nested_blocksize!r}"
+            )
         n_nested = -(-n_blocks // nested_blocksize)
         if nested_absmax.dtype != torch.float32 or nested_absmax.numel() != n_nested:
             raise ValueError(
                 f"nested_absmax must be float32 with {n_nested} elements, "
                 f"got {nested_absmax.dtype} with {nested_absmax.numel()}"
             )
-        if offset.numel() != 1:
-            raise ValueError(f"offset must hold one element, got {offset.numel()}")
+        if not nested_absmax.is_contiguous():
+            raise ValueError("nested_absmax must be contiguous")
+        if not isinstance(offset, torch.Tensor) or offset.numel() != 1 or not offset.is_floating_point():
+            raise ValueError(f"offset must be a float tensor of one element, got {offset!r}")
+        for name, t in (("nested_absmax", nested_absmax), ("offset", offset)):
+            if t.device != packed.device:
+                raise ValueError(f"{name} is on {t.device}, packed on {packed.device}")
+        _check_map("nested_quant_map", nested_quant_map, 256)
+
+
+def _check_map(name: str, t: torch.Tensor | None, size: int) -> None:
+    if t is None:
+        return
+    if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.numel() != size:
+        raise ValueError(
+            f"{name} must be a float tensor of {size} values, got {getattr(t, 'dtype', type(t).__name__)} "
+            f"with {getattr(t, 'numel', lambda: '?')()} elements"
+        )
 
 
 class NF4Args(NamedTuple):

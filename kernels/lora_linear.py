@@ -49,17 +49,17 @@ from fastpeft.kernels.lora_linear_kernels import (
     _W_DENSE,
     _W_NF4,
     _W_NF4_DQ,
+    GEMM_BLOCK_R,
     SMALL_M_MAX,
     _block_r,
     _dot_precision,
-    _gemm_small,
-    _gemm_tiled,
     _interpreting,
     _lora_gemm_kernel,
     _lora_skinny_kernel,
     _skinny_config,
     _tables,
     _target_programs,
+    gemm_kernel,
 )
 from fastpeft.kernels.lora_linear_wgrad import _wgrad
 
@@ -111,16 +111,11 @@ def _check_nf4(nf4: NF4Args, k: int, like_name: str, like: torch.Tensor) -> int:
     if n * k >= 2**31:
         raise ValueError(f"nf4 weight has {n * k} elements; the fused kernels index up to 2**31 - 1")
     check_dequantize_args(
-        nf4.packed, nf4.absmax, n * k, like.dtype, nf4.blocksize, nf4.nested_absmax, nf4.offset, nf4.nested_blocksize
-    )
-    for name in ("packed", "absmax", "nested_absmax", "offset"):
-        t = getattr(nf4, name)
-        if t is not None and t.device != like.device:
-            raise ValueError(f"nf4.{name} is on {t.device}, {like_name} on {like.device}")
-    if nf4.absmax.dtype == torch.uint8 and not nf4.nested_absmax.is_contiguous():
-        raise ValueError("nf4.nested_absmax must be contiguous")
-    if not nf4.absmax.is_contiguous():
-        raise ValueError("nf4.absmax must be contiguous")
+        nf4.packed, nf4.absmax, n * k, like.dtype, nf4.blocksize, nf4.nested_absmax, nf4.offset,
+        nf4.nested_blocksize, nf4.quant_map, nf4.nested_quant_map,
+    )  # fmt: skip
+    if nf4.packed.device != like.device:
+        raise ValueError(f"nf4.packed is on {nf4.packed.device}, {like_name} on {like.device}")
     return n
 
 
@@ -177,13 +172,14 @@ def _w_operand(
     """Kernel arguments for W read as ``Wt[q, p]``: ``(q, p) = (k, n)`` forward, ``(n, k)`` when ``transposed``.
 
     Returns the six W pointers (weight/packed, absmax, code, qmap, nested, offset), the two strides and
-    the constexprs. Unused pointers get small float32 placeholders so every launch has one signature.
+    the W keyword arguments (constexprs and the runtime ``blocksize_shift``). Unused pointers get small
+    float32 placeholders so every launch has one signature.
     """
     code, qmap, _ = _tables(device)
     if nf4 is None:
         s_n, s_k = weight.stride()
         strides = (s_n, s_k) if transposed else (s_k, s_n)
-        consts = {"W_KIND": _W_DENSE, "W_T": transposed, "BLOCKSIZE": 64, "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE}
+        consts = {"W_KIND": _W_DENSE, "W_T": transposed, "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE, "blocksize_shift": 6}
         return (weight, code, code, code, code, code), *strides, consts
     n, k = nf4.shape
     strides = (k, 1) if transposed else (1, k)
@@ -197,7 +193,10 @@ def _w_operand(
     else:
         qmap = nested = offset = code
         kind = _W_NF4
-    consts = {"W_KIND": kind, "W_T": transposed, "BLOCKSIZE": nf4.blocksize, "NESTED_BLOCKSIZE": nf4.nested_blocksize}
+    consts = {
+        "W_KIND": kind, "W_T": transposed, "NESTED_BLOCKSIZE": nf4.nested_blocksize,
+        "blocksize_shift": nf4.blocksize.bit_length() - 1,  # supported blocksizes are powers of two
+    }  # fmt: skip
     return (nf4.packed, nf4.absmax, code, qmap, nested, offset), *strides, consts
 
 
@@ -225,16 +224,18 @@ def _gemm(
     else:
         out = inp.new_empty((m, p))
     keep_t, has_mask = keep
+    w_consts = dict(w_consts)
+    shift = w_consts.pop("blocksize_shift")
     args = (
         inp, *w_ptrs, inp if bias is None else bias, lt, rt, keep_t, out,
-        m, p, q, r, triton.next_power_of_2(m), w_ptrs[1].numel(),
+        m, p, q, r, triton.next_power_of_2(m), w_ptrs[1].numel(), shift,
         inp.stride(0), inp.stride(1), stride_wq, stride_wp, lt.stride(0), lt.stride(1), *rt_strides,
         keep_t.stride(0) if has_mask else 0, keep_t.stride(1) if has_mask else 0, out.stride(0), out.stride(1),
         lora_scale, int(bias is not None), int(has_mask),
     )  # fmt: skip
     consts = dict(
         w_consts, LORA_SPLIT=lt.dtype == torch.float32 and inp.dtype != torch.float32, ATOMIC_OUT=small,
-        DOT_PRECISION=_dot_precision(inp.dtype), BLOCK_R=_block_r(r),
+        DOT_PRECISION=_dot_precision(inp.dtype), BLOCK_R=GEMM_BLOCK_R,
     )  # fmt: skip
     if interpret:
         cfg = dict(_INTERPRET_SMALL if small else _INTERPRET_TILED)
@@ -246,7 +247,7 @@ def _gemm(
         def grid(meta: dict) -> tuple[int, int]:
             return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(p, meta["BLOCK_P"]), meta["split_k"])
 
-        (_gemm_small if small else _gemm_tiled)[grid](*args, **consts)
+        gemm_kernel(inp.dtype, small)[grid](*args, **consts)
     # the [M, P] workspace cast is a negligible pass next to the weight read it follows
     return out.to(inp.dtype) if small else out
 

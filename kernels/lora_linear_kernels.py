@@ -10,7 +10,8 @@ backward with ``(q, p) = (n, k)`` (the reduction runs over N, the W tile is read
 strides differ; for NF4 the strides are in elements of the row-major flattened weight. The epilogue adds
 ``lora_scale·(L·Rt)`` with ``L [M, R]`` (U forward, G backward) and ``Rt [R, P]`` (Bᵀ forward, A
 backward), optionally masked by the dropout keep-mask (backward), plus bias. The LoRA term is one more
-``tl.dot`` of ``[BLOCK_M, BLOCK_R] x [BLOCK_R, BLOCK_P]`` per tile (looped over R in ``BLOCK_R`` steps),
+``tl.dot`` of ``[BLOCK_M, 16] x [16, BLOCK_P]`` per tile, looped over R in ``GEMM_BLOCK_R = 16`` steps
+(one binary for every rank),
 so neither a full-size temporary nor a second pass over Y exists. With R = 0 the loop runs no step: the
 base-only linear is the same compiled kernel. Everything accumulates in float32 and is cast once at the
 store.
@@ -19,7 +20,8 @@ NF4 in the main loop: each ``[BLOCK_Q, BLOCK_P]`` tile of W is rebuilt from its 
 ``e``, byte ``e >> 1``, high nibble for even ``e``). The code becomes its value through a 4-level select
 tree on its bits over the 16 code values, loaded once per program as scalars: registers only, no table
 reads (a gathered table would be pipelined through shared memory tile by tile: the first version of
-this kernel needed 200-320 KB of it). The absmax of block ``e // blocksize`` comes per *line*: the flat
+this kernel needed 200-320 KB of it). The absmax of block ``e >> log2(blocksize)`` (a runtime shift: one
+binary for every blocksize) comes per *line*: the flat
 index is contiguous along Q in the forward and along P in dX, and a line of ``L`` contiguous elements
 touches at most ``(L - 1) // 64 + 2`` blocks, so the kernel loads that many absmax vectors (one value
 per line) and selects, instead of gathering one absmax per element. Under double quantization those
@@ -39,13 +41,15 @@ Skinny products: ``U`` and ``G`` come from ``_lora_skinny_kernel`` (``[M, Q] · 
 so that decode shapes still fill the GPU), into float32.
 
 Autotune: the two GEMM paths carry short config lists (2 tiled, 5 split-K values of one small-M tile)
-keyed on shape; the skinny kernel picks tiles by rule. Under Triton's interpreter (CPU tests) a fixed
+keyed on shape, and float32 inputs their own smaller ones (IEEE dots, twice the bytes per element); the
+skinny kernel picks tiles by rule. Under Triton's interpreter (CPU tests) a fixed
 small configuration is used instead of benchmarking.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 
 import torch
@@ -54,7 +58,7 @@ import triton.language as tl
 
 from fastpeft.kernels._gate import GateCase
 from fastpeft.kernels.formats import NESTED_BLOCKSIZE, dynamic_map, nf4_code
-from fastpeft.kernels.nf4 import _cast_out
+from fastpeft.kernels.rounding import cast_out
 
 __all__ = ["SMALL_M_MAX", "compile_gate_cases"]
 
@@ -109,9 +113,8 @@ def _absmax_vec(
 def _load_w_tile(
     w_ptr, absmax_ptr, qmap_ptr, nested_ptr, offset,
     c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15,
-    q0, p0, offs_q, offs_p, mask_q, mask_p, stride_wq, stride_wp, n_blocks,
-    W_KIND: tl.constexpr, W_T: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
-    dtype: tl.constexpr,
+    q0, p0, offs_q, offs_p, mask_q, mask_p, stride_wq, stride_wp, n_blocks, blocksize_shift,
+    W_KIND: tl.constexpr, W_T: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, dtype: tl.constexpr,
 ):  # fmt: skip
     """The ``[BLOCK_Q, BLOCK_P]`` tile ``Wt[q, p] = W_flat[q·stride_wq + p·stride_wp]`` in ``dtype``.
 
@@ -128,9 +131,9 @@ def _load_w_tile(
         byte = tl.load(w_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
         nib = (byte >> ((1 - (idx & 1)) * 4)) & 0xF
         value = _nf4_lookup(nib, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
-        blk = idx // BLOCKSIZE
+        blk = idx >> blocksize_shift  # blocksize = 2**blocksize_shift: one binary for every blocksize
         if W_T:
-            first = (offs_q * stride_wq + p0) // BLOCKSIZE  # one line per q
+            first = (offs_q * stride_wq + p0) >> blocksize_shift  # one line per q
             rel = blk - first[:, None]
             absmax = _absmax_vec(absmax_ptr, qmap_ptr, nested_ptr, offset, first, mask_q, W_KIND, NESTED_BLOCKSIZE)
             absmax = tl.broadcast_to(absmax[:, None], idx.shape)
@@ -141,7 +144,7 @@ def _load_w_tile(
                 )  # fmt: skip
                 absmax = tl.where(rel == j, more[:, None], absmax)
         else:
-            first = (q0 + offs_p * stride_wp) // BLOCKSIZE  # one line per p
+            first = (q0 + offs_p * stride_wp) >> blocksize_shift  # one line per p
             rel = blk - first[None, :]
             absmax = _absmax_vec(absmax_ptr, qmap_ptr, nested_ptr, offset, first, mask_p, W_KIND, NESTED_BLOCKSIZE)
             absmax = tl.broadcast_to(absmax[None, :], idx.shape)
@@ -156,15 +159,15 @@ def _load_w_tile(
     return w
 
 
-@triton.jit(do_not_specialize=["lora_scale", "has_bias", "has_mask", "split_k"])
+@triton.jit(do_not_specialize=["blocksize_shift", "lora_scale", "has_bias", "has_mask", "split_k"])
 def _lora_gemm_kernel(
     in_ptr, w_ptr, absmax_ptr, code_ptr, qmap_ptr, nested_ptr, offset_ptr,
     bias_ptr, l_ptr, rt_ptr, keep_ptr, out_ptr,
-    M, P, Q, R, m_bucket, n_blocks,
+    M, P, Q, R, m_bucket, n_blocks, blocksize_shift,
     stride_im, stride_iq, stride_wq, stride_wp, stride_lm, stride_lr, stride_rr, stride_rp,
     stride_km, stride_kp, stride_om, stride_op,
     lora_scale, has_bias, has_mask, split_k,
-    W_KIND: tl.constexpr, W_T: tl.constexpr, BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+    W_KIND: tl.constexpr, W_T: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
     LORA_SPLIT: tl.constexpr, ATOMIC_OUT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
@@ -207,8 +210,8 @@ def _lora_gemm_kernel(
         w = _load_w_tile(
             w_ptr, absmax_ptr, qmap_ptr, nested_ptr, offset,
             c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15,
-            q0, pid_p * BLOCK_P, offs_q, offs_p, mask_q, mask_p, stride_wq, stride_wp, n_blocks,
-            W_KIND, W_T, BLOCKSIZE, NESTED_BLOCKSIZE, dtype,
+            q0, pid_p * BLOCK_P, offs_q, offs_p, mask_q, mask_p, stride_wq, stride_wp, n_blocks, blocksize_shift,
+            W_KIND, W_T, NESTED_BLOCKSIZE, dtype,
         )  # fmt: skip
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
     mask_out = mask_m[:, None] & mask_p[None, :]
@@ -244,7 +247,7 @@ def _lora_gemm_kernel(
     if ATOMIC_OUT:
         tl.atomic_add(out, acc, mask=mask_out, sem="relaxed")
     else:
-        tl.store(out, _cast_out(acc, out_ptr.dtype.element_ty), mask=mask_out)
+        tl.store(out, cast_out(acc, out_ptr.dtype.element_ty), mask=mask_out)
 
 
 @triton.jit(do_not_specialize=["scale", "has_mask", "split_k"])
@@ -318,6 +321,22 @@ _SMALL_CONFIGS = [
     )  # fmt: skip
     for s in (1, 2, 4, 8, 16)
 ]
+# float32 inputs (IEEE dots on the FMA units, no tensor cores): twice the bytes per element, so shorter
+# tiles and pipelines keep the staged operands inside sm_80's 163 KB of shared memory
+_TILED_CONFIGS_FP32 = [
+    triton.Config({"BLOCK_M": 64, "BLOCK_P": 64, "BLOCK_Q": 32, "GROUP_M": 8, "split_k": 1}, num_warps=4, num_stages=3),
+]
+_SMALL_CONFIGS_FP32 = [
+    triton.Config(
+        {"BLOCK_M": 16, "BLOCK_P": 64, "BLOCK_Q": 64, "GROUP_M": 1, "split_k": s},
+        num_warps=4,
+        num_stages=3,
+        pre_hook=_zero_out,
+    )  # fmt: skip
+    for s in (1, 2, 4, 8, 16)
+]
+GEMM_BLOCK_R = 16
+"""The GEMM epilogue's rank step: ``L·Rt`` is summed over R in 16-wide MMAs, one binary for every rank."""
 # fixed configurations under Triton's interpreter (CPU tests): small tiles keep it fast; the tests
 # patch these to reach other code paths (split counts, several R tiles)
 _INTERPRET_TILED = {"BLOCK_M": 32, "BLOCK_P": 32, "BLOCK_Q": 32, "GROUP_M": 2, "split_k": 1}
@@ -338,12 +357,33 @@ def _prune_small(configs: list[triton.Config], named_args: dict, **kwargs) -> li
     return kept or configs[:1]
 
 
-_gemm_tiled = triton.autotune(
-    _TILED_CONFIGS, key=["m_bucket", "P", "Q", "R"], prune_configs_by={"early_config_prune": _prune_tiled}
-)(_lora_gemm_kernel)
-_gemm_small = triton.autotune(
-    _SMALL_CONFIGS, key=["M", "P", "Q", "R"], prune_configs_by={"early_config_prune": _prune_small}
-)(_lora_gemm_kernel)
+def _autotuned(tiled: list[triton.Config], small: list[triton.Config]) -> tuple:
+    return (
+        triton.autotune(tiled, key=["m_bucket", "P", "Q", "R"], prune_configs_by={"early_config_prune": _prune_tiled})(
+            _lora_gemm_kernel
+        ),
+        triton.autotune(small, key=["M", "P", "Q", "R"], prune_configs_by={"early_config_prune": _prune_small})(
+            _lora_gemm_kernel
+        ),
+    )
+
+
+_gemm_tiled, _gemm_small = _autotuned(_TILED_CONFIGS, _SMALL_CONFIGS)
+_gemm_tiled_fp32, _gemm_small_fp32 = _autotuned(_TILED_CONFIGS_FP32, _SMALL_CONFIGS_FP32)
+
+
+def gemm_configs(dtype: torch.dtype, small: bool) -> list[triton.Config]:
+    """The autotune list the GEMM launcher uses for inputs of ``dtype`` on the small-M or the tiled path."""
+    if dtype == torch.float32:
+        return _SMALL_CONFIGS_FP32 if small else _TILED_CONFIGS_FP32
+    return _SMALL_CONFIGS if small else _TILED_CONFIGS
+
+
+def gemm_kernel(dtype: torch.dtype, small: bool):
+    """The autotuned GEMM for inputs of ``dtype`` on the small-M or the tiled path."""
+    if dtype == torch.float32:
+        return _gemm_small_fp32 if small else _gemm_tiled_fp32
+    return _gemm_small if small else _gemm_tiled
 
 
 def _block_r(r: int) -> int:
@@ -390,7 +430,8 @@ def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 # compile gate
 # ----------------------------------------------------------------------------------------------
 
-_GATE_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
+_GATE_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_GATE_BLOCK_R = (16, 32, 64)  # every value _block_r returns
 _GATE_W = {"dense": _W_DENSE, "nf4": _W_NF4, "nf4dq": _W_NF4_DQ}
 
 
@@ -398,7 +439,7 @@ def _gemm_gate_case(direction: str, dtype: torch.dtype, w: str, cfg: triton.Conf
     ty = _GATE_TYPES[dtype]
     kind = _GATE_W[w]
     small = cfg.kwargs["BLOCK_M"] <= SMALL_M_MAX
-    ints = ["M", "P", "Q", "R", "m_bucket", "n_blocks"] + [
+    ints = ["M", "P", "Q", "R", "m_bucket", "n_blocks", "blocksize_shift"] + [
         f"stride_{s}" for s in ("im", "iq", "wq", "wp", "lm", "lr", "rr", "rp", "km", "kp", "om", "op")
     ]
     signature = {
@@ -430,9 +471,8 @@ def _gemm_gate_case(direction: str, dtype: torch.dtype, w: str, cfg: triton.Conf
         constexprs={
             "W_KIND": kind,
             "W_T": direction == "dx",
-            "BLOCKSIZE": 64,
             "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE,
-            "LORA_SPLIT": direction == "dx",
+            "LORA_SPLIT": direction == "dx" and dtype != torch.float32,
             "ATOMIC_OUT": small,
             "DOT_PRECISION": _dot_precision(dtype),
             "BLOCK_R": block_r,
@@ -441,34 +481,32 @@ def _gemm_gate_case(direction: str, dtype: torch.dtype, w: str, cfg: triton.Conf
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         # the 16-row split-K tile is below a warpgroup MMA's 64 rows: it runs HMMA on both archs
-        tensor_cores=not small,
+        tensor_cores=not small and dtype != torch.float32,
     )
 
 
 def compile_gate_cases() -> list[GateCase]:
-    """Every configuration of this module's kernels the launchers ship, for float16 and bfloat16 inputs.
+    """Every configuration of this module's kernels the launchers ship, for float16, bfloat16 and float32.
 
-    GEMM (forward and dX): each tiled autotune config and the small-M tile (its split counts are a
-    runtime argument, one binary) x dense / NF4 / NF4 with double quantization, at ``BLOCK_R = 16``
-    (ranks up to 16); ``BLOCK_R = 64`` (ranks past 32, looped past 64) is gated on the heaviest variant
-    (bfloat16, double quantization, largest tile). Bias and the dropout mask are runtime flags, not
-    variants. The base-only launchers (``nf4_linear_fwd``, ``nf4_linear_bwd_dx``) run these same binaries
-    with R = 0. Skinny kernel: its rule-picked tiles. float32 inputs compile on demand (IEEE dots, no
-    tensor-core requirement) and are not gated.
+    GEMM (forward and dX): each config of the tiled and the small-M autotune lists of the input dtype (the
+    small-M split count is a runtime argument: one binary) x dense / NF4 / NF4 with double quantization,
+    at the one epilogue rank step ``GEMM_BLOCK_R``; the NF4 blocksize, bias and dropout mask are runtime
+    arguments, not variants. The base-only launchers (``nf4_linear_fwd``, ``nf4_linear_bwd_dx``) run these
+    same binaries with R = 0. Skinny kernel: its rule-picked tiles x every ``BLOCK_R``. 16-bit tiles of 64
+    rows or more must run on tensor cores; float32 runs IEEE dots on the FMA units.
     """
     cases = []
     for direction in ("fwd", "dx"):
         for dtype in _GATE_TYPES:
             for w in _GATE_W:
-                for cfg in [*_TILED_CONFIGS, _SMALL_CONFIGS[0]]:
-                    cases.append(_gemm_gate_case(direction, dtype, w, cfg, 16))
-        cases.append(_gemm_gate_case(direction, torch.bfloat16, "nf4dq", _TILED_CONFIGS[0], 64))
+                for cfg in [*gemm_configs(dtype, small=False), gemm_configs(dtype, small=True)[0]]:
+                    cases.append(_gemm_gate_case(direction, dtype, w, cfg, GEMM_BLOCK_R))
     for dtype, ty in _GATE_TYPES.items():
-        for m in (1, 1024):
+        for m, block_r in itertools.product((1, 1024), _GATE_BLOCK_R):
             cfg = _skinny_config(m, interpret=False)
             cases.append(
                 GateCase(
-                    name=f"lora_skinny[{ty},BLOCK_M={cfg['BLOCK_M']}]",
+                    name=f"lora_skinny[{ty},BLOCK_M={cfg['BLOCK_M']},BLOCK_R={block_r}]",
                     module=__name__,
                     kernel="_lora_skinny_kernel",
                     signature={
@@ -493,10 +531,10 @@ def compile_gate_cases() -> list[GateCase]:
                         "DOT_PRECISION": _dot_precision(dtype),
                         "BLOCK_M": cfg["BLOCK_M"],
                         "BLOCK_Q": cfg["BLOCK_Q"],
-                        "BLOCK_R": 16,
+                        "BLOCK_R": block_r,
                     },
                     num_warps=cfg["num_warps"],
-                    tensor_cores=cfg["BLOCK_M"] >= 64,
+                    tensor_cores=cfg["BLOCK_M"] >= 64 and dtype != torch.float32,
                 )
             )
     return cases

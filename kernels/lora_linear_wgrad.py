@@ -14,12 +14,21 @@ through ``lora_linear_kernels.py``, then these reductions through ``_wgrad``.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
 from fastpeft.kernels._gate import GateCase
-from fastpeft.kernels.lora_linear_kernels import _GATE_TYPES, _block_r, _dot_precision, _interpreting, _target_programs
+from fastpeft.kernels.lora_linear_kernels import (
+    _GATE_BLOCK_R,
+    _GATE_TYPES,
+    _block_r,
+    _dot_precision,
+    _interpreting,
+    _target_programs,
+)
 
 __all__ = ["compile_gate_cases"]
 
@@ -127,46 +136,45 @@ def _wgrad(
 
 
 def compile_gate_cases() -> list[GateCase]:
-    """The weight-gradient kernel's rule-picked tile for float16 and bfloat16: dA (float32 G, split into
-    hi + lo, dropout select) and dB (16-bit U, column sums for dbias). Collected by ``lora_linear``'s
-    ``compile_gate_cases``."""
+    """The weight-gradient kernel's rule-picked tile for float16, bfloat16 and float32 x every ``BLOCK_R``:
+    dA (float32 G, split into hi + lo for 16-bit X, dropout select) and dB (U in X's dtype, column sums for
+    dbias). Collected by ``lora_linear``'s ``compile_gate_cases``."""
     cases = []
-    for dtype, ty in _GATE_TYPES.items():
-        cfg = _wgrad_config(interpret=False)
-        for grad in ("dA", "dB"):
-            cases.append(
-                GateCase(
-                    name=f"lora_wgrad_{grad}[{ty}]",
-                    module=__name__,
-                    kernel="_lora_wgrad_kernel",
-                    signature={
-                        "x_ptr": f"*{ty}",
-                        "g_ptr": "*fp32" if grad == "dA" else f"*{ty}",
-                        "keep_ptr": "*u8",
-                        "out_ptr": "*fp32",
-                        "colsum_ptr": "*fp32",
-                        "M": "i32",
-                        "P": "i32",
-                        "R": "i32",
-                        "rows_per_split": "i32",
-                        "stride_xm": "i32",
-                        "stride_xp": "i32",
-                        "stride_gm": "i32",
-                        "stride_gr": "i32",
-                        "stride_km": "i32",
-                        "stride_kp": "i32",
-                        "has_mask": "i32",
-                    },  # fmt: skip
-                    constexprs={
-                        "HAS_COLSUM": grad == "dB",
-                        "G_SPLIT": grad == "dA",
-                        "DOT_PRECISION": _dot_precision(dtype),
-                        "BLOCK_M": cfg["BLOCK_M"],
-                        "BLOCK_P": cfg["BLOCK_P"],
-                        "BLOCK_R": 16,
-                    },
-                    num_warps=cfg["num_warps"],
-                    tensor_cores=True,
-                )
+    cfg = _wgrad_config(interpret=False)
+    for (dtype, ty), block_r, grad in itertools.product(_GATE_TYPES.items(), _GATE_BLOCK_R, ("dA", "dB")):
+        cases.append(
+            GateCase(
+                name=f"lora_wgrad_{grad}[{ty},BLOCK_R={block_r}]",
+                module=__name__,
+                kernel="_lora_wgrad_kernel",
+                signature={
+                    "x_ptr": f"*{ty}",
+                    "g_ptr": "*fp32" if grad == "dA" else f"*{ty}",
+                    "keep_ptr": "*u8",
+                    "out_ptr": "*fp32",
+                    "colsum_ptr": "*fp32",
+                    "M": "i32",
+                    "P": "i32",
+                    "R": "i32",
+                    "rows_per_split": "i32",
+                    "stride_xm": "i32",
+                    "stride_xp": "i32",
+                    "stride_gm": "i32",
+                    "stride_gr": "i32",
+                    "stride_km": "i32",
+                    "stride_kp": "i32",
+                    "has_mask": "i32",
+                },  # fmt: skip
+                constexprs={
+                    "HAS_COLSUM": grad == "dB",
+                    "G_SPLIT": grad == "dA" and dtype != torch.float32,
+                    "DOT_PRECISION": _dot_precision(dtype),
+                    "BLOCK_M": cfg["BLOCK_M"],
+                    "BLOCK_P": cfg["BLOCK_P"],
+                    "BLOCK_R": block_r,
+                },
+                num_warps=cfg["num_warps"],
+                tensor_cores=dtype != torch.float32,
             )
+        )
     return cases

@@ -23,6 +23,8 @@ References: Dettmers et al., "QLoRA" (2023), appendix on NormalFloat; bitsandbyt
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -40,6 +42,14 @@ from fastpeft.kernels.formats import (
     fp32_midpoints,
     nf4_code,
 )
+from fastpeft.kernels.rounding import cast_out
+
+__all__ = [
+    "compile_gate_cases",
+    "dynamic8_quantize",
+    "nf4_dequantize",
+    "nf4_quantize",
+]
 
 # the 15 midpoints enter the encoder as compile-time constants (exact fp32 values)
 _M0, _M1, _M2, _M3, _M4, _M5, _M6, _M7, _M8, _M9, _M10, _M11, _M12, _M13, _M14 = (
@@ -60,18 +70,6 @@ def _nf4_encode(x):
     c += (x > _M9).to(tl.int32) + (x > _M10).to(tl.int32) + (x > _M11).to(tl.int32)
     c += (x > _M12).to(tl.int32) + (x > _M13).to(tl.int32) + (x > _M14).to(tl.int32)
     return c
-
-
-@triton.jit
-def _cast_out(x, dtype: tl.constexpr):
-    # fp32 -> bf16 rounded to nearest even by hand: the GPU's cvt does that, Triton's interpreter
-    # truncates; the integer form gives the same bits on both. Inputs are finite (no NaN care).
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits += 0x7FFF + ((bits >> 16) & 1)
-        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(dtype)
 
 
 @triton.jit
@@ -125,12 +123,12 @@ def _dynamic8_quantize_kernel(
     tl.store(q_ptr + offs, code.to(tl.uint8), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["blocksize_shift"])
 def _nf4_dequantize_kernel(
     q_ptr, absmax_ptr, code_ptr, out_ptr,
     qmap_ptr, nested_absmax_ptr, offset_ptr,
-    numel, n_bytes,
-    BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    numel, n_bytes, blocksize_shift,
+    NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
@@ -138,7 +136,8 @@ def _nf4_dequantize_kernel(
     bmask = byte < n_bytes
     # -- load: one byte holds elements 2i (high nibble) and 2i+1 (low nibble) --
     q = tl.load(q_ptr + byte, mask=bmask, other=0).to(tl.int32)
-    blk = (2 * byte) // BLOCKSIZE  # blocksize is even: both nibbles share a block
+    # blocksize = 2**blocksize_shift (one binary for all), even: both nibbles share a block
+    blk = (2 * byte) >> blocksize_shift
     if DOUBLE_QUANT:
         a8 = tl.load(absmax_ptr + blk, mask=bmask, other=0).to(tl.int32)
         nested = tl.load(nested_absmax_ptr + blk // NESTED_BLOCKSIZE, mask=bmask, other=0.0)
@@ -150,7 +149,7 @@ def _nf4_dequantize_kernel(
     # -- store: interleave back to element order --
     vals = tl.interleave(hi, lo)
     offs = 2 * pid * BLOCK + tl.arange(0, 2 * BLOCK)
-    tl.store(out_ptr + offs, _cast_out(vals, out_ptr.dtype.element_ty), mask=offs < numel)
+    tl.store(out_ptr + offs, cast_out(vals, out_ptr.dtype.element_ty), mask=offs < numel)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,12 +237,15 @@ def nf4_dequantize(
         dtype: float32, float16 or bfloat16.
         quant_map / nested_quant_map: the 16 / 256 code values (default NF4 / ``dynamic_map()``).
     """
-    check_dequantize_args(packed, absmax, numel, dtype, blocksize, nested_absmax, offset, nested_blocksize)
+    check_dequantize_args(
+        packed, absmax, numel, dtype, blocksize, nested_absmax, offset, nested_blocksize, quant_map, nested_quant_map
+    )
     device = packed.device
     double_quant = absmax.dtype == torch.uint8
-    code = nf4_code(device) if quant_map is None else quant_map.to(device=device, dtype=torch.float32)
+    code = nf4_code(device) if quant_map is None else quant_map.to(device, torch.float32).contiguous()
     if double_quant:
         qmap = dynamic_map(device) if nested_quant_map is None else nested_quant_map.to(device, torch.float32)
+        qmap = qmap.contiguous()
         nested, off = nested_absmax, offset.reshape(1).to(torch.float32)
     else:
         qmap = nested = off = absmax  # unused placeholders
@@ -252,8 +254,8 @@ def nf4_dequantize(
     grid = (triton.cdiv(n_bytes, _DEQUANT_BLOCK),)
     # no FMA contraction: absmax = map * nested + offset must round exactly like bitsandbytes
     _nf4_dequantize_kernel[grid](
-        packed, absmax, code, out, qmap, nested, off, numel, n_bytes,
-        BLOCKSIZE=blocksize, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double_quant,
+        packed, absmax, code, out, qmap, nested, off, numel, n_bytes, blocksize.bit_length() - 1,
+        NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double_quant,
         BLOCK=_DEQUANT_BLOCK, enable_fp_fusion=False,
     )  # fmt: skip
     return out
@@ -265,59 +267,57 @@ def nf4_dequantize(
 
 
 def compile_gate_cases() -> list[GateCase]:
-    """Every configuration the launchers above ship."""
+    """Every configuration the launchers above ship: quantize per blocksize and input dtype, the 8-bit
+    quantizer per blocksize, dequantize per output dtype with and without double quantization (the
+    blocksize is a runtime shift there; the nested blocksize is always 256)."""
     cases = []
-    for bs in SUPPORTED_BLOCKSIZES:
+    for bs, ty in itertools.product(SUPPORTED_BLOCKSIZES, ("fp32", "fp16", "bf16")):
         cases.append(
             GateCase(
-                name=f"nf4_quantize[bs={bs}]",
+                name=f"nf4_quantize[{ty},bs={bs}]",
                 module=__name__,
                 kernel="_nf4_quantize_kernel",
-                signature={"w_ptr": "*fp32", "q_ptr": "*u8", "absmax_ptr": "*fp32", "numel": "i64", "n_blocks": "i64"},
+                signature={"w_ptr": f"*{ty}", "q_ptr": "*u8", "absmax_ptr": "*fp32", "numel": "i64", "n_blocks": "i64"},
                 constexprs={"BLOCKSIZE": bs, "BLOCKS_PER_PROG": _blocks_per_prog(bs)},
             )
         )
-    cases.append(
-        GateCase(
-            name="dynamic8_quantize[bs=256]",
-            module=__name__,
-            kernel="_dynamic8_quantize_kernel",
-            signature={
-                "x_ptr": "*fp32",
-                "q_ptr": "*u8",
-                "absmax_ptr": "*fp32",
-                "mid_ptr": "*fp32",
-                "n": "i64",
-                "n_blocks": "i64",
-            },
-            constexprs={"BLOCKSIZE": NESTED_BLOCKSIZE},
-        )
-    )
-    for out_ty in ("fp32", "fp16", "bf16"):
-        for dq in (False, True):
-            cases.append(
-                GateCase(
-                    name=f"nf4_dequantize[{out_ty},double_quant={dq}]",
-                    module=__name__,
-                    kernel="_nf4_dequantize_kernel",
-                    signature={
-                        "q_ptr": "*u8",
-                        "absmax_ptr": "*u8" if dq else "*fp32",
-                        "code_ptr": "*fp32",
-                        "out_ptr": f"*{out_ty}",
-                        "qmap_ptr": "*fp32",
-                        "nested_absmax_ptr": "*fp32",
-                        "offset_ptr": "*fp32",
-                        "numel": "i64",
-                        "n_bytes": "i64",
-                    },  # fmt: skip
-                    constexprs={
-                        "BLOCKSIZE": 64,
-                        "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE,
-                        "DOUBLE_QUANT": dq,
-                        "BLOCK": _DEQUANT_BLOCK,
-                    },
-                    options={"enable_fp_fusion": False},
-                )
+    for bs in SUPPORTED_BLOCKSIZES:
+        cases.append(
+            GateCase(
+                name=f"dynamic8_quantize[bs={bs}]",
+                module=__name__,
+                kernel="_dynamic8_quantize_kernel",
+                signature={
+                    "x_ptr": "*fp32",
+                    "q_ptr": "*u8",
+                    "absmax_ptr": "*fp32",
+                    "mid_ptr": "*fp32",
+                    "n": "i64",
+                    "n_blocks": "i64",
+                },
+                constexprs={"BLOCKSIZE": bs},
             )
+        )
+    for out_ty, dq in itertools.product(("fp32", "fp16", "bf16"), (False, True)):
+        cases.append(
+            GateCase(
+                name=f"nf4_dequantize[{out_ty},double_quant={dq}]",
+                module=__name__,
+                kernel="_nf4_dequantize_kernel",
+                signature={
+                    "q_ptr": "*u8",
+                    "absmax_ptr": "*u8" if dq else "*fp32",
+                    "code_ptr": "*fp32",
+                    "out_ptr": f"*{out_ty}",
+                    "qmap_ptr": "*fp32",
+                    "nested_absmax_ptr": "*fp32",
+                    "offset_ptr": "*fp32",
+                    "numel": "i64",
+                    "n_bytes": "i64",
+                    "blocksize_shift": "i32",
+                },  # fmt: skip
+                constexprs={"NESTED_BLOCKSIZE": NESTED_BLOCKSIZE, "DOUBLE_QUANT": dq, "BLOCK": _DEQUANT_BLOCK},
+                options={"enable_fp_fusion": False},
+            )
+        )
     return cases

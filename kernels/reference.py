@@ -20,6 +20,23 @@ from fastpeft.kernels.formats import (
     nf4_code,
 )
 
+__all__ = [
+    "ADAPTER_ACTIVATIONS",
+    "adapter_act_grad_reference",
+    "adapter_act_reference",
+    "adapter_bwd_reference",
+    "adapter_fwd_reference",
+    "check_adapter_args",
+    "check_adapter_bwd_args",
+    "dynamic8_quantize_reference",
+    "lora_linear_bwd_reference",
+    "lora_linear_fwd_reference",
+    "nf4_dequantize_reference",
+    "nf4_linear_bwd_dx_reference",
+    "nf4_linear_fwd_reference",
+    "nf4_quantize_reference",
+]
+
 # ----------------------------------------------------------------------------------------------
 # NF4 (kernels/nf4.py)
 # ----------------------------------------------------------------------------------------------
@@ -77,7 +94,9 @@ def nf4_dequantize_reference(
     nested_quant_map: torch.Tensor | None = None,
     nested_blocksize: int = NESTED_BLOCKSIZE,
 ) -> torch.Tensor:
-    check_dequantize_args(packed, absmax, numel, dtype, blocksize, nested_absmax, offset, nested_blocksize)
+    check_dequantize_args(
+        packed, absmax, numel, dtype, blocksize, nested_absmax, offset, nested_blocksize, quant_map, nested_quant_map
+    )
     device = packed.device
     code = nf4_code(device) if quant_map is None else quant_map.to(device, torch.float32)
     if absmax.dtype == torch.uint8:

@@ -33,3 +33,6 @@ def test_gate_detects_spills_and_missing_tensor_cores():
     assert _gate.GateReport("x", 90, registers=255, local_bytes=64, mma=["HGMMA"]).problems(case)
     assert _gate.GateReport("x", 90, registers=96, local_bytes=0, mma=["HMMA"]).problems(case)
     assert not _gate.GateReport("x", 80, registers=96, local_bytes=0, mma=["HMMA"]).problems(case)
+    over = _gate.MAX_SHARED_BYTES[80] + 1
+    assert _gate.GateReport("x", 80, registers=96, local_bytes=0, shared_bytes=over, mma=["HMMA"]).problems(case)
+    assert not _gate.GateReport("x", 90, registers=96, local_bytes=0, shared_bytes=over, mma=["HGMMA"]).problems(case)
