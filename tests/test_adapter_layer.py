@@ -159,3 +159,30 @@ def test_triton_backend_matches_reference_backend(monkeypatch, name, parallel):
     for n, a, b in zip(names, tri, ref, strict=True):
         # float32 chained reductions: the table's float32 tolerance at the scale of the result
         assert_close(a, b, msg=f"{n} triton vs reference ({name}, parallel={parallel})")
+
+
+def test_bottleneck_wider_than_fused_kernel_runs_unfused(monkeypatch):
+    import fastpeft.kernels.adapter as kernels
+    from fastpeft.ops.adapter import MAX_FUSED_BOTTLENECK
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fused launcher must not run for this bottleneck")
+
+    monkeypatch.setattr(kernels, "adapter_fwd", refuse)
+    monkeypatch.setattr(kernels, "adapter_bwd", refuse)
+    torch.manual_seed(10)
+    b = MAX_FUSED_BOTTLENECK + 1
+    adapter = BottleneckAdapter(24, b, "relu")
+    _randomize_up(adapter, 11)
+    h = torch.randn(5, 24)
+
+    def run(backend):
+        monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+        adapter.zero_grad()
+        x = h.clone().requires_grad_()
+        y = adapter(x)
+        y.sum().backward()
+        return [y.detach(), x.grad] + [p.grad.clone() for p in adapter.parameters()]
+
+    for a, r in zip(run("triton"), run("reference"), strict=True):
+        assert torch.equal(a, r)

@@ -22,7 +22,7 @@ class BottleneckAdapter(nn.Module):
 
     Args:
         hidden_size: ``H``, the width of the hidden states.
-        bottleneck_size: ``b``, 1 to 256 for the fused GPU kernel.
+        bottleneck_size: ``b``; up to 256 runs the fused GPU kernel, wider runs unfused torch ops.
         non_linearity: ``relu``, ``silu`` / ``swish``, ``gelu`` (exact erf) or ``gelu_new`` (tanh
             approximation; ``gelu_tanh`` and ``gelu_pytorch_tanh`` are accepted too).
         scaling: ``s``, the adapter output's multiplier.

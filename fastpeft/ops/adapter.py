@@ -3,7 +3,8 @@
 Two ``torch.library`` custom ops (``fastpeft::bottleneck_adapter_fwd`` / ``_bwd``), each with a fake
 implementation so ``torch.compile`` traces them, and ``register_autograd`` tying them together. Each
 runs the Triton launcher (``fastpeft.kernels.adapter``) or its reference (``kernels/reference.py``),
-as ``fastpeft.ops._dispatch.use_triton`` decides.
+as ``fastpeft.ops._dispatch.use_triton`` decides; a bottleneck wider than ``MAX_FUSED_BOTTLENECK``
+(256) runs the reference ops on any device, unfused.
 
 Backward (``dz = s·(dY·W_up) ⊙ act'(z)`` from the saved float32 pre-activation ``z``)::
 
@@ -39,9 +40,14 @@ def canonical_activation(name: str) -> str:
     return ACTIVATION_ALIASES[name.lower()]
 
 
-def _triton_path(h: torch.Tensor) -> bool:
+MAX_FUSED_BOTTLENECK = 256
+"""Widest bottleneck the fused kernels keep on chip; wider adapters run the unfused reference ops."""
+
+
+def _triton_path(h: torch.Tensor, w_down: torch.Tensor) -> bool:
     # float64 (gradcheck) always takes the reference: the kernels are float32/16-bit only
-    return h.dtype != torch.float64 and use_triton(h)
+    fits = w_down.shape[0] <= MAX_FUSED_BOTTLENECK
+    return fits and h.dtype != torch.float64 and use_triton(h)
 
 
 @torch.library.custom_op("fastpeft::bottleneck_adapter_fwd", mutates_args=())
@@ -55,7 +61,7 @@ def _adapter_fwd(
     scaling: float,
     activation: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    if _triton_path(h):
+    if _triton_path(h, w_down):
         from fastpeft.kernels.adapter import adapter_fwd as launch
     else:
         launch = reference.adapter_fwd_reference
@@ -84,7 +90,7 @@ def _adapter_bwd(
     needs_dw: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     # gradients not asked for come back as empty tensors: custom ops cannot return None
-    if _triton_path(h):
+    if _triton_path(h, w_down):
         from fastpeft.kernels.adapter import adapter_bwd as launch
     else:
         launch = reference.adapter_bwd_reference
