@@ -94,7 +94,7 @@ def _fresh_out(out: Path, overwrite: bool) -> None:
 
 def _publish(tmp: Path, out: Path) -> None:
     """Move the finished ``tmp`` directory to ``out`` (replacing it): the old one is removed last."""
-    from fastpeft.train import share_permissions
+    from fastpeft.files import share_permissions
 
     share_permissions(tmp)
     old = None

@@ -32,6 +32,7 @@ from torch import nn
 
 from fastpeft import data as fdata
 from fastpeft import loading
+from fastpeft.files import fsync_files, share_permissions
 
 __all__ = [
     "METHODS",
@@ -43,7 +44,6 @@ __all__ = [
     "load_checkpoint",
     "resolve_device",
     "save_checkpoint",
-    "share_permissions",
 ]
 
 log = logging.getLogger(__name__)
@@ -264,32 +264,6 @@ def _setup(cfg: TrainConfig, device: torch.device, method: str) -> tuple[Any, An
 _CKPT_FILES = ("adapter_state.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer_state.json")
 
 
-def _umask() -> int:
-    # Read, not set-and-restore: os.umask() would briefly change it for every thread of the process.
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o022
-
-
-def share_permissions(directory: Path) -> None:
-    """Give ``directory`` and its files the umask's usual modes (``mkdtemp`` and safetensors make them private)."""
-    mask = _umask()
-    os.chmod(directory, 0o777 & ~mask)
-    for f in directory.rglob("*"):
-        os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~mask)
-
-
-def _fsync_dir_files(directory: Path) -> None:
-    for f in directory.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-
-
 def save_checkpoint(
     directory: Path,
     named: list[tuple[str, nn.Parameter]],
@@ -325,7 +299,7 @@ def save_checkpoint(
             scheduler=scheduler.state_dict(),
         )
         (tmp / _CKPT_FILES[3]).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        _fsync_dir_files(tmp)
+        fsync_files(tmp)
         share_permissions(tmp)
         old = directory.parent / f".checkpoint-old-{os.getpid()}"
         if directory.exists():

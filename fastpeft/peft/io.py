@@ -6,7 +6,12 @@ A directory holds ``adapter_config.json`` (sorted keys, 2-space indent, ``peft_t
 Atomicity: both files are first written complete (and fsynced) into a fresh temporary directory
 beside the target, then moved in with ``os.replace``: the weights first, then the config. A crash
 before the moves leaves the old adapter untouched (plus a ``.tmp-*`` directory); nothing ever
-reads a partially written file. Only safetensors is read; pickle files are never opened.
+reads a partially written file. The weights' metadata carries the config they were saved with
+(``fastpeft.adapter_config``, beside HF PEFT's ``format``; HF PEFT ignores it), so the one torn state
+left, a crash between the two moves, is reported on read: a warning names each setting that differs
+from the config beside the weights (bookkeeping such as paths and ``inference_mode`` aside, which users
+edit by hand), and the file's values are used.
+Only safetensors is read; pickle files are never opened.
 """
 
 from __future__ import annotations
@@ -15,17 +20,25 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from fastpeft.files import fsync_files, share_permissions
 
 __all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "check_state_dict", "read_adapter_dir", "write_adapter_dir"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+SAVED_CONFIG_KEY = "fastpeft.adapter_config"
+_BOOKKEEPING = frozenset(
+    {"base_model_name_or_path", "revision", "inference_mode", "tokenizer_name_or_path", "tokenizer_kwargs",
+     "auto_mapping", "peft_version", "task_type"}
+)  # fmt: skip
 
 
 def write_adapter_dir(directory: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
@@ -36,17 +49,12 @@ def write_adapter_dir(directory: str | os.PathLike, config: dict[str, Any], tens
     try:
         # safetensors refuses shared or non-contiguous storage: give it compact CPU copies.
         plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-        save_file(plain, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        with open(tmp / CONFIG_NAME, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-            f.write("\n")
-        mask = os.umask(0)
-        os.umask(mask)
-        for name in (WEIGHTS_NAME, CONFIG_NAME):
-            # safetensors creates its file owner-only; give both files the modes a plain open() would.
-            os.chmod(tmp / name, 0o666 & ~mask)
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        metadata = {"format": "pt", SAVED_CONFIG_KEY: json.dumps(config, sort_keys=True)}
+        save_file(plain, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
+        fsync_files(tmp)
+        share_permissions(tmp)  # safetensors creates its file owner-only
         for name in (WEIGHTS_NAME, CONFIG_NAME):
             os.replace(tmp / name, directory / name)
     finally:
@@ -79,10 +87,29 @@ def read_adapter_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict
     if not isinstance(config, dict):
         raise ValueError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
     try:
+        with safe_open(str(w_path), framework="pt") as f:
+            saved = (f.metadata() or {}).get(SAVED_CONFIG_KEY)
         tensors = load_file(str(w_path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ValueError(f"{w_path}: unreadable safetensors file (truncated or corrupt?): {e}") from None
+    if saved is not None:
+        _warn_if_config_differs(w_path, config, saved)
     return config, tensors
+
+
+def _warn_if_config_differs(w_path: Path, config: dict[str, Any], saved_text: str) -> None:
+    try:
+        saved = json.loads(saved_text)
+    except json.JSONDecodeError:
+        return  # not ours to judge: metadata written by another tool
+    keys = sorted((set(saved) | set(config)) - _BOOKKEEPING)
+    diffs = [f"{k} (saved {saved.get(k)!r}, now {config.get(k)!r})" for k in keys if saved.get(k) != config.get(k)]
+    if diffs:
+        warnings.warn(
+            f"{w_path} was saved with a different {CONFIG_NAME}: {', '.join(diffs)}; using {CONFIG_NAME} as it is "
+            "(an interrupted save, files copied from two adapters, or an edit)",
+            stacklevel=3,
+        )
 
 
 def check_state_dict(

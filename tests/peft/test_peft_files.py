@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import peft
 import pytest
@@ -134,6 +135,38 @@ def test_interrupted_save_keeps_the_old_adapter(tmp_path, monkeypatch):
     os.umask(mask)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert set(modes.values()) == {0o666 & ~mask}, f"file modes {modes}"
+
+
+def test_crash_between_the_two_moves_is_named_on_load(tmp_path, monkeypatch):
+    pm = _saved(tmp_path)
+    old_config = (tmp_path / "adapter_config.json").read_bytes()
+    pm.peft_config["default"].lora_alpha = 7  # a new config, same tensor shapes
+    moves, real_replace = [], os.replace
+
+    def replace_then_crash(src, dst):
+        if moves:
+            raise OSError("power lost")
+        moves.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(io.os, "replace", replace_then_crash)
+    with pytest.raises(OSError, match="power lost"):
+        pm.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    assert [p.name for p in moves] == ["adapter_model.safetensors"]
+    assert (tmp_path / "adapter_config.json").read_bytes() == old_config  # new weights, old config
+    with pytest.warns(UserWarning, match=r"saved with a different adapter_config.json: lora_alpha \(saved 7, now 8\)"):
+        PeftModel.from_pretrained(build("llama"), tmp_path)
+
+
+def test_hand_edited_bookkeeping_loads_without_warning(tmp_path):
+    _saved(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"], cfg["inference_mode"] = "/elsewhere/model", False
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        PeftModel.from_pretrained(build("llama"), tmp_path)
 
 
 def test_print_trainable_parameters(capsys):

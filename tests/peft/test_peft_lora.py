@@ -32,7 +32,8 @@ def _file(path):
 def _same_files(ours, theirs, where):
     meta_a, a = _file(ours)
     meta_b, b = _file(theirs)
-    assert meta_a == {"format": "pt"}, f"{where}: metadata {meta_a}"
+    assert meta_a.pop("format") == meta_b.pop("format") == "pt", f"{where}: metadata {meta_a} vs {meta_b}"
+    assert set(meta_a) == {"fastpeft.adapter_config"}, f"{where}: metadata {meta_a}"
     assert sorted(a) == sorted(b), (
         f"{where}: keys differ: only ours {sorted(set(a) - set(b))}, only theirs {sorted(set(b) - set(a))}"
     )
