@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench, copy_bandwidth, write_rows  # noqa: E402
+from common import bench, copy_bandwidth, measure_peak_memory, write_rows  # noqa: E402
 
 SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
 
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(
                     dict(op="nf4_dequantize", provider=provider, mode="dq" if double_quant else "plain",
                          shape=f"{n}x{k}", M=0, dtype=args.dtype, **t, tflops=0.0, gbps=gbps,
-                         frac_of_peak=gbps / peak_gbps, peak_mem_bytes=torch.cuda.max_memory_allocated())
+                         frac_of_peak=gbps / peak_gbps, peak_mem_bytes=measure_peak_memory(fn))
                 )  # fmt: skip
                 print(f"{provider:14s} {n}x{k} dq={double_quant}: {t['p50_ms']:.4f} ms  {gbps:7.1f} GB/s "
                       f"({gbps / peak_gbps:.0%} of copy)")  # fmt: skip

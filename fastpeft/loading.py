@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastpeft.peft.quantize import is_skipped
 from fastpeft.quant import NF4Weight, quantize_nf4
 
 __all__ = [
@@ -122,10 +123,6 @@ def is_prequantized(config: Any) -> bool:
     raise ValueError(f"unsupported quantization_config {json.dumps(q, sort_keys=True)[:200]} (only bitsandbytes NF4)")
 
 
-def _skipped(name: str, skip: Iterable[str]) -> bool:
-    return any(name == s or name.endswith(f".{s}") or name.startswith(f"{s}.") for s in skip)
-
-
 def _install(model: nn.Module, key: str, value: torch.Tensor, requires_grad: bool) -> None:
     mod_name, _, attr = key.rpartition(".")
     module = model.get_submodule(mod_name)
@@ -208,7 +205,7 @@ def load_causal_lm(
     alias_of = {n: names[0] for names in groups.values() if len(names) > 1 for n in names}
     tied = set(alias_of)
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    targets = {n for n in linears if quantize and not _skipped(n, skip) and f"{n}.weight" not in tied}
+    targets = {n for n in linears if quantize and not is_skipped(n, skip) and f"{n}.weight" not in tied}
 
     key_file: dict[str, Path] = {}
     key_shape: dict[str, tuple[int, ...]] = {}

@@ -199,7 +199,8 @@ class NF4Weight:
                 if field not in blob:
                     raise ValueError(f"{p}.{_BLOB_KEY} lacks {field!r}")
             nested_blocksize = int(blob["nested_blocksize"])
-            check_blocksize(nested_blocksize, "nested_blocksize")
+            if nested_blocksize != NESTED_BLOCKSIZE:
+                raise ValueError(f"{p}: nested_blocksize is {nested_blocksize}; bitsandbytes writes {NESTED_BLOCKSIZE}")
             nested_absmax = get(f"{p}.nested_absmax")
             _expect(f"{p}.nested_absmax", nested_absmax, torch.float32, -(-n_blocks // nested_blocksize))
             nested_quant_map = get(f"{p}.nested_quant_map")

@@ -7,6 +7,12 @@ import torch
 from fastpeft.kernels import reference
 from fastpeft.ops._dispatch import use_triton
 
+__all__ = [
+    "dynamic8_quantize",
+    "nf4_dequantize",
+    "nf4_quantize",
+]
+
 
 def nf4_quantize(w: torch.Tensor, blocksize: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed NF4 codes and float32 absmax of ``w``; see ``fastpeft.kernels.nf4.nf4_quantize``."""

@@ -17,10 +17,11 @@ from torch import nn
 from fastpeft import nn as fnn
 from fastpeft.peft.lora import conv1d_class, linear_from_conv1d
 
-__all__ = ["quantize_model"]
+__all__ = ["is_skipped", "quantize_model"]
 
 
-def _skipped(name: str, skip: Iterable[str]) -> bool:
+def is_skipped(name: str, skip: Iterable[str]) -> bool:
+    """Whether module ``name`` is one of ``skip``: an exact name, a ``.suffix`` of it, or a parent path."""
     return any(name == s or name.endswith(f".{s}") or name.startswith(f"{s}.") for s in skip)
 
 
@@ -48,7 +49,7 @@ def quantize_model(
     if linear4bit is not None:
         names += [n for n, m in model.named_modules() if n and isinstance(m, linear4bit)]
     for name in names:
-        if _skipped(name, skip):
+        if is_skipped(name, skip):
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

@@ -3,11 +3,9 @@ and the reference's hand-written backward against torch autograd."""
 
 from __future__ import annotations
 
-import zlib
-
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_close, assert_oracle
+from conftest import HAS_CUDA, assert_close, assert_oracle, stable_seed
 
 from fastpeft.kernels import adapter, reference
 from fastpeft.ops.adapter import bottleneck_adapter
@@ -30,10 +28,6 @@ def _params(m, hidden, b, dtype, seed, separate):
     residual = rnd(m, hidden) if separate else None
     scaling = 0.25 + torch.rand((), generator=g).item()
     return h, weights, residual, scaling
-
-
-def _seed(*key) -> int:
-    return zlib.crc32(repr(key).encode())  # stable across runs, unlike hash() of strings
 
 
 def _check(actual, exact, eager, msg):
@@ -64,7 +58,7 @@ def _f64(ts):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_forward_matches_reference(shape, dtype, act, separate):
-    h, w, r, s = _params(*shape, dtype, _seed(shape, act, separate), separate)
+    h, w, r, s = _params(*shape, dtype, stable_seed(shape, act, separate), separate)
     y, z = adapter.adapter_fwd(h, *w, s, act, r)
     y_eager, z_eager = reference.adapter_fwd_reference(h, *w, s, act, r)
     y_exact, z_exact = reference.adapter_fwd_reference(*_f64([h, *w]), s, act, *_f64([r]))
@@ -79,7 +73,7 @@ def test_forward_matches_reference(shape, dtype, act, separate):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_backward_matches_reference(shape, dtype, act, separate):
-    h, (wd, bd, wu, bu), r, s = _params(*shape, dtype, _seed(shape, act, separate, "bwd"), separate)
+    h, (wd, bd, wu, bu), r, s = _params(*shape, dtype, stable_seed(shape, act, separate, "bwd"), separate)
     _, z = reference.adapter_fwd_reference(h, wd, bd, wu, bu, s, act, r)
     dy = torch.randn(h.shape, generator=torch.Generator().manual_seed(shape[0] * 31 + shape[1])).to(dtype)
     got = adapter.adapter_bwd(dy, h, wd, wu, z, s, act, residual_is_separate=separate)
@@ -197,7 +191,7 @@ def test_launchers_reject_bad_input():
 @pytest.mark.parametrize("act", ["gelu_tanh", "relu"])
 def test_gpu_matches_reference(shape, dtype, act):
     cuda = torch.device("cuda")
-    h, w, r, s = _params(*shape, dtype, _seed(shape, act), shape[0] % 2 == 0)
+    h, w, r, s = _params(*shape, dtype, stable_seed(shape, act), shape[0] % 2 == 0)
     h, w, r = h.to(cuda), [t.to(cuda) for t in w], None if r is None else r.to(cuda)
     y, z = adapter.adapter_fwd(h, *w, s, act, r)
     y_eager, z_eager = reference.adapter_fwd_reference(h, *w, s, act, r)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import stable_seed
 
 from fastpeft.kernels import nf4, reference
 
@@ -19,7 +20,7 @@ def _rand(shape, dtype, seed):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_quantize_kernel_matches_reference(shape, dtype):
-    w = _rand(shape, dtype, hash((shape, str(dtype))) % 2**31)
+    w = _rand(shape, dtype, stable_seed(shape, str(dtype)))
     packed, absmax = nf4.nf4_quantize(w)
     ref_packed, ref_absmax = reference.nf4_quantize_reference(w)
     assert packed.shape == ref_packed.shape == ((w.numel() + 1) // 2, 1)
@@ -90,3 +91,26 @@ def test_launchers_reject_bad_input():
         nf4.nf4_dequantize(packed, absmax, 120)
     with pytest.raises(ValueError, match="needs nested_absmax"):
         nf4.nf4_dequantize(packed, absmax.to(torch.uint8), 100)
+
+
+@pytest.mark.parametrize("launcher", [nf4.nf4_dequantize, reference.nf4_dequantize_reference])
+def test_dequantize_rejects_layouts_the_kernel_would_misread(launcher):
+    w = torch.randn(4 * 64 * 256 + 3)
+    packed, absmax = reference.nf4_quantize_reference(w)
+    n = w.numel()
+    strided = torch.stack([absmax, absmax], dim=1)[:, 0]
+    with pytest.raises(ValueError, match="absmax must be contiguous"):
+        launcher(packed, strided, n)
+    with pytest.raises(ValueError, match="quant_map must be a float tensor of 16 values"):
+        launcher(packed, absmax, n, quant_map=torch.zeros(15))
+    offset = absmax.mean().reshape(1)
+    codes, nested = reference.dynamic8_quantize_reference(absmax - offset)
+    nested_strided = torch.stack([nested, nested], dim=1)[:, 0]
+    with pytest.raises(ValueError, match="nested_absmax must be contiguous"):
+        launcher(packed, codes, n, nested_absmax=nested_strided, offset=offset)
+    with pytest.raises(ValueError, match="nested_quant_map must be a float tensor of 256 values"):
+        launcher(packed, codes, n, nested_absmax=nested, offset=offset, nested_quant_map=torch.zeros(16))
+    with pytest.raises(ValueError, match="offset must be a float tensor of one element"):
+        launcher(packed, codes, n, nested_absmax=nested, offset=torch.zeros(2))
+    with pytest.raises(ValueError, match="offset is on meta"):
+        launcher(packed, codes, n, nested_absmax=nested, offset=offset.to("meta"))
