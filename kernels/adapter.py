@@ -84,6 +84,28 @@ def _act_grad(z, ACT: tl.constexpr):
         return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * (1.0 + z * z * (3.0 * _GELU_C)) * _SQRT_2_OVER_PI
 
 
+@triton.jit
+def _rows_times(
+    x_ptr, stride_xm, stride_xk, w_ptr, stride_wk, stride_wb, offs_m, mask_m, offs_b, mask_b, K,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
+):  # fmt: skip
+    """``X[offs_m, :K] · W[:K, offs_b]`` in float32, looped over K in ``BLOCK_K`` steps."""
+    acc = tl.zeros([BLOCK_M, BLOCK_B], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+        )  # fmt: skip
+        w = tl.load(
+            w_ptr + offs_k[:, None] * stride_wk + offs_b[None, :] * stride_wb,
+            mask=mask_k[:, None] & mask_b[None, :], other=0.0,
+        )  # fmt: skip
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
 @triton.jit(do_not_specialize=["scaling"])
 def _adapter_fwd_kernel(
     h_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, r_ptr, y_ptr, z_ptr,
@@ -98,19 +120,10 @@ def _adapter_fwd_kernel(
     mask_m = offs_m < M
     mask_b = offs_b < B
     # -- down projection: z = h·W_downᵀ, K loop over H --
-    acc = tl.zeros([BLOCK_M, BLOCK_B], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < H
-        h = tl.load(
-            h_ptr + offs_m[:, None] * stride_hm + offs_k[None, :] * stride_hh,
-            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
-        )  # fmt: skip
-        wd = tl.load(
-            wd_ptr + offs_k[:, None] * stride_wdh + offs_b[None, :] * stride_wdb,
-            mask=mask_k[:, None] & mask_b[None, :], other=0.0,
-        )  # fmt: skip
-        acc = tl.dot(h, wd, acc, input_precision=DOT_PRECISION)
+    acc = _rows_times(
+        h_ptr, stride_hm, stride_hh, wd_ptr, stride_wdh, stride_wdb, offs_m, mask_m, offs_b, mask_b, H,
+        DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_B,
+    )  # fmt: skip
     # -- bias + activation, on chip --
     z = acc + tl.load(bd_ptr + offs_b, mask=mask_b, other=0.0).to(tl.float32)[None, :]
     if SAVE_Z:
@@ -151,19 +164,10 @@ def _adapter_bwd_dz_kernel(
     mask_b = offs_b < B
     mask_mb = mask_m[:, None] & mask_b[None, :]
     # -- da = dY·W_up, K loop over H --
-    da = tl.zeros([BLOCK_M, BLOCK_B], dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < H
-        dy = tl.load(
-            dy_ptr + offs_m[:, None] * stride_dym + offs_k[None, :] * stride_dyh,
-            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
-        )  # fmt: skip
-        wu = tl.load(
-            wu_ptr + offs_k[:, None] * stride_wuh + offs_b[None, :] * stride_wub,
-            mask=mask_k[:, None] & mask_b[None, :], other=0.0,
-        )  # fmt: skip
-        da = tl.dot(dy, wu, da, input_precision=DOT_PRECISION)
+    da = _rows_times(
+        dy_ptr, stride_dym, stride_dyh, wu_ptr, stride_wuh, stride_wub, offs_m, mask_m, offs_b, mask_b, H,
+        DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_B,
+    )  # fmt: skip
     # -- chain rule through the activation; padded rows and columns have da = 0, hence dz = 0 --
     z = tl.load(z_ptr + offs_m[:, None] * B + offs_b[None, :], mask=mask_mb, other=0.0)
     dz = scaling * da * _act_grad(z, ACT)

@@ -168,19 +168,19 @@ def _keep(dropout_mask: torch.Tensor | None, device: torch.device) -> tuple[torc
 
 def _w_operand(
     weight: torch.Tensor | None, nf4: NF4Args | None, device: torch.device, transposed: bool
-) -> tuple[tuple[torch.Tensor, ...], int, int, dict[str, int]]:
+) -> tuple[tuple[torch.Tensor, ...], int, int, int, dict[str, int]]:
     """Kernel arguments for W read as ``Wt[q, p]``: ``(q, p) = (k, n)`` forward, ``(n, k)`` when ``transposed``.
 
-    Returns the six W pointers (weight/packed, absmax, code, qmap, nested, offset), the two strides and
-    the W keyword arguments (constexprs and the runtime ``blocksize_shift``). Unused pointers get small
-    float32 placeholders so every launch has one signature.
+    Returns the six W pointers (weight/packed, absmax, code, qmap, nested, offset), the two strides,
+    ``log2(blocksize)`` (a runtime argument) and the constexprs. Unused pointers get small float32
+    placeholders so every launch has one signature.
     """
     code, qmap, _ = _tables(device)
     if nf4 is None:
         s_n, s_k = weight.stride()
         strides = (s_n, s_k) if transposed else (s_k, s_n)
-        consts = {"W_KIND": _W_DENSE, "W_T": transposed, "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE, "blocksize_shift": 6}
-        return (weight, code, code, code, code, code), *strides, consts
+        consts = {"W_KIND": _W_DENSE, "W_T": transposed, "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE}
+        return (weight, code, code, code, code, code), *strides, 0, consts
     n, k = nf4.shape
     strides = (k, 1) if transposed else (1, k)
     if nf4.quant_map is not None:
@@ -193,11 +193,9 @@ def _w_operand(
     else:
         qmap = nested = offset = code
         kind = _W_NF4
-    consts = {
-        "W_KIND": kind, "W_T": transposed, "NESTED_BLOCKSIZE": nf4.nested_blocksize,
-        "blocksize_shift": nf4.blocksize.bit_length() - 1,  # supported blocksizes are powers of two
-    }  # fmt: skip
-    return (nf4.packed, nf4.absmax, code, qmap, nested, offset), *strides, consts
+    consts = {"W_KIND": kind, "W_T": transposed, "NESTED_BLOCKSIZE": nf4.nested_blocksize}
+    shift = nf4.blocksize.bit_length() - 1  # supported blocksizes are powers of two
+    return (nf4.packed, nf4.absmax, code, qmap, nested, offset), *strides, shift, consts
 
 
 def _gemm(
@@ -212,7 +210,7 @@ def _gemm(
     p: int,
 ) -> torch.Tensor:
     """``OUT [M, P] = IN·Wt + lora_scale·keep ⊙ (L·Rt) + bias`` in IN's dtype (see ``lora_linear_kernels``)."""
-    (w_ptrs, stride_wq, stride_wp, w_consts) = w_args
+    (w_ptrs, stride_wq, stride_wp, shift, w_consts) = w_args
     m, q = inp.shape
     r = lt.shape[1]
     interpret = _interpreting()
@@ -224,8 +222,6 @@ def _gemm(
     else:
         out = inp.new_empty((m, p))
     keep_t, has_mask = keep
-    w_consts = dict(w_consts)
-    shift = w_consts.pop("blocksize_shift")
     args = (
         inp, *w_ptrs, inp if bias is None else bias, lt, rt, keep_t, out,
         m, p, q, r, triton.next_power_of_2(m), w_ptrs[1].numel(), shift,

@@ -311,30 +311,28 @@ _TILED_CONFIGS = [
         {"BLOCK_M": 64, "BLOCK_P": 128, "BLOCK_Q": 64, "GROUP_M": 8, "split_k": 1}, num_warps=4, num_stages=4
     ),
 ]
-# small M: one 16-row tile; only the split count is tuned (a runtime argument, one compiled kernel)
-_SMALL_CONFIGS = [
-    triton.Config(
-        {"BLOCK_M": 16, "BLOCK_P": 64, "BLOCK_Q": 128, "GROUP_M": 1, "split_k": s},
-        num_warps=4,
-        num_stages=4,
-        pre_hook=_zero_out,
-    )  # fmt: skip
-    for s in (1, 2, 4, 8, 16)
-]
+
+
+def _small_configs(block_q: int, num_stages: int) -> list[triton.Config]:
+    """Small M: one 16-row tile; only the split count is tuned (a runtime argument, one compiled kernel)."""
+    return [
+        triton.Config(
+            {"BLOCK_M": 16, "BLOCK_P": 64, "BLOCK_Q": block_q, "GROUP_M": 1, "split_k": s},
+            num_warps=4,
+            num_stages=num_stages,
+            pre_hook=_zero_out,
+        )  # fmt: skip
+        for s in (1, 2, 4, 8, 16)
+    ]
+
+
+_SMALL_CONFIGS = _small_configs(block_q=128, num_stages=4)
 # float32 inputs (IEEE dots on the FMA units, no tensor cores): twice the bytes per element, so shorter
 # tiles and pipelines keep the staged operands inside sm_80's 163 KB of shared memory
 _TILED_CONFIGS_FP32 = [
     triton.Config({"BLOCK_M": 64, "BLOCK_P": 64, "BLOCK_Q": 32, "GROUP_M": 8, "split_k": 1}, num_warps=4, num_stages=3),
 ]
-_SMALL_CONFIGS_FP32 = [
-    triton.Config(
-        {"BLOCK_M": 16, "BLOCK_P": 64, "BLOCK_Q": 64, "GROUP_M": 1, "split_k": s},
-        num_warps=4,
-        num_stages=3,
-        pre_hook=_zero_out,
-    )  # fmt: skip
-    for s in (1, 2, 4, 8, 16)
-]
+_SMALL_CONFIGS_FP32 = _small_configs(block_q=64, num_stages=3)
 GEMM_BLOCK_R = 16
 """The GEMM epilogue's rank step: ``L·Rt`` is summed over R in 16-wide MMAs, one binary for every rank."""
 # fixed configurations under Triton's interpreter (CPU tests): small tiles keep it fast; the tests
