@@ -64,6 +64,23 @@ def test_dequantize_kernel_matches_reference(shape, dtype, double_quant):
     assert diff.numel() == 0, f"values differ at {diff[:5].tolist()}: {got[diff[:5]]} vs {want[diff[:5]]}"
 
 
+@pytest.mark.parametrize("blocksize", [128, 256, 4096])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_dequantize_kernel_other_blocksizes(blocksize, double_quant):
+    # the blocksize is a runtime shift in the kernel: every supported size runs the same binary
+    w = _rand((37, 300), torch.float32, blocksize)
+    packed, absmax = reference.nf4_quantize_reference(w, blocksize)
+    kw = {"blocksize": blocksize}
+    if double_quant:
+        offset = absmax.mean()
+        absmax, nested = reference.dynamic8_quantize_reference(absmax - offset)
+        kw |= {"nested_absmax": nested, "offset": offset}
+    got = nf4.nf4_dequantize(packed, absmax, w.numel(), torch.float16, **kw)
+    want = reference.nf4_dequantize_reference(packed, absmax, w.numel(), torch.float16, **kw)
+    diff = (got != want).nonzero().flatten()
+    assert diff.numel() == 0, f"values differ at {diff[:5].tolist()}: {got[diff[:5]]} vs {want[diff[:5]]}"
+
+
 def test_all_zero_blocks_dequantize_to_zero():
     w = _rand((4, 64), torch.float32, 3)
     w[1] = 0.0  # one whole block of zeros
