@@ -48,6 +48,17 @@ class GateCase:
     num_stages: int = 3
     tensor_cores: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    args: dict[str, Any] | None = None
+    """Runtime values of the non-constexpr, non-pointer parameters as the launcher passes them for one
+    representative shape; the gate specializes them as Triton's binder does at launch (ints equal to 1
+    become constants, multiples of 16 get divisibility hints). Pointers are taken as 16-byte aligned."""
+    path: str = ""
+    """Cost-model path of a kernel that reads weights: "decode" (small-M fused NF4 GEMM), "dequant"
+    (NF4 dequantize), "tiled" (tensor-core GEMM tile), "small" (split-K GEMM); "" for kernels that read none."""
+    weights_per_iteration: int = 0
+    """Weights one program reads (decodes) per main-loop iteration (per program for a kernel without a loop)."""
+    bytes_per_weight: float = 0.0
+    """HBM bytes moved per weight on this path (NF4 with double quantization reads about 0.516)."""
 
 
 @dataclass
@@ -121,11 +132,14 @@ def compile_case(case: GateCase, arch: int) -> GateReport:
         f.flush()
         usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True)
         sass = subprocess.run([_tool("cuobjdump"), "--dump-sass", f.name], capture_output=True, text=True)
-    m = re.search(r"REG:(\d+).*?LOCAL:(\d+)", usage.stdout, re.S)
+    m = re.search(r"REG:(\d+).*?STACK:(\d+).*?LOCAL:(\d+)", usage.stdout, re.S)
     if m is None:
         report.error = f"cuobjdump gave no resource usage: {usage.stderr.strip()[:200]}"
         return report
-    report.registers, report.local_bytes = int(m.group(1)), int(m.group(2))
+    # register spills land in STACK (with LDL / STL in the SASS); LOCAL is other local arrays
+    report.registers = int(m.group(1))
+    spill_ops = len(re.findall(r"\b(?:LDL|STL)\b", sass.stdout))
+    report.local_bytes = int(m.group(2)) + int(m.group(3)) + spill_ops
     report.mma = sorted({op for op in ("HGMMA", "HMMA") if re.search(rf"\b{op}\b", sass.stdout)})
     return report
 
