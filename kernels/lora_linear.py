@@ -39,6 +39,7 @@ from __future__ import annotations
 import torch
 import triton
 
+from fastpeft.kernels import lora_linear_decode as decode
 from fastpeft.kernels import lora_linear_kernels as kernels
 from fastpeft.kernels import lora_linear_wgrad as wgrad
 from fastpeft.kernels._gate import GateCase
@@ -62,9 +63,11 @@ from fastpeft.kernels.lora_linear_kernels import (
     gemm_kernel,
 )
 from fastpeft.kernels.lora_linear_wgrad import _wgrad
+from fastpeft.kernels.nf4 import nf4_dequantize
 
 __all__ = [
     "SMALL_M_MAX",
+    "scratch_bytes",
     "compile_gate_cases",
     "lora_linear_bwd",
     "lora_linear_fwd",
@@ -198,6 +201,47 @@ def _w_operand(
     return (nf4.packed, nf4.absmax, code, qmap, nested, offset), *strides, shift, consts
 
 
+_SCRATCH: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def scratch_bytes() -> int:
+    """Bytes held by the dequantize-once scratch buffers (one per device and dtype, the largest layer's W)."""
+    return sum(t.numel() * t.element_size() for t in _SCRATCH.values())
+
+
+def _dequantized(nf4: NF4Args, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """W ``[N, K]`` in ``dtype``, dequantized into the scratch buffer every layer's call reuses.
+
+    The buffer grows to the largest weight seen and is overwritten by the next call, so a result is only
+    valid until then: the GEMM that reads it runs next on the same stream (one stream per process).
+    """
+    n, k = nf4.shape
+    key = (device, dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < n * k:
+        _SCRATCH.pop(key, None)  # release the smaller buffer before allocating the larger one
+        buf = _SCRATCH[key] = torch.empty(n * k, dtype=dtype, device=device)
+    w = nf4_dequantize(
+        nf4.packed, nf4.absmax, n * k, dtype, blocksize=nf4.blocksize, nested_absmax=nf4.nested_absmax,
+        offset=nf4.offset, quant_map=nf4.quant_map, nested_quant_map=nf4.nested_quant_map,
+        nested_blocksize=nf4.nested_blocksize, out=buf,
+    )  # fmt: skip
+    return w.view(n, k)
+
+
+def _fuse_nf4(m: int, dtype: torch.dtype) -> bool:
+    """Whether the general GEMM decodes NF4 in its main loop (small M, 16-bit) rather than reading W from
+    the dequantize-once scratch (see the module docstring for the cost model behind the threshold)."""
+    return m <= SMALL_M_MAX and dtype != torch.float32
+
+
+def _nf4_w_operand(nf4: NF4Args, inp: torch.Tensor, transposed: bool) -> tuple:
+    """The GEMM's W arguments for an NF4 weight: decoded in the kernel, or dequantized once into the scratch."""
+    if _fuse_nf4(inp.shape[0], inp.dtype):
+        return _w_operand(None, nf4, inp.device, transposed)
+    return _w_operand(_dequantized(nf4, inp.dtype, inp.device), None, inp.device, transposed)
+
+
 def _gemm(
     inp: torch.Tensor,
     w_args: tuple,
@@ -309,7 +353,10 @@ def lora_linear_fwd(
     # -- U = drop(X)·Aᵀ: MAT[k, r] = A[r, k] --
     u = _skinny(x, lora_a, (lora_a.stride(1), lora_a.stride(0)), keep, inv_keep, r).to(x.dtype)
     # -- Y = X·Wᵀ + bias + s·U·Bᵀ: Rt[r, n] = B[n, r] --
-    w_args = _w_operand(weight, nf4, x.device, transposed=False)
+    if nf4 is not None and decode.decode_supported(x, nf4):
+        target = _target_programs(x.device, _interpreting())
+        return decode.nf4_decode_fwd(x, nf4, bias, u, lora_b, float(scaling), target), u
+    w_args = _w_operand(weight, None, x.device, False) if nf4 is None else _nf4_w_operand(nf4, x, False)
     no_keep = _keep(None, x.device)
     y = _gemm(x, w_args, u, lora_b, (lora_b.stride(1), lora_b.stride(0)), bias, no_keep, float(scaling), n)
     return y, u
@@ -361,7 +408,7 @@ def lora_linear_bwd(
         g = _skinny(dy, lora_b, (lora_b.stride(0), lora_b.stride(1)), _keep(None, x.device), 1.0, r)
     if needs_dx:
         # -- dX = dY·W + s/(1-p)·keep ⊙ (G·A): W read as Wt[n, k], Rt[r, k] = A[r, k] --
-        w_args = _w_operand(weight, nf4, x.device, transposed=True)
+        w_args = _w_operand(weight, None, x.device, True) if nf4 is None else _nf4_w_operand(nf4, dy, True)
         dx = _gemm(dy, w_args, g, lora_a, (lora_a.stride(0), lora_a.stride(1)), None, keep, scaling * inv_keep, k)
     if needs_da:
         part, _ = _wgrad(x, g, keep, colsum=False)
@@ -408,8 +455,10 @@ def nf4_linear_fwd(x: torch.Tensor, bias: torch.Tensor | None, nf4: NF4Args) -> 
         _check_tensor("bias", bias, (n,), x)
         if bias.stride(0) != 1:
             raise ValueError("bias must be contiguous")
+    if decode.decode_supported(x, nf4):
+        return decode.nf4_decode_fwd(x, nf4, bias, None, None, 0.0, _target_programs(x.device, _interpreting()))
     lt, rt = _empty_lora(m, x, x)
-    w_args = _w_operand(None, nf4, x.device, transposed=False)
+    w_args = _nf4_w_operand(nf4, x, transposed=False)
     return _gemm(x, w_args, lt, rt, (0, 1), bias, _keep(None, x.device), 0.0, n)
 
 
@@ -433,7 +482,7 @@ def nf4_linear_bwd_dx(dy: torch.Tensor, nf4: NF4Args) -> torch.Tensor:
     k = nf4.shape[1]
     _check_nf4(nf4, k, "dy", dy)
     lt, rt = _empty_lora(m, _tables(dy.device)[0], dy)
-    w_args = _w_operand(None, nf4, dy.device, transposed=True)
+    w_args = _nf4_w_operand(nf4, dy, transposed=True)
     return _gemm(dy, w_args, lt, rt, (0, 1), None, _keep(None, dy.device), 0.0, k)
 
 
@@ -445,4 +494,4 @@ def nf4_linear_bwd_dx(dy: torch.Tensor, nf4: NF4Args) -> torch.Tensor:
 def compile_gate_cases() -> list[GateCase]:
     """Every shipped configuration of the op's kernels: the GEMM and skinny kernels
     (``lora_linear_kernels``) and the weight-gradient kernel (``lora_linear_wgrad``)."""
-    return kernels.compile_gate_cases() + wgrad.compile_gate_cases()
+    return kernels.compile_gate_cases() + wgrad.compile_gate_cases() + decode.compile_gate_cases()
