@@ -18,15 +18,30 @@ This module holds the launchers (validate, allocate, grid, launch). The kernels,
 and the NF4-in-registers design are in ``lora_linear_kernels.py``; the weight-gradient reduction for
 ``dA``, ``dB`` and ``dbias`` is in ``lora_linear_wgrad.py``.
 
-Dispatch (``lora_linear_fwd``, ``dX`` in ``lora_linear_bwd``, and the base-only launchers): with
-``M <= SMALL_M_MAX`` (16) the launcher takes the bandwidth-bound path: ``BLOCK_M = 16`` (the smallest MMA
-shape), wide ``BLOCK_Q``, split-K over a second grid axis, float32 atomics into a zeroed workspace (zeroed
-by the configs' ``pre_hook``) and a cast of that ``[M, N]`` workspace, a negligible pass next to reading
-W. For larger M it takes the tensor-core tiled path (grouped tile order for L2 reuse, HMMA / HGMMA). The
-threshold is a reasoned default, not a measurement (no GPU was at hand when it was set): at M <= 16 an
-NF4 GEMM reads ``N·K/2`` bytes for ``2·16·N·K`` flops, far under any GPU's compute/bandwidth ratio, so
-only the number of bytes in flight matters, which split-K provides; the tiled path wins once tiles along
-M carry reuse.
+Dispatch of an NF4 base, set by the compile gate's cost model (estimates for an H100: 132 SMs issuing
+4 warp-instructions per clock at 1.755 GHz, 3.0 TB/s; ``python -m fastpeft.kernels._gate --report``):
+
+- forward, 16-bit x, ``M <= 64`` (``lora_linear_decode.DECODE_M_MAX``), ``K % 64 == 0``: the decode kernel,
+  ≈ 4.3-5.4 thread-instructions per weight, i.e. issue-bound at ≈ 5.5-6.9 T weights/s against a memory
+  bound of 5.8 T weights/s at 0.516 bytes per weight: a predicted 0.94-1.0 of the HBM roofline for every
+  M it takes (one program holds all M rows, so W is decoded once per call);
+- ``M <= SMALL_M_MAX`` (16), 16-bit, otherwise (dX, or a forward the decode kernel does not take): the
+  general GEMM's split-K path decoding NF4 in its main loop (bandwidth-bound sizes; ≈ 39 instructions
+  per weight, so ≈ 0.13 of the roofline: acceptable only because such calls are rare — the backward of a
+  16-token batch);
+- everything else (M past those sizes, float32 inputs): W is dequantized once per call into a scratch
+  buffer (``_dequantized``; one buffer per device and dtype, the largest layer's 16-bit weight, reused
+  by every layer) and the dense tiled GEMM runs with the LoRA epilogue. Fusing the decode into a tiled
+  GEMM pays only while few row tiles share a weight tile: each 128-row tile decodes its W tile again, at
+  ≈ 38 instructions per weight in the fused tiled kernel this replaced (≈ 1.3 ns per 1,000 weights per
+  row tile on an H100), against one dequantize pass of ≈ 2.5 bytes per weight (≈ 0.8 ns per 1,000
+  weights, once per call); at M = 8192 the fused path decoded every weight 64 times (estimated 3.4-5x
+  slower than dequantize-once + dense GEMM), and even a decode at the decode kernel's ≈ 4.5 instructions
+  per weight would cost more than the dequantize pass from ≈ 6 row tiles (M ≈ 360) on.
+
+Dense bases: ``M <= SMALL_M_MAX`` takes the split-K path (``BLOCK_M = 16``, wide ``BLOCK_Q``, float32
+atomics into a zeroed workspace, then a cast), larger M the tensor-core tiled path (grouped tile order
+for L2 reuse, HMMA / HGMMA).
 
 Skinny products ``U`` and ``G`` run ``_lora_skinny_kernel`` into float32; ``dA`` and ``dB`` come from
 ``Xᵀ·G`` over slices of M, one float32 partial per slice, with the column sums of dY for dbias fused
