@@ -19,7 +19,7 @@ import pytest
 import torch
 from conftest import INTERPRET
 
-from fastpeft.kernels import _gate, adapter, formats, lora_linear, lora_linear_wgrad, nf4
+from fastpeft.kernels import _gate, adapter, formats, lora_linear, lora_linear_decode, lora_linear_wgrad, nf4
 
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="launches the interpreter's code path of each launcher")
 
@@ -29,14 +29,23 @@ UNGATED = {
     "_adapter_bwd_dz_kernel": {"ACT", "ADD_DY", "COMPUTE_DH", "STORE_DW_INPUTS"},
     "_adapter_bwd_dw_kernel": {"HAS_COLSUM"},
     "_lora_wgrad_kernel": {"HAS_COLSUM"},
+    # under the interpreter the decode kernel runs its table twin; GPU launches pass USE_ASM=True, as gated
+    "_nf4_decode_kernel": {"USE_ASM"},
 }
 KERNELS = {
     nf4: ["_nf4_quantize_kernel", "_dynamic8_quantize_kernel", "_nf4_dequantize_kernel"],
     lora_linear: ["_lora_gemm_kernel", "_lora_skinny_kernel"],
     lora_linear_wgrad: ["_lora_wgrad_kernel"],
     adapter: ["_adapter_fwd_kernel", "_adapter_bwd_dz_kernel", "_adapter_bwd_dw_kernel"],
+    lora_linear_decode: ["_nf4_decode_kernel"],
 }
-TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8"}
+TRITON_TYPES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.uint8: "u8",
+    torch.int32: "i32",
+}
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -126,6 +135,20 @@ def _drive_lora() -> None:
             lora_linear.nf4_linear_bwd_dx(dy, w4)
 
 
+def _drive_decode() -> None:
+    # the NF4 forward at decode sizes: K % 64 == 0, 16-bit, M up to DECODE_M_MAX, with and without LoRA
+    k, n = 128, 33
+    for dtype, kind, m, extras in itertools.product(
+        (torch.float16, torch.bfloat16), ("nf4", "nf4dq"), (1, 3, 16, 20, 40, 64), ("none", "bias")
+    ):
+        x = torch.randn(m, k).to(dtype)
+        a, b = torch.randn(8, k).to(dtype), torch.randn(n, 8).to(dtype)
+        w4 = _nf4_args(n, k, kind, 64)
+        bias = torch.randn(n).to(dtype) if extras == "bias" else None
+        lora_linear.lora_linear_fwd(x, None, bias, a, b, 0.5, nf4=w4)
+        lora_linear.nf4_linear_fwd(x, bias, w4)
+
+
 def _drive_adapter() -> None:
     hidden = 40
     for dtype, b, act, separate, needs in itertools.product(
@@ -145,6 +168,7 @@ def _drive_adapter() -> None:
 def test_every_launch_is_a_gated_binary(recorders):
     _drive_nf4()
     _drive_lora()
+    _drive_decode()
     _drive_adapter()
     cases: dict[str, list[_gate.GateCase]] = {}
     for case in _gate.all_cases():
