@@ -5,9 +5,12 @@ demo that needs no download); ``--model DIR --data FILE.jsonl`` fine-tunes a loc
 checkpoint. ``fastpeft quantize`` writes an NF4 checkpoint transformers + bitsandbytes load as 4-bit;
 ``fastpeft merge`` folds a LoRA adapter into its base and writes a plain 16-bit checkpoint.
 
+``--model`` takes a transformers checkpoint directory or a GGUF file (with the ``gguf`` extra).
+
 Bad input (missing or incomplete model directory, malformed data, unknown method or module, ...) ends
 with one line on stderr and exit status 2; output directories are only created or replaced once all
-the work succeeded.
+the work succeeded. Ctrl-C (SIGINT) or SIGTERM during training writes a checkpoint at the end of the
+step in progress and exits with 128 + the signal's number; ``--resume`` continues from it.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -30,6 +34,18 @@ EXIT_BAD_INPUT = 2
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")  # fmt: skip
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_MODEL_HELP = "local transformers checkpoint directory, or a GGUF file (pip install 'fastpeft[gguf]')"
+
+
+class _DefaultsFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to every option whose help does not already state its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        help_text = action.help or ""
+        unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS
+        if unset or "default" in help_text or not action.option_strings:
+            return action.help
+        return f"{help_text} (default: %(default)s)".lstrip()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,8 +53,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     f = sub.add_parser("finetune", help="fine-tune a causal LM with LoRA, QLoRA, adapters, prefix or prompt tuning")
-    f.add_argument("--model", help="local transformers checkpoint directory (default: a small built-in Llama)")
-    f.add_argument("--data", help='JSONL file, {"text": ...} or {"prompt": ..., "completion": ...} per line')
+    f.add_argument("--model", help=f"{_MODEL_HELP} (default: a small built-in Llama, written beside the adapter)")
+    f.add_argument("--data", help='JSONL file, {"text": ...} or {"prompt": ..., "completion": ...} per line '
+                   "(default: a built-in corpus of short sentences)")  # fmt: skip
     f.add_argument("--method", help="lora, qlora, adapter, prefix or prompt (default: qlora on a GPU, lora on CPU)")
     f.add_argument("--r", type=int, default=8, help="LoRA rank")
     f.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / r)")
@@ -52,16 +69,18 @@ def _parser() -> argparse.ArgumentParser:
         "2e-4 for lora/qlora/adapter, 1e-2 for prefix/prompt)",
     )
     f.add_argument("--warmup-steps", type=int, default=None, help="default: min(10, steps / 10)")
-    f.add_argument("--batch-size", type=int, default=4)
+    f.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch")
     f.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    f.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
-    f.add_argument("--epochs", type=float, default=1.0)
+    f.add_argument("--max-steps", type=int, default=None, help="optimizer steps (default: from --epochs)")
+    f.add_argument("--epochs", type=float, default=1.0,
+                   help="passes over the data (default: 1.0; the built-in demo runs 60 steps)")  # fmt: skip
     f.add_argument("--seq-len", type=int, default=512, help="examples are truncated to this many tokens")
-    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--seed", type=int, default=0, help="adapter initialization, data order, dropout")
     f.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
     f.add_argument("--num-virtual-tokens", type=int, default=8, help="prefix / prompt tuning length")
     f.add_argument("--bottleneck-size", type=int, default=16, help="bottleneck adapter width")
-    f.add_argument("--save-steps", type=int, default=50, help="checkpoint every N steps (and at the end)")
+    f.add_argument("--save-steps", type=int, default=50,
+                   help="checkpoint every N steps, at the end, and on Ctrl-C / SIGTERM")  # fmt: skip
     f.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     f.add_argument("--out", default="fastpeft-out", help="output directory (adapter, metrics.json, checkpoint/)")
     f.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
@@ -69,21 +88,26 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     q = sub.add_parser("quantize", help="write an NF4 (bitsandbytes 4-bit) checkpoint of a model")
-    q.add_argument("--model", required=True, help="local transformers checkpoint directory")
+    q.add_argument("--model", required=True, help=_MODEL_HELP)
     q.add_argument("--out", required=True, help="new checkpoint directory")
-    q.add_argument("--compute-dtype", default="bfloat16", choices=sorted(_DTYPES), help="bnb_4bit_compute_dtype")
+    q.add_argument("--compute-dtype", default="bfloat16", choices=sorted(_DTYPES),
+                   help="bnb_4bit_compute_dtype recorded for transformers + bitsandbytes; fastpeft finetune ignores it "
+                   "and computes in bfloat16 on a GPU, float32 on the CPU")  # fmt: skip
     q.add_argument("--skip", default="lm_head", help="comma-separated modules kept in 16 bits")
     q.add_argument("--device", default=None, help="where to quantize (default: cuda when available)")
-    q.add_argument("--overwrite", action="store_true")
+    q.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
     m = sub.add_parser("merge", help="merge a LoRA adapter into its base model and write a 16-bit checkpoint")
-    m.add_argument("--model", required=True, help="the base model directory the adapter was trained on")
+    m.add_argument("--model", required=True,
+                   help="the base model the adapter was trained on: checkpoint directory or GGUF file")  # fmt: skip
     m.add_argument("--adapter", required=True, help="adapter directory (adapter_config.json + safetensors)")
     m.add_argument("--out", required=True, help="new checkpoint directory")
     m.add_argument("--onto-original", action="store_true",
                    help="merge onto the original 16-bit weights, not dequant(NF4) (QLoRA adapters)")  # fmt: skip
     m.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="output dtype (default: the model's)")
-    m.add_argument("--overwrite", action="store_true")
+    m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    for parser in (p, *sub.choices.values()):
+        parser.formatter_class = _DefaultsFormatter
     return p
 
 
@@ -107,6 +131,11 @@ def _publish(tmp: Path, out: Path) -> None:
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
+    from fastpeft import loading
+
+    if loading.is_gguf(src):  # the tokenizer a GGUF file embeds, as transformers' files
+        loading.load_tokenizer(src).save_pretrained(str(dst))
+        return
     for name in _TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
@@ -214,6 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fastpeft`` command line; returns the exit status (0 ok, 2 bad input)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="fastpeft: %(message)s")
+    logging.getLogger("fastpeft.train").setLevel(logging.INFO)  # the run-length estimate, method notices
     commands = {"finetune": cmd_finetune, "quantize": cmd_quantize, "merge": cmd_merge}
     try:
         return commands[args.command](args)
@@ -221,9 +251,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"fastpeft {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        from fastpeft.train import TrainingInterrupted
+
+        if isinstance(e, TrainingInterrupted):
+            print(
+                f"fastpeft {args.command}: stopped by {signal.Signals(e.signum).name} after step {e.step}; "
+                f"checkpoint in {e.checkpoint} (add --resume to continue)",
+                file=sys.stderr,
+            )
+            return 128 + e.signum
         print(f"fastpeft {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return 128 + signal.SIGINT
 
 
 if __name__ == "__main__":

@@ -10,6 +10,11 @@ linear, see ``fastpeft.quant``) load directly into ``NF4Linear`` layers. Tied pa
 tied to the input embedding) are loaded once and shared. Missing, unexpected or mis-shaped tensors are
 errors naming them; only safetensors files are read (never pickle).
 
+A GGUF file (llama.cpp's format; needs the optional ``gguf`` package: ``pip install 'fastpeft[gguf]'``)
+loads the same way: transformers reads its config and tokenizer, and the tensors are read from the
+memory-mapped file one at a time, dequantized (Q4_0, Q8_0, F16, ...), renamed to transformers' names,
+and installed or quantized to NF4 before the next one is read.
+
 ``save_quantized`` writes the NF4 checkpoint transformers + bitsandbytes load as ``load_in_4bit``;
 ``dequantize_model`` turns ``NF4Linear`` layers back into dense ``nn.Linear`` (to merge adapters onto).
 """
@@ -20,7 +25,7 @@ import json
 import os
 import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +39,11 @@ __all__ = [
     "bnb_quantization_config",
     "check_causal_lm",
     "dequantize_model",
+    "is_gguf",
     "is_prequantized",
     "load_causal_lm",
     "load_config",
+    "load_tokenizer",
     "require_transformers",
     "save_quantized",
     "weight_files",
@@ -61,15 +68,45 @@ def _names(keys: Iterable[str], limit: int = 6) -> str:
     return ", ".join(keys[:limit]) + more
 
 
+def is_gguf(model: str | os.PathLike) -> bool:
+    """True when ``model`` names a GGUF file (``*.gguf``) rather than a checkpoint directory."""
+    return str(model).lower().endswith(".gguf")
+
+
+def _require_gguf() -> Any:
+    try:
+        import gguf
+    except ImportError:
+        raise ImportError("reading GGUF files needs the gguf package: pip install 'fastpeft[gguf]'") from None
+    return gguf
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def load_config(model_dir: str | os.PathLike) -> Any:
-    """The model directory's ``config.json`` as a transformers config.
+    """The model's config: ``config.json`` of a checkpoint directory, or the metadata of a GGUF file.
 
     Raises:
-        FileNotFoundError: the directory or its ``config.json`` is missing.
+        FileNotFoundError: the directory, its ``config.json`` or the GGUF file is missing.
         ValueError: the config is unreadable or names an architecture transformers does not know.
+        ImportError: a GGUF file without the ``gguf`` package.
     """
     transformers = require_transformers()
     model_dir = Path(model_dir)
+    if is_gguf(model_dir):
+        if not model_dir.is_file():
+            raise FileNotFoundError(f"GGUF file {model_dir} does not exist")
+        _require_gguf()
+        try:
+            config = transformers.AutoConfig.from_pretrained(
+                str(model_dir.parent), gguf_file=model_dir.name, local_files_only=True
+            )
+        except (ValueError, KeyError, OSError, TypeError, NotImplementedError) as e:
+            raise ValueError(f"{model_dir}: unsupported or unreadable GGUF file ({_first_line(e)})") from None
+        config._name_or_path = str(model_dir)
+        return config
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     if not (model_dir / "config.json").is_file():
@@ -77,8 +114,23 @@ def load_config(model_dir: str | os.PathLike) -> Any:
     try:
         return transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{model_dir / 'config.json'}: unsupported or unreadable config ({first})") from None
+        raise ValueError(f"{model_dir / 'config.json'}: unsupported or unreadable config ({_first_line(e)})") from None
+
+
+def load_tokenizer(model_dir: str | os.PathLike) -> Any:
+    """The tokenizer of a checkpoint directory, or the one a GGUF file embeds (as transformers converts it).
+
+    Raises:
+        ValueError: no usable tokenizer.
+    """
+    transformers = require_transformers()
+    model_dir = Path(model_dir)
+    where = {"gguf_file": model_dir.name} if is_gguf(model_dir) else {}
+    src = model_dir.parent if where else model_dir
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(src), local_files_only=True, **where)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"{model_dir}: no usable tokenizer ({_first_line(e)})") from None
 
 
 def weight_files(model_dir: str | os.PathLike) -> list[Path]:
@@ -141,9 +193,89 @@ def _build_on_meta(model_dir: Path, config: Any) -> nn.Module:
         with torch.device("meta"):
             return transformers.AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError, ImportError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         kind = getattr(config, "model_type", "?")
-        raise ValueError(f"{model_dir}: cannot build a causal LM for model_type {kind!r} ({first})") from None
+        raise ValueError(f"{model_dir}: cannot build a causal LM for model_type {kind!r} ({_first_line(e)})") from None
+
+
+class _Safetensors:
+    """The tensors of safetensors shards: names and shapes from the headers, each tensor read on demand."""
+
+    def __init__(self, files: list[Path]) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        self.files = files
+        self.where: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for f in files:
+            try:
+                with safe_open(str(f), framework="pt") as sf:
+                    for k in sf.keys():
+                        self.where[k] = f
+                        self.shapes[k] = tuple(sf.get_slice(k).get_shape())
+            except (SafetensorError, OSError) as e:
+                raise ValueError(f"{f}: unreadable safetensors file ({e})") from None
+
+    def label(self, key: str) -> str:
+        return self.where[key].name
+
+    def read(self, device: torch.device) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+        from safetensors import safe_open
+
+        for f in self.files:
+            with safe_open(str(f), framework="pt", device=str(device)) as sf:
+                for key in sf.keys():
+                    yield key, lambda sf=sf, key=key: sf.get_tensor(key)
+
+
+class _GGUF:
+    """The tensors of a GGUF file under transformers' names: the file is memory-mapped, and each tensor is
+    dequantized (and un-permuted, e.g. Llama's q/k rows) only when read, through transformers' GGUF mapping."""
+
+    def __init__(self, path: Path, model: nn.Module, config: Any) -> None:
+        gguf = _require_gguf()
+        from transformers.modeling_gguf_pytorch_utils import (
+            TENSOR_PROCESSORS,
+            TensorProcessor,
+            get_gguf_hf_weights_map,
+        )
+
+        self.path, self.dequantize = path, gguf.dequantize
+        try:
+            reader = gguf.GGUFReader(str(path))
+            arch = str(bytes(reader.fields["general.architecture"].parts[-1]), encoding="utf-8")
+        except (ValueError, KeyError, OSError) as e:
+            raise ValueError(f"{path}: unreadable GGUF file ({_first_line(e)})") from None
+        self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
+        try:
+            self.mapping = get_gguf_hf_weights_map(model, self.processor)
+        except NotImplementedError as e:
+            raise ValueError(
+                f"{path}: GGUF architecture {arch!r} has no tensor-name mapping ({_first_line(e)})"
+            ) from None
+        self.tensors = {self.mapping[t.name]: t for t in reader.tensors if t.name in self.mapping}
+        # GGUF lists dimensions fastest-varying first (ggml's ne): torch's shape is the reverse.
+        self.shapes = {k: tuple(int(d) for d in reversed(t.shape)) for k, t in self.tensors.items()}
+
+    def label(self, key: str) -> str:
+        return f"{self.path.name} ({self.tensors[key].name})"
+
+    def _get(self, key: str, device: torch.device) -> torch.Tensor:
+        import numpy as np
+
+        t = self.tensors[key]
+        weights = self.dequantize(t.data, t.tensor_type)
+        weights = self.processor.process(weights=weights, name=t.name, tensor_key_mapping=self.mapping,
+                                         parsed_parameters={"tensors": {}}).weights  # fmt: skip
+        # A copy: unquantized tensors come back as read-only views of the mapped file.
+        return torch.from_numpy(np.array(weights, copy=True)).reshape(self.shapes[key]).to(device)
+
+    def read(self, device: torch.device) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+        for key in self.tensors:
+            yield key, lambda key=key: self._get(key, device)
+
+
+def _source(model_dir: Path, model: nn.Module, config: Any) -> _Safetensors | _GGUF:
+    return _GGUF(model_dir, model, config) if is_gguf(model_dir) else _Safetensors(weight_files(model_dir))
 
 
 def check_causal_lm(model_dir: str | os.PathLike) -> None:
@@ -153,8 +285,11 @@ def check_causal_lm(model_dir: str | os.PathLike) -> None:
     """
     config = load_config(model_dir)
     is_prequantized(config)
-    _build_on_meta(Path(model_dir), config)
-    weight_files(model_dir)
+    model = _build_on_meta(Path(model_dir), config)
+    if is_gguf(model_dir):
+        _GGUF(Path(model_dir), model, config)
+    else:
+        weight_files(model_dir)
 
 
 def load_causal_lm(
@@ -169,7 +304,7 @@ def load_causal_lm(
 
     Args:
         model_dir: a directory with ``config.json`` and safetensors weights (one file, or shards with or
-            without ``model.safetensors.index.json``).
+            without ``model.safetensors.index.json``), or a ``*.gguf`` file.
         quantize: quantize every ``nn.Linear`` not matched by ``skip`` to NF4 while reading.
         device: where the model's tensors go (quantization runs there too).
         dtype: dtype of the floating tensors kept dense; default the checkpoint's (``config.dtype``).
@@ -183,19 +318,18 @@ def load_causal_lm(
         FileNotFoundError: the directory, its config or its weights are missing.
         ValueError: unsupported architecture or quantization, unreadable shard, missing / unexpected /
             mis-shaped tensors (named).
+        ImportError: a GGUF file without the ``gguf`` package.
     """
-    from safetensors import SafetensorError, safe_open
-
     from fastpeft.nn import NF4Linear
 
     model_dir, device, skip = Path(model_dir), torch.device(device), tuple(skip)
     config = load_config(model_dir)
     prequantized = is_prequantized(config)
-    files = weight_files(model_dir)
     if dtype is None:
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
         dtype = _DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else dtype
     model = _build_on_meta(model_dir, config)
+    source = _source(model_dir, model, config)
 
     meta = model.state_dict(keep_vars=True)
     # Tied parameters share one meta tensor: group their names, load one, point the rest at it.
@@ -207,17 +341,8 @@ def load_causal_lm(
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     targets = {n for n in linears if quantize and not is_skipped(n, skip) and f"{n}.weight" not in tied}
 
-    key_file: dict[str, Path] = {}
-    key_shape: dict[str, tuple[int, ...]] = {}
-    for f in files:
-        try:
-            with safe_open(str(f), framework="pt") as sf:
-                for k in sf.keys():
-                    key_file[k] = f
-                    key_shape[k] = tuple(sf.get_slice(k).get_shape())
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{f}: unreadable safetensors file ({e})") from None
-    prequant = {k[: -len(_BLOB_SUFFIX)] for k in key_file if k.endswith(_BLOB_SUFFIX)}
+    key_shape = source.shapes
+    prequant = {k[: -len(_BLOB_SUFFIX)] for k in key_shape if k.endswith(_BLOB_SUFFIX)}
     if prequant and not prequantized:
         raise ValueError(f"{model_dir}: 4-bit tensors present but config.json has no bitsandbytes quantization_config")
     unknown = prequant - linears
@@ -236,21 +361,21 @@ def load_causal_lm(
 
     # -- check names and shapes from the headers first: a bad checkpoint fails before any tensor is read --
     ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())]
-    owned = {k: owner(k) for k in key_file} if prequant else {}
+    owned = {k: owner(k) for k in key_shape} if prequant else {}
     unexpected = [
-        k for k in key_file if k not in meta and owned.get(k) is None and not any(p.search(k) for p in ignore)
+        k for k in key_shape if k not in meta and owned.get(k) is None and not any(p.search(k) for p in ignore)
     ]
     if unexpected:
         name = type(model).__name__
         raise ValueError(f"{model_dir}: unexpected tensors not in the {name} model: {_names(unexpected)}")
-    present = {alias_of.get(k, k) for k in key_file if k in meta}
+    present = {alias_of.get(k, k) for k in key_shape if k in meta}
     missing = [k for k in meta if alias_of.get(k, k) not in present and k.rpartition(".")[0] not in prequant]
     if missing:
         raise ValueError(f"{model_dir}: tensors missing from the checkpoint: {_names(missing)}")
     for k, shape in key_shape.items():
         if k in meta and owned.get(k) is None and shape != tuple(meta[k].shape):
             raise ValueError(
-                f"{key_file[k].name}: size mismatch for {k}: the checkpoint holds {shape}, "
+                f"{source.label(k)}: size mismatch for {k}: the checkpoint holds {shape}, "
                 f"the model expects {tuple(meta[k].shape)}"
             )
 
@@ -258,26 +383,24 @@ def load_causal_lm(
     bias: dict[str, torch.Tensor] = {}
     pending: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
     loaded: dict[str, str] = {}  # the first name of each parameter -> the key it was read from
-    for f in files:
-        with safe_open(str(f), framework="pt", device=str(device)) as sf:
-            for key in sf.keys():
-                mod, _, attr = key.rpartition(".")
-                if owned.get(key) is not None:
-                    pending[owned[key]][key] = sf.get_tensor(key)
-                    continue
-                if key not in meta or alias_of.get(key, key) in loaded:
-                    continue  # an ignored key, or the other name of a tied parameter already read
-                t = sf.get_tensor(key)
-                if t.is_floating_point():
-                    t = t.to(dtype)
-                if mod in targets and attr == "weight":
-                    nf4[mod] = quantize_nf4(t, double_quant=double_quant)
-                    del t  # the 16-bit weight dies here: only its NF4 form stays
-                elif mod in targets and attr == "bias":
-                    bias[mod] = t
-                else:
-                    _install(model, key, t, requires_grad=bool(getattr(meta[key], "requires_grad", False)))
-                loaded[alias_of.get(key, key)] = key
+    for key, get in source.read(device):
+        mod, _, attr = key.rpartition(".")
+        if owned.get(key) is not None:
+            pending[owned[key]][key] = get()
+            continue
+        if key not in meta or alias_of.get(key, key) in loaded:
+            continue  # an ignored key, or the other name of a tied parameter already read
+        t = get()
+        if t.is_floating_point():
+            t = t.to(dtype)
+        if mod in targets and attr == "weight":
+            nf4[mod] = quantize_nf4(t, double_quant=double_quant)
+            del t  # the 16-bit weight dies here: only its NF4 form stays
+        elif mod in targets and attr == "bias":
+            bias[mod] = t
+        else:
+            _install(model, key, t, requires_grad=bool(getattr(meta[key], "requires_grad", False)))
+        loaded[alias_of.get(key, key)] = key
     for prefix, sd in pending.items():
         nf4[prefix] = NF4Weight.from_bnb_state_dict(sd, prefix)
         if f"{prefix}.bias" in sd:

@@ -8,7 +8,13 @@ into ``out``: the adapter directory (HF PEFT's files), ``metrics.json`` and ``tr
 Every input is validated before ``out`` is touched. Checkpoints (``out/checkpoint/``: the trainable
 tensors, optimizer and RNG states as safetensors, step / data position / losses / scheduler as JSON)
 are written into a temporary directory and renamed into place; ``resume=True`` continues from one and
-reproduces the uninterrupted run's losses exactly. Nothing is ever unpickled.
+reproduces the uninterrupted run's losses exactly. SIGINT (Ctrl-C) or SIGTERM during training ends the
+step in progress, writes a checkpoint of it and raises ``TrainingInterrupted``; a second SIGINT stops at
+once. Nothing is ever unpickled.
+
+After the first steps one log line (logger ``fastpeft.train``, level INFO) estimates the run's length.
+The embedded demo writes its base model into ``out/base_model`` (it is tiny) and records that path as
+the adapter's ``base_model_name_or_path``, so ``fastpeft merge`` and HF PEFT can load the result.
 """
 
 from __future__ import annotations
@@ -20,9 +26,11 @@ import math
 import os
 import resource
 import shutil
+import signal
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +46,7 @@ __all__ = [
     "METHODS",
     "Checkpoint",
     "TrainConfig",
+    "TrainingInterrupted",
     "build_embedded_model",
     "default_lr",
     "finetune",
@@ -68,6 +77,22 @@ _RESUME_FIELDS = (
     "warmup_steps",
 )
 _OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "train_config.json")
+BASE_MODEL_DIR = "base_model"  # the embedded demo's base model, written beside its adapter
+_ESTIMATE_AFTER = (3, 30.0)  # the run's length is estimated after this many steps or seconds, whichever first
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped ``finetune`` at a step boundary, after the checkpoint of that step was written.
+
+    Attributes:
+        signum: the signal received.
+        step: the last completed (and checkpointed) optimizer step.
+        checkpoint: the checkpoint directory ``--resume`` continues from.
+    """
+
+    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint written to {checkpoint}")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
 
 
 @dataclass
@@ -150,16 +175,6 @@ def build_embedded_model(seed: int, device: torch.device, dtype: torch.dtype, vo
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _load_tokenizer(model_dir: str) -> Any:
-    transformers = loading.require_transformers()
-    try:
-        tok = transformers.AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    except (OSError, ValueError, TypeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{model_dir}: no usable tokenizer files ({first})") from None
-    return tok
-
-
 def _peft_config(cfg: TrainConfig, method: str) -> Any:
     from fastpeft.peft import AdapterConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig
 
@@ -225,7 +240,7 @@ def _setup(cfg: TrainConfig, device: torch.device, method: str) -> tuple[Any, An
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if cfg.model is not None:
         loading.check_causal_lm(cfg.model)  # a missing / unsupported model fails before the tokenizer is read
-        tokenizer = _load_tokenizer(cfg.model)
+        tokenizer = loading.load_tokenizer(cfg.model)
     else:
         tokenizer = fdata.byte_tokenizer()
     records = fdata.read_jsonl(cfg.data) if cfg.data is not None else [{"text": t} for t in fdata.TINY_CORPUS]
@@ -237,6 +252,7 @@ def _setup(cfg: TrainConfig, device: torch.device, method: str) -> tuple[Any, An
         base = loading.load_causal_lm(cfg.model, quantize=method == "qlora", device=device, dtype=dtype)
     else:
         base = build_embedded_model(cfg.seed, device, dtype, len(tokenizer))
+        base.config._name_or_path = str((Path(cfg.out) / BASE_MODEL_DIR).resolve())  # written with the results
         if method == "qlora":
             quantize_model(base)
     vocab = base.get_input_embeddings().num_embeddings
@@ -397,18 +413,101 @@ def _check_targets(model: nn.Module, targets: str) -> None:
             raise ValueError(f"--target-modules: {t!r} matches no module of the model (its linear layers: {leaf})")
 
 
-def _write_results(out: Path, model: Any, metrics: dict[str, Any], cfg_dict: dict[str, Any]) -> None:
-    """Adapter files, metrics and config into a temporary directory, then each renamed into ``out``."""
+def _write_results(
+    out: Path, model: Any, metrics: dict[str, Any], cfg_dict: dict[str, Any], base: nn.Module | None = None
+) -> None:
+    """Adapter files, metrics, config (and ``base``, the embedded base model, with its tokenizer) into a
+    temporary directory, then each renamed into ``out``."""
     tmp = Path(tempfile.mkdtemp(prefix=".final-tmp-", dir=out))
     try:
         model.save_pretrained(tmp)
         for name, obj in (("metrics.json", metrics), ("train_config.json", cfg_dict)):
             (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if base is not None:
+            base.save_pretrained(str(tmp / BASE_MODEL_DIR))
+            fdata.byte_tokenizer().save_pretrained(str(tmp / BASE_MODEL_DIR))
+        fsync_files(tmp)
         share_permissions(tmp)
+        if base is not None:
+            shutil.rmtree(out / BASE_MODEL_DIR, ignore_errors=True)
+            os.replace(tmp / BASE_MODEL_DIR, out / BASE_MODEL_DIR)
         for name in _OUTPUT_FILES:
             os.replace(tmp / name, out / name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{int(seconds // 3600)} h {round(seconds % 3600 / 60):02d} min"
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[list[int]]:
+    """While active, SIGINT and SIGTERM are recorded (the loop stops at the next step boundary) instead of
+    raising; a second SIGINT raises ``KeyboardInterrupt`` at once. Outside the main thread, nothing changes."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signum)
+        log.warning(
+            "%s: stopping after this step with a checkpoint (Ctrl-C again stops at once, without one)",
+            signal.Signals(signum).name,
+        )
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _train_step(
+    model: Any, stream: Iterator, grad_accum: int, params: list[nn.Parameter], optimizer: Any, device: torch.device
+) -> tuple[float, int, int, int]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns (loss, epoch, next index, tokens)."""
+    micro = [next(stream) for _ in range(grad_accum)]
+    epoch, index = micro[-1][0], micro[-1][1] + 1
+    counts = [int((b["labels"][:, 1:] != fdata.IGNORE_INDEX).sum()) for _, _, b in micro]
+    n_total = sum(counts)
+    tokens = sum(int(b["attention_mask"].sum()) for _, _, b in micro)  # counted on the host copies
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    loss_sum = torch.zeros((), device=device)
+    for (_, _, batch), n in zip(micro, counts, strict=True):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast:
+            loss = model(**batch).loss
+        # Token-weighted mean over the accumulated micro-batches (not a mean of means).
+        (loss * (n / n_total)).backward()
+        loss_sum += loss.detach().float() * (n / n_total)
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss_sum), epoch, index, tokens  # float(): the step's one host sync
+
+
+def _estimate(marks: list[float], left: int, total: int) -> bool:
+    """Log how long the rest of the run will take, once ``_ESTIMATE_AFTER`` steps or seconds have passed
+    (whichever first); returns whether it did. ``marks``: the run's start, then the end of each step. The
+    rate comes from the steps after the first, which pays one-off costs (allocator growth, compilation)."""
+    done, elapsed = len(marks) - 1, marks[-1] - marks[0]
+    if left == 0 or (done < _ESTIMATE_AFTER[0] and elapsed < _ESTIMATE_AFTER[1]):
+        return False
+    per_step = (marks[-1] - marks[1]) / (done - 1) if done > 1 else elapsed
+    log.info(
+        "%d steps took %s: at %.2f s a step, the remaining %d of %d steps take about %s",
+        done, _duration(elapsed), per_step, left, total, _duration(per_step * left),
+    )  # fmt: skip
+    return True
 
 
 def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = None) -> dict[str, Any]:
@@ -427,6 +526,7 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
         ValueError / FileNotFoundError: bad input, reported before ``cfg.out`` is touched.
     """
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     device = resolve_device(cfg.device)
     method = cfg.method or ("qlora" if device.type == "cuda" else "lora")
@@ -477,7 +577,8 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
     if cfg.overwrite and not cfg.resume:
         for name in _OUTPUT_FILES:
             (out / name).unlink(missing_ok=True)
-        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+        for name in ("checkpoint", BASE_MODEL_DIR):
+            shutil.rmtree(out / name, ignore_errors=True)
     step, epoch, index, losses, tokens, seconds = 0, 0, 0, [], 0, 0.0
     if state is not None:
         state.restore(named, optimizer, scheduler, device)
@@ -486,56 +587,41 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
         losses, tokens, seconds = list(m["losses"]), m["tokens"], m["seconds"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     stream = batches.iterate(epoch, index)
     bar = tqdm(total=total, initial=step, desc=f"finetune {method}", disable=not cfg.progress, dynamic_ncols=True)
+    marks, estimated = [time.perf_counter()], False  # this run's start and step ends, checkpoints included
     model.train()
-    while step < total:
-        t0 = time.perf_counter()
-        micro = [next(stream) for _ in range(cfg.grad_accum)]
-        epoch, index = micro[-1][0], micro[-1][1] + 1
-        counts = [int((b["labels"][:, 1:] != fdata.IGNORE_INDEX).sum()) for _, _, b in micro]
-        n_total = sum(counts)
-        tokens += sum(int(b["attention_mask"].sum()) for _, _, b in micro)  # counted on the host copies
-        loss_sum = torch.zeros((), device=device)
-        for (_, _, batch), n in zip(micro, counts, strict=True):
-            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-            with autocast:
-                loss = model(**batch).loss
-            # Token-weighted mean over the accumulated micro-batches (not a mean of means).
-            (loss * (n / n_total)).backward()
-            loss_sum += loss.detach().float() * (n / n_total)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = float(loss_sum)  # the step's one host sync
-        seconds += time.perf_counter() - t0
-        step += 1
-        losses.append(step_loss)
-        bar.update(1)
-        bar.set_postfix(
-            loss=f"{step_loss:.4f}",
-            tok_s=f"{tokens / max(seconds, 1e-9):.0f}",
-            mem=f"{_memory_now(device) / 2**20:.0f}MiB",
-        )
-        if step % cfg.save_steps == 0 or step == total:
-            save_checkpoint(
-                out / "checkpoint",
-                named,
-                optimizer,
-                scheduler,
-                device,
-                config=cfg_dict,
-                step=step,
-                epoch=epoch,
-                index=index,
-                losses=losses,
-                tokens=tokens,
-                seconds=seconds,
+    # Log lines (the estimate, a signal's notice) go above the progress bar, not through it.
+    redirect = logging_redirect_tqdm() if cfg.progress else contextlib.nullcontext()
+    with _stop_requests() as stop, redirect:
+        while step < total:
+            t0 = time.perf_counter()
+            step_loss, epoch, index, n_tokens = _train_step(model, stream, cfg.grad_accum, params, optimizer, device)
+            scheduler.step()
+            tokens += n_tokens
+            seconds += time.perf_counter() - t0
+            step += 1
+            losses.append(step_loss)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{step_loss:.4f}",
+                tok_s=f"{tokens / max(seconds, 1e-9):.0f}",
+                mem=f"{_memory_now(device) / 2**20:.0f}MiB",
             )
-        if callback is not None:
-            callback(step, step_loss)
+            state_now = dict(config=cfg_dict, step=step, epoch=epoch, index=index, losses=losses, tokens=tokens,
+                             seconds=seconds)  # fmt: skip
+            saved = step % cfg.save_steps == 0 or step == total
+            if saved:
+                save_checkpoint(out / "checkpoint", named, optimizer, scheduler, device, **state_now)
+            if callback is not None:
+                callback(step, step_loss)
+            if stop and step < total:  # a signal arrived: the step is done, keep it and stop
+                if not saved:
+                    save_checkpoint(out / "checkpoint", named, optimizer, scheduler, device, **state_now)
+                bar.close()
+                raise TrainingInterrupted(stop[0], step, out / "checkpoint")
+            marks.append(time.perf_counter())
+            estimated = estimated or _estimate(marks, total - step, total)
     bar.close()
 
     trainable, total_params = model.get_nb_trainable_parameters()
@@ -555,5 +641,9 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
         "method": method,
         "device": str(device),
     }
-    _write_results(out, model, metrics, cfg_dict)
+    base = None
+    if cfg.model is None:  # the embedded base, rebuilt from its seed (dense, on the CPU) to go beside the adapter
+        emb = model.get_input_embeddings()
+        base = build_embedded_model(cfg.seed, torch.device("cpu"), emb.weight.dtype, emb.num_embeddings)
+    _write_results(out, model, metrics, cfg_dict, base)
     return metrics

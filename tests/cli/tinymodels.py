@@ -70,3 +70,67 @@ def listing(directory: Path) -> dict[str, bytes]:
     if not directory.exists():
         return {}
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def _llama_cpp_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """llama.cpp's row order for q/k projections: within each head, the two rotary halves interleaved."""
+    out = w.shape[0]
+    return w.reshape(heads, 2, out // heads // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def write_gguf(path: Path, checkpoint: Path, quantized: str | None = None) -> Path:
+    """``checkpoint`` (a ``write_checkpoint`` Llama) as a GGUF file laid out as llama.cpp writes one.
+
+    Metadata under llama.cpp's keys, the byte tokenizer as a GPT-2-style vocabulary, tensors under GGUF
+    names with q/k rows permuted. ``quantized``: a ggml type name (``"Q8_0"``) for the 2-D projection
+    weights; everything else, and by default everything, is float32.
+    """
+    import gguf
+    from safetensors.torch import load_file
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    heads, kv_heads, layers = config["num_attention_heads"], config["num_key_value_heads"], config["num_hidden_layers"]
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("tiny llama")
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(layers)
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(config["hidden_size"] // heads)
+    writer.add_rope_freq_base(float(config.get("rope_theta") or config["rope_parameters"]["rope_theta"]))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+    tok = byte_tokenizer()
+    tokens = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in tok.all_special_tokens else 1 for t in tokens])  # 3: control, 1: normal
+    writer.add_token_scores([0.0] * len(tokens))
+    writer.add_token_merges([])
+    writer.add_bos_token_id(tok.bos_token_id)
+    writer.add_eos_token_id(tok.eos_token_id)
+    writer.add_pad_token_id(tok.pad_token_id)
+    writer.add_unk_token_id(tok.unk_token_id)
+    writer.add_add_bos_token(False)
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
+    for key, t in load_file(str(checkpoint / "model.safetensors")).items():
+        module, _, suffix = key.rpartition(".")
+        name = f"{names.get_name(module)}.{suffix}"
+        if name.endswith("attn_q.weight"):
+            t = _llama_cpp_rows(t, heads)
+        elif name.endswith("attn_k.weight"):
+            t = _llama_cpp_rows(t, kv_heads)
+        data = t.float().numpy()
+        if quantized and data.ndim == 2 and name.startswith("blk."):
+            qtype = gguf.GGMLQuantizationType[quantized]
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
