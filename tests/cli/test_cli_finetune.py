@@ -36,7 +36,9 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs)
 
 
-def test_embedded_default_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_embedded_default_end_to_end(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     out = tmp_path / "run"
     assert main(["finetune", "--out", str(out), "--max-steps", "20", "--no-progress"]) == 0
     for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "train_config.json"):
@@ -55,6 +57,47 @@ def test_embedded_default_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 8
     summary = capsys.readouterr().out
     assert "trainable params" in summary and "tokens/s" in summary and "peak memory" in summary, summary
+    estimates = [r.getMessage() for r in caplog.records if "steps take about" in r.getMessage()]
+    assert len(estimates) == 1 and "remaining 17 of 20 steps" in estimates[0], estimates
+
+    # The built-in base model is written beside the adapter and named by it: merge and HF PEFT both work.
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    base_dir = out / train.BASE_MODEL_DIR
+    assert cfg["base_model_name_or_path"] == str(base_dir.resolve()), cfg["base_model_name_or_path"]
+    merged = tmp_path / "merged"
+    assert main(["merge", "--model", str(base_dir), "--adapter", str(out), "--out", str(merged)]) == 0
+    ids = torch.randint(3, 260, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        theirs = peft.AutoPeftModelForCausalLM.from_pretrained(str(out)).eval()(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(str(base_dir)).eval()(input_ids=ids).logits
+        folded = AutoModelForCausalLM.from_pretrained(str(merged)).eval()(input_ids=ids).logits
+    assert (theirs - plain).abs().max() > 1e-3, "the adapter changes nothing: the comparison would prove nothing"
+    assert_close(folded, theirs, msg="merged demo model vs HF PEFT's adapter on the written base")
+
+
+@pytest.mark.parametrize("command", ["finetune", "quantize", "merge"])
+def test_help_shows_every_default(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from fastpeft.cli import _parser
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    options = [a for a in sub._actions if a.option_strings and not a.required and a.nargs != 0]
+    assert options, f"{command} has no optional value to check"
+    for action in options:  # flags (nargs 0) are off unless given; required options have nothing to default
+        formatter = sub._get_formatter()
+        formatter.add_argument(action)
+        entry = " ".join(formatter.format_help().split())
+        assert entry in text, f"{command} --help lacks {entry!r}"
+        said = f"default: {action.default}" if action.default is not None else "default"
+        assert said in entry, f"{command} {action.option_strings[-1]} does not say {said!r}: {entry!r}"
+    if command == "quantize":
+        assert "float32 on the CPU" in text, "--compute-dtype must say what CPU training computes in"
 
 
 @pytest.mark.parametrize(
