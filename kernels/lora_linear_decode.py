@@ -76,14 +76,15 @@ def _byte_words(halves: list[int], shift: int) -> list[int]:
 
 def _decode_asm() -> str:
     """PTX that turns one packed word ``$4`` into four int32 words ``$0..$3`` of 16-bit code-value pairs, with
-    the permute tables in ``$5..$8`` (low bytes of codes 0-15, four per word) and ``$9..$12`` (high bytes)."""
+    the permute tables in ``$5..$8`` (low bytes of codes 0-15, four per word) and ``$9..$12`` (high bytes),
+    and the select mask ``0x44444444`` in ``$13`` (as an immediate, ptxas rebuilds it every use)."""
     lines = [
         "{",
         ".reg .b32 s, c, s1, c1, la, lb, ha, hb, l, h;",
         # selectors: the code's low 3 bits; the select's control: byte i from the 0-7 or the 8-15 lookup
         "and.b32 s, $4, 0x77777777;",
         "shr.b32 c, $4, 1;",
-        "and.b32 c, c, 0x44444444;",
+        "and.b32 c, c, $13;",
         "or.b32 c, c, 0x32103210;",
         "shr.b32 s1, s, 16;",
         "shr.b32 c1, c, 16;",
@@ -106,16 +107,18 @@ def _decode_asm() -> str:
 
 
 DECODE_ASM = _decode_asm()
+_SELECT_MASK = 0x44444444
 _DECODE_ASM = tl.constexpr(DECODE_ASM)
 
 
 @functools.cache
 def decode_tables(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """int32 ``[24]``: the permute tables (low bytes, then high bytes of the 16 code values, four per word),
-    then the 16-bit pattern of each code value in ``dtype`` (the interpreter twin's table)."""
+    """int32 ``[25]``: the permute tables (low bytes, then high bytes of the 16 code values, four per word),
+    the select mask ``0x44444444``, then the 16-bit pattern of each code value in ``dtype`` (the interpreter
+    twin's table)."""
     halves = _halves(dtype)
     words = [w - (1 << 32) if w >= 1 << 31 else w for w in _byte_words(halves, 0) + _byte_words(halves, 8)]
-    return torch.tensor(words + halves, dtype=torch.int32, device=device)
+    return torch.tensor([*words, _SELECT_MASK, *halves], dtype=torch.int32, device=device)
 
 
 @triton.jit
@@ -140,22 +143,23 @@ def _permute_tables(table_ptr, USE_ASM: tl.constexpr):
         t5 = _vector_register(tl.load(table_ptr + 5))
         t6 = _vector_register(tl.load(table_ptr + 6))
         t7 = _vector_register(tl.load(table_ptr + 7))
+        sel = _vector_register(tl.load(table_ptr + 8))
     else:  # the interpreter's twin reads the 16-bit table directly
-        t0, t1, t2, t3, t4, t5, t6, t7 = 0, 0, 0, 0, 0, 0, 0, 0
-    return t0, t1, t2, t3, t4, t5, t6, t7
+        t0, t1, t2, t3, t4, t5, t6, t7, sel = 0, 0, 0, 0, 0, 0, 0, 0, 0
+    return t0, t1, t2, t3, t4, t5, t6, t7, sel
 
 
 @triton.jit
-def _decode_words(p, table_ptr, t0, t1, t2, t3, t4, t5, t6, t7, USE_ASM: tl.constexpr):
+def _decode_words(p, table_ptr, t0, t1, t2, t3, t4, t5, t6, t7, sel, USE_ASM: tl.constexpr):
     # four int32 tensors of 16-bit pairs: (e0, e1), (e2, e3), (e4, e5), (e6, e7) of each packed word p
     if USE_ASM:
         o0, o1, o2, o3 = tl.inline_asm_elementwise(
-            _DECODE_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r", [p, t0, t1, t2, t3, t4, t5, t6, t7],
+            _DECODE_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", [p, t0, t1, t2, t3, t4, t5, t6, t7, sel],
             dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
         )  # fmt: skip
     else:
         # the interpreter's twin: element 2j sits in the high nibble of byte j
-        halves = table_ptr + 8
+        halves = table_ptr + 9
         e0 = tl.load(halves + ((p >> 4) & 0xF))
         e1 = tl.load(halves + (p & 0xF))
         e2 = tl.load(halves + ((p >> 12) & 0xF))
@@ -198,7 +202,7 @@ def _nf4_decode_kernel(
     # packed W as int32 words: row n's block k0 starts at word (n·K + k0) / 8 (K % 64 == 0: 32-byte aligned)
     row_words = offs_n.to(tl.int64) * (K // 8)
     offset = tl.load(offset_ptr)
-    t0, t1, t2, t3, t4, t5, t6, t7 = _permute_tables(table_ptr, USE_ASM)
+    t0, t1, t2, t3, t4, t5, t6, t7, sel = _permute_tables(table_ptr, USE_ASM)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     for kb in range(k_first, k_last):
         k0 = kb * BLOCK_K
@@ -208,7 +212,7 @@ def _nf4_decode_kernel(
             eviction_policy="evict_first",
         )  # fmt: skip
         # -- decode: [BLOCK_N, 8] words -> [BLOCK_N, 64] code values in x's dtype --
-        o0, o1, o2, o3 = _decode_words(words, table_ptr, t0, t1, t2, t3, t4, t5, t6, t7, USE_ASM)
+        o0, o1, o2, o3 = _decode_words(words, table_ptr, t0, t1, t2, t3, t4, t5, t6, t7, sel, USE_ASM)
         pairs = tl.join(tl.join(o0, o2), tl.join(o1, o3)).reshape(BLOCK_N, BLOCK_K // 2)
         lo = pairs.to(tl.int16).to(dtype, bitcast=True)
         hi = (pairs >> 16).to(tl.int16).to(dtype, bitcast=True)
