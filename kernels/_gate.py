@@ -1,29 +1,54 @@
-"""Compile gate: build shipped Triton kernel configurations for real GPUs without a GPU.
+"""Compile gate: build every shipped Triton kernel configuration for real GPUs, as the launchers run it,
+without a GPU; read spills, occupancy and a cost model from the SASS.
 
-``triton.compile`` with a ``GPUTarget`` produces sm_80 / sm_90a cubins on any machine; the
-``cuobjdump`` shipped in the triton wheel reads their resource usage (registers, ``LOCAL`` spill
-memory, shared memory) and SASS (``HMMA`` on sm_80 and ``HGMMA`` on sm_90a mean tensor cores).
+**Build.** ``triton.compile`` with a ``GPUTarget`` produces sm_80 / sm_90a cubins on any machine. A case with
+``args`` is built through Triton's own launch path: the binder Triton generates for the kernel
+(``create_function_from_signature``) specializes the argument values as ``kernel[grid](...)`` does (ints
+equal to 1 become constants; multiples of 16 and 16-byte-aligned pointers get divisibility hints;
+``do_not_specialize`` is respected), and ``JITFunction._pack_args`` turns that into the signature,
+constexprs and attributes of the ``ASTSource``. Such a build is *faithful*: its registers and SASS are those
+of the binary that runs. A case without ``args`` compiles the bare signature (no hints) and is reported
+``faithful: false``.
 
-Each kernel module exposes ``compile_gate_cases() -> list[GateCase]`` listing every configuration
-its launchers can pick (autotune lists included). Compilation must not run under
-``TRITON_INTERPRET=1`` (interpreted functions cannot be compiled), so ``run_gate`` compiles in a
-child process with that variable removed.
+**Read.** ``cuobjdump`` (in the triton wheel) gives registers, ``STACK`` / ``LOCAL`` bytes, shared memory and
+the SASS. Register spills show as ``STACK`` bytes and ``LDL`` / ``STL`` instructions; any of those, or
+``LOCAL`` bytes, fails the gate, as does shared memory over the arch's limit or a tensor-core kernel
+without ``HMMA`` (sm_80) / ``HGMMA`` (sm_90a). For a case with a cost-model ``path``, kernels/_sass.py finds
+the main loop and estimates thread-instructions per weight and the H100 bounds (formula and assumptions
+there). Those figures are estimates from static instruction counts, and every record says so.
 
-Command line: ``python -m fastpeft.kernels._gate [--arch 80 90] [--json]``.
+**Cache and parallelism.** Cubins and cuobjdump's output are cached under ``$FASTPEFT_GATE_CACHE`` (default
+``~/.cache/fastpeft/gate``), keyed by a hash of the kernel's Triton ``cache_key`` (its source, callees and
+globals), the signature, constexprs, attributes, options, arch, ptxas and Triton versions; reports are
+recomputed from the cached text each run, so a change to the analysis never serves a stale report. Cases
+compile in ``os.cpu_count()`` child processes without ``TRITON_INTERPRET`` (interpreted functions cannot be
+compiled).
+
+Each kernel module exposes ``compile_gate_cases() -> list[GateCase]`` listing every configuration its
+launchers can pick. Command line::
+
+    python -m fastpeft.kernels._gate [--report] [--json FILE] [--dump DIR] [--case NAME ...] [--arch 80 90]
 """
 
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import hashlib
 import importlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from fastpeft.kernels import _sass
 
 KERNEL_MODULES = (
     "fastpeft.kernels.nf4",
@@ -33,6 +58,22 @@ KERNEL_MODULES = (
 ARCHS = (80, 90)
 MAX_SHARED_BYTES = {80: 166_912, 90: 232_448}
 """Shared memory one block may use: 163 KB on A100 (sm_80), 227 KB on H100 (sm_90)."""
+GATE_FORMAT = 2
+"""Version of the cached artifacts' layout; part of every cache key."""
+ESTIMATED_FIELDS = (
+    "loop_instructions",
+    "thread_instructions_per_weight",
+    "ctas_per_sm",
+    "warps_per_sm",
+    "issue_bound_weights_per_s",
+    "memory_bound_weights_per_s",
+    "predicted_roofline_fraction",
+)
+"""Report fields that are static estimates (see kernels/_sass.py), not measurements."""
+_POINTER_DTYPES = {
+    "fp64": "float64", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "i64": "int64", "i32": "int32",
+    "i16": "int16", "i8": "int8", "u8": "uint8", "i1": "bool", "fp8e4nv": "float8_e4m3fn", "fp8e5": "float8_e5m2",
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -51,7 +92,8 @@ class GateCase:
     args: dict[str, Any] | None = None
     """Runtime values of the non-constexpr, non-pointer parameters as the launcher passes them for one
     representative shape; the gate specializes them as Triton's binder does at launch (ints equal to 1
-    become constants, multiples of 16 get divisibility hints). Pointers are taken as 16-byte aligned."""
+    become constants, multiples of 16 get divisibility hints). Pointers are taken as 16-byte aligned; a
+    pointer parameter listed here as None is passed as None."""
     path: str = ""
     """Cost-model path of a kernel that reads weights: "decode" (small-M fused NF4 GEMM), "dequant"
     (NF4 dequantize), "tiled" (tensor-core GEMM tile), "small" (split-K GEMM); "" for kernels that read none."""
@@ -63,21 +105,55 @@ class GateCase:
 
 @dataclass
 class GateReport:
+    """What the gate found for one case on one arch; ``ESTIMATED_FIELDS`` are estimates."""
+
     case: str
     arch: int
-    registers: int = -1
+    kernel: str = ""
+    path: str = ""
+    faithful: bool = False
+    regs: int = -1
+    stack_bytes: int = -1
     local_bytes: int = -1
+    spill_instructions: int = -1
     shared_bytes: int = -1
+    """Dynamic shared memory the launcher requests (Triton's ``metadata.shared``)."""
+    static_shared_bytes: int = -1
     mma: list[str] = field(default_factory=list)
+    ctas_per_sm: int = 0
+    warps_per_sm: int = 0
+    occupancy_limit: str = ""
+    # -- cost model (cases with a path) --
+    loop: str = ""
+    loop_instructions: int = 0
+    loop_classes: dict[str, int] = field(default_factory=dict)
+    weights_per_iteration: int = 0
+    threads_per_program: int = 0
+    thread_instructions_per_weight: float | None = None
+    w_load_bits: int = 0
+    w_load_marker: str = ""
+    w_loads_per_iteration: int = 0
+    bytes_per_weight: float = 0.0
+    issue_bound_weights_per_s: float | None = None
+    memory_bound_weights_per_s: float | None = None
+    predicted_roofline_fraction: float | None = None
+    model_error: str = ""
+    estimated: list[str] = field(default_factory=lambda: list(ESTIMATED_FIELDS))
+    # -- provenance --
     error: str = ""
+    cached: bool = False
+    key: str = ""
+    artifacts: str = ""
 
     def problems(self, case: GateCase) -> list[str]:
         """What makes this configuration fail the gate (empty when it passes)."""
         if self.error:
             return [f"compile error: {self.error}"]
         out = []
+        if self.stack_bytes != 0 or self.spill_instructions != 0:
+            out.append(f"register spills: {self.stack_bytes} bytes of stack, {self.spill_instructions} LDL/STL")
         if self.local_bytes != 0:
-            out.append(f"{self.local_bytes} bytes of local memory (register spills)")
+            out.append(f"{self.local_bytes} bytes of local memory")
         limit = MAX_SHARED_BYTES.get(self.arch)
         if limit is not None and self.shared_bytes > limit:
             out.append(f"{self.shared_bytes} bytes of shared memory, over sm_{self.arch}'s {limit}")
@@ -85,6 +161,8 @@ class GateReport:
             want = "HGMMA" if self.arch >= 90 else "HMMA"
             if want not in self.mma:
                 out.append(f"no {want} in the SASS (found {self.mma or 'no MMA'})")
+        if self.model_error:
+            out.append(f"cost model: {self.model_error}")
         return out
 
 
@@ -102,68 +180,271 @@ def all_cases() -> list[GateCase]:
     return cases
 
 
+def cache_root() -> Path:
+    """Where compiled artifacts are kept: ``$FASTPEFT_GATE_CACHE`` or ``~/.cache/fastpeft/gate``."""
+    return Path(os.environ.get("FASTPEFT_GATE_CACHE") or Path.home() / ".cache" / "fastpeft" / "gate")
+
+
+CACHE_MAX_AGE_DAYS = 14
+"""Cached builds unused for this long are deleted (every kernel edit leaves its old builds behind)."""
+
+
+def prune_cache(root: Path | None = None, max_age_days: float = CACHE_MAX_AGE_DAYS) -> int:
+    """Delete cache entries whose last use is older than ``max_age_days``; returns how many."""
+    root = root or cache_root()
+    cutoff, removed = time.time() - max_age_days * 86400, 0
+    for entry in root.glob("*/meta.json") if root.is_dir() else ():
+        try:
+            if entry.stat().st_mtime < cutoff:
+                shutil.rmtree(entry.parent)
+                removed += 1
+        except OSError:  # another process pruned or used it meanwhile
+            continue
+    return removed
+
+
+# ------------------------------------------------------------------------------------------------
+# building a case as its launcher runs it
+# ------------------------------------------------------------------------------------------------
+
+
+def jit_function(case: GateCase, fresh: bool = False):
+    """The case's ``JITFunction``. Under ``TRITON_INTERPRET`` (or with ``fresh``) a new one over the same
+    Python function and specialization flags: binding needs only its parameters, never its callees."""
+    from triton.runtime.jit import JITFunction
+
+    fn = getattr(importlib.import_module(case.module), case.kernel)
+    if isinstance(fn, JITFunction) and not fresh:
+        return fn
+    if isinstance(fn, JITFunction):
+        flags = {"do_not_specialize": fn.do_not_specialize, "debug": fn.debug, "noinline": fn.noinline}
+        flags["do_not_specialize_on_alignment"] = fn.do_not_specialize_on_alignment
+        return JITFunction(fn.fn, **flags)
+    return JITFunction(fn.fn, **fn.kwargs)  # an InterpretedFunction keeps triton.jit's arguments
+
+
+def launch_options(case: GateCase, fn) -> dict[str, Any]:
+    """The keyword options of the launch, completed as ``JITFunction.run`` completes them."""
+    from triton import knobs
+
+    kwargs = {"num_warps": case.num_warps, "num_stages": case.num_stages, **case.options}
+    kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
+    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    return kwargs
+
+
+def _aligned_pointer(ty: str):
+    import torch
+
+    name = _POINTER_DTYPES.get(ty.lstrip("*"))
+    if name is None:
+        raise ValueError(f"no tensor dtype for pointer type {ty!r}")
+    buf = torch.empty(64, dtype=torch.uint8)
+    skip = -buf.data_ptr() % 16
+    return buf[skip : skip + 16].view(getattr(torch, name))
+
+
+def launch_arguments(case: GateCase, fn) -> dict[str, Any]:
+    """Every parameter's value at launch: ``args``, 16-byte-aligned tensors for pointers, ``constexprs``."""
+    values, missing = {}, []
+    for p in fn.params:
+        if p.is_constexpr and p.name in case.constexprs:
+            values[p.name] = case.constexprs[p.name]
+        elif not p.is_constexpr and case.args is not None and p.name in case.args:
+            values[p.name] = case.args[p.name]
+        elif not p.is_constexpr and case.signature.get(p.name, "").startswith("*"):
+            values[p.name] = _aligned_pointer(case.signature[p.name])
+        elif not p.has_default:
+            missing.append(p.name)
+    if missing:
+        raise ValueError(f"{case.name}: no value for {missing} (args or constexprs)")
+    return values
+
+
+def bind_case(case: GateCase, arch: int, fn=None):
+    """``(ASTSource, options)`` of the binary the launcher gets on ``sm_<arch>`` (bare signature without args)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = fn or jit_function(case)
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    kwargs = launch_options(case, fn)
+    if case.args is None:
+        sig = {**case.signature, **dict.fromkeys(case.constexprs, "constexpr")}
+        return ASTSource(fn=fn, signature=sig, constexprs=dict(case.constexprs)), backend.parse_options(kwargs)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, opts = binder(**launch_arguments(case, fn), **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, opts)
+    return ASTSource(fn, signature, constexprs, attrs), options
+
+
+def _cache_key(src, options, arch: int) -> str:
+    import triton
+    from triton._C.libtriton import get_cache_invalidating_env_vars
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.cache import triton_key
+
+    parts = [
+        f"gate{GATE_FORMAT}", triton.__version__, triton_key(), src.fn.cache_key, src.hash(), options.hash(),
+        make_backend(GPUTarget("cuda", arch, 32)).hash(), str(sorted(get_cache_invalidating_env_vars().items())),
+    ]  # fmt: skip
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
+
+
 def _tool(name: str) -> str:
     import triton
 
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def compile_case(case: GateCase, arch: int) -> GateReport:
-    """Compile one case for ``sm_<arch>`` in this process (TRITON_INTERPRET must be unset)."""
+def _store(artifacts: Path, compiled, case: GateCase, arch: int) -> None:
+    """Write cubin, cuobjdump output and metadata into ``artifacts`` atomically (temp dir + rename)."""
+    artifacts.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=artifacts.parent))
+    try:
+        (tmp / "kernel.cubin").write_bytes(compiled.asm["cubin"])
+        dump = subprocess.run(
+            [_tool("cuobjdump"), "--dump-resource-usage", "--dump-sass", str(tmp / "kernel.cubin")],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        if dump.returncode != 0:
+            raise RuntimeError(f"cuobjdump failed: {dump.stderr.strip()[:300]}")
+        (tmp / "kernel.sass.gz").write_bytes(gzip.compress(dump.stdout.encode(), compresslevel=6))
+        meta = {"kernel": compiled.metadata.name, "shared": int(compiled.metadata.shared), "case": case.name}
+        (tmp / "meta.json").write_text(json.dumps({**meta, "arch": arch}))
+        try:
+            tmp.rename(artifacts)
+        except OSError:  # another process stored the same key first
+            if not (artifacts / "meta.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def build(case: GateCase, arch: int) -> GateReport:
+    """Compile (or fetch from the cache) one case for ``sm_<arch>`` and analyse it; needs a non-interpreted
+    Triton (TRITON_INTERPRET unset). A failure lands in the report's ``error``."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    report = GateReport(case=case.name, arch=arch)
-    fn = getattr(importlib.import_module(case.module), case.kernel)
-    sig = dict(case.signature)
-    for k in case.constexprs:
-        sig[k] = "constexpr"
+    report = GateReport(case.name, arch, kernel=case.kernel, path=case.path, faithful=case.args is not None)
     try:
-        src = ASTSource(fn=fn, signature=sig, constexprs=dict(case.constexprs))
-        opts = {"num_warps": case.num_warps, "num_stages": case.num_stages, **case.options}
-        compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+        src, options = bind_case(case, arch)
+        report.key = _cache_key(src, options, arch)
+        artifacts = cache_root() / report.key
+        report.cached = (artifacts / "meta.json").exists()
+        if not report.cached:
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+            _store(artifacts, compiled, case, arch)
+        else:
+            os.utime(artifacts / "meta.json")  # last use, for pruning
+        report.artifacts = str(artifacts)
+        meta = json.loads((artifacts / "meta.json").read_text())
+        _analyze(report, case, meta, gzip.decompress((artifacts / "kernel.sass.gz").read_bytes()).decode())
     except Exception as e:  # the report carries the failure to the test
-        report.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
-        return report
-    report.shared_bytes = int(compiled.metadata.shared)
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True, text=True)
-        sass = subprocess.run([_tool("cuobjdump"), "--dump-sass", f.name], capture_output=True, text=True)
-    m = re.search(r"REG:(\d+).*?STACK:(\d+).*?LOCAL:(\d+)", usage.stdout, re.S)
-    if m is None:
-        report.error = f"cuobjdump gave no resource usage: {usage.stderr.strip()[:200]}"
-        return report
-    # register spills land in STACK (with LDL / STL in the SASS); LOCAL is other local arrays
-    report.registers = int(m.group(1))
-    spill_ops = len(re.findall(r"\b(?:LDL|STL)\b", sass.stdout))
-    report.local_bytes = int(m.group(2)) + int(m.group(3)) + spill_ops
-    report.mma = sorted({op for op in ("HGMMA", "HMMA") if re.search(rf"\b{op}\b", sass.stdout)})
+        lines = str(e).strip().splitlines()
+        report.error = f"{type(e).__name__}: {lines[-1] if lines else ''}"
     return report
+
+
+def _analyze(report: GateReport, case: GateCase, meta: dict, sass: str) -> None:
+    stats = _sass.analyze_kernel(sass, meta["kernel"])
+    report.regs, report.stack_bytes, report.local_bytes = stats.regs, stats.stack_bytes, stats.local_bytes
+    report.spill_instructions, report.mma = stats.spill_instructions, stats.mma
+    report.shared_bytes, report.static_shared_bytes = meta["shared"], stats.static_shared_bytes
+    occ = _sass.occupancy(report.arch, stats.regs, case.num_warps, meta["shared"] + stats.static_shared_bytes)
+    report.ctas_per_sm, report.warps_per_sm, report.occupancy_limit = occ.ctas_per_sm, occ.warps_per_sm, occ.limit
+    if not case.path:
+        return
+    report.loop, report.loop_instructions = stats.loop.describe(), len(stats.loop.instructions)
+    report.loop_classes = stats.loop_classes
+    report.w_load_bits, report.w_load_marker = stats.w_load_bits, stats.w_load_marker
+    report.w_loads_per_iteration = stats.w_loads_per_iteration
+    report.weights_per_iteration, report.bytes_per_weight = case.weights_per_iteration, case.bytes_per_weight
+    report.threads_per_program = 32 * case.num_warps
+    if case.weights_per_iteration <= 0 or case.bytes_per_weight <= 0:
+        report.model_error = f"path {case.path!r} needs weights_per_iteration and bytes_per_weight"
+        return
+    per_weight = report.loop_instructions * report.threads_per_program / case.weights_per_iteration
+    report.thread_instructions_per_weight = per_weight
+    report.issue_bound_weights_per_s = _sass.issue_bound(per_weight)
+    report.memory_bound_weights_per_s = _sass.memory_bound(case.bytes_per_weight)
+    report.predicted_roofline_fraction = min(1.0, report.issue_bound_weights_per_s / report.memory_bound_weights_per_s)
+
+
+# ------------------------------------------------------------------------------------------------
+# running the gate: parallel child processes, table, JSON, dump
+# ------------------------------------------------------------------------------------------------
 
 
 def run_gate(
     cases: list[GateCase] | None = None, archs: tuple[int, ...] = ARCHS, jobs: int | None = None
 ) -> list[GateReport]:
-    """Compile ``cases`` (default: all) for ``archs`` in ``jobs`` child processes without TRITON_INTERPRET."""
+    """Build ``cases`` (default: all; looked up by name in the child processes) for ``archs`` in ``jobs``
+    (default ``os.cpu_count()``) child processes without TRITON_INTERPRET; reports in case x arch order."""
     names = [c.name for c in (all_cases() if cases is None else cases)]
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(names)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the current default, stated (silences a warning)
-    base = [sys.executable, "-m", "fastpeft.kernels._gate", "--json", "--arch", *map(str, archs), "--case"]
-    procs = [
-        subprocess.Popen([*base, *names[i::jobs]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-        for i in range(jobs)
-    ]
-    reports = []
-    for proc in procs:
-        out, err = proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"compile gate process failed:\n{err[-4000:]}")
-        reports += [GateReport(**r) for r in json.loads(out)]
-    return reports
+    reports: dict[tuple[str, int], GateReport] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = []
+        for i in range(jobs):
+            out, log = os.path.join(tmp, f"{i}.json"), open(os.path.join(tmp, f"{i}.log"), "w")
+            cmd = [sys.executable, "-m", "fastpeft.kernels._gate", "--worker", out, "--arch", *map(str, archs)]
+            procs.append(
+                (subprocess.Popen([*cmd, "--case", *names[i::jobs]], stdout=log, stderr=log, env=env), out, log)
+            )
+        for proc, out, log in procs:
+            proc.wait()
+            log.close()
+            if proc.returncode != 0:
+                raise RuntimeError(f"compile gate process failed:\n{Path(log.name).read_text()[-4000:]}")
+            for r in json.loads(Path(out).read_text()):
+                reports[(r["case"], r["arch"])] = GateReport(**r)
+    prune_cache()
+    return [reports[(n, a)] for n in names for a in archs]
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(reports: list[GateReport], cases: dict[str, GateCase]) -> str:
+    """The gate's table: resources and verdict per case and arch; the cost-model columns are estimates."""
+    width = max([len(r.case) for r in reports] + [4])
+    head = (f"{'case':{width}s}  sm regs stack local ldl/stl   smem warps/SM mma    faithful"
+            f" | path    loop-ins  w/iter  ins/w w-bits roofline | verdict")  # fmt: skip
+    lines = [head]
+    for r in reports:
+        problems = r.problems(cases[r.case])
+        model = f"{r.path or '-':7s} {r.loop_instructions or '-':>8} {r.weights_per_iteration or '-':>7} "
+        model += f"{_fmt(r.thread_instructions_per_weight, '6.1f'):>6s} {r.w_load_bits or '-':>6} "
+        model += f"{_fmt(r.predicted_roofline_fraction, '8.0%'):>8s}"
+        lines.append(
+            f"{r.case:{width}s} {r.arch:3d} {r.regs:4d} {r.stack_bytes:5d} {r.local_bytes:5d} "
+            f"{r.spill_instructions:7d} {r.shared_bytes:6d} {r.warps_per_sm:8d} {','.join(r.mma) or '-':6s} "
+            f"{'yes' if r.faithful else 'NO':8s} | {model} | {'; '.join(problems) or 'ok'}"
+        )
+    lines.append(
+        "loop-ins, ins/w (thread-instructions per weight), warps/SM and roofline (predicted fraction of the H100 "
+        "HBM roofline) are static estimates; see fastpeft/kernels/_sass.py"
+    )
+    return "\n".join(lines)
+
+
+def _dump(reports: list[GateReport], directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    for r in reports:
+        safe = re.sub(r"[^A-Za-z0-9._=,+\[\]-]", "_", r.case)
+        stem = directory / f"{safe}.sm{r.arch}"
+        if r.artifacts:
+            shutil.copyfile(Path(r.artifacts) / "kernel.cubin", f"{stem}.cubin")
+            Path(f"{stem}.sass").write_bytes(gzip.decompress((Path(r.artifacts) / "kernel.sass.gz").read_bytes()))
+        Path(f"{stem}.json").write_text(json.dumps(dataclasses.asdict(r), indent=1))
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -172,25 +453,32 @@ def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m fastpeft.kernels._gate", description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
     p.add_argument("--case", nargs="+", help="case names (default: all)")
-    p.add_argument("--json", action="store_true", help="print reports as JSON")
+    p.add_argument("--report", action="store_true", help="print the table (the default without --json/--dump)")
+    p.add_argument("--json", metavar="FILE", help="write one record per case and arch")
+    p.add_argument("--dump", metavar="DIR", help="write each case's cubin, SASS and record")
+    p.add_argument("--jobs", type=int, help="child processes (default: os.cpu_count())")
+    p.add_argument("--worker", metavar="FILE", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        p.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-    cases = [c for c in all_cases() if args.case is None or c.name in args.case]
-    reports = [compile_case(c, a) for c in cases for a in args.arch]
-    if args.json:
-        print(json.dumps([dataclasses.asdict(r) for r in reports]))
+    everything = all_cases()
+    unknown = sorted(set(args.case or ()) - {c.name for c in everything})
+    if unknown:
+        p.error(f"unknown case names: {unknown}")
+    cases = [c for c in everything if args.case is None or c.name in args.case]
+    if args.worker:
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            p.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+        reports = [build(c, a) for c in cases for a in args.arch]
+        Path(args.worker).write_text(json.dumps([dataclasses.asdict(r) for r in reports]))
         return 0
+    reports = run_gate(cases, tuple(args.arch), args.jobs)
+    if args.json:
+        Path(args.json).write_text(json.dumps([dataclasses.asdict(r) for r in reports], indent=1))
+    if args.dump:
+        _dump(reports, Path(args.dump))
     by_name = {c.name: c for c in cases}
-    print(f"{'case':60s} {'sm':>3s} {'regs':>5s} {'local':>6s} {'smem':>7s}  mma     verdict")
-    failed = 0
-    for r in reports:
-        problems = r.problems(by_name[r.case])
-        failed += bool(problems)
-        verdict = "ok" if not problems else "; ".join(problems)
-        print(f"{r.case:60s} {r.arch:3d} {r.registers:5d} {r.local_bytes:6d} {r.shared_bytes:7d}  "
-              f"{','.join(r.mma) or '-':7s} {verdict}")  # fmt: skip
-    return 1 if failed else 0
+    if args.report or not (args.json or args.dump):
+        print(format_table(reports, by_name))
+    return 1 if any(r.problems(by_name[r.case]) for r in reports) else 0
 
 
 if __name__ == "__main__":
