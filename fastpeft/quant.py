@@ -165,21 +165,30 @@ class NF4Weight:
             if key not in state_dict:
                 near = sorted(k for k in state_dict if k.startswith(p))[:8]
                 raise ValueError(f"missing key {key!r} in the 4-bit state dict (keys under {p!r}: {near})")
+            if not isinstance(state_dict[key], torch.Tensor):
+                raise ValueError(f"{key}: expected a tensor, got {type(state_dict[key]).__name__}")
             return state_dict[key]
 
         blob_t = get(f"{p}.{_BLOB_KEY}")
+        if blob_t.is_floating_point() or blob_t.is_complex() or blob_t.dim() != 1:
+            raise ValueError(f"{p}.{_BLOB_KEY} must be a 1-D tensor of JSON bytes, got {tuple(blob_t.shape)}")
         try:
-            blob = json.loads(bytes(blob_t.to("cpu", torch.uint8).tolist()).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            blob = json.loads(bytes(blob_t.to("cpu").tolist()).decode("utf-8"))
+        except (ValueError, RecursionError) as e:  # bytes out of range, not UTF-8, not JSON, nested too deep
             raise ValueError(f"{p}.{_BLOB_KEY} does not hold a JSON quant state: {e}") from None
+        if not isinstance(blob, dict):
+            raise ValueError(f"{p}.{_BLOB_KEY} must hold a JSON object, got {type(blob).__name__}")
         if blob.get("quant_type") != "nf4":
             raise ValueError(f"{p}: quant_type {blob.get('quant_type')!r} is not supported (only 'nf4')")
         for field in ("blocksize", "dtype", "shape"):
             if field not in blob:
                 raise ValueError(f"{p}.{_BLOB_KEY} lacks {field!r}")
-        if blob["dtype"] not in _DTYPES:
+        if not isinstance(blob["dtype"], str) or blob["dtype"] not in _DTYPES:
             raise ValueError(f"{p}: unsupported dtype {blob['dtype']!r}")
-        blocksize, shape = int(blob["blocksize"]), torch.Size(blob["shape"])
+        shape = blob["shape"]
+        if not isinstance(shape, list) or not shape or not all(_is_int(d) and d > 0 for d in shape):
+            raise ValueError(f"{p}.{_BLOB_KEY}: shape must be a list of positive ints, got {shape!r}")
+        blocksize, shape = _int_field(p, blob, "blocksize"), torch.Size(shape)
         check_blocksize(blocksize)
         numel = math.prod(shape)
         n_blocks = -(-numel // blocksize)
@@ -198,19 +207,34 @@ class NF4Weight:
             for field in ("nested_blocksize", "nested_offset"):
                 if field not in blob:
                     raise ValueError(f"{p}.{_BLOB_KEY} lacks {field!r}")
-            nested_blocksize = int(blob["nested_blocksize"])
+            nested_blocksize = _int_field(p, blob, "nested_blocksize")
             if nested_blocksize != NESTED_BLOCKSIZE:
                 raise ValueError(f"{p}: nested_blocksize is {nested_blocksize}; bitsandbytes writes {NESTED_BLOCKSIZE}")
             nested_absmax = get(f"{p}.nested_absmax")
             _expect(f"{p}.nested_absmax", nested_absmax, torch.float32, -(-n_blocks // nested_blocksize))
             nested_quant_map = get(f"{p}.nested_quant_map")
             _expect(f"{p}.nested_quant_map", nested_quant_map, torch.float32, 256)
-            offset = torch.tensor(float(blob["nested_offset"]), dtype=torch.float32, device=packed.device)
+            offset = blob["nested_offset"]
+            if not isinstance(offset, (int, float)) or isinstance(offset, bool) or not math.isfinite(offset):
+                raise ValueError(f"{p}.{_BLOB_KEY}: nested_offset must be a finite number, got {offset!r}")
+            offset = torch.tensor(float(offset), dtype=torch.float32, device=packed.device)
+            if not torch.isfinite(offset):
+                raise ValueError(f"{p}.{_BLOB_KEY}: nested_offset {blob['nested_offset']!r} overflows float32")
             fields.update(nested_absmax=nested_absmax, offset=offset, nested_quant_map=nested_quant_map,
                           nested_blocksize=nested_blocksize)  # fmt: skip
         else:
             _expect(f"{p}.absmax", absmax, torch.float32, n_blocks)
         return cls(absmax=absmax, **fields)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _int_field(p: str, blob: dict, field: str) -> int:
+    if not _is_int(blob[field]):
+        raise ValueError(f"{p}.{_BLOB_KEY}: {field} must be an int, got {blob[field]!r}")
+    return blob[field]
 
 
 def _weight_key(prefix: str) -> str:
@@ -232,15 +256,21 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
         double_quant: also quantize the absmax to 8 bits (bitsandbytes' ``compress_statistics``).
 
     Raises:
-        TypeError: ``w`` is not a floating tensor.
+        TypeError: ``w`` is not a floating tensor, or ``blocksize`` not an int.
         ValueError: ``w`` is empty or holds inf/NaN, or the blocksize is unsupported.
     """
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
+    if not _is_int(blocksize):
+        raise TypeError(f"blocksize must be an int, got {type(blocksize).__name__} {blocksize!r}")
     with torch.no_grad():
         packed, absmax = nf4_ops.nf4_quantize(w.contiguous(), blocksize)
         if not double_quant:
             return NF4Weight(packed, absmax, w.shape, w.dtype, blocksize)
-        offset = absmax.mean()
+        offset = absmax.mean()  # float32, as bitsandbytes computes it (the codes depend on its rounding)
+        if not torch.isfinite(offset):
+            # The float32 sum overflows for |w| beyond ~1e35 (bitsandbytes then stores inf): take the
+            # mean in float64; it is at most the largest absmax, so it fits float32 again.
+            offset = absmax.double().mean().float()
         codes, nested_absmax = nf4_ops.dynamic8_quantize(absmax - offset, NESTED_BLOCKSIZE)
     return NF4Weight(packed, codes, w.shape, w.dtype, blocksize, nested_absmax=nested_absmax, offset=offset)

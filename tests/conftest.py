@@ -61,6 +61,20 @@ def assert_oracle(
         )
 
 
+def failing_move(fail_at: int):
+    """A function for ``module._apply`` that "moves" tensors (copies them) and raises on call
+    ``fail_at + 1``, as running out of memory on the target device halfway through a move does."""
+    calls = [0]
+
+    def fn(t: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] > fail_at:
+            raise RuntimeError("out of memory (injected)")
+        return t.clone()
+
+    return fn
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:

@@ -63,6 +63,15 @@ def test_bad_sizes_raise():
         BottleneckAdapter(16, 4)(torch.randn(2, 15))
 
 
+def test_non_finite_scaling_and_integer_inputs_are_refused():
+    for scaling in (float("nan"), float("inf"), "1"):
+        with pytest.raises(ValueError, match="scaling must be a finite number"):
+            BottleneckAdapter(16, 4, scaling=scaling)
+    for h in (torch.randint(-3, 3, (2, 16)), torch.ones(2, 16, dtype=torch.bool)):
+        with pytest.raises(TypeError, match=f"floating-point tensor, got {h.dtype}"):
+            BottleneckAdapter(16, 4)(h)
+
+
 def test_empty_batch_passes_through():
     adapter = BottleneckAdapter(16, 4, "silu")
     _randomize_up(adapter, 1)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from conftest import assert_close, assert_oracle
+from conftest import assert_close, assert_oracle, failing_move
 from torch import nn
 
 from fastpeft.kernels import reference
@@ -260,6 +260,49 @@ def test_invalid_arguments_raise():
         LoraLinear(nn.Linear(4, 4), r=0)
     with pytest.raises(ValueError, match="init_lora_weights"):
         LoraLinear(nn.Linear(4, 4), init_lora_weights="pissa")
+
+
+def test_non_finite_alpha_and_bad_adapter_names_are_refused():
+    for alpha in (float("nan"), float("inf"), "8", None, 10**400):
+        with pytest.raises(ValueError, match="lora_alpha must be a finite number"):
+            LoraLinear(nn.Linear(4, 4), lora_alpha=alpha)
+    layer = LoraLinear(nn.Linear(4, 4))
+    for name in ("a.b", "../x", "/abs", "", "keys", "training", "x y"):
+        with pytest.raises(ValueError, match="adapter name"):
+            layer.update_layer(name, r=2, lora_alpha=2)
+    with pytest.raises(TypeError, match="adapter name must be a str"):
+        layer.update_layer(3, r=2, lora_alpha=2)
+    assert list(layer.lora_A) == ["default"], "a refused adapter left modules behind"
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_integer_and_bool_inputs_are_refused(quantized):
+    base = _linear(64, 32, seed=3)
+    layer = LoraLinear(NF4Linear.from_linear(base) if quantized else base, r=4)
+    for x in (torch.randint(-3, 3, (2, 64)), torch.ones(2, 64, dtype=torch.bool)):
+        with pytest.raises(TypeError, match=f"floating-point tensor, got {x.dtype}"):
+            layer(x)
+
+
+def test_failed_move_halfway_leaves_the_layer_as_it_was():
+    layer = LoraLinear(NF4Linear.from_linear(_linear(70, 33, seed=4)), r=4)
+    layer.update_layer("other", r=2, lora_alpha=4)
+    _randomize_adapter(layer, seed=5)
+    x = torch.randn(3, 70, generator=_gen(6))
+    layer(x).sum().backward()  # gradients move too: they must come back as well
+    want = layer(x)
+    tensors = [*layer.parameters(), *layer.buffers()]
+    before = {name: (t, t.data_ptr()) for name, t in [*layer.named_parameters(), *layer.named_buffers()]}
+    grads = {name: p.grad for name, p in layer.named_parameters()}
+    for fail_at in range(len(tensors) + sum(p.grad is not None for p in layer.parameters())):
+        with pytest.raises(RuntimeError, match="injected"):
+            layer._apply(failing_move(fail_at))
+        now = dict([*layer.named_parameters(), *layer.named_buffers()])
+        assert now.keys() == before.keys(), f"failing at tensor {fail_at}: tensors lost"
+        changed = [k for k, (t, ptr) in before.items() if now[k] is not t or now[k].data_ptr() != ptr]
+        assert not changed, f"failing at tensor {fail_at}: {changed} were left moved"
+        assert all(p.grad is grads[n] for n, p in layer.named_parameters()), f"failing at {fail_at}: grads moved"
+        assert torch.equal(layer(x), want)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -233,5 +233,57 @@ def test_bad_input_is_refused_with_named_problem():
         NF4Weight.from_bnb_state_dict(bad, "l")
 
 
+def _with_blob(sd: dict, prefix: str, **changes: object) -> dict:
+    """``sd`` with its quant-state JSON blob edited (a key set to None is dropped)."""
+    key = f"{prefix}.weight.quant_state.bitsandbytes__nf4"
+    blob = json.loads(bytes(sd[key].tolist()))
+    blob.update(changes)
+    return {**sd, key: torch.tensor(list(json.dumps(blob).encode()), dtype=torch.uint8)}
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [({"shape": [-8, -64]}, "shape must be a list of positive ints"), ({"shape": "8x64"}, "shape must be a list"),
+     ({"shape": [8, 64.0]}, "shape must be a list"), ({"blocksize": None}, "blocksize must be an int"),
+     ({"blocksize": "64"}, "blocksize must be an int"), ({"nested_offset": float("nan")}, "nested_offset"),
+     ({"nested_offset": 1e300}, "overflows float32"), ({"nested_blocksize": 256.5}, "nested_blocksize"),
+     ({"dtype": ["float32"]}, "unsupported dtype")],
+)  # fmt: skip
+def test_malformed_quant_state_is_a_value_error(changes, match):
+    sd = quantize_nf4(torch.randn(8, 64)).to_bnb_state_dict("l")
+    with pytest.raises(ValueError, match=match):
+        NF4Weight.from_bnb_state_dict(_with_blob(sd, "l", **changes), "l")
+
+
+def test_quant_state_that_is_not_an_object_or_a_tensor_is_a_value_error():
+    sd = quantize_nf4(torch.randn(8, 64)).to_bnb_state_dict("l")
+    key = "l.weight.quant_state.bitsandbytes__nf4"
+    for blob in (b"[1, 2]", b"[" * 100_000 + b"]" * 100_000):
+        with pytest.raises(ValueError, match="JSON"):
+            NF4Weight.from_bnb_state_dict({**sd, key: torch.tensor(list(blob), dtype=torch.uint8)}, "l")
+    with pytest.raises(ValueError, match=r"l\.weight\.absmax: expected a tensor"):
+        NF4Weight.from_bnb_state_dict({**sd, "l.weight.absmax": [1.0]}, "l")
+
+
+def test_blocksize_must_be_an_int():
+    with pytest.raises(TypeError, match="blocksize must be an int, got float 64.0"):
+        quantize_nf4(torch.randn(4, 64), blocksize=64.0)
+    with pytest.raises(TypeError, match="blocksize must be an int"):
+        quantize_nf4(torch.randn(4, 64), blocksize=True)
+
+
+def test_double_quant_of_huge_weights_stays_finite():
+    # float32's sum of the absmax overflows past ~1e35 a weight: the offset must not become inf.
+    w = torch.randn(64 * 64, 64, generator=torch.Generator().manual_seed(7)) * 1e36
+    q = quantize_nf4(w, double_quant=True)
+    assert torch.isfinite(q.offset) and torch.isfinite(q.nested_absmax).all()
+    deq = q.dequantize(torch.float32)
+    scaled = quantize_nf4(w / 1e36, double_quant=True).dequantize(torch.float32) * 1e36
+    assert torch.isfinite(deq).all(), "double quantization gave non-finite weights"
+    # The same relative error as the weight scaled into range (the NF4 grid is scale-free).
+    err, ref = (deq - w).abs().max() / w.abs().max(), (scaled - w).abs().max() / w.abs().max()
+    assert err <= 1.01 * ref, f"relative error {err:.3e} vs {ref:.3e} at unit scale"
+
+
 def test_public_api_exports():
     assert fastpeft.quantize_nf4 is quantize_nf4 and "NF4Weight" in fastpeft.__all__

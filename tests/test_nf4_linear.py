@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HAS_CUDA, assert_close, assert_oracle
+from conftest import HAS_CUDA, assert_close, assert_oracle, failing_move
 from torch import nn
 
 from fastpeft import NF4Weight, quantize_nf4
@@ -203,6 +203,43 @@ def test_dtype_moves_keep_the_quantized_buffers(double_quant):
     assert torch.equal(layer.quant_map, before["weight.quant_map"])
     if double_quant:
         assert layer.offset.dtype == torch.float32 and layer.nested_absmax.dtype == torch.float32
+
+
+def test_failed_move_leaves_the_layer_as_it_was():
+    layer = NF4Linear.from_linear(_linear(70, 33, seed=56))
+    x = torch.randn(3, 70, generator=_gen(57))
+    want = layer(x)
+    before = {**dict(layer.named_buffers()), **dict(layer.named_parameters())}
+    ptrs = {k: t.data_ptr() for k, t in before.items()}
+    for fail_at in range(len(before)):
+        with pytest.raises(RuntimeError, match="injected"):
+            layer._apply(failing_move(fail_at))
+        now = {**dict(layer.named_buffers()), **dict(layer.named_parameters())}
+        assert now.keys() == before.keys(), f"failing at tensor {fail_at}: {sorted(before.keys() - now.keys())} lost"
+        moved = [k for k in now if now[k] is not before[k] or now[k].data_ptr() != ptrs[k]]
+        assert not moved, f"failing at tensor {fail_at}: {moved} changed"
+        assert torch.equal(layer(x), want)
+    if not HAS_CUDA:  # the reported case: a move to a device this machine lacks
+        with pytest.raises((AssertionError, RuntimeError)):
+            layer.to("cuda")
+        assert torch.equal(layer(x), want)
+    layer._apply(failing_move(len(before)))  # a move that succeeds still moves everything
+    assert all(layer.get_buffer(k).data_ptr() != ptrs[k] for k, _ in layer.named_buffers())
+
+
+def test_a_weight_without_elements_is_refused():
+    w = quantize_nf4(torch.randn(8, 64, generator=_gen(59)))
+    for shape in ((-8, -64), (0, 64), (512,)):
+        with pytest.raises(ValueError, match="non-empty 2-D"):
+            NF4Linear(NF4Weight(w.packed, w.absmax, torch.Size(shape), w.dtype, offset=w.offset,
+                                nested_absmax=w.nested_absmax))  # fmt: skip
+
+
+def test_integer_and_bool_inputs_are_refused():
+    layer = NF4Linear.from_linear(_linear(64, 32, seed=58), compute_dtype=torch.float32)
+    for x in (torch.randint(-3, 3, (2, 64)), torch.ones(2, 64, dtype=torch.bool)):
+        with pytest.raises(TypeError, match=f"floating-point tensor, got {x.dtype}"):
+            layer(x)
 
 
 @pytest.mark.gpu

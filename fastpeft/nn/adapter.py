@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from fastpeft.nn.checks import check_input, is_finite_number
 from fastpeft.ops.adapter import ACTIVATION_ALIASES, bottleneck_adapter, canonical_activation
 
 __all__ = ["BottleneckAdapter"]
@@ -40,7 +41,9 @@ class BottleneckAdapter(nn.Module):
             raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
         if not isinstance(bottleneck_size, int) or bottleneck_size < 1:
             raise ValueError(f"bottleneck_size must be a positive int, got {bottleneck_size!r}")
-        if non_linearity not in ACTIVATION_ALIASES:
+        if not is_finite_number(scaling):
+            raise ValueError(f"scaling must be a finite number, got {scaling!r}")
+        if not isinstance(non_linearity, str) or non_linearity not in ACTIVATION_ALIASES:
             raise ValueError(f"non_linearity must be one of {sorted(ACTIVATION_ALIASES)}, got {non_linearity!r}")
         self.hidden_size = hidden_size
         self.bottleneck_size = bottleneck_size
@@ -66,7 +69,11 @@ class BottleneckAdapter(nn.Module):
 
         Returns:
             ``[..., H]`` in h's dtype.
+
+        Raises:
+            TypeError: ``h`` is not a floating tensor.
         """
+        check_input(h)
         if h.shape[-1] != self.hidden_size:
             raise ValueError(f"h's last dim must be hidden_size={self.hidden_size}, got shape {tuple(h.shape)}")
         dt = h.dtype

@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from fastpeft.nn.checks import check_adapter_name, check_input, is_finite_number
 from fastpeft.nn.nf4_linear import NF4Linear
 from fastpeft.ops.lora import lora_linear
 
@@ -87,10 +88,14 @@ class LoraLinear(nn.Module):
         Only the active adapter's weights require grad: a new non-active adapter starts frozen.
 
         Raises:
-            ValueError: ``r`` not a positive int, ``lora_dropout`` outside [0, 1), unknown ``init_lora_weights``.
+            ValueError: ``r`` not a positive int, ``lora_alpha`` not finite, ``lora_dropout`` outside [0, 1),
+                unknown ``init_lora_weights``, a bad ``adapter_name`` (``check_adapter_name``).
         """
+        check_adapter_name(adapter_name)
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"r must be a positive int, got {r!r}")
+        if not is_finite_number(lora_alpha):
+            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
         gaussian = isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian"
@@ -242,10 +247,32 @@ class LoraLinear(nn.Module):
                 weight.copy_(weight.float() - self.get_delta_weight(name).to(weight.device))
         self.merged_adapters.clear()
 
+    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
+        # nn.Module moves child after child: a failure halfway (out of memory on the target device)
+        # would leave the base on one device and the adapters on another. Put every tensor back instead.
+        before = [(m, dict(m._parameters), dict(m._buffers)) for m in self.modules()]
+        data = [(p, p.data, p.grad) for _, params, _ in before for p in params.values() if p is not None]
+        try:
+            return super()._apply(fn, recurse)
+        except BaseException:
+            for m, params, buffers in before:
+                m._parameters.clear()
+                m._parameters.update(params)
+                m._buffers.clear()
+                m._buffers.update(buffers)
+            for p, d, g in data:
+                p.data, p.grad = d, g
+            raise
+
     # -- forward --------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., in_features] -> [..., out_features]``."""
+        """``x [..., in_features] -> [..., out_features]``.
+
+        Raises:
+            TypeError: ``x`` is not a floating tensor (``nn.Linear`` refuses integers too).
+        """
+        check_input(x)
         name = self._active_adapter
         if self.disable_adapters:
             if self.merged:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from fastpeft.kernels.formats import NF4Args
+from fastpeft.nn.checks import check_input
 from fastpeft.ops.lora import nf4_linear
 from fastpeft.quant import NF4Weight, quantize_nf4
 
@@ -39,8 +40,8 @@ class NF4Linear(nn.Module):
         self, weight_nf4: NF4Weight, bias: torch.Tensor | None = None, *, compute_dtype: torch.dtype | None = None
     ) -> None:
         super().__init__()
-        if len(weight_nf4.shape) != 2:
-            raise ValueError(f"weight_nf4 must be 2-D [out, in], got shape {tuple(weight_nf4.shape)}")
+        if len(weight_nf4.shape) != 2 or min(weight_nf4.shape) < 1:
+            raise ValueError(f"weight_nf4 must be a non-empty 2-D [out, in] weight, got {tuple(weight_nf4.shape)}")
         self.out_features, self.in_features = (int(d) for d in weight_nf4.shape)
         self.compute_dtype = compute_dtype
         self._set_weight(weight_nf4)
@@ -92,15 +93,18 @@ class NF4Linear(nn.Module):
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
         # .to(dtype) / .half() would cast the float32 absmax and code maps and break the format:
         # the quantized buffers follow device moves only, the bias follows everything.
-        saved = {name: self._buffers.pop(name) for name in _TENSOR_FIELDS}
+        # Every quantized buffer is moved before anything is replaced, so a failed move (no such
+        # device, out of memory halfway) raises with the layer exactly as it was.
+        saved = {name: self._buffers[name] for name in _TENSOR_FIELDS}
+        moved = {name: _follow_device(fn, t) for name, t in saved.items()}
+        for name in _TENSOR_FIELDS:
+            del self._buffers[name]
         try:
-            super()._apply(fn, recurse)
-        finally:
-            for name, t in saved.items():
-                if t is not None:
-                    moved = fn(t)
-                    t = moved if moved.dtype == t.dtype else t.to(moved.device)
-                self._buffers[name] = t
+            super()._apply(fn, recurse)  # the bias: a single tensor, replaced only once it has moved
+        except BaseException:
+            self._buffers.update(saved)
+            raise
+        self._buffers.update(moved)
         return self
 
     # -- construction ---------------------------------------------------------------------------
@@ -155,7 +159,12 @@ class NF4Linear(nn.Module):
     # -- forward --------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [..., in_features] -> [..., out_features]``."""
+        """``x [..., in_features] -> [..., out_features]``.
+
+        Raises:
+            TypeError: ``x`` is not a floating tensor (``nn.Linear`` refuses integers too).
+        """
+        check_input(x)
         if torch.is_autocast_enabled(x.device.type):
             dtype, out_dtype = torch.get_autocast_dtype(x.device.type), None
         elif self.compute_dtype is not None:
@@ -229,3 +238,11 @@ class NF4Linear(nn.Module):
         if strict:
             # No child modules: every other key under this prefix is foreign.
             unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k not in used)
+
+
+def _follow_device(fn, t: torch.Tensor | None) -> torch.Tensor | None:  # noqa: ANN001 - nn.Module's apply fn
+    """``fn(t)`` when it keeps ``t``'s dtype, else ``t`` moved to where ``fn`` sends it (device only)."""
+    if t is None:
+        return None
+    moved = fn(t)
+    return moved if moved.dtype == t.dtype else t.to(moved.device)

@@ -35,6 +35,7 @@ from torch import nn
 
 from fastpeft import nn as fnn
 from fastpeft.peft.config import AdapterConfig
+from fastpeft.peft.sizes import check_fits
 
 __all__ = [
     "AdapterWrapper",
@@ -153,10 +154,15 @@ def inject_adapters(model: nn.Module, config: AdapterConfig, adapter_name: str) 
     bad = [i for i in indices if not 0 <= i < len(blocks)]
     if bad:
         raise ValueError(f"AdapterConfig.target_layers {bad} out of range: the model has {len(blocks)} blocks")
+    points = _wrap_points(config, family)
+    ref = next(itertools.chain(model.parameters(), model.buffers()), None)
+    per_adapter = 4 * (2 * hidden * size + size + hidden)  # float32 down and up, weights and biases
+    what = f"{len(indices) * len(points)} bottleneck adapters of size {size}"
+    check_fits(per_adapter * len(indices) * len(points), ref.device if ref is not None else torch.device("cpu"), what)
     paths = []
     for i in indices:
         block = blocks[i]
-        for sub, mode in _wrap_points(config, family):
+        for sub, mode in points:
             wrapper = block.get_submodule(sub)
             if not isinstance(wrapper, AdapterWrapper):
                 base = wrapper
@@ -200,11 +206,15 @@ def set_active_adapter(model: nn.Module, adapter_name: str, trainable: bool) -> 
             wrapper.bottleneck[adapter_name].requires_grad_(True)
 
 
-def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Remove ``adapter_name`` from every wrapper (the wrappers stay, running their base alone)."""
-    for _, wrapper in _wrappers(model):
+def delete_adapter(model: nn.Module, adapter_name: str, drop_empty: bool = False) -> None:
+    """Remove ``adapter_name`` from every wrapper (the wrappers stay, running their base alone, unless
+    ``drop_empty``: then a wrapper left without adapters gives its place back to its base)."""
+    for path, wrapper in _wrappers(model):
         if adapter_name in wrapper.bottleneck:
             del wrapper.bottleneck[adapter_name]
+        if drop_empty and not len(wrapper.bottleneck):
+            parent_name, _, child = path.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper.base_layer)
 
 
 def set_adapters_disabled(model: nn.Module, disabled: bool) -> list[tuple[nn.Module, bool]]:

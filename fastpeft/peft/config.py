@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from fastpeft.nn.checks import is_finite_number
 
 __all__ = [
     "AdapterConfig",
@@ -49,6 +52,35 @@ _HF_BOOKKEEPING: dict[str, Any] = {
 }
 
 
+def _check_bool(owner: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name} must be true or false, got {value!r}")
+
+
+def _check_count(owner: str, name: str, value: Any, optional: bool = True) -> None:
+    """``value`` must be a positive int (or None when ``optional``)."""
+    if value is None and optional:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
+
+
+def _check_names(owner: str, name: str, value: Any, regex: bool) -> None:
+    """A list of module names, or (``regex``) a str compiled as a regular expression; None passes."""
+    if value is None:
+        return
+    if isinstance(value, str):
+        if not regex:
+            return
+        try:
+            re.compile(value)
+        except (re.error, RecursionError) as e:
+            raise ValueError(f"{owner}: {name}={value!r} is not a valid regular expression ({e})") from None
+        return
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise TypeError(f"{owner}: {name} must be a str or a list of str, got {value!r}")
+
+
 def _is_default(value: Any, default: Any) -> bool:
     """``value`` means "not used": equal to ``default``, or any of None / [] / {} where the default is one."""
     empty = (None, [], {})
@@ -69,6 +101,7 @@ class PeftConfigBase:
     revision: str | None = None
 
     def __post_init__(self) -> None:
+        _check_bool(type(self).__name__, "inference_mode", self.inference_mode)
         if self.task_type is not None and not isinstance(self.task_type, str):
             self.task_type = str(getattr(self.task_type, "value", self.task_type))
         if self.task_type not in _TASK_TYPES:
@@ -163,10 +196,14 @@ class LoraConfig(PeftConfigBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"LoraConfig: r must be a positive int, got {self.r!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ValueError(f"LoraConfig: lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        _check_count("LoraConfig", "r", self.r, optional=False)
+        if not is_finite_number(self.lora_alpha):
+            kind = ValueError if isinstance(self.lora_alpha, (int, float)) else TypeError
+            raise kind(f"LoraConfig: lora_alpha must be a finite number, got {self.lora_alpha!r}")
+        if not is_finite_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig: lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+        for name in ("fan_in_fan_out", "use_rslora"):
+            _check_bool("LoraConfig", name, getattr(self, name))
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if self.init_lora_weights not in (True, False, "gaussian"):
@@ -181,6 +218,10 @@ class LoraConfig(PeftConfigBase):
                 setattr(self, name, list(value))
         if self.modules_to_save is not None and isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
+        all_linear = isinstance(self.target_modules, str) and self.target_modules.lower() == "all-linear"
+        _check_names("LoraConfig", "target_modules", self.target_modules, regex=not all_linear)
+        _check_names("LoraConfig", "exclude_modules", self.exclude_modules, regex=True)
+        _check_names("LoraConfig", "modules_to_save", self.modules_to_save, regex=False)
 
 
 @dataclass
@@ -196,10 +237,9 @@ class _PromptLearningConfig(PeftConfigBase):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.num_virtual_tokens is not None and (
-            not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens <= 0
-        ):
-            raise ValueError(f"{type(self).__name__}: num_virtual_tokens must be a positive int")
+        owner = type(self).__name__
+        for name in ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers"):
+            _check_count(owner, name, getattr(self, name))
         if self.modules_to_save:
             raise ValueError(f"{type(self).__name__}: option modules_to_save is not supported for prompt learning")
         if self.num_transformer_submodules not in (None, 1):
@@ -235,6 +275,10 @@ class PromptTuningConfig(_PromptLearningConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.prompt_tuning_init = str(getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init))
+        if self.prompt_tuning_init_text is not None and not isinstance(self.prompt_tuning_init_text, str):
+            raise TypeError(
+                f"PromptTuningConfig: prompt_tuning_init_text must be a str, got {self.prompt_tuning_init_text!r}"
+            )
         if self.prompt_tuning_init not in ("RANDOM", "TEXT"):
             raise ValueError(
                 f"PromptTuningConfig: prompt_tuning_init={self.prompt_tuning_init!r} is not supported "
@@ -268,6 +312,8 @@ class PrefixTuningConfig(_PromptLearningConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_count("PrefixTuningConfig", "encoder_hidden_size", self.encoder_hidden_size)
+        _check_bool("PrefixTuningConfig", "prefix_projection", self.prefix_projection)
         if self.init_weights not in (None, "zero"):
             raise ValueError(
                 f"PrefixTuningConfig: init_weights={self.init_weights!r} is not supported (None or 'zero')"
@@ -301,18 +347,23 @@ class AdapterConfig(PeftConfigBase):
         super().__post_init__()
         from fastpeft.ops.adapter import ACTIVATION_ALIASES
 
-        if self.non_linearity not in ACTIVATION_ALIASES:
+        if not isinstance(self.non_linearity, str) or self.non_linearity not in ACTIVATION_ALIASES:
             raise ValueError(
                 f"AdapterConfig: non_linearity={self.non_linearity!r} is not one of {sorted(ACTIVATION_ALIASES)}"
             )
         if self.placement not in ("pfeiffer", "houlsby", "parallel"):
             raise ValueError(f"AdapterConfig: placement={self.placement!r} (pfeiffer, houlsby or parallel)")
-        if self.bottleneck_size is not None and self.bottleneck_size <= 0:
-            raise ValueError(f"AdapterConfig: bottleneck_size must be positive, got {self.bottleneck_size}")
-        if self.reduction_factor <= 0:
-            raise ValueError(f"AdapterConfig: reduction_factor must be positive, got {self.reduction_factor}")
+        _check_count("AdapterConfig", "bottleneck_size", self.bottleneck_size)
+        _check_count("AdapterConfig", "reduction_factor", self.reduction_factor, optional=False)
+        if not is_finite_number(self.scaling):
+            raise ValueError(f"AdapterConfig: scaling must be a finite number, got {self.scaling!r}")
         if self.target_layers is not None:
-            self.target_layers = [int(i) for i in self.target_layers]
+            layers = self.target_layers
+            if isinstance(layers, tuple):
+                layers = list(layers)
+            if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+                raise TypeError(f"AdapterConfig: target_layers must be a list of ints, got {self.target_layers!r}")
+            self.target_layers = layers
 
 
 _CONFIGS: dict[str, type[PeftConfigBase]] = {
@@ -324,12 +375,15 @@ def config_from_dict(data: dict[str, Any], source: str = "adapter_config.json") 
     """Build the config an ``adapter_config.json`` describes.
 
     Raises:
-        ValueError: unknown ``peft_type``, an unknown key, or a bookkeeping key HF PEFT writes set to
-            a value other than its default (``source`` names the file in the message).
+        ValueError: ``data`` is not a dict, unknown ``peft_type``, an unknown key, a value of the wrong
+            type or out of range, or a bookkeeping key HF PEFT writes set to a value other than its
+            default (``source`` names the file in the message).
     """
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
     data = dict(data)
     peft_type = data.pop("peft_type", None)
-    if peft_type not in _CONFIGS:
+    if not isinstance(peft_type, str) or peft_type not in _CONFIGS:
         raise ValueError(f"{source}: peft_type {peft_type!r} is not supported (one of {sorted(_CONFIGS)})")
     cls = _CONFIGS[peft_type]
     names = {f.name for f in dataclasses.fields(cls)}
@@ -347,5 +401,6 @@ def config_from_dict(data: dict[str, Any], source: str = "adapter_config.json") 
         raise ValueError(f"{source}: unknown keys for {peft_type}: {sorted(unknown)}")
     try:
         return cls(**kwargs)
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
+        # From a file, a value of the wrong type is as much a bad value as one out of range.
         raise ValueError(f"{source}: {e}") from None

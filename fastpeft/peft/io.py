@@ -84,6 +84,8 @@ def read_adapter_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ValueError(f"{cfg_path}: JSON nested too deeply to read") from None
     if not isinstance(config, dict):
         raise ValueError(f"{cfg_path}: expected a JSON object, got {type(config).__name__}")
     try:
@@ -100,8 +102,10 @@ def read_adapter_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict
 def _warn_if_config_differs(w_path: Path, config: dict[str, Any], saved_text: str) -> None:
     try:
         saved = json.loads(saved_text)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return  # not ours to judge: metadata written by another tool
+    if not isinstance(saved, dict):
+        return
     keys = sorted((set(saved) | set(config)) - _BOOKKEEPING)
     diffs = [f"{k} (saved {saved.get(k)!r}, now {config.get(k)!r})" for k in keys if saved.get(k) != config.get(k)]
     if diffs:

@@ -17,6 +17,7 @@ function, ``lora_file_params``, used for saving and loading alike.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import re
 import sys
@@ -27,6 +28,7 @@ from torch import nn
 
 from fastpeft import nn as fnn
 from fastpeft.peft.config import LoraConfig
+from fastpeft.peft.sizes import check_fits
 
 __all__ = [
     "ModulesToSaveWrapper",
@@ -220,6 +222,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list
             f"target_modules={targets!r} (exclude_modules={config.exclude_modules!r}) matched no module; "
             f"module names look like: {sample}"
         )
+    _check_lora_fits(model, names, config.r)
     kwargs = dict(
         r=config.r,
         lora_alpha=config.lora_alpha,
@@ -253,6 +256,21 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list
             else:
                 _set_submodule(model, name, ModulesToSaveWrapper(module, adapter_name).train(module.training))
     return names
+
+
+def _check_lora_fits(model: nn.Module, names: list[str], r: int) -> None:
+    """Refuse a rank whose A and B (float32, the most they take) would not fit, before allocating any."""
+    nbytes, device = 0, torch.device("cpu")
+    for name in names:
+        module = model.get_submodule(name)
+        if hasattr(module, "in_features"):
+            k, n = module.in_features, module.out_features
+        else:  # Conv1D: weight [in, out]
+            k, n = module.weight.shape
+        nbytes += 4 * r * (k + n)
+        ref = next(itertools.chain(module.parameters(), module.buffers()), None)
+        device = ref.device if ref is not None else device
+    check_fits(nbytes, device, f"LoRA with r={r} on {len(names)} layers")
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -308,14 +326,22 @@ def set_lora_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, tr
                 t.requires_grad_(True)
 
 
-def delete_lora_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Remove ``adapter_name`` from every LoRA layer and modules_to_save wrapper of ``model``."""
-    for _, layer in lora_layers(model):
+def delete_lora_adapter(model: nn.Module, adapter_name: str, drop_empty: bool = False) -> None:
+    """Remove ``adapter_name`` from every LoRA layer and modules_to_save wrapper of ``model``; with
+    ``drop_empty``, a layer or wrapper left without adapters gives its place back to its base."""
+    for name, layer in lora_layers(model):
         if adapter_name in layer.lora_A:
             layer.delete_adapter(adapter_name)
-    for _, wrapper in _wrappers(model):
+        if drop_empty and not len(layer.lora_A):
+            base = layer.get_base_layer()
+            if getattr(layer, "_fastpeft_conv1d", False) and isinstance(base, nn.Linear):
+                base = conv1d_from_linear(base)
+            _set_submodule(model, name, base)
+    for name, wrapper in _wrappers(model):
         if adapter_name in wrapper.modules_to_save:
             del wrapper.modules_to_save[adapter_name]
+        if drop_empty and not len(wrapper.modules_to_save):
+            _set_submodule(model, name, wrapper.original_module)
 
 
 def set_lora_disabled(model: nn.Module, disabled: bool) -> list[tuple[nn.Module, bool]]:

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from fastpeft import nn as fnn
+from fastpeft.nn.checks import check_adapter_name
 from fastpeft.peft import adapters as adp
 from fastpeft.peft import lora, prompt
 from fastpeft.peft.config import (
@@ -33,6 +34,10 @@ from fastpeft.peft.config import (
 from fastpeft.peft.io import CONFIG_NAME, WEIGHTS_NAME, check_state_dict, read_adapter_dir, write_adapter_dir
 
 __all__ = ["PeftModel", "TunerModel", "get_peft_model"]
+
+# HF PEFT's parameter prefix per method (peft.utils.PEFT_TYPE_TO_PREFIX_MAPPING): an adapter name
+# contained in it makes HF PEFT's key renaming misfire.
+_PEFT_PREFIX = {"LORA": "lora_"}
 
 
 class TunerModel(nn.Module):
@@ -108,7 +113,23 @@ class PeftModel(nn.Module):
     # -- adapters by name ------------------------------------------------------------------------
 
     def add_adapter(self, adapter_name: str, peft_config: PeftConfigBase) -> None:
-        """Add adapter ``adapter_name`` (same kind as the existing ones); the active adapter does not change."""
+        """Add adapter ``adapter_name`` (same kind as the existing ones); the active adapter does not change.
+
+        Every way an adapter enters (``get_peft_model``, ``from_pretrained``, ``load_adapter``) passes
+        here, and the name is checked first, before anything is built.
+
+        Raises:
+            TypeError / ValueError: a bad name (letters, digits, ``_`` and ``-`` only, since a saved
+                adapter's files go in ``<dir>/<name>/``; never part of HF PEFT's parameter prefix such as
+                ``lora_``, which HF PEFT warns breaks loading), a name in use, or a config of another kind.
+        """
+        check_adapter_name(adapter_name)
+        prefix = _PEFT_PREFIX.get(getattr(peft_config, "peft_type", ""))
+        if prefix and adapter_name in prefix:
+            raise ValueError(
+                f"adapter name {adapter_name!r} is part of the {peft_config.peft_type} parameter prefix {prefix!r}; "
+                "HF PEFT mis-loads such adapters, choose another name"
+            )
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists")
         kind = _kind(peft_config)
@@ -117,23 +138,37 @@ class PeftModel(nn.Module):
         model = self.get_base_model()
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
-        if kind == "lora":
-            if peft_config.task_type == "SEQ_CLS":
-                # HF PEFT trains and saves the classification head in full for this task type.
-                extra = [n for n in ("classifier", "score") if n not in (peft_config.modules_to_save or [])]
-                peft_config.modules_to_save = list(peft_config.modules_to_save or []) + extra
-            lora.inject_lora(model, peft_config, adapter_name)
-        elif kind == "adapter":
-            adp.inject_adapters(model, peft_config, adapter_name)
-        else:
-            existing = next(iter(self.peft_config.values()), None)
-            if existing is not None and existing.peft_type != peft_config.peft_type:
-                raise ValueError(f"cannot mix {peft_config.peft_type} with {existing.peft_type} adapters")
-            self.prompt_encoder[adapter_name] = prompt.build_prompt_encoder(model, peft_config)
+        try:
+            if kind == "lora":
+                if peft_config.task_type == "SEQ_CLS":
+                    # HF PEFT trains and saves the classification head in full for this task type.
+                    extra = [n for n in ("classifier", "score") if n not in (peft_config.modules_to_save or [])]
+                    peft_config.modules_to_save = list(peft_config.modules_to_save or []) + extra
+                lora.inject_lora(model, peft_config, adapter_name)
+            elif kind == "adapter":
+                adp.inject_adapters(model, peft_config, adapter_name)
+            else:
+                existing = next(iter(self.peft_config.values()), None)
+                if existing is not None and existing.peft_type != peft_config.peft_type:
+                    raise ValueError(f"cannot mix {peft_config.peft_type} with {existing.peft_type} adapters")
+                self.prompt_encoder[adapter_name] = prompt.build_prompt_encoder(model, peft_config)
+        except BaseException:
+            self._remove_partial(adapter_name)
+            raise
         self.peft_config[adapter_name] = peft_config
         # Keep the active adapter's trainable state; the new one stays frozen until set_adapter.
         if adapter_name != self.active_adapter and self.active_adapter in self.peft_config:
             self.set_adapter(self.active_adapter)
+
+    def _remove_partial(self, adapter_name: str) -> None:
+        """Take out what a failed ``add_adapter`` put into the model (all of it for the first adapter)."""
+        model = self.get_base_model()
+        if self._peft_kind == "lora":
+            lora.delete_lora_adapter(model, adapter_name, drop_empty=True)
+        elif self._peft_kind == "adapter":
+            adp.delete_adapter(model, adapter_name, drop_empty=True)
+        elif adapter_name in self.prompt_encoder:
+            del self.prompt_encoder[adapter_name]
 
     def set_adapter(self, adapter_name: str) -> None:
         """Make ``adapter_name`` the one used in forward and trained (unless loaded for inference)."""
@@ -292,11 +327,22 @@ class PeftModel(nn.Module):
             write_adapter_dir(target, config, self._file_params(name))
 
     def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
-        """Add adapter ``adapter_name`` from a directory written by fastpeft or HF PEFT."""
+        """Add adapter ``adapter_name`` from a directory written by fastpeft or HF PEFT.
+
+        Raises:
+            FileNotFoundError: a file is missing.
+            ValueError: a bad or taken ``adapter_name``; a file unreadable, or describing an adapter that
+                does not fit the model (the message names the file).
+        """
+        check_adapter_name(adapter_name)
+        if adapter_name in self.peft_config:
+            raise ValueError(f"adapter {adapter_name!r} already exists")
         cfg_dict, tensors = read_adapter_dir(model_id)
-        config = config_from_dict(cfg_dict, str(Path(model_id) / CONFIG_NAME))
+        cfg_path = Path(model_id) / CONFIG_NAME
+        config = config_from_dict(cfg_dict, str(cfg_path))
         config.inference_mode = not is_trainable
-        self.add_adapter(adapter_name, _without_init(config))
+        with _named_source(cfg_path):
+            self.add_adapter(adapter_name, _without_init(config))
         self.peft_config[adapter_name] = config
         try:
             self._load_tensors(adapter_name, tensors, Path(model_id) / WEIGHTS_NAME)
@@ -335,14 +381,19 @@ class PeftModel(nn.Module):
 
         Raises:
             FileNotFoundError: a file is missing.
-            ValueError: a file is unreadable or does not match the model (missing, unexpected or
-                mis-shaped keys, named with the file).
+            ValueError: a bad ``adapter_name``; a file is unreadable or does not match the model (missing,
+                unexpected or mis-shaped keys, a config the model cannot take), named with the file. The
+                model is left as it was.
         """
+        check_adapter_name(adapter_name)
         cfg_dict, tensors = read_adapter_dir(model_id)
-        if config is None:
-            config = config_from_dict(cfg_dict, str(Path(model_id) / CONFIG_NAME))
+        cfg_path = Path(model_id) / CONFIG_NAME
+        from_file = config is None
+        if from_file:
+            config = config_from_dict(cfg_dict, str(cfg_path))
         config.inference_mode = not is_trainable
-        peft_model = cls(model, _without_init(config), adapter_name)
+        with _named_source(cfg_path) if from_file else contextlib.nullcontext():
+            peft_model = cls(model, _without_init(config), adapter_name)
         peft_model.peft_config[adapter_name] = config
         try:
             peft_model._load_tensors(adapter_name, tensors, Path(model_id) / WEIGHTS_NAME)
@@ -353,6 +404,15 @@ class PeftModel(nn.Module):
         if not is_trainable:
             peft_model.eval()  # loaded for inference: no dropout, as HF PEFT does
         return peft_model
+
+
+@contextlib.contextmanager
+def _named_source(path: Path) -> Iterator[None]:
+    """A ``ValueError`` building an adapter from a file's config is about that file: say so."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def _without_init(config: PeftConfigBase) -> PeftConfigBase:

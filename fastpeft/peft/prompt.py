@@ -25,6 +25,7 @@ from torch import nn
 
 from fastpeft.peft.config import PrefixTuningConfig, PromptTuningConfig, _PromptLearningConfig
 from fastpeft.peft.io import check_state_dict
+from fastpeft.peft.sizes import check_fits
 
 if TYPE_CHECKING:
     from fastpeft.peft.model import PeftModel
@@ -127,6 +128,31 @@ class PrefixEncoder(nn.Module):
         return self.transform(out) if self.prefix_projection else out
 
 
+def _check_prompt_fits(model: nn.Module, config: _PromptLearningConfig) -> None:
+    """The virtual tokens take positions of the model's context, and their table memory: check both first."""
+    mc = getattr(model, "config", None)
+    if mc is not None and hasattr(mc, "get_text_config"):
+        mc = mc.get_text_config()
+    n = config.num_virtual_tokens
+    limit = _cfg(mc, "max_position_embeddings", "n_positions")
+    if limit is not None and n >= limit:
+        raise ValueError(
+            f"{type(config).__name__}: num_virtual_tokens={n} leaves no room in the model's "
+            f"{limit} positions (max_position_embeddings)"
+        )
+    dim, layers = config.token_dim, config.num_layers
+    if isinstance(config, PromptTuningConfig):
+        numel = n * config.num_transformer_submodules * dim
+    elif config.prefix_projection and not config.inference_mode:
+        hidden = config.encoder_hidden_size
+        numel = n * dim + (dim + 1) * hidden + (hidden + 1) * layers * 2 * dim
+    else:
+        numel = n * layers * 2 * dim
+    ref = next(iter(model.parameters()), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    check_fits(4 * numel, device, f"{type(config).__name__} with num_virtual_tokens={n}")
+
+
 def build_prompt_encoder(model: nn.Module, config: _PromptLearningConfig) -> nn.Module:
     """The encoder for ``config`` (model dims filled into ``config``), on the model's device."""
     if config.task_type != "CAUSAL_LM":
@@ -141,6 +167,7 @@ def build_prompt_encoder(model: nn.Module, config: _PromptLearningConfig) -> nn.
     ):
         raise ValueError("prefix tuning does not work with gradient checkpointing (the prefix lives in the cache)")
     _fill_dims(model, config)
+    _check_prompt_fits(model, config)
     if isinstance(config, PromptTuningConfig):
         encoder = PromptEmbedding(config, model.get_input_embeddings())
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import warnings
@@ -9,6 +10,8 @@ import warnings
 import peft
 import pytest
 import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from tiny_models import batch, build, max_diff
 
@@ -179,3 +182,170 @@ def test_print_trainable_parameters(capsys):
         line
         == f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
     )
+
+
+# -- hardening: names, values, sizes and arbitrary config files ---------------------------------------
+
+_PROMPT = dict(task_type="CAUSAL_LM", num_virtual_tokens=2)
+_BAD_NAMES = ["ABS", "..", "a/b", "a.b", "", "x y", "keys", "training"]  # ABS: an absolute path under tmp_path
+
+
+@pytest.mark.parametrize("name", _BAD_NAMES)
+def test_bad_adapter_names_are_refused_where_they_enter(tmp_path, name):
+    if name == "ABS":
+        name = str(tmp_path / "elsewhere")
+    saved = tmp_path / "saved"
+    pm = get_peft_model(build("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    pm.save_pretrained(saved)
+    cases = {
+        "add_adapter": lambda: pm.add_adapter(name, LoraConfig(r=2, target_modules=["q_proj"])),
+        "load_adapter": lambda: pm.load_adapter(saved, name),
+        "from_pretrained": lambda: PeftModel.from_pretrained(build("llama"), saved, adapter_name=name),
+        "get_peft_model": lambda: get_peft_model(build("llama"), PromptTuningConfig(**_PROMPT), adapter_name=name),
+    }
+    for how, call in cases.items():
+        with pytest.raises(ValueError, match="adapter name"):
+            call()
+        assert list(pm.peft_config) == ["default"], f"{how} left an adapter behind"
+    pm.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "elsewhere").exists(), "an adapter was written outside the output folder"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_peft_prefix_rule_applies_to_lora_names_only():
+    pm = get_peft_model(build("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    for name in ("lora", "ora_", "a"):  # HF PEFT warns that names inside "lora_" mis-load
+        with pytest.raises(ValueError, match="prefix 'lora_'"):
+            pm.add_adapter(name, LoraConfig(r=2, target_modules=["q_proj"]))
+    pm.add_adapter("lora-2", LoraConfig(r=2, target_modules=["q_proj"]))
+    prompt = get_peft_model(build("llama"), PromptTuningConfig(**_PROMPT), adapter_name="lora")
+    assert list(prompt.peft_config) == ["lora"]
+
+
+def test_non_finite_mistyped_and_malformed_values_are_named(tmp_path):
+    for alpha in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lora_alpha must be a finite number"):
+            LoraConfig(lora_alpha=alpha)
+    with pytest.raises(TypeError, match="lora_alpha must be a finite number, got 'x'"):
+        LoraConfig(lora_alpha="x")
+    with pytest.raises(ValueError, match="scaling must be a finite number"):
+        AdapterConfig(scaling=float("nan"))
+    with pytest.raises(ValueError, match=r"target_modules='q_proj\(' is not a valid regular expression"):
+        LoraConfig(target_modules="q_proj(")
+    with pytest.raises(ValueError, match="exclude_modules"):
+        LoraConfig(target_modules=["q_proj"], exclude_modules="[")
+    _saved(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    good = json.loads(path.read_text())
+    for text, match in [
+        (json.dumps({**good, "lora_alpha": "x"}), "lora_alpha must be a finite number, got 'x'"),
+        (json.dumps({**good, "lora_alpha": float("nan")}), "lora_alpha"),
+        (json.dumps({**good, "target_modules": "q_proj("}), "not a valid regular expression"),
+        (json.dumps({**good, "use_rslora": "yes"}), "use_rslora must be true or false"),
+        (json.dumps({**good, "peft_type": ["LORA"]}), "peft_type"),
+        (json.dumps({**good, "target_modules": ["nothing_here"]}), "matched no module"),
+        ("[1]", "expected a JSON object"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ]:
+        path.write_text(text)
+        victim = build("llama")
+        with pytest.raises(ValueError, match=match) as info:
+            PeftModel.from_pretrained(victim, tmp_path)
+        assert str(path) in str(info.value), f"the file is not named: {info.value}"
+        assert not any("lora" in n for n, _ in victim.named_modules()), "a failed load left LoRA layers behind"
+
+
+def test_oversized_adapters_fail_before_allocating():
+    victim = build("llama")
+    before = {n: type(m) for n, m in victim.named_modules()}
+    with pytest.raises(ValueError, match=r"LoRA with r=1000000000 on 2 layers needs .* GiB, more than"):
+        get_peft_model(victim, LoraConfig(r=10**9, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="bottleneck adapters of size 1000000000 needs"):
+        get_peft_model(victim, AdapterConfig(bottleneck_size=10**9))
+    for cls in (PromptTuningConfig, PrefixTuningConfig):
+        with pytest.raises(ValueError, match=r"num_virtual_tokens=100000 leaves no room in the model's 2048 positions"):
+            get_peft_model(victim, cls(task_type="CAUSAL_LM", num_virtual_tokens=100_000))
+    assert {n: type(m) for n, m in victim.named_modules()} == before, "a refusal changed the model"
+
+
+def test_a_failed_injection_halfway_leaves_the_model_as_it_was():
+    victim = build("llama")
+    pm = get_peft_model(victim, AdapterConfig(bottleneck_size=4, placement="parallel"))
+    before = {n: type(m) for n, m in victim.named_modules()}
+    with pytest.raises(ValueError, match="already holds a parallel adapter"):
+        pm.add_adapter("houlsby", AdapterConfig(bottleneck_size=4, placement="houlsby"))  # fails after wrapping o_proj
+    assert list(pm.peft_config) == ["default"]
+    after = {n: type(m) for n, m in victim.named_modules()}
+    assert after == before, f"the failed adapter left modules behind: {sorted(after.keys() - before.keys())}"
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-2, 40) | st.floats() | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+_GOOD_CONFIGS = {
+    "lora": LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
+    "adapter": AdapterConfig(bottleneck_size=4),
+    "prompt": PromptTuningConfig(**_PROMPT),
+    "prefix": PrefixTuningConfig(**_PROMPT),
+}
+
+
+@st.composite
+def _config_files(draw: st.DrawFn) -> tuple[str, bytes]:
+    """A saved adapter's kind and its adapter_config.json: the saved one with a few keys changed, dropped or
+    added, or broken text."""
+    kind = draw(st.sampled_from(sorted(_GOOD_CONFIGS)))
+    cfg = _GOOD_CONFIGS[kind].to_dict() | {"inference_mode": True}
+    keys = sorted(cfg) + ["peft_version", "frobnicate"]
+    for key in draw(st.lists(st.sampled_from(keys), max_size=3)):
+        if draw(st.booleans()):
+            cfg[key] = draw(_JSON_VALUES)
+        else:
+            cfg.pop(key, None)
+    text = json.dumps(cfg).encode()
+    form = draw(st.sampled_from(["config", "config", "config", "cut", "bytes", "value"]))
+    if form == "cut":
+        text = text[: draw(st.integers(0, len(text)))]
+    elif form == "bytes":
+        text = draw(st.binary(max_size=40))
+    elif form == "value":
+        text = json.dumps(draw(_JSON_VALUES)).encode()
+    return kind, text
+
+
+@pytest.fixture(scope="module")
+def saved_adapters(tmp_path_factory):
+    """One saved adapter directory per kind, and a base model per kind to load them onto (reused)."""
+    root = tmp_path_factory.mktemp("adapters")
+    dirs, models = {}, {}
+    for kind, config in _GOOD_CONFIGS.items():
+        dirs[kind] = root / kind
+        get_peft_model(build("llama"), copy.deepcopy(config)).save_pretrained(dirs[kind])
+        models[kind] = build("llama")
+    return dirs, models
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(case=_config_files())
+def test_property_any_adapter_config_loads_or_is_a_named_value_error(saved_adapters, tmp_path, case):
+    dirs, models = saved_adapters
+    kind, text = case
+    directory = tmp_path / f"case-{kind}"
+    directory.mkdir(exist_ok=True)
+    (directory / "adapter_config.json").write_bytes(text)
+    (directory / "adapter_model.safetensors").write_bytes((dirs[kind] / "adapter_model.safetensors").read_bytes())
+    model = models[kind]
+    before = {n: type(m) for n, m in model.named_modules()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the weights' metadata records the saved config: edits are named
+        try:
+            loaded = PeftModel.from_pretrained(model, directory)
+        except ValueError as e:
+            event("refused")
+            assert str(directory) in str(e), f"the message does not name the adapter's file: {e}"
+        else:
+            event("loaded")
+            loaded.unload()
+    assert {n: type(m) for n, m in model.named_modules()} == before, "the model was left changed"
