@@ -81,6 +81,22 @@ def test_dequantize_kernel_other_blocksizes(blocksize, double_quant):
     assert diff.numel() == 0, f"values differ at {diff[:5].tolist()}: {got[diff[:5]]} vs {want[diff[:5]]}"
 
 
+@pytest.mark.parametrize("numel", [2 * 4096, 2 * 4096 - 1, 3 * 4096 + 64 * 5 + 1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_kernel_tiles_tail_and_custom_map(numel, dtype):
+    # whole 4096-weight tiles only, an odd count ending inside the last tile, whole tiles plus a tail; the
+    # custom quant_map is a view at a 4-byte offset, which the launcher must realign for its table lookups
+    w = _rand((numel,), torch.float32, numel)
+    packed, absmax = reference.nf4_quantize_reference(w)
+    storage = torch.randn(17, generator=torch.Generator().manual_seed(numel)).sort().values
+    quant_map = storage[1:]
+    assert quant_map.data_ptr() % 64 != 0
+    got = nf4.nf4_dequantize(packed, absmax, numel, dtype, quant_map=quant_map)
+    want = reference.nf4_dequantize_reference(packed, absmax, numel, dtype, quant_map=quant_map)
+    diff = (got != want).nonzero().flatten()
+    assert diff.numel() == 0, f"values differ at {diff[:5].tolist()}: {got[diff[:5]]} vs {want[diff[:5]]}"
+
+
 def test_all_zero_blocks_dequantize_to_zero():
     w = _rand((4, 64), torch.float32, 3)
     w[1] = 0.0  # one whole block of zeros
