@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,7 +28,9 @@ __all__ = [
     "Batches",
     "Example",
     "byte_tokenizer",
+    "MAX_LINE_BYTES",
     "encode_records",
+    "leading_ids",
     "read_jsonl",
 ]
 
@@ -92,26 +94,43 @@ class Example:
     labels: tuple[int, ...]
 
 
+MAX_LINE_BYTES = 64 * 2**20  # a JSONL line longer than this is refused (a binary file, /dev/zero, ...)
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, str]]:
     """Read a JSONL data file into records ``{"text": ...}`` or ``{"prompt": ..., "completion": ...}``.
 
-    Blank lines are skipped.
+    Blank lines are skipped. The file is read a line at a time, each at most ``MAX_LINE_BYTES``.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: a line is not a JSON object of one of the two forms (``FILE:LINE: reason``), or the
-            file holds no records.
+        ValueError: ``path`` is a directory; a line is too long, not UTF-8, or not a JSON object of one of
+            the two forms (``FILE:LINE: reason``); or the file holds no records.
     """
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a directory, not a JSONL file")
     records: list[dict[str, str]] = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        lineno = 0
+        while raw := f.readline(MAX_LINE_BYTES + 1):
+            lineno += 1
+            where = f"{path}:{lineno}"
+            if len(raw) > MAX_LINE_BYTES:
+                raise ValueError(f"{where}: line longer than {MAX_LINE_BYTES:,d} bytes (is this a JSONL file?)")
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(
+                    f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+                ) from None
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj: Any = json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+            except RecursionError:
+                raise ValueError(f"{where}: JSON nested too deeply") from None
             if not isinstance(obj, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
             if "text" in obj:
@@ -129,8 +148,27 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, str]]:
     return records
 
 
+def leading_ids(encode: Callable[[str], list[int]], text: str, n: int) -> list[int]:
+    """The first ``n`` token ids of ``text`` (all of them if it has fewer), tokenizing only a prefix of a
+    long text: a prefix long enough to hold more than ``n`` tokens is cut, and accepted once doubling it
+    no longer changes its first ``n`` tokens (a cut only ever affects the tokens next to it)."""
+    if n <= 0:
+        return []
+    size, previous = 8 * (n + 8), None
+    while size < len(text):
+        head = encode(text[:size])
+        if len(head) > n + 8:
+            if previous is not None and previous[:n] == head[:n]:
+                return head[:n]
+            previous = head
+        size *= 2
+    return encode(text)[:n]
+
+
 def encode_records(records: Sequence[dict[str, str]], tokenizer: Any, seq_len: int) -> list[Example]:
     """Tokenize records into examples ``bos + prompt + completion + eos`` truncated to ``seq_len``.
+
+    A long text is cut to the tokens that fit before it is tokenized whole (``leading_ids``).
 
     Args:
         records: as ``read_jsonl`` returns them.
@@ -151,9 +189,11 @@ def encode_records(records: Sequence[dict[str, str]], tokenizer: Any, seq_len: i
     examples = []
     for rec in records:
         if "text" in rec:
-            prompt, completion = bos, ids(rec["text"]) + eos
+            prompt = bos
+            completion = leading_ids(ids, rec["text"], seq_len - len(prompt)) + eos
         else:
-            prompt, completion = bos + ids(rec["prompt"]), ids(rec["completion"]) + eos
+            prompt = bos + leading_ids(ids, rec["prompt"], seq_len - len(bos))
+            completion = leading_ids(ids, rec["completion"], seq_len - len(prompt)) + eos
         input_ids = (prompt + completion)[:seq_len]
         labels = ([IGNORE_INDEX] * len(prompt) + completion)[:seq_len]
         # The first label is never predicted (nothing precedes it); an example needs one more.

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tinymodels import listing, qa_records, write_checkpoint, write_jsonl
 
 from fastpeft.cli import main
@@ -146,3 +149,101 @@ def test_quantize_and_merge_bad_input(
     _run_bad(args, out, capsys, "LoRA adapters only")
     args = ["merge", "--model", str(tiny["model"]), "--adapter", str(tmp_path / "none"), "--out", str(out)]
     _run_bad(args, out, capsys, "no adapter_config.json")
+
+
+# -- data files ---------------------------------------------------------------------------------------
+
+
+def test_data_file_errors_name_the_file_and_line(tmp_path: Path) -> None:
+    from fastpeft.data import read_jsonl
+
+    undecodable = tmp_path / "latin1.jsonl"
+    undecodable.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    deep = tmp_path / "deep.jsonl"
+    deep.write_text('{"text": "fine"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    cases = [
+        (tmp_path, f"{tmp_path}: is a directory"),
+        (undecodable, f"{undecodable}:2: not UTF-8 text (byte 0xe9 at column 14)"),
+        (deep, f"{deep}:2: JSON nested too deeply"),
+        (Path("/dev/zero"), "/dev/zero:1: line longer than 67,108,864 bytes"),  # never ends a line
+    ]
+    for path, message in cases:
+        with pytest.raises(ValueError) as info:
+            read_jsonl(path)
+        assert message in str(info.value), str(info.value)
+
+
+def test_long_lines_are_cut_before_they_are_tokenized() -> None:
+    from fastpeft.data import IGNORE_INDEX, Example, byte_tokenizer, encode_records
+
+    tok = byte_tokenizer()
+    seen: list[int] = []
+
+    class Recording:
+        bos_token_id, eos_token_id = tok.bos_token_id, tok.eos_token_id
+
+        def __call__(self, text: str, **kwargs: object) -> dict:
+            seen.append(len(text))
+            return tok(text, **kwargs)
+
+    words = ("the", "cat", "sat", "caf\u00e9", "\u65e5\u672c", " ", "\n")
+    text = " ".join(words[(i * 7919) % len(words)] for i in range(10_000))  # multi-byte characters too
+    whole = {t: list(tok(t, add_special_tokens=False)["input_ids"]) for t in (text, "done.", "say: ")}
+    records = [{"text": text}, {"prompt": text, "completion": "done."}, {"prompt": "say: ", "completion": text}]
+    bos, eos = [tok.bos_token_id], [tok.eos_token_id]
+    for seq_len in (2, 17, 300):
+        seen.clear()
+        got = encode_records(records, Recording(), seq_len)
+        assert max(seen) < 64 * seq_len + 1000, f"seq_len {seq_len}: tokenized {max(seen):,d} characters"
+        want = []  # every text tokenized whole, then cut
+        for rec in records:
+            prompt = bos + (whole[rec["prompt"]] if "prompt" in rec else [])
+            completion = whole[rec.get("text", rec.get("completion"))] + eos
+            labels = ([IGNORE_INDEX] * len(prompt) + completion)[:seq_len]
+            if any(lab != IGNORE_INDEX for lab in labels[1:]):
+                want.append(Example(tuple((prompt + completion)[:seq_len]), tuple(labels)))
+        assert got == want, f"seq_len {seq_len}: not the tokens of the whole texts, cut"
+
+
+_FIELDS = st.sampled_from(["text", "prompt", "completion", "x"])
+_LINE = st.one_of(
+    st.fixed_dictionaries({"text": st.text(max_size=20)}).map(json.dumps),
+    st.fixed_dictionaries({"prompt": st.text(max_size=10), "completion": st.text(max_size=10)}).map(json.dumps),
+    st.dictionaries(_FIELDS, st.none() | st.integers() | st.text(max_size=5), max_size=3).map(json.dumps),
+    st.text(max_size=20),
+    st.just(""),
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lines=st.lists(_LINE.map(str.encode) | st.binary(max_size=12), max_size=6),
+    ending=st.sampled_from([b"\n", b"\r\n"]),
+    seq_len=st.integers(2, 12),
+)
+def test_property_any_jsonl_file_loads_or_is_a_named_value_error(
+    tmp_path_factory: pytest.TempPathFactory, lines: list[bytes], ending: bytes, seq_len: int
+) -> None:
+    from fastpeft.data import encode_records, read_jsonl
+
+    path = tmp_path_factory.mktemp("jsonl") / "data.jsonl"
+    path.write_bytes(ending.join(line.replace(b"\n", b" ") for line in lines))
+    try:
+        records = read_jsonl(path)
+    except ValueError as e:
+        assert str(path) in str(e), f"the message does not name the file: {e}"
+        return
+    assert records and all(set(r) in ({"text"}, {"prompt", "completion"}) for r in records)
+    try:
+        examples = encode_records(records, _byte_tokenizer(), seq_len)
+    except ValueError as e:
+        assert f"seq_len={seq_len}" in str(e), str(e)
+        return
+    assert all(1 < len(ex.input_ids) <= seq_len and len(ex.labels) == len(ex.input_ids) for ex in examples)
+
+
+@functools.cache
+def _byte_tokenizer():  # noqa: ANN202 - a transformers tokenizer
+    from fastpeft.data import byte_tokenizer
+
+    return byte_tokenizer()
