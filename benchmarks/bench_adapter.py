@@ -1,124 +1,154 @@
-"""Bottleneck adapter benchmark: fastpeft's fused op vs torch eager and torch.compile, on a GPU.
+"""Bottleneck adapter: fastpeft's fused op against eager torch and torch.compile.
 
-Goal (DESIGN.md): forward+backward >= 2x torch eager and >= 70% of HBM bandwidth, the peak measured
-by a device-to-device copy in the same run. Default case: M = 8192 tokens, H = 4096, b = 256, bf16.
+Op ``adapter``: ``y = h + s·up(act(down(h)))``, ``h [M, H]``, bottleneck ``b`` (256 by default), ReLU.
+Providers: ``fastpeft`` (``fastpeft.nn.BottleneckAdapter``), ``reference`` (the same adapter as eager
+``nn.Linear`` modules in the input dtype: what HF / AdapterHub layers run) and ``compiled``
+(``torch.compile`` of it). Goal (DESIGN.md): forward+backward >= 2x eager torch and >= 70 % of HBM
+bandwidth (the peak of a device-to-device copy in the same run).
 
-Bytes counted (the unavoidable traffic of the math, not of any one implementation): forward reads h
-and writes y (2·M·H elements); backward reads dY and h and writes dh (3·M·H); plus the weights and
-their gradients (4·H·b each way, small). FLOPs: 4·M·H·b forward, 8·M·H·b backward.
-
-    python benchmarks/bench_adapter.py --out benchmarks/results/adapter.csv
+Bytes counted (the unavoidable traffic of the math, not of one implementation): the forward reads h and
+writes y (``2·M·H`` elements); the backward reads dY and h and writes dh (``3·M·H``); plus the weights
+(and their gradients). FLOPs: ``4·M·H·b`` forward, ``8·M·H·b`` backward.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
+import itertools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench, copy_bandwidth, measure_peak_memory, write_rows  # noqa: E402
+from .core import Case, OperandCache, Prepared, copies_past_l2, short_call
+from .predict import Component, gemm, pointwise
+from .spec import Spec
 
-DEVICE = "cuda"
-_TORCH_ACT = {
-    "relu": F.relu,
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-}
+__all__ = ["OPS", "PROVIDERS", "EagerAdapter", "cases", "components", "release"]
+
+OPS = ("adapter",)
+PROVIDERS = ("fastpeft", "reference", "compiled")
+_FAMILY = {"fastpeft": "fastpeft", "reference": "torch", "compiled": "compile"}
+SCALING = 0.5
+_CACHE = OperandCache(size=2)
 
 
 class EagerAdapter(nn.Module):
-    """The same adapter in plain torch: ``r + s·up(act(down(h)))`` (what HF / AdapterHub layers run)."""
+    """The adapter in plain torch: ``h + s·up(relu(down(h)))``."""
 
-    def __init__(self, hidden: int, bottleneck: int, act: str, scaling: float) -> None:
+    def __init__(self, hidden: int, bottleneck: int, scaling: float) -> None:
         super().__init__()
         self.down, self.up = nn.Linear(hidden, bottleneck), nn.Linear(bottleneck, hidden)
-        self.act, self.scaling = _TORCH_ACT[act], scaling
+        self.scaling = scaling
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h + self.scaling * self.up(self.act(self.down(h)))
+        return h + self.scaling * self.up(F.relu(self.down(h)))
 
 
-def _providers(hidden: int, bottleneck: int, act: str, dtype: torch.dtype):
-    from fastpeft.nn import BottleneckAdapter
-
-    torch.manual_seed(0)
-    eager = EagerAdapter(hidden, bottleneck, act, 0.5).to(DEVICE, dtype)
-    nn.init.normal_(eager.up.weight, std=0.02)  # non-zero, so every gradient path does real work
-    ours = BottleneckAdapter(hidden, bottleneck, act, scaling=0.5).to(DEVICE, dtype)
-    ours.load_state_dict(eager.state_dict())
-    yield "fastpeft", ours
-    yield "torch-eager", eager
-    yield "torch-compile", torch.compile(eager)
+def _work(mode: str, m: int, hidden: int, b: int, es: int) -> tuple[float, float]:
+    w = 2 * hidden * b * es
+    if mode == "fwd":
+        return 4.0 * m * hidden * b, 2.0 * m * hidden * es + w
+    return 12.0 * m * hidden * b, 5.0 * m * hidden * es + 3 * w
 
 
-def run(m: int, hidden: int, bottleneck: int, act: str, dtype: torch.dtype, peak_gbps: float) -> list[dict]:
-    h = torch.randn(m, hidden, device=DEVICE, dtype=dtype).requires_grad_()
-    dy = torch.randn_like(h)
-    el = h.element_size()
-    w_bytes = 2 * hidden * bottleneck * el
-    traffic = {"fwd": 2 * m * hidden * el + w_bytes, "fwd+bwd": 5 * m * hidden * el + 3 * w_bytes}
-    flops = {"fwd": 4 * m * hidden * bottleneck, "fwd+bwd": 12 * m * hidden * bottleneck}
-    rows, reference_y = [], None
-    for provider, module in _providers(hidden, bottleneck, act, dtype):
-        params = list(module.parameters())
-        with torch.no_grad():
-            y = module(h)
-        if reference_y is None:
-            reference_y = y.float()
-        diff = (y.float() - reference_y).abs().max().item()
+def components(case: Case, spec: Spec) -> list[Component] | None:
+    m, hidden, b = case.m, case.extra["hidden"], spec.bottleneck
+    es = 4 if case.dtype == "float32" else 2
+    if case.provider == "fastpeft":
+        fl, nb = _work("fwd", m, hidden, b, es)
+        out = [Component("adapter forward kernel", fl, nb)]
+        if case.mode == "fwd+bwd":
+            out.append(
+                Component("adapter backward kernels", 8.0 * m * hidden * b, 3.0 * m * hidden * es + 4 * hidden * b * es)
+            )
+        return out
+    if case.provider == "reference":
+        mh = m * hidden
+        out = [gemm("eager down", m, b, hidden, es), pointwise("eager relu", m * b, 2, es),
+               gemm("eager up", m, hidden, b, es), pointwise("eager s·", mh, 2, es),
+               pointwise("eager residual add", mh, 3, es)]  # fmt: skip
+        if case.mode == "fwd+bwd":
+            out += [pointwise("eager s·dY", m * hidden, 2, es), gemm("eager d(act)", m, b, hidden, es),
+                    gemm("eager dW_up", hidden, b, m, es), pointwise("eager db_up", m * hidden, 1, es),
+                    pointwise("eager relu'", m * b, 3, es), gemm("eager dh", m, hidden, b, es),
+                    gemm("eager dW_down", b, hidden, m, es), pointwise("eager dh sum", m * hidden, 3, es)]  # fmt: skip
+        return out
+    return None
 
-        def fwd(module=module):
+
+def _modules(provider: str, hidden: int, spec: Spec, copies: int) -> list[nn.Module]:
+    def build() -> list[nn.Module]:
+        from fastpeft.nn import BottleneckAdapter
+
+        out = []
+        for _ in range(copies):
+            eager = EagerAdapter(hidden, spec.bottleneck, SCALING).to(spec.device, spec.dtype)
+            nn.init.normal_(eager.up.weight, std=0.02)  # non-zero, so every gradient path does real work
+            if provider == "fastpeft":
+                ours = BottleneckAdapter(hidden, spec.bottleneck, "relu", scaling=SCALING).to(spec.device, spec.dtype)
+                ours.load_state_dict(eager.state_dict())
+                out.append(ours)
+            else:
+                out.append(eager)
+        return out
+
+    return _CACHE.get((provider == "fastpeft", hidden, spec.dtype_name, spec.device, copies), build)
+
+
+def _prepare(case: Case, spec: Spec) -> Prepared:
+    hidden = case.extra["hidden"]
+    graph = spec.is_gpu and case.mode == "fwd" and short_call(case.flops, case.nbytes)
+    copies = copies_past_l2(int(case.nbytes), spec.device) if graph else 1
+    modules = _modules(case.provider, hidden, spec, copies)
+    if case.provider == "compiled":
+        torch._dynamo.reset()
+        modules = [torch.compile(mod, dynamic=False) for mod in modules]
+    hs = [torch.randn(case.m, hidden, device=spec.device, dtype=spec.dtype) for _ in modules]
+    note = f"{copies} operand copies rotated past L2" if copies > 1 else ""
+    if case.mode == "fwd":
+        it = itertools.cycle(list(zip(modules, hs, strict=True)))
+
+        def fwd() -> None:
+            mod, h = next(it)
             with torch.no_grad():
-                module(h)
+                mod(h)
 
-        def fwd_bwd(module=module):
-            module(h).backward(dy)
+        return Prepared(fwd, cuda_graph=graph, note=note)
+    hs = [h.requires_grad_() for h in hs]
+    dy = torch.randn(case.m, hidden, device=spec.device, dtype=spec.dtype)
+    it = itertools.cycle(list(zip(modules, hs, strict=True)))
 
-        for mode, fn in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-            fn()  # warm-up (compilation, autotune) outside the measurement and the memory peak
-            t = bench(fn, grad_to_none=[h, *params])
-            gbps = traffic[mode] / (t["p50_ms"] * 1e-3) / 1e9
-            row = dict(
-                op="bottleneck_adapter", provider=provider, mode=mode, shape=f"{hidden}x{bottleneck}", M=m,
-                dtype=str(dtype).removeprefix("torch."), **t, tflops=flops[mode] / (t["p50_ms"] * 1e-3) / 1e12,
-                gbps=gbps, frac_of_peak=gbps / peak_gbps, peak_mem_bytes=measure_peak_memory(fn),
-            )  # fmt: skip
-            rows.append(row)
-            print(f"{provider:14s} {mode:8s} {t['p50_ms']:8.3f} ms  {gbps:7.1f} GB/s ({gbps / peak_gbps:4.0%} of copy)"
-                  f"  {row['tflops']:6.1f} TFLOP/s  max |y - fastpeft| {diff:.2e}")  # fmt: skip
-    by = {(r["provider"], r["mode"]): r["p50_ms"] for r in rows}
-    for mode in ("fwd", "fwd+bwd"):
-        print(f"{mode}: {by[('torch-eager', mode)] / by[('fastpeft', mode)]:.2f}x eager, "
-              f"{by[('torch-compile', mode)] / by[('fastpeft', mode)]:.2f}x torch.compile")  # fmt: skip
-    return rows
+    def fwd_bwd() -> None:
+        mod, h = next(it)
+        mod(h).backward(dy)
+
+    grads = hs + [p for mod in modules for p in mod.parameters()]
+    return Prepared(fwd_bwd, grad_to_none=grads, note=note)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/adapter.csv"))
-    p.add_argument("--m", type=int, default=8192, help="tokens (rows of h)")
-    p.add_argument("--hidden", type=int, default=4096)
-    p.add_argument("--bottleneck", type=int, nargs="+", default=[256])
-    p.add_argument("--activation", choices=sorted(_TORCH_ACT), default="relu")
-    p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_adapter: needs a CUDA GPU", file=sys.stderr)
-        return 2
-    peak = copy_bandwidth()
-    print(f"copy bandwidth {peak:.0f} GB/s on {torch.cuda.get_device_name()}")
-    rows = []
-    for b in args.bottleneck:
-        rows += run(args.m, args.hidden, b, args.activation, getattr(torch, args.dtype), peak)
-    write_rows(args.out, rows)
-    return 0
+def cases(spec: Spec) -> list[Case]:
+    if "adapter" not in spec.ops:
+        return []
+    es = torch.finfo(spec.dtype).bits // 8
+    hiddens = list(dict.fromkeys(s.hidden for s in spec.shapes))
+    out = []
+    for hidden, m, mode, provider in itertools.product(hiddens, spec.ms, spec.modes, PROVIDERS):
+        if not spec.wants(provider):
+            continue
+        flops, nbytes = _work(mode, m, hidden, spec.bottleneck, es)
+        case = Case("adapter", provider, mode, f"{hidden}x{spec.bottleneck}", m, spec.dtype_name, flops, nbytes,
+                    family=_FAMILY[provider], path="fused" if provider == "fastpeft" else "")  # fmt: skip
+        case.extra["hidden"] = hidden
+        case.prepare = lambda case=case: _prepare(case, spec)
+        case.cost_s = 1.5
+        if provider == "compiled":
+            case.warm_key, case.warm_cost_s = f"compile:{case.key}", 25.0 if spec.is_gpu else 8.0
+        elif provider == "fastpeft":
+            case.warm_key, case.warm_cost_s = f"fastpeft:adapter:{spec.dtype_name}:{mode}", 10.0
+        out.append(case)
+    return out
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def release() -> None:
+    """Drop the cached operands (the run is over)."""
+    _CACHE.clear()

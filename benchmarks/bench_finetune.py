@@ -1,19 +1,20 @@
-"""End-to-end QLoRA training step: fastpeft vs transformers + PEFT + bitsandbytes, on one GPU.
+"""End-to-end QLoRA training step: fastpeft against transformers + PEFT + bitsandbytes.
 
-Goal (DESIGN.md): on a Llama-3-8B-shaped model at seq 2048, >= 2x the tokens/s of transformers + PEFT +
-bitsandbytes at <= 0.5x its peak memory. Both sides run the same recipe: NF4 base with double
-quantization, LoRA r=16 (alpha 32) on every linear layer but the LM head, bf16 autocast, gradient
-checkpointing (non-reentrant), AdamW on the fp32 adapter. The transformers side uses PEFT's own
+Op ``finetune_step``. Goal (DESIGN.md): on a Llama-3-8B-shaped model at seq 2048, >= 2.5x the tokens/s of
+transformers + PEFT + bitsandbytes at <= 0.3x its peak memory. Both sides run the same recipe: NF4 base
+with double quantization, LoRA r=16 (alpha 32) on every linear layer but the LM head, bf16 autocast,
+gradient checkpointing (non-reentrant), AdamW on the fp32 adapter. The ``bnb`` side uses PEFT's own
 ``prepare_model_for_kbit_training`` (its documented QLoRA recipe).
 
-The model is written locally with random weights (``--layers`` of Llama-3-8B's 32 to fit a smaller
-budget); each provider runs in its own subprocess so peak memory (``torch.cuda.max_memory_allocated``,
-loading included) is its own. Step time: median and p20/p80 of ``--steps`` timed steps after
-``--warmup``. FLOPs counted: ``6 * P * T`` minus the frozen base's weight gradients, i.e. ``4 * P * T``
-for the base (forward, recomputed forward, input gradients) plus ``4 * L * T^2 * H`` for attention
-(forward and backward, causal half), with ``P`` the base's linear parameters and ``T`` tokens a step.
+The model is written locally with random weights, ``Spec.finetune_layers`` of Llama-3-8B's 32 blocks (the
+full vocabulary and widths, so every layer's shape is the real one); each provider runs in its own
+subprocess (``--worker``) so that its peak memory (``torch.cuda.max_memory_allocated``, loading
+included) is its own. Step time: median and p20 / p80 of the timed steps after the warm-up. FLOPs
+counted: ``4·P·T`` for the frozen base (forward, recomputed forward, input gradients) plus
+``4·L·T²·H`` for attention, with ``P`` the base's linear parameters and ``T`` the tokens of a step.
 
-    python benchmarks/bench_finetune.py --layers 8 --out benchmarks/results/finetune.csv
+Without a GPU the same steps run on a tiny Llama (``TINY_LLAMA``) in float32 on the CPU, in this process:
+the rows show that each provider trains, not how fast, and carry no peak memory.
 """
 
 from __future__ import annotations
@@ -24,35 +25,45 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import matmul_peak, write_rows  # noqa: E402
+from .core import Case, Peaks
+from .spec import Spec
 
+__all__ = ["LLAMA3_8B", "OPS", "PROVIDERS", "TINY_LLAMA", "cases", "components", "write_random_llama"]
+
+OPS = ("finetune_step",)
+PROVIDERS = ("fastpeft", "bnb")
+_FAMILY = {"fastpeft": "transformers", "bnb": "bitsandbytes+peft+transformers"}
 LLAMA3_8B = dict(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
     rope_theta=500000.0, max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
     bos_token_id=128000, eos_token_id=128001,
 )  # fmt: skip
-PROVIDERS = ("fastpeft", "hf_peft_bnb")
+TINY_LLAMA = dict(LLAMA3_8B, vocab_size=1024, hidden_size=128, intermediate_size=256, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2)  # fmt: skip
+_WORKER_TIMEOUT_S = 900
 
 
-def write_random_llama(directory: Path, layers: int, device: str = "cuda") -> Path:
-    """A Llama-3-8B-shaped checkpoint with ``layers`` blocks and random bf16 weights, one shard per block."""
+def write_random_llama(directory: Path, layers: int, config: dict | None = None, device: str = "cpu") -> Path:
+    """A Llama checkpoint (``config``, default Llama-3-8B's) with ``layers`` blocks of random weights, one
+    shard per block; an existing one with the same config is reused."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
+    config = dict(config or LLAMA3_8B, num_hidden_layers=layers)
     if (directory / "model.safetensors.index.json").is_file():
-        cfg = json.loads((directory / "config.json").read_text())
-        if cfg.get("num_hidden_layers") == layers:
+        old = json.loads((directory / "config.json").read_text())
+        if all(old.get(k) == v for k, v in config.items()):
             return directory
     directory.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(num_hidden_layers=layers, dtype="bfloat16", **LLAMA3_8B)
-    config.save_pretrained(str(directory))
-    h, i, v = config.hidden_size, config.intermediate_size, config.vocab_size
-    kv = config.num_key_value_heads * (h // config.num_attention_heads)
+    cfg = LlamaConfig(dtype="bfloat16", **config)
+    cfg.save_pretrained(str(directory))
+    h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
     g = torch.Generator(device=device).manual_seed(0)
 
     def rand(*shape: int) -> torch.Tensor:
@@ -81,30 +92,33 @@ def write_random_llama(directory: Path, layers: int, device: str = "cuda") -> Pa
     return directory
 
 
-def _build(provider: str, model_dir: Path, r: int) -> torch.nn.Module:
+def _build(provider: str, model_dir: Path, r: int, device: str) -> torch.nn.Module:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if provider == "fastpeft":
         from fastpeft.loading import load_causal_lm
         from fastpeft.peft import LoraConfig, get_peft_model
 
-        base = load_causal_lm(model_dir, quantize=True, device="cuda", dtype=torch.bfloat16)
+        base = load_causal_lm(model_dir, quantize=True, device=device, dtype=dtype)
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
         model = get_peft_model(
             base, LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", task_type="CAUSAL_LM")
         )
-    else:
+    elif provider == "bnb":
         import peft
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16)  # fmt: skip
-        base = AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=q, dtype=torch.bfloat16,
-                                                    device_map={"": 0})  # fmt: skip
+                               bnb_4bit_compute_dtype=dtype)  # fmt: skip
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), quantization_config=q, dtype=dtype,
+                                                    device_map={"": 0 if device == "cuda" else "cpu"})  # fmt: skip
         base = peft.prepare_model_for_kbit_training(
             base, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
         )
         cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules="all-linear", task_type="CAUSAL_LM")
         model = peft.get_peft_model(base, cfg)
+    else:
+        raise ValueError(f"finetune_step: unknown provider {provider!r}")
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
@@ -112,29 +126,35 @@ def _build(provider: str, model_dir: Path, r: int) -> torch.nn.Module:
     return model.train()
 
 
-def run_provider(provider: str, model_dir: Path, seq_len: int, batch: int, r: int, warmup: int, steps: int) -> dict:
+def run_provider(
+    provider: str, model_dir: Path, seq_len: int, batch: int, r: int, warmup: int, steps: int, device: str
+) -> dict:
     """Load, then time ``steps`` training steps; returns step times (ms) and the peak memory."""
-    torch.cuda.reset_peak_memory_stats()
-    model = _build(provider, model_dir, r)
+    gpu = device == "cuda"
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    model = _build(provider, model_dir, r, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)
-    g = torch.Generator(device="cuda").manual_seed(0)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=gpu)
+    g = torch.Generator(device=device).manual_seed(0)
     vocab = model.get_input_embeddings().num_embeddings
     times = []
     for i in range(warmup + steps):
-        ids = torch.randint(0, vocab, (batch, seq_len), device="cuda", generator=g)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        ids = torch.randint(0, vocab, (batch, seq_len), device=device, generator=g)
+        if gpu:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=gpu):
             loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        end.record()
-        torch.cuda.synchronize()
+        if gpu:
+            torch.cuda.synchronize()
         if i >= warmup:
-            times.append(start.elapsed_time(end))
-    return {"times_ms": times, "peak_mem_bytes": torch.cuda.max_memory_allocated(), "loss": float(loss)}
+            times.append((time.perf_counter() - t0) * 1e3)
+    peak = torch.cuda.max_memory_allocated() if gpu else None
+    return {"times_ms": times, "peak_mem_bytes": peak, "loss": float(loss.detach())}
 
 
 def _quantile(xs: list[float], q: float) -> float:
@@ -142,60 +162,104 @@ def _quantile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
+def _config(spec: Spec) -> dict:
+    return LLAMA3_8B if spec.is_gpu else TINY_LLAMA
+
+
+def _flops(config: dict, layers: int, tokens: int, seq: int, batch: int) -> float:
+    h, i = config["hidden_size"], config["intermediate_size"]
+    kv = config["num_key_value_heads"] * h // config["num_attention_heads"]
+    linear_params = layers * (2 * h * h + 2 * kv * h + 3 * h * i)  # the quantized projections
+    return 4.0 * linear_params * tokens + 4.0 * layers * batch * seq**2 * h
+
+
+def _worker(case: Case, spec: Spec, model_dir: Path, warmup: int, steps: int) -> dict:
+    """One provider's steps in a subprocess of its own (its own peak memory, loading included)."""
+    import importlib.util
+
+    package = "fastpeft.benchmarks" if importlib.util.find_spec("fastpeft.benchmarks") else __package__
+    cmd = [sys.executable, "-m", f"{package}.bench_finetune", "--worker", case.provider, "--model-dir",
+           str(model_dir), "--seq-len", str(spec.finetune_seq), "--r", str(spec.rank), "--warmup", str(warmup),
+           "--steps", str(steps), "--device", spec.device]  # fmt: skip
+    env = dict(os.environ)
+    if package != "fastpeft.benchmarks":  # a checkout's benchmarks/, importable from its parent
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    # run outside the checkout: its kernels/ folder would shadow the PyPI package bitsandbytes probes for
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir(),
+                          timeout=case.timeout_s or _WORKER_TIMEOUT_S)  # fmt: skip
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"worker exited {proc.returncode}: {tail[:300]}")
+    return json.loads(line[len("RESULT ") :])
+
+
+def _measure(case: Case, peaks: Peaks, spec: Spec) -> dict[str, object]:
+    from .core import LABEL_CPU, LABEL_MEASURED
+
+    gpu = spec.is_gpu
+    model_dir = Path(tempfile.gettempdir()) / f"fastpeft-bench-llama-{'8b' if gpu else 'tiny'}"
+    write_random_llama(model_dir, spec.finetune_layers, _config(spec), device="cuda" if gpu else "cpu")
+    if gpu:
+        warmup, steps = 3, 10
+        res = _worker(case, spec, model_dir, warmup, steps)
+    else:  # in this process: the CPU rows only show that each provider trains
+        warmup, steps = 1, 2
+        res = run_provider(case.provider, model_dir, spec.finetune_seq, 1, spec.rank, warmup, steps, "cpu")
+        res["peak_mem_bytes"] = ""
+    p50 = _quantile(res["times_ms"], 0.5)
+    tflops = case.flops / (p50 * 1e-3) / 1e12
+    return {
+        "op": case.op, "provider": case.provider, "mode": case.mode, "shape": case.shape, "M": case.m,
+        "dtype": case.dtype, "p50_ms": p50, "p20_ms": _quantile(res["times_ms"], 0.2),
+        "p80_ms": _quantile(res["times_ms"], 0.8), "tflops": tflops, "gbps": "", "frac_of_peak": tflops / peaks.tflops,
+        "peak_mem_bytes": res["peak_mem_bytes"], "label": LABEL_MEASURED if gpu else LABEL_CPU,
+        "note": f"{steps} steps after {warmup} warm-up, loss {res['loss']:.3f}",
+    }  # fmt: skip
+
+
+def components(case: Case, spec: Spec) -> None:
+    """No cost model for a whole training step."""
+    return None
+
+
+def cases(spec: Spec) -> list[Case]:
+    if "finetune_step" not in spec.ops:
+        return []
+    config, layers, seq = _config(spec), spec.finetune_layers, spec.finetune_seq
+    name = "llama3-8b" if spec.is_gpu else "tiny-llama"
+    shape = f"{name} L{layers} r{spec.rank} all-linear seq{seq}"
+    out = []
+    for provider in PROVIDERS:
+        if not spec.wants(provider):
+            continue
+        dtype = "nf4+bf16" if spec.is_gpu else "nf4+fp32"
+        case = Case("finetune_step", provider, "fwd+bwd+adamw", shape, seq, dtype, _flops(config, layers, seq, seq, 1),
+                    0.0, family=_FAMILY[provider])  # fmt: skip
+        case.measure_fn = lambda case, peaks: _measure(case, peaks, spec)
+        case.cost_s, case.warm_key, case.warm_cost_s = (
+            (45.0, "finetune:model", 30.0) if spec.is_gpu else (8.0, "finetune:model", 5.0)
+        )
+        out.append(case)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--layers", type=int, default=32, help="transformer blocks (Llama-3-8B has 32)")
+    """The worker: one provider's training steps, the result as one JSON line on stdout."""
+    p = argparse.ArgumentParser(description="one provider's timed QLoRA training steps (a fastpeft bench worker)")
+    p.add_argument("--worker", choices=PROVIDERS, required=True)
+    p.add_argument("--model-dir", type=Path, required=True)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--r", type=int, default=16)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma-separated subset of {PROVIDERS}")
-    p.add_argument("--model-dir", type=Path, default=Path(tempfile.gettempdir()) / "fastpeft-bench-llama3-8b")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/finetune.csv"))
-    p.add_argument("--worker", choices=PROVIDERS, help=argparse.SUPPRESS)  # one provider, result as JSON on stdout
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_finetune: needs a CUDA GPU", file=sys.stderr)
-        return 1
-    if args.worker:
-        res = run_provider(args.worker, args.model_dir, args.seq_len, args.batch_size, args.r, args.warmup, args.steps)
-        print("RESULT " + json.dumps(res))
-        return 0
-
-    write_random_llama(args.model_dir, args.layers)
-    peak = matmul_peak(torch.bfloat16)
-    rows, tok_s = [], {}
-    tokens = args.batch_size * args.seq_len
-    for provider in args.providers.split(","):
-        cmd = [sys.executable, __file__, "--worker", provider, *[a for a in (argv or sys.argv[1:])]]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            print(f"{provider}: failed\n{proc.stderr[-3000:]}", file=sys.stderr)
-            continue
-        res = json.loads(line[len("RESULT ") :])
-        p50 = _quantile(res["times_ms"], 0.5)
-        h, i = LLAMA3_8B["hidden_size"], LLAMA3_8B["intermediate_size"]
-        kv = LLAMA3_8B["num_key_value_heads"] * h // LLAMA3_8B["num_attention_heads"]
-        linear_params = args.layers * (2 * h * h + 2 * kv * h + 3 * h * i)  # the quantized projections
-        flops = 4 * linear_params * tokens + 4 * args.layers * args.batch_size * args.seq_len**2 * h
-        tflops = flops / (p50 * 1e-3) / 1e12
-        tok_s[provider] = tokens / (p50 * 1e-3)
-        rows.append({
-            "op": "qlora_train_step", "provider": provider, "mode": "fwd+bwd+adamw",
-            "shape": f"llama3-8b-L{args.layers} r{args.r} all-linear seq{args.seq_len}", "M": tokens,
-            "dtype": "nf4+bf16", "p50_ms": f"{p50:.3f}", "p20_ms": f"{_quantile(res['times_ms'], 0.2):.3f}",
-            "p80_ms": f"{_quantile(res['times_ms'], 0.8):.3f}", "tflops": f"{tflops:.2f}", "gbps": "",
-            "frac_of_peak": f"{tflops / peak:.3f}", "peak_mem_bytes": res["peak_mem_bytes"],
-        })  # fmt: skip
-        gib = res["peak_mem_bytes"] / 2**30
-        print(f"{provider:12s} {p50:9.1f} ms/step {tok_s[provider]:9.0f} tok/s peak {gib:6.2f} GiB")
-    if not rows:
-        return 1
-    write_rows(args.out, rows)
-    if len(tok_s) == 2:
-        print(f"fastpeft / hf_peft_bnb tokens/s: {tok_s['fastpeft'] / tok_s['hf_peft_bnb']:.2f}x")
+    res = run_provider(args.worker, args.model_dir, args.seq_len, args.batch_size, args.r, args.warmup, args.steps,
+                       args.device)  # fmt: skip
+    print("RESULT " + json.dumps(res))
     return 0
 
 

@@ -1,72 +1,116 @@
-"""NF4 dequantize benchmark: fastpeft's Triton kernel vs bitsandbytes vs torch eager, on a GPU.
+"""NF4 dequantize: fastpeft's Triton kernel against eager torch, torch.compile and bitsandbytes.
 
-Goal (DESIGN.md): >= 80% of HBM bandwidth (measured by a device-to-device copy in the same run) and
->= 1.5x bitsandbytes' ``dequantize_4bit``. Bytes moved per call: packed codes (numel / 2), the
-uint8 absmax + nested statistics, and the 16-bit output (2 * numel).
-
-    python benchmarks/bench_nf4.py --out benchmarks/results/nf4.csv
+Op ``nf4_dequant``: a double-quantized NF4 weight ``[N, K]`` (QLoRA's format) to a dense 16-bit one.
+Providers: ``fastpeft`` (``NF4Weight.dequantize``: the kernel on a GPU, the reference on the CPU),
+``reference`` (``kernels/reference.py``'s ``nf4_dequantize_reference``, eager torch), ``compiled``
+(``torch.compile`` of it) and ``bnb`` (bitsandbytes ``dequantize_4bit`` of the same weight quantized by
+bitsandbytes). Goal (DESIGN.md): >= 90 % of HBM bandwidth, the peak measured by a device-to-device copy
+in the same run. Bytes per call: the packed codes (``N·K/2``), the uint8 absmax and its nested float32
+statistics, and the 16-bit output (``2·N·K``); no flops are counted.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-from pathlib import Path
+import itertools
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench, copy_bandwidth, measure_peak_memory, write_rows  # noqa: E402
+from .core import Case, OperandCache, Prepared, copies_past_l2, short_call
+from .predict import Component
+from .spec import Spec
 
-SHAPES = [(4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)]
+__all__ = ["OPS", "PROVIDERS", "cases", "components", "release"]
 
-
-def _providers(w: torch.Tensor, dtype: torch.dtype, double_quant: bool):
-    from fastpeft import quantize_nf4
-    from fastpeft.kernels.reference import nf4_dequantize_reference
-
-    q = quantize_nf4(w, double_quant=double_quant)
-    yield "fastpeft", lambda: q.dequantize(dtype)
-    kw = {"nested_absmax": q.nested_absmax, "offset": q.offset} if double_quant else {}
-    yield "torch-eager", lambda: nf4_dequantize_reference(q.packed, q.absmax, q.numel, dtype, **kw)
-    try:
-        import bitsandbytes.functional as F
-    except ImportError:
-        return
-    packed, state = F.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=double_quant)
-    state.dtype = dtype
-    yield "bitsandbytes", lambda: F.dequantize_4bit(packed, state)
+OPS = ("nf4_dequant",)
+PROVIDERS = ("fastpeft", "reference", "compiled", "bnb")
+_FAMILY = {"fastpeft": "fastpeft", "reference": "torch", "compiled": "compile", "bnb": "bitsandbytes"}
+_CACHE = OperandCache(size=2)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/nf4_dequantize.csv"))
-    p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
-    args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_nf4: needs a CUDA GPU", file=sys.stderr)
-        return 2
-    dtype = getattr(torch, args.dtype)
-    peak_gbps = copy_bandwidth()
-    rows = []
-    for n, k in SHAPES:
-        w = torch.randn(n, k, device="cuda", dtype=dtype) * 0.02
-        for double_quant in (True, False):
-            stats = (n * k // 64) * (1 if double_quant else 4) + 4 * (n * k // 64 // 256)
-            nbytes = n * k // 2 + stats + n * k * 2
-            for provider, fn in _providers(w, dtype, double_quant):
-                t = bench(fn)
-                gbps = nbytes / (t["p50_ms"] * 1e-3) / 1e9
-                rows.append(
-                    dict(op="nf4_dequantize", provider=provider, mode="dq" if double_quant else "plain",
-                         shape=f"{n}x{k}", M=0, dtype=args.dtype, **t, tflops=0.0, gbps=gbps,
-                         frac_of_peak=gbps / peak_gbps, peak_mem_bytes=measure_peak_memory(fn))
-                )  # fmt: skip
-                print(f"{provider:14s} {n}x{k} dq={double_quant}: {t['p50_ms']:.4f} ms  {gbps:7.1f} GB/s "
-                      f"({gbps / peak_gbps:.0%} of copy)")  # fmt: skip
-    write_rows(args.out, rows)
-    return 0
+def _bytes(n: int, k: int, es: int) -> int:
+    numel = n * k
+    return numel // 2 + numel // 64 + 4 * (numel // 64 // 256) + es * numel
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def components(case: Case, spec: Spec) -> list[Component] | None:
+    if case.provider != "fastpeft":
+        return None
+    shape = case.extra["shape"]
+    dt = {"bfloat16": "bf16", "float16": "fp16"}.get(case.dtype, "fp32")
+    return [Component("dequant", 0.0, case.nbytes, gate_path="dequant", weights=shape.n * shape.k, dtype=dt)]
+
+
+def _operands(shape, spec: Spec, copies: int, bnb: bool) -> list:
+    def build() -> list:
+        from fastpeft import quantize_nf4
+
+        out = []
+        for _ in range(copies):
+            w = (torch.randn(shape.n, shape.k, device=spec.device) * 0.02).to(spec.dtype)
+            if bnb:
+                import bitsandbytes.functional as BF
+
+                packed, state = BF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
+                state.dtype = spec.dtype
+                out.append((packed, state))
+            else:
+                out.append(quantize_nf4(w, double_quant=True))
+        return out
+
+    return _CACHE.get((shape.name, spec.dtype_name, spec.device, copies, bnb), build)
+
+
+def _prepare(case: Case, spec: Spec) -> Prepared:
+    shape = case.extra["shape"]
+    graph = spec.is_gpu and short_call(case.flops, case.nbytes)
+    copies = copies_past_l2(int(case.nbytes), spec.device) if graph else 1
+    ops = _operands(shape, spec, copies, case.provider == "bnb")
+    numel, dtype = shape.n * shape.k, spec.dtype
+    if case.provider == "fastpeft":
+        fns = [lambda q=q: q.dequantize(dtype) for q in ops]
+    elif case.provider == "bnb":
+        import bitsandbytes.functional as BF
+
+        fns = [lambda p=p, s=s: BF.dequantize_4bit(p, s) for p, s in ops]
+    else:
+        from fastpeft.kernels.reference import nf4_dequantize_reference
+
+        def ref(packed, absmax, nested, offset):
+            return nf4_dequantize_reference(packed, absmax, numel, dtype, nested_absmax=nested, offset=offset)
+
+        if case.provider == "compiled":
+            torch._dynamo.reset()
+            ref = torch.compile(ref, dynamic=False)
+        fns = [lambda q=q, ref=ref: ref(q.packed, q.absmax, q.nested_absmax, q.offset) for q in ops]
+    it = itertools.cycle(fns)
+    note = f"{copies} operand copies rotated past L2" if copies > 1 else ""
+    return Prepared(lambda: next(it)(), cuda_graph=graph, note=note)
+
+
+def cases(spec: Spec) -> list[Case]:
+    if "nf4_dequant" not in spec.ops:
+        return []
+    es = torch.finfo(spec.dtype).bits // 8
+    out = []
+    for shape, provider in itertools.product(spec.shapes, PROVIDERS):
+        if not spec.wants(provider):
+            continue
+        nbytes = float(_bytes(shape.n, shape.k, es))
+        case = Case("nf4_dequant", provider, "fwd", shape.name, 0, spec.dtype_name, 0.0, nbytes,
+                    family=_FAMILY[provider], path="dequant" if provider == "fastpeft" else "")  # fmt: skip
+        case.extra["shape"] = shape
+        case.prepare = lambda case=case: _prepare(case, spec)
+        case.cost_s = 1.5
+        if provider == "compiled":
+            case.warm_key, case.warm_cost_s = f"compile:{case.key}", 20.0 if spec.is_gpu else 8.0
+        elif provider == "fastpeft":
+            case.warm_key, case.warm_cost_s = f"fastpeft:dequant:{spec.dtype_name}", 5.0
+        elif provider == "bnb":
+            case.warm_key, case.warm_cost_s = "import:bnb", 5.0
+        out.append(case)
+    return out
+
+
+def release() -> None:
+    """Drop the cached operands (the run is over)."""
+    _CACHE.clear()

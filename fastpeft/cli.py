@@ -1,9 +1,10 @@
-"""``fastpeft`` command line: ``finetune``, ``quantize`` and ``merge``.
+"""``fastpeft`` command line: ``finetune``, ``quantize``, ``merge`` and ``bench``.
 
 ``fastpeft finetune`` with no arguments trains LoRA on a small seeded Llama over a built-in corpus (a
 demo that needs no download); ``--model DIR --data FILE.jsonl`` fine-tunes a local transformers
 checkpoint. ``fastpeft quantize`` writes an NF4 checkpoint transformers + bitsandbytes load as 4-bit;
 ``fastpeft merge`` folds a LoRA adapter into its base and writes a plain 16-bit checkpoint.
+``fastpeft bench`` runs the benchmark suite (``benchmarks/``, installed as ``fastpeft.benchmarks``).
 
 ``--model`` takes a transformers checkpoint directory or a GGUF file (with the ``gguf`` extra).
 
@@ -106,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="merge onto the original 16-bit weights, not dequant(NF4) (QLoRA adapters)")  # fmt: skip
     m.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="output dtype (default: the model's)")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+    from fastpeft.benchmarks.cli import add_arguments as add_bench_arguments
+
+    b = sub.add_parser("bench", help="measure fastpeft's kernels against cuBLAS, eager torch, torch.compile, "
+                       "PEFT and bitsandbytes, or estimate them without a GPU")  # fmt: skip
+    add_bench_arguments(b)
     for parser in (p, *sub.choices.values()):
         parser.formatter_class = _DefaultsFormatter
     return p
@@ -239,12 +246,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fastpeft.benchmarks.cli import run
+
+    return run(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fastpeft`` command line; returns the exit status (0 ok, 2 bad input)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="fastpeft: %(message)s")
     logging.getLogger("fastpeft.train").setLevel(logging.INFO)  # the run-length estimate, method notices
-    commands = {"finetune": cmd_finetune, "quantize": cmd_quantize, "merge": cmd_merge}
+    commands = {"finetune": cmd_finetune, "quantize": cmd_quantize, "merge": cmd_merge, "bench": cmd_bench}
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
