@@ -41,6 +41,7 @@ from torch import nn
 from fastpeft import data as fdata
 from fastpeft import loading
 from fastpeft.files import fsync_files, share_permissions
+from fastpeft.savers import causal_lm_loss, enable_checkpointing, lm_head_skip
 
 __all__ = [
     "METHODS",
@@ -49,9 +50,12 @@ __all__ = [
     "TrainingInterrupted",
     "build_embedded_model",
     "default_lr",
+    "embedded_config",
     "finetune",
     "load_checkpoint",
     "resolve_device",
+    "resolve_method",
+    "resolve_savers",
     "save_checkpoint",
 ]
 
@@ -119,7 +123,7 @@ class TrainConfig:
     epochs: float = 1.0
     seq_len: int = 512
     seed: int = 0
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None
     resume: bool = False
     overwrite: bool = False
     num_virtual_tokens: int = 8
@@ -128,6 +132,9 @@ class TrainConfig:
     save_steps: int = 50
     device: str | None = None
     progress: bool = True
+    offload_activations: bool = False
+    quantize_lm_head: bool = False
+    chunked_loss: bool = True
 
 
 def default_lr(method: str, embedded: bool) -> float:
@@ -151,10 +158,37 @@ def resolve_device(device: str | None) -> torch.device:
     return dev
 
 
-def build_embedded_model(seed: int, device: torch.device, dtype: torch.dtype, vocab_size: int) -> nn.Module:
-    """A small Llama (2 layers, width 64) with seeded random weights: the demo's base model."""
+def resolve_method(cfg: TrainConfig, device: torch.device) -> str:
+    """``cfg.method``, else qlora on a GPU and lora on the CPU; LoRA on an NF4 checkpoint is QLoRA."""
+    method = cfg.method or ("qlora" if device.type == "cuda" else "lora")
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    if method == "lora" and cfg.model is not None and loading.is_prequantized(loading.load_config(cfg.model)):
+        log.info("%s holds NF4 weights: LoRA on it is QLoRA", cfg.model)
+        method = "qlora"
+    return method
+
+
+def resolve_savers(cfg: TrainConfig, method: str, device: torch.device) -> TrainConfig:
+    """``cfg`` with checkpointing decided (default: on for QLoRA on a GPU, and whenever activations are
+    offloaded); the saver flags checked against the method and the device."""
+    if cfg.quantize_lm_head and method != "qlora":
+        raise ValueError("--quantize-lm-head applies to qlora only")
+    if cfg.offload_activations:
+        if device.type != "cuda":
+            raise ValueError("--offload-activations moves activations off a GPU; on the CPU they are in host memory")
+        if cfg.gradient_checkpointing is False:
+            raise ValueError("--offload-activations offloads what checkpointing keeps: it needs checkpointing on")
+    checkpointing = cfg.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = cfg.offload_activations or (method == "qlora" and device.type == "cuda")
+    return replace(cfg, gradient_checkpointing=checkpointing)
+
+
+def embedded_config(vocab_size: int) -> Any:
+    """The demo base model's transformers config (see ``build_embedded_model``)."""
     transformers = loading.require_transformers()
-    config = transformers.LlamaConfig(
+    return transformers.LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=176,
@@ -167,6 +201,12 @@ def build_embedded_model(seed: int, device: torch.device, dtype: torch.dtype, vo
         pad_token_id=0,
         initializer_range=0.2,
     )
+
+
+def build_embedded_model(seed: int, device: torch.device, dtype: torch.dtype, vocab_size: int) -> nn.Module:
+    """A small Llama (2 layers, width 64) with seeded random weights: the demo's base model."""
+    transformers = loading.require_transformers()
+    config = embedded_config(vocab_size)
     # initializer_range 0.2 (not 0.02): with width 64 a 0.02 LM head caps the logits near +-1.3, so no
     # adapter could lower the loss much below log(vocab); at 0.2 the base behaves like a trained model's scale.
     with torch.random.fork_rng(devices=[]):
@@ -249,21 +289,22 @@ def _setup(cfg: TrainConfig, device: torch.device, method: str) -> tuple[Any, An
     batches = fdata.Batches(examples, cfg.batch_size, pad_id, cfg.seed)
 
     if cfg.model is not None:
-        base = loading.load_causal_lm(cfg.model, quantize=method == "qlora", device=device, dtype=dtype)
+        base = loading.load_causal_lm(
+            cfg.model, quantize=method == "qlora", device=device, dtype=dtype, skip=lm_head_skip(cfg.quantize_lm_head)
+        )
     else:
         base = build_embedded_model(cfg.seed, device, dtype, len(tokenizer))
         base.config._name_or_path = str((Path(cfg.out) / BASE_MODEL_DIR).resolve())  # written with the results
         if method == "qlora":
-            quantize_model(base)
+            quantize_model(base, skip=lm_head_skip(cfg.quantize_lm_head))
     vocab = base.get_input_embeddings().num_embeddings
     top = max(max(ex.input_ids) for ex in examples)
     if top >= vocab:
         raise ValueError(f"the tokenizer produces id {top} but the model's vocabulary has {vocab} entries")
+    if cfg.quantize_lm_head and type(base.get_output_embeddings()).__name__ != "NF4Linear":
+        raise ValueError("--quantize-lm-head: the head is tied to the input embedding: quantizing it saves nothing")
     if cfg.gradient_checkpointing:
-        if not getattr(base, "supports_gradient_checkpointing", False):
-            raise ValueError(f"{type(base).__name__} does not support gradient checkpointing")
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        base.enable_input_require_grads()  # the base is frozen: checkpointed blocks still need a grad path
+        enable_checkpointing(base, offload=cfg.offload_activations)
     base.config.use_cache = False
     if method in ("lora", "qlora") and cfg.target_modules != "all-linear":
         _check_targets(base, cfg.target_modules)
@@ -472,7 +513,13 @@ def _stop_requests() -> Iterator[list[int]]:
 
 
 def _train_step(
-    model: Any, stream: Iterator, grad_accum: int, params: list[nn.Parameter], optimizer: Any, device: torch.device
+    model: Any,
+    stream: Iterator,
+    grad_accum: int,
+    params: list[nn.Parameter],
+    optimizer: Any,
+    device: torch.device,
+    chunked_loss: bool = True,
 ) -> tuple[float, int, int, int]:
     """One optimizer step over ``grad_accum`` micro-batches; returns (loss, epoch, next index, tokens)."""
     micro = [next(stream) for _ in range(grad_accum)]
@@ -485,7 +532,8 @@ def _train_step(
     for (_, _, batch), n in zip(micro, counts, strict=True):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast:
-            loss = model(**batch).loss
+            # the chunked loss never materializes the float32 [tokens, vocab] logits (fastpeft.savers)
+            loss = causal_lm_loss(model, batch) if chunked_loss else model(**batch).loss
         # Token-weighted mean over the accumulated micro-batches (not a mean of means).
         (loss * (n / n_total)).backward()
         loss_sum += loss.detach().float() * (n / n_total)
@@ -529,12 +577,8 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     device = resolve_device(cfg.device)
-    method = cfg.method or ("qlora" if device.type == "cuda" else "lora")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
-    if method == "lora" and cfg.model is not None and loading.is_prequantized(loading.load_config(cfg.model)):
-        log.info("%s holds NF4 weights: LoRA on it is QLoRA", cfg.model)
-        method = "qlora"
+    method = resolve_method(cfg, device)
+    cfg = resolve_savers(cfg, method, device)
     for name in ("r", "batch_size", "grad_accum", "seq_len", "num_virtual_tokens", "bottleneck_size", "save_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
@@ -596,7 +640,9 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
     with _stop_requests() as stop, redirect:
         while step < total:
             t0 = time.perf_counter()
-            step_loss, epoch, index, n_tokens = _train_step(model, stream, cfg.grad_accum, params, optimizer, device)
+            step_loss, epoch, index, n_tokens = _train_step(
+                model, stream, cfg.grad_accum, params, optimizer, device, cfg.chunked_loss
+            )
             scheduler.step()
             tokens += n_tokens
             seconds += time.perf_counter() - t0
