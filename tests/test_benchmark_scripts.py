@@ -173,3 +173,42 @@ def test_cpu_runs_measure_small_shapes_and_keep_the_gpu_matrix_for_estimates():
     assert core.copies_past_l2(1 << 20, "cpu") == 1
     assert core.short_call(2 * 16 * 4096 * 4096, 4096 * 4096 // 2) and not core.short_call(2 * 8192 * 4096**2, 1e8)
     assert torch.get_num_threads() >= 1
+
+
+def test_a_gpu_run_reports_measured_rows_beside_their_predictions(tmp_path, monkeypatch):
+    """The GPU path of a run with the measurements faked (no GPU here): rows, predictions, verdicts, plots."""
+    from fastpeft.kernels import _gate
+
+    records = [
+        {"case": c.name, "arch": 90, "memory_bound_weights_per_s": 3.0e12 / c.bytes_per_weight,
+         "predicted_roofline_fraction": 0.9, "thread_instructions_per_weight": 5.0}
+        for c in _gate.all_cases() if c.path
+    ]  # fmt: skip
+    (tmp_path / "gate.json").write_text(__import__("json").dumps(records))
+    peaks = core.Peaks(700.0, 3000.0, "cuda", "8192^3 bf16 matmul", "1 GiB copy")
+
+    def fake_measure(case, spec_, peaks_):
+        seconds = case.flops / 600e12 + case.nbytes / 2.5e12 + 4e-6  # a plausible machine, not a result
+        if case.provider == "fastpeft" and case.op == "qlora_linear" and case.m <= 64:
+            seconds = case.nbytes / 2.5e12 * 0.3  # decode: far ahead of the dense read
+        ms = seconds * 1e3
+        return core.row_for(case, core.Timing(ms, ms * 0.98, ms * 1.03, 1 << 20), peaks_, core.LABEL_MEASURED)
+
+    monkeypatch.setattr(suite, "measure_peaks", lambda *a, **k: peaks)
+    monkeypatch.setattr(suite, "_measure_case", fake_measure)
+    monkeypatch.setattr(suite, "env_info", lambda: {**core.env_info(), "gpu": "Fake GPU 80GB"})
+    s = spec.Spec(device="cuda", ms=(1, 16, 64, 8192), shapes=tuple(spec.SHAPE_SETS["llama3-8b"]), quick=True)
+    result = suite.run(s, tmp_path / "out", budget_s=None, gate_json=tmp_path / "gate.json", progress=False)
+
+    measured = [r for r in result.rows if r["label"] == core.LABEL_MEASURED]
+    assert measured and not [r for r in result.rows if r["label"] == core.LABEL_CPU]
+    for r in measured:
+        if r["provider"] in ("fastpeft", "dense-bf16") and r["op"] != "finetune_step":
+            assert r["predicted"] != "" and r["predicted_ms"] > 0, r
+    verdicts = {g.goal.key: g for g in result.goals}
+    assert verdicts["small-m-wide"].verdict == "met" and verdicts["small-m-wide"].predicted is not None
+    assert verdicts["decode-ipw"].verdict == "met"  # the faked records: 5.0 per weight
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert summary.startswith("# fastpeft bench — Fake GPU 80GB") and "`measured` ran on this GPU" in summary
+    assert (tmp_path / "out" / "speedup_vs_m.png").stat().st_size > 10_000
+    assert result.manifest["gate"]["error"] == ""
