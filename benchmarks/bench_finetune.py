@@ -15,12 +15,23 @@ counted: ``4·P·T`` for the frozen base (forward, recomputed forward, input gra
 
 Without a GPU the same steps run on a tiny Llama (``TINY_LLAMA``) in float32 on the CPU, in this process:
 the rows show that each provider trains, not how fast, and carry no peak memory.
+
+**The CPU recipe** (``--cpu-recipe MODEL``, a checkpoint directory or GGUF file, e.g. SmolLM2-135M) times
+the CPU path of LoRA training against transformers + HF PEFT (provider ``peft``) on one recipe: r=8,
+alpha=16, all-linear, float32, AdamW lr 2e-4, batch 2, seq 64, warmup + cosine, clip 1.0, seed 0, the same
+token batches. Both load the base through ``fastpeft.loading`` (same weights, same transformers model
+class); each run is a subprocess of its own, pairs run interleaved (order alternating). Reported: tokens/s
+of each run (timed steps after the first two), the median fastpeft / peft ratio over the pairs, peak RSS,
+and the largest difference between the two loss curves::
+
+    python -m benchmarks.bench_finetune --cpu-recipe path/to/SmolLM2-135M-Instruct.Q4_1.gguf --pairs 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -245,8 +256,122 @@ def cases(spec: Spec) -> list[Case]:
     return out
 
 
+RECIPE_PROVIDERS = ("fastpeft", "peft")
+
+
+def run_recipe(provider: str, model: str, steps: int = 12, batch: int = 2, seq: int = 64, threads: int = 0) -> dict:
+    """The CPU recipe (module doc) for one provider; returns step times (s), losses and peak RSS (bytes)."""
+    import resource
+
+    from fastpeft.loading import load_causal_lm
+
+    if threads:
+        torch.set_num_threads(threads)
+    base = load_causal_lm(model, dtype=torch.float32)
+    base.config.use_cache = False
+    torch.manual_seed(0)  # the adapter's initialization: both libraries draw A the same way
+    if provider == "fastpeft":
+        from fastpeft.peft import LoraConfig, get_peft_model
+
+        model_ = get_peft_model(
+            base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+        )
+    elif provider == "peft":
+        import peft
+
+        cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+        model_ = peft.get_peft_model(base, cfg)
+    else:
+        raise ValueError(f"cpu recipe: unknown provider {provider!r} (choose from {RECIPE_PROVIDERS})")
+    model_.train()
+    params = [p for p in model_.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0)
+    warm = max(1, steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda i: (i + 1) / warm if i < warm else 0.5 * (1 + math.cos(math.pi * (i - warm) / max(1, steps - warm)))
+    )
+    vocab = base.get_input_embeddings().num_embeddings
+    ids = torch.randint(0, vocab, (steps, batch, seq), generator=torch.Generator().manual_seed(0))
+    times, losses = [], []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        loss = model_(input_ids=ids[i], labels=ids[i]).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        times.append(time.perf_counter() - t0)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"times_s": times, "losses": losses, "peak_rss_bytes": rss, "threads": torch.get_num_threads()}
+
+
+def _recipe_worker(provider: str, model: str, steps: int, threads: int) -> dict:
+    import importlib.util
+
+    package = "fastpeft.benchmarks" if importlib.util.find_spec("fastpeft.benchmarks") else __package__
+    cmd = [sys.executable, "-m", f"{package}.bench_finetune", "--recipe-worker", provider, "--cpu-recipe",
+           str(Path(model).resolve()), "--steps", str(steps), "--threads", str(threads)]  # fmt: skip
+    env = dict(os.environ)
+    if package != "fastpeft.benchmarks":
+        root = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tempfile.gettempdir(),
+                          timeout=_WORKER_TIMEOUT_S * 4)  # fmt: skip
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode != 0 or line is None:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"{provider} worker exited {proc.returncode}: {tail[:300]}")
+    return json.loads(line[len("RESULT ") :])
+
+
+def compare_cpu(model: str, pairs: int, steps: int = 12, threads: int = 0, timed_from: int = 2) -> dict:
+    """Interleaved pairs of the CPU recipe; prints each run and returns the summary."""
+    runs: dict[str, list[dict]] = {p: [] for p in RECIPE_PROVIDERS}
+    ratios = []
+    for i in range(pairs):
+        order = RECIPE_PROVIDERS if i % 2 == 0 else RECIPE_PROVIDERS[::-1]
+        tok_s = {}
+        for provider in order:
+            res = _recipe_worker(provider, model, steps, threads)
+            timed = res["times_s"][timed_from:]
+            tok_s[provider] = 2 * 64 * len(timed) / sum(timed)
+            res["tokens_per_s"] = tok_s[provider]
+            runs[provider].append(res)
+            print(f"pair {i + 1} {provider:9s} {tok_s[provider]:8.1f} tokens/s  median step "
+                  f"{_quantile(timed, 0.5):.3f} s  peak RSS {res['peak_rss_bytes'] / 2**20:.0f} MiB  "
+                  f"threads {res['threads']}", flush=True)  # fmt: skip
+        ratios.append(tok_s["fastpeft"] / tok_s["peft"])
+    curve = max(abs(a - b) for a, b in zip(runs["fastpeft"][0]["losses"], runs["peft"][0]["losses"], strict=True))
+    rss = _quantile([r["peak_rss_bytes"] for r in runs["fastpeft"]], 0.5) / _quantile(
+        [r["peak_rss_bytes"] for r in runs["peft"]], 0.5
+    )
+    summary = {"ratio_median": _quantile(ratios, 0.5), "ratios": ratios, "peak_rss_ratio": rss, "loss_max_diff": curve}
+    print(f"fastpeft / peft tokens/s: median {summary['ratio_median']:.3f} over {pairs} pairs "
+          f"({', '.join(f'{r:.3f}' for r in ratios)}); peak RSS ratio {rss:.2f}; loss curves differ by at most "
+          f"{curve:.1e}")  # fmt: skip
+    return summary
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The worker: one provider's training steps, the result as one JSON line on stdout."""
+    """The worker: one provider's training steps, the result as one JSON line on stdout; or the CPU recipe."""
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--cpu-recipe" in argv:
+        p = argparse.ArgumentParser(description="the CPU LoRA recipe: fastpeft against transformers + HF PEFT")
+        p.add_argument("--cpu-recipe", required=True, metavar="MODEL", help="checkpoint directory or GGUF file")
+        p.add_argument("--pairs", type=int, default=3, help="interleaved fastpeft / peft pairs")
+        p.add_argument("--steps", type=int, default=12, help="training steps a run (the first two untimed)")
+        p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+        p.add_argument("--recipe-worker", choices=RECIPE_PROVIDERS, help=argparse.SUPPRESS)
+        args = p.parse_args(argv)
+        if args.recipe_worker:
+            res = run_recipe(args.recipe_worker, args.cpu_recipe, args.steps, threads=args.threads)
+            print("RESULT " + json.dumps(res))
+        else:
+            compare_cpu(args.cpu_recipe, args.pairs, args.steps, args.threads)
+        return 0
     p = argparse.ArgumentParser(description="one provider's timed QLoRA training steps (a fastpeft bench worker)")
     p.add_argument("--worker", choices=PROVIDERS, required=True)
     p.add_argument("--model-dir", type=Path, required=True)
