@@ -5,6 +5,8 @@ demo that needs no download); ``--model DIR --data FILE.jsonl`` fine-tunes a loc
 checkpoint. ``fastpeft quantize`` writes an NF4 checkpoint transformers + bitsandbytes load as 4-bit;
 ``fastpeft merge`` folds a LoRA adapter into its base and writes a plain 16-bit checkpoint.
 ``fastpeft bench`` runs the benchmark suite (``benchmarks/``, installed as ``fastpeft.benchmarks``).
+``fastpeft memory`` estimates a training step's peak GPU memory by category, without a GPU
+(``fastpeft.memory``); ``finetune`` prints that estimate first on a GPU and refuses a run that would not fit.
 
 ``--model`` takes a transformers checkpoint directory or a GGUF file (with the ``gguf`` extra).
 
@@ -50,6 +52,9 @@ class _DefaultsFormatter(argparse.HelpFormatter):
 
 
 def _parser() -> argparse.ArgumentParser:
+    from fastpeft.memory_cli import add_arguments as add_memory_arguments
+    from fastpeft.memory_cli import add_saver_arguments
+
     p = argparse.ArgumentParser(prog="fastpeft", description="Parameter-efficient fine-tuning on fused Triton kernels.")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -77,7 +82,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="passes over the data (default: 1.0; the built-in demo runs 60 steps)")  # fmt: skip
     f.add_argument("--seq-len", type=int, default=512, help="examples are truncated to this many tokens")
     f.add_argument("--seed", type=int, default=0, help="adapter initialization, data order, dropout")
-    f.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward")
+    add_saver_arguments(f)
+    f.add_argument("--memory-budget", metavar="SIZE", help="refuse to start when the estimated peak exceeds SIZE "
+                   "(e.g. 24GiB; default on a GPU: its free memory; on the CPU: no check)")  # fmt: skip
     f.add_argument("--num-virtual-tokens", type=int, default=8, help="prefix / prompt tuning length")
     f.add_argument("--bottleneck-size", type=int, default=16, help="bottleneck adapter width")
     f.add_argument("--save-steps", type=int, default=50,
@@ -113,6 +120,8 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="measure fastpeft's kernels against cuBLAS, eager torch, torch.compile, "
                        "PEFT and bitsandbytes, or estimate them without a GPU")  # fmt: skip
     add_bench_arguments(b)
+    mem = sub.add_parser("memory", help="estimate a training step's peak GPU memory by category, without a GPU")
+    add_memory_arguments(mem)
     for parser in (p, *sub.choices.values()):
         parser.formatter_class = _DefaultsFormatter
     return p
@@ -164,8 +173,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         seed=args.seed, gradient_checkpointing=args.gradient_checkpointing, resume=args.resume,
         overwrite=args.overwrite, num_virtual_tokens=args.num_virtual_tokens, bottleneck_size=args.bottleneck_size,
         warmup_steps=args.warmup_steps, save_steps=args.save_steps, device=args.device,
-        progress=not args.no_progress,
+        progress=not args.no_progress, offload_activations=args.offload_activations,
+        quantize_lm_head=args.quantize_lm_head, chunked_loss=not args.no_chunked_loss,
     )  # fmt: skip
+    from fastpeft.memory_cli import finetune_estimate
+
+    estimate = finetune_estimate(cfg, args.memory_budget)  # refuses (ValueError) a run that would not fit
+    if estimate:
+        print(estimate, flush=True)
     m = finetune(cfg)
     trainable, total = m["trainable_params"], m["total_params"]
     print(
@@ -252,12 +267,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_memory(args: argparse.Namespace) -> int:
+    from fastpeft.memory_cli import run
+
+    return run(args)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fastpeft`` command line; returns the exit status (0 ok, 2 bad input)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="fastpeft: %(message)s")
     logging.getLogger("fastpeft.train").setLevel(logging.INFO)  # the run-length estimate, method notices
-    commands = {"finetune": cmd_finetune, "quantize": cmd_quantize, "merge": cmd_merge, "bench": cmd_bench}
+    commands = {"finetune": cmd_finetune, "quantize": cmd_quantize, "merge": cmd_merge, "bench": cmd_bench,
+                "memory": cmd_memory}  # fmt: skip
     try:
         return commands[args.command](args)
     except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:

@@ -12,11 +12,12 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from fastpeft import memory
 
-__all__ = ["add_arguments", "add_saver_arguments", "fitting_options", "run", "saver_options"]
+__all__ = ["add_arguments", "add_saver_arguments", "finetune_estimate", "fitting_options", "run", "saver_options"]
 
 
 def add_saver_arguments(p: argparse.ArgumentParser, checkpointing: bool = True) -> None:
@@ -37,12 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--shape", choices=sorted(memory.SHAPES), help="a named model shape")
     src.add_argument("--config", help="a model directory or its config.json")
-    p.add_argument("--method", default="qlora", choices=memory.METHODS)
+    p.add_argument("--method", default="qlora", choices=memory.METHODS, help="the fine-tuning method")
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
     p.add_argument("--target-modules", default="all-linear", help='comma-separated module names, or "all-linear"')
     p.add_argument("--bottleneck-size", type=int, default=16, help="bottleneck adapter width")
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                    help="what the estimate is for: a GPU run (bf16) or a CPU run (float32)")  # fmt: skip
     add_saver_arguments(p)
@@ -136,3 +137,58 @@ def fitting_options(config: Any, opts: memory.MemoryOptions, budget: int) -> lis
     if seq:
         found.append(f"{' '.join(steps)} --seq-len {seq}".strip())
     return found
+
+
+def finetune_estimate(cfg: Any, budget_text: str | None) -> str | None:
+    """The estimate ``fastpeft finetune`` prints before it starts, or None when it makes none (the CPU
+    without ``--memory-budget``).
+
+    The budget is ``budget_text`` when given, else the GPU's free memory. The estimate is for the run's
+    longest micro-batch (``batch_size x seq_len`` tokens, padding included).
+
+    Raises:
+        ValueError: the estimate exceeds the budget; the message names the flags that would make it fit.
+    """
+    import torch
+
+    from fastpeft import data, train
+
+    device = train.resolve_device(cfg.device)
+    if device.type != "cuda" and budget_text is None:
+        return None
+    budget = memory.parse_size(budget_text) if budget_text is not None else torch.cuda.mem_get_info(device)[0]
+    method = train.resolve_method(cfg, device)
+    cfg = train.resolve_savers(cfg, method, device)
+    if method not in memory.METHODS:
+        return f"memory estimate: none for {method} (the memory model covers {', '.join(memory.METHODS)})"
+    if cfg.model is None:
+        config = train.embedded_config(len(data.byte_tokenizer()))
+    elif Path(cfg.model).is_dir():
+        config = memory.model_config(cfg.model)
+    else:
+        return "memory estimate: none for a GGUF file (the memory model reads a config.json)"
+    opts = memory.MemoryOptions(
+        method=method, r=cfg.r, target_modules=cfg.target_modules, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+        checkpointing=cfg.gradient_checkpointing, offload_activations=cfg.offload_activations,
+        chunked_loss=cfg.chunked_loss, quantize_lm_head=cfg.quantize_lm_head, bottleneck_size=cfg.bottleneck_size,
+        device=device.type,
+    )  # fmt: skip
+    with quiet_libraries():
+        est = memory.estimate(config, opts)
+    limit = memory.format_bytes(budget)
+    what = f"the budget of {limit}" if budget_text is not None else f"the {limit} free on {device}"
+    parts = ", ".join(
+        f"{label.split(' (')[0]} {memory.format_bytes(est.categories[key])}"
+        for key, label in memory.CATEGORIES.items()
+        if est.categories[key]
+    )
+    peak = memory.format_bytes(est.peak_bytes)
+    line = f"memory estimate: peak {peak} within {what} ({parts})"
+    if est.peak_bytes > budget:
+        fixes = fitting_options(config, opts, budget)
+        hint = f"it would fit with: {' | '.join(fixes)}" if fixes else "no saver flag makes it fit"
+        raise ValueError(
+            f"the estimated peak memory {peak} exceeds {what}; {hint} "
+            "(estimates from fastpeft memory; --memory-budget overrides the limit)"
+        )
+    return line
