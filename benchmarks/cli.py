@@ -25,26 +25,26 @@ CPU_QUICK_BUDGET_S = 80.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--ops", default=",".join(OPS), help=f"comma-separated subset of {','.join(OPS)}")
-    p.add_argument("--shapes", nargs="+", default=["llama3-8b"], help="llama3-8b, llama3-70b or N,K (several allowed)")
+    """The suite's options (shared by ``fastpeft bench`` and ``python -m benchmarks``); each help states its default."""
+    p.add_argument("--ops", default=", ".join(OPS), help="comma-separated subset of the ops")
+    p.add_argument("--shapes", nargs="+", default="llama3-8b", help="llama3-8b, llama3-70b or N,K, several allowed")
     p.add_argument("--m", default=",".join(map(str, M_VALUES)), help="comma-separated token counts M")
-    p.add_argument("--mode", default=",".join(MODES), help="fwd, fwd+bwd or both (comma-separated)")
-    p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
-    p.add_argument("--providers", help="comma-separated subset: fastpeft, dense-bf16, reference, compiled, peft, bnb")
+    p.add_argument("--mode", default=",".join(MODES), help="fwd, fwd+bwd or both, comma-separated")
+    p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="activation dtype")
+    p.add_argument("--providers", help="comma-separated subset of fastpeft, dense-bf16, reference, compiled, peft, "
+                   "bnb (default: all; a provider's name selects its variants, fastpeft-nolora ...)")  # fmt: skip
     p.add_argument("--quick", action="store_true",
                    help="GPU: the DESIGN.md goal cases and one case per provider; CPU: small shapes in under 2 minutes "
                    f"(a {CPU_QUICK_BUDGET_S:.0f} s measuring budget unless --budget)")  # fmt: skip
-    p.add_argument(
-        "--budget", type=float, help="seconds for measuring: cases run by value until the next would not fit"
-    )
+    p.add_argument("--budget", type=float, help="seconds for the run: cases by value until the next would not fit "
+                   f"(default: no limit on a GPU, {CPU_QUICK_BUDGET_S:.0f} s on the CPU)")  # fmt: skip
     p.add_argument("--out", type=Path, help="results folder (default: runs/bench/<gpu>-<date>)")
     p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
-                   help="cpu runs the CPU variant even where a GPU exists")  # fmt: skip
+                   help="where to measure; cpu runs the CPU variant even where a GPU exists")  # fmt: skip
     p.add_argument("--rank", type=int, default=16, help="LoRA rank")
     p.add_argument("--finetune-layers", type=int, default=4, help="Llama-3-8B blocks in the end-to-end step (of 32)")
-    p.add_argument("--gate-json", type=Path,
-                   help="compile-gate records to read (python -m fastpeft.kernels._gate --json FILE) "
-                   "instead of building them")  # fmt: skip
+    p.add_argument("--gate-json", type=Path, help="compile-gate records to read, from python -m "
+                   "fastpeft.kernels._gate --json FILE (default: build them, cached)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -68,11 +68,12 @@ def _spec(args: argparse.Namespace):
     if args.budget is not None and args.budget <= 0:
         raise ValueError("--budget must be positive")
     providers = tuple(p for p in (args.providers or "").replace(" ", "").split(",") if p) or None
+    shapes = [args.shapes] if isinstance(args.shapes, str) else args.shapes  # the default is one string
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is visible")
     return Spec(
-        ops=ops, shapes=tuple(parse_shapes(args.shapes)), ms=parse_ints(args.m, "--m"), modes=modes,
+        ops=ops, shapes=tuple(parse_shapes(shapes)), ms=parse_ints(args.m, "--m"), modes=modes,
         dtype=getattr(torch, args.dtype), device=device, quick=args.quick or device == "cpu",
         rank=args.rank, finetune_layers=args.finetune_layers, providers=providers,
     )  # fmt: skip

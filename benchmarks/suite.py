@@ -144,6 +144,13 @@ def _run(
             skipped.append((case, reason))
             continue
         bar.set_postfix_str(case.describe()[:60])
+        if case.measure_fn is not None:  # a subprocess of its own: give it the GPU memory and the time left
+            if budget_s:
+                case.timeout_s = max(60.0, budget_s - plan.elapsed_s)
+            if gpu:
+                for mod in MODULES:
+                    getattr(mod, "release", lambda: None)()
+                torch.cuda.empty_cache()
         t0 = time.perf_counter()
         try:
             rows.append(_measure_case(case, measured_spec, peaks))
@@ -155,8 +162,7 @@ def _run(
             plan.record(case, time.perf_counter() - t0)
     bar.close()
     for mod in MODULES:
-        if hasattr(mod, "release"):
-            mod.release()
+        getattr(mod, "release", lambda: None)()
 
     gpu_spec = spec if gpu else dataclasses.replace(spec, device="cuda")
     gpu_cases = cases if gpu else order(collect(gpu_spec))

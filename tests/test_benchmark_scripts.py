@@ -212,3 +212,18 @@ def test_a_gpu_run_reports_measured_rows_beside_their_predictions(tmp_path, monk
     assert summary.startswith("# fastpeft bench — Fake GPU 80GB") and "`measured` ran on this GPU" in summary
     assert (tmp_path / "out" / "speedup_vs_m.png").stat().st_size > 10_000
     assert result.manifest["gate"]["error"] == ""
+
+
+def test_bench_help_states_every_default(capsys):
+    import argparse
+
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    sub = next(a for a in cli._parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["bench"]
+    for action in [a for a in sub._actions if a.option_strings and a.nargs != 0]:
+        formatter = sub._get_formatter()
+        formatter.add_argument(action)
+        entry = " ".join(formatter.format_help().split())
+        said = f"default: {action.default}" if action.default is not None else "default"
+        assert entry in text and said in entry, entry
