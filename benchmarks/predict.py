@@ -149,7 +149,11 @@ class Predictor:
                 )
             else:
                 seconds += self.roofline_s(comp)
-                why = f" (no gate record: {self.error or 'no configuration'})" if comp.gate_path else ""
+                why = (
+                    f" (no gate record: {self.error or f'the gate has no {comp.gate_path} case'})"
+                    if comp.gate_path
+                    else ""
+                )
                 roofline_parts.append(comp.name + why)
         if seconds <= 0:
             return {"predicted": "", "predicted_ms": "", "basis": "no work counted"}
