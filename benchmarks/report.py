@@ -126,8 +126,8 @@ def summary(rows: list[dict], goals: list[GoalResult], manifest: dict, files: di
     for key in ("speedup_plot", "roofline_plot"):
         if key in files:
             lines.append(f"![{key}]({files[key].name})")
-    if "plot_error" in manifest:
-        lines.append(f"Plots not written: {manifest['plot_error']}")
+    if not any(key in files for key in ("speedup_plot", "roofline_plot")):
+        lines.append("Plots not written: matplotlib is not installed (pip install matplotlib).")
     lines.append("")
     lines.append(
         "All rows: results.csv (DESIGN.md's schema + label, path, predicted, basis); run details: manifest.json."
