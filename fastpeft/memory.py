@@ -23,6 +23,7 @@ allocates inside itself are not in them.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -263,7 +264,9 @@ def estimate(config: Any, opts: MemoryOptions) -> MemoryEstimate:
     base = _meta_model(config, dtype)
     notes = []
     if opts.method == "qlora":
-        mt.swap_linears(base, mt.meta_nf4_linear, lm_head_skip(opts.quantize_lm_head))
+        shared = torch.empty(256, device="meta") if opts.device == "cpu" else None  # see meta_nf4_linear
+        make = functools.partial(mt.meta_nf4_linear, nested_quant_map=shared)
+        mt.swap_linears(base, make, lm_head_skip(opts.quantize_lm_head))
     offload = mt.FakeHostOffload() if opts.offload_activations else None
     if opts.resolved_checkpointing():
         enable_checkpointing(base, offload=offload is not None, offload_hooks=offload)

@@ -134,9 +134,12 @@ def register_causal_sdpa() -> str:
     return CAUSAL_SDPA
 
 
-def meta_nf4_linear(linear: nn.Module, blocksize: int = 64) -> nn.Module:
+def meta_nf4_linear(linear: nn.Module, blocksize: int = 64, nested_quant_map: torch.Tensor | None = None) -> nn.Module:
     """A ``fastpeft.nn.NF4Linear`` on the meta device with the tensors ``quantize_nf4`` (double quantization)
-    would produce for ``linear.weight`` ``[out, in]``: packed codes, uint8 absmax, nested absmax, offset, maps."""
+    would produce for ``linear.weight`` ``[out, in]``: packed codes, uint8 absmax, nested absmax, offset, maps.
+
+    ``nested_quant_map``: one 256-entry map shared by every layer, as quantization on the CPU leaves it
+    (a cached tensor); on a GPU each layer gets its own copy (the default here)."""
     from fastpeft.nn import NF4Linear
     from fastpeft.quant import NF4Weight
 
@@ -149,7 +152,7 @@ def meta_nf4_linear(linear: nn.Module, blocksize: int = 64) -> nn.Module:
     w = NF4Weight(
         empty((n * k + 1) // 2, 1, dtype=torch.uint8), empty(blocks, dtype=torch.uint8), torch.Size((n, k)),
         linear.weight.dtype, blocksize, quant_map=empty(16), nested_absmax=empty(-(-blocks // NESTED_BLOCKSIZE)),
-        offset=empty(), nested_quant_map=empty(256),
+        offset=empty(), nested_quant_map=empty(256) if nested_quant_map is None else nested_quant_map,
     )  # fmt: skip
     bias = linear.bias.detach() if getattr(linear, "bias", None) is not None else None
     return NF4Linear(w, bias)

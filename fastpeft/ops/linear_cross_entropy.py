@@ -70,9 +70,7 @@ def _nf4_rows(nf4: NF4Args, v0: int, v1: int, dtype: torch.dtype) -> Tensor:
 
 def _logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     # In h's dtype (what eager F.linear returns), then float32: the rounding eager torch applies too.
-    z = torch.mm(h, w.t())
-    if b is not None:
-        z += b
+    z = torch.mm(h, w.t()) if b is None else torch.addmm(b, h, w.t())
     return z.float()
 
 
