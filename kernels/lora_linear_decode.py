@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import os
+import weakref
 
 import torch
 import triton
@@ -270,8 +271,26 @@ def decode_supported(x: torch.Tensor, nf4: NF4Args) -> bool:
         and nf4.blocksize >= BLOCK_K
         and packed.is_contiguous()
         and packed.data_ptr() % 16 == 0
-        and (nf4.quant_map is None or torch.equal(nf4.quant_map.float().cpu(), torch.tensor(NF4_CODE)))
+        and (nf4.quant_map is None or _is_nf4_codebook(nf4.quant_map))
     )
+
+
+_CODEBOOK_CHECKED: dict[int, tuple[int, bool]] = {}
+"""``id(code map) -> (its version counter, holds the NF4 values)``; an entry leaves with its tensor."""
+
+
+def _is_nf4_codebook(quant_map: torch.Tensor) -> bool:
+    """Whether a code map holds the NF4 values, compared once per tensor (and again after an in-place change):
+    comparing a CUDA tensor waits for the device, which must not happen on every forward."""
+    key = id(quant_map)
+    seen = _CODEBOOK_CHECKED.get(key)
+    if seen is not None and seen[0] == quant_map._version:
+        return seen[1]
+    same = quant_map.numel() == 16 and torch.equal(quant_map.detach().float().cpu(), torch.tensor(NF4_CODE))
+    if seen is None:
+        weakref.finalize(quant_map, _CODEBOOK_CHECKED.pop, key, None)
+    _CODEBOOK_CHECKED[key] = (quant_map._version, same)
+    return same
 
 
 def _block_m(m: int) -> int:

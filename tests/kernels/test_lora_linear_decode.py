@@ -234,3 +234,19 @@ def test_dequantize_once_scratch_is_one_buffer_of_the_largest_layer(monkeypatch)
 def test_cuda_bf16_decode_matches_oracle(m, dq):
     # the inline-PTX permute path, on real hardware, at a Llama-sized K
     _check(m, 4096, 1000, 16, dq, 64, torch.bfloat16, where=f"cuda M={m}")
+
+
+def test_codebook_check_runs_once_per_tensor(monkeypatch):
+    # comparing a device tensor synchronizes: the decode dispatch compares each code map once
+    qmap = torch.tensor(NF4_CODE)
+    assert D._is_nf4_codebook(qmap)
+    calls = []
+    monkeypatch.setattr(D.torch, "equal", lambda *a: calls.append(a) or True)
+    assert D._is_nf4_codebook(qmap) and not calls
+    qmap[3] = 0.5  # an in-place change is seen again
+    monkeypatch.undo()
+    assert not D._is_nf4_codebook(qmap)
+    assert not D._is_nf4_codebook(torch.linspace(-1, 1, 16))
+    n = len(D._CODEBOOK_CHECKED)
+    del qmap
+    assert len(D._CODEBOOK_CHECKED) < n  # the entry left with its tensor
