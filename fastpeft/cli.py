@@ -11,8 +11,10 @@ checkpoint. ``fastpeft quantize`` writes an NF4 checkpoint transformers + bitsan
 ``--model`` takes a transformers checkpoint directory or a GGUF file (with the ``gguf`` extra).
 
 Bad input (missing or incomplete model directory, malformed data, unknown method or module, ...) ends
-with one line on stderr and exit status 2; output directories are only created or replaced once all
-the work succeeded. Ctrl-C (SIGINT) or SIGTERM during training writes a checkpoint at the end of the
+with one line on stderr and exit status 2, as does a failed write (read-only or full disk); output
+directories are only created or replaced once all the work succeeded. A loss, gradient or update that
+stops being finite ends training with one line naming the step and the likely cause, exit status 3; the
+last good checkpoint stays. Ctrl-C (SIGINT) or SIGTERM during training writes a checkpoint at the end of the
 step in progress and exits with 128 + the signal's number; ``--resume`` continues from it.
 """
 
@@ -34,6 +36,7 @@ import torch
 __all__ = ["main"]
 
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")  # fmt: skip
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -213,6 +216,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_object(path: Path) -> dict:
+    """``path``'s JSON object, or a ``ValueError`` naming the file."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(f"{path}: not valid JSON ({type(e).__name__})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from fastpeft import loading
     from fastpeft.peft import PeftModel
@@ -222,10 +236,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     cfg_path = adapter / "adapter_config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{adapter}: no adapter_config.json")
-    try:
-        peft_type = json.loads(cfg_path.read_text(encoding="utf-8")).get("peft_type")
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e.msg})") from None
+    peft_type = _json_object(cfg_path).get("peft_type")
     if peft_type != "LORA":
         raise ValueError(f"{cfg_path}: merging applies to LoRA adapters only, this one is {peft_type!r}")
     config = loading.load_config(args.model)
@@ -233,7 +244,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     trained_on_nf4 = prequantized
     train_cfg = adapter / "train_config.json"
     if train_cfg.is_file():
-        trained_on_nf4 = trained_on_nf4 or json.loads(train_cfg.read_text(encoding="utf-8")).get("method") == "qlora"
+        trained_on_nf4 = trained_on_nf4 or _json_object(train_cfg).get("method") == "qlora"
     if args.onto_original and prequantized:
         raise ValueError(f"--onto-original: {args.model} holds only the 4-bit weights, not the originals")
     quantize = trained_on_nf4 and not args.onto_original
@@ -274,7 +285,8 @@ def cmd_memory(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``fastpeft`` command line; returns the exit status (0 ok, 2 bad input)."""
+    """Run the ``fastpeft`` command line; returns the exit status (0 ok, 2 bad input or a failed write,
+    3 training diverged, 128 + N stopped by signal N)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="fastpeft: %(message)s")
     logging.getLogger("fastpeft.train").setLevel(logging.INFO)  # the run-length estimate, method notices
@@ -282,10 +294,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "memory": cmd_memory}  # fmt: skip
     try:
         return commands[args.command](args)
-    except (ValueError, FileNotFoundError, NotADirectoryError, ImportError) as e:
+    except (ValueError, OSError, ImportError) as e:  # OSError: missing files, a read-only or full disk, ...
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"fastpeft {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RuntimeError as e:
+        from fastpeft.train import TrainingDiverged
+
+        if not isinstance(e, TrainingDiverged):
+            raise
+        print(f"fastpeft {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
     except KeyboardInterrupt as e:
         from fastpeft.train import TrainingInterrupted
 

@@ -111,10 +111,20 @@ def load_config(model_dir: str | os.PathLike) -> Any:
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir}: no config.json (not a transformers checkpoint)")
+    path = model_dir / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nested too deep
+        raise ValueError(f"{path}: unreadable config ({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    if not isinstance(raw.get("quantization_config", {}), dict):
+        # transformers fails on it with an AttributeError deep inside
+        raise ValueError(f"{path}: quantization_config must be an object, got {raw['quantization_config']!r:.80}")
     try:
         return transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
-    except (ValueError, KeyError, OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{model_dir / 'config.json'}: unsupported or unreadable config ({_first_line(e)})") from None
+    except (ValueError, KeyError, OSError, AttributeError, TypeError) as e:
+        raise ValueError(f"{path}: unsupported or unreadable config ({_first_line(e)})") from None
 
 
 def load_tokenizer(model_dir: str | os.PathLike) -> Any:
@@ -169,7 +179,12 @@ def is_prequantized(config: Any) -> bool:
     q = getattr(config, "quantization_config", None)
     if q is None:
         return False
-    q = q if isinstance(q, dict) else q.to_dict()
+    if not isinstance(q, dict):
+        if not callable(getattr(q, "to_dict", None)):
+            where = getattr(config, "_name_or_path", None) or "the model config"
+            where = Path(where) / "config.json" if Path(where).is_dir() else where
+            raise ValueError(f"{where}: quantization_config must be an object, got {q!r:.80}")
+        q = q.to_dict()
     if q.get("quant_method") == "bitsandbytes" and q.get("load_in_4bit") and q.get("bnb_4bit_quant_type") == "nf4":
         return True
     raise ValueError(f"unsupported quantization_config {json.dumps(q, sort_keys=True)[:200]} (only bitsandbytes NF4)")

@@ -10,7 +10,10 @@ tensors, optimizer and RNG states as safetensors, step / data position / losses 
 are written into a temporary directory and renamed into place; ``resume=True`` continues from one and
 reproduces the uninterrupted run's losses exactly. SIGINT (Ctrl-C) or SIGTERM during training ends the
 step in progress, writes a checkpoint of it and raises ``TrainingInterrupted``; a second SIGINT stops at
-once. Nothing is ever unpickled.
+once. A loss or gradient that stops being finite is caught before the update (the step's one host sync
+comes first), an update that makes the weights non-finite before any checkpoint: ``TrainingDiverged``
+names the step and the likely cause, and the last good checkpoint stays. Checkpoints are read back by
+``fastpeft.checkpoint``, which checks every field first. Nothing is ever unpickled.
 
 After the first steps one log line (logger ``fastpeft.train``, level INFO) estimates the run's length.
 The embedded demo writes its base model into ``out/base_model`` (it is tiny) and records that path as
@@ -40,6 +43,7 @@ from torch import nn
 
 from fastpeft import data as fdata
 from fastpeft import loading
+from fastpeft.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fastpeft.files import fsync_files, share_permissions
 from fastpeft.savers import causal_lm_loss, enable_checkpointing, lm_head_skip
 
@@ -47,6 +51,7 @@ __all__ = [
     "METHODS",
     "Checkpoint",
     "TrainConfig",
+    "TrainingDiverged",
     "TrainingInterrupted",
     "build_embedded_model",
     "default_lr",
@@ -97,6 +102,21 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
         super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint written to {checkpoint}")
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+class TrainingDiverged(RuntimeError):
+    """Training stopped because the loss, the gradients or the updated weights stopped being finite.
+
+    Nothing of the failed step is written: the last good checkpoint and any earlier results stay.
+
+    Attributes:
+        step: the optimizer step that failed (1-based).
+        checkpoint: the step of the last good checkpoint left in ``out/checkpoint``, or None.
+    """
+
+    def __init__(self, message: str, step: int, checkpoint: int | None) -> None:
+        super().__init__(message)
+        self.step, self.checkpoint = step, checkpoint
 
 
 @dataclass
@@ -316,126 +336,6 @@ def _setup(cfg: TrainConfig, device: torch.device, method: str) -> tuple[Any, An
     return tokenizer, model, batches
 
 
-# -- checkpoints -------------------------------------------------------------------------------------
-
-_CKPT_FILES = ("adapter_state.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer_state.json")
-
-
-def save_checkpoint(
-    directory: Path,
-    named: list[tuple[str, nn.Parameter]],
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    device: torch.device,
-    **trainer_state: Any,
-) -> None:
-    """Write a complete checkpoint next to ``directory`` and rename it into place (the old one goes last)."""
-    from safetensors.torch import save_file
-
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-tmp-", dir=directory.parent))
-    try:
-        save_file({n: p.detach().to("cpu").contiguous() for n, p in named}, str(tmp / _CKPT_FILES[0]))
-        opt = optimizer.state_dict()
-        tensors, scalars = {}, {}
-        for idx, st in opt["state"].items():
-            for k, v in st.items():
-                if isinstance(v, torch.Tensor):
-                    tensors[f"{idx}.{k}"] = v.detach().to("cpu").contiguous()
-                else:
-                    scalars[f"{idx}.{k}"] = v
-        save_file(tensors, str(tmp / _CKPT_FILES[1]))
-        rng = {"cpu": torch.get_rng_state()}
-        if device.type == "cuda":
-            rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-        save_file(rng, str(tmp / _CKPT_FILES[2]))
-        meta = dict(
-            trainer_state,
-            param_names=[n for n, _ in named],
-            optimizer_param_groups=opt["param_groups"],
-            optimizer_scalars=scalars,
-            scheduler=scheduler.state_dict(),
-        )
-        (tmp / _CKPT_FILES[3]).write_text(json.dumps(meta, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-        fsync_files(tmp)
-        share_permissions(tmp)
-        old = directory.parent / f".checkpoint-old-{os.getpid()}"
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-@dataclass
-class Checkpoint:
-    """A checkpoint read back by ``load_checkpoint`` (all tensors on the CPU)."""
-
-    directory: Path
-    meta: dict[str, Any]
-    params: dict[str, torch.Tensor]
-    optimizer_tensors: dict[str, torch.Tensor]
-    rng: dict[str, torch.Tensor]
-
-    def restore(
-        self,
-        named: list[tuple[str, nn.Parameter]],
-        optimizer: torch.optim.Optimizer,
-        scheduler: Any,
-        device: torch.device,
-    ) -> None:
-        """Load the trainable tensors, optimizer, scheduler and RNG states into a freshly set-up run."""
-        names = [n for n, _ in named]
-        if names != self.meta["param_names"] or set(names) != set(self.params):
-            diff = set(names) ^ set(self.params)
-            raise ValueError(
-                f"{self.directory}: the checkpoint's trainable tensors differ from this run's: "
-                f"{loading._names(diff) if diff else 'order'}"
-            )
-        with torch.no_grad():
-            for n, p in named:
-                if self.params[n].shape != p.shape:
-                    raise ValueError(
-                        f"{self.directory}: {n} has shape {tuple(self.params[n].shape)}, expected {tuple(p.shape)}"
-                    )
-                p.copy_(self.params[n])
-        state: dict[int, dict[str, Any]] = {}
-        for key, t in self.optimizer_tensors.items():
-            idx, _, k = key.partition(".")
-            state.setdefault(int(idx), {})[k] = t
-        for key, v in self.meta["optimizer_scalars"].items():
-            idx, _, k = key.partition(".")
-            state.setdefault(int(idx), {})[k] = v
-        optimizer.load_state_dict({"state": state, "param_groups": self.meta["optimizer_param_groups"]})
-        scheduler.load_state_dict(self.meta["scheduler"])
-        torch.set_rng_state(self.rng["cpu"])
-        if device.type == "cuda":
-            torch.cuda.set_rng_state_all(
-                [self.rng[f"cuda.{i}"] for i in range(torch.cuda.device_count()) if f"cuda.{i}" in self.rng]
-            )
-
-
-def load_checkpoint(directory: Path) -> Checkpoint:
-    """Read ``directory`` as written by ``save_checkpoint`` (safetensors and JSON only).
-
-    Raises:
-        FileNotFoundError: a checkpoint file is missing.
-        ValueError: a file is unreadable.
-    """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    for name in _CKPT_FILES:
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory}: incomplete checkpoint, {name} is missing")
-    try:
-        meta = json.loads((directory / _CKPT_FILES[3]).read_text(encoding="utf-8"))
-        tensors = [load_file(str(directory / name)) for name in _CKPT_FILES[:3]]
-    except (SafetensorError, json.JSONDecodeError, OSError) as e:
-        raise ValueError(f"{directory}: unreadable checkpoint ({e})") from None
-    return Checkpoint(directory, meta, *tensors)
-
-
 # -- results ------------------------------------------------------------------------------------------
 
 
@@ -459,6 +359,8 @@ def _write_results(
 ) -> None:
     """Adapter files, metrics, config (and ``base``, the embedded base model, with its tokenizer) into a
     temporary directory, then each renamed into ``out``."""
+    from safetensors import SafetensorError
+
     tmp = Path(tempfile.mkdtemp(prefix=".final-tmp-", dir=out))
     try:
         model.save_pretrained(tmp)
@@ -474,6 +376,8 @@ def _write_results(
             os.replace(tmp / BASE_MODEL_DIR, out / BASE_MODEL_DIR)
         for name in _OUTPUT_FILES:
             os.replace(tmp / name, out / name)
+    except SafetensorError as e:  # how safetensors reports a failed write (a full disk, ...)
+        raise OSError(f"{out}: cannot write the results ({e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -512,6 +416,53 @@ def _stop_requests() -> Iterator[list[int]]:
             signal.signal(s, h)
 
 
+class _NonFinite(Exception):
+    def __init__(self, what: str, value: str) -> None:
+        super().__init__(f"{what} became {value}")
+        self.what, self.value = what, value
+
+
+def _diverged(
+    cfg: TrainConfig, step: int, what: str, value: str, last_saved: int | None, out: Path
+) -> TrainingDiverged:
+    """The error for a step whose loss, gradients or update stopped being finite, with its likely cause."""
+    if step == 1 and what in ("the loss", "the gradient norm"):
+        cause = "the base model's outputs overflow (its weights, or 16-bit activations) on this data"
+    else:
+        cause = f"a learning rate too high for this model (--lr {cfg.lr:g}): lower it or raise --warmup-steps"
+    kept = f"the checkpoint of step {last_saved} in {out / 'checkpoint'} is kept" if last_saved else "nothing saved"
+    message = f"step {step}: {what} became {value}; training stopped ({kept}). Likely cause: {cause}"
+    return TrainingDiverged(message, step, last_saved)
+
+
+def _all_finite(params: list[nn.Parameter]) -> bool:
+    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    """Flags a float or a big int could break: named, before anything is loaded."""
+    for flag, value in (("--lr", cfg.lr), ("--epochs", cfg.epochs)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} must be a positive finite number, got {value}")
+    if not math.isfinite(cfg.alpha):
+        raise ValueError(f"--alpha must be a finite number, got {cfg.alpha}")
+    if not 0 <= cfg.dropout < 1:
+        raise ValueError(f"--dropout must be in [0, 1), got {cfg.dropout}")
+    if not 0 <= cfg.seed < 2**63:
+        raise ValueError(f"--seed must be in [0, 2**63), got {cfg.seed}")
+    if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
+        raise ValueError(f"--warmup-steps must be at least 0, got {cfg.warmup_steps}")
+
+
+def _check_writable(out: Path) -> None:
+    """``--out`` (or the nearest folder above it that exists) must be writable: fail before the work."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {existing} is not writable")
+
+
 def _train_step(
     model: Any,
     stream: Iterator,
@@ -537,10 +488,21 @@ def _train_step(
         # Token-weighted mean over the accumulated micro-batches (not a mean of means).
         (loss * (n / n_total)).backward()
         loss_sum += loss.detach().float() * (n / n_total)
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    # The step's one host sync, before the update: a non-finite loss or gradient never reaches the weights.
+    loss, norm = torch.stack((loss_sum, grad_norm.float().to(device))).tolist()
+    for what, value in (("the loss", loss), ("the gradient norm", norm)):
+        if not math.isfinite(value):
+            optimizer.zero_grad(set_to_none=True)
+            raise _NonFinite(what, str(value))
+    try:
+        optimizer.step()
+    except RuntimeError as e:  # a step size beyond float32 (an enormous learning rate)
+        if "overflow" not in str(e):
+            raise
+        raise _NonFinite("the update", "too large for float32") from None
     optimizer.zero_grad(set_to_none=True)
-    return float(loss_sum), epoch, index, tokens  # float(): the step's one host sync
+    return loss, epoch, index, tokens
 
 
 def _estimate(marks: list[float], left: int, total: int) -> bool:
@@ -572,6 +534,10 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
 
     Raises:
         ValueError / FileNotFoundError: bad input, reported before ``cfg.out`` is touched.
+        TrainingDiverged: the loss, the gradients or the updated weights stopped being finite; nothing
+            of that step is written (the last good checkpoint stays).
+        TrainingInterrupted: SIGINT / SIGTERM, after a checkpoint of the last step.
+        OSError: writing into ``cfg.out`` failed (a full disk, ...).
     """
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -586,10 +552,10 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
         raise ValueError(f"--max-steps must be at least 1, got {cfg.max_steps}")
     if cfg.lr is None:
         cfg = replace(cfg, lr=default_lr(method, cfg.model is None))
-    if cfg.lr <= 0 or cfg.epochs <= 0 or not 0 <= cfg.dropout < 1:
-        raise ValueError("--lr and --epochs must be positive and --dropout in [0, 1)")
+    _check_numbers(cfg)
     _check_out(cfg)
     out = Path(cfg.out)
+    _check_writable(out)
     state = load_checkpoint(out / "checkpoint") if cfg.resume else None
     cfg_dict = {k: v for k, v in asdict(cfg).items() if k not in ("out", "resume", "overwrite", "progress")}
     cfg_dict["method"] = method
@@ -607,6 +573,15 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
     default_steps = 60 if cfg.model is None and cfg.data is None else by_epochs
     total = cfg.max_steps or default_steps
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(10, total // 10)
+    if state is not None:
+        m = state.meta
+        if m["step"] > total:
+            raise ValueError(f"--resume: the checkpoint is at step {m['step']}, past this run's {total} steps")
+        if m["index"] > batches.batches_per_epoch:
+            raise ValueError(
+                f"--resume: the checkpoint's data position (batch {m['index']} of epoch {m['epoch']}) is past the "
+                f"{batches.batches_per_epoch} batches an epoch of this data"
+            )
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
@@ -637,12 +612,17 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
     model.train()
     # Log lines (the estimate, a signal's notice) go above the progress bar, not through it.
     redirect = logging_redirect_tqdm() if cfg.progress else contextlib.nullcontext()
+    last_saved = step if state is not None else None
     with _stop_requests() as stop, redirect:
         while step < total:
             t0 = time.perf_counter()
-            step_loss, epoch, index, n_tokens = _train_step(
-                model, stream, cfg.grad_accum, params, optimizer, device, cfg.chunked_loss
-            )
+            try:
+                step_loss, epoch, index, n_tokens = _train_step(
+                    model, stream, cfg.grad_accum, params, optimizer, device, cfg.chunked_loss
+                )
+            except _NonFinite as e:
+                bar.close()
+                raise _diverged(cfg, step + 1, e.what, e.value, last_saved, out) from None
             scheduler.step()
             tokens += n_tokens
             seconds += time.perf_counter() - t0
@@ -658,13 +638,19 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
                              seconds=seconds)  # fmt: skip
             saved = step % cfg.save_steps == 0 or step == total
             if saved:
+                if not _all_finite(params):  # a checkpoint never holds weights an update made non-finite
+                    bar.close()
+                    raise _diverged(cfg, step, "the updated adapter weights", "non-finite", last_saved, out)
                 save_checkpoint(out / "checkpoint", named, optimizer, scheduler, device, **state_now)
+                last_saved = step
             if callback is not None:
                 callback(step, step_loss)
             if stop and step < total:  # a signal arrived: the step is done, keep it and stop
-                if not saved:
-                    save_checkpoint(out / "checkpoint", named, optimizer, scheduler, device, **state_now)
                 bar.close()
+                if not saved:
+                    if not _all_finite(params):
+                        raise _diverged(cfg, step, "the updated adapter weights", "non-finite", last_saved, out)
+                    save_checkpoint(out / "checkpoint", named, optimizer, scheduler, device, **state_now)
                 raise TrainingInterrupted(stop[0], step, out / "checkpoint")
             marks.append(time.perf_counter())
             estimated = estimated or _estimate(marks, total - step, total)

@@ -42,7 +42,11 @@ _BOOKKEEPING = frozenset(
 
 
 def write_adapter_dir(directory: str | os.PathLike, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """Write ``config`` and ``tensors`` as an adapter directory, atomically per file (see module doc)."""
+    """Write ``config`` and ``tensors`` as an adapter directory, atomically per file (see module doc).
+
+    Raises:
+        OSError: a file cannot be written (the directory keeps its previous adapter).
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory))
@@ -51,7 +55,10 @@ def write_adapter_dir(directory: str | os.PathLike, config: dict[str, Any], tens
         plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
         text = json.dumps(config, indent=2, sort_keys=True) + "\n"
         metadata = {"format": "pt", SAVED_CONFIG_KEY: json.dumps(config, sort_keys=True)}
-        save_file(plain, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        try:
+            save_file(plain, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        except SafetensorError as e:  # how safetensors reports a failed write (a full disk, ...)
+            raise OSError(f"{directory / WEIGHTS_NAME}: cannot write the adapter ({e})") from None
         (tmp / CONFIG_NAME).write_text(text, encoding="utf-8")
         fsync_files(tmp)
         share_permissions(tmp)  # safetensors creates its file owner-only

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,17 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     bad_data.write_text('{"text": "fine"}\n\n{"text": "also fine"}\n{"prompt": "no completion"}\n')
     not_json = root / "not_json.jsonl"
     not_json.write_text('{"text": "fine"}\n{"text": oops}\n')
+    latin1 = root / "latin1.jsonl"
+    latin1.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    quant_str = root / "quant_str"
+    quant_str.mkdir()
+    for f in ("model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        (quant_str / f).write_bytes((model / f).read_bytes())
+    config = json.loads((model / "config.json").read_text())
+    (quant_str / "config.json").write_text(json.dumps({**config, "quantization_config": "nf4"}))
     return {
+        "latin1": latin1,
+        "quant_str": quant_str,
         "model": model,
         "no_weights": no_weights,
         "truncated": truncated,
@@ -97,6 +108,19 @@ def previous_out(tmp_path: Path) -> Path:
         ("alien", ("no-such-architecture",)),
         ("vision", ("cannot build a causal LM", "vit")),
         ("zero_steps", ("--max-steps must be at least 1",)),
+        ("data_dir", ("is a directory, not a JSONL file",)),
+        ("latin1", ("latin1.jsonl:2: not UTF-8 text (byte 0xe9 at column 14)",)),
+        ("dev_zero", ("/dev/zero:1: line longer than",)),
+        ("lr_nan", ("--lr must be a positive finite number, got nan",)),
+        ("lr_inf", ("--lr must be a positive finite number, got inf",)),
+        ("epochs_inf", ("--epochs must be a positive finite number, got inf",)),
+        ("epochs_nan", ("--epochs must be a positive finite number, got nan",)),
+        ("alpha_nan", ("--alpha must be a finite number, got nan",)),
+        ("alpha_inf", ("--alpha must be a finite number, got inf",)),
+        ("seed", ("--seed must be in [0, 2**63), got 18446744073709551616",)),
+        ("warmup", ("--warmup-steps must be at least 0, got -5",)),
+        ("quant_str", ("quant_str/config.json: quantization_config must be an object, got 'nf4'",)),
+        ("huge_r", ("LoRA with r=1000000000 on 14 layers needs", "GiB, more than")),
     ],
 )
 def test_finetune_bad_input(
@@ -114,6 +138,19 @@ def test_finetune_bad_input(
         "alien": {"--model": str(tiny["alien"])},
         "vision": {"--model": str(tiny["vision"])},
         "zero_steps": {"--max-steps": "0"},
+        "data_dir": {"--data": str(tiny["data"].parent)},
+        "latin1": {"--data": str(tiny["latin1"])},
+        "dev_zero": {"--data": "/dev/zero"},
+        "lr_nan": {"--lr": "nan"},
+        "lr_inf": {"--lr": "inf"},
+        "epochs_inf": {"--epochs": "inf"},
+        "epochs_nan": {"--epochs": "nan"},
+        "alpha_nan": {"--alpha": "nan"},
+        "alpha_inf": {"--alpha": "inf"},
+        "seed": {"--seed": str(2**64)},
+        "warmup": {"--warmup-steps": "-5"},
+        "quant_str": {"--model": str(tiny["quant_str"])},
+        "huge_r": {"--r": "1000000000"},
     }[case]
     _run_bad(_ft(tiny, previous_out, **over) + ["--overwrite"], previous_out, capsys, *expect)
     # Into a fresh --out: nothing is created.
@@ -247,3 +284,189 @@ def _byte_tokenizer():  # noqa: ANN202 - a transformers tokenizer
     from fastpeft.data import byte_tokenizer
 
     return byte_tokenizer()
+
+
+# -- faults while training, corrupt checkpoints --------------------------------------------------------
+
+
+def _run_failing(argv: list[str], capsys: pytest.CaptureFixture[str], status: int, *expect: str) -> str:
+    assert main(argv) == status, f"expected exit status {status} for {argv}"
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err, f"expected one line on stderr, got:\n{err}"
+    for text in expect:
+        assert text in err, f"{text!r} not in the message: {err}"
+    return err
+
+
+def _state(out: Path) -> dict:
+    return json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+
+
+def test_unwritable_out_is_refused_before_training(
+    tiny: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    real_access = os.access
+    # A read-only filesystem answers access(W_OK) with EROFS; as root, chmod cannot make one here.
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != tmp_path and real_access(p, mode, **kw))
+    out = tmp_path / "out"
+    _run_bad(_ft(tiny, out), out, capsys, f"--out {out}: {tmp_path} is not writable")
+
+
+def test_a_failed_checkpoint_write_keeps_the_previous_checkpoint(
+    tiny: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    real_save, calls = safetensors.torch.save_file, []
+
+    def disk_full_at_step_2(tensors, filename, *args, **kwargs):  # noqa: ANN001, ANN202 - save_file's signature
+        calls.append(filename)
+        if len(calls) > 3:  # three files a checkpoint: the second checkpoint finds the disk full
+            raise SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full_at_step_2)
+    out = tmp_path / "out"
+    _run_failing(_ft(tiny, out, **{"--max-steps": "2", "--save-steps": "1"}), capsys, 2,
+                 "adapter_state.safetensors: cannot write the checkpoint", "No space left")  # fmt: skip
+    assert _state(out)["step"] == 1, "the last good checkpoint was lost"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint"], "partial results or temporary files were left"
+    monkeypatch.undo()
+    assert main(_ft(tiny, out, **{"--max-steps": "2", "--save-steps": "1"}) + ["--resume"]) == 0
+    assert len(json.loads((out / "metrics.json").read_text())["losses"]) == 2
+
+
+def test_a_diverging_run_stops_with_the_step_and_keeps_the_last_good_checkpoint(
+    tiny: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from safetensors.torch import load_file
+
+    out = tmp_path / "out"
+    argv = _ft(tiny, out, **{"--max-steps": "6", "--save-steps": "1", "--lr": "1e30", "--warmup-steps": "0"})
+    err = _run_failing(argv, capsys, 3, "training stopped", "Likely cause: a learning rate too high", "--lr 1e+30")
+    failed = int(err.split("step ", 1)[1].split(":", 1)[0])
+    assert failed >= 2 and f"the checkpoint of step {failed - 1} in" in err, err
+    state = _state(out)
+    assert state["step"] == failed - 1 and all(map(math.isfinite, state["losses"])), state["losses"]
+    adapter = load_file(str(out / "checkpoint" / "adapter_state.safetensors"))
+    assert all(bool(t.isfinite().all()) for t in adapter.values()), "the kept checkpoint holds non-finite weights"
+    assert not (out / "metrics.json").exists() and not (out / "adapter_model.safetensors").exists()
+    # An update too large for float32 is caught at the first step, before anything is saved.
+    out = tmp_path / "out2"
+    argv = _ft(tiny, out, **{"--max-steps": "2", "--save-steps": "1", "--lr": "1e300", "--warmup-steps": "0"})
+    _run_failing(argv, capsys, 3, "step 1: the update became too large for float32", "nothing saved", "--lr 1e+300")
+    assert not (out / "checkpoint").exists()
+
+
+def test_weights_an_update_made_non_finite_are_never_saved(
+    tiny: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def nan_at_step_2(self, *args, **kwargs):  # noqa: ANN001, ANN202 - Optimizer.step's signature
+        out = real_step(self, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0][0] = float("nan")
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", nan_at_step_2)
+    out = tmp_path / "out"
+    _run_failing(_ft(tiny, out, **{"--max-steps": "3", "--save-steps": "1"}), capsys, 3,
+                 "step 2: the updated adapter weights became non-finite", "the checkpoint of step 1")  # fmt: skip
+    assert _state(out)["step"] == 1 and not (out / "metrics.json").exists()
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run stopped after 2 of 4 steps: its checkpoint, to corrupt."""
+    out = tmp_path_factory.mktemp("ckpt") / "out"
+    assert main(_ft(tiny, out, **{"--max-steps": "2", "--save-steps": "1"})) == 0
+    return out
+
+
+def _edit_state(ckpt: Path, edit) -> None:  # noqa: ANN001 - a callable on the state dict
+    path = ckpt / "trainer_state.json"
+    state = json.loads(path.read_text())
+    path.write_text(json.dumps(edit(state)))
+
+
+def _edit_tensors(ckpt: Path, name: str, key: str, value) -> None:  # noqa: ANN001 - a tensor
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(ckpt / name))
+    tensors[key] = value
+    save_file(tensors, str(ckpt / name))
+
+
+def _without(key: str):  # noqa: ANN202 - a state edit
+    return lambda s: {k: v for k, v in s.items() if k != key}
+
+
+@pytest.mark.parametrize(
+    ("case", "expect"),
+    [
+        ("list", ("trainer_state.json: expected a JSON object, got list",)),
+        ("no_step", ("trainer_state.json: 'step' must be a non-negative int, got 'nothing'",)),
+        ("no_config", ("trainer_state.json: 'config' must be an object, got missing",)),
+        ("step_two", ("trainer_state.json: 'step' must be a non-negative int, got 'two'",)),
+        ("step_float", ("trainer_state.json: 'step' must be a non-negative int, got 1000000.0",)),
+        ("no_losses", ("trainer_state.json: 'losses' must hold one finite number per step (2), got 0 values",)),
+        ("past_total", ("--resume: the checkpoint is at step 6, past this run's 4 steps",)),
+        ("deep", ("trainer_state.json: unreadable checkpoint state (RecursionError",)),
+        ("rng", ("rng.safetensors: RNG state 'cpu' is torch.uint8 (100,), expected uint8 (5056,)",)),
+        ("optimizer", ("optimizer.safetensors: 0.exp_avg has shape (3, 5), parameter 0 is",)),
+        ("truncated", ("optimizer.safetensors: unreadable checkpoint file",)),
+    ],
+)
+def test_corrupt_checkpoints_are_named_on_resume(
+    tiny: dict[str, Path], good_checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    case: str, expect: tuple[str, ...],
+) -> None:  # fmt: skip
+    import shutil
+
+    import torch
+
+    out = tmp_path / "out"
+    shutil.copytree(good_checkpoint, out)
+    ckpt = out / "checkpoint"
+    if case == "list":
+        (ckpt / "trainer_state.json").write_text("[1, 2]")
+    elif case == "deep":
+        (ckpt / "trainer_state.json").write_text("[" * 100_000 + "]" * 100_000)
+    elif case == "truncated":
+        data = (ckpt / "optimizer.safetensors").read_bytes()
+        (ckpt / "optimizer.safetensors").write_bytes(data[: len(data) // 2])
+    elif case == "rng":
+        _edit_tensors(ckpt, "rng.safetensors", "cpu", torch.zeros(100, dtype=torch.uint8))
+    elif case == "optimizer":
+        _edit_tensors(ckpt, "optimizer.safetensors", "0.exp_avg", torch.zeros(3, 5))
+    else:
+        _edit_state(ckpt, {
+            "no_step": _without("step"),
+            "no_config": _without("config"),
+            "step_two": lambda s: {**s, "step": "two"},
+            "step_float": lambda s: {**s, "step": 1e6},
+            "no_losses": lambda s: {**s, "losses": []},
+            "past_total": lambda s: {**s, "step": 6, "losses": s["losses"] * 3,
+                                     "scheduler": {**s["scheduler"], "last_epoch": 6}},
+        }[case])  # fmt: skip
+    _run_bad(_ft(tiny, out, **{"--max-steps": "4", "--save-steps": "1"}) + ["--resume"], out, capsys, *expect)
+
+
+def test_merge_names_a_config_that_is_not_an_object(
+    tiny: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    out = tmp_path / "merged"
+    for text, message in (("[1]", "expected a JSON object, got list"), ("[" * 100_000 + "]" * 100_000, "not valid")):
+        (adapter / "adapter_config.json").write_text(text)
+        args = ["merge", "--model", str(tiny["model"]), "--adapter", str(adapter), "--out", str(out)]
+        _run_bad(args, out, capsys, f"{adapter / 'adapter_config.json'}: {message}")
