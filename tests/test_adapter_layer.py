@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from conftest import INTERPRET, assert_close
 
 from fastpeft.nn import BottleneckAdapter
+from fastpeft.ops.adapter import bottleneck_adapter
 
 TORCH_ACTS = {
     "relu": F.relu,
@@ -70,6 +71,9 @@ def test_non_finite_scaling_and_integer_inputs_are_refused():
     for h in (torch.randint(-3, 3, (2, 16)), torch.ones(2, 16, dtype=torch.bool)):
         with pytest.raises(TypeError, match=f"floating-point tensor, got {h.dtype}"):
             BottleneckAdapter(16, 4)(h)
+    a = BottleneckAdapter(16, 4)
+    with pytest.raises(TypeError, match="w_up must be a floating-point tensor, got torch.int64"):
+        bottleneck_adapter(torch.randn(2, 16), a.down.weight, a.down.bias, a.up.weight.long(), a.up.bias, 1.0, "relu")
 
 
 def test_empty_batch_passes_through():

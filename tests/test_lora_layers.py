@@ -13,7 +13,7 @@ from torch import nn
 
 from fastpeft.kernels import reference
 from fastpeft.nn import LoraLinear, NF4Linear
-from fastpeft.ops.lora import lora_linear, lora_linear_fwd, make_dropout_mask
+from fastpeft.ops.lora import lora_linear, lora_linear_fwd, make_dropout_mask, nf4_linear
 
 peft = pytest.importorskip("peft")
 
@@ -282,6 +282,14 @@ def test_integer_and_bool_inputs_are_refused(quantized):
     for x in (torch.randint(-3, 3, (2, 64)), torch.ones(2, 64, dtype=torch.bool)):
         with pytest.raises(TypeError, match=f"floating-point tensor, got {x.dtype}"):
             layer(x)
+    # The ops themselves: integer operands would run the reference math in integers.
+    x, w, bias, a, b = _operands(2, 64, 32, 4, seed=5)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got torch.int64"):
+        lora_linear(x.long(), w, bias, a, b, 1.0)
+    with pytest.raises(TypeError, match="lora_b must be a floating-point tensor, got torch.int32"):
+        lora_linear(x, w, bias, a, b.int(), 1.0)
+    with pytest.raises(TypeError, match="x must be a floating-point tensor, got torch.bool"):
+        nf4_linear(x.bool(), None, NF4Linear.from_linear(base).kernel_args())
 
 
 def test_failed_move_halfway_leaves_the_layer_as_it_was():

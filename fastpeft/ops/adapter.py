@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from fastpeft.kernels import reference
+from fastpeft.ops._checks import check_floating
 from fastpeft.ops._dispatch import use_triton
 
 __all__ = ["ACTIVATION_ALIASES", "bottleneck_adapter", "canonical_activation"]
@@ -171,7 +172,11 @@ def bottleneck_adapter(
 
     Returns:
         ``[..., H]`` in h's dtype.
+
+    Raises:
+        TypeError: an operand that is not a floating tensor.
     """
+    check_floating(h=h, w_down=w_down, b_down=b_down, w_up=w_up, b_up=b_up, residual=residual)
     act = canonical_activation(activation)
     hidden = h.shape[-1]
     # flattening the leading dims copies only when h is not viewable as [M, H]

@@ -23,6 +23,7 @@ import torch
 
 from fastpeft.kernels import reference
 from fastpeft.kernels.formats import FLOAT_DTYPES, NESTED_BLOCKSIZE, NF4Args
+from fastpeft.ops._checks import check_floating
 from fastpeft.ops._dispatch import use_triton
 
 __all__ = ["lora_linear", "make_dropout_mask", "nf4_linear"]
@@ -239,11 +240,13 @@ def lora_linear(
         ``[..., N]`` in x's dtype.
 
     Raises:
+        TypeError: an operand that is not a floating tensor (integers would be computed as integers).
         ValueError: neither or both of ``weight`` and ``nf4``; ``dropout_p`` outside [0, 1); mis-shaped ``x``;
             a ``weight`` that requires grad (the base is frozen).
     """
     if (weight is None) == (nf4 is None):
         raise ValueError("pass exactly one of weight (a dense base) and nf4 (a quantized base)")
+    check_floating(x=x, weight=weight, bias=bias, lora_a=lora_a, lora_b=lora_b)
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
@@ -365,7 +368,11 @@ def nf4_linear(x: Tensor, bias: Tensor | None, nf4: NF4Args) -> Tensor:
 
     Returns:
         ``[..., N]`` in x's dtype.
+
+    Raises:
+        TypeError: ``x`` or ``bias`` is not a floating tensor.
     """
+    check_floating(x=x, bias=bias)
     n, k = nf4.shape
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features in its last dim, the NF4 weight expects {k}")
