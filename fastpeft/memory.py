@@ -357,7 +357,8 @@ def estimate_peer(config: Any, opts: MemoryOptions) -> MemoryEstimate:
 
 
 def longest_sequence(config: Any, opts: MemoryOptions, budget: int, step: int = 256, tries: int = 8) -> int:
-    """The longest sequence (a multiple of ``step``) whose estimated peak is at most ``budget`` bytes; 0 if none.
+    """The longest sequence (a multiple of ``step``, halved down to 8 while not even ``step`` fits) whose
+    estimated peak is at most ``budget`` bytes; 0 if none.
 
     The peak grows linearly with the sequence (SDPA attention, chunked loss): secant steps from two
     estimates, each checked by a new estimate, then bisection between the best fit and the first miss.
@@ -369,9 +370,10 @@ def longest_sequence(config: Any, opts: MemoryOptions, budget: int, step: int = 
             points[seq] = estimate(config, replace(opts, seq_len=seq)).peak_bytes
         return points[seq]
 
+    while step > 8 and peak(step) > budget:  # a small model or budget: a finer grid
+        step //= 2
     lo, hi = 0, None  # lo fits (0: nothing known), hi does not
-    a, b = step, 8 * step
-    for seq in (a, b):
+    for seq in (step, 8 * step):
         if peak(seq) <= budget:
             lo = max(lo, seq)
         else:

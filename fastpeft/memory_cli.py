@@ -109,8 +109,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def fitting_options(config: Any, opts: memory.MemoryOptions, budget: int) -> list[str]:
-    """Flag sets, cheapest first, under which the estimate fits ``budget`` bytes (at most two are tried
-    past the first that fits; each is one more estimate)."""
+    """The saver flags, added cheapest first, under which the estimate fits ``budget`` bytes; when none
+    do, the longest ``--seq-len`` that fits with all of them (empty if not even that)."""
     tries: list[tuple[str, memory.MemoryOptions]] = []
     cur = opts
     if not cur.chunked_loss:
@@ -125,18 +125,14 @@ def fitting_options(config: Any, opts: memory.MemoryOptions, budget: int) -> lis
     if cur.method == "qlora" and not cur.quantize_lm_head and not getattr(config, "tie_word_embeddings", False):
         cur = replace(cur, quantize_lm_head=True)
         tries.append(("--quantize-lm-head", cur))
-    found: list[str] = []
     steps: list[str] = []
     with quiet_libraries():
         for flag, o in tries:
             steps.append(flag)
             if memory.estimate(config, o).peak_bytes <= budget:
-                found.append(" ".join(steps))
-                break
+                return [" ".join(steps)]
         seq = memory.longest_sequence(config, cur, budget)
-    if seq:
-        found.append(f"{' '.join(steps)} --seq-len {seq}".strip())
-    return found
+    return [" ".join([*steps, f"--seq-len {seq}"])] if seq else []
 
 
 def finetune_estimate(cfg: Any, budget_text: str | None) -> str | None:
@@ -186,7 +182,7 @@ def finetune_estimate(cfg: Any, budget_text: str | None) -> str | None:
     line = f"memory estimate: peak {peak} within {what} ({parts})"
     if est.peak_bytes > budget:
         fixes = fitting_options(config, opts, budget)
-        hint = f"it would fit with: {' | '.join(fixes)}" if fixes else "no saver flag makes it fit"
+        hint = f"it would fit with: {fixes[0]}" if fixes else "no saver flag or sequence length makes it fit"
         raise ValueError(
             f"the estimated peak memory {peak} exceeds {what}; {hint} "
             "(estimates from fastpeft memory; --memory-budget overrides the limit)"

@@ -1,0 +1,177 @@
+"""The fake-tensor memory model: its accounting is exact, and each saver moves the estimate as it should.
+
+Exactness has two halves. (1) The fake trace equals the same step run on real CPU tensors under the same
+tracker, category by category, byte for byte: fake tensors lose no allocation the step makes. (2) The
+static categories equal closed forms: NF4 bytes of real quantization, 4-byte adapters, AdamW's two
+moments plus a step counter per parameter, the dense weights in their dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from fastpeft import memory as M
+from fastpeft import memory_trace as mt
+from fastpeft import quantize_nf4
+from fastpeft.ops.linear_cross_entropy import DEFAULT_CHUNK_BYTES
+from fastpeft.peft import get_peft_model, quantize_model
+from fastpeft.savers import causal_lm_loss, enable_checkpointing
+
+transformers = pytest.importorskip("transformers")
+
+HIDDEN, INTER, VOCAB, R = 64, 160, 1000, 8
+DENSE_PARAMS = 2 * VOCAB * HIDDEN + 5 * HIDDEN  # embeddings, head, 2 norms per layer and the final one
+
+
+def _config(layers: int = 2, tie: bool = False) -> object:
+    return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER,
+                                    num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                    tie_word_embeddings=tie)  # fmt: skip
+
+
+def _opts(**kw: object) -> M.MemoryOptions:
+    base = dict(method="qlora", r=R, seq_len=96, batch_size=2, device="cpu", checkpointing=False)
+    return M.MemoryOptions(**{**base, **kw})
+
+
+def _real_step(config: object, opts: M.MemoryOptions) -> dict[str, int]:
+    """The step the estimate traces, on real CPU tensors (weights and all), under the same tracker."""
+    with torch.device("cpu"):
+        base = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=mt.register_causal_sdpa())
+    base.config.use_cache = False
+    if opts.method == "qlora":
+        quantize_model(base)
+    if opts.resolved_checkpointing():
+        enable_checkpointing(base)
+    model = get_peft_model(base, M._peft_config(opts))
+    nf4 = mt.nbytes(b for m in model.modules() if type(m).__name__ == "NF4Linear" for b in m.buffers())
+    adapters = mt.nbytes(p for p in model.parameters() if p.requires_grad)
+    peak = M._trace(model, opts, causal_lm_loss, [])
+    return M._categories(peak, nf4, adapters, 0)
+
+
+@pytest.mark.parametrize(("method", "checkpointing"), [("lora", False), ("qlora", False), ("qlora", True)])
+def test_fake_trace_equals_the_real_cpu_step(method: str, checkpointing: bool) -> None:
+    opts = _opts(method=method, checkpointing=checkpointing)
+    est = M.estimate(_config(), opts)
+    assert est.categories == _real_step(_config(), opts)
+    assert est.peak_bytes == sum(est.categories.values())
+
+
+def test_static_categories_equal_closed_forms() -> None:
+    est = M.estimate(_config(), _opts())
+    linears = [
+        (HIDDEN, HIDDEN),
+        (HIDDEN // 2, HIDDEN),
+        (HIDDEN // 2, HIDDEN),
+        (HIDDEN, HIDDEN),
+        (INTER, HIDDEN),
+        (INTER, HIDDEN),
+        (HIDDEN, INTER),
+    ] * 2  # fmt: skip  (out, in) per layer
+    # NF4: what real quantization holds per layer, one 256-entry nested map shared on the CPU
+    per_layer = [quantize_nf4(torch.randn(n, k), double_quant=True).nbytes() for n, k in linears]
+    assert est.categories["nf4_base"] == sum(per_layer) - (len(linears) - 1) * 256 * 4
+    adapter_params = sum(R * (n + k) for n, k in linears)
+    assert est.categories["adapters"] == 4 * adapter_params
+    # AdamW: exp_avg and exp_avg_sq per element, a float32 step counter per tensor (A and B per layer)
+    assert est.categories["optimizer_state"] == 2 * 4 * adapter_params + 4 * 2 * len(linears)
+    # embeddings, head and 5 norms in float32 (a CPU run), and the rotary inverse frequencies (with the
+    # original copy transformers keeps): head_dim / 2 values each
+    dense = 4 * DENSE_PARAMS + 2 * 4 * (HIDDEN // 4 // 2)
+    assert est.categories["dense_layers"] == dense
+    assert est.categories["dequant_scratch"] == 0  # a GPU-only buffer
+
+
+def test_scratch_is_one_layer_whatever_the_depth() -> None:
+    two = M.estimate(_config(2), _opts(device="cuda"))
+    four = M.estimate(_config(4), _opts(device="cuda"))
+    assert two.categories["dequant_scratch"] == four.categories["dequant_scratch"] == 2 * INTER * HIDDEN
+    assert four.categories["nf4_base"] > two.categories["nf4_base"]
+
+
+def test_each_saver_moves_its_category() -> None:
+    config = _config()
+    plain = M.estimate(config, _opts(device="cuda", chunked_loss=False))
+    chunked = M.estimate(config, _opts(device="cuda"))
+    ckpt = M.estimate(config, _opts(device="cuda", checkpointing=True))
+    offload = M.estimate(config, _opts(device="cuda", checkpointing=True, offload_activations=True))
+    # more than one float32 [tokens, vocab] tensor leaves the peak
+    assert chunked.peak_bytes < plain.peak_bytes - 4 * 2 * 96 * VOCAB
+    assert ckpt.categories["activations"] < chunked.categories["activations"]
+    # offloaded: the checkpointed layer inputs (2 layers x batch x seq x hidden, bf16) leave the GPU
+    assert offload.host_bytes == 2 * 2 * 96 * HIDDEN * 2
+    assert offload.peak_bytes < ckpt.peak_bytes
+
+
+def test_nf4_head_pays_once_it_outgrows_a_loss_slice() -> None:
+    # Fake tensors cost nothing: a 250 MiB head, four times the 64 MiB slice the loss dequantizes at once.
+    config = transformers.LlamaConfig(vocab_size=128000, hidden_size=1024, intermediate_size=2048,
+                                      num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2)  # fmt: skip
+    dense = M.estimate(config, _opts(device="cuda", checkpointing=True))
+    head = M.estimate(config, _opts(device="cuda", checkpointing=True, quantize_lm_head=True))
+    # 16-bit head bytes out of the dense layers, its NF4 bytes into the base
+    assert head.categories["dense_layers"] == dense.categories["dense_layers"] - 2 * 128000 * 1024
+    assert head.categories["nf4_base"] > dense.categories["nf4_base"]
+    # the 16-bit head less its NF4 form is freed; one 16-bit slice (DEFAULT_CHUNK_BYTES) and its logits
+    # block alive in the loss take back less than half of it
+    freed = 2 * 128000 * 1024 - (head.categories["nf4_base"] - dense.categories["nf4_base"])
+    assert freed > 2 * DEFAULT_CHUNK_BYTES
+    assert dense.peak_bytes - head.peak_bytes > freed / 2
+
+
+def test_checkpointing_defaults_on_for_qlora_on_a_gpu() -> None:
+    assert M.MemoryOptions(method="qlora").resolved_checkpointing()
+    assert not M.MemoryOptions(method="lora").resolved_checkpointing()
+    assert not M.MemoryOptions(method="qlora", device="cpu").resolved_checkpointing()
+    assert M.MemoryOptions(method="lora", offload_activations=True).resolved_checkpointing()
+
+
+def test_peer_traces_bitsandbytes_with_float32_dense_weights() -> None:
+    pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    opts = _opts(device="cuda", checkpointing=True)
+    ours, peer = M.estimate(_config(), opts), M.estimate_peer(_config(), opts)
+    # prepare_model_for_kbit_training: embeddings, head and norms in float32, ours in bf16 (buffers alike)
+    assert peer.categories["dense_layers"] - ours.categories["dense_layers"] == 2 * DENSE_PARAMS
+    # the same NF4 codes and statistics (bitsandbytes' maps are per layer; ours too on a GPU)
+    assert peer.categories["nf4_base"] == ours.categories["nf4_base"]
+    assert peer.categories["adapters"] == ours.categories["adapters"]
+    assert peer.peak_bytes > ours.peak_bytes
+
+
+def test_longest_sequence_fits_and_the_next_step_does_not() -> None:
+    config, opts = _config(), _opts(device="cuda", checkpointing=True)
+    budget = M.estimate(config, dataclasses.replace(opts, seq_len=1000)).peak_bytes
+    seq = M.longest_sequence(config, opts, budget, step=64)
+    assert seq >= 960
+    assert M.estimate(config, dataclasses.replace(opts, seq_len=seq)).peak_bytes <= budget
+    assert M.estimate(config, dataclasses.replace(opts, seq_len=seq + 64)).peak_bytes > budget
+    assert M.longest_sequence(config, opts, 1 << 20, step=64) == 0  # not even the weights fit
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("24GiB", 24 << 30), ("24G", 24 << 30), ("80GB", 80 * 10**9), ("512MiB", 512 << 20), ("1.5TiB", 3 << 39),
+     ("4096", 4096)],
+)  # fmt: skip
+def test_parse_size(text: str, expected: int) -> None:
+    assert M.parse_size(text) == expected
+
+
+def test_bad_options_are_refused() -> None:
+    with pytest.raises(ValueError, match="prefix"):
+        M.estimate(_config(), _opts(method="prefix"))
+    with pytest.raises(ValueError, match="qlora only"):
+        M.estimate(_config(), _opts(method="lora", quantize_lm_head=True))
+    with pytest.raises(ValueError, match="tied"):
+        M.estimate(_config(tie=True), _opts(quantize_lm_head=True))
+    with pytest.raises(ValueError, match="needs checkpointing"):
+        M.estimate(_config(), _opts(offload_activations=True, checkpointing=False))
+    with pytest.raises(ValueError, match="unreadable size"):
+        M.parse_size("lots")
+    with pytest.raises(ValueError, match="neither a known shape"):
+        M.model_config("no-such-shape")
