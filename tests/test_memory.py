@@ -150,7 +150,7 @@ def test_longest_sequence_fits_and_the_next_step_does_not() -> None:
     assert seq >= 960
     assert M.estimate(config, dataclasses.replace(opts, seq_len=seq)).peak_bytes <= budget
     assert M.estimate(config, dataclasses.replace(opts, seq_len=seq + 64)).peak_bytes > budget
-    assert M.longest_sequence(config, opts, 1 << 20, step=64) == 0  # not even the weights fit
+    assert M.longest_sequence(config, opts, 64 << 10, step=64) == 0  # not even the weights fit
 
 
 @pytest.mark.parametrize(
