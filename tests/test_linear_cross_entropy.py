@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, assert_oracle, stable_seed
+from conftest import INTERPRET, assert_close, assert_oracle, stable_seed
 
 from fastpeft import quantize_nf4
 from fastpeft.ops.linear_cross_entropy import linear_cross_entropy, vocab_slices
@@ -65,8 +65,14 @@ def test_dense_head_bfloat16_equals_unchunked(shape: tuple[int, int, int]) -> No
         assert_close(a, e, msg=f"{name} {shape}")
 
 
-@pytest.mark.parametrize("shape", [(17, 96, 1031), (9, 64, 300)])
-def test_nf4_head_in_vocabulary_slices(shape: tuple[int, int, int]) -> None:
+@pytest.mark.parametrize(
+    ("shape", "backend"),
+    [((17, 96, 1031), "reference"), ((9, 64, 300), "reference"),
+     pytest.param((9, 64, 300), "triton", marks=pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1"))],
+)  # fmt: skip
+def test_nf4_head_in_vocabulary_slices(shape: tuple[int, int, int], backend: str, monkeypatch) -> None:  # noqa: ANN001
+    # "triton": each slice (views into the packed codes and statistics) goes through the dequantize kernel
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
     t, h, v = shape
     hidden, weight, _, labels = _data(t, h, v, torch.float32, ("nf4", shape))
     q = quantize_nf4(weight, double_quant=True)
