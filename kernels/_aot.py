@@ -20,10 +20,11 @@ M <= 64 with ``K % 64 == 0`` to the decode kernel, so the 64-row tile would serv
 Unmeasured: correct it from GPU timings.
 
 **Build.** Every (variant, arch) is compiled by ``_gate.build`` (its cache, its binding), in ``jobs`` child
-processes without ``TRITON_INTERPRET``. The embedded cubin is the gate's artifact byte for byte; Triton's
-launch metadata (kernel name, warps, shared memory, scratch sizes) comes from ``triton.compile`` on the same
-binding, whose cubin must equal the gate's. The gate's verdict (spills, shared memory, MMA) is recorded per
-binary in ``manifest.json``; it does not stop the build. Command line::
+processes without ``TRITON_INTERPRET``. The embedded cubin is the gate's artifact byte for byte, compiled from
+this checkout (``_check_source_dir``). Triton's launch metadata (kernel name, warps, shared memory, scratch
+sizes) comes from ``triton.compile`` on the same binding, whose cubin must equal the gate's, and the kernel's
+PTX parameters must be those the C launcher passes (``_check_entry``). The gate's verdict (spills, shared
+memory, MMA) is recorded per binary in ``manifest.json``; it does not stop the build. Command line::
 
     python -m fastpeft.kernels._aot build --out DIR [--set full|minimal] [--blob NAME=ARCH=CUBIN ...] [--jobs N]
         [--source CHECKOUT]
@@ -35,6 +36,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import hashlib
+import inspect
 import json
 import multiprocessing
 import os
@@ -209,6 +211,18 @@ def _check_entry(ptx: str, params: list[dict], what: str) -> None:
         raise RuntimeError(f"{what}: the kernel takes parameters {found}, the C launcher would pass {want}")
 
 
+def _check_source_dir(cubin: bytes, case: GateCase, arch: int) -> None:
+    """The cubin was compiled from this checkout's kernel file. Its line info names the file's directory, which
+    neither the gate's cache key nor Triton's holds (both hash source text): a cache shared with another
+    checkout of the same sources can hand out that checkout's build, the same code with other debug bytes."""
+    source = Path(inspect.getsourcefile(_gate.jit_function(case).fn))
+    if not any(str(d).encode() in cubin for d in (source.parent, source.resolve().parent)):
+        raise RuntimeError(
+            f"{case.name} on sm_{arch}: the cached cubin was compiled from another directory than {source.parent}; "
+            "give this checkout its own caches (FASTPEFT_GATE_CACHE, TRITON_CACHE_DIR)"
+        )
+
+
 def _build_one(index: int, kernel_set: str) -> dict:
     """Compile variant ``index`` through the gate; its cubin, launch metadata, parameters and the gate's verdict."""
     import triton
@@ -220,6 +234,7 @@ def _build_one(index: int, kernel_set: str) -> dict:
     if report.error:
         raise RuntimeError(f"{case.name} on sm_{arch}: {report.error}")
     cubin = (Path(report.artifacts) / "kernel.cubin").read_bytes()
+    _check_source_dir(cubin, case, arch)
     src, options = _gate.bind_case(case, arch)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
     if compiled.asm["cubin"] != cubin:

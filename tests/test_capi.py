@@ -140,6 +140,16 @@ def test_the_manifest_records_each_binary(minimal_lib):
         assert isinstance(b["gate_problems"], list)
 
 
+def test_a_cubin_compiled_in_another_checkout_is_refused():
+    # the gate's and Triton's caches key on source text: the build must not embed another checkout's build
+    from fastpeft.kernels import _aot
+
+    v = _aot.library_variants("minimal")[0]
+    _aot._check_source_dir(b"\0" + str(ROOT / "kernels").encode() + b"\0", v.case, v.arch)
+    with pytest.raises(RuntimeError, match="another directory"):
+        _aot._check_source_dir(b"\0/elsewhere/kernels\0", v.case, v.arch)
+
+
 def _library(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     ptr = ctypes.c_void_p
