@@ -106,6 +106,30 @@ def _rows_times(
     return acc
 
 
+@triton.jit
+def _rows_times_2(
+    x_ptr, stride_xm, stride_xk, w_ptr, stride_wk, stride_wb, offs_m, mask_m, offs_b0, offs_b1, B, K,
+    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    """``_rows_times`` for two column panels ``offs_b0``, ``offs_b1`` (``BLOCK_P`` wide each): one K loop, so X
+    is read once, and two accumulators the caller can finish one after the other."""
+    acc0 = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
+        )  # fmt: skip
+        w_rows = w_ptr + offs_k[:, None] * stride_wk
+        w0 = tl.load(w_rows + offs_b0[None, :] * stride_wb, mask=mask_k[:, None] & (offs_b0 < B)[None, :], other=0.0)
+        w1 = tl.load(w_rows + offs_b1[None, :] * stride_wb, mask=mask_k[:, None] & (offs_b1 < B)[None, :], other=0.0)
+        acc0 = tl.dot(x, w0, acc0, input_precision=DOT_PRECISION)
+        acc1 = tl.dot(x, w1, acc1, input_precision=DOT_PRECISION)
+    return acc0, acc1
+
+
 @triton.jit(do_not_specialize=["scaling"])
 def _adapter_fwd_kernel(
     h_ptr, wd_ptr, bd_ptr, wu_ptr, bu_ptr, r_ptr, y_ptr, z_ptr,
@@ -148,6 +172,27 @@ def _adapter_fwd_kernel(
         tl.store(y_ptr + offs_m[:, None] * H + offs_n[None, :], cast_out(y, y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _dz_panel(
+    da, z_ptr, dz_ptr, a_ptr, dbd_part_ptr, pid, offs_m, mask_m, offs_b, B, scaling,
+    ACT: tl.constexpr, STORE_DW_INPUTS: tl.constexpr, OUT_DTYPE: tl.constexpr,
+):  # fmt: skip
+    """``dz = s·da ⊙ act'(z)`` for the columns ``offs_b``, rounded to ``OUT_DTYPE`` (returned); with
+    ``STORE_DW_INPUTS`` also stores dz, ``a = act(z)`` and the program's partial ``Σ_m dz``."""
+    # chain rule through the activation; padded rows and columns have da = 0, hence dz = 0
+    mask_b = offs_b < B
+    mask_mb = mask_m[:, None] & mask_b[None, :]
+    z = tl.load(z_ptr + offs_m[:, None] * B + offs_b[None, :], mask=mask_mb, other=0.0)
+    dz = scaling * da * _act_grad(z, ACT)
+    dzc = dz.to(OUT_DTYPE)
+    if STORE_DW_INPUTS:
+        tl.store(dz_ptr + offs_m[:, None] * B + offs_b[None, :], dzc, mask=mask_mb)
+        tl.store(a_ptr + offs_m[:, None] * B + offs_b[None, :], _act(z, ACT).to(a_ptr.dtype.element_ty), mask=mask_mb)
+        # db_down in float32 from the unrounded dz: one partial row per program
+        tl.store(dbd_part_ptr + pid * B + offs_b, tl.sum(dz, axis=0), mask=mask_b)
+    return dzc
+
+
 @triton.jit(do_not_specialize=["scaling"])
 def _adapter_bwd_dz_kernel(
     dy_ptr, z_ptr, wu_ptr, wd_ptr, dh_ptr, dz_ptr, a_ptr, dbd_part_ptr,
@@ -159,35 +204,56 @@ def _adapter_bwd_dz_kernel(
 ):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_b = tl.arange(0, BLOCK_B)
     mask_m = offs_m < M
-    mask_b = offs_b < B
-    mask_mb = mask_m[:, None] & mask_b[None, :]
-    # -- da = dY·W_up, K loop over H --
-    da = _rows_times(
-        dy_ptr, stride_dym, stride_dyh, wu_ptr, stride_wuh, stride_wub, offs_m, mask_m, offs_b, mask_b, H,
-        DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_B,
-    )  # fmt: skip
-    # -- chain rule through the activation; padded rows and columns have da = 0, hence dz = 0 --
-    z = tl.load(z_ptr + offs_m[:, None] * B + offs_b[None, :], mask=mask_mb, other=0.0)
-    dz = scaling * da * _act_grad(z, ACT)
-    dzc = dz.to(dh_ptr.dtype.element_ty)
-    if STORE_DW_INPUTS:
-        tl.store(dz_ptr + offs_m[:, None] * B + offs_b[None, :], dzc, mask=mask_mb)
-        tl.store(a_ptr + offs_m[:, None] * B + offs_b[None, :], _act(z, ACT).to(a_ptr.dtype.element_ty), mask=mask_mb)
-        # db_down in float32 from the unrounded dz: one partial row per program
-        tl.store(dbd_part_ptr + pid * B + offs_b, tl.sum(dz, axis=0), mask=mask_b)
+    # -- da = dY·W_up (K loop over H), then dz = s·da ⊙ act'(z) --
+    if BLOCK_B <= 128:
+        offs_b = tl.arange(0, BLOCK_B)
+        da = _rows_times(
+            dy_ptr, stride_dym, stride_dyh, wu_ptr, stride_wuh, stride_wub, offs_m, mask_m, offs_b, offs_b < B, H,
+            DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_B,
+        )  # fmt: skip
+        dzc = _dz_panel(
+            da, z_ptr, dz_ptr, a_ptr, dbd_part_ptr, pid, offs_m, mask_m, offs_b, B, scaling,
+            ACT, STORE_DW_INPUTS, dh_ptr.dtype.element_ty,
+        )  # fmt: skip
+    else:
+        # 256 columns in two panels: the activation's epilogue then holds half of them at a time (all at
+        # once it needs more than 255 registers a thread at BLOCK_M = 64, the least a wgmma tile takes)
+        offs_b0 = tl.arange(0, BLOCK_B // 2)
+        offs_b1 = offs_b0 + BLOCK_B // 2
+        da0, da1 = _rows_times_2(
+            dy_ptr, stride_dym, stride_dyh, wu_ptr, stride_wuh, stride_wub, offs_m, mask_m, offs_b0, offs_b1, B, H,
+            DOT_PRECISION, BLOCK_M, BLOCK_K, BLOCK_B // 2,
+        )  # fmt: skip
+        dzc0 = _dz_panel(
+            da0, z_ptr, dz_ptr, a_ptr, dbd_part_ptr, pid, offs_m, mask_m, offs_b0, B, scaling,
+            ACT, STORE_DW_INPUTS, dh_ptr.dtype.element_ty,
+        )  # fmt: skip
+        dzc1 = _dz_panel(
+            da1, z_ptr, dz_ptr, a_ptr, dbd_part_ptr, pid, offs_m, mask_m, offs_b1, B, scaling,
+            ACT, STORE_DW_INPUTS, dh_ptr.dtype.element_ty,
+        )  # fmt: skip
     if COMPUTE_DH:
         # -- dh = dz·W_down (+ dY), N loop over H backwards (dY tiles read last are likeliest in L2) --
         last = tl.cdiv(H, BLOCK_K) - 1
         for i in range(0, H, BLOCK_K):
             offs_n = (last * BLOCK_K - i) + tl.arange(0, BLOCK_K)
             mask_n = offs_n < H
-            wd = tl.load(
-                wd_ptr + offs_b[:, None] * stride_wdb + offs_n[None, :] * stride_wdh,
-                mask=mask_b[:, None] & mask_n[None, :], other=0.0,
-            )  # fmt: skip
-            dh = tl.dot(dzc, wd, input_precision=DOT_PRECISION)
+            wd_cols = wd_ptr + offs_n[None, :] * stride_wdh
+            if BLOCK_B <= 128:
+                wd = tl.load(
+                    wd_cols + offs_b[:, None] * stride_wdb, mask=(offs_b < B)[:, None] & mask_n[None, :], other=0.0
+                )
+                dh = tl.dot(dzc, wd, input_precision=DOT_PRECISION)
+            else:
+                wd0 = tl.load(
+                    wd_cols + offs_b0[:, None] * stride_wdb, mask=(offs_b0 < B)[:, None] & mask_n[None, :], other=0.0
+                )
+                wd1 = tl.load(
+                    wd_cols + offs_b1[:, None] * stride_wdb, mask=(offs_b1 < B)[:, None] & mask_n[None, :], other=0.0
+                )
+                dh = tl.dot(dzc0, wd0, input_precision=DOT_PRECISION)
+                dh = tl.dot(dzc1, wd1, dh, input_precision=DOT_PRECISION)
             mask = mask_m[:, None] & mask_n[None, :]
             if ADD_DY:
                 dh += tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyh, mask=mask).to(
@@ -240,8 +306,6 @@ def _adapter_bwd_dw_kernel(
 # ----------------------------------------------------------------------------------------------
 
 BOTTLENECK_BLOCKS = (16, 32, 64, 128, 256)  # BLOCK_B choices: b ≤ 256
-_DW_BLOCK_M = 64
-_DW_BLOCK_N = 64
 
 
 def _block_b(b: int) -> int:
@@ -250,25 +314,35 @@ def _block_b(b: int) -> int:
 
 
 def _row_config(block_b: int, dtype: torch.dtype) -> dict[str, int]:
-    """Tile sizes of the row kernels (forward, backward dz/dh) by rule: the [BLOCK_M, BLOCK_B] float32
-    accumulator is the register budget; wide bottlenecks get more warps and shorter H tiles."""
+    """Tile sizes of the row kernels (forward, backward dz/dh) by rule, sized so that no binary spills.
+
+    16-bit inputs: BLOCK_M = 64, the M of one wgmma; the [BLOCK_M, BLOCK_B] float32 accumulator is the
+    register budget, so wide bottlenecks get 8 warps and shorter H tiles (and the dz kernel finishes 256
+    columns in two panels). Float32 inputs multiply on the FMA units (IEEE products, no TF32), where each
+    thread also holds its rows and columns of both operands: 32-row tiles and 32-wide H steps (16 for
+    wide bottlenecks) keep that in registers (at 64×64 the float32 binaries spilled up to 664 bytes); the
+    price is twice the re-reads of the small weights, which L2 serves.
+    """
     wide = block_b >= 128
-    block_m = 32 if (dtype == torch.float32 and wide) else 64
+    f32 = dtype == torch.float32
     return {
-        "BLOCK_M": block_m,
-        "BLOCK_K": 32 if wide else 64,
+        "BLOCK_M": 32 if f32 else 64,
+        "BLOCK_K": (16 if wide else 32) if f32 else (32 if wide else 64),
         "BLOCK_B": block_b,
         "num_warps": 8 if wide else 4,
         "num_stages": 2 if block_b == 256 else 3,
     }
 
 
-def _dw_config(block_b: int) -> dict[str, int]:
+def _dw_config(block_b: int, dtype: torch.dtype) -> dict[str, int]:
+    """Tiles of the weight-gradient kernel ``Xᵀ·G`` (``[BLOCK_N, BLOCK_B]`` output, reduced over BLOCK_M rows a
+    step). Float32 (FMA) steps over 16 rows with 8 warps: its operand slices then stay in registers."""
+    f32 = dtype == torch.float32
     return {
-        "BLOCK_M": _DW_BLOCK_M,
-        "BLOCK_N": _DW_BLOCK_N,
+        "BLOCK_M": 16 if f32 else 64,
+        "BLOCK_N": 64,
         "BLOCK_B": block_b,
-        "num_warps": 8 if block_b >= 128 else 4,
+        "num_warps": 8 if (f32 or block_b >= 64) else 4,
         "num_stages": 2 if block_b == 256 else 3,
     }
 
@@ -329,21 +403,30 @@ def adapter_fwd(
     return y, (z if save_z else None)
 
 
-def _num_splits(m: int, n_tiles: int, device: torch.device) -> int:
-    """Row slices for the weight-gradient reduction: enough programs to fill the GPU about twice."""
-    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return max(1, min(triton.cdiv(m, _DW_BLOCK_M), triton.cdiv(target, n_tiles)))
+def _num_splits(m: int, block_m: int, n_tiles: int, sms: int) -> int:
+    """Row slices for the weight-gradient reduction: enough programs to fill ``sms`` multiprocessors twice."""
+    return max(1, min(triton.cdiv(m, block_m), triton.cdiv(2 * sms, n_tiles)))
+
+
+def _dw_grid(m: int, n: int, cfg: dict[str, int], sms: int) -> tuple[int, int, int]:
+    """``(n_tiles, splits, rows_per_split)`` of the weight-gradient launch: N tiles × row slices."""
+    n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
+    splits = _num_splits(m, cfg["BLOCK_M"], n_tiles, sms)
+    rows_per_split = cfg["BLOCK_M"] * triton.cdiv(triton.cdiv(m, cfg["BLOCK_M"]), splits)
+    return n_tiles, triton.cdiv(m, rows_per_split), rows_per_split
+
+
+def _sm_count(device: torch.device) -> int:
+    # 4 without a GPU: the interpreter then runs several row slices
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def _xt_g(x: torch.Tensor, g: torch.Tensor, out_t: bool, colsum: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Float32 ``xᵀ·g`` ``[N, B]`` (or its transpose ``[B, N]`` when ``out_t``) and optionally ``Σ_m x [N]``."""
     m, n = x.shape
     b = g.shape[1]
-    cfg = _dw_config(_block_b(b))
-    n_tiles = triton.cdiv(n, cfg["BLOCK_N"])
-    splits = _num_splits(m, n_tiles, x.device)
-    rows_per_split = cfg["BLOCK_M"] * triton.cdiv(triton.cdiv(m, cfg["BLOCK_M"]), splits)
-    splits = triton.cdiv(m, rows_per_split)
+    cfg = _dw_config(_block_b(b), x.dtype)
+    n_tiles, splits, rows_per_split = _dw_grid(m, n, cfg, _sm_count(x.device))
     part = torch.empty((splits, b, n) if out_t else (splits, n, b), dtype=torch.float32, device=x.device)
     stride_on, stride_ob = (part.stride(2), part.stride(1)) if out_t else (part.stride(1), part.stride(2))
     sums = torch.empty((splits, n), dtype=torch.float32, device=x.device) if colsum else part  # placeholder
@@ -425,20 +508,37 @@ def adapter_bwd(
 # ----------------------------------------------------------------------------------------------
 
 _GATE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_GATE_M, _GATE_H, _GATE_SMS = 2048, 4096, 132  # tokens, hidden (Llama-3-8B), H100 multiprocessors
+
+
+def _gate_dw_args(b: int, out_t: bool, cfg: dict[str, int]) -> dict[str, int]:
+    """``_xt_g``'s launch arguments for x ``[M, H]`` contiguous and g ``[M, b]`` on an H100."""
+    m, n = _GATE_M, _GATE_H
+    _, _, rows_per_split = _dw_grid(m, n, cfg, _GATE_SMS)
+    stride_on, stride_ob = (1, n) if out_t else (b, 1)
+    return {
+        "M": m, "N": n, "B": b, "rows_per_split": rows_per_split,
+        "stride_xm": n, "stride_xn": 1, "stride_gm": b, "stride_gb": 1,
+        "stride_os": n * b, "stride_on": stride_on, "stride_ob": stride_ob,
+    }  # fmt: skip
 
 
 def compile_gate_cases() -> list[GateCase]:
     """Every tile configuration the launchers pick: each BLOCK_B in float32, float16 and bfloat16, for the
-    three kernels.
+    three kernels; the weight-gradient kernel twice, as dW_up (``[N, b]`` out) and dW_down (transposed out),
+    whose unit strides specialize differently.
 
+    Runtime arguments are those of hidden 4096, 2048 tokens, bottleneck b = BLOCK_B, contiguous tensors.
     Activation and flags do not change tile shapes; the cases use the costliest activation (gelu_tanh)
     with every optional store enabled. 16-bit cases must run their matmuls on tensor cores.
     """
+    m, hidden = _GATE_M, _GATE_H
     cases = []
     for dtype, ty in _GATE_DTYPES.items():
         mma = dtype != torch.float32
         prec = _dot_precision(dtype)
         for block_b in BOTTLENECK_BLOCKS:
+            b = block_b
             row = _row_config(block_b, dtype)
             row_constexprs = {k: v for k, v in row.items() if k.startswith("BLOCK")}
             launch = {"num_warps": row["num_warps"], "num_stages": row["num_stages"], "tensor_cores": mma}
@@ -470,6 +570,20 @@ def compile_gate_cases() -> list[GateCase]:
                         "stride_rh": "i32",
                     },  # fmt: skip
                     constexprs={"ACT": _ACT_ID["gelu_tanh"], "SAVE_Z": True, "DOT_PRECISION": prec, **row_constexprs},
+                    args={
+                        "M": m,
+                        "H": hidden,
+                        "B": b,
+                        "scaling": 0.5,
+                        "stride_hm": hidden,
+                        "stride_hh": 1,
+                        "stride_wdb": hidden,
+                        "stride_wdh": 1,
+                        "stride_wuh": b,
+                        "stride_wub": 1,
+                        "stride_rm": hidden,
+                        "stride_rh": 1,
+                    },  # fmt: skip
                     **launch,
                 )
             )
@@ -506,40 +620,54 @@ def compile_gate_cases() -> list[GateCase]:
                         "DOT_PRECISION": prec,
                         **row_constexprs,
                     },  # fmt: skip
+                    args={
+                        "M": m,
+                        "H": hidden,
+                        "B": b,
+                        "scaling": 0.5,
+                        "stride_dym": hidden,
+                        "stride_dyh": 1,
+                        "stride_wuh": b,
+                        "stride_wub": 1,
+                        "stride_wdb": hidden,
+                        "stride_wdh": 1,
+                    },  # fmt: skip
                     **launch,
                 )
             )
-            dw = _dw_config(block_b)
-            cases.append(
-                GateCase(
-                    name=f"adapter_bwd_dw[{ty},BLOCK_B={block_b}]",
-                    module=__name__,
-                    kernel="_adapter_bwd_dw_kernel",
-                    signature={
-                        "x_ptr": f"*{ty}",
-                        "g_ptr": f"*{ty}",
-                        "out_ptr": "*fp32",
-                        "colsum_ptr": "*fp32",
-                        "M": "i32",
-                        "N": "i32",
-                        "B": "i32",
-                        "rows_per_split": "i32",
-                        "stride_xm": "i32",
-                        "stride_xn": "i32",
-                        "stride_gm": "i32",
-                        "stride_gb": "i32",
-                        "stride_os": "i32",
-                        "stride_on": "i32",
-                        "stride_ob": "i32",
-                    },  # fmt: skip
-                    constexprs={
-                        "HAS_COLSUM": True,
-                        "DOT_PRECISION": prec,
-                        **{k: v for k, v in dw.items() if k.startswith("BLOCK")},
-                    },  # fmt: skip
-                    num_warps=dw["num_warps"],
-                    num_stages=dw["num_stages"],
-                    tensor_cores=mma,
+            dw = _dw_config(block_b, dtype)
+            for which, out_t in (("dW_up", False), ("dW_down", True)):
+                cases.append(
+                    GateCase(
+                        name=f"adapter_bwd_dw[{ty},BLOCK_B={block_b},{which}]",
+                        module=__name__,
+                        kernel="_adapter_bwd_dw_kernel",
+                        signature={
+                            "x_ptr": f"*{ty}",
+                            "g_ptr": f"*{ty}",
+                            "out_ptr": "*fp32",
+                            "colsum_ptr": "*fp32",
+                            "M": "i32",
+                            "N": "i32",
+                            "B": "i32",
+                            "rows_per_split": "i32",
+                            "stride_xm": "i32",
+                            "stride_xn": "i32",
+                            "stride_gm": "i32",
+                            "stride_gb": "i32",
+                            "stride_os": "i32",
+                            "stride_on": "i32",
+                            "stride_ob": "i32",
+                        },  # fmt: skip
+                        constexprs={
+                            "HAS_COLSUM": True,
+                            "DOT_PRECISION": prec,
+                            **{k: v for k, v in dw.items() if k.startswith("BLOCK")},
+                        },  # fmt: skip
+                        num_warps=dw["num_warps"],
+                        num_stages=dw["num_stages"],
+                        tensor_cores=mma,
+                        args=_gate_dw_args(b, out_t, dw),
+                    )
                 )
-            )
     return cases

@@ -85,6 +85,20 @@ def test_backward_matches_reference(shape, dtype, act, separate):
         _check(g_, x_, e_, msg=f"{name} {shape} {dtype} {act} separate={separate}")
 
 
+@pytest.mark.parametrize("b", [130, 200])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_wide_bottleneck_two_panels(b, dtype):
+    # b > 128: the dz kernel forms dz in two column panels of 128 (the second one partly masked)
+    h, (wd, bd, wu, bu), _, s = _params(17, 100, b, dtype, stable_seed(b, str(dtype)), False)
+    _, z = reference.adapter_fwd_reference(h, wd, bd, wu, bu, s, "gelu_tanh")
+    dy = torch.randn(h.shape, generator=torch.Generator().manual_seed(b)).to(dtype)
+    got = adapter.adapter_bwd(dy, h, wd, wu, z, s, "gelu_tanh")
+    eager = reference.adapter_bwd_reference(dy, h, wd, wu, z, s, "gelu_tanh")
+    exact = reference.adapter_bwd_reference(*_f64([dy, h, wd, wu, z]), s, "gelu_tanh")
+    for name, g_, e_, x_ in zip(("dh", "dw_down", "db_down", "dw_up", "db_up"), got, eager, exact, strict=True):
+        _check(g_, x_, e_, msg=f"{name} b={b} {dtype}")
+
+
 @pytest.mark.parametrize("needs_dh,needs_dw", [(True, False), (False, True), (False, False)])
 def test_backward_skips_what_is_not_asked(needs_dh, needs_dw):
     h, (wd, bd, wu, bu), _, s = _params(17, 100, 7, torch.float32, 5, False)
