@@ -31,6 +31,9 @@ make results run-to-run nondeterministic.
 
 from __future__ import annotations
 
+import inspect
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -511,16 +514,12 @@ _GATE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 _GATE_M, _GATE_H, _GATE_SMS = 2048, 4096, 132  # tokens, hidden (Llama-3-8B), H100 multiprocessors
 
 
-def _gate_dw_args(b: int, out_t: bool, cfg: dict[str, int]) -> dict[str, int]:
-    """``_xt_g``'s launch arguments for x ``[M, H]`` contiguous and g ``[M, b]`` on an H100."""
-    m, n = _GATE_M, _GATE_H
-    _, _, rows_per_split = _dw_grid(m, n, cfg, _GATE_SMS)
-    stride_on, stride_ob = (1, n) if out_t else (b, 1)
-    return {
-        "M": m, "N": n, "B": b, "rows_per_split": rows_per_split,
-        "stride_xm": n, "stride_xn": 1, "stride_gm": b, "stride_gb": 1,
-        "stride_os": n * b, "stride_on": stride_on, "stride_ob": stride_ob,
-    }  # fmt: skip
+def _gate_case(name: str, kernel, pointers: dict[str, str], constexprs: dict, args: dict, **launch) -> GateCase:
+    """A case whose signature lists ``kernel``'s runtime parameters: ``pointers`` as given (the others ``*ty``,
+    filled in by the caller), ``scaling`` float32 and every size or stride int32."""
+    runtime = [p for p in inspect.signature(kernel.fn).parameters if p not in constexprs]
+    signature = {p: pointers[p] if p.endswith("_ptr") else "fp32" if p == "scaling" else "i32" for p in runtime}
+    return GateCase(name, __name__, kernel.fn.__name__, signature, constexprs, args=args, **launch)
 
 
 def compile_gate_cases() -> list[GateCase]:
@@ -528,146 +527,54 @@ def compile_gate_cases() -> list[GateCase]:
     three kernels; the weight-gradient kernel twice, as dW_up (``[N, b]`` out) and dW_down (transposed out),
     whose unit strides specialize differently.
 
-    Runtime arguments are those of hidden 4096, 2048 tokens, bottleneck b = BLOCK_B, contiguous tensors.
-    Activation and flags do not change tile shapes; the cases use the costliest activation (gelu_tanh)
-    with every optional store enabled. 16-bit cases must run their matmuls on tensor cores.
+    Runtime arguments are those of hidden 4096, 2048 tokens, bottleneck b = BLOCK_B, contiguous tensors, on
+    an H100 (the weight-gradient row slices depend on its 132 SMs). Activation and flags do not change tile
+    shapes; the cases use the costliest activation (gelu_tanh) with every optional store enabled. 16-bit
+    cases must run their matmuls on tensor cores.
     """
     m, hidden = _GATE_M, _GATE_H
     cases = []
-    for dtype, ty in _GATE_DTYPES.items():
-        mma = dtype != torch.float32
-        prec = _dot_precision(dtype)
-        for block_b in BOTTLENECK_BLOCKS:
-            b = block_b
-            row = _row_config(block_b, dtype)
-            row_constexprs = {k: v for k, v in row.items() if k.startswith("BLOCK")}
-            launch = {"num_warps": row["num_warps"], "num_stages": row["num_stages"], "tensor_cores": mma}
-            cases.append(
-                GateCase(
-                    name=f"adapter_fwd[{ty},BLOCK_B={block_b}]",
-                    module=__name__,
-                    kernel="_adapter_fwd_kernel",
-                    signature={
-                        "h_ptr": f"*{ty}",
-                        "wd_ptr": f"*{ty}",
-                        "bd_ptr": f"*{ty}",
-                        "wu_ptr": f"*{ty}",
-                        "bu_ptr": f"*{ty}",
-                        "r_ptr": f"*{ty}",
-                        "y_ptr": f"*{ty}",
-                        "z_ptr": "*fp32",
-                        "M": "i32",
-                        "H": "i32",
-                        "B": "i32",
-                        "scaling": "fp32",
-                        "stride_hm": "i32",
-                        "stride_hh": "i32",
-                        "stride_wdb": "i32",
-                        "stride_wdh": "i32",
-                        "stride_wuh": "i32",
-                        "stride_wub": "i32",
-                        "stride_rm": "i32",
-                        "stride_rh": "i32",
-                    },  # fmt: skip
-                    constexprs={"ACT": _ACT_ID["gelu_tanh"], "SAVE_Z": True, "DOT_PRECISION": prec, **row_constexprs},
-                    args={
-                        "M": m,
-                        "H": hidden,
-                        "B": b,
-                        "scaling": 0.5,
-                        "stride_hm": hidden,
-                        "stride_hh": 1,
-                        "stride_wdb": hidden,
-                        "stride_wdh": 1,
-                        "stride_wuh": b,
-                        "stride_wub": 1,
-                        "stride_rm": hidden,
-                        "stride_rh": 1,
-                    },  # fmt: skip
-                    **launch,
-                )
+    for (dtype, ty), b in itertools.product(_GATE_DTYPES.items(), BOTTLENECK_BLOCKS):
+        mma, prec = dtype != torch.float32, _dot_precision(dtype)
+        row = _row_config(b, dtype)
+        tiles = {k: v for k, v in row.items() if k.startswith("BLOCK")}
+        launch = {"num_warps": row["num_warps"], "num_stages": row["num_stages"], "tensor_cores": mma}
+        same = {"scaling": 0.5, "M": m, "H": hidden, "B": b}
+        fwd_ptrs = dict.fromkeys(("h_ptr", "wd_ptr", "bd_ptr", "wu_ptr", "bu_ptr", "r_ptr", "y_ptr"), f"*{ty}")
+        cases.append(
+            _gate_case(
+                f"adapter_fwd[{ty},BLOCK_B={b}]", _adapter_fwd_kernel, {**fwd_ptrs, "z_ptr": "*fp32"},
+                {"ACT": _ACT_ID["gelu_tanh"], "SAVE_Z": True, "DOT_PRECISION": prec, **tiles},
+                {**same, "stride_hm": hidden, "stride_hh": 1, "stride_wdb": hidden, "stride_wdh": 1,
+                 "stride_wuh": b, "stride_wub": 1, "stride_rm": hidden, "stride_rh": 1},
+                **launch,
             )
-            cases.append(
-                GateCase(
-                    name=f"adapter_bwd_dz[{ty},BLOCK_B={block_b}]",
-                    module=__name__,
-                    kernel="_adapter_bwd_dz_kernel",
-                    signature={
-                        "dy_ptr": f"*{ty}",
-                        "z_ptr": "*fp32",
-                        "wu_ptr": f"*{ty}",
-                        "wd_ptr": f"*{ty}",
-                        "dh_ptr": f"*{ty}",
-                        "dz_ptr": f"*{ty}",
-                        "a_ptr": f"*{ty}",
-                        "dbd_part_ptr": "*fp32",
-                        "M": "i32",
-                        "H": "i32",
-                        "B": "i32",
-                        "scaling": "fp32",
-                        "stride_dym": "i32",
-                        "stride_dyh": "i32",
-                        "stride_wuh": "i32",
-                        "stride_wub": "i32",
-                        "stride_wdb": "i32",
-                        "stride_wdh": "i32",
-                    },  # fmt: skip
-                    constexprs={
-                        "ACT": _ACT_ID["gelu_tanh"],
-                        "ADD_DY": True,
-                        "COMPUTE_DH": True,
-                        "STORE_DW_INPUTS": True,
-                        "DOT_PRECISION": prec,
-                        **row_constexprs,
-                    },  # fmt: skip
-                    args={
-                        "M": m,
-                        "H": hidden,
-                        "B": b,
-                        "scaling": 0.5,
-                        "stride_dym": hidden,
-                        "stride_dyh": 1,
-                        "stride_wuh": b,
-                        "stride_wub": 1,
-                        "stride_wdb": hidden,
-                        "stride_wdh": 1,
-                    },  # fmt: skip
-                    **launch,
-                )
+        )  # fmt: skip
+        dz_ptrs = dict.fromkeys(("dy_ptr", "wu_ptr", "wd_ptr", "dh_ptr", "dz_ptr", "a_ptr"), f"*{ty}")
+        cases.append(
+            _gate_case(
+                f"adapter_bwd_dz[{ty},BLOCK_B={b}]", _adapter_bwd_dz_kernel,
+                {**dz_ptrs, "z_ptr": "*fp32", "dbd_part_ptr": "*fp32"},
+                {"ACT": _ACT_ID["gelu_tanh"], "ADD_DY": True, "COMPUTE_DH": True, "STORE_DW_INPUTS": True,
+                 "DOT_PRECISION": prec, **tiles},
+                {**same, "stride_dym": hidden, "stride_dyh": 1, "stride_wuh": b, "stride_wub": 1,
+                 "stride_wdb": hidden, "stride_wdh": 1},
+                **launch,
             )
-            dw = _dw_config(block_b, dtype)
-            for which, out_t in (("dW_up", False), ("dW_down", True)):
-                cases.append(
-                    GateCase(
-                        name=f"adapter_bwd_dw[{ty},BLOCK_B={block_b},{which}]",
-                        module=__name__,
-                        kernel="_adapter_bwd_dw_kernel",
-                        signature={
-                            "x_ptr": f"*{ty}",
-                            "g_ptr": f"*{ty}",
-                            "out_ptr": "*fp32",
-                            "colsum_ptr": "*fp32",
-                            "M": "i32",
-                            "N": "i32",
-                            "B": "i32",
-                            "rows_per_split": "i32",
-                            "stride_xm": "i32",
-                            "stride_xn": "i32",
-                            "stride_gm": "i32",
-                            "stride_gb": "i32",
-                            "stride_os": "i32",
-                            "stride_on": "i32",
-                            "stride_ob": "i32",
-                        },  # fmt: skip
-                        constexprs={
-                            "HAS_COLSUM": True,
-                            "DOT_PRECISION": prec,
-                            **{k: v for k, v in dw.items() if k.startswith("BLOCK")},
-                        },  # fmt: skip
-                        num_warps=dw["num_warps"],
-                        num_stages=dw["num_stages"],
-                        tensor_cores=mma,
-                        args=_gate_dw_args(b, out_t, dw),
-                    )
+        )  # fmt: skip
+        dw = _dw_config(b, dtype)
+        dw_tiles = {k: v for k, v in dw.items() if k.startswith("BLOCK")}
+        _, _, rows_per_split = _dw_grid(m, hidden, dw, _GATE_SMS)
+        for which, (stride_on, stride_ob) in (("dW_up", (b, 1)), ("dW_down", (1, hidden))):
+            cases.append(
+                _gate_case(
+                    f"adapter_bwd_dw[{ty},BLOCK_B={b},{which}]", _adapter_bwd_dw_kernel,
+                    {"x_ptr": f"*{ty}", "g_ptr": f"*{ty}", "out_ptr": "*fp32", "colsum_ptr": "*fp32"},
+                    {"HAS_COLSUM": True, "DOT_PRECISION": prec, **dw_tiles},
+                    {"M": m, "N": hidden, "B": b, "rows_per_split": rows_per_split, "stride_xm": hidden,
+                     "stride_xn": 1, "stride_gm": b, "stride_gb": 1, "stride_os": hidden * b,
+                     "stride_on": stride_on, "stride_ob": stride_ob},
+                    num_warps=dw["num_warps"], num_stages=dw["num_stages"], tensor_cores=mma,
                 )
+            )  # fmt: skip
     return cases
