@@ -514,12 +514,18 @@ _GATE_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "b
 _GATE_M, _GATE_H, _GATE_SMS = 2048, 4096, 132  # tokens, hidden (Llama-3-8B), H100 multiprocessors
 
 
-def _gate_case(name: str, kernel, pointers: dict[str, str], constexprs: dict, args: dict, **launch) -> GateCase:
-    """A case whose signature lists ``kernel``'s runtime parameters: ``pointers`` as given (the others ``*ty``,
-    filled in by the caller), ``scaling`` float32 and every size or stride int32."""
-    runtime = [p for p in inspect.signature(kernel.fn).parameters if p not in constexprs]
+_PARAMETERS = {
+    k.fn.__name__: tuple(inspect.signature(k.fn).parameters)
+    for k in (_adapter_fwd_kernel, _adapter_bwd_dz_kernel, _adapter_bwd_dw_kernel)
+}
+
+
+def _gate_case(name: str, kernel: str, pointers: dict[str, str], constexprs: dict, args: dict, **launch) -> GateCase:
+    """A case whose signature lists ``kernel``'s runtime parameters: ``pointers`` as given, ``scaling`` float32
+    and every size or stride int32."""
+    runtime = [p for p in _PARAMETERS[kernel] if p not in constexprs]
     signature = {p: pointers[p] if p.endswith("_ptr") else "fp32" if p == "scaling" else "i32" for p in runtime}
-    return GateCase(name, __name__, kernel.fn.__name__, signature, constexprs, args=args, **launch)
+    return GateCase(name, __name__, kernel, signature, constexprs, args=args, **launch)
 
 
 def compile_gate_cases() -> list[GateCase]:
@@ -543,7 +549,7 @@ def compile_gate_cases() -> list[GateCase]:
         fwd_ptrs = dict.fromkeys(("h_ptr", "wd_ptr", "bd_ptr", "wu_ptr", "bu_ptr", "r_ptr", "y_ptr"), f"*{ty}")
         cases.append(
             _gate_case(
-                f"adapter_fwd[{ty},BLOCK_B={b}]", _adapter_fwd_kernel, {**fwd_ptrs, "z_ptr": "*fp32"},
+                f"adapter_fwd[{ty},BLOCK_B={b}]", "_adapter_fwd_kernel", {**fwd_ptrs, "z_ptr": "*fp32"},
                 {"ACT": _ACT_ID["gelu_tanh"], "SAVE_Z": True, "DOT_PRECISION": prec, **tiles},
                 {**same, "stride_hm": hidden, "stride_hh": 1, "stride_wdb": hidden, "stride_wdh": 1,
                  "stride_wuh": b, "stride_wub": 1, "stride_rm": hidden, "stride_rh": 1},
@@ -553,7 +559,7 @@ def compile_gate_cases() -> list[GateCase]:
         dz_ptrs = dict.fromkeys(("dy_ptr", "wu_ptr", "wd_ptr", "dh_ptr", "dz_ptr", "a_ptr"), f"*{ty}")
         cases.append(
             _gate_case(
-                f"adapter_bwd_dz[{ty},BLOCK_B={b}]", _adapter_bwd_dz_kernel,
+                f"adapter_bwd_dz[{ty},BLOCK_B={b}]", "_adapter_bwd_dz_kernel",
                 {**dz_ptrs, "z_ptr": "*fp32", "dbd_part_ptr": "*fp32"},
                 {"ACT": _ACT_ID["gelu_tanh"], "ADD_DY": True, "COMPUTE_DH": True, "STORE_DW_INPUTS": True,
                  "DOT_PRECISION": prec, **tiles},
@@ -568,7 +574,7 @@ def compile_gate_cases() -> list[GateCase]:
         for which, (stride_on, stride_ob) in (("dW_up", (b, 1)), ("dW_down", (1, hidden))):
             cases.append(
                 _gate_case(
-                    f"adapter_bwd_dw[{ty},BLOCK_B={b},{which}]", _adapter_bwd_dw_kernel,
+                    f"adapter_bwd_dw[{ty},BLOCK_B={b},{which}]", "_adapter_bwd_dw_kernel",
                     {"x_ptr": f"*{ty}", "g_ptr": f"*{ty}", "out_ptr": "*fp32", "colsum_ptr": "*fp32"},
                     {"HAS_COLSUM": True, "DOT_PRECISION": prec, **dw_tiles},
                     {"M": m, "N": hidden, "B": b, "rows_per_split": rows_per_split, "stride_xm": hidden,
