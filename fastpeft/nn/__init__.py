@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from fastpeft.nn.adapter import BottleneckAdapter
 from fastpeft.nn.lora import LoraLinear
+from fastpeft.nn.lora_layers import LoraConv, LoraEmbedding
+from fastpeft.nn.lora_param import LoraParameter
 from fastpeft.nn.nf4_linear import NF4Linear
 
-__all__ = ["BottleneckAdapter", "LoraLinear", "NF4Linear"]
+__all__ = ["BottleneckAdapter", "LoraConv", "LoraEmbedding", "LoraLinear", "LoraParameter", "NF4Linear"]

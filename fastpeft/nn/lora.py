@@ -2,25 +2,36 @@
 
 In-memory names and semantics follow HF PEFT's LoRA layer so checkpoints interoperate: ``base_layer``,
 ``lora_A[name]`` (``nn.Linear(in, r)``, weight ``[r, in]``), ``lora_B[name]`` (``nn.Linear(r, out)``,
-weight ``[out, r]``), ``lora_dropout[name]``, and the dicts ``r``, ``lora_alpha``, ``scaling``.
+weight ``[out, r]``, plus a bias with ``lora_bias``), ``lora_dropout[name]``, and the dicts ``r``,
+``lora_alpha``, ``scaling``. Adapter bookkeeping (several active adapters, merging) is ``LoraLayerBase``'s.
+
+Adapter weights may be in another dtype than the base (float32 adapters on a 16-bit base, HF PEFT's
+``autocast_adapter_dtype``): the fused op runs in the input's (or autocast's) dtype with float32
+accumulation, and the adapters' gradients come back in their own dtype.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from fastpeft.nn.checks import check_adapter_name, check_input, is_finite_number
+from fastpeft.nn.checks import check_input
+from fastpeft.nn.lora_base import LoraLayerBase, check_lora_args
+from fastpeft.nn.lora_init import init_from_weight, is_weight_init
 from fastpeft.nn.nf4_linear import NF4Linear
 from fastpeft.ops.lora import lora_linear
+from fastpeft.quant import quantize_nf4
 
 __all__ = ["LoraLinear"]
 
 
-class LoraLinear(nn.Module):
-    """``y = base(x) + s·B·A·drop(x)`` for the active adapter, one fused op per call.
+class LoraLinear(LoraLayerBase):
+    """``y = base(x) + Σ s·B·A·drop(x)`` over the active adapters; the first one runs in the fused op.
 
     Args:
         base_layer: the frozen base, ``nn.Linear`` or ``NF4Linear``; its parameters are frozen here.
@@ -28,7 +39,10 @@ class LoraLinear(nn.Module):
         lora_dropout: dropout probability on the LoRA branch's input.
         adapter_name: name of the first adapter (it becomes the active one).
         init_lora_weights: True (A kaiming-uniform, B zeros: the layer starts as the base), "gaussian"
-            (A normal with std 1/r, B zeros) or False (A and B keep ``nn.Linear``'s random init).
+            (A normal with std 1/r, B zeros), False (A and B keep ``nn.Linear``'s random init), or one of
+            ``fastpeft.nn.lora_init``'s (``"pissa"``, ``"pissa_niter_K"``, ``"olora"``, ``"orthogonal"``),
+            which rewrite the base weight (an NF4 base is dequantized, corrected and quantized again).
+        lora_bias: ``lora_B`` gets a bias (zero-initialized), added as ``s·b``.
 
     Attributes:
         disable_adapters: True runs the base alone (an adapter merged into the base is unmerged first).
@@ -44,6 +58,7 @@ class LoraLinear(nn.Module):
         use_rslora: bool = False,
         adapter_name: str = "default",
         init_lora_weights: bool | str = True,
+        lora_bias: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, NF4Linear | nn.Linear):
@@ -59,18 +74,11 @@ class LoraLinear(nn.Module):
         base_layer.requires_grad_(False)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.r: dict[str, int] = {}
-        self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
-        self.use_rslora: dict[str, bool] = {}
-        self.disable_adapters = False
-        self.merged_adapters: list[str] = []
-        self._active_adapter: str | None = None
+        self._init_tables()
         # The NF4 base a merge replaced by a dense layer; a plain attribute so it is neither in the
         # state dict nor counted twice, and unmerge() restores it.
         self.__dict__["_unmerged_nf4"] = None
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias)
 
     # -- adapters -------------------------------------------------------------------------------
 
@@ -82,52 +90,49 @@ class LoraLinear(nn.Module):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
+        lora_bias: bool = False,
     ) -> None:
         """Add (or replace) adapter ``adapter_name``; the first adapter added becomes the active one.
 
-        Only the active adapter's weights require grad: a new non-active adapter starts frozen.
+        Only active adapters' weights require grad: a new non-active adapter starts frozen.
 
         Raises:
             ValueError: ``r`` not a positive int, ``lora_alpha`` not finite, ``lora_dropout`` outside [0, 1),
-                unknown ``init_lora_weights``, a bad ``adapter_name`` (``check_adapter_name``).
+                unknown ``init_lora_weights``, a bad ``adapter_name`` (``check_adapter_name``), or an
+                initialization the weight's shape does not allow (the layer is left as it was).
         """
-        check_adapter_name(adapter_name)
-        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
-            raise ValueError(f"r must be a positive int, got {r!r}")
-        if not is_finite_number(lora_alpha):
-            raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
+        check_lora_args(adapter_name, r, lora_alpha, lora_dropout)
         gaussian = isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian"
-        if not (init_lora_weights is True or init_lora_weights is False or gaussian):
-            raise ValueError(f"init_lora_weights must be True, False or 'gaussian', got {init_lora_weights!r}")
+        from_weight = is_weight_init(init_lora_weights)
+        if not (init_lora_weights is True or init_lora_weights is False or gaussian or from_weight):
+            raise ValueError(
+                "init_lora_weights must be True, False, 'gaussian', 'pissa', 'pissa_niter_<K>', 'olora' or "
+                f"'orthogonal', got {init_lora_weights!r}"
+            )
         device, dtype = self._adapter_device_dtype()
         lora_a = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
-        lora_b = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
-        if init_lora_weights is not False:
-            with torch.no_grad():
+        lora_b = nn.Linear(r, self.out_features, bias=bool(lora_bias), device=device, dtype=dtype)
+        scaling = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        residual = None
+        with torch.no_grad():
+            if from_weight:
+                a, b, residual = init_from_weight(init_lora_weights, self._base_weight_f32(), r, scaling)
+                lora_a.weight.copy_(a)
+                lora_b.weight.copy_(b)
+            elif init_lora_weights is not False:
                 if init_lora_weights is True:
                     # nn.Linear's own init for A, as the LoRA paper's code does; B = 0 so the layer starts as the base.
                     nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
                 else:
                     nn.init.normal_(lora_a.weight, std=1 / r)
                 nn.init.zeros_(lora_b.weight)
+            if lora_b.bias is not None and init_lora_weights is not False:
+                nn.init.zeros_(lora_b.bias)
+        if residual is not None:
+            self._set_base_weight(residual)
         self.lora_A[adapter_name] = lora_a
         self.lora_B[adapter_name] = lora_b
-        self.lora_dropout[adapter_name] = nn.Dropout(p=lora_dropout) if lora_dropout > 0 else nn.Identity()
-        self.r[adapter_name] = r
-        self.lora_alpha[adapter_name] = lora_alpha
-        self.use_rslora[adapter_name] = use_rslora
-        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
-        if self._active_adapter is None:
-            self._active_adapter = adapter_name
-        self._train_only_active()
-
-    def _train_only_active(self) -> None:
-        """The active adapter's weights require grad, every other adapter's are frozen (PEFT's rule)."""
-        for name in self.lora_A:
-            self.lora_A[name].requires_grad_(name == self._active_adapter)
-            self.lora_B[name].requires_grad_(name == self._active_adapter)
+        self._record(adapter_name, r, lora_alpha, lora_dropout, use_rslora, lora_bias)
 
     def _adapter_device_dtype(self) -> tuple[torch.device, torch.dtype]:
         """Adapters live on the base's device, in its float dtype (float32 for a quantized base, as PEFT)."""
@@ -136,66 +141,28 @@ class LoraLinear(nn.Module):
             return base.packed.device, torch.float32
         return base.weight.device, base.weight.dtype
 
-    @property
-    def active_adapter(self) -> str | None:
-        """The name of the adapter forward applies (None once every adapter is deleted)."""
-        return self._active_adapter
+    def _base_weight_f32(self) -> torch.Tensor:
+        """The base weight ``[out, in]`` in float32 (an NF4 base dequantized: one layer's worth, freed after use)."""
+        base = self.get_base_layer()
+        return base.dequantize(torch.float32) if isinstance(base, NF4Linear) else base.weight.detach().float()
 
-    @property
-    def active_adapters(self) -> list[str]:
-        return [] if self._active_adapter is None else [self._active_adapter]
-
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the active adapter: its weights trainable, the others frozen.
-
-        A merged base is unmerged first, so the output is always base + the active adapter.
-
-        Raises:
-            ValueError: no adapter of that name.
-        """
-        if adapter_name not in self.lora_A:
-            raise ValueError(f"no adapter named {adapter_name!r}; this layer has {list(self.lora_A)}")
-        if self.merged:
-            self.unmerge()
-        self._active_adapter = adapter_name
-        self._train_only_active()
-
-    def delete_adapter(self, adapter_name: str) -> None:
-        """Remove ``adapter_name`` (unmerging first if it is merged); the next remaining adapter becomes active.
-
-        Raises:
-            ValueError: no adapter of that name.
-        """
-        if adapter_name not in self.lora_A:
-            raise ValueError(f"no adapter named {adapter_name!r}; this layer has {list(self.lora_A)}")
-        if adapter_name in self.merged_adapters:
-            self.unmerge()
-        for table in (self.lora_A, self.lora_B, self.lora_dropout):
-            del table[adapter_name]
-        for table in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
-            del table[adapter_name]
-        if self._active_adapter == adapter_name:
-            self._active_adapter = next(iter(self.lora_A), None)
+    @torch.no_grad()
+    def _set_base_weight(self, weight: torch.Tensor) -> None:
+        """Replace the base weight by ``weight`` (float32 ``[out, in]``): rounded into a dense base's dtype,
+        or quantized again with an NF4 base's blocksize and double quantization."""
+        base = self.get_base_layer()
+        if isinstance(base, NF4Linear):
+            w = quantize_nf4(weight.to(base.weight_nf4.dtype), blocksize=base.blocksize,
+                             double_quant=base.nested_absmax is not None)  # fmt: skip
+            base._set_weight(w)
+        else:
+            base.weight.copy_(weight)
 
     # -- merging --------------------------------------------------------------------------------
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
 
     def get_base_layer(self) -> nn.Module:
         """The base layer forward runs (a dense ``nn.Linear`` while an NF4 base is merged)."""
         return self.base_layer
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The base layer's weight (PEFT exposes it too; model code reads ``proj.weight.dtype``)."""
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        """The base layer's bias."""
-        return self.base_layer.bias
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``s·B·A`` ``[out, in]`` in float32."""
@@ -204,8 +171,8 @@ class LoraLinear(nn.Module):
         return self.scaling[adapter_name] * (b @ a)
 
     @torch.no_grad()
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Add ``s·B·A`` of each adapter (default: the active one) into the base weight.
+    def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:
+        """Add ``s·B·A`` (and ``s·b``) of each adapter (default: the active ones) into the base weight.
 
         A dense base is updated in place (the sum is formed in float32 and rounded once). An NF4 base is
         replaced by a dense ``nn.Linear`` in the weight's original dtype (16-bit in practice) holding
@@ -214,24 +181,29 @@ class LoraLinear(nn.Module):
         Raises:
             ValueError: an unknown adapter name, or (``safe_merge``) a merged weight that is not finite.
         """
-        names = self.active_adapters if adapter_names is None else list(adapter_names)
+        base = self.base_layer
+        if not isinstance(base, NF4Linear):
+            super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            return
+        names = self._merge_names(adapter_names)
+        if not names:
+            return
+        merged = base.dequantize(torch.float32)
+        bias = base.bias.detach().float() if base.bias is not None else None
         for name in names:
-            if name not in self.lora_A:
-                raise ValueError(f"no adapter named {name!r}; this layer has {list(self.lora_A)}")
-        for name in names:
-            if name in self.merged_adapters:
-                continue
-            base = self.base_layer
-            current = base.dequantize(torch.float32) if isinstance(base, NF4Linear) else base.weight.float()
-            merged = current + self.get_delta_weight(name).to(current.device)
-            if safe_merge and not bool(torch.isfinite(merged).all()):
-                raise ValueError(f"merging adapter {name!r} gives non-finite weights; the base was left as it was")
-            if isinstance(base, NF4Linear):
-                self.__dict__["_unmerged_nf4"] = base
-                self.base_layer = _dense_like(base, merged.to(base.weight_nf4.dtype))
-            else:
-                base.weight.copy_(merged)
-            self.merged_adapters.append(name)
+            merged = merged + self.get_delta_weight(name).to(merged.device)
+            delta_b = self._bias_delta(name)
+            if delta_b is not None:
+                if bias is None:
+                    raise ValueError(
+                        f"adapter {name!r} has a lora_B bias but the base layer has no bias to merge it into"
+                    )
+                bias = bias + delta_b.to(bias.device)
+        if safe_merge and not bool(torch.isfinite(merged).all()):
+            raise ValueError(f"merging adapters {names!r} gives non-finite weights; the base was left as it was")
+        self.__dict__["_unmerged_nf4"] = base
+        self.base_layer = _dense_like(base, merged.to(base.weight_nf4.dtype), bias)
+        self.merged_adapters.extend(names)
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -241,44 +213,32 @@ class LoraLinear(nn.Module):
         if self._unmerged_nf4 is not None:
             self.base_layer = self._unmerged_nf4.to(self.base_layer.weight.device)
             self.__dict__["_unmerged_nf4"] = None
+            self.merged_adapters.clear()
         else:
-            weight = self.base_layer.weight
-            for name in reversed(self.merged_adapters):
-                weight.copy_(weight.float() - self.get_delta_weight(name).to(weight.device))
-        self.merged_adapters.clear()
-
-    def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
-        # nn.Module moves child after child: a failure halfway (out of memory on the target device)
-        # would leave the base on one device and the adapters on another. Put every tensor back instead.
-        before = [(m, dict(m._parameters), dict(m._buffers)) for m in self.modules()]
-        data = [(p, p.data, p.grad) for _, params, _ in before for p in params.values() if p is not None]
-        try:
-            return super()._apply(fn, recurse)
-        except BaseException:
-            for m, params, buffers in before:
-                m._parameters.clear()
-                m._parameters.update(params)
-                m._buffers.clear()
-                m._buffers.update(buffers)
-            for p, d, g in data:
-                p.data, p.grad = d, g
-            raise
+            super().unmerge()
 
     # -- forward --------------------------------------------------------------------------------
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args: Any, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
         """``x [..., in_features] -> [..., out_features]``.
+
+        Args:
+            x: the input.
+            adapter_names: one adapter name per row of ``x`` (``"__base__"`` for none): a mixed batch,
+                each row through its own adapter (HF PEFT's ``adapter_names`` forward argument).
 
         Raises:
             TypeError: ``x`` is not a floating tensor (``nn.Linear`` refuses integers too).
         """
         check_input(x)
-        name = self._active_adapter
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x)
-        if self.merged or name is None:
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names)
+        names = self._present_active()
+        if self.merged or not names:
             return self.base_layer(x)
         base = self.base_layer
         in_dtype = x.dtype
@@ -290,6 +250,7 @@ class LoraLinear(nn.Module):
             dtype, out_dtype = base.compute_dtype, in_dtype
         else:
             dtype = in_dtype
+        name = names[0]
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         bias = base.bias.to(dtype) if base.bias is not None else None
@@ -297,21 +258,47 @@ class LoraLinear(nn.Module):
             weight, nf4 = None, base.kernel_args()
         else:
             weight, nf4 = base.weight.to(dtype), None
+        xd = x.to(dtype)
         y = lora_linear(
-            x.to(dtype), weight, bias, self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype),
+            xd, weight, bias, self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype),
             self.scaling[name], nf4=nf4, dropout_p=p, training=self.training,
         )  # fmt: skip
+        y = self._add_lora_bias(y, name)
+        for other in names[1:]:
+            y = y + self._lora_branch(xd, other)
         return y if out_dtype is None else y.to(out_dtype)
 
-    def extra_repr(self) -> str:
-        return f"active_adapter={self._active_adapter!r}, r={self.r}, merged={self.merged_adapters}"
+    def _add_lora_bias(self, y: torch.Tensor, name: str) -> torch.Tensor:
+        b = self.lora_B[name].bias
+        return y if b is None else y + self.scaling[name] * b.to(y.dtype)
+
+    def _lora_branch(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``s·(B·A·drop(x) + b)`` of one adapter in plain torch, in ``x``'s dtype (the second and later
+        active adapters, and mixed batches)."""
+        a = self.lora_A[name].weight.to(x.dtype)
+        b = self.lora_B[name].weight.to(x.dtype)
+        h = F.linear(F.linear(self.lora_dropout[name](x), a), b)
+        return self._add_lora_bias(self.scaling[name] * h, name)
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
+        """Row ``i`` of ``x`` through the base plus adapter ``adapter_names[i]`` (``"__base__"``: none)."""
+        y = self.base_layer(x)
+        if self.merged:
+            raise ValueError("adapter_names cannot be used while adapters are merged into the base; unmerge first")
+        for name in dict.fromkeys(adapter_names):
+            if name == "__base__" or not self._has(name):
+                continue
+            rows = [i for i, n in enumerate(adapter_names) if n == name]
+            sub = x[rows].to(self.lora_A[name].weight.dtype)
+            y[rows] += self._lora_branch(sub, name).to(y.dtype)
+        return y
 
 
-def _dense_like(layer: NF4Linear, weight: torch.Tensor) -> nn.Linear:
-    """A frozen ``nn.Linear`` holding ``weight`` ``[out, in]`` and ``layer``'s bias."""
+def _dense_like(layer: NF4Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A frozen ``nn.Linear`` holding ``weight`` ``[out, in]`` and ``bias`` (``layer``'s, possibly merged into)."""
     dense = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device,
                       dtype=weight.dtype)  # fmt: skip
     dense.weight.copy_(weight)
-    if layer.bias is not None:
-        dense.bias.copy_(layer.bias)
+    if bias is not None:
+        dense.bias.copy_(bias)
     return dense.requires_grad_(False)

@@ -2,7 +2,7 @@
 
 Switching from HF PEFT is an import change; adapter directories move both ways::
 
-    from fastpeft import LoraConfig, PeftModel, get_peft_model, quantize_model
+    from fastpeft import LoraConfig, PeftModel, get_peft_model, quantize_model  # was: from peft import ...
 
     model = quantize_model(model)  # QLoRA: NF4 base (or a bitsandbytes 4-bit model, reused as is)
     peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
@@ -13,12 +13,33 @@ Switching from HF PEFT is an import change; adapter directories move both ways::
 
 Methods: LoRA / rsLoRA / QLoRA (``LoraConfig``), prompt tuning (``PromptTuningConfig``), prefix
 tuning (``PrefixTuningConfig``) and bottleneck adapters (``AdapterConfig``; fastpeft's own file
-layout, see ``fastpeft.peft.adapters``). HF PEFT options outside this subset raise ``ValueError``.
+layout, see ``fastpeft.peft.adapters``). LoRA wraps linear layers (dense, NF4, bitsandbytes 4-bit,
+GPT-2 ``Conv1D``), embeddings and convolutions, and parameters (``target_parameters``). HF PEFT's
+functions come along: ``get_peft_model_state_dict`` / ``set_peft_model_state_dict``,
+``get_base_model_state_dict`` / ``set_base_model_state_dict``, ``inject_adapter_in_model``,
+``prepare_model_for_kbit_training``; and ``TaskType`` / ``PeftType``. HF PEFT options outside this subset
+raise ``ValueError`` naming the option.
 """
 
 from __future__ import annotations
 
-from fastpeft.peft.config import AdapterConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig, config_from_dict
+from fastpeft.peft.config import (
+    AdapterConfig,
+    LoraConfig,
+    PeftType,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    TaskType,
+    config_from_dict,
+)
+from fastpeft.peft.functional import (
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    inject_adapter_in_model,
+    prepare_model_for_kbit_training,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 from fastpeft.peft.model import PeftModel, get_peft_model
 from fastpeft.peft.quantize import quantize_model
 
@@ -26,9 +47,17 @@ __all__ = [
     "AdapterConfig",
     "LoraConfig",
     "PeftModel",
+    "PeftType",
     "PrefixTuningConfig",
     "PromptTuningConfig",
+    "TaskType",
     "config_from_dict",
+    "get_base_model_state_dict",
     "get_peft_model",
+    "get_peft_model_state_dict",
+    "inject_adapter_in_model",
+    "prepare_model_for_kbit_training",
     "quantize_model",
+    "set_base_model_state_dict",
+    "set_peft_model_state_dict",
 ]

@@ -6,34 +6,69 @@ HF PEFT has but fastpeft does not implement raises ``ValueError`` naming it when
 non-default value, and an unknown key raises too. Keys HF PEFT writes for its own bookkeeping
 (``peft_version``, ``auto_mapping``, and the many method options it serializes at their defaults)
 are accepted only at those defaults.
+
+Configs also carry HF PEFT's own methods: ``save_pretrained(dir)`` writes ``adapter_config.json``,
+``Config.from_pretrained(dir)`` / ``from_json_file(path)`` read one back (local directories only: fastpeft
+never downloads), and every config records ``peft_version``, the HF PEFT file format it follows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
+import json
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from fastpeft.files import current_umask
 from fastpeft.nn.checks import is_finite_number
 
 __all__ = [
+    "PEFT_FORMAT_VERSION",
     "AdapterConfig",
     "LoraConfig",
     "PeftConfigBase",
+    "PeftType",
     "PrefixTuningConfig",
     "PromptTuningConfig",
+    "TaskType",
     "config_from_dict",
 ]
 
-_TASK_TYPES = {None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"}
+# The HF PEFT release whose adapter files fastpeft reads and writes; saved as ``peft_version``
+# ("<version>@fastpeft", HF PEFT's own spelling of a version plus where it came from).
+PEFT_FORMAT_VERSION = "0.21.2"
+
+
+class TaskType(str, enum.Enum):
+    """HF PEFT's task types (a ``str`` enum: ``TaskType.CAUSAL_LM == "CAUSAL_LM"``)."""
+
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    CAUSAL_LM = "CAUSAL_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+
+class PeftType(str, enum.Enum):
+    """The adapter kinds fastpeft builds, with HF PEFT's names (``BOTTLENECK_ADAPTER`` is fastpeft's own)."""
+
+    LORA = "LORA"
+    PROMPT_TUNING = "PROMPT_TUNING"
+    PREFIX_TUNING = "PREFIX_TUNING"
+    BOTTLENECK_ADAPTER = "BOTTLENECK_ADAPTER"
+
+
+_TASK_TYPES = {None, *(t.value for t in TaskType)}
 
 # HF PEFT writes these into adapter_config.json; reading one at this value is harmless, any other
 # value means a feature we do not implement.
 _HF_BOOKKEEPING: dict[str, Any] = {
-    "peft_version": Any,  # any value: a version string
-    "auto_mapping": Any,  # HF records the base class it was built on
+    "runtime_config": Any,  # HF PEFT drops it on reading too: it is only valid at runtime
     "alora_invocation_tokens": None,
     "arrow_config": None,
     "corda_config": None,
@@ -91,7 +126,7 @@ def _is_default(value: Any, default: Any) -> bool:
 class PeftConfigBase:
     """Fields every adapter config shares (HF PEFT's ``PeftConfig``)."""
 
-    peft_type: ClassVar[str] = ""
+    PEFT_TYPE: ClassVar[str] = ""
     # Options HF PEFT has that fastpeft does not implement, with their defaults.
     _unsupported: ClassVar[dict[str, Any]] = {}
 
@@ -99,13 +134,25 @@ class PeftConfigBase:
     inference_mode: bool = False
     base_model_name_or_path: str | None = None
     revision: str | None = None
+    # Accepted as HF PEFT accepts them; peft_type is always the class's own (HF PEFT overrides it too).
+    peft_type: str | None = None
+    auto_mapping: dict | None = None
+    peft_version: str | None = None
 
     def __post_init__(self) -> None:
         _check_bool(type(self).__name__, "inference_mode", self.inference_mode)
-        if self.task_type is not None and not isinstance(self.task_type, str):
+        if isinstance(self.task_type, enum.Enum) or self.task_type is not None and not isinstance(self.task_type, str):
             self.task_type = str(getattr(self.task_type, "value", self.task_type))
         if self.task_type not in _TASK_TYPES:
-            raise ValueError(f"task_type={self.task_type!r} is not one of {sorted(t for t in _TASK_TYPES if t)}")
+            raise ValueError(
+                f"Invalid task type: '{self.task_type}'. Must be one of the following task types: "
+                f"{', '.join(t.value for t in TaskType)}."
+            )
+        self.peft_type = PeftType(self.PEFT_TYPE)
+        if self.peft_version is None:
+            self.peft_version = f"{PEFT_FORMAT_VERSION}@fastpeft"
+        elif not isinstance(self.peft_version, str):
+            raise TypeError(f"{type(self).__name__}: peft_version must be a str, got {self.peft_version!r}")
         for name, default in self._unsupported.items():
             value = getattr(self, name)
             if not _is_default(value, default):
@@ -120,12 +167,78 @@ class PeftConfigBase:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready dict written to ``adapter_config.json`` (``peft_type`` included)."""
-        out = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        out["peft_type"] = self.peft_type
-        return out
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """Write ``adapter_config.json`` into ``save_directory`` (created if needed), atomically.
+
+        Args:
+            save_directory: a directory (not a file).
+            kwargs: ``auto_mapping_dict`` is recorded as ``auto_mapping`` (HF PEFT's custom-model note);
+                other hub-upload arguments HF PEFT forwards are accepted and unused.
+        """
+        if os.path.isfile(save_directory):
+            raise ValueError(f"{save_directory}: should be a directory, not a file")
+        os.makedirs(save_directory, exist_ok=True)
+        data = self.to_dict()
+        if kwargs.get("auto_mapping_dict") is not None:
+            data["auto_mapping"] = kwargs["auto_mapping_dict"]
+        target = os.path.join(save_directory, CONFIG_FILE)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=save_directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+            os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes it owner-only
+            os.replace(tmp, target)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def from_json_file(cls, path_json_file: str | os.PathLike, **kwargs: Any) -> dict[str, Any]:
+        """The dict an ``adapter_config.json`` holds (HF PEFT's method: a dict, not a config)."""
+        try:
+            with open(path_json_file, encoding="utf-8") as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path_json_file}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path_json_file}: expected a JSON object, got {type(data).__name__}")
+        data.pop("runtime_config", None)
+        return data
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, subfolder: str | None = None, **kwargs: Any
+    ) -> PeftConfigBase:
+        """The config saved in a local directory (``<dir>/<subfolder>/adapter_config.json``).
+
+        As in HF PEFT, the class built is the one ``peft_type`` names. Hub arguments (``revision``,
+        ``cache_dir``, ``token``, ...) are accepted; fastpeft reads local directories only.
+
+        Raises:
+            FileNotFoundError: no ``adapter_config.json`` there.
+            ValueError: the file is not a config fastpeft can build (see ``config_from_dict``).
+        """
+        path = os.path.join(pretrained_model_name_or_path, subfolder) if subfolder else pretrained_model_name_or_path
+        config_file = os.path.join(path, CONFIG_FILE)
+        if not os.path.isfile(config_file):
+            raise FileNotFoundError(
+                f"{config_file}: no adapter config there (fastpeft loads local directories, it never downloads)"
+            )
+        config = config_from_dict(cls.from_json_file(config_file), config_file)
+        if cls is not PeftConfigBase and not isinstance(config, cls):
+            raise ValueError(f"{config_file}: holds a {type(config).__name__}, not a {cls.__name__}")
+        return config
+
+
+CONFIG_FILE = "adapter_config.json"
 
 
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
     if isinstance(value, (set, tuple)):
         return sorted(value) if isinstance(value, set) else list(value)
     if isinstance(value, dict):
@@ -154,21 +267,26 @@ class LoraConfig(PeftConfigBase):
             wrapped layers).
         use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
         modules_to_save: modules trained in full (a trainable copy per adapter).
-        init_lora_weights: ``True`` (Kaiming A, zero B), ``"gaussian"`` or ``False`` (random B too).
+        init_lora_weights: ``True`` (Kaiming A, zero B), ``"gaussian"``, ``False`` (random B too), or one
+            that starts from the base weight and moves part of it into the adapter: ``"pissa"`` (top ``r``
+            singular directions), ``"pissa_niter_K"`` (the same by a randomized SVD of ``K`` iterations),
+            ``"olora"`` (QR), ``"orthogonal"`` (A and B from orthogonal halves, ``B·A = 0``).
         fan_in_fan_out: ``True`` when the targets store ``[in, out]`` weights (GPT-2's ``Conv1D``);
             fastpeft detects ``Conv1D`` by type and sets this like HF PEFT does.
+        rank_pattern / alpha_pattern: ``{pattern: r}`` / ``{pattern: alpha}`` overriding ``r`` / ``lora_alpha``
+            for the modules whose path ends with ``pattern`` (a regex; HF PEFT's rule, first match wins).
+        lora_bias: give ``lora_B`` a (zero-initialized, trained, saved) bias.
+        trainable_token_indices: train only these rows of the input embedding (a list), or of the named
+            embeddings (``{"embed_tokens": [0, 5]}``), stored as a delta beside the frozen table.
+        target_parameters: LoRA on ``nn.Parameter`` weights by path (``"experts.gate_up_proj"``), for
+            modules that hold weights outside an ``nn.Linear``; ``[..., out, in]`` as ``F.linear`` reads them.
     """
 
-    peft_type: ClassVar[str] = "LORA"
+    PEFT_TYPE: ClassVar[str] = "LORA"
     _unsupported: ClassVar[dict[str, Any]] = {
         "use_dora": False,
-        "lora_bias": False,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
-        "target_parameters": None,
-        "trainable_token_indices": None,
         "layer_replication": None,
         "use_qalora": False,
     }
@@ -206,10 +324,27 @@ class LoraConfig(PeftConfigBase):
             _check_bool("LoraConfig", name, getattr(self, name))
         if self.bias not in ("none", "all", "lora_only"):
             raise ValueError(f"LoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(
-                f"LoraConfig: init_lora_weights={self.init_lora_weights!r} is not supported (True, False or 'gaussian')"
-            )
+        _check_init(self.init_lora_weights)
+        _check_bool("LoraConfig", "lora_bias", self.lora_bias)
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, {})
+                continue
+            if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+                raise TypeError(f"LoraConfig: {name} must be a dict of module-name patterns, got {value!r}")
+            for key, v in value.items():
+                _check_names("LoraConfig", f"{name} key", key, regex=True)
+                if name == "rank_pattern":
+                    _check_count("LoraConfig", f"rank_pattern[{key!r}]", v, optional=False)
+                elif not is_finite_number(v):
+                    raise ValueError(f"LoraConfig: alpha_pattern[{key!r}] must be a finite number, got {v!r}")
+        self.trainable_token_indices = _check_token_indices(self.trainable_token_indices)
+        if isinstance(self.target_parameters, str):
+            self.target_parameters = [self.target_parameters]
+        elif isinstance(self.target_parameters, (tuple, set)):
+            self.target_parameters = sorted(self.target_parameters)
+        _check_names("LoraConfig", "target_parameters", self.target_parameters, regex=False)
         for name in ("target_modules", "exclude_modules", "modules_to_save"):
             value = getattr(self, name)
             if isinstance(value, (set, frozenset)):
@@ -222,6 +357,53 @@ class LoraConfig(PeftConfigBase):
         _check_names("LoraConfig", "target_modules", self.target_modules, regex=not all_linear)
         _check_names("LoraConfig", "exclude_modules", self.exclude_modules, regex=True)
         _check_names("LoraConfig", "modules_to_save", self.modules_to_save, regex=False)
+
+
+# init_lora_weights values HF PEFT has that need what fastpeft does not do (calibration data, a
+# quantize-and-correct loop, a variant's own forward): each is refused by name.
+_INIT_REFUSED = {
+    "loftq": "LoftQ alternates quantization and SVD against bitsandbytes' quantizer",
+    "corda": "CorDA needs covariance statistics collected by running calibration data",
+    "eva": "EVA needs activations collected by running calibration data",
+    "lora_ga": "LoRA-GA needs gradients collected by running calibration data",
+    "mica": "MiCA freezes lora_B, a LoRA variant fastpeft does not run",
+}
+
+
+def _check_init(value: Any) -> None:
+    """``init_lora_weights``: True / False, "gaussian", "pissa", "pissa_niter_<K>", "olora" or "orthogonal"."""
+    if value is True or value is False:
+        return
+    if isinstance(value, str):
+        low = value.lower()
+        if low in ("gaussian", "pissa", "olora", "orthogonal") or re.fullmatch(r"pissa_niter_\d+", low):
+            return
+        if low in _INIT_REFUSED:
+            raise ValueError(
+                f"LoraConfig: option init_lora_weights={value!r} is not supported by fastpeft ({_INIT_REFUSED[low]}); "
+                "supported: True, False, 'gaussian', 'pissa', 'pissa_niter_<K>', 'olora', 'orthogonal'"
+            )
+    raise ValueError(
+        f"LoraConfig: init_lora_weights={value!r} is not supported (True, False, 'gaussian', 'pissa', "
+        "'pissa_niter_<K>', 'olora' or 'orthogonal')"
+    )
+
+
+def _check_token_indices(value: Any) -> list[int] | dict[str, list[int]] | None:
+    """``trainable_token_indices``: None, a list of token ids, or ``{module name: list of ids}``."""
+    if value is None or value == [] or value == {}:
+        return None if value is None else value
+
+    def ids(v: Any, where: str) -> list[int]:
+        if isinstance(v, tuple):
+            v = list(v)
+        if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v):
+            raise ValueError(f"LoraConfig: trainable_token_indices{where} must be a list of token ids, got {v!r}")
+        return v
+
+    if isinstance(value, dict):
+        return {str(k): ids(v, f"[{k!r}]") for k, v in value.items()}
+    return ids(value, "")
 
 
 @dataclass
@@ -264,7 +446,7 @@ class PromptTuningConfig(_PromptLearningConfig):
         tokenizer_name_or_path: a tokenizer object, or a local path ``AutoTokenizer`` can load.
     """
 
-    peft_type: ClassVar[str] = "PROMPT_TUNING"
+    PEFT_TYPE: ClassVar[str] = "PROMPT_TUNING"
     _unsupported: ClassVar[dict[str, Any]] = {"tokenizer_kwargs": None}
 
     prompt_tuning_init: str = "RANDOM"
@@ -304,7 +486,7 @@ class PrefixTuningConfig(_PromptLearningConfig):
         init_weights: ``None`` (random) or ``"zero"`` (zero prefixes / zero last MLP layer).
     """
 
-    peft_type: ClassVar[str] = "PREFIX_TUNING"
+    PEFT_TYPE: ClassVar[str] = "PREFIX_TUNING"
 
     encoder_hidden_size: int | None = None
     prefix_projection: bool = False
@@ -334,7 +516,7 @@ class AdapterConfig(PeftConfigBase):
         target_layers: block indices to adapt (default: all).
     """
 
-    peft_type: ClassVar[str] = "BOTTLENECK_ADAPTER"
+    PEFT_TYPE: ClassVar[str] = "BOTTLENECK_ADAPTER"
 
     bottleneck_size: int | None = None
     reduction_factor: int = 16
@@ -367,7 +549,7 @@ class AdapterConfig(PeftConfigBase):
 
 
 _CONFIGS: dict[str, type[PeftConfigBase]] = {
-    c.peft_type: c for c in (LoraConfig, PromptTuningConfig, PrefixTuningConfig, AdapterConfig)
+    c.PEFT_TYPE: c for c in (LoraConfig, PromptTuningConfig, PrefixTuningConfig, AdapterConfig)
 }
 
 

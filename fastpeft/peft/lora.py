@@ -1,10 +1,13 @@
-"""LoRA injection: find the target layers, wrap them in ``fastpeft.nn.LoraLinear`` on the model instance.
+r"""LoRA injection: find the target layers, wrap them in fastpeft's LoRA layers on the model instance.
 
 Targets are matched on module paths with HF PEFT's rules (list: exact name or ``.suffix``; str: regex
 fullmatch; ``"all-linear"``: every linear layer but the output head). Wrappable layers are
 ``nn.Linear``, ``fastpeft.nn.NF4Linear``, bitsandbytes ``Linear4bit`` (re-wrapped as ``NF4Linear``
 over the same bytes) and transformers' ``Conv1D`` (GPT-2), whose ``[in, out]`` weight becomes an
-``nn.Linear`` ``[out, in]`` copy under the LoRA layer and is turned back into a ``Conv1D`` on unload.
+``nn.Linear`` ``[out, in]`` copy under the LoRA layer and is turned back into a ``Conv1D`` on unload
+(all ``LoraLinear``); ``nn.Embedding`` (``LoraEmbedding``); ``nn.Conv1d/2d/3d`` (``LoraConv``).
+``rank_pattern`` / ``alpha_pattern`` give a module its own rank / alpha: the first pattern ``P`` for which
+``(.*\.)?(P)$`` matches the module path, as HF PEFT's ``get_pattern_key``.
 
 ``modules_to_save`` wraps a module in ``ModulesToSaveWrapper``: the frozen original plus a trainable
 copy per adapter, named like HF PEFT (``<path>.modules_to_save.<adapter>.<param>`` in memory,
@@ -27,19 +30,31 @@ import torch
 from torch import nn
 
 from fastpeft import nn as fnn
+from fastpeft.nn.lora_base import LoraLayerBase
 from fastpeft.peft.config import LoraConfig
+from fastpeft.peft.lora_extra import (
+    inject_parameter_lora,
+    inject_trainable_tokens,
+    layer_file_params,
+    token_file_params,
+    token_wrappers,
+)
 from fastpeft.peft.sizes import check_fits
 
 __all__ = [
     "ModulesToSaveWrapper",
+    "cast_adapter_dtype",
     "conv1d_class",
     "conv1d_from_linear",
     "delete_lora_adapter",
     "inject_lora",
     "is_linear_like",
     "linear_from_conv1d",
+    "layer_file_params",
     "lora_file_params",
+    "lora_kind",
     "lora_layers",
+    "pattern_value",
     "match_module",
     "set_lora_adapter",
     "set_lora_disabled",
@@ -76,9 +91,42 @@ class ModulesToSaveWrapper(nn.Module):
         self.modules_to_save[adapter_name] = copy.deepcopy(self.original_module)
         self.original_module.requires_grad_(False)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The active adapter's copy, or the original when disabled / the adapter has no copy here."""
-        if self.disable_adapters or self.active_adapter not in self.modules_to_save:
+    def has_adapter(self, adapter_name: str) -> bool:
+        return adapter_name in self.modules_to_save
+
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        del self.modules_to_save[adapter_name]
+
+    def merged_module(self, adapter_names: list[str] | None) -> nn.Module:
+        """What ``merge_and_unload`` leaves in place: the first of ``adapter_names`` (default: the active
+        adapter) that has a copy here, else the original."""
+        for name in adapter_names if adapter_names is not None else [self.active_adapter]:
+            if name in self.modules_to_save:
+                return self.modules_to_save[name]
+        return self.original_module
+
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The active adapter's copy, or the original when disabled / the adapter has no copy here.
+
+        With ``adapter_names`` (one per row of the first argument), each row goes through its adapter's copy.
+        """
+        if self.disable_adapters:
+            return self.original_module(*args, **kwargs)
+        if adapter_names is not None:
+            x, rest = args[0], args[1:]
+            out = None
+            for name in dict.fromkeys(adapter_names):
+                rows = [i for i, n in enumerate(adapter_names) if n == name]
+                module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+                part = module(x[rows], *rest, **kwargs)
+                if out is None:
+                    out = part.new_empty((x.shape[0], *part.shape[1:]))
+                out[rows] = part
+            return out
+        if self.active_adapter not in self.modules_to_save:
             return self.original_module(*args, **kwargs)
         return self.modules_to_save[self.active_adapter](*args, **kwargs)
 
@@ -121,6 +169,25 @@ def is_linear_like(module: nn.Module) -> bool:
     )
 
 
+def lora_kind(module: nn.Module) -> str | None:
+    """``"linear"``, ``"embedding"`` or ``"conv"`` for a layer LoRA can wrap, else None."""
+    if is_linear_like(module):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return "conv"
+    return None
+
+
+def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    r"""``patterns[P]`` for the first ``P`` where ``(.*\.)?(P)$`` matches ``name``, else ``default``."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
 def match_module(name: str, targets: list[str] | str) -> bool:
     """HF PEFT's rule: a str is a regex fullmatch on the path, a list matches exact names or ``.suffix``."""
     if isinstance(targets, str):
@@ -152,7 +219,7 @@ def _walk(model: nn.Module):
     for name, module in model.named_modules():
         if any(name.startswith(s + ".") for s in skip):
             continue
-        if isinstance(module, (fnn.LoraLinear, ModulesToSaveWrapper)):
+        if isinstance(module, (LoraLayerBase, ModulesToSaveWrapper)):
             skip.append(name)
         yield name, module
 
@@ -192,12 +259,59 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list
 
     Raises:
         ValueError: nothing matched (the message names the targets and some module names), or a
-            matched module is not a linear layer.
+            matched module is not a layer kind LoRA wraps (named, with the kinds that are).
     """
+    names = _find_targets(model, config) if config.target_modules is not None or not config.target_parameters else []
+    _check_lora_fits(model, names, config)
+    conv1d = conv1d_class()
+    for name in names:
+        module = model.get_submodule(name)
+        kwargs = dict(
+            r=pattern_value(config.rank_pattern, name, config.r),
+            lora_alpha=pattern_value(config.alpha_pattern, name, config.lora_alpha),
+            lora_dropout=config.lora_dropout,
+            use_rslora=config.use_rslora,
+            init_lora_weights=config.init_lora_weights,
+            lora_bias=config.lora_bias,
+        )
+        if isinstance(module, LoraLayerBase):
+            module.update_layer(adapter_name, **kwargs)
+            continue
+        kind = lora_kind(module)
+        is_conv1d = conv1d is not None and isinstance(module, conv1d)
+        if kind == "linear" and config.fan_in_fan_out and not is_conv1d:
+            # HF PEFT's rule: an [out, in] layer cannot be fan-in-fan-out; it resets the flag and warns.
+            logger.warning("fan_in_fan_out=True but %s is not a Conv1D; setting fan_in_fan_out=False", name)
+            config.fan_in_fan_out = False
+        if kind == "embedding":
+            layer = fnn.LoraEmbedding(module, adapter_name=adapter_name, **kwargs)
+        elif kind == "conv":
+            layer = fnn.LoraConv(module, adapter_name=adapter_name, **kwargs)
+        else:
+            if is_conv1d:
+                config.fan_in_fan_out = True
+                module = linear_from_conv1d(module)
+            elif _is_bnb4(module):
+                module = fnn.NF4Linear.from_bnb(module)
+            layer = fnn.LoraLinear(module, adapter_name=adapter_name, **kwargs)
+            layer._fastpeft_conv1d = is_conv1d
+        layer.train(module.training)  # a new module defaults to training mode; keep the model's mode
+        _set_submodule(model, name, layer)
+    names += inject_parameter_lora(model, config, adapter_name)
+    for name, module in list(_walk(model)):
+        if config.modules_to_save and name and match_module(name, config.modules_to_save):
+            if isinstance(module, ModulesToSaveWrapper):
+                module.update(adapter_name)
+            else:
+                _set_submodule(model, name, ModulesToSaveWrapper(module, adapter_name).train(module.training))
+    inject_trainable_tokens(model, config, adapter_name)
+    return names
+
+
+def _find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     targets = _resolve_targets(model, config)
     head = _output_head(model)
     all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
-    conv1d = conv1d_class()
     names: list[str] = []
     for name, module in list(_walk(model)):
         if not name or isinstance(module, ModulesToSaveWrapper):
@@ -210,10 +324,15 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list
             hit = match_module(name, targets)
         if not hit or (config.exclude_modules and match_module(name, config.exclude_modules)):
             continue
-        if not (is_linear_like(module) or isinstance(module, fnn.LoraLinear)):
+        if isinstance(module, nn.MultiheadAttention):
             raise ValueError(
-                f"target {name!r} is a {type(module).__name__}; LoRA wraps nn.Linear, NF4Linear, "
-                "bitsandbytes Linear4bit and transformers Conv1D only"
+                f"target {name!r} is an nn.MultiheadAttention: fastpeft does not wrap it yet (its fused in_proj "
+                "weight needs its own layer); target the modules around it instead"
+            )
+        if not (lora_kind(module) or isinstance(module, LoraLayerBase)):
+            raise ValueError(
+                f"target {name!r} is a {type(module).__name__}; LoRA wraps nn.Linear, NF4Linear, bitsandbytes "
+                "Linear4bit, transformers Conv1D, nn.Embedding and nn.Conv1d/2d/3d only"
             )
         names.append(name)
     if not names:
@@ -222,60 +341,34 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list
             f"target_modules={targets!r} (exclude_modules={config.exclude_modules!r}) matched no module; "
             f"module names look like: {sample}"
         )
-    _check_lora_fits(model, names, config.r)
-    kwargs = dict(
-        r=config.r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        use_rslora=config.use_rslora,
-        init_lora_weights=config.init_lora_weights,
-    )
-    for name in names:
-        module = model.get_submodule(name)
-        if isinstance(module, fnn.LoraLinear):
-            module.update_layer(adapter_name, **kwargs)
-            continue
-        is_conv = conv1d is not None and isinstance(module, conv1d)
-        if config.fan_in_fan_out and not is_conv:
-            # HF PEFT's rule: an [out, in] layer cannot be fan-in-fan-out; it resets the flag and warns.
-            logger.warning("fan_in_fan_out=True but %s is not a Conv1D; setting fan_in_fan_out=False", name)
-            config.fan_in_fan_out = False
-        if is_conv:
-            config.fan_in_fan_out = True
-            module = linear_from_conv1d(module)
-        elif _is_bnb4(module):
-            module = fnn.NF4Linear.from_bnb(module)
-        layer = fnn.LoraLinear(module, adapter_name=adapter_name, **kwargs)
-        layer.train(module.training)  # a new module defaults to training mode; keep the model's mode
-        layer._fastpeft_conv1d = is_conv
-        _set_submodule(model, name, layer)
-    for name, module in list(_walk(model)):
-        if config.modules_to_save and name and match_module(name, config.modules_to_save):
-            if isinstance(module, ModulesToSaveWrapper):
-                module.update(adapter_name)
-            else:
-                _set_submodule(model, name, ModulesToSaveWrapper(module, adapter_name).train(module.training))
     return names
 
 
-def _check_lora_fits(model: nn.Module, names: list[str], r: int) -> None:
-    """Refuse a rank whose A and B (float32, the most they take) would not fit, before allocating any."""
+def _check_lora_fits(model: nn.Module, names: list[str], config: LoraConfig) -> None:
+    """Refuse ranks whose A and B (float32, the most they take) would not fit, before allocating any."""
     nbytes, device = 0, torch.device("cpu")
     for name in names:
         module = model.get_submodule(name)
+        r = pattern_value(config.rank_pattern, name, config.r)
         if hasattr(module, "in_features"):
             k, n = module.in_features, module.out_features
+        elif isinstance(module, nn.Embedding):
+            k, n = module.num_embeddings, module.embedding_dim
+        elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            k, n = module.weight[0].numel(), module.out_channels
         else:  # Conv1D: weight [in, out]
             k, n = module.weight.shape
         nbytes += 4 * r * (k + n)
         ref = next(itertools.chain(module.parameters(), module.buffers()), None)
         device = ref.device if ref is not None else device
-    check_fits(nbytes, device, f"LoRA with r={r} on {len(names)} layers")
+    check_fits(nbytes, device, f"LoRA with r={config.r} on {len(names)} layers")
 
 
-def lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(path, LoraLinear)`` for every LoRA layer of ``model``."""
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, fnn.LoraLinear)]
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayerBase]]:
+    """``(path, layer)`` for every LoRA layer of ``model`` (linear, embedding, conv, parameter); nested
+    parameter wrappers come inner first, so unwrapping in this order puts each level back in turn."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayerBase)]
+    return sorted(found, key=lambda item: -item[0].count("."))
 
 
 def _wrappers(model: nn.Module) -> list[tuple[str, ModulesToSaveWrapper]]:
@@ -286,9 +379,10 @@ def lora_file_params(model: nn.Module, config: LoraConfig, adapter_name: str) ->
     """File key -> the live tensor it stores, for adapter ``adapter_name`` (HF PEFT's key names)."""
     out: dict[str, torch.Tensor] = {}
     for name, layer in lora_layers(model):
-        if adapter_name in layer.lora_A:
-            out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A[adapter_name].weight
-            out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B[adapter_name].weight
+        if layer._has(adapter_name):
+            for suffix, t in layer_file_params(layer, adapter_name).items():
+                out[f"{PREFIX}{name}.{suffix}"] = t
+    out.update(token_file_params(model, adapter_name))
     wrapped = _wrappers(model)
     for name, wrapper in wrapped:
         if adapter_name in wrapper.modules_to_save:
@@ -300,7 +394,7 @@ def lora_file_params(model: nn.Module, config: LoraConfig, adapter_name: str) ->
         for pname, p in model.named_parameters():
             if not pname.endswith(".bias") or any(pname.startswith(w + ".") for w in inside):
                 continue
-            if ".lora_A." in pname or ".lora_B." in pname:
+            if ".lora_A." in pname or ".lora_B." in pname or ".lora_embedding_" in pname:
                 continue
             if config.bias == "lora_only" and pname.removesuffix(".base_layer.bias") not in lora_paths:
                 continue
@@ -308,46 +402,84 @@ def lora_file_params(model: nn.Module, config: LoraConfig, adapter_name: str) ->
     return out
 
 
-def set_lora_adapter(model: nn.Module, config: LoraConfig, adapter_name: str, trainable: bool) -> None:
-    """Make ``adapter_name`` the active adapter; freeze everything but its weights (all of it if not trainable)."""
+def set_lora_adapter(
+    model: nn.Module, configs: dict[str, LoraConfig], adapter_names: list[str], trainable: bool
+) -> None:
+    """Make ``adapter_names`` the active adapters; freeze everything but their weights (all of it if not trainable).
+
+    Raises:
+        ValueError: two active adapters each have their own trained copy of one module (``modules_to_save``
+            or trainable tokens): forward could use only one of them (HF PEFT refuses this too).
+    """
+    for _, wrapper in _wrappers(model) + token_wrappers(model):
+        present = [a for a in adapter_names if wrapper.has_adapter(a)]
+        if len(present) > 1:
+            raise ValueError(
+                f"adapters {present} each train their own copy of the same module ({type(wrapper).__name__}); "
+                "only one of them can be active at a time"
+            )
     for _, layer in lora_layers(model):
-        has = adapter_name in layer.lora_A
-        if has:
-            layer.set_adapter(adapter_name)
-        layer.disable_adapters = not has
-    for _, wrapper in _wrappers(model):
-        wrapper.active_adapter = adapter_name
-    # After the layers' own set_adapter (which makes the active adapter trainable): freeze all first.
+        if any(layer._has(a) for a in adapter_names):
+            layer.set_adapter(adapter_names)
+        else:
+            layer._active = list(adapter_names)  # none of them here: the layer runs its base alone
+    for _, wrapper in _wrappers(model) + token_wrappers(model):
+        present = [a for a in adapter_names if wrapper.has_adapter(a)]
+        wrapper.active_adapter = present[0] if present else adapter_names[0] if adapter_names else None
+    # After the layers' own set_adapter (which makes the active adapters trainable): freeze all first.
     for p in model.parameters():
         p.requires_grad_(False)
     if trainable:
-        for t in lora_file_params(model, config, adapter_name).values():
-            if isinstance(t, nn.Parameter) or t.is_floating_point():
-                t.requires_grad_(True)
+        for name in adapter_names:
+            for t in lora_file_params(model, configs[name], name).values():
+                if isinstance(t, nn.Parameter) or t.is_floating_point():
+                    t.requires_grad_(True)
 
 
 def delete_lora_adapter(model: nn.Module, adapter_name: str, drop_empty: bool = False) -> None:
     """Remove ``adapter_name`` from every LoRA layer and modules_to_save wrapper of ``model``; with
     ``drop_empty``, a layer or wrapper left without adapters gives its place back to its base."""
     for name, layer in lora_layers(model):
-        if adapter_name in layer.lora_A:
+        if layer._has(adapter_name):
             layer.delete_adapter(adapter_name)
-        if drop_empty and not len(layer.lora_A):
-            base = layer.get_base_layer()
-            if getattr(layer, "_fastpeft_conv1d", False) and isinstance(base, nn.Linear):
-                base = conv1d_from_linear(base)
-            _set_submodule(model, name, base)
-    for name, wrapper in _wrappers(model):
-        if adapter_name in wrapper.modules_to_save:
-            del wrapper.modules_to_save[adapter_name]
-        if drop_empty and not len(wrapper.modules_to_save):
+        if drop_empty and not layer._names():
+            _set_submodule(model, name, _plain_base(layer))
+    for name, wrapper in _wrappers(model) + token_wrappers(model):
+        if wrapper.has_adapter(adapter_name):
+            wrapper.delete_adapter(adapter_name)
+        if drop_empty and not wrapper.adapter_names():
             _set_submodule(model, name, wrapper.original_module)
+
+
+def _plain_base(layer: LoraLayerBase) -> nn.Module:
+    """The module a LoRA layer replaced (a Conv1D turned back from its linear copy)."""
+    if hasattr(layer, "unwrap"):
+        return layer.unwrap()
+    base = layer.get_base_layer()
+    if getattr(layer, "_fastpeft_conv1d", False) and isinstance(base, nn.Linear):
+        base = conv1d_from_linear(base)
+    return base
+
+
+@torch.no_grad()
+def cast_adapter_dtype(model: nn.Module, adapter_name: str) -> None:
+    """Keep ``adapter_name``'s weights in float32 where they were made float16 / bfloat16 (HF PEFT's
+    ``autocast_adapter_dtype``): 16-bit Adam state loses small updates, and fp16 AMP refuses to unscale
+    fp16 gradients. Forward still runs the fused op in the input's dtype."""
+    tensors = [
+        t for _, layer in lora_layers(model) if layer._has(adapter_name) for t in layer._adapter_tensors(adapter_name)
+    ]
+    tensors += [w.token_adapter.trainable_tokens_delta[adapter_name] for _, w in token_wrappers(model)
+                if w.has_adapter(adapter_name)]  # fmt: skip
+    for t in tensors:
+        if t.dtype in (torch.float16, torch.bfloat16):
+            t.data = t.data.float()
 
 
 def set_lora_disabled(model: nn.Module, disabled: bool) -> list[tuple[nn.Module, bool]]:
     """Set ``disable_adapters`` on every LoRA layer and wrapper; returns the previous states to restore."""
     previous = []
-    for _, m in lora_layers(model) + _wrappers(model):
+    for _, m in lora_layers(model) + _wrappers(model) + token_wrappers(model):
         previous.append((m, m.disable_adapters))
         m.disable_adapters = disabled
     return previous
@@ -356,21 +488,18 @@ def set_lora_disabled(model: nn.Module, disabled: bool) -> list[tuple[nn.Module,
 def unload_lora(
     model: nn.Module, merge: bool, safe_merge: bool = False, adapter_names: list[str] | None = None
 ) -> nn.Module:
-    """Put the base layers back, first merging ``adapter_names`` (default: the active one) when ``merge``."""
+    """Put the base layers back, first merging ``adapter_names`` (default: the active ones) when ``merge``."""
     for name, layer in lora_layers(model):
         if merge and adapter_names is not None:
-            present = [a for a in adapter_names if a in layer.lora_A]
+            present = [a for a in adapter_names if layer._has(a)]
             if present:
                 layer.merge(safe_merge=safe_merge, adapter_names=present)
         elif merge and not layer.disable_adapters:
             layer.merge(safe_merge=safe_merge)
-        base = layer.get_base_layer()
-        if getattr(layer, "_fastpeft_conv1d", False) and isinstance(base, nn.Linear):
-            base = conv1d_from_linear(base)
-        _set_submodule(model, name, base)
-    for name, wrapper in _wrappers(model):
+        _set_submodule(model, name, _plain_base(layer))
+    for name, wrapper in _wrappers(model) + token_wrappers(model):
         keep = wrapper.original_module
-        if merge and wrapper.active_adapter in wrapper.modules_to_save:
-            keep = wrapper.modules_to_save[wrapper.active_adapter]
+        if merge:
+            keep = wrapper.merged_module(adapter_names)
         _set_submodule(model, name, keep)
     return model

@@ -15,7 +15,7 @@ import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -24,6 +24,7 @@ from fastpeft import nn as fnn
 from fastpeft.nn.checks import check_adapter_name
 from fastpeft.peft import adapters as adp
 from fastpeft.peft import lora, prompt
+from fastpeft.peft.card import write_model_card
 from fastpeft.peft.config import (
     AdapterConfig,
     LoraConfig,
@@ -32,28 +33,44 @@ from fastpeft.peft.config import (
     config_from_dict,
 )
 from fastpeft.peft.io import CONFIG_NAME, WEIGHTS_NAME, check_state_dict, read_adapter_dir, write_adapter_dir
+from fastpeft.peft.model_lora import LoraMethods
 
-__all__ = ["PeftModel", "TunerModel", "get_peft_model"]
+__all__ = ["LoadResult", "PeftModel", "TunerModel", "get_peft_model"]
 
 # HF PEFT's parameter prefix per method (peft.utils.PEFT_TYPE_TO_PREFIX_MAPPING): an adapter name
 # contained in it makes HF PEFT's key renaming misfire.
 _PEFT_PREFIX = {"LORA": "lora_"}
 
 
+# PeftModel methods HF PEFT also offers on ``peft_model.base_model`` (its LoraModel); TunerModel forwards them.
+_TUNER_METHODS = frozenset(
+    {"set_adapter", "delete_adapter", "merge_adapter", "unmerge_adapter", "merge_and_unload", "unload",
+     "disable_adapter_layers", "enable_adapter_layers", "add_weighted_adapter", "active_adapter", "active_adapters",
+     "peft_config", "set_requires_grad"}
+)  # fmt: skip
+
+
 class TunerModel(nn.Module):
     """Holds the injected model as ``.model`` (HF PEFT's ``LoraModel`` position in the module tree)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, owner: PeftModel | None = None) -> None:
         super().__init__()
         self.model = model
+        self.__dict__["_owner"] = owner  # not a submodule: the PeftModel holds this one
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        owner = self.__dict__.get("_owner")
+        if owner is not None and kwargs.get("adapter_names") is not None:
+            return owner.forward(*args, **kwargs)
         return self.model(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
+            owner = self.__dict__.get("_owner")
+            if owner is not None and name in _TUNER_METHODS:
+                return getattr(owner, name)
             return getattr(super().__getattr__("model"), name)
 
 
@@ -67,16 +84,28 @@ def _kind(config: PeftConfigBase) -> str:
     raise TypeError(f"unsupported config type {type(config).__name__}")
 
 
-class PeftModel(nn.Module):
+class PeftModel(LoraMethods, nn.Module):
     """A model with one or more named adapters of one kind (LoRA, bottleneck adapters, or prompt learning).
 
     Args:
         model: the model to adapt (modified in place for LoRA and bottleneck adapters).
         peft_config: the first adapter's config.
         adapter_name: its name.
+        autocast_adapter_dtype: adapter weights created in float16 / bfloat16 (those of a 16-bit base)
+            are kept in float32, as HF PEFT does by default; the fused kernels still run in the base's dtype
+            with float32 accumulation, and the optimizer state is float32.
+        low_cpu_mem_usage: accepted for HF PEFT compatibility; fastpeft builds adapters directly where
+            their base lives (they are small), so there is nothing to defer.
     """
 
-    def __init__(self, model: nn.Module, peft_config: PeftConfigBase, adapter_name: str = "default") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfigBase,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
         super().__init__()
         self.peft_config: dict[str, PeftConfigBase] = {}
         self._peft_kind = _kind(peft_config)
@@ -84,10 +113,10 @@ class PeftModel(nn.Module):
             self.base_model = model
             self.prompt_encoder = nn.ModuleDict()
         else:
-            self.base_model = TunerModel(model)
-        self.active_adapter = adapter_name
+            self.base_model = TunerModel(model, self)
+        self._active_adapters = [adapter_name]
         self._disabled = False
-        self.add_adapter(adapter_name, peft_config)
+        self.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
         self.set_adapter(adapter_name)
         self.train(model.training)
 
@@ -98,9 +127,20 @@ class PeftModel(nn.Module):
         return self.base_model if self._peft_kind == "prompt" else self.base_model.model
 
     @property
+    def active_adapter(self) -> str | list[str]:
+        """The active adapter's name (a list when several LoRA adapters are active, as HF PEFT)."""
+        names = self._active_adapters
+        return names[0] if len(names) == 1 else list(names)
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The names of the active adapters."""
+        return list(self._active_adapters)
+
+    @property
     def active_peft_config(self) -> PeftConfigBase:
-        """The config of the active adapter."""
-        return self.peft_config[self.active_adapter]
+        """The config of the (first) active adapter."""
+        return self.peft_config[self._active_adapters[0]]
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -112,7 +152,13 @@ class PeftModel(nn.Module):
 
     # -- adapters by name ------------------------------------------------------------------------
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfigBase) -> None:
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: PeftConfigBase,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
         """Add adapter ``adapter_name`` (same kind as the existing ones); the active adapter does not change.
 
         Every way an adapter enters (``get_peft_model``, ``from_pretrained``, ``load_adapter``) passes
@@ -135,6 +181,12 @@ class PeftModel(nn.Module):
         kind = _kind(peft_config)
         if kind != self._peft_kind:
             raise ValueError(f"cannot mix a {kind} adapter into a PeftModel holding {self._peft_kind} adapters")
+        if kind == "lora" and self.peft_config and peft_config.bias != "none":
+            # One shared base bias cannot be trained by two adapters; HF PEFT refuses this too.
+            raise ValueError(
+                f"adapter {adapter_name!r} has bias={peft_config.bias!r}: only one adapter of a model may train "
+                "biases; set bias='none' for every adapter but the first"
+            )
         model = self.get_base_model()
         if peft_config.base_model_name_or_path is None:
             peft_config.base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
@@ -156,9 +208,12 @@ class PeftModel(nn.Module):
             self._remove_partial(adapter_name)
             raise
         self.peft_config[adapter_name] = peft_config
-        # Keep the active adapter's trainable state; the new one stays frozen until set_adapter.
-        if adapter_name != self.active_adapter and self.active_adapter in self.peft_config:
-            self.set_adapter(self.active_adapter)
+        if autocast_adapter_dtype and kind == "lora":
+            lora.cast_adapter_dtype(model, adapter_name)
+        # Keep the active adapters' trainable state; the new one stays frozen until set_adapter.
+        active = [a for a in self._active_adapters if a in self.peft_config]
+        if active and active != [adapter_name]:
+            self.set_adapter(active)
 
     def _remove_partial(self, adapter_name: str) -> None:
         """Take out what a failed ``add_adapter`` put into the model (all of it for the first adapter)."""
@@ -170,30 +225,44 @@ class PeftModel(nn.Module):
         elif adapter_name in self.prompt_encoder:
             del self.prompt_encoder[adapter_name]
 
-    def set_adapter(self, adapter_name: str) -> None:
-        """Make ``adapter_name`` the one used in forward and trained (unless loaded for inference)."""
-        if adapter_name not in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} not found; have {sorted(self.peft_config)}")
-        config = self.peft_config[adapter_name]
-        trainable = not config.inference_mode
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the adapter used in forward and trained (frozen if it was loaded for
+        inference, or with ``inference_mode``). LoRA adapters may be activated together with a list of
+        names: their updates add up, and all of them train.
+
+        Raises:
+            ValueError: an unknown name, or a list for a method other than LoRA.
+        """
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            if name not in self.peft_config:
+                raise ValueError(f"adapter {name!r} not found; have {sorted(self.peft_config)}")
+        if not names:
+            raise ValueError("set_adapter needs at least one adapter name")
+        if len(names) > 1 and self._peft_kind != "lora":
+            raise ValueError(f"only LoRA adapters can be active together, these are {self._peft_kind} adapters")
+        trainable = not inference_mode and not any(self.peft_config[n].inference_mode for n in names)
         model = self.get_base_model()
         if self._peft_kind == "lora":
-            lora.set_lora_adapter(model, config, adapter_name, trainable)
+            lora.set_lora_adapter(model, self.peft_config, names, trainable)
         elif self._peft_kind == "adapter":
-            adp.set_active_adapter(model, adapter_name, trainable)
+            adp.set_active_adapter(model, names[0], trainable)
         else:
             for p in model.parameters():
                 p.requires_grad_(False)
             for name, enc in self.prompt_encoder.items():
-                enc.requires_grad_(trainable and name == adapter_name)
-        self.active_adapter = adapter_name
+                enc.requires_grad_(trainable and name == names[0])
+        self._active_adapters = names
 
     def delete_adapter(self, adapter_name: str) -> None:
-        """Remove ``adapter_name``; deleting the active one activates another that remains."""
+        """Remove ``adapter_name``; deleting an active one leaves the other active ones (or, if none is left,
+        the first remaining adapter) active. The last adapter can be deleted too: the model then runs its base.
+
+        Raises:
+            ValueError: an unknown name.
+        """
         if adapter_name not in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} not found; have {sorted(self.peft_config)}")
-        if len(self.peft_config) == 1:
-            raise ValueError(f"cannot delete {adapter_name!r}, the only adapter (use unload() instead)")
         model = self.get_base_model()
         if self._peft_kind == "lora":
             lora.delete_lora_adapter(model, adapter_name)
@@ -202,12 +271,18 @@ class PeftModel(nn.Module):
         else:
             del self.prompt_encoder[adapter_name]
         del self.peft_config[adapter_name]
-        if self.active_adapter == adapter_name:
-            self.set_adapter(next(iter(self.peft_config)))
+        remaining = [a for a in self._active_adapters if a != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]
+        if remaining:
+            self.set_adapter(remaining)
+        else:
+            self._active_adapters = []
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Context manager: inside it the model computes exactly the base model."""
+        """Context manager: inside it the model computes exactly the base model, and the adapters' weights
+        do not require grad (HF PEFT's rule); both come back as they were on exit."""
         model = self.get_base_model()
         if self._peft_kind == "lora":
             previous = lora.set_lora_disabled(model, True)
@@ -215,6 +290,9 @@ class PeftModel(nn.Module):
             previous = adp.set_adapters_disabled(model, True)
         else:
             previous = []
+        grads = [(p, p.requires_grad) for p in self.parameters()]
+        for p, _ in grads:
+            p.requires_grad_(False)
         old = self._disabled
         self._disabled = True
         try:
@@ -223,6 +301,8 @@ class PeftModel(nn.Module):
             self._disabled = old
             for module, state in previous:
                 module.disable_adapters = state
+            for p, state in grads:
+                p.requires_grad_(state)
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
@@ -285,10 +365,18 @@ class PeftModel(nn.Module):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        adapter_names: list[str] | None = None,
         **kwargs: Any,
     ) -> Any:
-        """The adapted model's forward (for prompt learning: virtual tokens / prefixes added first)."""
+        """The adapted model's forward (for prompt learning: virtual tokens / prefixes added first).
+
+        Args:
+            adapter_names: LoRA only: one adapter name per sample (``"__base__"``: no adapter), so one batch
+                serves several adapters (HF PEFT's mixed-adapter batches; inference only).
+        """
         if self._peft_kind == "prompt" and not self._disabled:
+            if adapter_names is not None:
+                raise ValueError("adapter_names (mixed-adapter batches) works with LoRA adapters only")
             if args:
                 input_ids, args = args[0], args[1:]
             if args:
@@ -296,13 +384,15 @@ class PeftModel(nn.Module):
             return prompt.forward(self, input_ids, attention_mask, inputs_embeds, labels, **kwargs)
         named = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels)
         kwargs.update({k: v for k, v in named.items() if v is not None})
-        return self.get_base_model()(*args, **kwargs)
+        with self._mixed_batch(adapter_names, args, kwargs):
+            return self.get_base_model()(*args, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The model's ``generate``, with the prompt / prefix in place for prompt learning."""
         if self._peft_kind == "prompt" and not self._disabled:
             return prompt.generate(self, *args, **kwargs)
-        return self.get_base_model().generate(*args, **kwargs)
+        with self._mixed_batch(adapter_names, args, kwargs, generating=True):
+            return self.get_base_model().generate(*args, **kwargs)
 
     # -- files -----------------------------------------------------------------------------------
 
@@ -315,19 +405,86 @@ class PeftModel(nn.Module):
             return adp.adapter_file_params(model, adapter_name)
         return {"prompt_embeddings": prompt.embeddings_to_save(self, adapter_name)}
 
-    def save_pretrained(self, save_directory: str | os.PathLike, selected_adapters: list[str] | None = None) -> None:
-        """Write each adapter in HF PEFT's layout: ``default`` in ``save_directory``, others in ``<dir>/<name>/``."""
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: str | bool = "auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write each adapter in HF PEFT's layout: ``default`` in ``save_directory``, others in ``<dir>/<name>/``;
+        a README.md model card beside each, as HF PEFT writes.
+
+        Args:
+            save_directory: the directory (created if needed).
+            safe_serialization: must be True: fastpeft writes safetensors only (HF PEFT reads them as well).
+            selected_adapters: the adapters to save (default: all).
+            save_embedding_layers: ``"auto"`` or False; fastpeft never resizes or saves whole embedding tables.
+            is_main_process: False writes nothing (HF PEFT's multi-process convention).
+            path_initial_model_for_weight_conversion: not supported (HF PEFT's PiSSA / OLoRA conversion).
+            kwargs: HF PEFT passes hub-upload arguments here; none of them applies to a local save.
+
+        Raises:
+            ValueError: an unknown adapter, or an option fastpeft does not implement (named).
+        """
+        if not safe_serialization:
+            raise ValueError(
+                "save_pretrained(safe_serialization=False): fastpeft writes adapter_model.safetensors only "
+                "(never pickle files); HF PEFT loads those as well"
+            )
+        if save_embedding_layers not in ("auto", False):
+            raise ValueError(f"save_pretrained(save_embedding_layers={save_embedding_layers!r}) is not supported")
+        if path_initial_model_for_weight_conversion is not None:
+            raise ValueError(
+                "save_pretrained(path_initial_model_for_weight_conversion=...) is not supported: save the "
+                "PiSSA / OLoRA adapter as it is and keep its residual base model beside it"
+            )
+        unknown = set(kwargs) - _HUB_KWARGS
+        if unknown:
+            raise TypeError(f"save_pretrained() got unexpected keyword arguments {sorted(unknown)}")
+        if not is_main_process:
+            return
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"adapter {name!r} not found; have {sorted(self.peft_config)}")
+        for name in names:
             target = Path(save_directory) if name == "default" else Path(save_directory) / name
             config = self.peft_config[name].to_dict()
             config["inference_mode"] = True  # what HF PEFT writes: a saved adapter loads for inference
             write_adapter_dir(target, config, self._file_params(name))
+            write_model_card(target, self.peft_config[name], self.get_base_model())
 
-    def load_adapter(self, model_id: str | os.PathLike, adapter_name: str, is_trainable: bool = False) -> None:
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | torch.device | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        **kwargs: Any,
+    ) -> LoadResult:
         """Add adapter ``adapter_name`` from a directory written by fastpeft or HF PEFT.
+
+        Args:
+            model_id: a local adapter directory (``subfolder=`` is joined to it).
+            adapter_name: the name to give the adapter.
+            is_trainable: keep it trainable; by default it loads frozen for inference.
+            torch_device: where to read the tensors to; the adapter lives on its base layers' device anyway.
+            autocast_adapter_dtype: as in ``PeftModel``.
+            ephemeral_gpu_offload, low_cpu_mem_usage: accepted; nothing to do in fastpeft.
+            key_mapping: not supported (fastpeft reads HF PEFT's key names only).
+            kwargs: ``subfolder``, ``device_map`` (adapters follow their base layers, so there is nothing to
+                dispatch) and hub arguments (fastpeft reads local directories only).
+
+        Returns:
+            ``(missing_keys, unexpected_keys)``, both empty: a file that does not match fails instead.
 
         Raises:
             FileNotFoundError: a file is missing.
@@ -337,21 +494,31 @@ class PeftModel(nn.Module):
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists")
-        cfg_dict, tensors = read_adapter_dir(model_id)
-        cfg_path = Path(model_id) / CONFIG_NAME
+        directory = _load_options(model_id, key_mapping, kwargs)
+        cfg_dict, tensors = read_adapter_dir(directory)
+        cfg_path = directory / CONFIG_NAME
         config = config_from_dict(cfg_dict, str(cfg_path))
         config.inference_mode = not is_trainable
         with _named_source(cfg_path):
-            self.add_adapter(adapter_name, _without_init(config))
+            self.add_adapter(adapter_name, _without_init(config), autocast_adapter_dtype=autocast_adapter_dtype)
         self.peft_config[adapter_name] = config
         try:
-            self._load_tensors(adapter_name, tensors, Path(model_id) / WEIGHTS_NAME)
+            self._load_tensors(adapter_name, tensors, directory / WEIGHTS_NAME, torch_device)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
-        self.set_adapter(self.active_adapter)
+        self.set_adapter(self.active_adapters)
+        return LoadResult([], [])
 
-    def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    def _load_tensors(
+        self,
+        adapter_name: str,
+        tensors: dict[str, torch.Tensor],
+        source: Path,
+        torch_device: str | torch.device | None = None,
+    ) -> None:
+        if torch_device is not None:
+            tensors = {k: t.to(torch_device) for k, t in tensors.items()}
         if self._peft_kind == "prompt":
             prompt.load_embeddings(self, adapter_name, tensors, source)
             return
@@ -369,6 +536,12 @@ class PeftModel(nn.Module):
         adapter_name: str = "default",
         is_trainable: bool = False,
         config: PeftConfigBase | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        torch_device: str | torch.device | None = None,
+        **kwargs: Any,
     ) -> PeftModel:
         """Load an adapter directory (fastpeft's or HF PEFT's) onto ``model``.
 
@@ -378,6 +551,8 @@ class PeftModel(nn.Module):
             adapter_name: the name to give the adapter.
             is_trainable: keep the adapter trainable; by default it loads frozen for inference.
             config: use this config instead of the directory's ``adapter_config.json``.
+            autocast_adapter_dtype, torch_device, ephemeral_gpu_offload, low_cpu_mem_usage, key_mapping,
+                kwargs: as in ``load_adapter``.
 
         Raises:
             FileNotFoundError: a file is missing.
@@ -386,17 +561,18 @@ class PeftModel(nn.Module):
                 model is left as it was.
         """
         check_adapter_name(adapter_name)
-        cfg_dict, tensors = read_adapter_dir(model_id)
-        cfg_path = Path(model_id) / CONFIG_NAME
+        directory = _load_options(model_id, key_mapping, kwargs)
+        cfg_dict, tensors = read_adapter_dir(directory)
+        cfg_path = directory / CONFIG_NAME
         from_file = config is None
         if from_file:
             config = config_from_dict(cfg_dict, str(cfg_path))
         config.inference_mode = not is_trainable
         with _named_source(cfg_path) if from_file else contextlib.nullcontext():
-            peft_model = cls(model, _without_init(config), adapter_name)
+            peft_model = cls(model, _without_init(config), adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         peft_model.peft_config[adapter_name] = config
         try:
-            peft_model._load_tensors(adapter_name, tensors, Path(model_id) / WEIGHTS_NAME)
+            peft_model._load_tensors(adapter_name, tensors, directory / WEIGHTS_NAME, torch_device)
         except Exception:
             peft_model.unload()  # hand the caller's model back as it was
             raise
@@ -404,6 +580,40 @@ class PeftModel(nn.Module):
         if not is_trainable:
             peft_model.eval()  # loaded for inference: no dropout, as HF PEFT does
         return peft_model
+
+
+class LoadResult(NamedTuple):
+    """What ``load_adapter`` returns (HF PEFT returns torch's ``_IncompatibleKeys``, these two fields)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+# Keyword arguments HF PEFT hands to the hub; accepted and unused for local directories.
+_HUB_KWARGS = frozenset(
+    {"revision", "cache_dir", "token", "use_auth_token", "local_files_only", "force_download", "proxies",
+     "resume_download", "push_to_hub", "commit_message", "private", "create_pr", "max_shard_size", "variant",
+     "device_map", "max_memory", "offload_folder", "offload_dir", "offload_index", "use_safetensors",
+     "adapter_name", "subfolder", "user_agent"}
+)  # fmt: skip
+
+
+def _load_options(model_id: str | os.PathLike, key_mapping: dict | None, kwargs: dict[str, Any]) -> Path:
+    """The local directory to read, after checking the loading options HF PEFT takes."""
+    if key_mapping:
+        raise ValueError("key_mapping is not supported: fastpeft reads HF PEFT's own key names")
+    unknown = set(kwargs) - _HUB_KWARGS
+    if unknown:
+        raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
+    directory = Path(model_id)
+    if kwargs.get("subfolder"):
+        directory = directory / kwargs["subfolder"]
+    if not directory.exists() and not os.path.isabs(model_id) and str(model_id).count("/") == 1:
+        raise FileNotFoundError(
+            f"{model_id}: no such local directory; fastpeft never downloads (fetch it first, e.g. with "
+            "huggingface_hub.snapshot_download, and pass the local path)"
+        )
+    return directory
 
 
 @contextlib.contextmanager
@@ -422,9 +632,31 @@ def _without_init(config: PeftConfigBase) -> PeftConfigBase:
     return config
 
 
-def get_peft_model(model: nn.Module, peft_config: PeftConfigBase, adapter_name: str = "default") -> PeftModel:
+def get_peft_model(
+    model: nn.Module,
+    peft_config: PeftConfigBase,
+    adapter_name: str = "default",
+    mixed: bool = False,
+    autocast_adapter_dtype: bool = True,
+    revision: str | None = None,
+    low_cpu_mem_usage: bool = False,
+) -> PeftModel:
     """Inject the adapter ``peft_config`` describes into ``model`` and return the ``PeftModel``.
 
     The base model's parameters are frozen; only the adapter's (and ``modules_to_save`` copies') train.
+
+    Args:
+        model: the model (modified in place for LoRA and bottleneck adapters).
+        peft_config: the adapter's config.
+        adapter_name: its name.
+        mixed: must be False (HF PEFT's PeftMixedModel, mixing adapter types, is not implemented).
+        autocast_adapter_dtype: keep 16-bit adapters in float32 (HF PEFT's default; see ``PeftModel``).
+        revision: recorded as the config's ``revision`` (the base model's revision).
+        low_cpu_mem_usage: accepted (see ``PeftModel``).
     """
-    return PeftModel(model, peft_config, adapter_name)
+    if mixed:
+        raise ValueError("get_peft_model(mixed=True) is not supported: fastpeft has no PeftMixedModel")
+    if revision is not None:
+        peft_config.revision = revision
+    return PeftModel(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                     low_cpu_mem_usage=low_cpu_mem_usage)  # fmt: skip

@@ -21,8 +21,8 @@ from fastpeft.peft import config_from_dict, io
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("use_dora", True), ("lora_bias", True), ("layers_to_transform", [0]), ("rank_pattern", {"q_proj": 4}),
-     ("alpha_pattern", {"q_proj": 2}), ("use_qalora", True), ("layers_pattern", "layers")],
+    [("use_dora", True), ("layers_to_transform", [0]), ("use_qalora", True), ("layers_pattern", "layers"),
+     ("init_lora_weights", "loftq"), ("init_lora_weights", "corda"), ("init_lora_weights", "eva")],
 )  # fmt: skip
 def test_unsupported_lora_option_is_named(option, value):
     with pytest.raises(ValueError, match=option):
@@ -133,7 +133,11 @@ def test_interrupted_save_keeps_the_old_adapter(tmp_path, monkeypatch):
     again = PeftModel.from_pretrained(build("llama"), tmp_path)
     with torch.no_grad():
         assert max_diff(again(**inputs).logits, pm(**inputs).logits) == 0.0
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
     mask = os.umask(0)
     os.umask(mask)
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
@@ -209,7 +213,8 @@ def test_bad_adapter_names_are_refused_where_they_enter(tmp_path, name):
         assert list(pm.peft_config) == ["default"], f"{how} left an adapter behind"
     pm.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "elsewhere").exists(), "an adapter was written outside the output folder"
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    names = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert names == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_peft_prefix_rule_applies_to_lora_names_only():

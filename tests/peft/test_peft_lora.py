@@ -196,8 +196,8 @@ def test_modules_to_save_naming():
 def test_nothing_matched_names_targets_and_modules():
     with pytest.raises(ValueError, match=r"(?s)nope.*model\.layers"):
         get_peft_model(build("llama"), LoraConfig(target_modules=["nope"]))
-    with pytest.raises(ValueError, match="Embedding"):
-        get_peft_model(build("llama"), LoraConfig(target_modules=["embed_tokens"]))
+    with pytest.raises(ValueError, match="LlamaRMSNorm; LoRA wraps"):
+        get_peft_model(build("llama"), LoraConfig(target_modules=["input_layernorm"]))
 
 
 def test_seq_cls_trains_the_head_like_peft(tmp_path):

@@ -1,0 +1,297 @@
+"""LoRA on ``nn.Embedding`` and ``nn.Conv1d/2d/3d``: HF PEFT's layers, names and math, in plain torch.
+
+``LoraEmbedding`` (``y = E[x] + s·(Aᵀ[x])·Bᵀ``): ``lora_embedding_A[name]`` ``[r, num_embeddings]`` and
+``lora_embedding_B[name]`` ``[embedding_dim, r]`` (``nn.Parameter``s, file keys without ``.weight``).
+Default init: A = 0, B ~ N(0, 1) (the LoRA paper's embedding init). No dropout, as in HF PEFT.
+
+``LoraConv`` (``y = conv(x) + s·B(A(drop(x)))``): ``lora_A[name]`` is a conv of the base's kind, kernel,
+stride, padding and dilation from ``in_channels`` to ``r``; ``lora_B[name]`` a 1×…×1 conv from ``r`` to
+``out_channels`` with the base's ``groups`` (so ``r`` must be a multiple of ``groups``), bias with
+``lora_bias``. A 1×1 convolution without stride or padding is a linear map over channels: it runs
+``fastpeft.ops.lora.lora_linear``, the fused op. Other kernels run the two convolutions: the LoRA update is
+``r`` channels wide, and a fused kernel would only save one small intermediate.
+Merging needs ``delta W = s·B·A`` in the base weight's shape, which exists only for ``groups == 1``
+(a grouped base cannot absorb the ungrouped ``A``): merging a grouped layer raises, as in HF PEFT.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fastpeft.nn.lora_base import LoraLayerBase, check_lora_args
+from fastpeft.ops.lora import lora_linear
+
+__all__ = ["LoraConv", "LoraEmbedding"]
+
+_INIT_CHOICES = "True, False or 'gaussian'"
+
+
+def _check_init(layer: str, init: object) -> None:
+    gaussian = isinstance(init, str) and init.lower() == "gaussian"
+    if not (init is True or init is False or gaussian):
+        raise ValueError(f"init_lora_weights={init!r} is not supported for {layer} layers ({_INIT_CHOICES})")
+
+
+class LoraEmbedding(LoraLayerBase):
+    """LoRA on a frozen ``nn.Embedding`` (see module doc).
+
+    Args:
+        base_layer: the embedding (frozen here).
+        r, lora_alpha, lora_dropout, use_rslora, adapter_name: as ``LoraLinear``; dropout is recorded
+            but not applied (HF PEFT applies none to embeddings).
+        init_lora_weights: True / "gaussian" (A = 0, B ~ N(0, 1)) or False (both N(0, 1)).
+    """
+
+    adapter_layer_names = ("lora_embedding_A", "lora_embedding_B")
+
+    def __init__(
+        self,
+        base_layer: nn.Embedding,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        adapter_name: str = "default",
+        init_lora_weights: bool | str = True,
+        lora_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, nn.Embedding):
+            raise TypeError(f"base_layer must be an nn.Embedding, got {type(base_layer).__name__}")
+        self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
+        self.base_layer = base_layer
+        base_layer.requires_grad_(False)
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self._init_tables()
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias)
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        lora_bias: bool = False,
+    ) -> None:
+        """Add (or replace) adapter ``adapter_name`` (see ``LoraLinear.update_layer``).
+
+        Raises:
+            ValueError: bad arguments, an initialization embeddings do not have, or ``lora_bias`` (an
+                embedding's LoRA has no ``lora_B`` module to hold a bias, as in HF PEFT).
+        """
+        check_lora_args(adapter_name, r, lora_alpha, lora_dropout)
+        _check_init("embedding", init_lora_weights)
+        if lora_bias:
+            raise ValueError("lora_bias=True is not supported for embedding layers (HF PEFT has none either)")
+        weight = self.base_layer.weight
+        a = torch.randn(r, self.in_features, device=weight.device, dtype=weight.dtype)
+        b = torch.randn(self.out_features, r, device=weight.device, dtype=weight.dtype)
+        if init_lora_weights is not False:
+            a.zero_()
+        self.lora_embedding_A[adapter_name] = nn.Parameter(a)
+        self.lora_embedding_B[adapter_name] = nn.Parameter(b)
+        self._record(adapter_name, r, lora_alpha, lora_dropout, use_rslora, False)
+
+    def file_params(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """HF PEFT's file key suffixes -> the tensors saved for ``adapter_name``."""
+        return {
+            "lora_embedding_A": self.lora_embedding_A[adapter_name],
+            "lora_embedding_B": self.lora_embedding_B[adapter_name],
+        }
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``s·(B·A)ᵀ`` ``[num_embeddings, embedding_dim]`` in float32."""
+        a = self.lora_embedding_A[adapter_name].detach().float()
+        b = self.lora_embedding_B[adapter_name].detach().float()
+        return self.scaling[adapter_name] * (b @ a).T
+
+    def _embed(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.embedding(x, table, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq,
+                           base.sparse)  # fmt: skip
+
+    def _branch(self, x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+        a = self.lora_embedding_A[name].to(dtype)
+        b = self.lora_embedding_B[name].to(dtype)
+        return self.scaling[name] * (self._embed(x, a.T) @ b.T)
+
+    def forward(self, x: torch.Tensor, *args: object, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
+        """``x`` integer ids ``[...] -> [..., embedding_dim]``; ``adapter_names`` as ``LoraLinear.forward``."""
+        y = self.base_layer(x)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+                y = self.base_layer(x)
+            return y
+        if adapter_names is not None:
+            if self.merged:
+                raise ValueError("adapter_names cannot be used while adapters are merged into the base; unmerge first")
+            for name in dict.fromkeys(adapter_names):
+                if name != "__base__" and self._has(name):
+                    rows = [i for i, n in enumerate(adapter_names) if n == name]
+                    y[rows] += self._branch(x[rows], name, y.dtype)
+            return y
+        if self.merged:
+            return y
+        for name in self._present_active():
+            y = y + self._branch(x, name, y.dtype)
+        return y
+
+
+class LoraConv(LoraLayerBase):
+    """LoRA on a frozen ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (see module doc).
+
+    Args:
+        base_layer: the convolution (frozen here); ``r`` must be a multiple of its ``groups``.
+        r, lora_alpha, lora_dropout, use_rslora, adapter_name, lora_bias: as ``LoraLinear``.
+        init_lora_weights: True (A kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r²)) or False.
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int = 8,
+        lora_alpha: float = 8,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        adapter_name: str = "default",
+        init_lora_weights: bool | str = True,
+        lora_bias: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            raise TypeError(f"base_layer must be an nn.Conv1d, Conv2d or Conv3d, got {type(base_layer).__name__}")
+        if base_layer.padding_mode != "zeros":
+            raise ValueError(f"LoRA on a convolution needs padding_mode='zeros', got {base_layer.padding_mode!r}")
+        self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
+        self.base_layer = base_layer
+        base_layer.requires_grad_(False)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self._init_tables()
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias)
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool | str = True,
+        lora_bias: bool = False,
+    ) -> None:
+        """Add (or replace) adapter ``adapter_name`` (see ``LoraLinear.update_layer``).
+
+        Raises:
+            ValueError: bad arguments, an initialization convolutions do not have, or ``r`` not a multiple of
+                the base's ``groups``.
+        """
+        check_lora_args(adapter_name, r, lora_alpha, lora_dropout)
+        _check_init("convolution", init_lora_weights)
+        base = self.base_layer
+        if r % base.groups:
+            raise ValueError(f"r={r} must be a multiple of the convolution's groups={base.groups}")
+        kind, ones = type(base), (1,) * len(base.kernel_size)
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        lora_a = kind(self.in_features, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False,
+                      **factory)  # fmt: skip
+        lora_b = kind(r, self.out_features, ones, ones, groups=base.groups, bias=bool(lora_bias), **factory)
+        if init_lora_weights is not False:
+            with torch.no_grad():
+                if init_lora_weights is True:
+                    nn.init.kaiming_uniform_(lora_a.weight, a=math.sqrt(5))
+                else:
+                    nn.init.normal_(lora_a.weight, std=1 / r)
+                nn.init.zeros_(lora_b.weight)
+                if lora_b.bias is not None:
+                    nn.init.zeros_(lora_b.bias)
+        self.lora_A[adapter_name] = lora_a
+        self.lora_B[adapter_name] = lora_b
+        self._record(adapter_name, r, lora_alpha, lora_dropout, use_rslora, lora_bias)
+
+    def file_params(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """HF PEFT's file key suffixes -> the tensors saved for ``adapter_name``."""
+        out = {"lora_A.weight": self.lora_A[adapter_name].weight, "lora_B.weight": self.lora_B[adapter_name].weight}
+        if self.lora_B[adapter_name].bias is not None:
+            out["lora_B.bias"] = self.lora_B[adapter_name].bias
+        return out
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """``s·B·A`` in the base weight's shape ``[out, in, *kernel]``, float32 (``groups == 1`` only).
+
+        Raises:
+            ValueError: a grouped base (its weight cannot hold the ungrouped ``A``).
+        """
+        if self.base_layer.groups > 1:
+            raise ValueError("merging LoRA into a convolution with groups > 1 is not possible (HF PEFT refuses too)")
+        a = self.lora_A[adapter_name].weight.detach().float()
+        b = self.lora_B[adapter_name].weight.detach().float().flatten(1)
+        return self.scaling[adapter_name] * torch.einsum("or,ri...->oi...", b, a)
+
+    def _is_pointwise(self) -> bool:
+        base = self.base_layer
+        return (
+            all(k == 1 for k in base.kernel_size)
+            and all(s == 1 for s in base.stride)
+            and base.groups == 1
+            and (isinstance(base.padding, str) or all(p == 0 for p in base.padding))
+        )
+
+    def _branch(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """``s·B(A(drop(x)))`` in ``x``'s dtype."""
+        a, b = self.lora_A[name], self.lora_B[name]
+        dtype = x.dtype
+        h = a._conv_forward(self.lora_dropout[name](x), a.weight.to(dtype), None)
+        bias = b.bias.to(dtype) if b.bias is not None else None
+        return self.scaling[name] * b._conv_forward(h, b.weight.to(dtype), bias)
+
+    def forward(self, x: torch.Tensor, *args: object, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
+        """``x [N, C_in, *spatial] -> [N, C_out, *spatial']``; ``adapter_names`` as ``LoraLinear.forward``."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x)
+        if adapter_names is not None:
+            if self.merged:
+                raise ValueError("adapter_names cannot be used while adapters are merged into the base; unmerge first")
+            y = self.base_layer(x)
+            for name in dict.fromkeys(adapter_names):
+                if name != "__base__" and self._has(name):
+                    rows = [i for i, n in enumerate(adapter_names) if n == name]
+                    y[rows] += self._branch(x[rows].to(self.lora_A[name].weight.dtype), name).to(y.dtype)
+            return y
+        names = self._present_active()
+        if self.merged or not names:
+            return self.base_layer(x)
+        if self._is_pointwise():
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+            y, rest = self._pointwise(x.to(dtype), names[0]), names[1:]
+        else:
+            y, rest = self.base_layer(x), names
+        for name in rest:
+            y = y + self._branch(x.to(self.lora_A[name].weight.dtype), name).to(y.dtype)
+        return y
+
+    def _pointwise(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """A 1×1 convolution as the fused linear over the channel axis (channels moved last and back)."""
+        base, a, b = self.base_layer, self.lora_A[name], self.lora_B[name]
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        dtype = x.dtype
+        bias = base.bias.to(dtype) if base.bias is not None else None
+        y = lora_linear(
+            x.movedim(1, -1), base.weight.flatten(1).to(dtype), bias, a.weight.flatten(1).to(dtype),
+            b.weight.flatten(1).to(dtype), self.scaling[name], dropout_p=p, training=self.training,
+        ).movedim(-1, 1)  # fmt: skip
+        if b.bias is not None:
+            y = y + self.scaling[name] * b.bias.to(dtype).view(-1, *([1] * (y.dim() - 2)))
+        return y
