@@ -131,8 +131,8 @@ def set_peft_model_state_dict(
                 if ignore_mismatched_sizes:
                     continue
                 raise ValueError(f"{key}: the state dict has shape {tuple(value.shape)}, the adapter {tuple(t.shape)}")
-            if t.device.type == "meta":
-                t.data = value.detach().to(device=device, dtype=t.dtype).clone()
+            if t.device.type == "meta":  # left there by inject_adapter_in_model(low_cpu_mem_usage=True)
+                _replace_param(base, names[id(t)], value.detach().to(device=device, dtype=t.dtype).clone())
             else:
                 t.copy_(value.to(device=t.device, dtype=t.dtype))
     unexpected = sorted(set(peft_model_state_dict) - set(params))
@@ -220,14 +220,19 @@ def inject_adapter_in_model(
     model.__dict__["_fastpeft_peft_config"] = configs
     lora.set_lora_adapter(model, configs, [adapter_name], trainable=not peft_config.inference_mode)
     if low_cpu_mem_usage:
+        names = _memory_names(model)
         for t in lora.lora_file_params(model, peft_config, adapter_name).values():
-            if t.is_floating_point():
-                t.data = torch.empty_like(t, device="meta")
+            _replace_param(model, names[id(t)], torch.empty_like(t, device="meta"))
     return model
 
 
-def _is_norm(module: nn.Module) -> bool:
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "norm" in type(module).__name__.lower()
+def _replace_param(model: nn.Module, key: str, value: torch.Tensor) -> None:
+    """Put a new ``nn.Parameter`` holding ``value`` where ``key`` is (moving a tensor off the meta device
+    needs a new parameter: its storage cannot be swapped in place)."""
+    owner_name, _, attr = key.rpartition(".")
+    owner = model.get_submodule(owner_name) if owner_name else model
+    old = getattr(owner, attr)
+    setattr(owner, attr, nn.Parameter(value, requires_grad=old.requires_grad))
 
 
 def prepare_model_for_kbit_training(
@@ -238,16 +243,16 @@ def prepare_model_for_kbit_training(
 ) -> nn.Module:
     """Prepare a quantized (fastpeft NF4 or bitsandbytes) model for LoRA training, as QLoRA recipes call it.
 
+    What HF PEFT's function does, for fastpeft's NF4 layers too:
+
     1. Freeze every parameter.
-    2. Keep normalization layers in float32 (their 16-bit weights are upcast), and let each ``NF4Linear``
-       without a compute dtype compute in its weight's original 16-bit dtype, as bitsandbytes'
-       ``bnb_4bit_compute_dtype`` does: activations that reach it in float32 are cast down for the matmul
-       and its output back up. HF PEFT upcasts *every* 16-bit parameter, the embedding table and the
-       output head included; fastpeft leaves those in 16 bits (they are frozen, and on an 8B model the two
-       would take 2 GB more in float32).
+    2. Upcast every float16 / bfloat16 parameter that is not quantized (norms, embedding table, output
+       head, biases) to float32, so the residual stream, the norms and the loss run in float32. Each
+       ``NF4Linear`` without a compute dtype is given its weight's original 16-bit dtype, as bitsandbytes'
+       ``bnb_4bit_compute_dtype``: its float32 input is cast down for the fused kernel and the output back up.
     3. For a quantized model with ``use_gradient_checkpointing``: make the input embeddings' output require
-       grad (needed by re-entrant checkpointing when no parameter before the first block trains) and turn on
-       the model's gradient checkpointing with ``gradient_checkpointing_kwargs``.
+       grad (re-entrant checkpointing needs an input that requires grad when nothing before the first block
+       trains) and turn on the model's gradient checkpointing with ``gradient_checkpointing_kwargs``.
 
     Returns:
         ``model`` (changed in place).
@@ -262,10 +267,10 @@ def prepare_model_for_kbit_training(
             quantized = True
             if module.compute_dtype is None and module.weight_nf4.dtype in sixteen:
                 module.compute_dtype = module.weight_nf4.dtype
-        elif _is_norm(module):
-            for p in module.parameters(recurse=False):
-                if p.dtype in sixteen:
-                    p.data = p.data.float()
+    for p in model.parameters():
+        # bitsandbytes' packed 4-bit weights are uint8 (or a float storage type marked Params4bit): left alone
+        if p.dtype in sixteen and type(p).__name__ != "Params4bit":
+            p.data = p.data.float()
     if auto_clear_cache and torch.cuda.is_available():
         torch.cuda.empty_cache()
     if quantized and use_gradient_checkpointing:

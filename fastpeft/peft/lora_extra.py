@@ -63,6 +63,11 @@ def inject_parameter_lora(model: nn.Module, config: LoraConfig, adapter_name: st
             )
         for path in hits:
             mod_name, pname = owned[path]
+            if not mod_name:
+                raise ValueError(
+                    f"target_parameters entry {target!r} is a parameter of the model itself; wrap the module "
+                    "that owns it in a container (HF PEFT refuses top-level parameters too)"
+                )
             r = pattern_value(config.rank_pattern, path, config.r)
             alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
             outer_name = _outermost(model, mod_name)
