@@ -129,7 +129,7 @@ def register_causal_sdpa() -> str:
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if CAUSAL_SDPA not in AttentionInterface._global_mapping:
+    if CAUSAL_SDPA not in AttentionInterface():
         AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
     return CAUSAL_SDPA
 
