@@ -21,7 +21,8 @@ from torch import nn
 from fastpeft import nn as fnn
 from fastpeft.peft import lora
 from fastpeft.peft.config import LoraConfig, PeftConfigBase
-from fastpeft.peft.model import LoadResult, PeftModel
+from fastpeft.peft.load_options import LoadResult
+from fastpeft.peft.model import PeftModel
 
 __all__ = [
     "get_base_model_state_dict",

@@ -15,13 +15,14 @@ import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
 
 from fastpeft import nn as fnn
 from fastpeft.nn.checks import check_adapter_name
+from fastpeft.nn.lora_init import is_weight_init
 from fastpeft.peft import adapters as adp
 from fastpeft.peft import lora, prompt
 from fastpeft.peft.card import write_model_card
@@ -33,45 +34,15 @@ from fastpeft.peft.config import (
     config_from_dict,
 )
 from fastpeft.peft.io import CONFIG_NAME, WEIGHTS_NAME, check_state_dict, read_adapter_dir, write_adapter_dir
+from fastpeft.peft.load_options import LoadResult, check_save_options, local_adapter_dir
 from fastpeft.peft.model_lora import LoraMethods
+from fastpeft.peft.tuner import TunerModel
 
 __all__ = ["LoadResult", "PeftModel", "TunerModel", "get_peft_model"]
 
 # HF PEFT's parameter prefix per method (peft.utils.PEFT_TYPE_TO_PREFIX_MAPPING): an adapter name
 # contained in it makes HF PEFT's key renaming misfire.
 _PEFT_PREFIX = {"LORA": "lora_"}
-
-
-# PeftModel methods HF PEFT also offers on ``peft_model.base_model`` (its LoraModel); TunerModel forwards them.
-_TUNER_METHODS = frozenset(
-    {"set_adapter", "delete_adapter", "merge_adapter", "unmerge_adapter", "merge_and_unload", "unload",
-     "disable_adapter_layers", "enable_adapter_layers", "add_weighted_adapter", "active_adapter", "active_adapters",
-     "peft_config", "set_requires_grad"}
-)  # fmt: skip
-
-
-class TunerModel(nn.Module):
-    """Holds the injected model as ``.model`` (HF PEFT's ``LoraModel`` position in the module tree)."""
-
-    def __init__(self, model: nn.Module, owner: PeftModel | None = None) -> None:
-        super().__init__()
-        self.model = model
-        self.__dict__["_owner"] = owner  # not a submodule: the PeftModel holds this one
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        owner = self.__dict__.get("_owner")
-        if owner is not None and kwargs.get("adapter_names") is not None:
-            return owner.forward(*args, **kwargs)
-        return self.model(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            owner = self.__dict__.get("_owner")
-            if owner is not None and name in _TUNER_METHODS:
-                return getattr(owner, name)
-            return getattr(super().__getattr__("model"), name)
 
 
 def _kind(config: PeftConfigBase) -> str:
@@ -430,21 +401,7 @@ class PeftModel(LoraMethods, nn.Module):
         Raises:
             ValueError: an unknown adapter, or an option fastpeft does not implement (named).
         """
-        if not safe_serialization:
-            raise ValueError(
-                "save_pretrained(safe_serialization=False): fastpeft writes adapter_model.safetensors only "
-                "(never pickle files); HF PEFT loads those as well"
-            )
-        if save_embedding_layers not in ("auto", False):
-            raise ValueError(f"save_pretrained(save_embedding_layers={save_embedding_layers!r}) is not supported")
-        if path_initial_model_for_weight_conversion is not None:
-            raise ValueError(
-                "save_pretrained(path_initial_model_for_weight_conversion=...) is not supported: save the "
-                "PiSSA / OLoRA adapter as it is and keep its residual base model beside it"
-            )
-        unknown = set(kwargs) - _HUB_KWARGS
-        if unknown:
-            raise TypeError(f"save_pretrained() got unexpected keyword arguments {sorted(unknown)}")
+        check_save_options(safe_serialization, save_embedding_layers, path_initial_model_for_weight_conversion, kwargs)
         if not is_main_process:
             return
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
@@ -494,7 +451,7 @@ class PeftModel(LoraMethods, nn.Module):
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists")
-        directory = _load_options(model_id, key_mapping, kwargs)
+        directory = local_adapter_dir(model_id, key_mapping, kwargs)
         cfg_dict, tensors = read_adapter_dir(directory)
         cfg_path = directory / CONFIG_NAME
         config = config_from_dict(cfg_dict, str(cfg_path))
@@ -561,7 +518,7 @@ class PeftModel(LoraMethods, nn.Module):
                 model is left as it was.
         """
         check_adapter_name(adapter_name)
-        directory = _load_options(model_id, key_mapping, kwargs)
+        directory = local_adapter_dir(model_id, key_mapping, kwargs)
         cfg_dict, tensors = read_adapter_dir(directory)
         cfg_path = directory / CONFIG_NAME
         from_file = config is None
@@ -582,40 +539,6 @@ class PeftModel(LoraMethods, nn.Module):
         return peft_model
 
 
-class LoadResult(NamedTuple):
-    """What ``load_adapter`` returns (HF PEFT returns torch's ``_IncompatibleKeys``, these two fields)."""
-
-    missing_keys: list[str]
-    unexpected_keys: list[str]
-
-
-# Keyword arguments HF PEFT hands to the hub; accepted and unused for local directories.
-_HUB_KWARGS = frozenset(
-    {"revision", "cache_dir", "token", "use_auth_token", "local_files_only", "force_download", "proxies",
-     "resume_download", "push_to_hub", "commit_message", "private", "create_pr", "max_shard_size", "variant",
-     "device_map", "max_memory", "offload_folder", "offload_dir", "offload_index", "use_safetensors",
-     "adapter_name", "subfolder", "user_agent"}
-)  # fmt: skip
-
-
-def _load_options(model_id: str | os.PathLike, key_mapping: dict | None, kwargs: dict[str, Any]) -> Path:
-    """The local directory to read, after checking the loading options HF PEFT takes."""
-    if key_mapping:
-        raise ValueError("key_mapping is not supported: fastpeft reads HF PEFT's own key names")
-    unknown = set(kwargs) - _HUB_KWARGS
-    if unknown:
-        raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
-    directory = Path(model_id)
-    if kwargs.get("subfolder"):
-        directory = directory / kwargs["subfolder"]
-    if not directory.exists() and not os.path.isabs(model_id) and str(model_id).count("/") == 1:
-        raise FileNotFoundError(
-            f"{model_id}: no such local directory; fastpeft never downloads (fetch it first, e.g. with "
-            "huggingface_hub.snapshot_download, and pass the local path)"
-        )
-    return directory
-
-
 @contextlib.contextmanager
 def _named_source(path: Path) -> Iterator[None]:
     """A ``ValueError`` building an adapter from a file's config is about that file: say so."""
@@ -626,9 +549,13 @@ def _named_source(path: Path) -> Iterator[None]:
 
 
 def _without_init(config: PeftConfigBase) -> PeftConfigBase:
-    """The config to build an adapter whose weights a file will overwrite: no TEXT init (no tokenizer needed)."""
+    """The config to build an adapter whose weights a file will overwrite: no TEXT init (no tokenizer needed),
+    and no PiSSA / OLoRA init, which would rewrite the base weights the user handed in (a PiSSA adapter loads
+    onto the residual base it was saved with)."""
     if isinstance(config, PromptTuningConfig) and config.prompt_tuning_init == "TEXT":
         return dataclasses.replace(config, prompt_tuning_init="RANDOM")
+    if isinstance(config, LoraConfig) and is_weight_init(config.init_lora_weights):
+        return dataclasses.replace(config, init_lora_weights=False)
     return config
 
 
