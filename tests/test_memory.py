@@ -175,3 +175,42 @@ def test_bad_options_are_refused() -> None:
         M.parse_size("lots")
     with pytest.raises(ValueError, match="neither a known shape"):
         M.model_config("no-such-shape")
+
+
+@pytest.mark.gpu
+def test_estimate_against_cuda_max_memory_allocated() -> None:
+    """On a GPU: the estimate beside ``torch.cuda.max_memory_allocated`` of the same steady-state step."""
+    config = transformers.LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816,
+                                      num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=4)  # fmt: skip
+    opts = M.MemoryOptions(method="qlora", r=16, seq_len=1024, batch_size=2, device="cuda")
+    est = M.estimate(config, opts)
+    with torch.device("cuda"):
+        base = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    base = base.to(torch.bfloat16)
+    base.config.use_cache = False
+    quantize_model(base)
+    enable_checkpointing(base)
+    model = get_peft_model(base, M._peft_config(opts))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.0, fused=True)
+    ids = torch.randint(0, 32000, (2, 1024), device="cuda")
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    model.train()
+    for step in range(2):  # the second step is the steady state the estimate stands for
+        if step == 1:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = causal_lm_loss(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    measured = torch.cuda.max_memory_allocated()
+    assert abs(measured - est.peak_bytes) <= 0.1 * est.peak_bytes, (
+        f"estimate {est.peak_bytes / 2**20:.1f} MiB ({est.categories}), measured {measured / 2**20:.1f} MiB"
+    )
