@@ -10,6 +10,10 @@ checkpoint. ``fastpeft quantize`` writes an NF4 checkpoint transformers + bitsan
 
 ``--model`` takes a transformers checkpoint directory or a GGUF file (with the ``gguf`` extra).
 
+``torchrun --nproc-per-node N -m fastpeft.cli finetune ... --distributed ddp|fsdp`` trains on N GPUs (or N
+CPU processes); ``--batch-size`` is then per process, rank 0 alone prints and writes
+(``fastpeft.distributed``).
+
 Bad input (missing or incomplete model directory, malformed data, unknown method or module, ...) ends
 with one line on stderr and exit status 2, as does a failed write (read-only or full disk); output
 directories are only created or replaced once all the work succeeded. A loss, gradient or update that
@@ -93,6 +97,9 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--save-steps", type=int, default=50,
                    help="checkpoint every N steps, at the end, and on Ctrl-C / SIGTERM")  # fmt: skip
     f.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    f.add_argument("--distributed", choices=("ddp", "fsdp"), default=None,
+                   help="under torchrun with several processes: DistributedDataParallel, or FSDP2 sharding "
+                   "(default: ddp when started by torchrun)")  # fmt: skip
     f.add_argument("--out", default="fastpeft-out", help="output directory (adapter, metrics.json, checkpoint/)")
     f.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     f.add_argument("--overwrite", action="store_true", help="replace the results already in OUT")
@@ -177,14 +184,22 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, num_virtual_tokens=args.num_virtual_tokens, bottleneck_size=args.bottleneck_size,
         warmup_steps=args.warmup_steps, save_steps=args.save_steps, device=args.device,
         progress=not args.no_progress, offload_activations=args.offload_activations,
-        quantize_lm_head=args.quantize_lm_head, chunked_loss=not args.no_chunked_loss,
+        quantize_lm_head=args.quantize_lm_head, chunked_loss=not args.no_chunked_loss, distributed=args.distributed,
     )  # fmt: skip
+    from fastpeft.distributed import launched
     from fastpeft.memory_cli import finetune_estimate
 
-    estimate = finetune_estimate(cfg, args.memory_budget)  # refuses (ValueError) a run that would not fit
-    if estimate:
+    main_rank = os.environ.get("RANK", "0") == "0"
+    if launched() and args.distributed == "fsdp":
+        # the memory model is of one process holding the whole model; FSDP2 divides what it shards
+        estimate = "memory estimate: none under --distributed fsdp (the model covers one unsharded process)"
+    else:
+        estimate = finetune_estimate(cfg, args.memory_budget)  # refuses (ValueError) a run that would not fit
+    if estimate and main_rank:
         print(estimate, flush=True)
     m = finetune(cfg)
+    if not main_rank:
+        return 0
     trainable, total = m["trainable_params"], m["total_params"]
     print(
         f"fastpeft finetune: {m['method']} on {m['device']}, {m['steps']} steps\n"
@@ -289,7 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     3 training diverged, 128 + N stopped by signal N)."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="fastpeft: %(message)s")
-    logging.getLogger("fastpeft.train").setLevel(logging.INFO)  # the run-length estimate, method notices
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
+        for name in ("fastpeft.train", "fastpeft.distributed"):
+            logging.getLogger(name).setLevel(logging.INFO)  # the run-length estimate, method notices
     commands = {"finetune": cmd_finetune, "quantize": cmd_quantize, "merge": cmd_merge, "bench": cmd_bench,
                 "memory": cmd_memory}  # fmt: skip
     try:

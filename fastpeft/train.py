@@ -15,6 +15,10 @@ comes first), an update that makes the weights non-finite before any checkpoint:
 names the step and the likely cause, and the last good checkpoint stays. Checkpoints are read back by
 ``fastpeft.checkpoint``, which checks every field first. Nothing is ever unpickled.
 
+Started by ``torchrun --nproc-per-node N`` (``distributed``: ``ddp`` or ``fsdp``), every process trains its
+share of each global batch (``batch_size`` examples per rank) through ``fastpeft.distributed``; rank 0
+alone writes, and the results equal a single process trained with ``batch_size x N`` examples a batch.
+
 After the first steps one log line (logger ``fastpeft.train``, level INFO) estimates the run's length.
 The embedded demo writes its base model into ``out/base_model`` (it is tiny) and records that path as
 the adapter's ``base_model_name_or_path``, so ``fastpeft merge`` and HF PEFT can load the result.
@@ -42,7 +46,7 @@ import torch
 from torch import nn
 
 from fastpeft import data as fdata
-from fastpeft import loading
+from fastpeft import distributed, loading
 from fastpeft.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fastpeft.files import fsync_files, share_permissions
 from fastpeft.savers import causal_lm_loss, enable_checkpointing, lm_head_skip
@@ -125,7 +129,9 @@ class TrainConfig:
 
     ``model`` / ``data`` None use the embedded tiny Llama / the built-in corpus. ``method`` None picks
     ``qlora`` on a GPU and ``lora`` on the CPU; ``max_steps`` None trains ``epochs`` epochs (the
-    embedded demo defaults to 60 steps). ``lr`` None takes ``default_lr``.
+    embedded demo defaults to 60 steps). ``lr`` None takes ``default_lr``. ``distributed`` (``ddp`` or
+    ``fsdp``) applies under ``torchrun`` with several processes, where ``ddp`` is the default;
+    ``batch_size`` is then per process.
     """
 
     out: str = "fastpeft-out"
@@ -155,6 +161,7 @@ class TrainConfig:
     offload_activations: bool = False
     quantize_lm_head: bool = False
     chunked_loss: bool = True
+    distributed: str | None = None
 
 
 def default_lr(method: str, embedded: bool) -> float:
@@ -439,6 +446,30 @@ def _all_finite(params: list[nn.Parameter]) -> bool:
     return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
 
 
+def _finite(run: distributed.DistributedRun | None, params: list[nn.Parameter]) -> bool:
+    return _all_finite(params) if run is None else run.all_finite(params)
+
+
+def _save(run: distributed.DistributedRun | None, directory: Path, named: list, optimizer: Any, scheduler: Any,
+          device: torch.device, state: dict[str, Any]) -> None:  # fmt: skip
+    if run is None:
+        save_checkpoint(directory, named, optimizer, scheduler, device, **state)
+    else:
+        run.save_checkpoint(directory, named, optimizer, scheduler, **state)
+
+
+def _prepare_out(out: Path, cfg: TrainConfig) -> None:
+    """Create ``out``; remove what a killed run left, and with ``overwrite`` the previous results."""
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob(".checkpoint-tmp-*"), *out.glob(".checkpoint-old-*"), *out.glob(".final-tmp-*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run; never read
+    if cfg.overwrite and not cfg.resume:
+        for name in _OUTPUT_FILES:
+            (out / name).unlink(missing_ok=True)
+        for name in ("checkpoint", BASE_MODEL_DIR):
+            shutil.rmtree(out / name, ignore_errors=True)
+
+
 def _check_numbers(cfg: TrainConfig) -> None:
     """Flags a float or a big int could break: named, before anything is loaded."""
     for flag, value in (("--lr", cfg.lr), ("--epochs", cfg.epochs)):
@@ -463,21 +494,16 @@ def _check_writable(out: Path) -> None:
         raise ValueError(f"--out {out}: {existing} is not writable")
 
 
-def _train_step(
-    model: Any,
-    stream: Iterator,
-    grad_accum: int,
-    params: list[nn.Parameter],
-    optimizer: Any,
-    device: torch.device,
-    chunked_loss: bool = True,
-) -> tuple[float, int, int, int]:
-    """One optimizer step over ``grad_accum`` micro-batches; returns (loss, epoch, next index, tokens)."""
-    micro = [next(stream) for _ in range(grad_accum)]
-    epoch, index = micro[-1][0], micro[-1][1] + 1
+def _model_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    return model(**batch).loss
+
+
+def _accumulate(
+    model: Any, micro: list, params: list[nn.Parameter], device: torch.device, chunked_loss: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of the micro-batches (token-weighted), then clipping; ``(loss, grad norm)``."""
     counts = [int((b["labels"][:, 1:] != fdata.IGNORE_INDEX).sum()) for _, _, b in micro]
     n_total = sum(counts)
-    tokens = sum(int(b["attention_mask"].sum()) for _, _, b in micro)  # counted on the host copies
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     loss_sum = torch.zeros((), device=device)
     for (_, _, batch), n in zip(micro, counts, strict=True):
@@ -488,7 +514,30 @@ def _train_step(
         # Token-weighted mean over the accumulated micro-batches (not a mean of means).
         (loss * (n / n_total)).backward()
         loss_sum += loss.detach().float() * (n / n_total)
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+    return loss_sum, torch.nn.utils.clip_grad_norm_(params, 1.0)
+
+
+def _train_step(
+    model: Any,
+    stream: Iterator,
+    grad_accum: int,
+    params: list[nn.Parameter],
+    optimizer: Any,
+    device: torch.device,
+    chunked_loss: bool = True,
+    run: distributed.DistributedRun | None = None,
+) -> tuple[float, int, int, int]:
+    """One optimizer step over ``grad_accum`` micro-batches; returns (loss, epoch, next index, tokens).
+
+    With ``run`` the micro-batches are global batches, each rank training on its rows (``run.accumulate``).
+    """
+    micro = [next(stream) for _ in range(grad_accum)]
+    epoch, index = micro[-1][0], micro[-1][1] + 1
+    tokens = sum(int(b["attention_mask"].sum()) for _, _, b in micro)  # counted on the host copies
+    if run is not None:
+        loss_sum, grad_norm = run.accumulate([b for _, _, b in micro], params)
+    else:
+        loss_sum, grad_norm = _accumulate(model, micro, params, device, chunked_loss)
     # The step's one host sync, before the update: a non-finite loss or gradient never reaches the weights.
     loss, norm = torch.stack((loss_sum, grad_norm.float().to(device))).tolist()
     for what, value in (("the loss", loss), ("the gradient norm", norm)):
@@ -542,7 +591,9 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    device = resolve_device(cfg.device)
+    run = distributed.setup(cfg.distributed, cfg.device)
+    world = run.world_size if run is not None else 1
+    device = run.device if run is not None else resolve_device(cfg.device)
     method = resolve_method(cfg, device)
     cfg = resolve_savers(cfg, method, device)
     for name in ("r", "batch_size", "grad_accum", "seq_len", "num_virtual_tokens", "bottleneck_size", "save_steps"):
@@ -559,6 +610,7 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
     state = load_checkpoint(out / "checkpoint") if cfg.resume else None
     cfg_dict = {k: v for k, v in asdict(cfg).items() if k not in ("out", "resume", "overwrite", "progress")}
     cfg_dict["method"] = method
+    cfg_dict["world_size"] = world
     if state is not None:
         for name in _RESUME_FIELDS:
             if state.meta["config"].get(name) != cfg_dict.get(name):
@@ -566,8 +618,14 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
                     f"--resume: the checkpoint was written with {name}={state.meta['config'].get(name)!r}, "
                     f"this run has {name}={cfg_dict.get(name)!r}"
                 )
+        if state.meta["config"].get("world_size", 1) != world:  # the data stream counts global batches
+            raise ValueError(
+                f"--resume: the checkpoint was written by {state.meta['config'].get('world_size', 1)} process(es), "
+                f"this run has {world}"
+            )
 
-    tokenizer, model, batches = _setup(cfg, device, method)
+    # Every rank draws the same global batches (batch_size rows per rank) and trains on its own rows.
+    tokenizer, model, batches = _setup(replace(cfg, batch_size=cfg.batch_size * world), device, method)
     # Micro-batches stream across epoch boundaries, so an epoch count converts to steps as a whole.
     by_epochs = math.ceil(cfg.epochs * batches.batches_per_epoch / cfg.grad_accum)
     default_steps = 60 if cfg.model is None and cfg.data is None else by_epochs
@@ -583,31 +641,33 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
                 f"{batches.batches_per_epoch} batches an epoch of this data"
             )
 
+    if run is not None:  # FSDP2 replaces the parameters by shards: collect them after this
+        run.wrap(model, causal_lm_loss if cfg.chunked_loss else _model_loss)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in named]
     fused = device.type == "cuda"
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(total, warmup))
 
-    # -- prepare out (inputs are valid from here on) --
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob(".checkpoint-tmp-*"), *out.glob(".checkpoint-old-*"), *out.glob(".final-tmp-*")]:
-        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run; never read
-    if cfg.overwrite and not cfg.resume:
-        for name in _OUTPUT_FILES:
-            (out / name).unlink(missing_ok=True)
-        for name in ("checkpoint", BASE_MODEL_DIR):
-            shutil.rmtree(out / name, ignore_errors=True)
+    # -- prepare out (inputs are valid from here on, on every rank) --
+    if run is not None:
+        run.on_main(lambda: _prepare_out(out, cfg), str(out))
+    else:
+        _prepare_out(out, cfg)
     step, epoch, index, losses, tokens, seconds = 0, 0, 0, [], 0, 0.0
     if state is not None:
-        state.restore(named, optimizer, scheduler, device)
+        if run is not None:
+            run.restore(state, named, optimizer, scheduler)
+        else:
+            state.restore(named, optimizer, scheduler, device)
         m = state.meta
         step, epoch, index = m["step"], m["epoch"], m["index"]
         losses, tokens, seconds = list(m["losses"]), m["tokens"], m["seconds"]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stream = batches.iterate(epoch, index)
-    bar = tqdm(total=total, initial=step, desc=f"finetune {method}", disable=not cfg.progress, dynamic_ncols=True)
+    quiet = not cfg.progress or (run is not None and not run.is_main)
+    bar = tqdm(total=total, initial=step, desc=f"finetune {method}", disable=quiet, dynamic_ncols=True)
     marks, estimated = [time.perf_counter()], False  # this run's start and step ends, checkpoints included
     model.train()
     # Log lines (the estimate, a signal's notice) go above the progress bar, not through it.
@@ -618,7 +678,7 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
             t0 = time.perf_counter()
             try:
                 step_loss, epoch, index, n_tokens = _train_step(
-                    model, stream, cfg.grad_accum, params, optimizer, device, cfg.chunked_loss
+                    model, stream, cfg.grad_accum, params, optimizer, device, cfg.chunked_loss, run
                 )
             except _NonFinite as e:
                 bar.close()
@@ -638,20 +698,22 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
                              seconds=seconds)  # fmt: skip
             saved = step % cfg.save_steps == 0 or step == total
             if saved:
-                if not _all_finite(params):  # a checkpoint never holds weights an update made non-finite
+                if not _finite(run, params):  # a checkpoint never holds weights an update made non-finite
                     bar.close()
                     raise _diverged(cfg, step, "the updated adapter weights", "non-finite", last_saved, out)
-                save_checkpoint(out / "checkpoint", named, optimizer, scheduler, device, **state_now)
+                _save(run, out / "checkpoint", named, optimizer, scheduler, device, state_now)
                 last_saved = step
             if callback is not None:
                 callback(step, step_loss)
-            if stop and step < total:  # a signal arrived: the step is done, keep it and stop
+            # every rank stops at the same step, whichever received the signal
+            stopping = bool(stop) if run is None else run.any(bool(stop))
+            if stopping and step < total:  # a signal arrived: the step is done, keep it and stop
                 bar.close()
                 if not saved:
-                    if not _all_finite(params):
+                    if not _finite(run, params):
                         raise _diverged(cfg, step, "the updated adapter weights", "non-finite", last_saved, out)
-                    save_checkpoint(out / "checkpoint", named, optimizer, scheduler, device, **state_now)
-                raise TrainingInterrupted(stop[0], step, out / "checkpoint")
+                    _save(run, out / "checkpoint", named, optimizer, scheduler, device, state_now)
+                raise TrainingInterrupted(stop[0] if stop else signal.SIGTERM, step, out / "checkpoint")
             marks.append(time.perf_counter())
             estimated = estimated or _estimate(marks, total - step, total)
     bar.close()
@@ -672,10 +734,22 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
         "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
         "method": method,
         "device": str(device),
+        "world_size": world,
+        "global_batch": cfg.batch_size * world * cfg.grad_accum,  # examples per optimizer step
+        "distributed": run.strategy if run is not None else None,
     }
-    base = None
-    if cfg.model is None:  # the embedded base, rebuilt from its seed (dense, on the CPU) to go beside the adapter
-        emb = model.get_input_embeddings()
-        base = build_embedded_model(cfg.seed, torch.device("cpu"), emb.weight.dtype, emb.num_embeddings)
-    _write_results(out, model, metrics, cfg_dict, base)
+
+    def write() -> None:
+        base = None
+        if cfg.model is None:  # the embedded base, rebuilt from its seed (dense, on the CPU) to go beside the adapter
+            emb = model.get_input_embeddings()
+            base = build_embedded_model(cfg.seed, torch.device("cpu"), emb.weight.dtype, emb.num_embeddings)
+        _write_results(out, model, metrics, cfg_dict, base)
+
+    if run is None:
+        write()
+    else:
+        with run.full_parameters(model):  # FSDP2: the adapter's shards gathered on every rank
+            run.on_main(write, str(out))
+        run.close()
     return metrics
