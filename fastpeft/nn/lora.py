@@ -259,9 +259,12 @@ class LoraLinear(LoraLayerBase):
         else:
             weight, nf4 = base.weight.to(dtype), None
         xd = x.to(dtype)
+        scaling, lora_b = self._scale(name), self.lora_B[name].weight.to(dtype)
+        if isinstance(scaling, torch.Tensor):  # torch.compile: s·B is formed in the graph, the op scales by 1
+            scaling, lora_b = 1.0, lora_b * scaling
         y = lora_linear(
-            xd, weight, bias, self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype),
-            self.scaling[name], nf4=nf4, dropout_p=p, training=self.training,
+            xd, weight, bias, self.lora_A[name].weight.to(dtype), lora_b, scaling, nf4=nf4, dropout_p=p,
+            training=self.training,
         )  # fmt: skip
         y = self._add_lora_bias(y, name)
         for other in names[1:]:
@@ -270,7 +273,7 @@ class LoraLinear(LoraLayerBase):
 
     def _add_lora_bias(self, y: torch.Tensor, name: str) -> torch.Tensor:
         b = self.lora_B[name].bias
-        return y if b is None else y + self.scaling[name] * b.to(y.dtype)
+        return y if b is None else y + self._scale(name) * b.to(y.dtype)
 
     def _lora_branch(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """``s·(B·A·drop(x) + b)`` of one adapter in plain torch, in ``x``'s dtype (the second and later
@@ -278,7 +281,7 @@ class LoraLinear(LoraLayerBase):
         a = self.lora_A[name].weight.to(x.dtype)
         b = self.lora_B[name].weight.to(x.dtype)
         h = F.linear(F.linear(self.lora_dropout[name](x), a), b)
-        return self._add_lora_bias(self.scaling[name] * h, name)
+        return self._add_lora_bias(self._scale(name) * h, name)
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
         """Row ``i`` of ``x`` through the base plus adapter ``adapter_names[i]`` (``"__base__"``: none)."""

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fastpeft.nn.checks import check_adapter_name, is_finite_number
+from fastpeft.nn.lora_scaling import ScalingTable
 
 __all__ = ["LoraLayerBase", "check_lora_args"]
 
@@ -57,7 +58,7 @@ class LoraLayerBase(nn.Module):
         self.lora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
-        self.scaling: dict[str, float] = {}
+        self.scaling: dict[str, float] = ScalingTable()  # a dict; torch.compile reads it as tensors
         self.use_rslora: dict[str, bool] = {}
         self.lora_bias: dict[str, bool] = {}
         self.disable_adapters = False
@@ -165,6 +166,13 @@ class LoraLayerBase(nn.Module):
             self._train_only_active()
 
     # -- scaling (HF PEFT's set_scale / scale_layer / unscale_layer) ----------------------------
+
+    def _scale(self, name: str) -> float | torch.Tensor:
+        """Adapter ``name``'s scaling: the float, or under ``torch.compile`` its 0-d tensor (a graph input,
+        so a new scaling reaches the compiled model without a recompile)."""
+        if torch.compiler.is_compiling():
+            return self.scaling.tensor(name)
+        return self.scaling[name]
 
     def set_scale(self, adapter: str, scale: float) -> None:
         """``scaling[adapter] = scale · alpha / r`` (or ``/ sqrt(r)`` for rsLoRA)."""
