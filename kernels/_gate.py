@@ -384,20 +384,22 @@ def run_gate(
     cases: list[GateCase] | None = None, archs: tuple[int, ...] = ARCHS, jobs: int | None = None
 ) -> list[GateReport]:
     """Build ``cases`` (default: all; looked up by name in the child processes) for ``archs`` in ``jobs``
-    (default ``os.cpu_count()``) child processes without TRITON_INTERPRET; reports in case x arch order."""
+    (default ``os.cpu_count()``) child processes without TRITON_INTERPRET; reports in case x arch order.
+    Every child walks the whole list and builds the items it claims first (see ``_claimed``), so a slow
+    case delays one process, not a fixed share of the list."""
     names = [c.name for c in (all_cases() if cases is None else cases)]
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(names)))
+    jobs = max(1, min(jobs or os.cpu_count() or 1, len(names) * len(archs)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the current default, stated (silences a warning)
     reports: dict[tuple[str, int], GateReport] = {}
     with tempfile.TemporaryDirectory() as tmp:
+        os.mkdir(os.path.join(tmp, "claims"))
         procs = []
         for i in range(jobs):
             out, log = os.path.join(tmp, f"{i}.json"), open(os.path.join(tmp, f"{i}.log"), "w")
-            cmd = [sys.executable, "-m", "fastpeft.kernels._gate", "--worker", out, "--arch", *map(str, archs)]
-            procs.append(
-                (subprocess.Popen([*cmd, "--case", *names[i::jobs]], stdout=log, stderr=log, env=env), out, log)
-            )
+            cmd = [sys.executable, "-m", "fastpeft.kernels._gate", "--worker", out, "--claims", f"{tmp}/claims"]
+            cmd += ["--arch", *map(str, archs), "--case", *names]
+            procs.append((subprocess.Popen(cmd, stdout=log, stderr=log, env=env), out, log))
         for proc, out, log in procs:
             proc.wait()
             log.close()
@@ -407,6 +409,17 @@ def run_gate(
                 reports[(r["case"], r["arch"])] = GateReport(**r)
     prune_cache()
     return [reports[(n, a)] for n in names for a in archs]
+
+
+def _claimed(claims: str | None, item: int) -> bool:
+    """Whether this process takes work item ``item``: the first to create its claim file does."""
+    if claims is None:
+        return True
+    try:
+        os.close(os.open(os.path.join(claims, str(item)), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -458,6 +471,7 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--dump", metavar="DIR", help="write each case's cubin, SASS and record")
     p.add_argument("--jobs", type=int, help="child processes (default: os.cpu_count())")
     p.add_argument("--worker", metavar="FILE", help=argparse.SUPPRESS)
+    p.add_argument("--claims", metavar="DIR", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     everything = all_cases()
     unknown = sorted(set(args.case or ()) - {c.name for c in everything})
@@ -467,7 +481,8 @@ def _main(argv: list[str] | None = None) -> int:
     if args.worker:
         if os.environ.get("TRITON_INTERPRET") == "1":
             p.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
-        reports = [build(c, a) for c in cases for a in args.arch]
+        items = [(c, a) for c in cases for a in args.arch]
+        reports = [build(c, a) for i, (c, a) in enumerate(items) if _claimed(args.claims, i)]
         Path(args.worker).write_text(json.dumps([dataclasses.asdict(r) for r in reports]))
         return 0
     reports = run_gate(cases, tuple(args.arch), args.jobs)
