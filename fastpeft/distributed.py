@@ -11,8 +11,8 @@ with one of two strategies:
 - ``fsdp``: FSDP2 (``torch.distributed.fsdp.fully_shard``) on every decoder layer and on the root. Every
   ``nn.Parameter`` is sharded over the ranks (a dense base, the adapters, embeddings, head) and gathered
   layer by layer. NF4 packed weights are buffers and stay replicated: each rank keeps the whole
-  quantized base (``nf4_replicated_bytes``: about 0.52 byte per weight with double quantization, e.g.
-  ≈ 3.6 GiB for Llama-3-8B's linear layers), while the 16-bit embeddings, head and all adapter state
+  quantized base (``nf4_replicated_bytes``: about 0.516 byte per weight with double quantization, e.g.
+  3.6 GB = 3.35 GiB for Llama-3-8B's 6.98 B linear weights), while the 16-bit embeddings, head and all adapter state
   (weights, gradients, AdamW moments) are divided by the world size.
 
 The batch: ``batch_size`` examples per rank and micro-batch, so an optimizer step sees
