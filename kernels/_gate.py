@@ -17,7 +17,7 @@ without ``HMMA`` (sm_80) / ``HGMMA`` (sm_90a). For a case with a cost-model ``pa
 the main loop and estimates thread-instructions per weight and the H100 bounds (formula and assumptions
 there). Those figures are estimates from static instruction counts, and every record says so.
 
-**Cache and parallelism.** Cubins and cuobjdump's output are cached under ``$FASTPEFT_GATE_CACHE`` (default
+**Cache and parallelism.** Cubins and cuobjdump's output are cached (gzip) under ``$FASTPEFT_GATE_CACHE`` (default
 ``~/.cache/fastpeft/gate``), keyed by a hash of the kernel's Triton ``cache_key`` (its source, callees and
 globals), the signature, constexprs, attributes, options, arch, ptxas and Triton versions; reports are
 recomputed from the cached text each run, so a change to the analysis never serves a stale report. Cases
@@ -310,6 +310,8 @@ def _store(artifacts: Path, compiled, case: GateCase, arch: int) -> None:
             [_tool("cuobjdump"), "--dump-resource-usage", "--dump-sass", str(tmp / "kernel.cubin")],
             capture_output=True, text=True,
         )  # fmt: skip
+        (tmp / "kernel.cubin.gz").write_bytes(gzip.compress((tmp / "kernel.cubin").read_bytes(), compresslevel=6))
+        (tmp / "kernel.cubin").unlink()
         if dump.returncode != 0:
             raise RuntimeError(f"cuobjdump failed: {dump.stderr.strip()[:300]}")
         (tmp / "kernel.sass.gz").write_bytes(gzip.compress(dump.stdout.encode(), compresslevel=6))
@@ -455,7 +457,12 @@ def _dump(reports: list[GateReport], directory: Path) -> None:
         safe = re.sub(r"[^A-Za-z0-9._=,+\[\]-]", "_", r.case)
         stem = directory / f"{safe}.sm{r.arch}"
         if r.artifacts:
-            shutil.copyfile(Path(r.artifacts) / "kernel.cubin", f"{stem}.cubin")
+            packed, raw = (
+                Path(r.artifacts) / "kernel.cubin.gz",
+                Path(r.artifacts) / "kernel.cubin",
+            )  # raw: older entries
+            cubin = gzip.decompress(packed.read_bytes()) if packed.exists() else raw.read_bytes()
+            Path(f"{stem}.cubin").write_bytes(cubin)
             Path(f"{stem}.sass").write_bytes(gzip.decompress((Path(r.artifacts) / "kernel.sass.gz").read_bytes()))
         Path(f"{stem}.json").write_text(json.dumps(dataclasses.asdict(r), indent=1))
 
