@@ -281,14 +281,19 @@ def bind_case(case: GateCase, arch: int, fn=None):
 
 
 def _cache_key(src, options, arch: int) -> str:
+    import inspect
+
     import triton
     from triton._C.libtriton import get_cache_invalidating_env_vars
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
     from triton.runtime.cache import triton_key
 
+    # the cubin's line info names the kernel's source file: two checkouts of one source build different bytes
+    source_file = os.path.abspath(inspect.getsourcefile(src.fn.fn) or "")
     parts = [
         f"gate{GATE_FORMAT}", triton.__version__, triton_key(), src.fn.cache_key, src.hash(), options.hash(),
+        source_file,
         make_backend(GPUTarget("cuda", arch, 32)).hash(), str(sorted(get_cache_invalidating_env_vars().items())),
     ]  # fmt: skip
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:32]
