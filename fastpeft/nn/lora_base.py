@@ -198,7 +198,10 @@ class LoraLayerBase(nn.Module):
         for name in names:
             if not self._has(name):
                 raise ValueError(f"no adapter named {name!r}; this layer has {self._names()}")
-        return [n for n in names if n not in self.merged_adapters]
+        todo = [n for n in names if n not in self.merged_adapters]
+        if names and not todo:
+            warnings.warn("All adapters are already merged, nothing to do.", UserWarning, stacklevel=3)
+        return todo
 
     @torch.no_grad()
     def merge(self, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> None:

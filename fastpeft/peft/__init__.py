@@ -19,6 +19,26 @@ functions come along: ``get_peft_model_state_dict`` / ``set_peft_model_state_dic
 ``get_base_model_state_dict`` / ``set_base_model_state_dict``, ``inject_adapter_in_model``,
 ``prepare_model_for_kbit_training``; and ``TaskType`` / ``PeftType``. HF PEFT options outside this subset
 raise ``ValueError`` naming the option.
+
+What HF PEFT has and fastpeft does not (each raises naming the option, never passes silently):
+
+- LoRA variants with their own forward or training rule: DoRA (``use_dora``), MiCA, VeLoRA, MonteCLoRA,
+  aLoRA, QA-LoRA, Bd-LoRA, KaSA, Arrow. The fused op computes plain LoRA; each needs its own kernels.
+- ``init_lora_weights`` ``"loftq"``, ``"corda"``, ``"eva"``, ``"lora_ga"``: they need calibration data or
+  bitsandbytes' quantize-and-correct loop, which the CLI's streaming loader does not run.
+- ``nn.MultiheadAttention`` targets: its fused ``in_proj_weight`` is read inside
+  ``F.multi_head_attention_forward``; HF PEFT swaps a merged weight in around every call, a layer not built
+  here yet. Target the linear layers around it.
+- ``layers_to_transform`` / ``layers_pattern`` / ``layer_replication``; ``get_peft_model(mixed=True)``;
+  ``add_weighted_adapter``'s TIES / DARE / magnitude-prune combinations; methods other than LoRA, prompt
+  and prefix tuning (and fastpeft's bottleneck adapters).
+- Files: ``save_pretrained(safe_serialization=False)`` (fastpeft never writes or reads pickle files; HF
+  PEFT reads the safetensors file), ``save_embedding_layers=True``, PiSSA / OLoRA conversion on save
+  (``path_initial_model_for_weight_conversion``; a PiSSA adapter loads onto the residual base it was saved
+  with), Hub model ids (local directories only: fastpeft never downloads), unknown keys in
+  ``adapter_config.json`` (HF PEFT ignores them with a warning; fastpeft refuses a file it cannot fully read).
+- ``peft_version`` records the HF PEFT file format fastpeft follows (``"0.21.2@fastpeft"``), not an
+  installed PEFT version.
 """
 
 from __future__ import annotations

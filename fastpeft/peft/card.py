@@ -87,7 +87,9 @@ model = PeftModel.from_pretrained(base_model, "<this directory>")
 def write_model_card(directory: str | os.PathLike, config: PeftConfigBase, model: nn.Module) -> None:
     """Write (or complete the metadata of) ``<directory>/README.md`` for an adapter of ``config`` on ``model``."""
     path = Path(directory) / CARD_NAME
-    base_name = getattr(getattr(model, "config", None), "_name_or_path", None) or config.base_model_name_or_path
+    # The model's own record of where it came from (a custom model without a config has none, and a name
+    # typed into the adapter config is not evidence of a Hub model).
+    base_name = getattr(getattr(model, "config", None), "_name_or_path", None)
     meta = _front_matter(config, base_name or None)
     if path.is_file():
         text = path.read_text(encoding="utf-8")

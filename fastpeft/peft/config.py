@@ -165,6 +165,11 @@ class PeftConfigBase:
     def is_prompt_learning(self) -> bool:
         return False
 
+    @property
+    def is_adaption_prompt(self) -> bool:
+        """HF PEFT's flag for its adaption-prompt method, which fastpeft does not have."""
+        return False
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready dict written to ``adapter_config.json`` (``peft_type`` included)."""
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -285,8 +290,6 @@ class LoraConfig(PeftConfigBase):
     PEFT_TYPE: ClassVar[str] = "LORA"
     _unsupported: ClassVar[dict[str, Any]] = {
         "use_dora": False,
-        "layers_to_transform": None,
-        "layers_pattern": None,
         "layer_replication": None,
         "use_qalora": False,
     }
@@ -345,18 +348,44 @@ class LoraConfig(PeftConfigBase):
         elif isinstance(self.target_parameters, (tuple, set)):
             self.target_parameters = sorted(self.target_parameters)
         _check_names("LoraConfig", "target_parameters", self.target_parameters, regex=False)
-        for name in ("target_modules", "exclude_modules", "modules_to_save"):
-            value = getattr(self, name)
-            if isinstance(value, (set, frozenset)):
-                setattr(self, name, sorted(value))
-            elif isinstance(value, tuple):
-                setattr(self, name, list(value))
+        if isinstance(self.modules_to_save, (set, frozenset, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
         if self.modules_to_save is not None and isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
         all_linear = isinstance(self.target_modules, str) and self.target_modules.lower() == "all-linear"
-        _check_names("LoraConfig", "target_modules", self.target_modules, regex=not all_linear)
-        _check_names("LoraConfig", "exclude_modules", self.exclude_modules, regex=True)
+        _check_names("LoraConfig", "target_modules", _listed(self.target_modules), regex=not all_linear)
+        _check_names("LoraConfig", "exclude_modules", _listed(self.exclude_modules), regex=True)
         _check_names("LoraConfig", "modules_to_save", self.modules_to_save, regex=False)
+        # HF PEFT keeps module-name lists as sets (order means nothing; files store them sorted).
+        for name in ("target_modules", "exclude_modules"):
+            if isinstance(getattr(self, name), (list, tuple, frozenset)):
+                setattr(self, name, set(getattr(self, name)))
+        self._check_layer_selection()
+
+    def _check_layer_selection(self) -> None:
+        if isinstance(self.layers_to_transform, bool) or not (
+            self.layers_to_transform is None
+            or isinstance(self.layers_to_transform, int)
+            or isinstance(self.layers_to_transform, list)
+            and all(isinstance(i, int) for i in self.layers_to_transform)
+        ):
+            raise TypeError(f"LoraConfig: layers_to_transform must be an int or a list of ints, got "
+                            f"{self.layers_to_transform!r}")  # fmt: skip
+        if self.layers_pattern is not None:
+            _check_names("LoraConfig", "layers_pattern", _listed(self.layers_pattern), regex=True)
+        if isinstance(self.target_modules, str) and self.layers_to_transform not in (None, []):
+            raise ValueError("LoraConfig: `layers_to_transform` cannot be used when `target_modules` is a str.")
+        if isinstance(self.target_modules, str) and self.layers_pattern not in (None, [], ""):
+            raise ValueError("LoraConfig: `layers_pattern` cannot be used when `target_modules` is a str.")
+        if self.layers_pattern not in (None, [], "") and self.layers_to_transform in (None, []):
+            raise ValueError(
+                "LoraConfig: When `layers_pattern` is specified, `layers_to_transform` must also be specified."
+            )
+
+
+def _listed(value: Any) -> Any:
+    """A set or tuple of names as a sorted list (for the checks); anything else as it is."""
+    return sorted(value) if isinstance(value, (set, frozenset)) else list(value) if isinstance(value, tuple) else value
 
 
 # init_lora_weights values HF PEFT has that need what fastpeft does not do (calibration data, a

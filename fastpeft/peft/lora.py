@@ -188,7 +188,7 @@ def pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
     return default
 
 
-def match_module(name: str, targets: list[str] | str) -> bool:
+def match_module(name: str, targets: list[str] | set[str] | str) -> bool:
     """HF PEFT's rule: a str is a regex fullmatch on the path, a list matches exact names or ``.suffix``."""
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
@@ -321,9 +321,11 @@ def _find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             hit = (is_linear_like(module) or isinstance(module, fnn.LoraLinear)) and module is not head
             hit = hit and not (config.modules_to_save and match_module(name, config.modules_to_save))
         else:
-            hit = match_module(name, targets)
+            hit = match_module(name, targets) and (isinstance(targets, str) or _layer_selected(name, config))
         if not hit or (config.exclude_modules and match_module(name, config.exclude_modules)):
             continue
+        if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save):
+            continue  # trained in full: never also a LoRA target (HF PEFT's rule)
         if isinstance(module, nn.MultiheadAttention):
             raise ValueError(
                 f"target {name!r} is an nn.MultiheadAttention: fastpeft does not wrap it yet (its fused in_proj "
@@ -342,6 +344,27 @@ def _find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             f"module names look like: {sample}"
         )
     return names
+
+
+def _layer_selected(name: str, config: LoraConfig) -> bool:
+    """``layers_to_transform`` / ``layers_pattern`` (HF PEFT's rule): the first ``<pattern>.<index>.`` in the
+    module path (any ``<name>.<index>.`` without a pattern) must give one of the chosen indices."""
+    chosen = config.layers_to_transform
+    if chosen is None or chosen == []:
+        return True
+    patterns = config.layers_pattern
+    if not patterns:
+        found = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        found = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            found = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if found is not None:
+                break
+    if found is None:
+        return False
+    index = int(found["idx"])
+    return index == chosen if isinstance(chosen, int) else index in chosen
 
 
 def _check_lora_fits(model: nn.Module, names: list[str], config: LoraConfig) -> None:

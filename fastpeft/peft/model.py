@@ -109,6 +109,11 @@ class PeftModel(LoraMethods, nn.Module):
         return list(self._active_adapters)
 
     @property
+    def prefix(self) -> str:
+        """The parameter-name prefix of this model's adapters (HF PEFT's ``LoraModel.prefix``)."""
+        return {"lora": "lora_", "adapter": "bottleneck", "prompt": "prompt_encoder"}[self._peft_kind]
+
+    @property
     def active_peft_config(self) -> PeftConfigBase:
         """The config of the (first) active adapter."""
         return self.peft_config[self._active_adapters[0]]
@@ -414,6 +419,18 @@ class PeftModel(LoraMethods, nn.Module):
             config["inference_mode"] = True  # what HF PEFT writes: a saved adapter loads for inference
             write_adapter_dir(target, config, self._file_params(name))
             write_model_card(target, self.peft_config[name], self.get_base_model())
+
+    def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any) -> None:
+        """Not done by fastpeft, which never touches the network.
+
+        Raises:
+            NotImplementedError: always; save locally, then upload the directory (for example with
+                ``huggingface_hub.upload_folder(repo_id=..., folder_path=...)``).
+        """
+        raise NotImplementedError(
+            f"push_to_hub({repo_id!r}): fastpeft never uploads; save_pretrained(dir) and upload the directory "
+            "with huggingface_hub.upload_folder"
+        )
 
     def load_adapter(
         self,

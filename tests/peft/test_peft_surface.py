@@ -246,3 +246,18 @@ def test_prepare_model_for_kbit_training_on_nf4():
     loss.backward()
     grads = [p.grad for p in pm.parameters() if p.requires_grad]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize(
+    "select",
+    [dict(layers_to_transform=1), dict(layers_to_transform=[0], layers_pattern="layers"),
+     dict(layers_to_transform=[1], layers_pattern=["nope", "layers"])],
+)  # fmt: skip
+def test_layer_selection_picks_peft_targets(select):
+    base = build("llama")
+    cfg = dict(r=2, target_modules=["q_proj", "down_proj"], **select)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
+    ours = get_peft_model(base, LoraConfig(**cfg))
+    assert sorted(fastpeft.get_peft_model_state_dict(ours)) == sorted(peft.get_peft_model_state_dict(theirs))
+    with pytest.raises(ValueError, match="cannot be used when `target_modules` is a str"):
+        LoraConfig(target_modules=".*q_proj", layers_to_transform=[0])
