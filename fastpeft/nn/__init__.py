@@ -5,7 +5,16 @@ from __future__ import annotations
 from fastpeft.nn.adapter import BottleneckAdapter
 from fastpeft.nn.lora import LoraLinear
 from fastpeft.nn.lora_layers import LoraConv, LoraEmbedding
+from fastpeft.nn.lora_mha import LoraMultiheadAttention
 from fastpeft.nn.lora_param import LoraParameter
 from fastpeft.nn.nf4_linear import NF4Linear
 
-__all__ = ["BottleneckAdapter", "LoraConv", "LoraEmbedding", "LoraLinear", "LoraParameter", "NF4Linear"]
+__all__ = [
+    "BottleneckAdapter",
+    "LoraConv",
+    "LoraEmbedding",
+    "LoraLinear",
+    "LoraMultiheadAttention",
+    "LoraParameter",
+    "NF4Linear",
+]

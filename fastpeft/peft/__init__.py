@@ -14,7 +14,8 @@ Switching from HF PEFT is an import change; adapter directories move both ways::
 Methods: LoRA / rsLoRA / QLoRA (``LoraConfig``), prompt tuning (``PromptTuningConfig``), prefix
 tuning (``PrefixTuningConfig``) and bottleneck adapters (``AdapterConfig``; fastpeft's own file
 layout, see ``fastpeft.peft.adapters``). LoRA wraps linear layers (dense, NF4, bitsandbytes 4-bit,
-GPT-2 ``Conv1D``), embeddings and convolutions, and parameters (``target_parameters``). HF PEFT's
+GPT-2 ``Conv1D``), embeddings, convolutions, ``nn.MultiheadAttention`` and parameters
+(``target_parameters``). HF PEFT's
 functions come along: ``get_peft_model_state_dict`` / ``set_peft_model_state_dict``,
 ``get_base_model_state_dict`` / ``set_base_model_state_dict``, ``inject_adapter_in_model``,
 ``prepare_model_for_kbit_training``; and ``TaskType`` / ``PeftType``. HF PEFT options outside this subset
@@ -26,10 +27,7 @@ What HF PEFT has and fastpeft does not (each raises naming the option, never pas
   aLoRA, QA-LoRA, Bd-LoRA, KaSA, Arrow. The fused op computes plain LoRA; each needs its own kernels.
 - ``init_lora_weights`` ``"loftq"``, ``"corda"``, ``"eva"``, ``"lora_ga"``: they need calibration data or
   bitsandbytes' quantize-and-correct loop, which the CLI's streaming loader does not run.
-- ``nn.MultiheadAttention`` targets: its fused ``in_proj_weight`` is read inside
-  ``F.multi_head_attention_forward``; HF PEFT swaps a merged weight in around every call, a layer not built
-  here yet. Target the linear layers around it.
-- ``layers_to_transform`` / ``layers_pattern`` / ``layer_replication``; ``get_peft_model(mixed=True)``;
+- ``layer_replication``; ``get_peft_model(mixed=True)``;
   ``add_weighted_adapter``'s TIES / DARE / magnitude-prune combinations; methods other than LoRA, prompt
   and prefix tuning (and fastpeft's bottleneck adapters).
 - Files: ``save_pretrained(safe_serialization=False)`` (fastpeft never writes or reads pickle files; HF
@@ -37,6 +35,8 @@ What HF PEFT has and fastpeft does not (each raises naming the option, never pas
   (``path_initial_model_for_weight_conversion``; a PiSSA adapter loads onto the residual base it was saved
   with), Hub model ids (local directories only: fastpeft never downloads), unknown keys in
   ``adapter_config.json`` (HF PEFT ignores them with a warning; fastpeft refuses a file it cannot fully read).
+- ``nn.MultiheadAttention``: fastpeft applies ``W + s·B·A`` to both projections; HF PEFT 0.21 adds the
+  output projection's delta twice (huggingface/peft#3774), so files interoperate but outputs differ.
 - ``peft_version`` records the HF PEFT file format fastpeft follows (``"0.21.2@fastpeft"``), not an
   installed PEFT version.
 """

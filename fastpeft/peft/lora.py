@@ -5,7 +5,8 @@ fullmatch; ``"all-linear"``: every linear layer but the output head). Wrappable 
 ``nn.Linear``, ``fastpeft.nn.NF4Linear``, bitsandbytes ``Linear4bit`` (re-wrapped as ``NF4Linear``
 over the same bytes) and transformers' ``Conv1D`` (GPT-2), whose ``[in, out]`` weight becomes an
 ``nn.Linear`` ``[out, in]`` copy under the LoRA layer and is turned back into a ``Conv1D`` on unload
-(all ``LoraLinear``); ``nn.Embedding`` (``LoraEmbedding``); ``nn.Conv1d/2d/3d`` (``LoraConv``).
+(all ``LoraLinear``); ``nn.Embedding`` (``LoraEmbedding``); ``nn.Conv1d/2d/3d`` (``LoraConv``);
+``nn.MultiheadAttention`` (``LoraMultiheadAttention``).
 ``rank_pattern`` / ``alpha_pattern`` give a module its own rank / alpha: the first pattern ``P`` for which
 ``(.*\.)?(P)$`` matches the module path, as HF PEFT's ``get_pattern_key``.
 
@@ -177,6 +178,8 @@ def lora_kind(module: nn.Module) -> str | None:
         return "embedding"
     if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return "conv"
+    if isinstance(module, nn.MultiheadAttention):
+        return "mha"
     return None
 
 
@@ -285,6 +288,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list
             config.fan_in_fan_out = False
         if kind == "embedding":
             layer = fnn.LoraEmbedding(module, adapter_name=adapter_name, **kwargs)
+        elif kind == "mha":
+            layer = fnn.LoraMultiheadAttention(module, adapter_name=adapter_name, **kwargs)
         elif kind == "conv":
             layer = fnn.LoraConv(module, adapter_name=adapter_name, **kwargs)
         else:
@@ -326,15 +331,18 @@ def _find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             continue
         if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save):
             continue  # trained in full: never also a LoRA target (HF PEFT's rule)
-        if isinstance(module, nn.MultiheadAttention):
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        if isinstance(parent, (nn.MultiheadAttention, LoraLayerBase)) and name.endswith(".out_proj"):
+            if all_linear:
+                continue  # the attention reads its weight directly: LoRA there goes through the attention
             raise ValueError(
-                f"target {name!r} is an nn.MultiheadAttention: fastpeft does not wrap it yet (its fused in_proj "
-                "weight needs its own layer); target the modules around it instead"
+                f"target {name!r} is the output projection of an nn.MultiheadAttention, which reads its weight "
+                "directly: target the attention module itself"
             )
         if not (lora_kind(module) or isinstance(module, LoraLayerBase)):
             raise ValueError(
                 f"target {name!r} is a {type(module).__name__}; LoRA wraps nn.Linear, NF4Linear, bitsandbytes "
-                "Linear4bit, transformers Conv1D, nn.Embedding and nn.Conv1d/2d/3d only"
+                "Linear4bit, transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d and nn.MultiheadAttention only"
             )
         names.append(name)
     if not names:
@@ -379,6 +387,8 @@ def _check_lora_fits(model: nn.Module, names: list[str], config: LoraConfig) -> 
             k, n = module.num_embeddings, module.embedding_dim
         elif isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             k, n = module.weight[0].numel(), module.out_channels
+        elif isinstance(module, nn.MultiheadAttention):  # in_proj [3E, E] and out_proj [E, E]
+            k, n = 3 * module.embed_dim, 3 * module.embed_dim
         else:  # Conv1D: weight [in, out]
             k, n = module.weight.shape
         nbytes += 4 * r * (k + n)

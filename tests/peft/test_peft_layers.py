@@ -139,10 +139,8 @@ def test_layer_types_and_grouped_conv_rules():
         pm.merge_adapter()
     with pytest.raises(ValueError, match="lora_bias=True is not supported for embedding"):
         fastpeft.get_peft_model(Net(), fastpeft.LoraConfig(target_modules=["emb"], lora_bias=True))
-    mha = nn.Sequential()
-    mha.add_module("attn", nn.MultiheadAttention(8, 2))
-    with pytest.raises(ValueError, match="MultiheadAttention"):
-        fastpeft.get_peft_model(mha, fastpeft.LoraConfig(target_modules=["attn"]))
+    with pytest.raises(ValueError, match="lora_dropout is not supported for nn.MultiheadAttention"):
+        fastpeft.get_peft_model(Attn(), fastpeft.LoraConfig(target_modules=["mha"], lora_dropout=0.1))
 
 
 def test_pointwise_conv_runs_the_fused_op_and_matches_the_conv_path():
@@ -198,3 +196,49 @@ def test_trainable_tokens_train_only_their_rows():
     assert set(changed) <= {2, 5} and changed, f"rows changed: {changed}"
     merged = pm.merge_and_unload().emb
     assert isinstance(merged, nn.Embedding) and torch.equal(merged.weight, table)
+
+
+class Attn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(10, 2)
+        self.lin0 = nn.Linear(10, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin0(self.mha(x, x, x)[0])
+
+
+def test_multihead_attention_lora_is_the_merged_weights_and_peft_reads_its_files(tmp_path):
+    torch.manual_seed(8)
+    base, x = Attn(), torch.randn(3, 4, 10)
+    cfg = dict(r=4, lora_alpha=8, target_modules=["mha"])
+    ours = fastpeft.get_peft_model(copy.deepcopy(base), fastpeft.LoraConfig(**cfg))
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, **cfg))
+    sd = peft.get_peft_model_state_dict(theirs)
+    assert fastpeft.set_peft_model_state_dict(ours, sd) == ([], [])
+    # The reference: a plain attention holding W + s·B·A in both projections (LoRA's definition).
+    ref = copy.deepcopy(base)
+    key = "base_model.model.mha."
+    with torch.no_grad():
+        ref.mha.in_proj_weight += 2.0 * sd[key + "lora_B.weight"] @ sd[key + "lora_A.weight"]
+        out = key + "base_layer.out_proj."
+        ref.mha.out_proj.weight += 2.0 * sd[out + "lora_B.weight"] @ sd[out + "lora_A.weight"]
+    y = ours(x)
+    assert_close(y, ref(x), msg="LoRA on nn.MultiheadAttention")
+    y.square().sum().backward()
+    grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert len(grads) == 4 and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    assert ours.base_model.model.mha.embed_dim == 10 and ours.base_model.model.mha.num_heads == 2
+    ours.merge_adapter()
+    assert_close(ours(x), ref(x), msg="merged")
+    ours.unmerge_adapter()
+    with ours.disable_adapter():
+        assert_close(ours(x), base(x), msg="disabled")
+    ours.save_pretrained(tmp_path)
+    assert sorted(load_file(tmp_path / "adapter_model.safetensors")) == sorted(sd)
+    peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)  # peft loads our file (its outputs: peft#3774)
+    merged = ours.merge_and_unload()
+    assert type(merged.mha) is nn.MultiheadAttention and type(merged.mha.out_proj) is not LoraLinear
+    assert_close(merged(x), ref(x), msg="merged and unloaded")
+    with pytest.raises(ValueError, match="output projection of an nn.MultiheadAttention"):
+        fastpeft.get_peft_model(Attn(), fastpeft.LoraConfig(target_modules=["out_proj"]))
