@@ -15,11 +15,9 @@ Methods: LoRA / rsLoRA / QLoRA (``LoraConfig``), prompt tuning (``PromptTuningCo
 tuning (``PrefixTuningConfig``) and bottleneck adapters (``AdapterConfig``; fastpeft's own file
 layout, see ``fastpeft.peft.adapters``). LoRA wraps linear layers (dense, NF4, bitsandbytes 4-bit,
 GPT-2 ``Conv1D``), embeddings, convolutions, ``nn.MultiheadAttention`` and parameters
-(``target_parameters``). HF PEFT's
-functions come along: ``get_peft_model_state_dict`` / ``set_peft_model_state_dict``,
-``get_base_model_state_dict`` / ``set_base_model_state_dict``, ``inject_adapter_in_model``,
-``prepare_model_for_kbit_training``; and ``TaskType`` / ``PeftType``. HF PEFT options outside this subset
-raise ``ValueError`` naming the option.
+(``target_parameters``). HF PEFT's functions come along: ``get_peft_model_state_dict`` /
+``set_peft_model_state_dict``, ``get_base_model_state_dict`` / ``set_base_model_state_dict``,
+``inject_adapter_in_model``, ``prepare_model_for_kbit_training``; and ``TaskType`` / ``PeftType``.
 
 What HF PEFT has and fastpeft does not (each raises naming the option, never passes silently):
 
@@ -35,6 +33,9 @@ What HF PEFT has and fastpeft does not (each raises naming the option, never pas
   (``path_initial_model_for_weight_conversion``; a PiSSA adapter loads onto the residual base it was saved
   with), Hub model ids (local directories only: fastpeft never downloads), unknown keys in
   ``adapter_config.json`` (HF PEFT ignores them with a warning; fastpeft refuses a file it cannot fully read).
+
+Where fastpeft and HF PEFT 0.21 differ on purpose:
+
 - ``nn.MultiheadAttention``: fastpeft applies ``W + s·B·A`` to both projections; HF PEFT 0.21 adds the
   output projection's delta twice (huggingface/peft#3774), so files interoperate but outputs differ.
 - ``peft_version`` records the HF PEFT file format fastpeft follows (``"0.21.2@fastpeft"``), not an
