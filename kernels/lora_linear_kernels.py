@@ -1,55 +1,59 @@
 """Triton kernels of the fused LoRA / QLoRA linear, their autotune configurations and tile rules.
 
 The math, shapes and dispatch are in ``lora_linear.py`` (the launchers); this module holds what runs on
-the GPU and the configurations the compile gate builds. The weight-gradient kernel is in
-``lora_linear_wgrad.py``.
+the GPU and the configurations the compile gate builds (its cases: ``lora_linear_gate.py``). The
+weight-gradient kernel is in ``lora_linear_wgrad.py``.
 
-GEMM. ``Y`` and ``dX`` are one product shape, ``OUT [M, P] = IN [M, Q] · Wt [Q, P] + epilogue``, so
-one kernel, ``_lora_gemm_kernel``, serves both: the forward reads ``W`` with ``(q, p) = (k, n)``, the
-backward with ``(q, p) = (n, k)`` (the reduction runs over N, the W tile is read transposed). Only
-strides differ; for NF4 the strides are in elements of the row-major flattened weight. The epilogue adds
-``lora_scale·(L·Rt)`` with ``L [M, R]`` (U forward, G backward) and ``Rt [R, P]`` (Bᵀ forward, A
-backward), optionally masked by the dropout keep-mask (backward), plus bias. The LoRA term is one more
-``tl.dot`` of ``[BLOCK_M, 16] x [16, BLOCK_P]`` per tile, looped over R in ``GEMM_BLOCK_R = 16`` steps
-(one binary for every rank),
-so neither a full-size temporary nor a second pass over Y exists. With R = 0 the loop runs no step: the
-base-only linear is the same compiled kernel. Everything accumulates in float32 and is cast once at the
-store.
+GEMM. ``Y`` and ``dX`` are one product shape, ``OUT [M, P] = IN [M, Q] · Wt [Q, P] + lora_scale·keep ⊙ (L·Rt)
++ bias``, so one kernel, ``_lora_gemm_kernel``, serves both: the forward reads ``W`` with ``(q, p) = (k, n)``,
+the backward with ``(q, p) = (n, k)`` (the reduction runs over N, the W tile is read transposed). Only
+strides differ; for NF4 the strides are in elements of the row-major flattened weight. ``L [M, R]`` is U
+(forward) or G (backward), ``Rt [R, P]`` is Bᵀ or A; the keep-mask is dropout's (backward). The LoRA term is
+``tl.dot`` of ``[BLOCK_M, 16] x [16, BLOCK_P]`` looped over R in ``GEMM_BLOCK_R = 16`` steps (one binary for
+every rank), so neither a full-size temporary nor a second pass over Y exists. With R = 0 the loop runs no
+step: the base-only linear is the same compiled kernel. Everything accumulates in float32 and is cast once
+at the store.
 
-NF4 in the main loop: each ``[BLOCK_Q, BLOCK_P]`` tile of W is rebuilt from its packed bytes (flat index
-``e``, byte ``e >> 1``, high nibble for even ``e``). The code becomes its value through a 4-level select
-tree on its bits over the 16 code values, loaded once per program as scalars: registers only, no table
-reads (a gathered table would be pipelined through shared memory tile by tile: the first version of
-this kernel needed 200-320 KB of it). The absmax of block ``e >> log2(blocksize)`` (a runtime shift: one
-binary for every blocksize) comes per *line*: the flat
-index is contiguous along Q in the forward and along P in dX, and a line of ``L`` contiguous elements
-touches at most ``(L - 1) // 64 + 2`` blocks, so the kernel loads that many absmax vectors (one value
-per line) and selects, instead of gathering one absmax per element. Under double quantization those
-vectors are decoded in the kernel (``map[u8] · nested[b // 256] + offset``) rather than by a pre-pass
-that would write and re-read a float32 absmax, 4x the bytes of the uint8 one, on the bandwidth-bound
-decode path. The dequantized tile only ever lives in registers / shared memory for the MMA, rounded
-once to the input dtype. The fp32 ``map · nested + offset`` may be contracted to an FMA on the GPU (at
-most one ulp of absmax from bitsandbytes' two roundings, far below the GEMM's own rounding). Flat
-indices are int32, so the launchers refuse NF4 weights with 2³¹ or more elements.
+One accumulator. The LoRA term, the dropout select and the bias go into the accumulator *before* the main
+loop, which then adds ``IN·Wt`` on top (the first K slice carries them under split-K). A second float32
+``[BLOCK_M, BLOCK_P]`` tile for the LoRA term (the first version), or the select after the main loop (it
+needs the base product and base + LoRA at once), put the 128x128 tile past 255 registers; here only the
+LoRA term is live when the select runs. ``lora_scale`` (with ``1/(1-p)`` for dX) multiplies the float32 L
+operand before its rounding to the MMA's dtype: for dX's float32 G, whose split ``hi + lo`` (two 16-bit MMAs)
+keeps ~16 bits in bfloat16 and ~22 in float16; for the forward's 16-bit U, one rounding of ``s·U`` (eager
+rounds ``U·Bᵀ`` and then ``s·(U·Bᵀ)``). The select on the keep-mask is exact, so no rounded ``X/(1-p)``
+ever reaches an MMA.
 
-``G`` (backward) is float32; where it feeds a 16-bit MMA it is split as ``hi + lo`` (both 16-bit), two
-MMAs, which keeps float32-level accuracy for the skinny LoRA operand at the cost of one extra small dot.
-Dropout is applied as a select on the keep-mask (exact in 16 bits) and ``1/(1-p)`` is folded into the
-float32 scale after the dot, so no rounded ``X/(1-p)`` ever reaches the MMA.
+NF4 in the main loop (the small split-K path, 16-bit inputs; larger M and float32 inputs read W dequantized
+once, dense): each ``[BLOCK_Q, BLOCK_P]`` tile of W is rebuilt from its packed bytes (flat index ``e``, byte
+``e >> 1``, high nibble for even ``e``), loaded ``evict_first`` (each byte is read by one program). The code
+becomes its value through a 4-level select tree on its bits over the 16 code values, loaded once per program
+as scalars: registers only, no table reads. The absmax of block ``e >> log2(blocksize)`` (a runtime shift:
+one binary for every blocksize) comes per *line*: the flat index is contiguous along Q in the forward and
+along P in dX, and a line of ``L`` contiguous elements touches at most ``(L - 1) // 64 + 2`` blocks, so the
+kernel loads that many absmax vectors (one value per line) and selects, instead of gathering one absmax per
+element. Under double quantization those vectors are decoded in the kernel (``map[u8] · nested[b // 256] +
+offset``). The dequantized tile only ever lives in registers / shared memory for the MMA, rounded once to the
+input dtype. The fp32 ``map · nested + offset`` may be contracted to an FMA on the GPU (at most one ulp of
+absmax from bitsandbytes' two roundings, far below the GEMM's own rounding). Flat indices are int32, so the
+launchers refuse NF4 weights with 2³¹ or more elements.
 
 Skinny products: ``U`` and ``G`` come from ``_lora_skinny_kernel`` (``[M, Q] · [Q, R]``, split-K by rule
 so that decode shapes still fill the GPU), into float32.
 
-Autotune: the two GEMM paths carry short config lists (2 tiled, 5 split-K values of one small-M tile)
-keyed on shape, and float32 inputs their own smaller ones (IEEE dots, twice the bytes per element); the
-skinny kernel picks tiles by rule. Under Triton's interpreter (CPU tests) a fixed
-small configuration is used instead of benchmarking.
+Configurations (``python -m fastpeft.kernels._gate --report`` for their registers; none spills on sm_80 or
+sm_90a). Tiled, 16-bit: two tiles for rows aligned to 16 bytes and one for unaligned rows, chosen by
+``_prune_tiled`` from the strides and pointers (the strides are in the autotune key). Small-M: five split
+counts of one 16-row tile, with a 4-stage pipeline for dense W and one stage for NF4 (``_prune_small``).
+Float32 inputs have their own lists: Triton's FMA dot (IEEE, no tensor cores) keeps the operands of its
+whole K extent live in registers at once, so float32 dots are at most 16-32 deep (64- and 128-deep ones
+spilled by kilobytes: ptxas gave up at 32 registers). The skinny kernel picks tiles by rule. Under Triton's
+interpreter (CPU tests) a fixed small configuration is used instead of benchmarking.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import os
 
 import torch
@@ -57,7 +61,7 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels._gate import GateCase
-from fastpeft.kernels.formats import NESTED_BLOCKSIZE, dynamic_map, nf4_code
+from fastpeft.kernels.formats import dynamic_map, nf4_code
 from fastpeft.kernels.rounding import cast_out
 
 __all__ = ["SMALL_M_MAX", "compile_gate_cases"]
@@ -128,7 +132,8 @@ def _load_w_tile(
         w = tl.load(w_ptr + idx, mask=mask, other=0.0).to(dtype)
     else:
         # -- NF4: element e sits in byte e >> 1, the even element in the high nibble --
-        byte = tl.load(w_ptr + (idx >> 1), mask=mask, other=0).to(tl.int32)
+        # packed W is streamed once (each split-K program reads its own slice): evict it first from L2
+        byte = tl.load(w_ptr + (idx >> 1), mask=mask, other=0, eviction_policy="evict_first").to(tl.int32)
         nib = (byte >> ((1 - (idx & 1)) * 4)) & 0xF
         value = _nf4_lookup(nib, c0, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15)
         blk = idx >> blocksize_shift  # blocksize = 2**blocksize_shift: one binary for every blocksize
@@ -189,10 +194,43 @@ def _lora_gemm_kernel(
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_m = offs_m < M
     mask_p = offs_p < P
+    mask_out = mask_m[:, None] & mask_p[None, :]
+    acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
+    # -- LoRA, dropout and bias first (the first K slice carries them), into the one accumulator --
+    # A second [BLOCK_M, BLOCK_P] float32 tile for the LoRA term, or the dropout select after the main loop
+    # (which needs the base product and base + LoRA at once), spilled the 128x128 tile. Here the select
+    # touches the LoRA term alone while nothing else is live, and the main loop then adds IN·Wt on top.
+    if pid_k == 0:
+        for r0 in range(0, R, BLOCK_R):
+            offs_r = r0 + tl.arange(0, BLOCK_R)
+            mask_r = offs_r < R
+            # the scale goes on the skinny L operand, in float32, before its rounding to the MMA's dtype
+            lt = tl.load(
+                l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+                mask=mask_m[:, None] & mask_r[None, :], other=0.0,
+            ).to(tl.float32) * lora_scale  # fmt: skip
+            rt = tl.load(
+                rt_ptr + offs_r[:, None] * stride_rr + offs_p[None, :] * stride_rp,
+                mask=mask_r[:, None] & mask_p[None, :], other=0.0,
+            ).to(dtype)  # fmt: skip
+            if LORA_SPLIT:
+                # float32 s·G as hi + lo in 16 bits: two MMAs keep its float32 accuracy (~2^-16 relative in
+                # bfloat16, ~2^-22 in float16)
+                hi = lt.to(dtype)
+                lo = (lt - hi.to(tl.float32)).to(dtype)
+                acc = tl.dot(hi, rt, acc, input_precision=DOT_PRECISION)
+                acc = tl.dot(lo, rt, acc, input_precision=DOT_PRECISION)
+            else:
+                # s·U rounded once to x's dtype (eager rounds U·Bᵀ and then s·(U·Bᵀ), twice)
+                acc = tl.dot(lt.to(dtype), rt, acc, input_precision=DOT_PRECISION)
+        if has_mask:
+            keep = tl.load(keep_ptr + offs_m[:, None] * stride_km + offs_p[None, :] * stride_kp, mask=mask_out, other=0)
+            acc = tl.where(keep != 0, acc, 0.0)
+        if has_bias:
+            acc += tl.load(bias_ptr + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
     # -- main loop over this program's slice of Q (all of it unless split-K) --
     per_split = tl.cdiv(tl.cdiv(Q, BLOCK_Q), split_k)
     q_start = pid_k * per_split * BLOCK_Q
-    acc = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
     # the 16 code values and the double-quantization offset: per-program scalars, held in registers
     c0, c1, c2, c3 = tl.load(code_ptr + 0), tl.load(code_ptr + 1), tl.load(code_ptr + 2), tl.load(code_ptr + 3)
     c4, c5, c6, c7 = tl.load(code_ptr + 4), tl.load(code_ptr + 5), tl.load(code_ptr + 6), tl.load(code_ptr + 7)
@@ -214,37 +252,9 @@ def _lora_gemm_kernel(
             W_KIND, W_T, NESTED_BLOCKSIZE, dtype,
         )  # fmt: skip
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-    mask_out = mask_m[:, None] & mask_p[None, :]
-    # -- epilogue (once per output tile: the first K slice carries it) --
-    if pid_k == 0:
-        lora = tl.zeros([BLOCK_M, BLOCK_P], dtype=tl.float32)
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < R
-            lt = tl.load(
-                l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                mask=mask_m[:, None] & mask_r[None, :], other=0.0,
-            )  # fmt: skip
-            rt = tl.load(
-                rt_ptr + offs_r[:, None] * stride_rr + offs_p[None, :] * stride_rp,
-                mask=mask_r[:, None] & mask_p[None, :], other=0.0,
-            ).to(dtype)  # fmt: skip
-            if LORA_SPLIT:
-                # float32 L as hi + lo in 16 bits: two MMAs keep its float32 accuracy
-                hi = lt.to(dtype)
-                lo = (lt - hi.to(tl.float32)).to(dtype)
-                lora = tl.dot(hi, rt, lora, input_precision=DOT_PRECISION)
-                lora = tl.dot(lo, rt, lora, input_precision=DOT_PRECISION)
-            else:
-                lora = tl.dot(lt.to(dtype), rt, lora, input_precision=DOT_PRECISION)
-        if has_mask:
-            keep = tl.load(keep_ptr + offs_m[:, None] * stride_km + offs_p[None, :] * stride_kp, mask=mask_out, other=0)
-            lora = tl.where(keep != 0, lora, 0.0)
-        acc += lora_scale * lora
-        if has_bias:
-            acc += tl.load(bias_ptr + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + offs_m[:, None] * stride_om + offs_p[None, :] * stride_op
     if ATOMIC_OUT:
+        # split-K slices add into a float32 workspace
         tl.atomic_add(out, acc, mask=mask_out, sem="relaxed")
     else:
         tl.store(out, cast_out(acc, out_ptr.dtype.element_ty), mask=mask_out)
@@ -260,6 +270,10 @@ def _lora_skinny_kernel(
 ):  # fmt: skip
     # OUT[M, R] (float32) = scale·(keep ⊙ IN)[M, Q]·MAT[Q, R]; split-K slices add atomically into zeros
     dtype = in_ptr.dtype.element_ty
+    # Triton's FMA dot (float32, IEEE) holds the operands of its whole K extent in registers at once (all
+    # shared-memory loads of the step come before the first FMA): a 64- or 128-deep step needed ~1,000
+    # and ptxas settled for 32 registers and 2-9 KB of stack. Float32 tiles run as 16-deep dots.
+    SUB_Q: tl.constexpr = 16 if DOT_PRECISION == "ieee" else BLOCK_Q
     pid_m = tl.program_id(0).to(tl.int64)
     pid_r = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -271,18 +285,19 @@ def _lora_skinny_kernel(
     q_start = pid_k * per_split * BLOCK_Q
     acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
     for it in range(0, per_split):
-        offs_q = q_start + it * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        mask_q = offs_q < Q
-        mask_mq = mask_m[:, None] & mask_q[None, :]
-        a = tl.load(in_ptr + offs_m[:, None] * stride_im + offs_q[None, :] * stride_iq, mask=mask_mq, other=0.0)
-        if has_mask:
-            keep = tl.load(keep_ptr + offs_m[:, None] * stride_km + offs_q[None, :] * stride_kq, mask=mask_mq, other=0)
-            a = tl.where(keep != 0, a, 0.0)
-        b = tl.load(
-            mat_ptr + offs_q[:, None] * stride_mq + offs_r[None, :] * stride_mr,
-            mask=mask_q[:, None] & mask_r[None, :], other=0.0,
-        )  # fmt: skip
-        acc = tl.dot(a, b.to(dtype), acc, input_precision=DOT_PRECISION)
+        for sub in tl.static_range(0, BLOCK_Q, SUB_Q):
+            offs_q = q_start + it * BLOCK_Q + sub + tl.arange(0, SUB_Q)
+            mask_q = offs_q < Q
+            mask_mq = mask_m[:, None] & mask_q[None, :]
+            a = tl.load(in_ptr + offs_m[:, None] * stride_im + offs_q[None, :] * stride_iq, mask=mask_mq, other=0.0)
+            if has_mask:
+                keep_at = keep_ptr + offs_m[:, None] * stride_km + offs_q[None, :] * stride_kq
+                a = tl.where(tl.load(keep_at, mask=mask_mq, other=0) != 0, a, 0.0)
+            b = tl.load(
+                mat_ptr + offs_q[:, None] * stride_mq + offs_r[None, :] * stride_mr,
+                mask=mask_q[:, None] & mask_r[None, :], other=0.0,
+            )  # fmt: skip
+            acc = tl.dot(a, b.to(dtype), acc, input_precision=DOT_PRECISION)
     out = out_ptr + offs_m[:, None] * R + offs_r[None, :]
     mask = mask_m[:, None] & mask_r[None, :]
     if split_k > 1:
@@ -301,47 +316,82 @@ def _zero_out(nargs: dict) -> None:
     nargs["out_ptr"].zero_()
 
 
-# sm_80 / sm_90: 128x128 with 8 warps (two warpgroups of HGMMA) for large M; 64x128 with 4 warps and a
-# deeper pipeline for medium M, where fewer rows per tile mean more tiles to fill the SMs.
-_TILED_CONFIGS = [
-    triton.Config(
-        {"BLOCK_M": 128, "BLOCK_P": 128, "BLOCK_Q": 64, "GROUP_M": 8, "split_k": 1}, num_warps=8, num_stages=3
-    ),
-    triton.Config(
-        {"BLOCK_M": 64, "BLOCK_P": 128, "BLOCK_Q": 64, "GROUP_M": 8, "split_k": 1}, num_warps=4, num_stages=4
-    ),
-]
+def _tiled(block_m: int, block_p: int, block_q: int, num_warps: int, num_stages: int) -> triton.Config:
+    return triton.Config(
+        {"BLOCK_M": block_m, "BLOCK_P": block_p, "BLOCK_Q": block_q, "GROUP_M": 8, "split_k": 1},
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
 
 
-def _small_configs(block_q: int, num_stages: int) -> list[triton.Config]:
-    """Small M: one 16-row tile; only the split count is tuned (a runtime argument, one compiled kernel)."""
+# 16-bit, rows 16-byte aligned (cp.async and 128-bit loads): 128x128 with 8 warps (two warpgroups of HGMMA
+# on sm_90, each operand element loaded once serves 128 products) for large M; 64x128 with 4 warps and a
+# deeper pipeline for medium M, where fewer rows per tile mean more tiles to fill the SMs. With the LoRA
+# term in the one accumulator (see the kernel) neither spills: 128 registers for dX on sm_90a (two CTAs
+# per SM), ~250 for the forward, whose keep-mask strides are runtime zeros (the never-taken dropout select
+# is compiled for arbitrary strides); on sm_80 ptxas takes 165-255.
+_TILED_CONFIGS = [_tiled(128, 128, 64, 8, 3), _tiled(64, 128, 64, 4, 4)]
+# rows not 16-byte aligned (a stride not a multiple of 8 elements, or an unaligned pointer): every element
+# is its own scalar load with its own address and mask, staged through registers, which runs the 128x128
+# tile out of registers; 128x64 with BLOCK_Q = 32 holds ~195 and still feeds 128-row HGMMAs
+_TILED_UNALIGNED = _tiled(128, 64, 32, 8, 3)
+_TILED_CONFIGS_16 = [*_TILED_CONFIGS, _TILED_UNALIGNED]
+# float32 inputs (IEEE dots on the FMA units, no tensor cores). Triton's FMA dot keeps the operands of
+# its whole BLOCK_Q extent live in registers at once (every shared-memory load of the step is issued
+# before the first FMA), so BLOCK_Q = 32 spilled; 16 keeps 130-210 registers, aligned or not, at about
+# 1.2 instructions per multiply-add
+_TILED_CONFIGS_FP32 = [_tiled(64, 64, 16, 4, 2)]
+
+
+def _small_configs(block_q: int, num_stages: int, nf4_stages: int | None = None) -> list[triton.Config]:
+    """Small M: one 16-row tile; only the split count is tuned (a runtime argument, one compiled kernel).
+
+    With ``nf4_stages``, the list also holds the NF4 variants of the tile (picked by ``_prune_small``): the
+    NF4 tile is issue-bound on its decode (~40 instructions per weight), so a deep pipeline buys nothing,
+    while every stage in flight holds another tile of packed bytes in registers (2+ stages spilled).
+    """
+    stages = [num_stages] if nf4_stages is None else [num_stages, nf4_stages]
     return [
         triton.Config(
             {"BLOCK_M": 16, "BLOCK_P": 64, "BLOCK_Q": block_q, "GROUP_M": 1, "split_k": s},
             num_warps=4,
-            num_stages=num_stages,
+            num_stages=n,
             pre_hook=_zero_out,
         )  # fmt: skip
+        for n in stages
         for s in (1, 2, 4, 8, 16)
     ]
 
 
-_SMALL_CONFIGS = _small_configs(block_q=128, num_stages=4)
-# float32 inputs (IEEE dots on the FMA units, no tensor cores): twice the bytes per element, so shorter
-# tiles and pipelines keep the staged operands inside sm_80's 163 KB of shared memory
-_TILED_CONFIGS_FP32 = [
-    triton.Config({"BLOCK_M": 64, "BLOCK_P": 64, "BLOCK_Q": 32, "GROUP_M": 8, "split_k": 1}, num_warps=4, num_stages=3),
-]
-_SMALL_CONFIGS_FP32 = _small_configs(block_q=64, num_stages=3)
+# dense: 4 stages of [128, 64] W tiles in flight per 4-warp program (16 KB each) keep the bandwidth-bound
+# GEMV busy; NF4 (16-bit inputs only: float32 NF4 is dequantized once and runs dense): one stage
+_SMALL_CONFIGS = _small_configs(block_q=128, num_stages=4, nf4_stages=1)
+# float32: 32-deep FMA steps (the 64-deep one held too many operands live, see above), 4 stages in flight
+_SMALL_CONFIGS_FP32 = _small_configs(block_q=32, num_stages=4)
 GEMM_BLOCK_R = 16
 """The GEMM epilogue's rank step: ``L·Rt`` is summed over R in 16-wide MMAs, one binary for every rank."""
 # fixed configurations under Triton's interpreter (CPU tests): small tiles keep it fast; the tests
 # patch these to reach other code paths (split counts, several R tiles)
 _INTERPRET_TILED = {"BLOCK_M": 32, "BLOCK_P": 32, "BLOCK_Q": 32, "GROUP_M": 2, "split_k": 1}
 _INTERPRET_SMALL = {"BLOCK_M": 16, "BLOCK_P": 32, "BLOCK_Q": 32, "GROUP_M": 1, "split_k": 3}
+_ALIGNED_STRIDES = ("stride_im", "stride_iq", "stride_wq", "stride_wp", "stride_om", "stride_op")
+
+
+def _rows_aligned(named_args: dict) -> bool:
+    """Whether IN, W and OUT start on 16 bytes and step by 1 or a multiple of 16 bytes along each dim."""
+    if named_args["w_ptr"].dtype == torch.uint8:  # NF4 bytes are read by flat index, never by these rules
+        return True
+    elems = 16 // named_args["in_ptr"].element_size()
+    ptrs = (named_args[k].data_ptr() % 16 == 0 for k in ("in_ptr", "w_ptr", "out_ptr"))
+    return all(ptrs) and all(named_args[k] == 1 or named_args[k] % elems == 0 for k in _ALIGNED_STRIDES)
 
 
 def _prune_tiled(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    # unaligned rows take the one tile that holds their scalar loads in registers, aligned ones never do
+    if _TILED_UNALIGNED in configs:
+        if not _rows_aligned(named_args):
+            return [_TILED_UNALIGNED]
+        configs = [c for c in configs if c is not _TILED_UNALIGNED]
     # a 128-row tile over at most 64 rows is half empty
     m = named_args["M"]
     kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max(64, m)]
@@ -349,6 +399,11 @@ def _prune_tiled(configs: list[triton.Config], named_args: dict, **kwargs) -> li
 
 
 def _prune_small(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    # the NF4 variants for an NF4 weight, the dense ones otherwise (the autotuner keys on W's dtype too)
+    stages = {c.num_stages for c in configs}
+    if len(stages) > 1:
+        want = min(stages) if kwargs["W_KIND"] != _W_DENSE else max(stages)
+        configs = [c for c in configs if c.num_stages == want]
     # more slices than BLOCK_Q steps would leave programs idle
     steps = triton.cdiv(named_args["Q"], configs[0].kwargs["BLOCK_Q"])
     kept = [c for c in configs if c.kwargs["split_k"] <= steps]
@@ -356,17 +411,18 @@ def _prune_small(configs: list[triton.Config], named_args: dict, **kwargs) -> li
 
 
 def _autotuned(tiled: list[triton.Config], small: list[triton.Config]) -> tuple:
+    # the tiled key holds the strides the alignment rule reads, so an aligned and an unaligned call of one
+    # shape never share a cached choice
+    tiled_key = ["m_bucket", "P", "Q", "R", *_ALIGNED_STRIDES]
     return (
-        triton.autotune(tiled, key=["m_bucket", "P", "Q", "R"], prune_configs_by={"early_config_prune": _prune_tiled})(
-            _lora_gemm_kernel
-        ),
+        triton.autotune(tiled, key=tiled_key, prune_configs_by={"early_config_prune": _prune_tiled})(_lora_gemm_kernel),
         triton.autotune(small, key=["M", "P", "Q", "R"], prune_configs_by={"early_config_prune": _prune_small})(
             _lora_gemm_kernel
         ),
     )
 
 
-_gemm_tiled, _gemm_small = _autotuned(_TILED_CONFIGS, _SMALL_CONFIGS)
+_gemm_tiled, _gemm_small = _autotuned(_TILED_CONFIGS_16, _SMALL_CONFIGS)
 _gemm_tiled_fp32, _gemm_small_fp32 = _autotuned(_TILED_CONFIGS_FP32, _SMALL_CONFIGS_FP32)
 
 
@@ -374,7 +430,7 @@ def gemm_configs(dtype: torch.dtype, small: bool) -> list[triton.Config]:
     """The autotune list the GEMM launcher uses for inputs of ``dtype`` on the small-M or the tiled path."""
     if dtype == torch.float32:
         return _SMALL_CONFIGS_FP32 if small else _TILED_CONFIGS_FP32
-    return _SMALL_CONFIGS if small else _TILED_CONFIGS
+    return _SMALL_CONFIGS if small else _TILED_CONFIGS_16
 
 
 def gemm_kernel(dtype: torch.dtype, small: bool):
@@ -390,11 +446,15 @@ def _block_r(r: int) -> int:
 
 
 def _skinny_config(m: int, interpret: bool) -> dict[str, int]:
+    # the products are bandwidth-bound (R <= 64 columns): tiles only need enough bytes in flight, and split-K
+    # fills the device at small M, so they are sized to stay far from the register limit on sm_80 and
+    # sm_90a for every BLOCK_R and dtype (BLOCK_Q = 128 at small M, and 4 warps over 64 x 64 at large M,
+    # spilled: ptxas settles at 96-168 registers there)
     if interpret:
         return {"BLOCK_M": 16, "BLOCK_Q": 32, "num_warps": 4}
     if m <= SMALL_M_MAX:
-        return {"BLOCK_M": 16, "BLOCK_Q": 128, "num_warps": 4}
-    return {"BLOCK_M": 64, "BLOCK_Q": 64, "num_warps": 4}
+        return {"BLOCK_M": 16, "BLOCK_Q": 64, "num_warps": 4}
+    return {"BLOCK_M": 64, "BLOCK_Q": 64, "num_warps": 8}
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -428,111 +488,9 @@ def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 # compile gate
 # ----------------------------------------------------------------------------------------------
 
-_GATE_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
-_GATE_BLOCK_R = (16, 32, 64)  # every value _block_r returns
-_GATE_W = {"dense": _W_DENSE, "nf4": _W_NF4, "nf4dq": _W_NF4_DQ}
-
-
-def _gemm_gate_case(direction: str, dtype: torch.dtype, w: str, cfg: triton.Config, block_r: int) -> GateCase:
-    ty = _GATE_TYPES[dtype]
-    kind = _GATE_W[w]
-    small = cfg.kwargs["BLOCK_M"] <= SMALL_M_MAX
-    ints = ["M", "P", "Q", "R", "m_bucket", "n_blocks", "blocksize_shift"] + [
-        f"stride_{s}" for s in ("im", "iq", "wq", "wp", "lm", "lr", "rr", "rp", "km", "kp", "om", "op")
-    ]
-    signature = {
-        "in_ptr": f"*{ty}",
-        "w_ptr": f"*{ty}" if kind == _W_DENSE else "*u8",
-        "absmax_ptr": "*u8" if kind == _W_NF4_DQ else "*fp32",
-        "code_ptr": "*fp32",
-        "qmap_ptr": "*fp32",
-        "nested_ptr": "*fp32",
-        "offset_ptr": "*fp32",
-        "bias_ptr": f"*{ty}",
-        "l_ptr": "*fp32" if direction == "dx" else f"*{ty}",  # G is float32, U is in x's dtype
-        "rt_ptr": f"*{ty}",
-        "keep_ptr": "*u8",
-        "out_ptr": "*fp32" if small else f"*{ty}",
-        **dict.fromkeys(ints, "i32"),
-        "lora_scale": "fp32",
-        "has_bias": "i32",
-        "has_mask": "i32",
-        "split_k": "i32",
-    }
-    blocks = {k: v for k, v in cfg.kwargs.items() if k != "split_k"}
-    tile = "x".join(str(blocks[k]) for k in ("BLOCK_M", "BLOCK_P", "BLOCK_Q"))
-    return GateCase(
-        name=f"lora_gemm_{direction}[{ty},{w},{tile},R={block_r}]",
-        module=__name__,
-        kernel="_lora_gemm_kernel",
-        signature=signature,
-        constexprs={
-            "W_KIND": kind,
-            "W_T": direction == "dx",
-            "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE,
-            "LORA_SPLIT": direction == "dx" and dtype != torch.float32,
-            "ATOMIC_OUT": small,
-            "DOT_PRECISION": _dot_precision(dtype),
-            "BLOCK_R": block_r,
-            **blocks,
-        },
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-        # the 16-row split-K tile is below a warpgroup MMA's 64 rows: it runs HMMA on both archs
-        tensor_cores=not small and dtype != torch.float32,
-    )
-
 
 def compile_gate_cases() -> list[GateCase]:
-    """Every configuration of this module's kernels the launchers ship, for float16, bfloat16 and float32.
+    """Every configuration of this module's kernels the launchers ship (built in ``lora_linear_gate``)."""
+    from fastpeft.kernels import lora_linear_gate  # it reads this module's configurations
 
-    GEMM (forward and dX): each config of the tiled and the small-M autotune lists of the input dtype (the
-    small-M split count is a runtime argument: one binary) x dense / NF4 / NF4 with double quantization,
-    at the one epilogue rank step ``GEMM_BLOCK_R``; the NF4 blocksize, bias and dropout mask are runtime
-    arguments, not variants. The base-only launchers (``nf4_linear_fwd``, ``nf4_linear_bwd_dx``) run these
-    same binaries with R = 0. Skinny kernel: its rule-picked tiles x every ``BLOCK_R``. 16-bit tiles of 64
-    rows or more must run on tensor cores; float32 runs IEEE dots on the FMA units.
-    """
-    cases = []
-    for direction in ("fwd", "dx"):
-        for dtype in _GATE_TYPES:
-            for w in _GATE_W:
-                for cfg in [*gemm_configs(dtype, small=False), gemm_configs(dtype, small=True)[0]]:
-                    cases.append(_gemm_gate_case(direction, dtype, w, cfg, GEMM_BLOCK_R))
-    for dtype, ty in _GATE_TYPES.items():
-        for m, block_r in itertools.product((1, 1024), _GATE_BLOCK_R):
-            cfg = _skinny_config(m, interpret=False)
-            cases.append(
-                GateCase(
-                    name=f"lora_skinny[{ty},BLOCK_M={cfg['BLOCK_M']},BLOCK_R={block_r}]",
-                    module=__name__,
-                    kernel="_lora_skinny_kernel",
-                    signature={
-                        "in_ptr": f"*{ty}",
-                        "mat_ptr": f"*{ty}",
-                        "keep_ptr": "*u8",
-                        "out_ptr": "*fp32",
-                        "M": "i32",
-                        "Q": "i32",
-                        "R": "i32",
-                        "stride_im": "i32",
-                        "stride_iq": "i32",
-                        "stride_mq": "i32",
-                        "stride_mr": "i32",
-                        "stride_km": "i32",
-                        "stride_kq": "i32",
-                        "scale": "fp32",
-                        "has_mask": "i32",
-                        "split_k": "i32",
-                    },  # fmt: skip
-                    constexprs={
-                        "DOT_PRECISION": _dot_precision(dtype),
-                        "BLOCK_M": cfg["BLOCK_M"],
-                        "BLOCK_Q": cfg["BLOCK_Q"],
-                        "BLOCK_R": block_r,
-                    },
-                    num_warps=cfg["num_warps"],
-                    tensor_cores=cfg["BLOCK_M"] >= 64 and dtype != torch.float32,
-                )
-            )
-    return cases
+    return lora_linear_gate.compile_gate_cases()

@@ -21,9 +21,8 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels._gate import GateCase
+from fastpeft.kernels.lora_linear_gate import _GATE_BLOCK_R, _GATE_TYPES
 from fastpeft.kernels.lora_linear_kernels import (
-    _GATE_BLOCK_R,
-    _GATE_TYPES,
     _block_r,
     _dot_precision,
     _interpreting,
@@ -94,10 +93,23 @@ def _lora_wgrad_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _wgrad_config(interpret: bool) -> dict[str, int]:
+def _wgrad_config(dtype: torch.dtype, interpret: bool) -> dict[str, int]:
+    # a bandwidth-bound pass over X: the tile only needs bytes in flight. 16-bit: [128, 32] X tiles over 8
+    # warps (4 warps over [128, 64] spilled in dB, where the column sums of dY keep X in registers too);
+    # float32: the FMA dot holds its whole K extent (BLOCK_M) of operands live at once, so 16 rows a step
     if interpret:
-        return {"BLOCK_M": 32, "BLOCK_P": 32, "num_warps": 4}
-    return {"BLOCK_M": 64, "BLOCK_P": 128, "num_warps": 4}
+        return {"BLOCK_M": 32, "BLOCK_P": 32, "num_warps": 4, "num_stages": 3}
+    if dtype == torch.float32:
+        return {"BLOCK_M": 16, "BLOCK_P": 64, "num_warps": 8, "num_stages": 3}
+    return {"BLOCK_M": 32, "BLOCK_P": 128, "num_warps": 8, "num_stages": 4}
+
+
+def _wgrad_rows(m: int, p: int, r: int, cfg: dict[str, int], programs: int) -> int:
+    """Rows per slice of M: enough slices to give the device ``programs`` programs, each a whole number of
+    ``BLOCK_M`` rows."""
+    tiles = triton.cdiv(p, cfg["BLOCK_P"]) * triton.cdiv(r, _block_r(r))
+    splits = max(1, min(triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(programs, tiles)))
+    return triton.cdiv(triton.cdiv(m, splits), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
 
 
 def _wgrad(
@@ -107,12 +119,9 @@ def _wgrad(
     m, p = x.shape
     r = g.shape[1]
     interpret = _interpreting()
-    cfg = _wgrad_config(interpret)
+    cfg = _wgrad_config(x.dtype, interpret)
     block_r = _block_r(r)
-    tiles = triton.cdiv(p, cfg["BLOCK_P"]) * triton.cdiv(r, block_r)
-    # slices of M: enough programs to fill the device, each slice a whole number of BLOCK_M rows
-    splits = max(1, min(triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(_target_programs(x.device, interpret), tiles)))
-    rows = triton.cdiv(triton.cdiv(m, splits), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
+    rows = _wgrad_rows(m, p, r, cfg, _target_programs(x.device, interpret))
     splits = triton.cdiv(m, rows)
     part = torch.empty((splits, p, r), dtype=torch.float32, device=x.device)
     sums = torch.empty((splits, p), dtype=torch.float32, device=x.device) if colsum else part
@@ -124,7 +133,7 @@ def _wgrad(
         keep_t.stride(0) if has_mask else 0, keep_t.stride(1) if has_mask else 0, int(has_mask),
         HAS_COLSUM=colsum, G_SPLIT=g.dtype == torch.float32 and x.dtype != torch.float32,
         DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_R=block_r,
-        num_warps=cfg["num_warps"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     # the few per-slice partials are summed by torch: a [splits, P, R] reduction, no atomics
     return part.sum(0), (sums.sum(0) if colsum else None)
@@ -138,10 +147,13 @@ def _wgrad(
 def compile_gate_cases() -> list[GateCase]:
     """The weight-gradient kernel's rule-picked tile for float16, bfloat16 and float32 x every ``BLOCK_R``:
     dA (float32 G, split into hi + lo for 16-bit X, dropout select) and dB (U in X's dtype, column sums for
-    dbias). Collected by ``lora_linear``'s ``compile_gate_cases``."""
+    dbias), with the runtime arguments of a Llama-3-8B 4096 x 4096 projection at M = 8192 (dropout on in dA's
+    pass, as in training). Collected by ``lora_linear``'s ``compile_gate_cases``."""
     cases = []
-    cfg = _wgrad_config(interpret=False)
+    m, p = 8192, 4096
     for (dtype, ty), block_r, grad in itertools.product(_GATE_TYPES.items(), _GATE_BLOCK_R, ("dA", "dB")):
+        cfg = _wgrad_config(dtype, interpret=False)
+        da = grad == "dA"
         cases.append(
             GateCase(
                 name=f"lora_wgrad_{grad}[{ty},BLOCK_R={block_r}]",
@@ -149,32 +161,41 @@ def compile_gate_cases() -> list[GateCase]:
                 kernel="_lora_wgrad_kernel",
                 signature={
                     "x_ptr": f"*{ty}",
-                    "g_ptr": "*fp32" if grad == "dA" else f"*{ty}",
+                    "g_ptr": "*fp32" if da else f"*{ty}",
                     "keep_ptr": "*u8",
                     "out_ptr": "*fp32",
                     "colsum_ptr": "*fp32",
-                    "M": "i32",
-                    "P": "i32",
-                    "R": "i32",
-                    "rows_per_split": "i32",
-                    "stride_xm": "i32",
-                    "stride_xp": "i32",
-                    "stride_gm": "i32",
-                    "stride_gr": "i32",
-                    "stride_km": "i32",
+                    **dict.fromkeys(("M", "P", "R", "rows_per_split"), "i32"),
+                    **dict.fromkeys(("stride_xm", "stride_xp", "stride_gm", "stride_gr", "stride_km"), "i32"),
                     "stride_kp": "i32",
                     "has_mask": "i32",
-                },  # fmt: skip
+                },
                 constexprs={
-                    "HAS_COLSUM": grad == "dB",
-                    "G_SPLIT": grad == "dA" and dtype != torch.float32,
+                    "HAS_COLSUM": not da,
+                    "G_SPLIT": da and dtype != torch.float32,
                     "DOT_PRECISION": _dot_precision(dtype),
                     "BLOCK_M": cfg["BLOCK_M"],
                     "BLOCK_P": cfg["BLOCK_P"],
                     "BLOCK_R": block_r,
                 },
                 num_warps=cfg["num_warps"],
+                num_stages=cfg["num_stages"],
                 tensor_cores=dtype != torch.float32,
+                # X [M, K] (dA) or dY [M, N] (dB), G / U [M, R] contiguous; M sliced as the launcher cuts it for
+                # an H100's 132 SMs
+                args={
+                    "M": m,
+                    "P": p,
+                    "R": block_r,
+                    "rows_per_split": _wgrad_rows(m, p, block_r, cfg, 2 * 132),
+                    "stride_xm": p,
+                    "stride_xp": 1,
+                    "stride_gm": block_r,
+                    "stride_gr": 1,
+                    "stride_km": p if da else 0,
+                    "stride_kp": int(da),
+                    "has_mask": int(da),
+                },
             )
         )
     return cases

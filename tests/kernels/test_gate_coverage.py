@@ -185,6 +185,51 @@ def test_every_launch_is_a_gated_binary(recorders):
     assert not problems, "launches the compile gate does not cover:\n" + "\n".join(sorted(problems)[:20])
 
 
+def _rows(m: int, k: int, n: int, dtype: torch.dtype, shift: int = 0) -> dict:
+    """The tiled GEMM's arguments its prune rule reads, for X [M, K], W [N, K], Y [M, N] (``shift`` elements off
+    a 16-byte boundary)."""
+    bufs = {p: torch.empty(numel + 8, dtype=dtype)[shift : shift + numel] for p, numel in
+            (("in_ptr", m * k), ("w_ptr", n * k), ("out_ptr", m * n))}  # fmt: skip
+    strides = {"stride_im": k, "stride_iq": 1, "stride_wq": 1, "stride_wp": k, "stride_om": n, "stride_op": 1}
+    return {**bufs, **strides, "M": m}
+
+
+def test_every_lora_gpu_config_is_gated():
+    # the interpreter's launches above run fixed small tiles; on a GPU the tiles come from the autotune lists
+    # (through their prune rules: row alignment, M, W kind) and the tile rules, and each must be gated
+    from fastpeft.kernels import lora_linear_kernels as K
+
+    def gated(kernel: str, ptr: str, dtype: torch.dtype, consts: dict, warps: int, stages: int) -> bool:
+        return any(
+            c.kernel == kernel and c.signature[ptr] == f"*{TRITON_TYPES[dtype]}" and c.num_warps == warps
+            and c.num_stages == stages and all(c.constexprs.get(k) == v for k, v in consts.items())
+            for c in _gate.all_cases()
+        )  # fmt: skip
+
+    missing = []
+    shapes = ((8192, 4096, 4096, 0), (40, 4096, 4096, 0), (1000, 4095, 4097, 0), (1000, 4096, 4096, 1))
+    for dtype in DTYPES:
+        tiled = K.gemm_configs(dtype, small=False)
+        picks = [(c, K._W_DENSE) for m, k, n, s in shapes for c in K._prune_tiled(tiled, _rows(m, k, n, dtype, s))]
+        kinds = [K._W_DENSE] if dtype == torch.float32 else [K._W_DENSE, K._W_NF4, K._W_NF4_DQ]
+        small = K.gemm_configs(dtype, small=True)
+        picks += [(c, kind) for kind in kinds for c in K._prune_small(small, {"Q": 4096}, W_KIND=kind)]
+        for cfg, kind in picks:
+            consts = {**{k: v for k, v in cfg.kwargs.items() if k != "split_k"}, "W_KIND": kind}
+            if not gated("_lora_gemm_kernel", "in_ptr", dtype, consts, cfg.num_warps, cfg.num_stages):
+                missing.append(f"GEMM {dtype} {consts} warps={cfg.num_warps} stages={cfg.num_stages}")
+        for m, block_r in itertools.product((1, 8192), (16, 32, 64)):
+            cfg = K._skinny_config(m, interpret=False)
+            consts = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_Q": cfg["BLOCK_Q"], "BLOCK_R": block_r}
+            if not gated("_lora_skinny_kernel", "in_ptr", dtype, consts, cfg["num_warps"], 3):  # Triton's default
+                missing.append(f"skinny {dtype} {consts}")
+            cfg = lora_linear_wgrad._wgrad_config(dtype, interpret=False)
+            consts = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_P": cfg["BLOCK_P"], "BLOCK_R": block_r}
+            if not gated("_lora_wgrad_kernel", "x_ptr", dtype, consts, cfg["num_warps"], cfg["num_stages"]):
+                missing.append(f"wgrad {dtype} {consts}")
+    assert not missing, "GPU configurations without a gate case:\n" + "\n".join(sorted(set(missing)))
+
+
 def test_a_launch_outside_the_gate_is_reported():
     # the matcher is not vacuous: a constexpr or pointer type the gate lacks is a mismatch
     case = next(c for c in _gate.all_cases() if c.kernel == "_lora_gemm_kernel")

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from conftest import assert_close, assert_oracle, stable_seed
 
 from fastpeft.kernels import lora_linear as L
+from fastpeft.kernels import lora_linear_kernels as K
 from fastpeft.kernels import reference
 from fastpeft.kernels.formats import NF4Args
 
@@ -237,6 +238,61 @@ def test_split_k_counts(monkeypatch, split_k):
     prob = _problem(5, 200, 50, 4, torch.float32, "nf4", seed=split_k)
     _, u = _check_fwd(prob, f"split_k={split_k}")
     _check_bwd(prob, u, f"split_k={split_k}", needs_da=False, needs_db=False)
+
+
+def test_large_scaling_with_dropout_within_oracle():
+    # the scale multiplies L before its 16-bit rounding: a large one (rsLoRA's alpha / sqrt(r) with alpha = 128)
+    # and a dropout mask on the LoRA term alone, on both paths, stay within the oracle
+    for m in (3, 40):
+        prob = _problem(m, 70, 33, 64, torch.float16, "dense", p=0.3, seed=20 + m)
+        prob["scaling"] = 16.0
+        _, u = _check_fwd(prob, f"scaling 16, M={m}")
+        _check_bwd(prob, u, f"scaling 16, M={m}")
+
+
+def _tiled_named_args(m: int, k: int, n: int, dtype=torch.float16, misalign: bool = False) -> dict:
+    """What the tiled autotuner's prune sees for contiguous X [M, K], W [N, K] and Y [M, N] (forward)."""
+
+    def buf(numel: int) -> torch.Tensor:
+        return torch.empty(numel + 8, dtype=dtype)[int(misalign) : int(misalign) + numel]
+
+    return {
+        "in_ptr": buf(m * k), "w_ptr": buf(n * k), "out_ptr": buf(m * n), "M": m,
+        "stride_im": k, "stride_iq": 1, "stride_wq": 1, "stride_wp": k, "stride_om": n, "stride_op": 1,
+    }  # fmt: skip
+
+
+def test_tiled_configs_follow_row_alignment():
+    # 16-byte rows take the aligned tiles (the 128-row one only past 64 rows); a stride off a multiple of 8
+    # elements or an unaligned pointer takes the one tile whose scalar loads fit in registers
+    configs = K.gemm_configs(torch.bfloat16, small=False)
+    aligned = K._prune_tiled(configs, _tiled_named_args(8192, 4096, 4096))
+    assert aligned and all(c is not K._TILED_UNALIGNED for c in aligned), aligned
+    assert [c.kwargs["BLOCK_M"] for c in K._prune_tiled(configs, _tiled_named_args(40, 4096, 4096))] == [64]
+    unaligned = {
+        "K = 4095": _tiled_named_args(1000, 4095, 4096),
+        "N = 4097": _tiled_named_args(1000, 4096, 4097),
+        "pointer + 2 bytes": _tiled_named_args(1000, 4096, 4096, misalign=True),
+    }
+    for what, args in unaligned.items():
+        assert K._prune_tiled(configs, args) == [K._TILED_UNALIGNED], what
+    # float32 has one tile for every alignment
+    fp32 = K.gemm_configs(torch.float32, small=False)
+    assert K._prune_tiled(fp32, _tiled_named_args(1000, 4095, 4097, torch.float32)) == fp32
+
+
+def test_small_configs_by_weight_kind():
+    # NF4 runs the split-K tile with a shallower pipeline than dense W (it is issue-bound on the decode, and
+    # every stage holds packed bytes in registers); each kind keeps every split count up to the BLOCK_Q steps
+    configs = K.gemm_configs(torch.float16, small=True)
+    kept = {kind: K._prune_small(configs, {"Q": 4096}, W_KIND=kind) for kind in (K._W_DENSE, K._W_NF4, K._W_NF4_DQ)}
+    stages = {kind: {c.num_stages for c in cfgs} for kind, cfgs in kept.items()}
+    assert all(len(s) == 1 for s in stages.values()), stages
+    assert stages[K._W_NF4] == stages[K._W_NF4_DQ] and max(stages[K._W_NF4]) < min(stages[K._W_DENSE]), stages
+    for kind, cfgs in kept.items():
+        assert sorted(c.kwargs["split_k"] for c in cfgs) == [1, 2, 4, 8, 16], kind
+    steps = -(-300 // configs[0].kwargs["BLOCK_Q"])
+    assert all(c.kwargs["split_k"] <= steps for c in K._prune_small(configs, {"Q": 300}, W_KIND=K._W_DENSE))
 
 
 @pytest.mark.parametrize(
