@@ -187,7 +187,7 @@ def compile_gate_cases() -> list[GateCase]:
     M = 1000, N = 4097, K = 4095 (no divisibility hints) on the tile the alignment rule gives it. Small split-K
     path (M = 1 and M = 16; the split count is a runtime argument): dense for every dtype, NF4 and NF4 with
     double quantization for 16-bit inputs (float32 NF4 is dequantized once), each on the config
-    ``_prune_small`` keeps for it. The epilogue rank step is ``GEMM_BLOCK_R``; the NF4 blocksize, bias and
+    ``_prune_small`` keeps for it. The LoRA rank step is ``GEMM_BLOCK_R``; the NF4 blocksize, bias and
     dropout mask are runtime arguments, not variants. The base-only launchers run these same binaries with
     R = 0. Skinny kernel: its rule-picked tiles x every ``BLOCK_R``, for ``U = drop(X)·Aᵀ`` (M = 1 on the
     small tile, M = 8192 with dropout on the large one) and ``G = dY·B`` (M = 16 and 8192). 16-bit tiles of 64

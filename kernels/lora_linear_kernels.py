@@ -338,7 +338,7 @@ _TILED_UNALIGNED = _tiled(128, 64, 32, 8, 3)
 _TILED_CONFIGS_16 = [*_TILED_CONFIGS, _TILED_UNALIGNED]
 # float32 inputs (IEEE dots on the FMA units, no tensor cores). Triton's FMA dot keeps the operands of
 # its whole BLOCK_Q extent live in registers at once (every shared-memory load of the step is issued
-# before the first FMA), so BLOCK_Q = 32 spilled; 16 keeps 130-210 registers, aligned or not, at about
+# before the first FMA), so BLOCK_Q = 32 spilled; 16 keeps 120-220 registers, aligned or not, at about
 # 1.2 instructions per multiply-add
 _TILED_CONFIGS_FP32 = [_tiled(64, 64, 16, 4, 2)]
 
@@ -369,7 +369,7 @@ _SMALL_CONFIGS = _small_configs(block_q=128, num_stages=4, nf4_stages=1)
 # float32: 32-deep FMA steps (the 64-deep one held too many operands live, see above), 4 stages in flight
 _SMALL_CONFIGS_FP32 = _small_configs(block_q=32, num_stages=4)
 GEMM_BLOCK_R = 16
-"""The GEMM epilogue's rank step: ``L·Rt`` is summed over R in 16-wide MMAs, one binary for every rank."""
+"""The GEMM's LoRA rank step: ``L·Rt`` is summed over R in 16-wide MMAs, one binary for every rank."""
 # fixed configurations under Triton's interpreter (CPU tests): small tiles keep it fast; the tests
 # patch these to reach other code paths (split counts, several R tiles)
 _INTERPRET_TILED = {"BLOCK_M": 32, "BLOCK_P": 32, "BLOCK_Q": 32, "GROUP_M": 2, "split_k": 1}
@@ -379,8 +379,6 @@ _ALIGNED_STRIDES = ("stride_im", "stride_iq", "stride_wq", "stride_wp", "stride_
 
 def _rows_aligned(named_args: dict) -> bool:
     """Whether IN, W and OUT start on 16 bytes and step by 1 or a multiple of 16 bytes along each dim."""
-    if named_args["w_ptr"].dtype == torch.uint8:  # NF4 bytes are read by flat index, never by these rules
-        return True
     elems = 16 // named_args["in_ptr"].element_size()
     ptrs = (named_args[k].data_ptr() % 16 == 0 for k in ("in_ptr", "w_ptr", "out_ptr"))
     return all(ptrs) and all(named_args[k] == 1 or named_args[k] % elems == 0 for k in _ALIGNED_STRIDES)
@@ -412,7 +410,8 @@ def _prune_small(configs: list[triton.Config], named_args: dict, **kwargs) -> li
 
 def _autotuned(tiled: list[triton.Config], small: list[triton.Config]) -> tuple:
     # the tiled key holds the strides the alignment rule reads, so an aligned and an unaligned call of one
-    # shape never share a cached choice
+    # shape never share a cached choice (pointer alignment is not in the key: a view 2 bytes off 16 with
+    # aligned strides after an aligned call of its shape reuses the aligned tile, correct but spilling)
     tiled_key = ["m_bucket", "P", "Q", "R", *_ALIGNED_STRIDES]
     return (
         triton.autotune(tiled, key=tiled_key, prune_configs_by={"early_config_prune": _prune_tiled})(_lora_gemm_kernel),
@@ -441,7 +440,7 @@ def gemm_kernel(dtype: torch.dtype, small: bool):
 
 
 def _block_r(r: int) -> int:
-    # tl.dot needs every dimension >= 16; ranks past 64 loop (epilogue) or tile the grid (skinny kernels)
+    # tl.dot needs every dimension >= 16; ranks past 64 loop (GEMM) or tile the grid (skinny kernels)
     return min(64, max(16, triton.next_power_of_2(r)))
 
 
