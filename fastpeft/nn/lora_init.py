@@ -53,7 +53,7 @@ def init_from_weight(
     out_f, in_f = weight.shape
     if name == "orthogonal":
         if r % 2:
-            raise ValueError(f"init_lora_weights='orthogonal' needs an even rank, got r={r}")
+            raise ValueError(f"Orthogonal initialization requires the LoRA rank to be even, got {r} instead.")
         q, _ = torch.linalg.qr(torch.randn(r, r))
         # Rows of an orthogonal matrix are orthonormal: (even rows)·(odd rows)ᵀ = 0, hence B·A = 0.
         a = (torch.randn(in_f, r // 2) @ q[0::2, :]).T / 10.0

@@ -90,7 +90,7 @@ class LoraEmbedding(LoraLayerBase):
         check_lora_args(adapter_name, r, lora_alpha, lora_dropout)
         _check_init("embedding", init_lora_weights)
         if lora_bias:
-            raise ValueError("lora_bias=True is not supported for embedding layers (HF PEFT has none either)")
+            raise ValueError("lora_bias=True is not supported for Embedding layers (HF PEFT has none either)")
         weight = self.base_layer.weight
         a = torch.randn(r, self.in_features, device=weight.device, dtype=weight.dtype)
         b = torch.randn(self.out_features, r, device=weight.device, dtype=weight.dtype)
@@ -199,7 +199,11 @@ class LoraConv(LoraLayerBase):
         _check_init("convolution", init_lora_weights)
         base = self.base_layer
         if r % base.groups:
-            raise ValueError(f"r={r} must be a multiple of the convolution's groups={base.groups}")
+            raise ValueError(
+                f"Targeting a {type(base).__name__} with groups={base.groups} and rank {r}. Currently, support is "
+                "limited to conv layers where the rank is divisible by groups. Either choose a different rank or do "
+                "not target this specific layer."
+            )
         kind, ones = type(base), (1,) * len(base.kernel_size)
         factory = dict(device=base.weight.device, dtype=base.weight.dtype)
         lora_a = kind(self.in_features, r, base.kernel_size, base.stride, base.padding, base.dilation, bias=False,

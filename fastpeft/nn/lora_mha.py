@@ -48,7 +48,10 @@ class LoraMultiheadAttention(LoraLayerBase):
         if not isinstance(base_layer, nn.MultiheadAttention):
             raise TypeError(f"base_layer must be an nn.MultiheadAttention, got {type(base_layer).__name__}")
         if not base_layer._qkv_same_embed_dim:
-            raise ValueError("LoRA on nn.MultiheadAttention needs kdim == vdim == embed_dim (one fused in_proj_weight)")
+            raise ValueError(
+                "Only same embed for query/key/value is supported as of now for MultiheadAttention "
+                "(kdim == vdim == embed_dim: one fused in_proj_weight)"
+            )
         self.in_features, self.out_features = base_layer.embed_dim, 3 * base_layer.embed_dim
         self.base_layer = base_layer
         base_layer.requires_grad_(False)
@@ -65,6 +68,12 @@ class LoraMultiheadAttention(LoraLayerBase):
             if name == "base_layer":
                 raise
             return getattr(self._modules["base_layer"], name)
+
+    @property
+    def out_proj(self) -> nn.Module:
+        """The attention's own output projection (its LoRA lives in a ``LoraLinear`` around it)."""
+        out = self.base_layer.out_proj
+        return out.get_base_layer() if isinstance(out, LoraLinear) else out
 
     def update_layer(
         self,

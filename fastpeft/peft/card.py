@@ -78,9 +78,29 @@ model = PeftModel.from_pretrained(base_model, "<this directory>")
 |---|---|
 {rows}
 
-## Training data, evaluation, limitations
+## Model details
 
-[More information needed]
+- **Adapter method:** {config.peft_type}
+- **Base model:** {base}
+- **Developed by / funded by / license:** [More information needed]
+
+## Uses
+
+What the adapter is for, and what it should not be used for: [More information needed]
+
+## Training
+
+- **Data:** [More information needed]
+- **Procedure and hyperparameters** (learning rate, steps, batch size, sequence length, precision):
+  [More information needed]
+
+## Evaluation
+
+Data, metrics and results: [More information needed]
+
+## Bias, risks and limitations
+
+The adapter inherits the base model's limitations; describe any it adds: [More information needed]
 """
 
 

@@ -329,6 +329,12 @@ class LoraConfig(PeftConfigBase):
             raise ValueError(f"LoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         _check_init(self.init_lora_weights)
         _check_bool("LoraConfig", "lora_bias", self.lora_bias)
+        if self.lora_bias and self.init_lora_weights not in (True, False):
+            # The weight-based inits and "gaussian" define A and B only (HF PEFT refuses the pair too).
+            raise ValueError(
+                f"LoraConfig: The argument lora_bias=True is not supported with "
+                f"init_lora_weights={self.init_lora_weights!r}"
+            )
         for name in ("rank_pattern", "alpha_pattern"):
             value = getattr(self, name)
             if value is None:
@@ -343,11 +349,13 @@ class LoraConfig(PeftConfigBase):
                 elif not is_finite_number(v):
                     raise ValueError(f"LoraConfig: alpha_pattern[{key!r}] must be a finite number, got {v!r}")
         self.trainable_token_indices = _check_token_indices(self.trainable_token_indices)
-        if isinstance(self.target_parameters, str):
-            self.target_parameters = [self.target_parameters]
-        elif isinstance(self.target_parameters, (tuple, set)):
+        if isinstance(self.target_parameters, (tuple, set)):
             self.target_parameters = sorted(self.target_parameters)
-        _check_names("LoraConfig", "target_parameters", self.target_parameters, regex=False)
+        if self.target_parameters is not None and (
+            not isinstance(self.target_parameters, list) or not all(isinstance(t, str) for t in self.target_parameters)
+        ):  # a single str is an easy slip (a regex, as for target_modules?): refused rather than guessed
+            raise TypeError(f"LoraConfig: `target_parameters` must be a list of strings or None, got "
+                            f"{self.target_parameters!r}")  # fmt: skip
         if isinstance(self.modules_to_save, (set, frozenset, tuple)):
             self.modules_to_save = list(self.modules_to_save)
         if self.modules_to_save is not None and isinstance(self.modules_to_save, str):

@@ -49,7 +49,7 @@ def _adapter_params(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
     model = _unwrap_compiled(model)
     if isinstance(model, PeftModel):
         if adapter_name not in model.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} not found; have {sorted(model.peft_config)}")
+            raise ValueError(f"Adapter {adapter_name} does not exist (have {sorted(model.peft_config)})")
         return model._file_params(adapter_name)
     config = getattr(model, "_fastpeft_peft_config", {}).get(adapter_name, LoraConfig())
     params = lora.lora_file_params(model, config, adapter_name)

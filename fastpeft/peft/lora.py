@@ -25,6 +25,7 @@ import itertools
 import logging
 import re
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -66,13 +67,34 @@ PREFIX = "base_model.model."
 logger = logging.getLogger(__name__)
 
 # HF PEFT's defaults when target_modules is None.
+_QV = ["q_proj", "v_proj"]
 DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
+    **dict.fromkeys(
+        [
+            "llama",
+            "mistral",
+            "mixtral",
+            "qwen2",
+            "qwen3",
+            "gemma",
+            "gemma2",
+            "gemma3_text",
+            "gptj",
+            "opt",
+            "bart",
+            "stablelm",
+        ],
+        _QV,
+    ),  # fmt: skip
+    "phi": [*_QV, "fc1", "fc2"],
+    **dict.fromkeys(["falcon", "gpt_neox", "bloom"], ["query_key_value"]),
     "gpt2": ["c_attn"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "mpt": ["Wqkv"],
 }
 
 
@@ -94,6 +116,11 @@ class ModulesToSaveWrapper(nn.Module):
 
     def has_adapter(self, adapter_name: str) -> bool:
         return adapter_name in self.modules_to_save
+
+    @property
+    def active_adapters(self) -> list[str]:
+        """The active adapter if it has a copy here (HF PEFT's rule), else none."""
+        return [self.active_adapter] if self.active_adapter in self.modules_to_save else []
 
     def adapter_names(self) -> list[str]:
         return list(self.modules_to_save)
@@ -198,16 +225,18 @@ def match_module(name: str, targets: list[str] | set[str] | str) -> bool:
     return any(name == t or name.endswith(f".{t}") for t in targets)
 
 
-def _resolve_targets(model: nn.Module, config: LoraConfig) -> list[str] | str:
+def _resolve_targets(model: nn.Module, config: LoraConfig) -> set[str] | str:
+    """The config's targets; when None, HF PEFT's default for the model type, written into the config (as HF
+    PEFT does, so the saved adapter_config.json names them)."""
     targets = config.target_modules
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in DEFAULT_TARGETS:
+        if not isinstance(model_type, str) or model_type not in DEFAULT_TARGETS:
             raise ValueError(
-                f"LoraConfig.target_modules is None and there is no default for model_type={model_type!r}; "
-                "set target_modules"
+                f"LoraConfig.target_modules is None and there is no default for model_type={model_type!r}: "
+                "Please specify `target_modules` in `peft_config`"
             )
-        targets = DEFAULT_TARGETS[model_type]
+        targets = config.target_modules = set(DEFAULT_TARGETS[model_type])
     return targets
 
 
@@ -264,7 +293,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list
         ValueError: nothing matched (the message names the targets and some module names), or a
             matched module is not a layer kind LoRA wraps (named, with the kinds that are).
     """
-    names = _find_targets(model, config) if config.target_modules is not None or not config.target_parameters else []
+    by_module = bool(config.target_modules) or not config.target_parameters
+    names = _find_targets(model, config, strict=not config.target_parameters) if by_module else []
     _check_lora_fits(model, names, config)
     conv1d = conv1d_class()
     for name in names:
@@ -302,7 +332,25 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list
             layer._fastpeft_conv1d = is_conv1d
         layer.train(module.training)  # a new module defaults to training mode; keep the model's mode
         _set_submodule(model, name, layer)
-    names += inject_parameter_lora(model, config, adapter_name)
+    params = inject_parameter_lora(model, config, adapter_name)
+    if config.target_parameters and not params:
+        if not names:
+            raise ValueError(
+                "No `target_modules` passed but also no `target_parameters` found. Please check the values for "
+                f"these arguments (target_parameters={config.target_parameters!r})."
+            )
+        warnings.warn(
+            f"target_parameters={config.target_parameters!r} were set but no parameter was matched.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    elif config.target_parameters and by_module and not names:
+        warnings.warn(
+            f"target_modules={config.target_modules!r} were set but no module was matched.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    names += params
     for name, module in list(_walk(model)):
         if config.modules_to_save and name and match_module(name, config.modules_to_save):
             if isinstance(module, ModulesToSaveWrapper):
@@ -313,7 +361,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list
     return names
 
 
-def _find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+def _find_targets(model: nn.Module, config: LoraConfig, strict: bool = True) -> list[str]:
     targets = _resolve_targets(model, config)
     head = _output_head(model)
     all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
@@ -345,7 +393,7 @@ def _find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                 "Linear4bit, transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d and nn.MultiheadAttention only"
             )
         names.append(name)
-    if not names:
+    if not names and strict:
         sample = [n for n, _ in model.named_modules() if n][:20]
         raise ValueError(
             f"target_modules={targets!r} (exclude_modules={config.exclude_modules!r}) matched no module; "
@@ -448,8 +496,8 @@ def set_lora_adapter(
         present = [a for a in adapter_names if wrapper.has_adapter(a)]
         if len(present) > 1:
             raise ValueError(
-                f"adapters {present} each train their own copy of the same module ({type(wrapper).__name__}); "
-                "only one of them can be active at a time"
+                f"Only one adapter can be set at a time for {type(wrapper).__name__}: adapters {present} each train "
+                "their own copy of the same module"
             )
     for _, layer in lora_layers(model):
         if any(layer._has(a) for a in adapter_names):

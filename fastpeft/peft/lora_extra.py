@@ -37,7 +37,7 @@ def inject_parameter_lora(model: nn.Module, config: LoraConfig, adapter_name: st
     """Wrap every parameter ``config.target_parameters`` names; returns the wrapped parameters' paths.
 
     Raises:
-        ValueError: a name that matches no parameter (the message lists some parameter names).
+        ValueError: a parameter of the model itself, or of a module that is a LoRA target already.
     """
     if not config.target_parameters:
         return []
@@ -55,18 +55,19 @@ def inject_parameter_lora(model: nn.Module, config: LoraConfig, adapter_name: st
             owned[full] = (mod_name, pname)
     done: list[str] = []
     for target in config.target_parameters:
-        hits = [p for p in owned if p == target or p.endswith(f".{target}")]
-        if not hits:
-            raise ValueError(
-                f"target_parameters entry {target!r} matched no parameter; parameter names look like: "
-                f"{sorted(owned)[:12]}"
-            )
-        for path in hits:
+        for path in [p for p in owned if p == target or p.endswith(f".{target}")]:
             mod_name, pname = owned[path]
             if not mod_name:
                 raise ValueError(
                     f"target_parameters entry {target!r} is a parameter of the model itself; wrap the module "
                     "that owns it in a container (HF PEFT refuses top-level parameters too)"
+                )
+            inside = _lora_ancestor(model, mod_name)
+            if inside is not None:
+                raise ValueError(
+                    f"Trying to wrap an `nn.Parameter` of layer {inside!r} of type "
+                    f"{type(model.get_submodule(inside).get_base_layer()).__name__}, which is not a valid target: "
+                    "it is a LoRA target module already"
                 )
             r = pattern_value(config.rank_pattern, path, config.r)
             alpha = pattern_value(config.alpha_pattern, path, config.lora_alpha)
@@ -83,6 +84,17 @@ def inject_parameter_lora(model: nn.Module, config: LoraConfig, adapter_name: st
                 _set_submodule(model, outer_name, layer)
             done.append(path)
     return done
+
+
+def _lora_ancestor(model: nn.Module, mod_name: str) -> str | None:
+    """The path of a LoRA layer (other than a parameter wrapper) that ``mod_name`` lies inside, if any."""
+    parts = mod_name.split(".")
+    for i in range(len(parts)):
+        path = ".".join(parts[:i])
+        module = model.get_submodule(path) if path else model
+        if isinstance(module, LoraLayerBase) and not isinstance(module, LoraParameter):
+            return path
+    return None
 
 
 def _outermost(model: nn.Module, mod_name: str) -> str:

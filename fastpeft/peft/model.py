@@ -109,6 +109,19 @@ class PeftModel(LoraMethods, nn.Module):
         return list(self._active_adapters)
 
     @property
+    def modules_to_save(self) -> set[str] | None:
+        """The module names trained in full, over all adapters (HF PEFT's property)."""
+        names = {m for c in self.peft_config.values() for m in getattr(c, "modules_to_save", None) or []}
+        return names or None
+
+    @property
+    def targeted_module_names(self) -> list[str]:
+        """Paths (in the user's model) of the modules the adapters wrap."""
+        if self._peft_kind != "lora":
+            return []
+        return sorted(n for n, m in lora.lora_layers(self.get_base_model()) if not n.endswith(".base_layer.out_proj"))
+
+    @property
     def prefix(self) -> str:
         """The parameter-name prefix of this model's adapters (HF PEFT's ``LoraModel.prefix``)."""
         return {"lora": "lora_", "adapter": "bottleneck", "prompt": "prompt_encoder"}[self._peft_kind]
@@ -124,6 +137,8 @@ class PeftModel(LoraMethods, nn.Module):
         except AttributeError:
             if name.startswith("_") or name == "base_model":
                 raise
+            if name == "model" and self._peft_kind != "prompt":
+                return self.base_model.model  # HF PEFT reaches it through its LoraModel: peft_model.model
             return getattr(self.get_base_model(), name)
 
     # -- adapters by name ------------------------------------------------------------------------
@@ -160,8 +175,8 @@ class PeftModel(LoraMethods, nn.Module):
         if kind == "lora" and self.peft_config and peft_config.bias != "none":
             # One shared base bias cannot be trained by two adapters; HF PEFT refuses this too.
             raise ValueError(
-                f"adapter {adapter_name!r} has bias={peft_config.bias!r}: only one adapter of a model may train "
-                "biases; set bias='none' for every adapter but the first"
+                f"adapter {adapter_name!r} has bias={peft_config.bias!r}: LoRA supports only 1 adapter with bias. "
+                "When using multiple adapters, set bias='none' for every adapter but the first"
             )
         model = self.get_base_model()
         if peft_config.base_model_name_or_path is None:
@@ -212,7 +227,7 @@ class PeftModel(LoraMethods, nn.Module):
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             if name not in self.peft_config:
-                raise ValueError(f"adapter {name!r} not found; have {sorted(self.peft_config)}")
+                raise ValueError(f"Adapter {name} does not exist (have {sorted(self.peft_config)})")
         if not names:
             raise ValueError("set_adapter needs at least one adapter name")
         if len(names) > 1 and self._peft_kind != "lora":
@@ -238,7 +253,7 @@ class PeftModel(LoraMethods, nn.Module):
             ValueError: an unknown name.
         """
         if adapter_name not in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} not found; have {sorted(self.peft_config)}")
+            raise ValueError(f"Adapter {adapter_name} does not exist (have {sorted(self.peft_config)})")
         model = self.get_base_model()
         if self._peft_kind == "lora":
             lora.delete_lora_adapter(model, adapter_name)
@@ -297,7 +312,7 @@ class PeftModel(LoraMethods, nn.Module):
             )
         for name in adapter_names or []:
             if name not in self.peft_config:
-                raise ValueError(f"adapter {name!r} not found; have {sorted(self.peft_config)}")
+                raise ValueError(f"Adapter {name} does not exist (have {sorted(self.peft_config)})")
         return lora.unload_lora(self.get_base_model(), merge=True, safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
@@ -412,7 +427,7 @@ class PeftModel(LoraMethods, nn.Module):
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
             if name not in self.peft_config:
-                raise ValueError(f"adapter {name!r} not found; have {sorted(self.peft_config)}")
+                raise ValueError(f"Adapter {name} does not exist (have {sorted(self.peft_config)})")
         for name in names:
             target = Path(save_directory) if name == "default" else Path(save_directory) / name
             config = self.peft_config[name].to_dict()
@@ -454,8 +469,9 @@ class PeftModel(LoraMethods, nn.Module):
             autocast_adapter_dtype: as in ``PeftModel``.
             ephemeral_gpu_offload, low_cpu_mem_usage: accepted; nothing to do in fastpeft.
             key_mapping: not supported (fastpeft reads HF PEFT's key names only).
-            kwargs: ``subfolder``, ``device_map`` (adapters follow their base layers, so there is nothing to
-                dispatch) and hub arguments (fastpeft reads local directories only).
+            kwargs: ``subfolder``, ``ignore_mismatched_sizes`` (keep the fresh adapter values for tensors whose
+                shape differs, e.g. after resizing the vocabulary), ``device_map`` (adapters follow their base
+                layers, so there is nothing to dispatch) and hub arguments (fastpeft reads local directories only).
 
         Returns:
             ``(missing_keys, unexpected_keys)``, both empty: a file that does not match fails instead.
@@ -468,6 +484,7 @@ class PeftModel(LoraMethods, nn.Module):
         check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists")
+        ignore_mismatched = bool(kwargs.pop("ignore_mismatched_sizes", False))
         directory = local_adapter_dir(model_id, key_mapping, kwargs)
         cfg_dict, tensors = read_adapter_dir(directory)
         cfg_path = directory / CONFIG_NAME
@@ -477,7 +494,7 @@ class PeftModel(LoraMethods, nn.Module):
             self.add_adapter(adapter_name, _without_init(config), autocast_adapter_dtype=autocast_adapter_dtype)
         self.peft_config[adapter_name] = config
         try:
-            self._load_tensors(adapter_name, tensors, directory / WEIGHTS_NAME, torch_device)
+            self._load_tensors(adapter_name, tensors, directory / WEIGHTS_NAME, torch_device, ignore_mismatched)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
@@ -490,6 +507,7 @@ class PeftModel(LoraMethods, nn.Module):
         tensors: dict[str, torch.Tensor],
         source: Path,
         torch_device: str | torch.device | None = None,
+        ignore_mismatched_sizes: bool = False,
     ) -> None:
         if torch_device is not None:
             tensors = {k: t.to(torch_device) for k, t in tensors.items()}
@@ -497,6 +515,10 @@ class PeftModel(LoraMethods, nn.Module):
             prompt.load_embeddings(self, adapter_name, tensors, source)
             return
         params = self._file_params(adapter_name)
+        if ignore_mismatched_sizes:  # keep the fresh values where the file's shape does not fit (a resized vocab)
+            bad = {k for k, t in params.items() if k in tensors and tensors[k].shape != t.shape}
+            params = {k: t for k, t in params.items() if k not in bad}
+            tensors = {k: t for k, t in tensors.items() if k not in bad}
         check_state_dict(source, tensors, {k: t.shape for k, t in params.items()})
         with torch.no_grad():
             for key, t in params.items():
@@ -535,6 +557,7 @@ class PeftModel(LoraMethods, nn.Module):
                 model is left as it was.
         """
         check_adapter_name(adapter_name)
+        ignore_mismatched = bool(kwargs.pop("ignore_mismatched_sizes", False))
         directory = local_adapter_dir(model_id, key_mapping, kwargs)
         cfg_dict, tensors = read_adapter_dir(directory)
         cfg_path = directory / CONFIG_NAME
@@ -546,7 +569,7 @@ class PeftModel(LoraMethods, nn.Module):
             peft_model = cls(model, _without_init(config), adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         peft_model.peft_config[adapter_name] = config
         try:
-            peft_model._load_tensors(adapter_name, tensors, directory / WEIGHTS_NAME, torch_device)
+            peft_model._load_tensors(adapter_name, tensors, directory / WEIGHTS_NAME, torch_device, ignore_mismatched)
         except Exception:
             peft_model.unload()  # hand the caller's model back as it was
             raise

@@ -23,6 +23,7 @@ from torch import nn
 
 from fastpeft.nn.lora_base import LoraLayerBase
 from fastpeft.nn.lora_layers import LoraConv, LoraEmbedding
+from fastpeft.nn.lora_mha import LoraMultiheadAttention
 from fastpeft.nn.lora_param import LoraParameter
 from fastpeft.peft import lora
 from fastpeft.peft.lora import ModulesToSaveWrapper
@@ -55,7 +56,7 @@ class LoraMethods:
         self._require_lora("merge_adapter")
         for name in adapter_names or []:
             if name not in self.peft_config:
-                raise ValueError(f"adapter {name!r} not found; have {sorted(self.peft_config)}")
+                raise ValueError(f"Adapter {name} does not exist (have {sorted(self.peft_config)})")
         for _, layer in self._lora_layers():
             names = layer._present_active() if adapter_names is None else [a for a in adapter_names if layer._has(a)]
             if names:
@@ -92,7 +93,7 @@ class LoraMethods:
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
         for name in names:
             if name not in self.peft_config:
-                raise ValueError(f"adapter {name!r} not found; have {sorted(self.peft_config)}")
+                raise ValueError(f"Adapter {name} does not exist (have {sorted(self.peft_config)})")
             for t in self._file_params(name).values():
                 if t.is_floating_point():
                     t.requires_grad_(requires_grad)
@@ -108,18 +109,28 @@ class LoraMethods:
             yield
             return
         self._require_lora("adapter_names")
+        # (HF PEFT's messages, word for word: code that handles these errors may match them)
         if self.training:
-            raise ValueError("adapter_names (mixed-adapter batches) works in eval mode only, not while training")
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
         unknown = sorted(set(adapter_names) - set(self.peft_config) - {"__base__"})
         if unknown:
-            raise ValueError(f"adapter_names has unknown adapters {unknown}; have {sorted(self.peft_config)}")
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(unknown)}")
         if any(layer.merged for _, layer in self._lora_layers()):
-            raise ValueError("adapter_names cannot be used while adapters are merged; unmerge_adapter() first")
-        if any(isinstance(layer, LoraParameter) for _, layer in self._lora_layers()):
-            raise ValueError("adapter_names does not work with target_parameters adapters")
-        first = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
-        if isinstance(first, torch.Tensor) and first.dim() > 0 and len(adapter_names) != first.shape[0]:
-            raise ValueError(f"adapter_names has {len(adapter_names)} names for a batch of {first.shape[0]} samples")
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+        unsupported = [n for n, m in self._lora_layers() if isinstance(m, (LoraParameter, LoraMultiheadAttention))]
+        if unsupported:
+            raise TypeError(
+                "Mixed batching is only supported for the following modules: Linear, Embedding, Conv1d, Conv2d, "
+                f"Conv3d; not for {unsupported[0]!r} (a parameter or multi-head attention adapter)."
+            )
+        first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+        if first is not None and len(adapter_names) != first.shape[0]:
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {first.shape[0]} respectively."
+            )
         names = list(adapter_names)
         if generating:
             beams = kwargs.get("num_beams", 1) * kwargs.get("num_return_sequences", 1)
@@ -186,13 +197,16 @@ class LoraMethods:
             raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
         for name in adapters:
             if name not in self.peft_config:
-                raise ValueError(f"adapter {name!r} not found; have {sorted(self.peft_config)}")
+                raise ValueError(f"Adapter {name} does not exist (have {sorted(self.peft_config)})")
             if self.peft_config[name].target_parameters:
                 raise ValueError(f"add_weighted_adapter does not support target_parameters (adapter {name!r})")
         model = self.get_base_model()
-        for _, wrapper in lora._wrappers(model):
-            if sum(wrapper.has_adapter(a) for a in adapters) > 1:
-                raise ValueError("cannot combine adapters that train the same module (modules_to_save)")
+        shared = [w for _, w in lora._wrappers(model) if sum(w.has_adapter(a) for a in adapters) > 1]
+        if shared:
+            raise ValueError(
+                "Cannot add weighted adapters if they target the same module with modules_to_save, but found "
+                f"{len(shared)} such instance(s)."
+            )
         kind = "linear" if len(adapters) == 1 else combination_type
         configs = [self.peft_config[a] for a in adapters]
         ranks = [max(c.r, *c.rank_pattern.values()) if c.rank_pattern else c.r for c in configs]

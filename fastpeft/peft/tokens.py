@@ -90,6 +90,13 @@ class TrainableTokensWrapper(nn.Module):
     def has_adapter(self, adapter_name: str) -> bool:
         return adapter_name in self.token_adapter.trainable_tokens_delta
 
+    @property
+    def active_adapters(self) -> list[str]:
+        """The active adapter if it has trained rows here (HF PEFT's rule), else none."""
+        return (
+            [self.active_adapter] if self.active_adapter is not None and self.has_adapter(self.active_adapter) else []
+        )
+
     def adapter_names(self) -> list[str]:
         return list(self.token_adapter.trainable_tokens_delta)
 

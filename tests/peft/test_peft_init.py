@@ -46,7 +46,7 @@ def test_weight_based_init_matches_peft(init):
 
 
 def test_weight_based_init_refusals():
-    with pytest.raises(ValueError, match="even rank"):
+    with pytest.raises(ValueError, match="rank to be even"):
         fastpeft.get_peft_model(_mlp(0), fastpeft.LoraConfig(r=3, target_modules=["0"], init_lora_weights="orthogonal"))
     with pytest.raises(ValueError, match="r <= min"):
         fastpeft.get_peft_model(_mlp(0), fastpeft.LoraConfig(r=13, target_modules=["0"], init_lora_weights="pissa"))
