@@ -96,6 +96,7 @@ class LoraEmbedding(LoraLayerBase):
         b = torch.randn(self.out_features, r, device=weight.device, dtype=weight.dtype)
         if init_lora_weights is not False:
             a.zero_()
+            b.normal_()  # drawn again, as HF PEFT does: one seed gives both libraries the same B
         self.lora_embedding_A[adapter_name] = nn.Parameter(a)
         self.lora_embedding_B[adapter_name] = nn.Parameter(b)
         self._record(adapter_name, r, lora_alpha, lora_dropout, use_rslora, False)
