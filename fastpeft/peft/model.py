@@ -327,7 +327,8 @@ class PeftModel(LoraMethods, nn.Module):
     # -- counting --------------------------------------------------------------------------------
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """``(trainable, total)`` parameter counts; an NF4 weight counts its original number of elements."""
+        """``(trainable, total)`` parameter counts; a 4-bit weight (NF4Linear or bitsandbytes) counts its original
+        number of elements."""
         trainable = total = 0
         for p in self.parameters():
             if p.dtype == torch.uint8:
@@ -336,7 +337,7 @@ class PeftModel(LoraMethods, nn.Module):
             if p.requires_grad:
                 trainable += p.numel()
         for m in self.modules():
-            if isinstance(m, fnn.NF4Linear):
+            if isinstance(m, fnn.NF4Linear) or lora._is_bnb4(m):  # bitsandbytes' 4-bit layers not wrapped by LoRA
                 total += m.in_features * m.out_features
         return trainable, total
 
