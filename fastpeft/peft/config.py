@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 
 from fastpeft.files import current_umask
 from fastpeft.nn.checks import is_finite_number
+from fastpeft.peft.config_checks import _check_init, _check_token_indices, _listed
 
 __all__ = [
     "PEFT_FORMAT_VERSION",
@@ -389,58 +390,6 @@ class LoraConfig(PeftConfigBase):
             raise ValueError(
                 "LoraConfig: When `layers_pattern` is specified, `layers_to_transform` must also be specified."
             )
-
-
-def _listed(value: Any) -> Any:
-    """A set or tuple of names as a sorted list (for the checks); anything else as it is."""
-    return sorted(value) if isinstance(value, (set, frozenset)) else list(value) if isinstance(value, tuple) else value
-
-
-# init_lora_weights values HF PEFT has that need what fastpeft does not do (calibration data, a
-# quantize-and-correct loop, a variant's own forward): each is refused by name.
-_INIT_REFUSED = {
-    "loftq": "LoftQ alternates quantization and SVD against bitsandbytes' quantizer",
-    "corda": "CorDA needs covariance statistics collected by running calibration data",
-    "eva": "EVA needs activations collected by running calibration data",
-    "lora_ga": "LoRA-GA needs gradients collected by running calibration data",
-    "mica": "MiCA freezes lora_B, a LoRA variant fastpeft does not run",
-}
-
-
-def _check_init(value: Any) -> None:
-    """``init_lora_weights``: True / False, "gaussian", "pissa", "pissa_niter_<K>", "olora" or "orthogonal"."""
-    if value is True or value is False:
-        return
-    if isinstance(value, str):
-        low = value.lower()
-        if low in ("gaussian", "pissa", "olora", "orthogonal") or re.fullmatch(r"pissa_niter_\d+", low):
-            return
-        if low in _INIT_REFUSED:
-            raise ValueError(
-                f"LoraConfig: option init_lora_weights={value!r} is not supported by fastpeft ({_INIT_REFUSED[low]}); "
-                "supported: True, False, 'gaussian', 'pissa', 'pissa_niter_<K>', 'olora', 'orthogonal'"
-            )
-    raise ValueError(
-        f"LoraConfig: init_lora_weights={value!r} is not supported (True, False, 'gaussian', 'pissa', "
-        "'pissa_niter_<K>', 'olora' or 'orthogonal')"
-    )
-
-
-def _check_token_indices(value: Any) -> list[int] | dict[str, list[int]] | None:
-    """``trainable_token_indices``: None, a list of token ids, or ``{module name: list of ids}``."""
-    if value is None or value == [] or value == {}:
-        return None if value is None else value
-
-    def ids(v: Any, where: str) -> list[int]:
-        if isinstance(v, tuple):
-            v = list(v)
-        if not isinstance(v, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v):
-            raise ValueError(f"LoraConfig: trainable_token_indices{where} must be a list of token ids, got {v!r}")
-        return v
-
-    if isinstance(value, dict):
-        return {str(k): ids(v, f"[{k!r}]") for k, v in value.items()}
-    return ids(value, "")
 
 
 @dataclass

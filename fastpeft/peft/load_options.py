@@ -5,11 +5,17 @@ and unused (fastpeft never downloads), and options fastpeft does not implement r
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
-__all__ = ["LoadResult", "check_save_options", "local_adapter_dir"]
+from fastpeft.nn.lora_init import is_weight_init
+from fastpeft.peft.config import LoraConfig, PeftConfigBase, PromptTuningConfig
+
+__all__ = ["LoadResult", "check_save_options", "local_adapter_dir", "named_source", "without_init"]
 
 
 class LoadResult(NamedTuple):
@@ -75,3 +81,23 @@ def check_save_options(
     unknown = set(kwargs) - _HUB_KWARGS
     if unknown:
         raise TypeError(f"save_pretrained() got unexpected keyword arguments {sorted(unknown)}")
+
+
+@contextlib.contextmanager
+def named_source(path: Path) -> Iterator[None]:
+    """A ``ValueError`` building an adapter from a file's config is about that file: say so."""
+    try:
+        yield
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def without_init(config: PeftConfigBase) -> PeftConfigBase:
+    """The config to build an adapter whose weights a file will overwrite: no TEXT init (no tokenizer needed),
+    and no PiSSA / OLoRA init, which would rewrite the base weights the user handed in (a PiSSA adapter loads
+    onto the residual base it was saved with)."""
+    if isinstance(config, PromptTuningConfig) and config.prompt_tuning_init == "TEXT":
+        return dataclasses.replace(config, prompt_tuning_init="RANDOM")
+    if isinstance(config, LoraConfig) and is_weight_init(config.init_lora_weights):
+        return dataclasses.replace(config, init_lora_weights=False)
+    return config

@@ -11,7 +11,6 @@ tuning ``base_model`` is the user's model and the learned tables live in
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,6 @@ from torch import nn
 
 from fastpeft import nn as fnn
 from fastpeft.nn.checks import check_adapter_name
-from fastpeft.nn.lora_init import is_weight_init
 from fastpeft.peft import adapters as adp
 from fastpeft.peft import lora, prompt
 from fastpeft.peft.card import write_model_card
@@ -30,11 +28,10 @@ from fastpeft.peft.config import (
     AdapterConfig,
     LoraConfig,
     PeftConfigBase,
-    PromptTuningConfig,
     config_from_dict,
 )
 from fastpeft.peft.io import CONFIG_NAME, WEIGHTS_NAME, check_state_dict, read_adapter_dir, write_adapter_dir
-from fastpeft.peft.load_options import LoadResult, check_save_options, local_adapter_dir
+from fastpeft.peft.load_options import LoadResult, check_save_options, local_adapter_dir, named_source, without_init
 from fastpeft.peft.model_lora import LoraMethods
 from fastpeft.peft.tuner import TunerModel
 
@@ -491,8 +488,8 @@ class PeftModel(LoraMethods, nn.Module):
         cfg_path = directory / CONFIG_NAME
         config = config_from_dict(cfg_dict, str(cfg_path))
         config.inference_mode = not is_trainable
-        with _named_source(cfg_path):
-            self.add_adapter(adapter_name, _without_init(config), autocast_adapter_dtype=autocast_adapter_dtype)
+        with named_source(cfg_path):
+            self.add_adapter(adapter_name, without_init(config), autocast_adapter_dtype=autocast_adapter_dtype)
         self.peft_config[adapter_name] = config
         try:
             self._load_tensors(adapter_name, tensors, directory / WEIGHTS_NAME, torch_device, ignore_mismatched)
@@ -566,8 +563,8 @@ class PeftModel(LoraMethods, nn.Module):
         if from_file:
             config = config_from_dict(cfg_dict, str(cfg_path))
         config.inference_mode = not is_trainable
-        with _named_source(cfg_path) if from_file else contextlib.nullcontext():
-            peft_model = cls(model, _without_init(config), adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        with named_source(cfg_path) if from_file else contextlib.nullcontext():
+            peft_model = cls(model, without_init(config), adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         peft_model.peft_config[adapter_name] = config
         try:
             peft_model._load_tensors(adapter_name, tensors, directory / WEIGHTS_NAME, torch_device, ignore_mismatched)
@@ -578,26 +575,6 @@ class PeftModel(LoraMethods, nn.Module):
         if not is_trainable:
             peft_model.eval()  # loaded for inference: no dropout, as HF PEFT does
         return peft_model
-
-
-@contextlib.contextmanager
-def _named_source(path: Path) -> Iterator[None]:
-    """A ``ValueError`` building an adapter from a file's config is about that file: say so."""
-    try:
-        yield
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-
-
-def _without_init(config: PeftConfigBase) -> PeftConfigBase:
-    """The config to build an adapter whose weights a file will overwrite: no TEXT init (no tokenizer needed),
-    and no PiSSA / OLoRA init, which would rewrite the base weights the user handed in (a PiSSA adapter loads
-    onto the residual base it was saved with)."""
-    if isinstance(config, PromptTuningConfig) and config.prompt_tuning_init == "TEXT":
-        return dataclasses.replace(config, prompt_tuning_init="RANDOM")
-    if isinstance(config, LoraConfig) and is_weight_init(config.init_lora_weights):
-        return dataclasses.replace(config, init_lora_weights=False)
-    return config
 
 
 def get_peft_model(
