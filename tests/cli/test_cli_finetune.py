@@ -244,3 +244,14 @@ def test_epochs_set_the_number_of_steps(tiny: dict[str, Path], tmp_path: Path) -
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     # 8 micro-batches: epochs 0 and 1 (3 each) and 2 of epoch 2 -> the stream continues at epoch 2, batch 2.
     assert (state["epoch"], state["index"]) == (2, 2), (state["epoch"], state["index"])
+
+
+def test_training_on_a_busy_cpu_uses_the_idle_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert [train.idle_cpu_threads(load, 2) for load in (0.0, 1.0, 2.0, 9.5)] == [2, 2, 1, 1]
+    assert train.idle_cpu_threads(3.0, 16) == 14
+    monkeypatch.setattr(train.os, "getloadavg", lambda: (50.0, 50.0, 50.0))  # a very busy machine
+    before, seen = torch.get_num_threads(), []
+    cfg = train.TrainConfig(out=str(tmp_path / "busy"), max_steps=2, progress=False, device="cpu")
+    train.finetune(cfg, callback=lambda step, loss: seen.append(torch.get_num_threads()))
+    assert seen == [1, 1], f"threads during training: {seen}"
+    assert torch.get_num_threads() == before, "the caller's thread count must come back"
