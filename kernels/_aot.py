@@ -236,7 +236,7 @@ def _build_one(index: int, kernel_set: str) -> dict:
     report = _gate.build(case, arch)
     if report.error:
         raise RuntimeError(f"{case.name} on sm_{arch}: {report.error}")
-    cubin = (Path(report.artifacts) / "kernel.cubin").read_bytes()
+    cubin = _gate.cubin_bytes(report)
     _check_source_dir(cubin, case, arch)
     src, options = _gate.bind_case(case, arch)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
@@ -420,7 +420,7 @@ def verify(lib: Path, kernel_set: str) -> list[str]:
         report = _gate.build(want[key].case, key[1])
         if report.error:
             problems.append(f"{key[0]} sm_{key[1]}: the gate failed to build it: {report.error}")
-        elif (Path(report.artifacts) / "kernel.cubin").read_bytes() != found[key]:
+        elif _gate.cubin_bytes(report) != found[key]:
             problems.append(f"{key[0]} sm_{key[1]}: the embedded cubin differs from the gate's")
     return problems
 

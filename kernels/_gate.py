@@ -456,18 +456,19 @@ def format_table(reports: list[GateReport], cases: dict[str, GateCase]) -> str:
     return "\n".join(lines)
 
 
+def cubin_bytes(report: GateReport) -> bytes:
+    """The cubin a report was built from, read from its cache entry (gzip-compressed; raw in older entries)."""
+    packed, raw = Path(report.artifacts) / "kernel.cubin.gz", Path(report.artifacts) / "kernel.cubin"
+    return gzip.decompress(packed.read_bytes()) if packed.exists() else raw.read_bytes()
+
+
 def _dump(reports: list[GateReport], directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     for r in reports:
         safe = re.sub(r"[^A-Za-z0-9._=,+\[\]-]", "_", r.case)
         stem = directory / f"{safe}.sm{r.arch}"
         if r.artifacts:
-            packed, raw = (
-                Path(r.artifacts) / "kernel.cubin.gz",
-                Path(r.artifacts) / "kernel.cubin",
-            )  # raw: older entries
-            cubin = gzip.decompress(packed.read_bytes()) if packed.exists() else raw.read_bytes()
-            Path(f"{stem}.cubin").write_bytes(cubin)
+            Path(f"{stem}.cubin").write_bytes(cubin_bytes(r))
             Path(f"{stem}.sass").write_bytes(gzip.decompress((Path(r.artifacts) / "kernel.sass.gz").read_bytes()))
         Path(f"{stem}.json").write_text(json.dumps(dataclasses.asdict(r), indent=1))
 
