@@ -29,6 +29,7 @@ same order; a decision one rank takes alone (stop on a signal, a failed write) i
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -191,11 +192,6 @@ class DistributedRun:
 
     # -- agreement ----------------------------------------------------------------------------
 
-    def barrier(self) -> None:
-        import torch.distributed as dist
-
-        dist.barrier()
-
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on any (a signal one rank received, a failure)."""
         import torch.distributed as dist
@@ -251,7 +247,7 @@ class DistributedRun:
             yield
 
     def _rows(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
-        """This rank's rows of a global batch (``tensor_split``: as even as possible); ``(rows, real)``.
+        """This rank's rows of a global batch (contiguous, as even as possible); ``(rows, real)``.
 
         A rank left without rows, or whose rows carry no label, still runs a forward and backward (the
         gradient collectives need every rank): on the batch's first row, labelled with its own ids so the
@@ -382,10 +378,18 @@ class DistributedRun:
                 module._parameters[name] = p
 
     def close(self) -> None:
-        """End the process group if ``setup`` started it."""
+        """Release the engine, then end the process group if ``setup`` started it.
+
+        DDP's reducer holds the group: it goes first, while the group still works (a gloo group torn down
+        under a live reducer, or while the other rank still sends, can block in its destructor); the
+        barrier lets every rank finish its last collective before any rank closes its connections.
+        """
         import torch.distributed as dist
 
+        self.module = None
+        gc.collect()  # the engine's hooks and reducer may sit in reference cycles
         if self.owns_group and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 

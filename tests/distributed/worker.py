@@ -76,6 +76,7 @@ def run_all(out: Path) -> None:
     finetune(out)
     if rank == 0:
         (out / "done").write_text("ok\n")
+    dist.barrier()  # no rank closes its connections while another still sends
     dist.destroy_process_group()
 
 
