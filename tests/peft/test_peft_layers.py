@@ -10,11 +10,11 @@ import pytest
 import torch
 from conftest import assert_close, stable_seed
 from safetensors.torch import load_file
-from tiny_models import max_diff
+from tiny_models import batch, build, logits, max_diff
 from torch import nn
 
 import fastpeft
-from fastpeft.nn import LoraConv, LoraEmbedding, LoraLinear, LoraParameter
+from fastpeft.nn import LoraConv, LoraEmbedding, LoraLinear, LoraParameter, NF4Linear
 
 
 class Net(nn.Module):
@@ -242,3 +242,27 @@ def test_multihead_attention_lora_is_the_merged_weights_and_peft_reads_its_files
     assert_close(merged(x), ref(x), msg="merged and unloaded")
     with pytest.raises(ValueError, match="output projection of an nn.MultiheadAttention"):
         fastpeft.get_peft_model(Attn(), fastpeft.LoraConfig(target_modules=["out_proj"]))
+
+
+def test_embedding_lora_in_a_quantized_model_matches_peft(tmp_path):
+    dense = build("llama")
+    model = fastpeft.quantize_model(copy.deepcopy(dense))
+    # HF PEFT's side: the dense twin holding the dequantized NF4 weights (float32)
+    twin = copy.deepcopy(dense)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, NF4Linear):
+                twin.get_submodule(name).weight.copy_(m.dequantize(torch.float32))
+    cfg = dict(r=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
+    ours = fastpeft.get_peft_model(model, fastpeft.LoraConfig(**cfg))
+    assert isinstance(ours.get_base_model().model.embed_tokens, LoraEmbedding)
+    layer = ours.get_base_model().model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoraLinear) and isinstance(layer.get_base_layer(), NF4Linear)
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(twin, tmp_path)
+    inputs = batch()
+    assert_close(logits(ours, inputs), logits(theirs, inputs), msg="embedding + NF4 LoRA vs peft")
+    ours.train()
+    ours(**inputs, labels=inputs["input_ids"]).loss.backward()
+    emb = ours.get_base_model().model.embed_tokens
+    assert emb.lora_embedding_A["default"].grad is not None and emb.base_layer.weight.grad is None
