@@ -337,7 +337,7 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list
         if not names:
             raise ValueError(
                 "No `target_modules` passed but also no `target_parameters` found. Please check the values for "
-                f"these arguments (target_parameters={config.target_parameters!r})."
+                f"these arguments. (target_parameters={config.target_parameters!r})"
             )
         warnings.warn(
             f"target_parameters={config.target_parameters!r} were set but no parameter was matched.",
