@@ -119,12 +119,18 @@ class LoraMethods:
             raise ValueError(
                 "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
             )
-        unsupported = [n for n, m in self._lora_layers() if isinstance(m, (LoraParameter, LoraMultiheadAttention))]
-        if unsupported:
-            raise TypeError(
-                "Mixed batching is only supported for the following modules: Linear, Embedding, Conv1d, Conv2d, "
-                f"Conv3d; not for {unsupported[0]!r} (a parameter or multi-head attention adapter)."
-            )
+        for name, layer in self._lora_layers():
+            if isinstance(layer, LoraMultiheadAttention):
+                raise TypeError(f"lora.MultiheadAttention does not support mixed adapter batches ({name!r})")
+            if isinstance(layer, LoraParameter):
+                raise TypeError(f"mixed adapter batches are not supported for target_parameters ({name!r})")
+        plain = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        for name, wrapper in lora._wrappers(self.get_base_model()):
+            if not isinstance(wrapper.original_module, plain):
+                raise TypeError(
+                    "Mixed batching is only supported for the following modules: Linear, Embedding, Conv1d, Conv2d, "
+                    f"Conv3d. {name!r} (modules_to_save) is a {type(wrapper.original_module).__name__}."
+                )
         first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 0), None)
         if first is not None and len(adapter_names) != first.shape[0]:
             raise ValueError(
