@@ -22,7 +22,8 @@ Unmeasured: correct it from GPU timings.
 **Build.** Every (variant, arch) is compiled by ``_gate.build`` (its cache, its binding), in ``jobs`` child
 processes without ``TRITON_INTERPRET``. The embedded cubin is the gate's artifact byte for byte, compiled from
 this checkout (``_check_source_dir``). Triton's launch metadata (kernel name, warps, shared memory, scratch
-sizes) comes from ``triton.compile`` on the same binding, whose cubin must equal the gate's, and the kernel's
+sizes) comes from ``triton.compile`` on the same binding (compiled afresh when Triton's cache holds another
+checkout's build of the same source), whose cubin must equal the gate's, and the kernel's
 PTX parameters must be those the C launcher passes (``_check_entry``). The gate's verdict (spills, shared
 memory, MMA) is recorded per binary in ``manifest.json``; it does not stop the build. Command line::
 
@@ -240,6 +241,8 @@ def _build_one(index: int, kernel_set: str) -> dict:
     _check_source_dir(cubin, case, arch)
     src, options = _gate.bind_case(case, arch)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+    if compiled.asm["cubin"] != cubin:  # Triton's cache may hold another checkout's build of the same source
+        compiled = _gate.compile_fresh(src, options, arch)
     if compiled.asm["cubin"] != cubin:
         raise RuntimeError(f"{case.name} on sm_{arch}: triton.compile and the gate built different cubins")
     meta = compiled.metadata

@@ -58,7 +58,7 @@ KERNEL_MODULES = (
 ARCHS = (80, 90)
 MAX_SHARED_BYTES = {80: 166_912, 90: 232_448}
 """Shared memory one block may use: 163 KB on A100 (sm_80), 227 KB on H100 (sm_90)."""
-GATE_FORMAT = 2
+GATE_FORMAT = 3
 """Version of the cached artifacts' layout; part of every cache key."""
 ESTIMATED_FIELDS = (
     "loop_instructions",
@@ -331,12 +331,22 @@ def _store(artifacts: Path, compiled, case: GateCase, arch: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def compile_fresh(src, options, arch: int):
+    """``triton.compile`` past Triton's own cache, whose key hashes source text but not the file's path: another
+    checkout of the same sources (a shared ``~/.triton/cache``) would hand back its cubin, whose line info names
+    that checkout. The fresh build replaces the cached one, so later plain compiles here agree with it."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+
+    with knobs.compilation.scope():
+        knobs.compilation.always_compile = True
+        return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
+
+
 def build(case: GateCase, arch: int) -> GateReport:
     """Compile (or fetch from the cache) one case for ``sm_<arch>`` and analyse it; needs a non-interpreted
     Triton (TRITON_INTERPRET unset). A failure lands in the report's ``error``."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-
     report = GateReport(case.name, arch, kernel=case.kernel, path=case.path, faithful=case.args is not None)
     try:
         src, options = bind_case(case, arch)
@@ -344,8 +354,7 @@ def build(case: GateCase, arch: int) -> GateReport:
         artifacts = cache_root() / report.key
         report.cached = (artifacts / "meta.json").exists()
         if not report.cached:
-            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
-            _store(artifacts, compiled, case, arch)
+            _store(artifacts, compile_fresh(src, options, arch), case, arch)
         else:
             os.utime(artifacts / "meta.json")  # last use, for pruning
         report.artifacts = str(artifacts)

@@ -200,3 +200,62 @@ def test_cache_prunes_only_stale_entries(tmp_path):
         os.utime(meta, (stamp, stamp))
     assert _gate.prune_cache(tmp_path, max_age_days=14) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh"]
+
+
+_TWIN_KERNEL = """
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def twin_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs) * 2.0)
+"""
+
+_TWO_CHECKOUTS = """
+import importlib.util, sys, types
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from fastpeft.kernels import _gate
+
+root = Path(sys.argv[1])
+sources = []
+for checkout in ("first", "second"):
+    spec = importlib.util.spec_from_file_location(f"twin_{checkout}", root / checkout / "twin.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sources.append(ASTSource(module.twin_kernel, {"x_ptr": "*fp32", "y_ptr": "*fp32"}, {"BLOCK": 128}))
+options, target = {"num_warps": 4}, GPUTarget("cuda", 90, 32)
+first = triton.compile(sources[0], target=target, options=options).asm["cubin"]
+assert str(root / "first").encode() in first
+plain = triton.compile(sources[1], target=target, options=options).asm["cubin"]
+assert plain == first, "the second checkout should have hit the first one's cached build"
+fresh = _gate.compile_fresh(sources[1], types.SimpleNamespace(**options), 90).asm["cubin"]
+assert str(root / "second").encode() in fresh and fresh != first
+assert triton.compile(sources[1], target=target, options=options).asm["cubin"] == fresh
+print("ok")
+"""
+
+
+@pytest.mark.compile_gate
+def test_fresh_compile_ignores_another_checkouts_cached_build(tmp_path):
+    # two checkouts of one source share ~/.triton/cache; Triton's key hashes the text, not the path, so a plain
+    # compile in the second returns the first one's cubin (its line info names the first directory); the
+    # gate's compile_fresh builds the second's own and replaces the cached one
+    import subprocess
+    import sys
+
+    for checkout in ("first", "second"):
+        (tmp_path / checkout).mkdir()
+        (tmp_path / checkout / "twin.py").write_text(_TWIN_KERNEL)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    run = subprocess.run(
+        [sys.executable, "-c", _TWO_CHECKOUTS, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
