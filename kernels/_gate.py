@@ -54,6 +54,7 @@ KERNEL_MODULES = (
     "fastpeft.kernels.nf4",
     "fastpeft.kernels.lora_linear",
     "fastpeft.kernels.adapter",
+    "fastpeft.kernels.lora_batched",
 )
 ARCHS = (80, 90)
 MAX_SHARED_BYTES = {80: 166_912, 90: 232_448}
@@ -88,6 +89,10 @@ class GateCase:
     num_warps: int = 4
     num_stages: int = 3
     tensor_cores: bool = False
+    """The products must run on tensor cores: HMMA on sm_80, HGMMA (wgmma) on sm_90a unless ``warpgroup_mma``
+    is False."""
+    warpgroup_mma: bool = True
+    """False for tiles below a warpgroup's 64 rows, which Hopper multiplies with HMMA too."""
     options: dict[str, Any] = field(default_factory=dict)
     args: dict[str, Any] | None = None
     """Runtime values of the non-constexpr, non-pointer parameters as the launcher passes them for one
@@ -158,7 +163,7 @@ class GateReport:
         if limit is not None and self.shared_bytes > limit:
             out.append(f"{self.shared_bytes} bytes of shared memory, over sm_{self.arch}'s {limit}")
         if case.tensor_cores:
-            want = "HGMMA" if self.arch >= 90 else "HMMA"
+            want = "HGMMA" if self.arch >= 90 and case.warpgroup_mma else "HMMA"
             if want not in self.mma:
                 out.append(f"no {want} in the SASS (found {self.mma or 'no MMA'})")
         if self.model_error:

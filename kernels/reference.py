@@ -28,7 +28,9 @@ __all__ = [
     "adapter_fwd_reference",
     "check_adapter_args",
     "check_adapter_bwd_args",
+    "check_lora_batched_args",
     "dynamic8_quantize_reference",
+    "lora_batched_delta_reference",
     "lora_linear_bwd_reference",
     "lora_linear_fwd_reference",
     "nf4_dequantize_reference",
@@ -421,3 +423,103 @@ def adapter_bwd_reference(
         dw_up = (scaling * (dyf.t() @ a)).to(h.dtype)
         db_up = (scaling * dyf.sum(0)).to(h.dtype)
     return dh, dw_down, db_down, dw_up, db_up
+
+
+# ----------------------------------------------------------------------------------------------
+# mixed-adapter LoRA (kernels/lora_batched.py)
+# ----------------------------------------------------------------------------------------------
+
+LORA_BATCHED_RANKS = (16, 32, 64, 128)
+"""Padded ranks (the stacked adapters' R) the mixed-adapter kernels are built for."""
+LORA_BATCHED_DTYPES = {
+    (torch.float32, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float32, torch.float16),
+    (torch.float32, torch.bfloat16),
+}
+"""(adapter dtype, output dtype) pairs of mixed-adapter batches: the base's own dtype, or float32 adapters on
+a 16-bit base (HF PEFT's ``autocast_adapter_dtype``, and every QLoRA model)."""
+
+
+def check_lora_batched_args(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scales: torch.Tensor,
+    adapter_index: torch.Tensor,
+    bias: torch.Tensor | None,
+    ranks: tuple[int, ...] | None = None,
+) -> None:
+    """Shapes, dtypes and devices of ``lora_batched_delta``; ``ranks``: the padded ranks allowed (None: any).
+
+    Raises:
+        ValueError: a shape, dtype pair, device or index out of its contract.
+    """
+    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x [M, K] and y [M, N] must share M, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if lora_a.dim() != 3 or lora_b.dim() != 3:
+        raise ValueError(f"lora_a [n, R, K] and lora_b [n, N, R] must be 3-D, got {tuple(lora_a.shape)}, "
+                         f"{tuple(lora_b.shape)}")  # fmt: skip
+    n, r, k = lora_a.shape
+    if k != x.shape[1] or tuple(lora_b.shape) != (n, y.shape[1], r):
+        raise ValueError(
+            f"for x {tuple(x.shape)} and y {tuple(y.shape)} lora_a must be [n, R, {x.shape[1]}] and lora_b "
+            f"[n, {y.shape[1]}, R], got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}"
+        )
+    if ranks is not None and r not in ranks:
+        raise ValueError(f"the padded rank must be one of {ranks}, got {r}")
+    if lora_b.dtype != lora_a.dtype or (lora_a.dtype, y.dtype) not in LORA_BATCHED_DTYPES:
+        raise ValueError(
+            f"adapters {lora_a.dtype}/{lora_b.dtype} with output {y.dtype}: expected adapters in the output's "
+            "dtype, or float32 adapters on a 16-bit output"
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"x must be a float tensor, got {x.dtype}")
+    if scales.shape != (n,) or scales.dtype != torch.float32:
+        raise ValueError(f"scales must be float32 [{n}], got {scales.dtype} {tuple(scales.shape)}")
+    if bias is not None and (tuple(bias.shape) != (n, y.shape[1]) or bias.dtype != lora_a.dtype):
+        raise ValueError(f"bias must be {lora_a.dtype} [{n}, {y.shape[1]}], got {bias.dtype} {tuple(bias.shape)}")
+    if adapter_index.shape != (x.shape[0],) or adapter_index.is_floating_point():
+        raise ValueError(f"adapter_index must be an integer [{x.shape[0]}], got {adapter_index.dtype} "
+                         f"{tuple(adapter_index.shape)}")  # fmt: skip
+    if adapter_index.numel() and (int(adapter_index.min()) < -1 or int(adapter_index.max()) >= n):
+        raise ValueError(f"adapter_index must lie in [-1, {n}), got [{int(adapter_index.min())}, "
+                         f"{int(adapter_index.max())}]")  # fmt: skip
+    devices = {t.device for t in (y, x, lora_a, lora_b, scales) + ((bias,) if bias is not None else ())}
+    if len(devices) != 1:
+        raise ValueError(f"y, x, lora_a, lora_b, scales and bias must share a device, got {sorted(map(str, devices))}")
+    if y.stride(1) != 1:
+        raise ValueError("y must have unit-stride rows (it is updated in place)")
+
+
+def lora_batched_delta_reference(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scales: torch.Tensor,
+    adapter_index: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Row ``m`` of ``y`` gains adapter ``i = adapter_index[m]``'s update, in place (``i = -1``: none)::
+
+        u = x[m]·A[i]ᵀ                   (float32 sum, rounded to the adapters' dtype)
+        y[m] += s[i]·(u·B[i]ᵀ + b[i])    (float32 sum, rounded once into y's dtype)
+
+    ``lora_a [n, R, K]``, ``lora_b [n, N, R]`` (ranks zero-padded to R), ``scales [n]`` float32,
+    ``bias [n, N]`` or None. Returns ``y``.
+    """
+    check_lora_batched_args(y, x, lora_a, lora_b, scales, adapter_index, bias)
+    index = adapter_index.to(y.device)
+    for i in range(lora_a.shape[0]):
+        rows = (index == i).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            continue
+        u = (x[rows].to(lora_a.dtype).float() @ lora_a[i].float().t()).to(lora_a.dtype)
+        d = u.float() @ lora_b[i].float().t()
+        if bias is not None:
+            d = d + bias[i].float()
+        y[rows] = (y[rows].float() + scales[i] * d).to(y.dtype)
+    return y

@@ -23,6 +23,7 @@ from torch import nn
 from fastpeft.nn.checks import check_input
 from fastpeft.nn.lora_base import LoraLayerBase, check_lora_args
 from fastpeft.nn.lora_init import init_from_weight, is_weight_init
+from fastpeft.nn.lora_mixed import batched_delta
 from fastpeft.nn.nf4_linear import NF4Linear
 from fastpeft.ops.lora import lora_linear
 from fastpeft.quant import quantize_nf4
@@ -284,10 +285,18 @@ class LoraLinear(LoraLayerBase):
         return self._add_lora_bias(self._scale(name) * h, name)
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
-        """Row ``i`` of ``x`` through the base plus adapter ``adapter_names[i]`` (``"__base__"``: none)."""
-        y = self.base_layer(x)
+        """Row ``i`` of ``x`` through the base plus adapter ``adapter_names[i]`` (``"__base__"``: none): every
+        adapter in one batched op (``fastpeft.nn.lora_mixed``), else one sub-batch per adapter."""
         if self.merged:
             raise ValueError("adapter_names cannot be used while adapters are merged into the base; unmerge first")
+        if len(adapter_names) != (x.shape[0] if x.dim() > 1 else 1):
+            raise ValueError(
+                f"adapter_names has {len(adapter_names)} names for a batch of {x.shape[0] if x.dim() > 1 else 1} "
+                "rows; give one name per row"
+            )
+        y = self.base_layer(x)
+        if batched_delta(self, x, y, adapter_names):
+            return y
         for name in dict.fromkeys(adapter_names):
             if name == "__base__" or not self._has(name):
                 continue

@@ -19,7 +19,16 @@ import pytest
 import torch
 from conftest import INTERPRET
 
-from fastpeft.kernels import _gate, adapter, formats, lora_linear, lora_linear_decode, lora_linear_wgrad, nf4
+from fastpeft.kernels import (
+    _gate,
+    adapter,
+    formats,
+    lora_batched,
+    lora_linear,
+    lora_linear_decode,
+    lora_linear_wgrad,
+    nf4,
+)
 
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="launches the interpreter's code path of each launcher")
 
@@ -31,6 +40,7 @@ UNGATED = {
     "_lora_wgrad_kernel": {"HAS_COLSUM"},
     # under the interpreter the decode kernel runs its table twin; GPU launches pass USE_ASM=True, as gated
     "_nf4_decode_kernel": {"USE_ASM"},
+    "_lora_expand_kernel": {"HAS_BIAS"},
 }
 KERNELS = {
     nf4: ["_nf4_quantize_kernel", "_dynamic8_quantize_kernel", "_nf4_dequantize_kernel"],
@@ -38,6 +48,7 @@ KERNELS = {
     lora_linear_wgrad: ["_lora_wgrad_kernel"],
     adapter: ["_adapter_fwd_kernel", "_adapter_bwd_dz_kernel", "_adapter_bwd_dw_kernel"],
     lora_linear_decode: ["_nf4_decode_kernel"],
+    lora_batched: ["_lora_shrink_kernel", "_lora_expand_kernel"],
 }
 TRITON_TYPES = {
     torch.float32: "fp32",
@@ -165,11 +176,23 @@ def _drive_adapter() -> None:
         )  # fmt: skip
 
 
+def _drive_batched() -> None:
+    # mixed-adapter batches: every (adapter, output) dtype pair and padded rank, with and without lora_B biases
+    pairs = [(d, d) for d in DTYPES] + [(torch.float32, torch.float16), (torch.float32, torch.bfloat16)]
+    for (adapter_dtype, y_dtype), r, with_bias in itertools.product(pairs, lora_batched.BATCHED_RANKS, (0, 1)):
+        n, k = 2, 40
+        y, x = torch.zeros(5, 24, dtype=y_dtype), torch.zeros(5, k, dtype=y_dtype)
+        a, b = torch.zeros(n, r, k, dtype=adapter_dtype), torch.zeros(n, 24, r, dtype=adapter_dtype)
+        bias = torch.zeros(n, 24, dtype=adapter_dtype) if with_bias else None
+        lora_batched.lora_batched_delta(y, x, a, b, torch.ones(n), torch.tensor([0, 1, -1, 1, 0]), bias)
+
+
 def test_every_launch_is_a_gated_binary(recorders):
     _drive_nf4()
     _drive_lora()
     _drive_decode()
     _drive_adapter()
+    _drive_batched()
     cases: dict[str, list[_gate.GateCase]] = {}
     for case in _gate.all_cases():
         cases.setdefault(case.kernel, []).append(case)

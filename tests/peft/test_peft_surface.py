@@ -93,6 +93,8 @@ def test_mixed_adapter_batch_matches_peft():
     _copy_adapters(theirs, ours)
     names = ["other", "__base__", "default", "other"]
     assert_close(ours(x, adapter_names=names), theirs(x, adapter_names=names), msg="mixed batch")
+    with torch.no_grad():  # inference: every adapter of the batch in one batched op
+        assert_close(ours(x, adapter_names=names), theirs(x, adapter_names=names), msg="batched op")
     with pytest.raises(ValueError, match="non-existing adapter"):
         ours(x, adapter_names=["nope"] * 4)
     with pytest.raises(ValueError, match="training mode"):

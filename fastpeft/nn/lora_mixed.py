@@ -1,0 +1,101 @@
+"""Mixed-adapter batches of ``LoraLinear``: every row's adapter in one batched op.
+
+``model(input_ids, adapter_names=[...])`` (HF PEFT's spelling) gives each batch row its own adapter.
+The base runs once for the whole batch; the adapters' low-rank updates then run as one op over all
+rows (``fastpeft.ops.lora_batched``): the adapters named in the batch are stacked ``A [n, R, K]``,
+``B [n, N, R]`` (ranks zero-padded to a power of two, at least 16), cached on the layer until a weight
+changes in place or is replaced, or a scaling changes.
+
+The batched op is inference-only. The layer falls back to its per-adapter loop when autograd must see the
+adapters (grad mode with an input or adapter weight that requires grad), when dropout is active, for ranks
+over 128, or for dtypes the op lacks (adapters neither in the base output's dtype nor float32, an input in
+another dtype than the output).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from fastpeft.ops.lora_batched import BATCHED_RANKS, lora_batched_delta
+
+__all__ = ["batched_delta"]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _padded_rank(r: int) -> int | None:
+    return next((b for b in BATCHED_RANKS if r <= b), None)
+
+
+def _batchable(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]) -> bool:
+    """Whether ``names``' updates can run as the batched op (see the module docstring)."""
+    params = [p for n in names for p in layer._adapter_tensors(n)]
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        return False
+    if layer.training and any(getattr(layer.lora_dropout[n], "p", 0.0) > 0 for n in names):
+        return False
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) != 1 or _padded_rank(max(layer.r[n] for n in names)) is None:
+        return False
+    (dtype,) = dtypes
+    pair_ok = y.dtype in _FLOATS and (dtype == y.dtype or dtype == torch.float32)
+    return pair_ok and y.is_contiguous() and x.dtype == y.dtype
+
+
+def _cache_key(layer: nn.Module, names: list[str]) -> tuple:
+    parts = []
+    for n in names:
+        for p in layer._adapter_tensors(n):
+            parts.append((id(p), p.data_ptr(), p._version))
+        parts.append((n, float(layer.scaling[n])))
+    return tuple(parts)
+
+
+@torch.no_grad()
+def _stack(layer: nn.Module, names: list[str]) -> tuple[torch.Tensor, ...]:
+    """``A [n, R, K]``, ``B [n, N, R]``, scales ``[n]`` float32 and biases ``[n, N]`` (or None) of ``names``,
+    from the layer's cache when nothing changed since they were stacked."""
+    key = _cache_key(layer, names)
+    cached = layer.__dict__.get("_mixed_stack")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    first = layer.lora_A[names[0]].weight
+    r_pad = _padded_rank(max(layer.r[n] for n in names))
+    n, k, out = len(names), layer.in_features, layer.out_features
+    a = torch.zeros((n, r_pad, k), dtype=first.dtype, device=first.device)
+    b = torch.zeros((n, out, r_pad), dtype=first.dtype, device=first.device)
+    has_bias = any(layer.lora_B[name].bias is not None for name in names)
+    bias = torch.zeros((n, out), dtype=first.dtype, device=first.device) if has_bias else None
+    for i, name in enumerate(names):
+        r = layer.r[name]
+        a[i, :r] = layer.lora_A[name].weight
+        b[i, :, :r] = layer.lora_B[name].weight
+        if bias is not None and layer.lora_B[name].bias is not None:
+            bias[i] = layer.lora_B[name].bias
+    scales = torch.tensor([float(layer.scaling[name]) for name in names], dtype=torch.float32, device=first.device)
+    stacked = (a, b, scales, bias)
+    layer.__dict__["_mixed_stack"] = (key, stacked)
+    return stacked
+
+
+def batched_delta(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, adapter_names: Sequence[str]) -> bool:
+    """Add row ``i``'s adapter ``adapter_names[i]`` update into the base output ``y`` in place through the
+    batched op; False (``y`` untouched) when the layer must run its loop instead.
+
+    ``x [B, ..., K]`` and ``y [B, ..., N]``: batch row ``i`` covers every position of ``x[i]``. Names this
+    layer lacks and ``"__base__"`` leave their rows at the base output.
+    """
+    names = [n for n in dict.fromkeys(adapter_names) if n != "__base__" and layer._has(n)]
+    if not names or not _batchable(layer, x, y, names):
+        return False
+    a, b, scales, bias = _stack(layer, names)
+    slot = {n: i for i, n in enumerate(names)}
+    per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 and x.shape[0] else 1
+    index = torch.tensor([slot.get(n, -1) for n in adapter_names], dtype=torch.int32)
+    index = index.repeat_interleave(per_row) if x.dim() > 1 else index
+    y2 = y.view(-1, y.shape[-1])
+    lora_batched_delta(y2, x.reshape(-1, x.shape[-1]), a, b, scales, index, bias)
+    return True
