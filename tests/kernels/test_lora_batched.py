@@ -129,3 +129,16 @@ def test_bad_arguments_are_refused():
         check(y, x, a, b, s, index, bias[:, :3])
     with pytest.raises(ValueError, match="unit-stride"):
         check(y.t().contiguous().t(), x, a, b, s, index, bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="bf16 products need a GPU (the interpreter's bf16 tl.dot is wrong)")
+@pytest.mark.parametrize("adapter_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m,k,n,ranks", [(1, 4096, 4096, (16,)), (64, 4096, 1024, (8, 16, 64, 128)), *SHAPES])
+def test_kernel_matches_reference_bf16_on_gpu(m, k, n, ranks, adapter_dtype):
+    y, x, a, b, s, index, bias = _problem(m, k, n, ranks, adapter_dtype, torch.bfloat16, True, stable_seed(m, k, n))
+    base = y.clone()
+    got = lora_batched.lora_batched_delta(y, x, a, b, s, index, bias)
+    eager = reference.lora_batched_delta_reference(base.clone(), x, a, b, s, index, bias)
+    exact = _exact(base.cpu(), x.cpu(), a.cpu(), b.cpu(), s.cpu(), index, bias.cpu())
+    assert_oracle(got.cpu(), exact, eager.cpu(), msg=f"bf16 y, {adapter_dtype} adapters")

@@ -263,3 +263,33 @@ def test_layer_selection_picks_peft_targets(select):
     assert sorted(fastpeft.get_peft_model_state_dict(ours)) == sorted(peft.get_peft_model_state_dict(theirs))
     with pytest.raises(ValueError, match="cannot be used when `target_modules` is a str"):
         LoraConfig(target_modules=".*q_proj", layers_to_transform=[0])
+
+
+def test_mixed_adapter_batch_on_an_nf4_model_matches_peft(tmp_path, monkeypatch):
+    # QLoRA serving: one NF4 llama, two LoRA adapters of different ranks, a batch whose rows pick either or
+    # none; HF PEFT runs the same files on the dense twin holding the dequantized weights
+    from fastpeft.nn import lora_mixed
+
+    dense = build("llama")
+    model = fastpeft.quantize_model(copy.deepcopy(dense))
+    twin = copy.deepcopy(dense)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, NF4Linear):
+                twin.get_submodule(name).weight.copy_(m.dequantize(torch.float32))
+    targets = ["q_proj", "v_proj", "down_proj"]
+    ours = get_peft_model(model, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    ours.add_adapter("other", LoraConfig(r=24, lora_alpha=12, target_modules=targets, init_lora_weights=False))
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(twin, tmp_path)
+    theirs.load_adapter(tmp_path / "other", adapter_name="other")
+    calls = []
+    real = lora_mixed.lora_batched_delta
+    monkeypatch.setattr(lora_mixed, "lora_batched_delta", lambda *a, **k: calls.append(1) or real(*a, **k))
+    inputs = batch(n=3)
+    names = ["other", "__base__", "default"]
+    with torch.no_grad():
+        got = ours(**inputs, adapter_names=names).logits
+        want = theirs(**inputs, adapter_names=names).logits
+    assert len(calls) == 2 * len(targets), "every LoRA layer should run the batched op once"
+    assert_close(got, want, msg="mixed batch on NF4 vs peft on the dequantized twin")
