@@ -147,3 +147,49 @@ def test_scaling_table_is_a_dict_whose_tensors_follow_every_write() -> None:
 def test_compiled_training_step_equals_eager_gpu(kind: str) -> None:
     assert HAS_CUDA
     _check(kind, "cuda", torch.float32, "inductor")
+
+
+class _EmbConv(nn.Module):
+    """Embedding -> 1x1 convolution (the fused linear path) -> 3-wide convolution -> attention -> linear -> a
+    linear adapted through its weight parameter (``target_parameters``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.pw = nn.Conv1d(16, 24, 1)
+        self.conv = nn.Conv1d(24, 8, 3, padding=1)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 4)
+        self.mix = nn.Linear(4, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.conv(torch.relu(self.pw(self.emb(ids).transpose(1, 2)))).transpose(1, 2)
+        return self.mix(self.head(self.attn(h, h, h, need_weights=False)[0]))
+
+
+def test_embedding_convolution_and_attention_lora_take_a_new_scaling_without_recompiling() -> None:
+    from fastpeft.peft import LoraConfig, get_peft_model
+
+    torch._dynamo.reset()
+    torch.manual_seed(5)
+    model = get_peft_model(
+        _EmbConv(),
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=["emb", "pw", "conv", "attn", "head"], target_parameters=["mix.weight"]
+        ),
+    )
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    ids = torch.randint(0, VOCAB, (2, 9), generator=g)
+    assert_close(compiled(ids), model(ids), msg="compiled vs eager")
+    before = model(ids).detach()
+    _set_scale(model, 3.0)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        got = compiled(ids)
+    want = model(ids)
+    assert (want - before).abs().max() > 1e-3, "the new scaling changes nothing: the check would prove nothing"
+    assert_close(got, want, msg="compiled after set_scale vs eager")

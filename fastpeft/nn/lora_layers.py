@@ -122,7 +122,7 @@ class LoraEmbedding(LoraLayerBase):
     def _branch(self, x: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
         a = self.lora_embedding_A[name].to(dtype)
         b = self.lora_embedding_B[name].to(dtype)
-        return self.scaling[name] * (self._embed(x, a.T) @ b.T)
+        return self._scale(name) * (self._embed(x, a.T) @ b.T)
 
     def forward(self, x: torch.Tensor, *args: object, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
         """``x`` integer ids ``[...] -> [..., embedding_dim]``; ``adapter_names`` as ``LoraLinear.forward``."""
@@ -257,7 +257,7 @@ class LoraConv(LoraLayerBase):
         dtype = x.dtype
         h = a._conv_forward(self.lora_dropout[name](x), a.weight.to(dtype), None)
         bias = b.bias.to(dtype) if b.bias is not None else None
-        return self.scaling[name] * b._conv_forward(h, b.weight.to(dtype), bias)
+        return self._scale(name) * b._conv_forward(h, b.weight.to(dtype), bias)
 
     def forward(self, x: torch.Tensor, *args: object, adapter_names: Sequence[str] | None = None) -> torch.Tensor:
         """``x [N, C_in, *spatial] -> [N, C_out, *spatial']``; ``adapter_names`` as ``LoraLinear.forward``."""
@@ -293,10 +293,14 @@ class LoraConv(LoraLayerBase):
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         dtype = x.dtype
         bias = base.bias.to(dtype) if base.bias is not None else None
+        scaling, b_weight = self._scale(name), b.weight.flatten(1).to(dtype)
+        op_scaling = scaling
+        if isinstance(scaling, torch.Tensor):  # torch.compile: s·B is formed in the graph, the op scales by 1
+            op_scaling, b_weight = 1.0, b_weight * scaling
         y = lora_linear(
-            x.movedim(1, -1), base.weight.flatten(1).to(dtype), bias, a.weight.flatten(1).to(dtype),
-            b.weight.flatten(1).to(dtype), self.scaling[name], dropout_p=p, training=self.training,
+            x.movedim(1, -1), base.weight.flatten(1).to(dtype), bias, a.weight.flatten(1).to(dtype), b_weight,
+            op_scaling, dropout_p=p, training=self.training,
         ).movedim(-1, 1)  # fmt: skip
         if b.bias is not None:
-            y = y + self.scaling[name] * b.bias.to(dtype).view(-1, *([1] * (y.dim() - 2)))
+            y = y + scaling * b.bias.to(dtype).view(-1, *([1] * (y.dim() - 2)))
         return y

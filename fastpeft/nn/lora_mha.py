@@ -175,7 +175,7 @@ class LoraMultiheadAttention(LoraLayerBase):
 
     def _delta(self, name: str, dtype: torch.dtype) -> torch.Tensor:
         a, b = self.lora_A[name].weight.to(dtype), self.lora_B[name].weight.to(dtype)
-        return self.scaling[name] * (b @ a)
+        return self._scale(name) * (b @ a)
 
     def unwrap(self) -> nn.Module:
         """The attention module, its output projection a plain linear layer again."""
@@ -186,4 +186,4 @@ class LoraMultiheadAttention(LoraLayerBase):
 
 def _linear_delta(layer: LoraLinear, name: str, dtype: torch.dtype) -> torch.Tensor:
     a, b = layer.lora_A[name].weight.to(dtype), layer.lora_B[name].weight.to(dtype)
-    return layer.scaling[name] * (b @ a)
+    return layer._scale(name) * (b @ a)

@@ -132,7 +132,7 @@ class LoraParameter(LoraLayerBase):
         self._record(adapter_name, r, lora_alpha, 0.0, use_rslora, False)
 
     def _delta(self, adapter_name: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        s = self.scaling[adapter_name]
+        s = self._scale(adapter_name)
         if self.num_experts == 1:
             return s * (b @ a).view(self.get_param().shape)
         e = self.num_experts
