@@ -214,3 +214,29 @@ def test_estimate_against_cuda_max_memory_allocated() -> None:
     assert abs(measured - est.peak_bytes) <= 0.1 * est.peak_bytes, (
         f"estimate {est.peak_bytes / 2**20:.1f} MiB ({est.categories}), measured {measured / 2**20:.1f} MiB"
     )
+
+
+def test_traced_lora_layers_run_the_gpu_ops_not_the_reference_internals(monkeypatch) -> None:
+    # the fake step stands for the GPU: LoRA layers go through the custom ops, whose fake implementations
+    # allocate what the kernels return; the CPU reference's internal temporaries (its dequantized W, float32
+    # products) would inflate the activations (Llama-3-8B QLoRA at 2048: 0.80 -> 1.41 GiB)
+    from fastpeft.ops import lora as lora_ops
+
+    calls = []
+    real = lora_ops.lora_linear_fwd
+    monkeypatch.setattr(lora_ops, "lora_linear_fwd", lambda *a: calls.append(type(a[0]).__name__) or real(*a))
+    monkeypatch.setattr(lora_ops._LoraReference, "apply", lambda *a: pytest.fail("reference Function on fake tensors"))
+    M.estimate(_config(), _opts(method="qlora", checkpointing=True))
+    assert calls and set(calls) == {"FakeTensor"}
+
+
+def test_readme_quotes_the_llama3_8b_qlora_estimate() -> None:
+    # the README's figure is this estimate (docs that match the code), and it meets the 7 GiB goal
+    from pathlib import Path
+
+    opts = M.MemoryOptions(method="qlora", r=16, seq_len=2048, batch_size=1)
+    est = M.estimate(M.model_config("llama3-8b"), opts)
+    quoted = f"**{est.peak_bytes / 2**30:.2f} GiB**"
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert quoted in readme, f"README should quote {quoted}"
+    assert est.peak_bytes <= 7 * 2**30

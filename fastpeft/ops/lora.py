@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from fastpeft.kernels import reference
 from fastpeft.kernels.formats import FLOAT_DTYPES, NESTED_BLOCKSIZE, NF4Args
@@ -259,7 +260,9 @@ def lora_linear(
     # The kernels take a row-major [M, K]; reshape copies only when x's layout forces it.
     x2 = x.reshape(-1, k).contiguous()
     mask = make_dropout_mask(x2.shape, dropout_p, x.device) if training and dropout_p > 0.0 else None
-    if use_triton(x2) or torch.compiler.is_compiling():
+    # fake tensors (fastpeft.memory's traced step) take the custom ops too: their fake implementations
+    # allocate what the GPU kernels return, not the reference's internal temporaries
+    if use_triton(x2) or torch.compiler.is_compiling() or isinstance(x2, FakeTensor):
         y, _ = lora_linear_fwd(
             x2, weight, bias, lora_a, lora_b, float(scaling), *_flat_nf4(nf4), mask, float(dropout_p)
         )
