@@ -55,6 +55,7 @@ KERNEL_MODULES = (
     "fastpeft.kernels.lora_linear",
     "fastpeft.kernels.adapter",
     "fastpeft.kernels.lora_batched",
+    "fastpeft.kernels.cross_entropy",
 )
 ARCHS = (80, 90)
 MAX_SHARED_BYTES = {80: 166_912, 90: 232_448}

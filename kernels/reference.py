@@ -28,7 +28,9 @@ __all__ = [
     "adapter_fwd_reference",
     "check_adapter_args",
     "check_adapter_bwd_args",
+    "check_cross_entropy_args",
     "check_lora_batched_args",
+    "cross_entropy_grad_reference",
     "dynamic8_quantize_reference",
     "lora_batched_delta_reference",
     "lora_linear_bwd_reference",
@@ -523,3 +525,40 @@ def lora_batched_delta_reference(
             d = d + bias[i].float()
         y[rows] = (y[rows].float() + scales[i] * d).to(y.dtype)
     return y
+
+
+# ----------------------------------------------------------------------------------------------
+# cross-entropy and its logits gradient (kernels/cross_entropy.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def check_cross_entropy_args(z: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> None:
+    """Shapes, dtypes and devices of ``cross_entropy_grad_``.
+
+    Raises:
+        ValueError: a shape, dtype, device or layout out of its contract.
+    """
+    if z.dim() != 2 or z.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"z must be a [T, V] float32/float16/bfloat16 tensor, got {z.dtype} {tuple(z.shape)}")
+    if z.shape[1] > 0 and z.stride(1) != 1:
+        raise ValueError("z must have unit stride along the vocabulary (it is overwritten in place)")
+    if labels.shape != z.shape[:1] or labels.dtype != torch.int64:
+        raise ValueError(f"labels must be int64 [{z.shape[0]}], got {labels.dtype} {tuple(labels.shape)}")
+    if scale.shape != z.shape[:1] or scale.dtype != torch.float32:
+        raise ValueError(f"scale must be float32 [{z.shape[0]}], got {scale.dtype} {tuple(scale.shape)}")
+    if len({z.device, labels.device, scale.device}) != 1:
+        raise ValueError("z, labels and scale must share a device")
+
+
+def cross_entropy_grad_reference(z: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Per-token losses ``s·(logsumexp(z) − z[y])`` (float32 ``[T]``); ``z`` is overwritten in place by
+    ``s·(softmax(z) − onehot(y))``, rounded into its dtype. ``labels`` must lie in ``[0, V)`` (a token without
+    a loss has scale 0 and any valid label)."""
+    check_cross_entropy_args(z, labels, scale)
+    zf = z.float()
+    lse = torch.logsumexp(zf, dim=1)
+    loss = scale * (lse - zf.gather(1, labels.unsqueeze(1)).squeeze(1))
+    p = (zf - lse.unsqueeze(1)).exp_()
+    p.scatter_add_(1, labels.unsqueeze(1), torch.full((z.shape[0], 1), -1.0, device=z.device))
+    z.copy_(p.mul_(scale.unsqueeze(1)))
+    return loss

@@ -40,9 +40,12 @@ def _chunked(hidden, weight, bias, labels, chunk_bytes):  # noqa: ANN001, ANN202
     return loss, h.grad, w.grad, b.grad
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"] if INTERPRET else ["reference"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("chunk_tokens", [1, 5, 1000])
-def test_dense_head_float32_equals_unchunked(shape: tuple[int, int, int], chunk_tokens: int) -> None:
+def test_dense_head_float32_equals_unchunked(shape: tuple[int, int, int], chunk_tokens: int, backend: str,
+                                             monkeypatch) -> None:  # noqa: ANN001  # fmt: skip
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
     t, h, v = shape
     inputs = _data(t, h, v, torch.float32, ("dense32", shape, chunk_tokens))
     got = _chunked(*inputs, chunk_bytes=4 * v * chunk_tokens)
@@ -52,8 +55,11 @@ def test_dense_head_float32_equals_unchunked(shape: tuple[int, int, int], chunk_
         assert_oracle(a, x, e, msg=f"{name} {shape} chunk {chunk_tokens}")
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"] if INTERPRET else ["reference"])
 @pytest.mark.parametrize("shape", SHAPES[1:])
-def test_dense_head_bfloat16_equals_unchunked(shape: tuple[int, int, int]) -> None:
+def test_dense_head_bfloat16_equals_unchunked(shape: tuple[int, int, int], backend: str, monkeypatch) -> None:  # noqa: ANN001
+    # "triton": every chunk's loss and logits gradient come from the cross-entropy kernel
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
     t, h, v = shape
     inputs = _data(t, h, v, torch.bfloat16, ("dense16", shape))
     loss, dh, dw, db = _chunked(*inputs, chunk_bytes=4 * v * 6)

@@ -18,8 +18,11 @@ log-softmax, and the backward allocates two more ``[T, V]`` float32 tensors: 2 G
 An NF4 head (``nf4``) is dequantized one vocabulary slice at a time (slices cut on whole
 double-quantization groups, so each is an ordinary NF4 tensor); with several slices the log-sum-exp is
 accumulated across them and each token chunk takes two passes (statistics, then gradients). A dense
-head is read whole. Plain torch on every device (cuBLAS on a GPU); ``torch.autocast`` picks the compute
-dtype as for ``nn.Linear``. No Triton kernel yet: the matmuls dominate, and they already run on cuBLAS.
+head is read whole: each chunk's logits come from one GEMM in h's dtype (cuBLAS on a GPU), then one op
+(``fastpeft::cross_entropy_grad_``: the Triton kernel ``fastpeft.kernels.cross_entropy`` on a GPU, its
+reference otherwise) turns them into per-token losses and overwrites them with ∂loss/∂z in the same dtype,
+which is what eager torch's backward feeds its GEMMs too; no float32 ``[tokens, vocab]`` block exists on
+that path. ``torch.autocast`` picks the compute dtype as for ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ import math
 
 import torch
 
+from fastpeft.kernels import reference
 from fastpeft.kernels.formats import NF4Args
+from fastpeft.ops._dispatch import use_triton
 from fastpeft.ops.nf4 import nf4_dequantize
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "linear_cross_entropy", "vocab_slices"]
+__all__ = ["DEFAULT_CHUNK_BYTES", "cross_entropy_grad_", "linear_cross_entropy", "vocab_slices"]
 
 Tensor = torch.Tensor
 
@@ -74,6 +79,23 @@ def _logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
     return z.float()
 
 
+@torch.library.custom_op("fastpeft::cross_entropy_grad_", mutates_args=("z",))
+def cross_entropy_grad_(z: Tensor, labels: Tensor, scale: Tensor) -> Tensor:
+    """Per-token losses ``scale·(logsumexp(z) − z[labels])`` (float32 ``[T]``), with ``z [T, V]`` overwritten
+    by ``scale·(softmax(z) − onehot(labels))`` in its own dtype: ``fastpeft.kernels.cross_entropy`` or its
+    reference."""
+    if use_triton(z):
+        from fastpeft.kernels.cross_entropy import cross_entropy_grad_ as launch
+
+        return launch(z, labels, scale)
+    return reference.cross_entropy_grad_reference(z, labels, scale)
+
+
+@cross_entropy_grad_.register_fake
+def _(z: Tensor, labels: Tensor, scale: Tensor) -> Tensor:
+    return z.new_empty(z.shape[:1], dtype=torch.float32)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """loss = mean over labelled tokens of CE(h·Wᵀ + b, y); backward: ∂h = g·P·W, ∂W = g·Pᵀ·h, ∂b = g·Σ P,
     with ``P = valid/n · (softmax − onehot)`` formed chunk by chunk in the forward (see module doc)."""
@@ -102,18 +124,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h, y, s = hidden[t0 : t0 + chunk], target[t0 : t0 + chunk], scale[t0 : t0 + chunk].unsqueeze(1)
             if len(slices) == 1:
                 w = rows(0, vocab)
-                z = _logits(h, w, bias)
-                lse = torch.logsumexp(z, dim=1, keepdim=True)
-                picked = z.gather(1, y)
-                p = z.sub_(lse).exp_()  # softmax, in place of the logits
-                loss += ((lse - picked) * s).sum()
-                p.scatter_add_(1, y, torch.full_like(picked, -1.0)).mul_(s)
+                z = torch.mm(h, w.t()) if bias is None else torch.addmm(bias, h, w.t())  # in h's dtype
+                loss += cross_entropy_grad_(z, y.squeeze(1), s.squeeze(1)).sum()  # z <- ∂loss/∂z
                 if need_dh:
-                    dh[t0 : t0 + chunk] = torch.mm(p.to(h.dtype), w)
+                    dh[t0 : t0 + chunk] = torch.mm(z, w)
                 if need_dw:
-                    dw.addmm_(p.t(), h.float())
+                    dw.addmm_(z.t().float(), h.float())
                 if need_db:
-                    db += p.sum(0)
+                    db += z.float().sum(0)
                 continue
             # -- pass 1: log-sum-exp and the label's logit, slice by slice --
             lse = torch.full((h.shape[0], 1), -math.inf, dtype=torch.float32, device=h.device)

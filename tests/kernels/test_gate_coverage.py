@@ -22,6 +22,7 @@ from conftest import INTERPRET
 from fastpeft.kernels import (
     _gate,
     adapter,
+    cross_entropy,
     formats,
     lora_batched,
     lora_linear,
@@ -32,7 +33,18 @@ from fastpeft.kernels import (
 
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="launches the interpreter's code path of each launcher")
 
-TILE_KEYS = {"BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_P", "BLOCK_Q", "GROUP_M", "BLOCK", "num_warps", "num_stages"}
+TILE_KEYS = {
+    "BLOCK_M",
+    "BLOCK_N",
+    "BLOCK_K",
+    "BLOCK_P",
+    "BLOCK_Q",
+    "BLOCK_V",
+    "GROUP_M",
+    "BLOCK",
+    "num_warps",
+    "num_stages",
+}
 UNGATED = {
     "_adapter_fwd_kernel": {"ACT", "SAVE_Z"},
     "_adapter_bwd_dz_kernel": {"ACT", "ADD_DY", "COMPUTE_DH", "STORE_DW_INPUTS"},
@@ -49,6 +61,7 @@ KERNELS = {
     adapter: ["_adapter_fwd_kernel", "_adapter_bwd_dz_kernel", "_adapter_bwd_dw_kernel"],
     lora_linear_decode: ["_nf4_decode_kernel"],
     lora_batched: ["_lora_shrink_kernel", "_lora_expand_kernel"],
+    cross_entropy: ["_cross_entropy_kernel"],
 }
 TRITON_TYPES = {
     torch.float32: "fp32",
@@ -56,6 +69,7 @@ TRITON_TYPES = {
     torch.bfloat16: "bf16",
     torch.uint8: "u8",
     torch.int32: "i32",
+    torch.int64: "i64",
 }
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -187,12 +201,19 @@ def _drive_batched() -> None:
         lora_batched.lora_batched_delta(y, x, a, b, torch.ones(n), torch.tensor([0, 1, -1, 1, 0]), bias)
 
 
+def _drive_cross_entropy() -> None:
+    for dtype in DTYPES:
+        cross_entropy.cross_entropy_grad_(torch.zeros(3, 50, dtype=dtype), torch.zeros(3, dtype=torch.int64),
+                                          torch.ones(3))  # fmt: skip
+
+
 def test_every_launch_is_a_gated_binary(recorders):
     _drive_nf4()
     _drive_lora()
     _drive_decode()
     _drive_adapter()
     _drive_batched()
+    _drive_cross_entropy()
     cases: dict[str, list[_gate.GateCase]] = {}
     for case in _gate.all_cases():
         cases.setdefault(case.kernel, []).append(case)

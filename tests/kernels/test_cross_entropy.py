@@ -1,0 +1,101 @@
+"""Cross-entropy loss + logits gradient kernel (interpreter on CPU, the real kernel on a GPU) against
+kernels/reference.py, and the reference against float64 autograd of ``F.cross_entropy``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import HAS_CUDA, INTERPRET, assert_oracle, stable_seed
+
+from fastpeft.kernels import cross_entropy, reference
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+needs_kernels = pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or Triton's interpreter")
+
+
+def _data(t: int, v: int, dtype: torch.dtype, key: tuple, spread: float = 4.0):
+    g = torch.Generator().manual_seed(stable_seed(*key))
+    z = (torch.randn(t, v, generator=g) * spread).to(dtype)
+    labels = torch.randint(0, v, (t,), generator=g)
+    scale = torch.rand(t, generator=g) + 0.1
+    scale[torch.rand(t, generator=g) < 0.3] = 0.0  # tokens without a loss
+    return z, labels, scale
+
+
+def _exact(z: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 autograd: per-token losses and ∂(Σ losses)/∂z."""
+    zd = z.double().requires_grad_()
+    losses = scale.double() * F.cross_entropy(zd, labels, reduction="none")
+    losses.sum().backward()
+    return losses.detach(), zd.grad
+
+
+# (T, V): one token, a vocabulary below one sweep step, primes past several steps
+SHAPES = [(1, 7), (5, 64), (9, 1031), (3, 4099)]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("t,v", SHAPES)
+def test_kernel_matches_reference(t, v, dtype):
+    z, labels, scale = _data(t, v, dtype, (t, v, dtype))
+    z, labels, scale = z.to(DEVICE), labels.to(DEVICE), scale.to(DEVICE)
+    got_z, want_z = z.clone(), z.clone()
+    got = cross_entropy.cross_entropy_grad_(got_z, labels, scale)
+    want = reference.cross_entropy_grad_reference(want_z, labels, scale)
+    exact_loss, exact_grad = _exact(z.cpu(), labels.cpu(), scale.cpu())
+    assert_oracle(got.cpu(), exact_loss, want.cpu(), msg=f"loss {dtype}")
+    assert_oracle(got_z.cpu(), exact_grad, want_z.cpu(), msg=f"gradient {dtype}")
+    assert torch.equal(got_z.cpu()[scale.cpu() == 0], torch.zeros_like(got_z.cpu()[scale.cpu() == 0]))
+
+
+@needs_kernels
+def test_kernel_is_stable_for_large_logits_and_one_hot_rows():
+    # exp never sees a positive argument: logits in the thousands, and a row with one dominant class
+    z = torch.full((2, 300), -3000.0)
+    z[0, 17] = 3000.0
+    z[1] = torch.linspace(-2000, 2000, 300)
+    labels, scale = torch.tensor([17, 3]), torch.ones(2)
+    got_z = z.clone().to(DEVICE)
+    got = cross_entropy.cross_entropy_grad_(got_z, labels.to(DEVICE), scale.to(DEVICE)).cpu()
+    exact_loss, exact_grad = _exact(z, labels, scale)
+    assert torch.isfinite(got).all() and torch.isfinite(got_z).all()
+    torch.testing.assert_close(got.double(), exact_loss, rtol=1e-6, atol=1e-3)
+    torch.testing.assert_close(got_z.cpu().double(), exact_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_reference_matches_float64_autograd():
+    z, labels, scale = _data(6, 333, torch.float32, ("ref",))
+    got_z = z.clone()
+    got = reference.cross_entropy_grad_reference(got_z, labels, scale)
+    exact_loss, exact_grad = _exact(z, labels, scale)
+    torch.testing.assert_close(got.double(), exact_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_z.double(), exact_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments_are_refused():
+    z, labels, scale = _data(4, 10, torch.float32, ("bad",))
+    check = reference.check_cross_entropy_args
+    with pytest.raises(ValueError, match="float32/float16/bfloat16"):
+        check(z.double(), labels, scale)
+    with pytest.raises(ValueError, match="unit stride"):
+        check(torch.zeros(10, 4).t(), labels, scale)
+    with pytest.raises(ValueError, match="labels"):
+        check(z, labels.int(), scale)
+    with pytest.raises(ValueError, match="scale"):
+        check(z, labels, scale[:2])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("v", [128_256, 50_257])
+def test_kernel_at_llama3_vocabulary_on_gpu(v):
+    z, labels, scale = _data(64, v, torch.bfloat16, ("gpu", v))
+    z, labels, scale = z.cuda(), labels.cuda(), scale.cuda()
+    got_z, want_z = z.clone(), z.clone()
+    got = cross_entropy.cross_entropy_grad_(got_z, labels, scale)
+    want = reference.cross_entropy_grad_reference(want_z, labels, scale)
+    exact_loss, exact_grad = _exact(z.cpu(), labels.cpu(), scale.cpu())
+    assert_oracle(got.cpu(), exact_loss, want.cpu(), msg="loss")
+    assert_oracle(got_z.cpu(), exact_grad, want_z.cpu(), msg="gradient")
