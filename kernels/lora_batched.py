@@ -174,6 +174,7 @@ def lora_batched_delta(
     scales: torch.Tensor,
     adapter_index: torch.Tensor,
     bias: torch.Tensor | None = None,
+    plan: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Add each row's LoRA update into ``y`` in place (see the module docstring); returns ``y``.
 
@@ -184,17 +185,20 @@ def lora_batched_delta(
         lora_b: ``[n, N, R]`` stacked ``lora_B`` weights, lora_a's dtype.
         scales: ``[n]`` float32 scalings. adapter_index: ``[M]`` integer, in ``[-1, n)``, on any device (the
             host is cheapest: the plan is computed where it lives). bias: ``[n, N]`` ``lora_B`` biases or None.
+        plan: ``plan_tiles(adapter_index, n)`` already on x's device, shared by every layer of one forward
+            (the caller vouches for ``adapter_index``, whose range is then not checked again).
     """
-    check_lora_batched_args(y, x, lora_a, lora_b, scales, adapter_index, bias, ranks=BATCHED_RANKS)
+    check_lora_batched_args(y, x, lora_a, lora_b, scales, adapter_index, bias, ranks=BATCHED_RANKS,
+                            check_index=plan is None)  # fmt: skip
     x = x if x.stride(1) == 1 else x.contiguous()  # unit-stride rows: the binary the gate checks
     m, k = x.shape
     n_out = y.shape[1]
     n_adapters, block_r = lora_a.shape[0], lora_a.shape[1]
-    order, tiles = plan_tiles(adapter_index, n_adapters)
+    order, tiles = plan if plan is not None else plan_tiles(adapter_index, n_adapters)
     n_tiles = tiles.shape[0]
     if n_tiles == 0:
         return y
-    order, tiles = order.to(x.device, non_blocking=True), tiles.to(x.device, non_blocking=True)
+    order, tiles = order.to(x.device), tiles.to(x.device)  # no copy when the plan is there already
     interpret = x.device.type != "cuda"
     cfg = _config(lora_a.dtype, block_r, interpret)
     splits = _splits(n_tiles, k, cfg["BLOCK_K"], _sm_count(x.device))

@@ -453,8 +453,10 @@ def check_lora_batched_args(
     adapter_index: torch.Tensor,
     bias: torch.Tensor | None,
     ranks: tuple[int, ...] | None = None,
+    check_index: bool = True,
 ) -> None:
-    """Shapes, dtypes and devices of ``lora_batched_delta``; ``ranks``: the padded ranks allowed (None: any).
+    """Shapes, dtypes and devices of ``lora_batched_delta``; ``ranks``: the padded ranks allowed (None: any);
+    ``check_index``: also the index's range (two reductions; a caller that built the index skips them).
 
     Raises:
         ValueError: a shape, dtype pair, device or index out of its contract.
@@ -486,7 +488,7 @@ def check_lora_batched_args(
     if adapter_index.shape != (x.shape[0],) or adapter_index.is_floating_point():
         raise ValueError(f"adapter_index must be an integer [{x.shape[0]}], got {adapter_index.dtype} "
                          f"{tuple(adapter_index.shape)}")  # fmt: skip
-    if adapter_index.numel() and (int(adapter_index.min()) < -1 or int(adapter_index.max()) >= n):
+    if check_index and adapter_index.numel() and (int(adapter_index.min()) < -1 or int(adapter_index.max()) >= n):
         raise ValueError(f"adapter_index must lie in [-1, {n}), got [{int(adapter_index.min())}, "
                          f"{int(adapter_index.max())}]")  # fmt: skip
     devices = {t.device for t in (y, x, lora_a, lora_b, scales) + ((bias,) if bias is not None else ())}

@@ -135,3 +135,24 @@ def test_ranks_past_the_kernels_use_the_loop(spy):
         got = layer(x, adapter_names=["wide", "a"])
     assert spy == []
     assert_close(got, _row_by_row(layer, x, ["wide", "a"]))
+
+
+@pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="the tile plan belongs to the Triton path")
+def test_one_tile_plan_serves_every_layer_of_a_forward(monkeypatch):
+    from fastpeft.kernels import lora_batched
+
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    monkeypatch.setattr(lora_mixed, "_PLANS", type(lora_mixed._PLANS)())
+    planned = []
+    real = lora_batched.plan_tiles
+    monkeypatch.setattr(lora_batched, "plan_tiles", lambda *a, **k: planned.append(1) or real(*a, **k))
+    first, second = _layer(False, seed=1), _layer(False, seed=2)  # two layers of one model
+    x = torch.randn(len(NAMES), 64)
+    with torch.no_grad():
+        for _ in range(2):  # two forwards of the same batch
+            got = [layer(x, adapter_names=NAMES) for layer in (first, second)]
+        assert len(planned) == 1, "every layer and the repeated batch should reuse the first plan"
+        for layer, y in zip((first, second), got, strict=True):
+            assert_close(y, _row_by_row(layer, x, NAMES))
+        first(x, adapter_names=list(reversed(NAMES)))
+    assert len(planned) == 2

@@ -14,11 +14,13 @@ another dtype than the output).
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
+from fastpeft.ops._dispatch import use_triton
 from fastpeft.ops.lora_batched import BATCHED_RANKS, lora_batched_delta
 
 __all__ = ["batched_delta"]
@@ -92,10 +94,37 @@ def batched_delta(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, adapter_na
     if not names or not _batchable(layer, x, y, names):
         return False
     a, b, scales, bias = _stack(layer, names)
-    slot = {n: i for i, n in enumerate(names)}
     per_row = x[0].numel() // x.shape[-1] if x.dim() > 1 and x.shape[0] else 1
-    index = torch.tensor([slot.get(n, -1) for n in adapter_names], dtype=torch.int32)
-    index = index.repeat_interleave(per_row) if x.dim() > 1 else index
+    index, plan = _plan(tuple(adapter_names), tuple(names), per_row, y.device, use_triton(y))
     y2 = y.view(-1, y.shape[-1])
-    lora_batched_delta(y2, x.reshape(-1, x.shape[-1]), a, b, scales, index, bias)
+    lora_batched_delta(y2, x.reshape(-1, x.shape[-1]), a, b, scales, index, bias, plan=plan)
     return True
+
+
+_PLANS: OrderedDict[tuple, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]] = OrderedDict()
+_PLANS_KEPT = 8
+
+
+def _plan(
+    adapter_names: tuple[str, ...], names: tuple[str, ...], per_row: int, device: torch.device, triton: bool
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The row index (host) and, for the Triton path, the tile plan on ``device``: built by the first layer
+    of a forward and reused by every other layer with the same adapters (a few recent batches are kept), so
+    the host work and the copies happen once per forward, not once per layer."""
+    key = (adapter_names, names, per_row, device, triton)
+    hit = _PLANS.get(key)
+    if hit is not None:
+        _PLANS.move_to_end(key)
+        return hit
+    slot = {n: i for i, n in enumerate(names)}
+    index = torch.tensor([slot.get(n, -1) for n in adapter_names], dtype=torch.int32).repeat_interleave(per_row)
+    plan = None
+    if triton:
+        from fastpeft.kernels.lora_batched import plan_tiles
+
+        order, tiles = plan_tiles(index, len(names))
+        plan = (order.to(device, non_blocking=True), tiles.to(device, non_blocking=True))
+    _PLANS[key] = (index, plan)
+    if len(_PLANS) > _PLANS_KEPT:
+        _PLANS.popitem(last=False)
+    return index, plan

@@ -25,11 +25,13 @@ def lora_batched_delta(
     scales: torch.Tensor,
     adapter_index: torch.Tensor,
     bias: torch.Tensor | None = None,
+    plan: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Add each row's adapter update into ``y [M, N]`` in place and return it; arguments as
-    ``fastpeft.kernels.lora_batched.lora_batched_delta`` (``adapter_index`` on the host)."""
+    ``fastpeft.kernels.lora_batched.lora_batched_delta`` (``adapter_index`` on the host; ``plan``, its tiles
+    on y's device, is used by the Triton path only)."""
     if use_triton(y):
         from fastpeft.kernels.lora_batched import lora_batched_delta as launch
 
-        return launch(y, x, lora_a, lora_b, scales, adapter_index, bias)
+        return launch(y, x, lora_a, lora_b, scales, adapter_index, bias, plan=plan)
     return reference.lora_batched_delta_reference(y, x, lora_a, lora_b, scales, adapter_index, bias)
