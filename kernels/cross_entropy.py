@@ -9,12 +9,17 @@ per-token scales ``s [T]`` (``valid / n``)::
     z_tv    <- s_t · (exp(z_tv − lse_t) − [v = y_t])  (∂loss/∂z, rounded into z's dtype, in place)
 
 One program per token: a first sweep over V keeps a running maximum and sum per lane (online
-log-sum-exp), a second sweep writes the gradient over the logits it read. The chunk's logits are read
+log-sum-exp), a second sweep writes the gradient over the logits it read. A head cut into vocabulary
+slices (an NF4 head, dequantized a slice at a time) runs the two sweeps as two launches per slice: the
+slice's log-sum-exp and label logit, combined across slices by the caller, then the slice's gradient
+from the whole row's log-sum-exp (``label_offset`` places the label in the slice). The chunk's logits are read
 twice and written once in their 16-bit dtype; eager torch's ``float()``, ``log_softmax`` and its backward
 instead sweep float32 ``[T, V]`` copies about ten times and hold two of them at once.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import torch
 import triton
@@ -24,44 +29,69 @@ from fastpeft.kernels._gate import GateCase
 from fastpeft.kernels.reference import check_cross_entropy_args
 from fastpeft.kernels.rounding import cast_out
 
-__all__ = ["compile_gate_cases", "cross_entropy_grad_"]
+__all__ = ["compile_gate_cases", "cross_entropy_grad_", "cross_entropy_slice_grad_", "cross_entropy_slice_stats"]
+
+_FULL, _STATS, _GRAD = (True, True), (True, False), (False, True)
+"""(STATS, GRAD) of the three launches: a whole vocabulary; a slice's statistics; a slice's gradient."""
 
 
 @triton.jit
 def _cross_entropy_kernel(
-    z_ptr, label_ptr, scale_ptr, loss_ptr, V, stride_z, BLOCK_V: tl.constexpr,
+    z_ptr, label_ptr, scale_ptr, loss_ptr, lse_ptr, V, stride_z, label_offset,
+    BLOCK_V: tl.constexpr, STATS: tl.constexpr, GRAD: tl.constexpr,
 ):  # fmt: skip
+    """One token per program. ``STATS and GRAD``: the whole vocabulary (loss, then ∂loss/∂z over z).
+    ``STATS`` alone: a vocabulary slice's log-sum-exp into ``lse`` and the label's logit (0 when the label
+    is in another slice) into ``loss``. ``GRAD`` alone: a slice's ∂loss/∂z over z from the whole row's
+    log-sum-exp read from ``lse``. ``label_offset``: the slice's first vocabulary row."""
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * stride_z
     offs = tl.arange(0, BLOCK_V)
-    # a finite floor, not -inf: exp(run_max - new_max) is then never exp(-inf - -inf) = NaN, and masked lanes
-    # (loaded as -inf) add exp(-inf) = 0
-    run_max = tl.full((BLOCK_V,), -3.0e38, tl.float32)
-    run_sum = tl.zeros((BLOCK_V,), tl.float32)
-    for v0 in range(0, V, BLOCK_V):
-        v = v0 + offs
-        z = tl.load(z_row + v, mask=v < V, other=float("-inf")).to(tl.float32)
-        new_max = tl.maximum(run_max, z)
-        run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(z - new_max)
-        run_max = new_max
-    row_max = tl.max(run_max, axis=0)
-    total = tl.sum(run_sum * tl.exp(run_max - row_max), axis=0)
-    lse = row_max + tl.log(total)
-    label = tl.load(label_ptr + row)
-    scale = tl.load(scale_ptr + row)
-    picked = tl.load(z_row + label).to(tl.float32)
-    tl.store(loss_ptr + row, scale * (lse - picked))
-    for v0 in range(0, V, BLOCK_V):
-        v = v0 + offs
-        mask = v < V
-        z = tl.load(z_row + v, mask=mask, other=0.0).to(tl.float32)
-        p = scale * (tl.exp(z - lse) - tl.where(v == label, 1.0, 0.0))
-        tl.store(z_row + v, cast_out(p, z_ptr.dtype.element_ty), mask=mask)
+    label = tl.load(label_ptr + row) - label_offset  # the label's column in this slice
+    if STATS:
+        # a finite floor, not -inf: exp(run_max - new_max) is then never exp(-inf - -inf) = NaN, and masked
+        # lanes (loaded as -inf) add exp(-inf) = 0
+        run_max = tl.full((BLOCK_V,), -3.0e38, tl.float32)
+        run_sum = tl.zeros((BLOCK_V,), tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            v = v0 + offs
+            z = tl.load(z_row + v, mask=v < V, other=float("-inf")).to(tl.float32)
+            new_max = tl.maximum(run_max, z)
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(z - new_max)
+            run_max = new_max
+        row_max = tl.max(run_max, axis=0)
+        lse = row_max + tl.log(tl.sum(run_sum * tl.exp(run_max - row_max), axis=0))
+        inside = (label >= 0) & (label < V)
+        picked = tl.load(z_row + label, mask=inside, other=0.0).to(tl.float32)
+        if GRAD:
+            tl.store(loss_ptr + row, tl.load(scale_ptr + row) * (lse - picked))
+        else:
+            tl.store(lse_ptr + row, lse)
+            tl.store(loss_ptr + row, picked)
+    else:
+        lse = tl.load(lse_ptr + row)
+    if GRAD:
+        scale = tl.load(scale_ptr + row)
+        for v0 in range(0, V, BLOCK_V):
+            v = v0 + offs
+            mask = v < V
+            z = tl.load(z_row + v, mask=mask, other=0.0).to(tl.float32)
+            p = scale * (tl.exp(z - lse) - tl.where(v == label, 1.0, 0.0))
+            tl.store(z_row + v, cast_out(p, z_ptr.dtype.element_ty), mask=mask)
 
 
 def _block_v(interpret: bool) -> int:
     # 4 warps x 32 lanes x 8 elements: 16-byte loads of 16-bit logits per lane and sweep step
     return 64 if interpret else 1024
+
+
+def _launch(z, labels, scale, loss, lse, label_offset: int, mode: tuple[bool, bool]) -> None:
+    if z.shape[0] == 0:
+        return
+    _cross_entropy_kernel[(z.shape[0],)](
+        z, labels, scale, loss, lse, z.shape[1], z.stride(0), label_offset,
+        BLOCK_V=_block_v(z.device.type != "cuda"), STATS=mode[0], GRAD=mode[1], num_warps=4,
+    )  # fmt: skip
 
 
 def cross_entropy_grad_(z: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -72,32 +102,53 @@ def cross_entropy_grad_(z: torch.Tensor, labels: torch.Tensor, scale: torch.Tens
         scale: ``[T]`` float32 (0 for tokens without a loss).
     """
     check_cross_entropy_args(z, labels, scale)
-    tokens, vocab = z.shape
-    loss = torch.empty(tokens, dtype=torch.float32, device=z.device)
-    if tokens == 0:
-        return loss
-    _cross_entropy_kernel[(tokens,)](
-        z, labels, scale, loss, vocab, z.stride(0), BLOCK_V=_block_v(z.device.type != "cuda"), num_warps=4
-    )
+    loss = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)
+    _launch(z, labels, scale, loss, loss, 0, _FULL)  # lse unused: any float32 pointer
     return loss
+
+
+def cross_entropy_slice_stats(
+    z: torch.Tensor, labels: torch.Tensor, label_offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For logits ``z [T, S]`` of vocabulary rows ``label_offset .. label_offset + S``: each token's
+    log-sum-exp over the slice and its label's logit (0 when the label lies outside the slice), float32."""
+    scale = torch.empty(z.shape[0], dtype=torch.float32, device=z.device)  # unread by this launch
+    check_cross_entropy_args(z, labels, scale)
+    lse, picked = torch.empty_like(scale), torch.empty_like(scale)
+    _launch(z, labels, scale, picked, lse, label_offset, _STATS)
+    return lse, picked
+
+
+def cross_entropy_slice_grad_(
+    z: torch.Tensor, labels: torch.Tensor, label_offset: int, scale: torch.Tensor, lse: torch.Tensor
+) -> None:
+    """Overwrite a slice's logits ``z [T, S]`` with ``scale·(exp(z − lse) − onehot(labels − label_offset))``,
+    ``lse [T]`` float32 being each token's log-sum-exp over the whole vocabulary."""
+    check_cross_entropy_args(z, labels, scale, lse)
+    _launch(z, labels, scale, scale, lse, label_offset, _GRAD)  # the loss pointer is unread
 
 
 _GATE_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def compile_gate_cases() -> list[GateCase]:
-    """The kernel for each logits dtype, as the GPU launcher runs it on contiguous rows: a vocabulary that is
-    a multiple of 16 (Llama 3's 128,256: Triton gives V and the row stride divisibility hints) and one that
-    is not (GPT-2's 50,257)."""
+    """The kernel in its three launches (a whole vocabulary, a slice's statistics, a slice's gradient) for
+    each logits dtype, as the GPU launchers run them on contiguous rows: a vocabulary that is a multiple of 16
+    (Llama 3's 128,256, Triton then gives V and the row stride divisibility hints) and one that is not
+    (GPT-2's 50,257). Slices start at a nonzero vocabulary row."""
     cases = []
+    modes = {"": (_FULL, 0), ",slice_stats": (_STATS, 32_768), ",slice_grad": (_GRAD, 32_768)}
     for ty in _GATE_TYPES.values():
-        for tag, vocab in (("", 128_256), (",odd_vocab", 50_257)):
+        for (tag, vocab), (mode_tag, (mode, offset)) in itertools.product(
+            (("", 128_256), (",odd_vocab", 50_257)), modes.items()
+        ):
             cases.append(
                 GateCase(
-                    f"cross_entropy[{ty}{tag}]", __name__, "_cross_entropy_kernel",
+                    f"cross_entropy[{ty}{tag}{mode_tag}]", __name__, "_cross_entropy_kernel",
                     {"z_ptr": f"*{ty}", "label_ptr": "*i64", "scale_ptr": "*fp32", "loss_ptr": "*fp32",
-                     "V": "i32", "stride_z": "i32"},
-                    {"BLOCK_V": _block_v(False)}, num_warps=4, args={"V": vocab, "stride_z": vocab},
+                     "lse_ptr": "*fp32", "V": "i32", "stride_z": "i32", "label_offset": "i32"},
+                    {"BLOCK_V": _block_v(False), "STATS": mode[0], "GRAD": mode[1]}, num_warps=4,
+                    args={"V": vocab, "stride_z": vocab, "label_offset": offset},
                 )
             )  # fmt: skip
     return cases

@@ -31,6 +31,8 @@ __all__ = [
     "check_cross_entropy_args",
     "check_lora_batched_args",
     "cross_entropy_grad_reference",
+    "cross_entropy_slice_grad_reference",
+    "cross_entropy_slice_stats_reference",
     "dynamic8_quantize_reference",
     "lora_batched_delta_reference",
     "lora_linear_bwd_reference",
@@ -534,8 +536,10 @@ def lora_batched_delta_reference(
 # ----------------------------------------------------------------------------------------------
 
 
-def check_cross_entropy_args(z: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> None:
-    """Shapes, dtypes and devices of ``cross_entropy_grad_``.
+def check_cross_entropy_args(
+    z: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, lse: torch.Tensor | None = None
+) -> None:
+    """Shapes, dtypes and devices of the ``cross_entropy`` launchers (``lse``: the slice gradient's).
 
     Raises:
         ValueError: a shape, dtype, device or layout out of its contract.
@@ -548,8 +552,10 @@ def check_cross_entropy_args(z: torch.Tensor, labels: torch.Tensor, scale: torch
         raise ValueError(f"labels must be int64 [{z.shape[0]}], got {labels.dtype} {tuple(labels.shape)}")
     if scale.shape != z.shape[:1] or scale.dtype != torch.float32:
         raise ValueError(f"scale must be float32 [{z.shape[0]}], got {scale.dtype} {tuple(scale.shape)}")
-    if len({z.device, labels.device, scale.device}) != 1:
-        raise ValueError("z, labels and scale must share a device")
+    if lse is not None and (lse.shape != z.shape[:1] or lse.dtype != torch.float32):
+        raise ValueError(f"lse must be float32 [{z.shape[0]}], got {lse.dtype} {tuple(lse.shape)}")
+    if len({z.device, labels.device, scale.device} | ({lse.device} if lse is not None else set())) != 1:
+        raise ValueError("z, labels, scale and lse must share a device")
 
 
 def cross_entropy_grad_reference(z: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -564,3 +570,29 @@ def cross_entropy_grad_reference(z: torch.Tensor, labels: torch.Tensor, scale: t
     p.scatter_add_(1, labels.unsqueeze(1), torch.full((z.shape[0], 1), -1.0, device=z.device))
     z.copy_(p.mul_(scale.unsqueeze(1)))
     return loss
+
+
+def cross_entropy_slice_stats_reference(
+    z: torch.Tensor, labels: torch.Tensor, label_offset: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For logits ``z [T, S]`` of vocabulary rows ``label_offset .. label_offset + S``: each token's
+    log-sum-exp over the slice and its label's logit (0 when the label lies outside the slice), float32."""
+    check_cross_entropy_args(z, labels, torch.empty(z.shape[0], device=z.device))
+    zf = z.float()
+    col = labels - label_offset
+    inside = (col >= 0) & (col < z.shape[1])
+    picked = torch.where(inside, zf.gather(1, col.clamp(0, max(z.shape[1] - 1, 0)).unsqueeze(1)).squeeze(1), 0.0)
+    return torch.logsumexp(zf, dim=1), picked
+
+
+def cross_entropy_slice_grad_reference(
+    z: torch.Tensor, labels: torch.Tensor, label_offset: int, scale: torch.Tensor, lse: torch.Tensor
+) -> None:
+    """Overwrite a slice's logits ``z [T, S]`` with ``scale·(exp(z − lse) − onehot(labels − label_offset))``
+    (``lse``: the whole row's log-sum-exp), rounded into z's dtype."""
+    check_cross_entropy_args(z, labels, scale, lse)
+    p = (z.float() - lse.unsqueeze(1)).exp_()
+    col = labels - label_offset
+    inside = (col >= 0) & (col < z.shape[1])
+    p.scatter_add_(1, col.clamp(0, max(z.shape[1] - 1, 0)).unsqueeze(1), -inside.float().unsqueeze(1))
+    z.copy_(p.mul_(scale.unsqueeze(1)))

@@ -8,21 +8,23 @@ For hidden states ``h [T, H]``, a head ``W [V, H]`` (dense, or NF4), optional ``
     ∂loss/∂z_t = valid_t / n · (softmax(z_t) − onehot(y_t))
     ∂h_t = (∂loss/∂z_t)·W,   ∂W = Σ_t (∂loss/∂z_t)ᵀ h_t,   ∂b = Σ_t ∂loss/∂z_t
 
-The forward walks the tokens in chunks sized so that one float32 logits block is about ``chunk_bytes``,
-and computes the gradients right there (the loss is the last op of the graph, so ∂loss/∂z is known in
+The forward walks the tokens in chunks sized so that one logits block would be ``chunk_bytes`` in float32
+(the 16-bit block that exists is half that), and computes the gradients right there (the loss is the last op of the graph, so ∂loss/∂z is known in
 the forward). It keeps ``∂h`` (``[T, H]``, the size of ``h`` itself) for the backward, which only scales
 it by the incoming gradient. Eager torch instead keeps the 16-bit logits, their float32 copy and
 log-softmax, and the backward allocates two more ``[T, V]`` float32 tensors: 2 GiB each for a
 128k vocabulary at 2,048 tokens.
 
 An NF4 head (``nf4``) is dequantized one vocabulary slice at a time (slices cut on whole
-double-quantization groups, so each is an ordinary NF4 tensor); with several slices the log-sum-exp is
-accumulated across them and each token chunk takes two passes (statistics, then gradients). A dense
-head is read whole: each chunk's logits come from one GEMM in h's dtype (cuBLAS on a GPU), then one op
-(``fastpeft::cross_entropy_grad_``: the Triton kernel ``fastpeft.kernels.cross_entropy`` on a GPU, its
-reference otherwise) turns them into per-token losses and overwrites them with ∂loss/∂z in the same dtype,
-which is what eager torch's backward feeds its GEMMs too; no float32 ``[tokens, vocab]`` block exists on
-that path. ``torch.autocast`` picks the compute dtype as for ``nn.Linear``.
+double-quantization groups, so each is an ordinary NF4 tensor). Each chunk's logits come from a GEMM in
+h's dtype (cuBLAS on a GPU), what eager ``F.linear`` returns, and go straight to the cross-entropy op,
+the Triton kernel ``fastpeft.kernels.cross_entropy`` on a GPU and its reference otherwise: a dense head
+(one slice) takes one launch that writes the per-token losses and overwrites the logits with ∂loss/∂z in
+their own dtype (what eager torch's backward feeds its GEMMs too); with several slices a first pass
+gathers each slice's log-sum-exp and label logit (``fastpeft::cross_entropy_slice_stats``), combined
+across slices, and a second recomputes each slice's logits and overwrites them with their gradient
+(``fastpeft::cross_entropy_slice_grad_``). No float32 ``[tokens, vocab]`` block exists on either path.
+``torch.autocast`` picks the compute dtype as for ``nn.Linear``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,14 @@ from fastpeft.kernels.formats import NF4Args
 from fastpeft.ops._dispatch import use_triton
 from fastpeft.ops.nf4 import nf4_dequantize
 
-__all__ = ["DEFAULT_CHUNK_BYTES", "cross_entropy_grad_", "linear_cross_entropy", "vocab_slices"]
+__all__ = [
+    "DEFAULT_CHUNK_BYTES",
+    "cross_entropy_grad_",
+    "cross_entropy_slice_grad_",
+    "cross_entropy_slice_stats",
+    "linear_cross_entropy",
+    "vocab_slices",
+]
 
 Tensor = torch.Tensor
 
@@ -73,10 +82,9 @@ def _nf4_rows(nf4: NF4Args, v0: int, v1: int, dtype: torch.dtype) -> Tensor:
     return flat.view(v1 - v0, hidden)
 
 
-def _logits(h: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-    # In h's dtype (what eager F.linear returns), then float32: the rounding eager torch applies too.
-    z = torch.mm(h, w.t()) if b is None else torch.addmm(b, h, w.t())
-    return z.float()
+def _logits(h: Tensor, w: Tensor, b: Tensor | None, v0: int, v1: int) -> Tensor:
+    """Logits of vocabulary rows ``v0:v1`` (``w`` holds those rows) in h's dtype, what eager F.linear returns."""
+    return torch.mm(h, w.t()) if b is None else torch.addmm(b[v0:v1], h, w.t())
 
 
 @torch.library.custom_op("fastpeft::cross_entropy_grad_", mutates_args=("z",))
@@ -94,6 +102,37 @@ def cross_entropy_grad_(z: Tensor, labels: Tensor, scale: Tensor) -> Tensor:
 @cross_entropy_grad_.register_fake
 def _(z: Tensor, labels: Tensor, scale: Tensor) -> Tensor:
     return z.new_empty(z.shape[:1], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastpeft::cross_entropy_slice_stats", mutates_args=())
+def cross_entropy_slice_stats(z: Tensor, labels: Tensor, label_offset: int) -> tuple[Tensor, Tensor]:
+    """A vocabulary slice's per-token log-sum-exp and label logit (0 outside the slice), float32 ``[T]``."""
+    if use_triton(z):
+        from fastpeft.kernels.cross_entropy import cross_entropy_slice_stats as launch
+
+        return launch(z, labels, label_offset)
+    return reference.cross_entropy_slice_stats_reference(z, labels, label_offset)
+
+
+@cross_entropy_slice_stats.register_fake
+def _(z: Tensor, labels: Tensor, label_offset: int) -> tuple[Tensor, Tensor]:
+    return z.new_empty(z.shape[:1], dtype=torch.float32), z.new_empty(z.shape[:1], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastpeft::cross_entropy_slice_grad_", mutates_args=("z",))
+def cross_entropy_slice_grad_(z: Tensor, labels: Tensor, label_offset: int, scale: Tensor, lse: Tensor) -> None:
+    """A vocabulary slice's logits overwritten by ∂loss/∂z, from the whole row's log-sum-exp ``lse``."""
+    if use_triton(z):
+        from fastpeft.kernels.cross_entropy import cross_entropy_slice_grad_ as launch
+
+        launch(z, labels, label_offset, scale, lse)
+    else:
+        reference.cross_entropy_slice_grad_reference(z, labels, label_offset, scale, lse)
+
+
+@cross_entropy_slice_grad_.register_fake
+def _(z: Tensor, labels: Tensor, label_offset: int, scale: Tensor, lse: Tensor) -> None:
+    return None
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -124,7 +163,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             h, y, s = hidden[t0 : t0 + chunk], target[t0 : t0 + chunk], scale[t0 : t0 + chunk].unsqueeze(1)
             if len(slices) == 1:
                 w = rows(0, vocab)
-                z = torch.mm(h, w.t()) if bias is None else torch.addmm(bias, h, w.t())  # in h's dtype
+                z = _logits(h, w, bias, 0, vocab)
                 loss += cross_entropy_grad_(z, y.squeeze(1), s.squeeze(1)).sum()  # z <- ∂loss/∂z
                 if need_dh:
                     dh[t0 : t0 + chunk] = torch.mm(z, w)
@@ -134,27 +173,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     db += z.float().sum(0)
                 continue
             # -- pass 1: log-sum-exp and the label's logit, slice by slice --
-            lse = torch.full((h.shape[0], 1), -math.inf, dtype=torch.float32, device=h.device)
-            picked = torch.zeros((h.shape[0], 1), dtype=torch.float32, device=h.device)
+            y1, s1 = y.squeeze(1), s.squeeze(1)
+            lse = torch.full((h.shape[0],), -math.inf, dtype=torch.float32, device=h.device)
+            picked = torch.zeros((h.shape[0],), dtype=torch.float32, device=h.device)
             for v0, v1 in slices:
-                z = _logits(h, rows(v0, v1), None if bias is None else bias[v0:v1])
-                lse = torch.logaddexp(lse, torch.logsumexp(z, dim=1, keepdim=True))
-                inside = (y >= v0) & (y < v1)
-                picked += torch.where(inside, z.gather(1, (y - v0).clamp(0, v1 - v0 - 1)), 0.0)
-            loss += ((lse - picked) * s).sum()
-            # -- pass 2: the logits again, their gradient, and ∂h accumulated in float32 --
+                slice_lse, slice_picked = cross_entropy_slice_stats(_logits(h, rows(v0, v1), bias, v0, v1), y1, v0)
+                lse = torch.logaddexp(lse, slice_lse)
+                picked += slice_picked
+            loss += ((lse - picked) * s1).sum()
+            # -- pass 2: the logits again, overwritten by their gradient; ∂h accumulated in float32 --
             acc = torch.zeros(h.shape, dtype=torch.float32, device=h.device) if need_dh else None
             for v0, v1 in slices:
                 w = rows(v0, v1)
-                p = _logits(h, w, None if bias is None else bias[v0:v1]).sub_(lse).exp_()
-                inside = (y >= v0) & (y < v1)
-                p.scatter_add_(1, (y - v0).clamp(0, v1 - v0 - 1), -inside.float()).mul_(s)
+                p = _logits(h, w, bias, v0, v1)
+                cross_entropy_slice_grad_(p, y1, v0, s1, lse)
                 if need_dh:
-                    acc += torch.mm(p.to(h.dtype), w).float()
+                    acc += torch.mm(p, w).float()
                 if need_dw:
-                    dw[v0:v1].addmm_(p.t(), h.float())
+                    dw[v0:v1].addmm_(p.t().float(), h.float())
                 if need_db:
-                    db[v0:v1] += p.sum(0)
+                    db[v0:v1] += p.float().sum(0)
             if need_dh:
                 dh[t0 : t0 + chunk] = acc
         ctx.save_for_backward(dh, dw, db)

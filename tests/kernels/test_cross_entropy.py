@@ -99,3 +99,45 @@ def test_kernel_at_llama3_vocabulary_on_gpu(v):
     exact_loss, exact_grad = _exact(z.cpu(), labels.cpu(), scale.cpu())
     assert_oracle(got.cpu(), exact_loss, want.cpu(), msg="loss")
     assert_oracle(got_z.cpu(), exact_grad, want_z.cpu(), msg="gradient")
+
+
+def _sliced(z, labels, scale, cuts, stats, grad_):
+    """The loss and gradient of ``z`` computed slice by slice through ``stats`` / ``grad_`` (kernel or reference):
+    log-sum-exps combined across slices, then each slice's gradient from the whole row's."""
+    lse = torch.full((z.shape[0],), -torch.inf, device=z.device)
+    picked = torch.zeros(z.shape[0], device=z.device)
+    bounds = list(zip([0, *cuts], [*cuts, z.shape[1]], strict=True))
+    for v0, v1 in bounds:
+        slice_lse, slice_picked = stats(z[:, v0:v1].clone(), labels, v0)
+        lse, picked = torch.logaddexp(lse, slice_lse), picked + slice_picked
+    grad = torch.empty_like(z)
+    for v0, v1 in bounds:
+        part = z[:, v0:v1].clone()  # a copy: a one-row slice view would count as contiguous
+        grad_(part, labels, v0, scale, lse)
+        grad[:, v0:v1] = part
+    return scale * (lse - picked), grad
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("t,v,cuts", [(5, 300, (100, 217)), (9, 1031, (512,)), (1, 70, (1, 69))])
+def test_slice_kernels_match_reference_and_the_whole_row(t, v, cuts, dtype):
+    z, labels, scale = _data(t, v, dtype, ("slices", t, v, dtype))
+    z, labels, scale = z.to(DEVICE), labels.to(DEVICE), scale.to(DEVICE)
+    got = _sliced(
+        z, labels, scale, cuts, cross_entropy.cross_entropy_slice_stats, cross_entropy.cross_entropy_slice_grad_
+    )
+    want = _sliced(z, labels, scale, cuts, reference.cross_entropy_slice_stats_reference,
+                   reference.cross_entropy_slice_grad_reference)  # fmt: skip
+    exact_loss, exact_grad = _exact(z.cpu(), labels.cpu(), scale.cpu())
+    assert_oracle(got[0].cpu(), exact_loss, want[0].cpu(), msg=f"sliced loss {dtype}")
+    assert_oracle(got[1].cpu(), exact_grad, want[1].cpu(), msg=f"sliced gradient {dtype}")
+
+
+def test_slice_reference_matches_the_whole_row_reference():
+    z, labels, scale = _data(7, 400, torch.float32, ("slice-ref",))
+    loss, grad = _sliced(z, labels, scale, (150, 151, 390), reference.cross_entropy_slice_stats_reference,
+                         reference.cross_entropy_slice_grad_reference)  # fmt: skip
+    whole = z.clone()
+    torch.testing.assert_close(loss, reference.cross_entropy_grad_reference(whole, labels, scale))
+    torch.testing.assert_close(grad, whole)
