@@ -8,11 +8,11 @@ For hidden states ``h [T, H]``, a head ``W [V, H]`` (dense, or NF4), optional ``
     ∂loss/∂z_t = valid_t / n · (softmax(z_t) − onehot(y_t))
     ∂h_t = (∂loss/∂z_t)·W,   ∂W = Σ_t (∂loss/∂z_t)ᵀ h_t,   ∂b = Σ_t ∂loss/∂z_t
 
-The forward walks the tokens in chunks sized so that one logits block would be ``chunk_bytes`` in float32
-(the 16-bit block that exists is half that), and computes the gradients right there (the loss is the last op of the graph, so ∂loss/∂z is known in
-the forward). It keeps ``∂h`` (``[T, H]``, the size of ``h`` itself) for the backward, which only scales
-it by the incoming gradient. Eager torch instead keeps the 16-bit logits, their float32 copy and
-log-softmax, and the backward allocates two more ``[T, V]`` float32 tensors: 2 GiB each for a
+The forward walks the tokens in chunks sized so that one logits block would be ``chunk_bytes`` in float32 (the
+16-bit block that exists is half that), and computes the gradients right there (the loss is the last op of the
+graph, so ∂loss/∂z is known in the forward). It keeps ``∂h`` (``[T, H]``, the size of ``h`` itself) for the
+backward, which only scales it by the incoming gradient. Eager torch instead keeps the 16-bit logits, their
+float32 copy and log-softmax, and the backward allocates two more ``[T, V]`` float32 tensors: 2 GiB each for a
 128k vocabulary at 2,048 tokens.
 
 An NF4 head (``nf4``) is dequantized one vocabulary slice at a time (slices cut on whole
