@@ -27,15 +27,11 @@ the adapter's ``base_model_name_or_path``, so ``fastpeft merge`` and HF PEFT can
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import os
 import resource
-import shutil
 import signal
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
@@ -48,7 +44,17 @@ from torch import nn
 from fastpeft import data as fdata
 from fastpeft import distributed, loading
 from fastpeft.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fastpeft.files import fsync_files, share_permissions
+from fastpeft.run_control import (
+    NonFinite,
+    TrainingDiverged,
+    TrainingInterrupted,
+    all_finite,
+    diverged,
+    log_estimate,
+    stop_requests,
+    threads_for_a_busy_cpu,
+)
+from fastpeft.run_dir import BASE_MODEL_DIR, check_out, check_writable, prepare_out, write_results
 from fastpeft.savers import causal_lm_loss, enable_checkpointing, lm_head_skip
 
 __all__ = [
@@ -89,38 +95,6 @@ _RESUME_FIELDS = (
     "bottleneck_size",
     "warmup_steps",
 )
-_OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "train_config.json")
-BASE_MODEL_DIR = "base_model"  # the embedded demo's base model, written beside its adapter
-_ESTIMATE_AFTER = (3, 30.0)  # the run's length is estimated after this many steps or seconds, whichever first
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM stopped ``finetune`` at a step boundary, after the checkpoint of that step was written.
-
-    Attributes:
-        signum: the signal received.
-        step: the last completed (and checkpointed) optimizer step.
-        checkpoint: the checkpoint directory ``--resume`` continues from.
-    """
-
-    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
-        super().__init__(f"{signal.Signals(signum).name} at step {step}: checkpoint written to {checkpoint}")
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-
-
-class TrainingDiverged(RuntimeError):
-    """Training stopped because the loss, the gradients or the updated weights stopped being finite.
-
-    Nothing of the failed step is written: the last good checkpoint and any earlier results stay.
-
-    Attributes:
-        step: the optimizer step that failed (1-based).
-        checkpoint: the step of the last good checkpoint left in ``out/checkpoint``, or None.
-    """
-
-    def __init__(self, message: str, step: int, checkpoint: int | None) -> None:
-        super().__init__(message)
-        self.step, self.checkpoint = step, checkpoint
 
 
 @dataclass
@@ -259,21 +233,6 @@ def _peft_config(cfg: TrainConfig, method: str) -> Any:
     return PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM")
 
 
-def _check_out(cfg: TrainConfig) -> None:
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory")
-    if cfg.resume:
-        olds = sorted(out.glob(".checkpoint-old-*"))
-        if not (out / "checkpoint").exists() and olds:
-            # A crash between the two renames of save_checkpoint: the previous checkpoint is complete.
-            os.replace(olds[-1], out / "checkpoint")
-        if not (out / "checkpoint").is_dir():
-            raise ValueError(f"--resume: no checkpoint in {out / 'checkpoint'}")
-    elif out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
-        raise ValueError(f"--out {out} is not empty (pass --resume to continue or --overwrite to replace)")
-
-
 def _memory_now(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.memory_allocated(device)
@@ -361,93 +320,8 @@ def _check_targets(model: nn.Module, targets: str) -> None:
             raise ValueError(f"--target-modules: {t!r} matches no module of the model (its linear layers: {leaf})")
 
 
-def _write_results(
-    out: Path, model: Any, metrics: dict[str, Any], cfg_dict: dict[str, Any], base: nn.Module | None = None
-) -> None:
-    """Adapter files, metrics, config (and ``base``, the embedded base model, with its tokenizer) into a
-    temporary directory, then each renamed into ``out``."""
-    from safetensors import SafetensorError
-
-    tmp = Path(tempfile.mkdtemp(prefix=".final-tmp-", dir=out))
-    try:
-        model.save_pretrained(tmp)
-        for name, obj in (("metrics.json", metrics), ("train_config.json", cfg_dict)):
-            (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if base is not None:
-            base.save_pretrained(str(tmp / BASE_MODEL_DIR))
-            fdata.byte_tokenizer().save_pretrained(str(tmp / BASE_MODEL_DIR))
-        fsync_files(tmp)
-        share_permissions(tmp)
-        if base is not None:
-            shutil.rmtree(out / BASE_MODEL_DIR, ignore_errors=True)
-            os.replace(tmp / BASE_MODEL_DIR, out / BASE_MODEL_DIR)
-        for name in _OUTPUT_FILES:
-            os.replace(tmp / name, out / name)
-    except SafetensorError as e:  # how safetensors reports a failed write (a full disk, ...)
-        raise OSError(f"{out}: cannot write the results ({e})") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    return f"{int(seconds // 3600)} h {round(seconds % 3600 / 60):02d} min"
-
-
-@contextlib.contextmanager
-def _stop_requests() -> Iterator[list[int]]:
-    """While active, SIGINT and SIGTERM are recorded (the loop stops at the next step boundary) instead of
-    raising; a second SIGINT raises ``KeyboardInterrupt`` at once. Outside the main thread, nothing changes."""
-    received: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield received
-        return
-
-    def handler(signum: int, frame: Any) -> None:
-        if received and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        received.append(signum)
-        log.warning(
-            "%s: stopping after this step with a checkpoint (Ctrl-C again stops at once, without one)",
-            signal.Signals(signum).name,
-        )
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-
-class _NonFinite(Exception):
-    def __init__(self, what: str, value: str) -> None:
-        super().__init__(f"{what} became {value}")
-        self.what, self.value = what, value
-
-
-def _diverged(
-    cfg: TrainConfig, step: int, what: str, value: str, last_saved: int | None, out: Path
-) -> TrainingDiverged:
-    """The error for a step whose loss, gradients or update stopped being finite, with its likely cause."""
-    if step == 1 and what in ("the loss", "the gradient norm"):
-        cause = "the base model's outputs overflow (its weights, or 16-bit activations) on this data"
-    else:
-        cause = f"a learning rate too high for this model (--lr {cfg.lr:g}): lower it or raise --warmup-steps"
-    kept = f"the checkpoint of step {last_saved} in {out / 'checkpoint'} is kept" if last_saved else "nothing saved"
-    message = f"step {step}: {what} became {value}; training stopped ({kept}). Likely cause: {cause}"
-    return TrainingDiverged(message, step, last_saved)
-
-
-def _all_finite(params: list[nn.Parameter]) -> bool:
-    return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
-
-
 def _finite(run: distributed.DistributedRun | None, params: list[nn.Parameter]) -> bool:
-    return _all_finite(params) if run is None else run.all_finite(params)
+    return all_finite(params) if run is None else run.all_finite(params)
 
 
 def _save(run: distributed.DistributedRun | None, directory: Path, named: list, optimizer: Any, scheduler: Any,
@@ -456,18 +330,6 @@ def _save(run: distributed.DistributedRun | None, directory: Path, named: list, 
         save_checkpoint(directory, named, optimizer, scheduler, device, **state)
     else:
         run.save_checkpoint(directory, named, optimizer, scheduler, **state)
-
-
-def _prepare_out(out: Path, cfg: TrainConfig) -> None:
-    """Create ``out``; remove what a killed run left, and with ``overwrite`` the previous results."""
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob(".checkpoint-tmp-*"), *out.glob(".checkpoint-old-*"), *out.glob(".final-tmp-*")]:
-        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run; never read
-    if cfg.overwrite and not cfg.resume:
-        for name in _OUTPUT_FILES:
-            (out / name).unlink(missing_ok=True)
-        for name in ("checkpoint", BASE_MODEL_DIR):
-            shutil.rmtree(out / name, ignore_errors=True)
 
 
 def _check_numbers(cfg: TrainConfig) -> None:
@@ -483,15 +345,6 @@ def _check_numbers(cfg: TrainConfig) -> None:
         raise ValueError(f"--seed must be in [0, 2**63), got {cfg.seed}")
     if cfg.warmup_steps is not None and cfg.warmup_steps < 0:
         raise ValueError(f"--warmup-steps must be at least 0, got {cfg.warmup_steps}")
-
-
-def _check_writable(out: Path) -> None:
-    """``--out`` (or the nearest folder above it that exists) must be writable: fail before the work."""
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: {existing} is not writable")
 
 
 def _model_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -543,58 +396,15 @@ def _train_step(
     for what, value in (("the loss", loss), ("the gradient norm", norm)):
         if not math.isfinite(value):
             optimizer.zero_grad(set_to_none=True)
-            raise _NonFinite(what, str(value))
+            raise NonFinite(what, str(value))
     try:
         optimizer.step()
     except RuntimeError as e:  # a step size beyond float32 (an enormous learning rate)
         if "overflow" not in str(e):
             raise
-        raise _NonFinite("the update", "too large for float32") from None
+        raise NonFinite("the update", "too large for float32") from None
     optimizer.zero_grad(set_to_none=True)
     return loss, epoch, index, tokens
-
-
-def _estimate(marks: list[float], left: int, total: int) -> bool:
-    """Log how long the rest of the run will take, once ``_ESTIMATE_AFTER`` steps or seconds have passed
-    (whichever first); returns whether it did. ``marks``: the run's start, then the end of each step. The
-    rate comes from the steps after the first, which pays one-off costs (allocator growth, compilation)."""
-    done, elapsed = len(marks) - 1, marks[-1] - marks[0]
-    if left == 0 or (done < _ESTIMATE_AFTER[0] and elapsed < _ESTIMATE_AFTER[1]):
-        return False
-    per_step = (marks[-1] - marks[1]) / (done - 1) if done > 1 else elapsed
-    log.info(
-        "%d steps took %s: at %.2f s a step, the remaining %d of %d steps take about %s",
-        done, _duration(elapsed), per_step, left, total, _duration(per_step * left),
-    )  # fmt: skip
-    return True
-
-
-def idle_cpu_threads(load: float | None = None, cores: int | None = None) -> int:
-    """Intra-op threads worth using on a CPU whose 1-minute load average is ``load`` (this process counted as
-    one of it): the cores nobody else keeps busy, at least one."""
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if load is None:
-        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cores, int(cores - max(0.0, load - 1.0) + 0.5)))
-
-
-@contextlib.contextmanager
-def _threads_for_a_busy_cpu(device: torch.device) -> Iterator[None]:
-    """Training on the CPU uses no more torch threads than ``idle_cpu_threads`` while it runs. Threads that
-    share cores with other work spin-wait on each other at every op: SmolLM2-135M LoRA on 2 cores at load
-    average 7-10 ran 2-14 tokens/s with 2 threads and 55-60 with one (fastpeft and HF PEFT alike)."""
-    before = torch.get_num_threads()
-    n = idle_cpu_threads() if device.type == "cpu" else before
-    if n >= before:
-        yield
-        return
-    log.info("the CPU is busy (load average %.1f): training with %d of %d threads", os.getloadavg()[0], n, before)
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = None) -> dict[str, Any]:
@@ -632,9 +442,9 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
     if cfg.lr is None:
         cfg = replace(cfg, lr=default_lr(method, cfg.model is None))
     _check_numbers(cfg)
-    _check_out(cfg)
     out = Path(cfg.out)
-    _check_writable(out)
+    check_out(out, cfg.resume, cfg.overwrite)
+    check_writable(out)
     state = load_checkpoint(out / "checkpoint") if cfg.resume else None
     cfg_dict = {k: v for k, v in asdict(cfg).items() if k not in ("out", "resume", "overwrite", "progress")}
     cfg_dict["method"] = method
@@ -679,9 +489,9 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
 
     # -- prepare out (inputs are valid from here on, on every rank) --
     if run is not None:
-        run.on_main(lambda: _prepare_out(out, cfg), str(out))
+        run.on_main(lambda: prepare_out(out, cfg.resume, cfg.overwrite), str(out))
     else:
-        _prepare_out(out, cfg)
+        prepare_out(out, cfg.resume, cfg.overwrite)
     step, epoch, index, losses, tokens, seconds = 0, 0, 0, [], 0, 0.0
     if state is not None:
         if run is not None:
@@ -701,16 +511,16 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
     # Log lines (the estimate, a signal's notice) go above the progress bar, not through it.
     redirect = logging_redirect_tqdm() if cfg.progress else contextlib.nullcontext()
     last_saved = step if state is not None else None
-    with _stop_requests() as stop, redirect, _threads_for_a_busy_cpu(device):
+    with stop_requests() as stop, redirect, threads_for_a_busy_cpu(device):
         while step < total:
             t0 = time.perf_counter()
             try:
                 step_loss, epoch, index, n_tokens = _train_step(
                     model, stream, cfg.grad_accum, params, optimizer, device, cfg.chunked_loss, run
                 )
-            except _NonFinite as e:
+            except NonFinite as e:
                 bar.close()
-                raise _diverged(cfg, step + 1, e.what, e.value, last_saved, out) from None
+                raise diverged(cfg.lr, step + 1, e.what, e.value, last_saved, out) from None
             scheduler.step()
             tokens += n_tokens
             seconds += time.perf_counter() - t0
@@ -728,7 +538,7 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
             if saved:
                 if not _finite(run, params):  # a checkpoint never holds weights an update made non-finite
                     bar.close()
-                    raise _diverged(cfg, step, "the updated adapter weights", "non-finite", last_saved, out)
+                    raise diverged(cfg.lr, step, "the updated adapter weights", "non-finite", last_saved, out)
                 _save(run, out / "checkpoint", named, optimizer, scheduler, device, state_now)
                 last_saved = step
             if callback is not None:
@@ -739,11 +549,11 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
                 bar.close()
                 if not saved:
                     if not _finite(run, params):
-                        raise _diverged(cfg, step, "the updated adapter weights", "non-finite", last_saved, out)
+                        raise diverged(cfg.lr, step, "the updated adapter weights", "non-finite", last_saved, out)
                     _save(run, out / "checkpoint", named, optimizer, scheduler, device, state_now)
                 raise TrainingInterrupted(stop[0] if stop else signal.SIGTERM, step, out / "checkpoint")
             marks.append(time.perf_counter())
-            estimated = estimated or _estimate(marks, total - step, total)
+            estimated = estimated or log_estimate(marks, total - step, total)
     bar.close()
 
     trainable, total_params = model.get_nb_trainable_parameters()
@@ -772,7 +582,7 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
         if cfg.model is None:  # the embedded base, rebuilt from its seed (dense, on the CPU) to go beside the adapter
             emb = model.get_input_embeddings()
             base = build_embedded_model(cfg.seed, torch.device("cpu"), emb.weight.dtype, emb.num_embeddings)
-        _write_results(out, model, metrics, cfg_dict, base)
+        write_results(out, model, metrics, cfg_dict, base)
 
     if run is None:
         write()

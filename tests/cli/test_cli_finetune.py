@@ -12,7 +12,7 @@ from conftest import assert_close
 from safetensors.torch import load_file
 from tinymodels import finetune_args, write_checkpoint, write_qa
 
-from fastpeft import train
+from fastpeft import run_control, train
 from fastpeft.cli import main
 
 METRIC_FIELDS = ("first_loss", "final_loss", "trainable_params", "peak_memory_bytes", "tokens_per_second", "steps")
@@ -247,9 +247,9 @@ def test_epochs_set_the_number_of_steps(tiny: dict[str, Path], tmp_path: Path) -
 
 
 def test_training_on_a_busy_cpu_uses_the_idle_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    assert [train.idle_cpu_threads(load, 2) for load in (0.0, 1.0, 2.0, 9.5)] == [2, 2, 1, 1]
-    assert train.idle_cpu_threads(3.0, 16) == 14
-    monkeypatch.setattr(train.os, "getloadavg", lambda: (50.0, 50.0, 50.0))  # a very busy machine
+    assert [run_control.idle_cpu_threads(load, 2) for load in (0.0, 1.0, 2.0, 9.5)] == [2, 2, 1, 1]
+    assert run_control.idle_cpu_threads(3.0, 16) == 14
+    monkeypatch.setattr(run_control.os, "getloadavg", lambda: (50.0, 50.0, 50.0))  # a very busy machine
     before, seen = torch.get_num_threads(), []
     cfg = train.TrainConfig(out=str(tmp_path / "busy"), max_steps=2, progress=False, device="cpu")
     train.finetune(cfg, callback=lambda step, loss: seen.append(torch.get_num_threads()))
