@@ -80,9 +80,14 @@ def _cross_entropy_kernel(
             tl.store(z_row + v, cast_out(p, z_ptr.dtype.element_ty), mask=mask)
 
 
+CE_WARPS = 16
+"""Warps per token: a loss chunk holds about as many tokens as an H100 has SMs (64 MiB of float32 logits over
+Llama 3's 128,256-word vocabulary: 131 tokens), so one program per SM must keep enough loads in flight alone."""
+
+
 def _block_v(interpret: bool) -> int:
-    # 4 warps x 32 lanes x 8 elements: 16-byte loads of 16-bit logits per lane and sweep step
-    return 64 if interpret else 1024
+    # CE_WARPS x 32 lanes x 8 elements: one 16-byte load of 16-bit logits per lane and sweep step
+    return 64 if interpret else CE_WARPS * 32 * 8
 
 
 def _launch(z, labels, scale, loss, lse, label_offset: int, mode: tuple[bool, bool]) -> None:
@@ -90,7 +95,7 @@ def _launch(z, labels, scale, loss, lse, label_offset: int, mode: tuple[bool, bo
         return
     _cross_entropy_kernel[(z.shape[0],)](
         z, labels, scale, loss, lse, z.shape[1], z.stride(0), label_offset,
-        BLOCK_V=_block_v(z.device.type != "cuda"), STATS=mode[0], GRAD=mode[1], num_warps=4,
+        BLOCK_V=_block_v(z.device.type != "cuda"), STATS=mode[0], GRAD=mode[1], num_warps=CE_WARPS,
     )  # fmt: skip
 
 
@@ -147,7 +152,7 @@ def compile_gate_cases() -> list[GateCase]:
                     f"cross_entropy[{ty}{tag}{mode_tag}]", __name__, "_cross_entropy_kernel",
                     {"z_ptr": f"*{ty}", "label_ptr": "*i64", "scale_ptr": "*fp32", "loss_ptr": "*fp32",
                      "lse_ptr": "*fp32", "V": "i32", "stride_z": "i32", "label_offset": "i32"},
-                    {"BLOCK_V": _block_v(False), "STATS": mode[0], "GRAD": mode[1]}, num_warps=4,
+                    {"BLOCK_V": _block_v(False), "STATS": mode[0], "GRAD": mode[1]}, num_warps=CE_WARPS,
                     args={"V": vocab, "stride_z": vocab, "label_offset": offset},
                 )
             )  # fmt: skip
