@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import assert_close, stable_seed
 from safetensors.torch import load_file
-from tiny_models import batch, build, logits, max_diff
+from tiny_models import batch, logits, max_diff, nf4_and_dense_twin
 from torch import nn
 
 import fastpeft
@@ -245,14 +245,7 @@ def test_multihead_attention_lora_is_the_merged_weights_and_peft_reads_its_files
 
 
 def test_embedding_lora_in_a_quantized_model_matches_peft(tmp_path):
-    dense = build("llama")
-    model = fastpeft.quantize_model(copy.deepcopy(dense))
-    # HF PEFT's side: the dense twin holding the dequantized NF4 weights (float32)
-    twin = copy.deepcopy(dense)
-    with torch.no_grad():
-        for name, m in model.named_modules():
-            if isinstance(m, NF4Linear):
-                twin.get_submodule(name).weight.copy_(m.dequantize(torch.float32))
+    model, twin = nf4_and_dense_twin()  # HF PEFT's side: the dense twin holding the dequantized NF4 weights
     cfg = dict(r=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False)
     ours = fastpeft.get_peft_model(model, fastpeft.LoraConfig(**cfg))
     assert isinstance(ours.get_base_model().model.embed_tokens, LoraEmbedding)

@@ -10,7 +10,7 @@ import peft
 import pytest
 import torch
 from conftest import assert_close
-from tiny_models import batch, build, logits, max_diff
+from tiny_models import batch, build, logits, max_diff, nf4_and_dense_twin
 from torch import nn
 
 import fastpeft
@@ -270,13 +270,7 @@ def test_mixed_adapter_batch_on_an_nf4_model_matches_peft(tmp_path, monkeypatch)
     # none; HF PEFT runs the same files on the dense twin holding the dequantized weights
     from fastpeft.nn import lora_mixed
 
-    dense = build("llama")
-    model = fastpeft.quantize_model(copy.deepcopy(dense))
-    twin = copy.deepcopy(dense)
-    with torch.no_grad():
-        for name, m in model.named_modules():
-            if isinstance(m, NF4Linear):
-                twin.get_submodule(name).weight.copy_(m.dequantize(torch.float32))
+    model, twin = nf4_and_dense_twin()
     targets = ["q_proj", "v_proj", "down_proj"]
     ours = get_peft_model(model, LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
     ours.add_adapter("other", LoraConfig(r=24, lora_alpha=12, target_modules=targets, init_lora_weights=False))

@@ -41,6 +41,22 @@ def twin(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
 
 
+def nf4_and_dense_twin(arch: str = "llama") -> tuple[nn.Module, nn.Module]:
+    """A tiny model quantized to NF4 by fastpeft, and a dense float32 twin holding its dequantized weights (what
+    HF PEFT runs for the comparison)."""
+    import fastpeft
+    from fastpeft.nn import NF4Linear
+
+    dense = build(arch)
+    model = fastpeft.quantize_model(copy.deepcopy(dense))
+    twin = copy.deepcopy(dense)
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, NF4Linear):
+                twin.get_submodule(name).weight.copy_(m.dequantize(torch.float32))
+    return model, twin
+
+
 def batch(n: int = 2, t: int = 7, seed: int = 1) -> dict[str, torch.Tensor]:
     """Random token ids with a left-padded attention mask (row 0 has 2 pad positions)."""
     g = torch.Generator().manual_seed(seed)
