@@ -287,3 +287,28 @@ def test_mixed_adapter_batch_on_an_nf4_model_matches_peft(tmp_path, monkeypatch)
         want = theirs(**inputs, adapter_names=names).logits
     assert len(calls) == 2 * len(targets), "every LoRA layer should run the batched op once"
     assert_close(got, want, msg="mixed batch on NF4 vs peft on the dequantized twin")
+
+
+def test_mixed_adapter_generate_equals_each_row_alone():
+    # greedy decoding of a mixed batch (every step through the batched op) equals decoding each row by itself
+    # with its adapter active (the base for "__base__")
+    model, _ = nf4_and_dense_twin()
+    targets = ["q_proj", "v_proj", "o_proj"]
+    ours = get_peft_model(model, LoraConfig(r=4, target_modules=targets, init_lora_weights=False)).eval()
+    ours.add_adapter("other", LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False))
+    ids = batch(n=3)["input_ids"]
+    names = ["other", "__base__", "default"]
+    settings = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    mixed = ours.generate(input_ids=ids, adapter_names=names, **settings)
+    for i, name in enumerate(names):
+        row = ids[i : i + 1]
+        if name == "__base__":
+            with ours.disable_adapter():
+                alone = ours.generate(input_ids=row, **settings)
+        else:
+            ours.set_adapter(name)
+            alone = ours.generate(input_ids=row, **settings)
+        assert torch.equal(mixed[i : i + 1], alone), f"row {i} ({name})"
+    with ours.disable_adapter():
+        base = ours.generate(input_ids=ids, **settings)
+    assert not torch.equal(mixed[[0, 2]], base[[0, 2]]), "the adapters change nothing: the check would prove nothing"
