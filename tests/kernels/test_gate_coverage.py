@@ -203,10 +203,10 @@ def _drive_batched() -> None:
 
 def _drive_cross_entropy() -> None:
     labels, scale = torch.zeros(3, dtype=torch.int64), torch.ones(3)
-    for dtype in DTYPES:
-        cross_entropy.cross_entropy_grad_(torch.zeros(3, 50, dtype=dtype), labels, scale)
-        lse, _ = cross_entropy.cross_entropy_slice_stats(torch.zeros(3, 50, dtype=dtype), labels, 20)
-        cross_entropy.cross_entropy_slice_grad_(torch.zeros(3, 50, dtype=dtype), labels, 20, scale, lse)
+    for dtype, vocab in itertools.product(DTYPES, (50, 64)):  # rows that do and do not take 16-byte groups
+        cross_entropy.cross_entropy_grad_(torch.zeros(3, vocab, dtype=dtype), labels, scale)
+        lse, _ = cross_entropy.cross_entropy_slice_stats(torch.zeros(3, vocab, dtype=dtype), labels, 20)
+        cross_entropy.cross_entropy_slice_grad_(torch.zeros(3, vocab, dtype=dtype), labels, 20, scale, lse)
 
 
 def test_every_launch_is_a_gated_binary(recorders):
