@@ -35,10 +35,10 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels._gate import GateCase
-from fastpeft.kernels.reference import LORA_BATCHED_RANKS, check_lora_batched_args
+from fastpeft.kernels.reference import LORA_BATCHED_RANKS, check_lora_batched_args, check_lora_batched_out
 from fastpeft.kernels.rounding import cast_out
 
-__all__ = ["BATCHED_RANKS", "compile_gate_cases", "lora_batched_delta", "plan_tiles"]
+__all__ = ["BATCHED_RANKS", "compile_gate_cases", "lora_batched_delta", "lora_batched_expand", "plan_tiles"]
 
 BATCHED_RANKS = LORA_BATCHED_RANKS
 """Padded ranks (``BLOCK_R``) the kernels are built for; a larger rank is refused."""
@@ -192,7 +192,6 @@ def lora_batched_delta(
                             check_index=plan is None)  # fmt: skip
     x = x if x.stride(1) == 1 else x.contiguous()  # unit-stride rows: the binary the gate checks
     m, k = x.shape
-    n_out = y.shape[1]
     n_adapters, block_r = lora_a.shape[0], lora_a.shape[1]
     order, tiles = plan if plan is not None else plan_tiles(adapter_index, n_adapters)
     n_tiles = tiles.shape[0]
@@ -205,20 +204,49 @@ def lora_batched_delta(
     k_per_split = cfg["BLOCK_K"] * triton.cdiv(triton.cdiv(k, cfg["BLOCK_K"]), splits)
     splits = triton.cdiv(k, k_per_split)
     part = torch.empty((splits, m, block_r), dtype=torch.float32, device=x.device)
-    prec = _dot_precision(lora_a.dtype)
     _lora_shrink_kernel[(n_tiles, splits)](
         x, lora_a, order, tiles, part, m, k, k_per_split,
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
-        BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=prec, num_warps=cfg["num_warps"],
-    )  # fmt: skip
-    bias_arg = bias if bias is not None else lora_b  # unread; B's dtype keeps the pointer type (the binary)
-    _lora_expand_kernel[(n_tiles, triton.cdiv(n_out, cfg["BLOCK_N"]))](
-        part, lora_b, bias_arg, scales, order, tiles, y, m, n_out, splits,
-        lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), bias.stride(0) if bias is not None else 0,
-        y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r, DOT_PRECISION=prec,
+        BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=_dot_precision(lora_a.dtype),
         num_warps=cfg["num_warps"],
     )  # fmt: skip
+    _expand(y, part, lora_b, scales, bias, order, tiles, cfg)
+    return y
+
+
+def _expand(y, part, lora_b, scales, bias, order, tiles, cfg) -> None:
+    """The expand launch: ``part [S, M, R]`` float32 partials of u summed, then every tile's update into y."""
+    bias_arg = bias if bias is not None else lora_b  # unread; B's dtype keeps the pointer type (the binary)
+    n_out, block_r = y.shape[1], lora_b.shape[2]
+    _lora_expand_kernel[(tiles.shape[0], triton.cdiv(n_out, cfg["BLOCK_N"]))](
+        part, lora_b, bias_arg, scales, order, tiles, y, y.shape[0], n_out, part.shape[0],
+        lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), bias.stride(0) if bias is not None else 0,
+        y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r,
+        DOT_PRECISION=_dot_precision(lora_b.dtype), num_warps=cfg["num_warps"],
+    )  # fmt: skip
+
+
+def lora_batched_expand(
+    y: torch.Tensor,
+    u: torch.Tensor,
+    lora_b: torch.Tensor,
+    scales: torch.Tensor,
+    adapter_index: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    plan: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``lora_batched_delta`` from a given ``u [M, R]`` float32 (LoRA on an embedding: u is the gathered rows
+    of A, no shrink needed): the expand launch alone. Arguments otherwise as ``lora_batched_delta``."""
+    check_lora_batched_out(y, u.shape[0], lora_b, scales, adapter_index, bias, (lora_b.shape[0], u.shape[1]),
+                           BATCHED_RANKS, check_index=plan is None)  # fmt: skip
+    if u.dtype != torch.float32 or u.device != y.device:
+        raise ValueError(f"u must be float32 on y's device, got {u.dtype} on {u.device}")
+    order, tiles = plan if plan is not None else plan_tiles(adapter_index, lora_b.shape[0])
+    if tiles.shape[0] == 0:
+        return y
+    cfg = _config(lora_b.dtype, lora_b.shape[2], y.device.type != "cuda")
+    _expand(y, u.contiguous().unsqueeze(0), lora_b, scales, bias, order.to(y.device), tiles.to(y.device), cfg)
     return y
 
 

@@ -30,11 +30,13 @@ __all__ = [
     "check_adapter_bwd_args",
     "check_cross_entropy_args",
     "check_lora_batched_args",
+    "check_lora_batched_out",
     "cross_entropy_grad_reference",
     "cross_entropy_slice_grad_reference",
     "cross_entropy_slice_stats_reference",
     "dynamic8_quantize_reference",
     "lora_batched_delta_reference",
+    "lora_batched_expand_reference",
     "lora_linear_bwd_reference",
     "lora_linear_fwd_reference",
     "nf4_dequantize_reference",
@@ -463,39 +465,54 @@ def check_lora_batched_args(
     Raises:
         ValueError: a shape, dtype pair, device or index out of its contract.
     """
-    if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"x [M, K] and y [M, N] must share M, got {tuple(x.shape)} and {tuple(y.shape)}")
-    if lora_a.dim() != 3 or lora_b.dim() != 3:
-        raise ValueError(f"lora_a [n, R, K] and lora_b [n, N, R] must be 3-D, got {tuple(lora_a.shape)}, "
-                         f"{tuple(lora_b.shape)}")  # fmt: skip
-    n, r, k = lora_a.shape
-    if k != x.shape[1] or tuple(lora_b.shape) != (n, y.shape[1], r):
-        raise ValueError(
-            f"for x {tuple(x.shape)} and y {tuple(y.shape)} lora_a must be [n, R, {x.shape[1]}] and lora_b "
-            f"[n, {y.shape[1]}, R], got {tuple(lora_a.shape)} and {tuple(lora_b.shape)}"
-        )
+    if x.dim() != 2 or not x.is_floating_point() or lora_a.dim() != 3:
+        raise ValueError(f"x must be a float [M, K] and lora_a [n, R, K], got {x.dtype} {tuple(x.shape)}, "
+                         f"{tuple(lora_a.shape)}")  # fmt: skip
+    if lora_a.shape[2] != x.shape[1] or lora_a.dtype != lora_b.dtype:
+        raise ValueError(f"lora_a must be [n, R, {x.shape[1]}] in lora_b's dtype, got {lora_a.dtype} "
+                         f"{tuple(lora_a.shape)}")  # fmt: skip
+    check_lora_batched_out(y, x.shape[0], lora_b, scales, adapter_index, bias, lora_a.shape[:2], ranks, check_index)
+    if x.device != y.device or lora_a.device != y.device:
+        raise ValueError("x and lora_a must be on y's device")
+
+
+def check_lora_batched_out(
+    y: torch.Tensor,
+    rows: int,
+    lora_b: torch.Tensor,
+    scales: torch.Tensor,
+    adapter_index: torch.Tensor,
+    bias: torch.Tensor | None,
+    n_r: tuple[int, int] | None = None,
+    ranks: tuple[int, ...] | None = None,
+    check_index: bool = True,
+) -> None:
+    """The output half of the mixed-adapter checks (``lora_batched_delta`` and ``lora_batched_expand``): ``y
+    [rows, N]`` and ``lora_b [n, N, R]`` (``n_r``: the ``(n, R)`` lora_b must have), scales, biases, index."""
+    if y.dim() != 2 or y.shape[0] != rows or lora_b.dim() != 3 or lora_b.shape[1] != y.shape[1]:
+        raise ValueError(f"y must be [{rows}, N] and lora_b [n, N, R], got {tuple(y.shape)} and {tuple(lora_b.shape)}")
+    n, r = lora_b.shape[0], lora_b.shape[2]
+    if n_r is not None and (n, r) != tuple(n_r):
+        raise ValueError(f"lora_b must be [{n_r[0]}, {y.shape[1]}, {n_r[1]}], got {tuple(lora_b.shape)}")
     if ranks is not None and r not in ranks:
         raise ValueError(f"the padded rank must be one of {ranks}, got {r}")
-    if lora_b.dtype != lora_a.dtype or (lora_a.dtype, y.dtype) not in LORA_BATCHED_DTYPES:
+    if (lora_b.dtype, y.dtype) not in LORA_BATCHED_DTYPES:
         raise ValueError(
-            f"adapters {lora_a.dtype}/{lora_b.dtype} with output {y.dtype}: expected adapters in the output's "
-            "dtype, or float32 adapters on a 16-bit output"
+            f"adapters {lora_b.dtype} with output {y.dtype}: expected adapters in the output's dtype, or float32 "
+            "adapters on a 16-bit output"
         )
-    if not x.is_floating_point():
-        raise ValueError(f"x must be a float tensor, got {x.dtype}")
     if scales.shape != (n,) or scales.dtype != torch.float32:
         raise ValueError(f"scales must be float32 [{n}], got {scales.dtype} {tuple(scales.shape)}")
-    if bias is not None and (tuple(bias.shape) != (n, y.shape[1]) or bias.dtype != lora_a.dtype):
-        raise ValueError(f"bias must be {lora_a.dtype} [{n}, {y.shape[1]}], got {bias.dtype} {tuple(bias.shape)}")
-    if adapter_index.shape != (x.shape[0],) or adapter_index.is_floating_point():
-        raise ValueError(f"adapter_index must be an integer [{x.shape[0]}], got {adapter_index.dtype} "
+    if bias is not None and (tuple(bias.shape) != (n, y.shape[1]) or bias.dtype != lora_b.dtype):
+        raise ValueError(f"bias must be {lora_b.dtype} [{n}, {y.shape[1]}], got {bias.dtype} {tuple(bias.shape)}")
+    if adapter_index.shape != (rows,) or adapter_index.is_floating_point():
+        raise ValueError(f"adapter_index must be an integer [{rows}], got {adapter_index.dtype} "
                          f"{tuple(adapter_index.shape)}")  # fmt: skip
     if check_index and adapter_index.numel() and (int(adapter_index.min()) < -1 or int(adapter_index.max()) >= n):
         raise ValueError(f"adapter_index must lie in [-1, {n}), got [{int(adapter_index.min())}, "
                          f"{int(adapter_index.max())}]")  # fmt: skip
-    devices = {t.device for t in (y, x, lora_a, lora_b, scales) + ((bias,) if bias is not None else ())}
-    if len(devices) != 1:
-        raise ValueError(f"y, x, lora_a, lora_b, scales and bias must share a device, got {sorted(map(str, devices))}")
+    if len({t.device for t in (y, lora_b, scales) + ((bias,) if bias is not None else ())}) != 1:
+        raise ValueError("y, lora_b, scales and bias must share a device")
     if y.stride(1) != 1:
         raise ValueError("y must have unit-stride rows (it is updated in place)")
 
@@ -519,12 +536,30 @@ def lora_batched_delta_reference(
     """
     check_lora_batched_args(y, x, lora_a, lora_b, scales, adapter_index, bias)
     index = adapter_index.to(y.device)
+    u = torch.zeros((x.shape[0], lora_a.shape[1]), dtype=torch.float32, device=y.device)
     for i in range(lora_a.shape[0]):
+        rows = (index == i).nonzero().squeeze(1)
+        u[rows] = (x[rows].to(lora_a.dtype).float() @ lora_a[i].float().t()).to(lora_a.dtype).float()
+    return lora_batched_expand_reference(y, u, lora_b, scales, adapter_index, bias)
+
+
+def lora_batched_expand_reference(
+    y: torch.Tensor,
+    u: torch.Tensor,
+    lora_b: torch.Tensor,
+    scales: torch.Tensor,
+    adapter_index: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The second half of ``lora_batched_delta_reference`` from given ``u [M, R]`` float32 (a LoRA embedding's
+    gathered rows of A): ``y[m] += s[i]·(u[m]·B[i]ᵀ + b[i])``, u rounded to the adapters' dtype first."""
+    check_lora_batched_out(y, u.shape[0], lora_b, scales, adapter_index, bias, (lora_b.shape[0], u.shape[1]))
+    index = adapter_index.to(y.device)
+    for i in range(lora_b.shape[0]):
         rows = (index == i).nonzero().squeeze(1)
         if rows.numel() == 0:
             continue
-        u = (x[rows].to(lora_a.dtype).float() @ lora_a[i].float().t()).to(lora_a.dtype)
-        d = u.float() @ lora_b[i].float().t()
+        d = u[rows].to(lora_b.dtype).float() @ lora_b[i].float().t()
         if bias is not None:
             d = d + bias[i].float()
         y[rows] = (y[rows].float() + scales[i] * d).to(y.dtype)

@@ -156,3 +156,34 @@ def test_one_tile_plan_serves_every_layer_of_a_forward(monkeypatch):
             assert_close(y, _row_by_row(layer, x, NAMES))
         first(x, adapter_names=list(reversed(NAMES)))
     assert len(planned) == 2
+
+
+def _embedding_layer() -> nn.Module:
+    from fastpeft.nn import LoraEmbedding
+
+    g = torch.Generator().manual_seed(3)
+    layer = LoraEmbedding(nn.Embedding(50, 24), r=2, lora_alpha=4, adapter_name="a")
+    layer.update_layer("c", r=20, lora_alpha=10)
+    with torch.no_grad():
+        for name in ("a", "c"):
+            for p in layer._adapter_tensors(name):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return layer.eval()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_embedding_mixed_batch_gathers_and_expands_in_one_op(monkeypatch, backend):
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+    monkeypatch.setattr(lora_mixed, "_PLANS", type(lora_mixed._PLANS)())
+    calls = []
+    real = lora_mixed.lora_batched_expand
+    monkeypatch.setattr(lora_mixed, "lora_batched_expand", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    layer = _embedding_layer()
+    ids = torch.randint(0, 50, (4, 5), generator=torch.Generator().manual_seed(4))
+    names = ["c", "__base__", "a", "c"]
+    with torch.no_grad():
+        got = layer(ids, adapter_names=names)
+        want = _row_by_row(layer, ids, names)
+    assert calls == [(4 * 5, 32)], "the batch did not run as one expand (rank 20 padded to 32)"
+    assert_close(got, want)
+    assert not torch.allclose(got[0], layer.base_layer(ids[0])), "the adapter changes nothing"

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastpeft.nn.lora_base import LoraLayerBase, check_lora_args
+from fastpeft.nn.lora_mixed import embedding_batched_delta
 from fastpeft.ops.lora import lora_linear
 
 __all__ = ["LoraConv", "LoraEmbedding"]
@@ -135,6 +136,8 @@ class LoraEmbedding(LoraLayerBase):
         if adapter_names is not None:
             if self.merged:
                 raise ValueError("adapter_names cannot be used while adapters are merged into the base; unmerge first")
+            if embedding_batched_delta(self, x, y, adapter_names):
+                return y
             for name in dict.fromkeys(adapter_names):
                 if name != "__base__" and self._has(name):
                     rows = [i for i, n in enumerate(adapter_names) if n == name]

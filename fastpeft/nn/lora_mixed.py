@@ -1,8 +1,9 @@
-"""Mixed-adapter batches of ``LoraLinear``: every row's adapter in one batched op.
+"""Mixed-adapter batches of ``LoraLinear`` and ``LoraEmbedding``: every row's adapter in one batched op.
 
 ``model(input_ids, adapter_names=[...])`` (HF PEFT's spelling) gives each batch row its own adapter.
 The base runs once for the whole batch; the adapters' low-rank updates then run as one op over all
-rows (``fastpeft.ops.lora_batched``): the adapters named in the batch are stacked ``A [n, R, K]``,
+rows (``fastpeft.ops.lora_batched``; an embedding gathers each token's column of A and runs the expand
+alone): the adapters named in the batch are stacked ``A [n, R, K]``,
 ``B [n, N, R]`` (ranks zero-padded to a power of two, at least 16), cached on the layer until a weight
 changes in place or is replaced, or a scaling changes.
 
@@ -21,9 +22,9 @@ import torch
 from torch import nn
 
 from fastpeft.ops._dispatch import use_triton
-from fastpeft.ops.lora_batched import BATCHED_RANKS, lora_batched_delta
+from fastpeft.ops.lora_batched import BATCHED_RANKS, lora_batched_delta, lora_batched_expand
 
-__all__ = ["batched_delta"]
+__all__ = ["batched_delta", "embedding_batched_delta"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -47,6 +48,13 @@ def _batchable(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[s
     return pair_ok and y.is_contiguous() and x.dtype == y.dtype
 
 
+def _adapter(layer: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Adapter ``name``'s A ``[r, K]``, B ``[N, r]`` and lora_B bias of a LoraLinear or a LoraEmbedding."""
+    if hasattr(layer, "lora_embedding_A"):
+        return layer.lora_embedding_A[name], layer.lora_embedding_B[name], None
+    return layer.lora_A[name].weight, layer.lora_B[name].weight, layer.lora_B[name].bias
+
+
 def _cache_key(layer: nn.Module, names: list[str]) -> tuple:
     parts = []
     for n in names:
@@ -64,19 +72,20 @@ def _stack(layer: nn.Module, names: list[str]) -> tuple[torch.Tensor, ...]:
     cached = layer.__dict__.get("_mixed_stack")
     if cached is not None and cached[0] == key:
         return cached[1]
-    first = layer.lora_A[names[0]].weight
+    weights = [_adapter(layer, name) for name in names]
+    first = weights[0][0]
     r_pad = _padded_rank(max(layer.r[n] for n in names))
     n, k, out = len(names), layer.in_features, layer.out_features
     a = torch.zeros((n, r_pad, k), dtype=first.dtype, device=first.device)
     b = torch.zeros((n, out, r_pad), dtype=first.dtype, device=first.device)
-    has_bias = any(layer.lora_B[name].bias is not None for name in names)
+    has_bias = any(w[2] is not None for w in weights)
     bias = torch.zeros((n, out), dtype=first.dtype, device=first.device) if has_bias else None
-    for i, name in enumerate(names):
+    for i, (name, (lora_a, lora_b, lora_bias)) in enumerate(zip(names, weights, strict=True)):
         r = layer.r[name]
-        a[i, :r] = layer.lora_A[name].weight
-        b[i, :, :r] = layer.lora_B[name].weight
-        if bias is not None and layer.lora_B[name].bias is not None:
-            bias[i] = layer.lora_B[name].bias
+        a[i, :r] = lora_a
+        b[i, :, :r] = lora_b
+        if lora_bias is not None:
+            bias[i] = lora_bias
     scales = torch.tensor([float(layer.scaling[name]) for name in names], dtype=torch.float32, device=first.device)
     stacked = (a, b, scales, bias)
     layer.__dict__["_mixed_stack"] = (key, stacked)
@@ -98,6 +107,31 @@ def batched_delta(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, adapter_na
     index, plan = _plan(tuple(adapter_names), tuple(names), per_row, y.device, use_triton(y))
     y2 = y.view(-1, y.shape[-1])
     lora_batched_delta(y2, x.reshape(-1, x.shape[-1]), a, b, scales, index, bias, plan=plan)
+    return True
+
+
+def embedding_batched_delta(layer: nn.Module, ids: torch.Tensor, y: torch.Tensor, adapter_names: Sequence[str]) -> bool:
+    """``batched_delta`` for a LoraEmbedding: ``ids [B, ...]`` token ids, ``y [B, ..., N]`` the base
+    embedding. Each token's ``u`` is its column of its adapter's A (a gather, no shrink), then the expand
+    launch adds ``s·u·Bᵀ``; False (``y`` untouched) when the layer must loop (as ``batched_delta``, and
+    for a base with ``max_norm``, whose renormalization the loop applies to A's rows)."""
+    names = [n for n in dict.fromkeys(adapter_names) if n != "__base__" and layer._has(n)]
+    if not names or layer.base_layer.max_norm is not None:
+        return False
+    params = [p for n in names for p in layer._adapter_tensors(n)]
+    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+        return False
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) != 1 or _padded_rank(max(layer.r[n] for n in names)) is None or not y.is_contiguous():
+        return False
+    if not (y.dtype in _FLOATS and dtypes <= {y.dtype, torch.float32}):
+        return False
+    a, b, scales, _ = _stack(layer, names)
+    per_row = ids[0].numel() if ids.dim() > 1 and ids.shape[0] else 1
+    index, plan = _plan(tuple(adapter_names), tuple(names), per_row, y.device, use_triton(y))
+    flat_ids = ids.reshape(-1).to(a.device)
+    u = a[index.clamp(min=0).to(a.device, torch.long), :, flat_ids].float()  # [T, R]: token t's column of A
+    lora_batched_expand(y.view(-1, y.shape[-1]), u, b, scales, index, plan=plan)
     return True
 
 

@@ -11,7 +11,7 @@ import torch
 from fastpeft.kernels import reference
 from fastpeft.ops._dispatch import use_triton
 
-__all__ = ["BATCHED_RANKS", "lora_batched_delta"]
+__all__ = ["BATCHED_RANKS", "lora_batched_delta", "lora_batched_expand"]
 
 BATCHED_RANKS = reference.LORA_BATCHED_RANKS
 """Padded ranks of the stacked adapters the op accepts."""
@@ -35,3 +35,20 @@ def lora_batched_delta(
 
         return launch(y, x, lora_a, lora_b, scales, adapter_index, bias, plan=plan)
     return reference.lora_batched_delta_reference(y, x, lora_a, lora_b, scales, adapter_index, bias)
+
+
+def lora_batched_expand(
+    y: torch.Tensor,
+    u: torch.Tensor,
+    lora_b: torch.Tensor,
+    scales: torch.Tensor,
+    adapter_index: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    plan: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """``lora_batched_delta`` from given ``u [M, R]`` float32 (a LoRA embedding's gathered rows of A)."""
+    if use_triton(y):
+        from fastpeft.kernels.lora_batched import lora_batched_expand as launch
+
+        return launch(y, u, lora_b, scales, adapter_index, bias, plan=plan)
+    return reference.lora_batched_expand_reference(y, u, lora_b, scales, adapter_index, bias)

@@ -199,6 +199,7 @@ def _drive_batched() -> None:
         a, b = torch.zeros(n, r, k, dtype=adapter_dtype), torch.zeros(n, 24, r, dtype=adapter_dtype)
         bias = torch.zeros(n, 24, dtype=adapter_dtype) if with_bias else None
         lora_batched.lora_batched_delta(y, x, a, b, torch.ones(n), torch.tensor([0, 1, -1, 1, 0]), bias)
+        lora_batched.lora_batched_expand(y, torch.zeros(5, r), b, torch.ones(n), torch.tensor([0, 1, -1, 1, 0]))
 
 
 def _drive_cross_entropy() -> None:

@@ -109,13 +109,13 @@ def test_plan_groups_rows_by_adapter_in_tiles():
 def test_bad_arguments_are_refused():
     y, x, a, b, s, index, bias = _problem(6, 32, 8, (4,), torch.float32, torch.float32, True, 5, "cpu")
     check = reference.check_lora_batched_args
-    with pytest.raises(ValueError, match="share M"):
+    with pytest.raises(ValueError, match=r"y must be \[6, N\]"):
         check(y[:5], x, a, b, s, index, bias)
     with pytest.raises(ValueError, match="lora_b"):
         check(y, x, a, b[:, :4], s, index, bias)
     with pytest.raises(ValueError, match="padded rank"):
         check(y, x, a[:, :8], b[:, :, :8], s, index, bias, ranks=lora_batched.BATCHED_RANKS)
-    with pytest.raises(ValueError, match="float32 adapters"):
+    with pytest.raises(ValueError, match="lora_b's dtype"):
         check(y.half(), x, a.half(), b.float(), s, index, None)
     with pytest.raises(ValueError, match="float32 adapters"):
         check(y.to(torch.bfloat16), x, a.half(), b.half(), s, index, None)
@@ -129,6 +129,13 @@ def test_bad_arguments_are_refused():
         check(y, x, a, b, s, index, bias[:, :3])
     with pytest.raises(ValueError, match="unit-stride"):
         check(y.t().contiguous().t(), x, a, b, s, index, bias)
+    with pytest.raises(ValueError, match="float \\[M, K\\]"):
+        check(y, x.long(), a, b, s, index, bias)
+    u = torch.zeros(6, 16)
+    with pytest.raises(ValueError, match=r"lora_b must be \[1, 8, 32\]"):
+        reference.lora_batched_expand_reference(y, torch.zeros(6, 32), b, s, index, bias)
+    with pytest.raises(ValueError, match="float32 adapters"):
+        reference.lora_batched_expand_reference(y.to(torch.bfloat16), u, b.half(), s, index)
 
 
 @pytest.mark.gpu
@@ -142,3 +149,19 @@ def test_kernel_matches_reference_bf16_on_gpu(m, k, n, ranks, adapter_dtype):
     eager = reference.lora_batched_delta_reference(base.clone(), x, a, b, s, index, bias)
     exact = _exact(base.cpu(), x.cpu(), a.cpu(), b.cpu(), s.cpu(), index, bias.cpu())
     assert_oracle(got.cpu(), exact, eager.cpu(), msg=f"bf16 y, {adapter_dtype} adapters")
+
+
+@needs_kernels
+@pytest.mark.parametrize("adapter_dtype,y_dtype", DTYPES)
+def test_expand_from_given_u_matches_reference(adapter_dtype, y_dtype):
+    # a LoRA embedding's path: u is gathered, not computed; the expand launch alone adds s·u·Bᵀ
+    y, _, _, b, s, index, bias = _problem(37, 40, 50, (4, 16, 9), adapter_dtype, y_dtype, True, 11)
+    u = (torch.randn(37, 16, generator=torch.Generator().manual_seed(12)) * 0.5).to(adapter_dtype).float()
+    u = u.to(DEVICE)
+    got = lora_batched.lora_batched_expand(y.clone(), u, b, s, index, bias)
+    eager = reference.lora_batched_expand_reference(y.clone(), u, b, s, index, bias)
+    exact = y.cpu().double().clone()
+    for m, i in enumerate(index.tolist()):
+        if i >= 0:
+            exact[m] += s[i].double().cpu() * (u[m].double().cpu() @ b[i].double().cpu().t() + bias[i].double().cpu())
+    assert_oracle(got.cpu(), exact, eager.cpu(), msg=f"expand {adapter_dtype}/{y_dtype}")

@@ -312,3 +312,19 @@ def test_mixed_adapter_generate_equals_each_row_alone():
     with ours.disable_adapter():
         base = ours.generate(input_ids=ids, **settings)
     assert not torch.equal(mixed[[0, 2]], base[[0, 2]]), "the adapters change nothing: the check would prove nothing"
+
+
+def test_mixed_adapter_batch_with_embedding_lora_matches_peft(tmp_path):
+    # LoRA on the token embedding and q_proj, two adapters: the embedding's rows go through the batched expand
+    base = build("llama")
+    targets = ["embed_tokens", "q_proj"]
+    ours = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, target_modules=targets, init_lora_weights=False))
+    ours.add_adapter("other", LoraConfig(r=8, lora_alpha=4, target_modules=targets, init_lora_weights=False))
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    theirs.load_adapter(tmp_path / "other", adapter_name="other")
+    inputs, names = batch(n=3), ["other", "default", "__base__"]
+    with torch.no_grad():
+        got = ours.eval()(**inputs, adapter_names=names).logits
+        want = theirs.eval()(**inputs, adapter_names=names).logits
+    assert_close(got, want, msg="mixed batch with embedding LoRA vs peft")
