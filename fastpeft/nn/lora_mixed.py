@@ -33,19 +33,20 @@ def _padded_rank(r: int) -> int | None:
     return next((b for b in BATCHED_RANKS if r <= b), None)
 
 
-def _batchable(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str]) -> bool:
-    """Whether ``names``' updates can run as the batched op (see the module docstring)."""
+def _batchable(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], embedding: bool = False) -> bool:
+    """Whether ``names``' updates can run as the batched op (see the module docstring); ``embedding``: x holds
+    token ids (no dropout on that branch, no dtype to match)."""
     params = [p for n in names for p in layer._adapter_tensors(n)]
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return False
-    if layer.training and any(getattr(layer.lora_dropout[n], "p", 0.0) > 0 for n in names):
+    if not embedding and layer.training and any(getattr(layer.lora_dropout[n], "p", 0.0) > 0 for n in names):
         return False
     dtypes = {p.dtype for p in params}
     if len(dtypes) != 1 or _padded_rank(max(layer.r[n] for n in names)) is None:
         return False
     (dtype,) = dtypes
     pair_ok = y.dtype in _FLOATS and (dtype == y.dtype or dtype == torch.float32)
-    return pair_ok and y.is_contiguous() and x.dtype == y.dtype
+    return pair_ok and y.is_contiguous() and (embedding or x.dtype == y.dtype)
 
 
 def _adapter(layer: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -116,15 +117,7 @@ def embedding_batched_delta(layer: nn.Module, ids: torch.Tensor, y: torch.Tensor
     launch adds ``s·u·Bᵀ``; False (``y`` untouched) when the layer must loop (as ``batched_delta``, and
     for a base with ``max_norm``, whose renormalization the loop applies to A's rows)."""
     names = [n for n in dict.fromkeys(adapter_names) if n != "__base__" and layer._has(n)]
-    if not names or layer.base_layer.max_norm is not None:
-        return False
-    params = [p for n in names for p in layer._adapter_tensors(n)]
-    if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-        return False
-    dtypes = {p.dtype for p in params}
-    if len(dtypes) != 1 or _padded_rank(max(layer.r[n] for n in names)) is None or not y.is_contiguous():
-        return False
-    if not (y.dtype in _FLOATS and dtypes <= {y.dtype, torch.float32}):
+    if not names or layer.base_layer.max_norm is not None or not _batchable(layer, ids, y, names, embedding=True):
         return False
     a, b, scales, _ = _stack(layer, names)
     per_row = ids[0].numel() if ids.dim() > 1 and ids.shape[0] else 1
