@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels._gate import GateCase
+from fastpeft.kernels.formats import dot_precision, sm_count
 from fastpeft.kernels.reference import ADAPTER_ACTIVATIONS, check_adapter_args, check_adapter_bwd_args
 from fastpeft.kernels.rounding import cast_out
 
@@ -350,11 +351,6 @@ def _dw_config(block_b: int, dtype: torch.dtype) -> dict[str, int]:
     }
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs get IEEE products (torch's default, no TF32); 16-bit inputs are exact on the MMA
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _check_bottleneck(w_down: torch.Tensor) -> None:
     if w_down.shape[0] > BOTTLENECK_BLOCKS[-1]:
         raise ValueError(f"w_down has bottleneck size {w_down.shape[0]}; the fused kernel supports up to 256")
@@ -401,7 +397,7 @@ def adapter_fwd(
         m, hidden, b, float(scaling),
         h.stride(0), h.stride(1), w_down.stride(0), w_down.stride(1), w_up.stride(0), w_up.stride(1),
         r.stride(0), r.stride(1),
-        ACT=_ACT_ID[activation], SAVE_Z=save_z, DOT_PRECISION=_dot_precision(h.dtype), **cfg,
+        ACT=_ACT_ID[activation], SAVE_Z=save_z, DOT_PRECISION=dot_precision(h.dtype), **cfg,
     )  # fmt: skip
     return y, (z if save_z else None)
 
@@ -419,17 +415,12 @@ def _dw_grid(m: int, n: int, cfg: dict[str, int], sms: int) -> tuple[int, int, i
     return n_tiles, triton.cdiv(m, rows_per_split), rows_per_split
 
 
-def _sm_count(device: torch.device) -> int:
-    # 4 without a GPU: the interpreter then runs several row slices
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def _xt_g(x: torch.Tensor, g: torch.Tensor, out_t: bool, colsum: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Float32 ``xᵀ·g`` ``[N, B]`` (or its transpose ``[B, N]`` when ``out_t``) and optionally ``Σ_m x [N]``."""
     m, n = x.shape
     b = g.shape[1]
     cfg = _dw_config(_block_b(b), x.dtype)
-    n_tiles, splits, rows_per_split = _dw_grid(m, n, cfg, _sm_count(x.device))
+    n_tiles, splits, rows_per_split = _dw_grid(m, n, cfg, sm_count(x.device))
     part = torch.empty((splits, b, n) if out_t else (splits, n, b), dtype=torch.float32, device=x.device)
     stride_on, stride_ob = (part.stride(2), part.stride(1)) if out_t else (part.stride(1), part.stride(2))
     sums = torch.empty((splits, n), dtype=torch.float32, device=x.device) if colsum else part  # placeholder
@@ -437,7 +428,7 @@ def _xt_g(x: torch.Tensor, g: torch.Tensor, out_t: bool, colsum: bool) -> tuple[
         x, g, part, sums,
         m, n, b, rows_per_split,
         x.stride(0), x.stride(1), g.stride(0), g.stride(1), part.stride(0), stride_on, stride_ob,
-        HAS_COLSUM=colsum, DOT_PRECISION=_dot_precision(x.dtype), **cfg,
+        HAS_COLSUM=colsum, DOT_PRECISION=dot_precision(x.dtype), **cfg,
     )  # fmt: skip
     # the tiny second stage of the reduction: splits × (N·B) float32 partials
     return part.sum(0), (sums.sum(0) if colsum else None)
@@ -492,7 +483,7 @@ def adapter_bwd(
         m, hidden, b, float(scaling),
         dy.stride(0), dy.stride(1), w_up.stride(0), w_up.stride(1), w_down.stride(0), w_down.stride(1),
         ACT=_ACT_ID[activation], ADD_DY=not residual_is_separate, COMPUTE_DH=needs_dh, STORE_DW_INPUTS=needs_dw,
-        DOT_PRECISION=_dot_precision(h.dtype), **cfg,
+        DOT_PRECISION=dot_precision(h.dtype), **cfg,
     )  # fmt: skip
     if needs_dh:
         dh = dh_buf
@@ -541,7 +532,7 @@ def compile_gate_cases() -> list[GateCase]:
     m, hidden = _GATE_M, _GATE_H
     cases = []
     for (dtype, ty), b in itertools.product(_GATE_DTYPES.items(), BOTTLENECK_BLOCKS):
-        mma, prec = dtype != torch.float32, _dot_precision(dtype)
+        mma, prec = dtype != torch.float32, dot_precision(dtype)
         row = _row_config(b, dtype)
         tiles = {k: v for k, v in row.items() if k.startswith("BLOCK")}
         launch = {"num_warps": row["num_warps"], "num_stages": row["num_stages"], "tensor_cores": mma}

@@ -1,5 +1,6 @@
 """Fixed data of fastpeft's formats (no Triton here): the NF4 codebook, the 8-bit dynamic map,
-supported block sizes, and the argument checks the NF4 launchers and their references share."""
+supported block sizes, the argument checks the NF4 launchers and their references share, and two facts
+every launcher uses (a dtype's ``tl.dot`` precision, a device's SM count)."""
 
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ __all__ = [
     "check_dequantize_args",
     "check_finite",
     "check_float_tensor",
+    "dot_precision",
     "dynamic_map",
     "fp32_midpoints",
     "nf4_code",
+    "sm_count",
 ]
 
 NF4_CODE: tuple[float, ...] = (
@@ -32,6 +35,25 @@ NF4_CODE: tuple[float, ...] = (
 SUPPORTED_BLOCKSIZES = (64, 128, 256, 512, 1024, 2048, 4096)
 NESTED_BLOCKSIZE = 256
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s ``input_precision`` for operands of ``dtype``: float32 gets IEEE products (torch's default,
+    no TF32); 16-bit operands are exact on the MMA either way."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (its index, or the current one); 4 elsewhere, so that the interpreter
+    runs the split paths."""
+    if device.type != "cuda":
+        return 4
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def fp32_midpoints(values: tuple[float, ...]) -> tuple[float, ...]:

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels._gate import GateCase
+from fastpeft.kernels.formats import dot_precision, sm_count
 from fastpeft.kernels.reference import LORA_BATCHED_RANKS, check_lora_batched_args, check_lora_batched_out
 from fastpeft.kernels.rounding import cast_out
 
@@ -141,11 +142,6 @@ def plan_tiles(
     return order.to(torch.int32), tiles
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 adapters get IEEE products (torch's default, no TF32); 16-bit operands are exact on the MMA
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _config(dtype: torch.dtype, block_r: int, interpret: bool) -> dict[str, int]:
     """Tile sizes: the interpreter's small ones; else 64-deep K steps and 64-wide N blocks for 16-bit, and for
     float32 (FMA products, operands held in registers) 32-deep / 64-wide, halved at rank 128."""
@@ -160,10 +156,6 @@ def _splits(n_tiles: int, k: int, block_k: int, sms: int) -> int:
     """K slices of the shrink: enough programs for two waves over ``sms`` multiprocessors, each slice at
     least four K steps long."""
     return max(1, min(triton.cdiv(2 * sms, max(n_tiles, 1)), k // (4 * block_k)))
-
-
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def lora_batched_delta(
@@ -200,14 +192,14 @@ def lora_batched_delta(
     order, tiles = order.to(x.device), tiles.to(x.device)  # no copy when the plan is there already
     interpret = x.device.type != "cuda"
     cfg = _config(lora_a.dtype, block_r, interpret)
-    splits = _splits(n_tiles, k, cfg["BLOCK_K"], _sm_count(x.device))
+    splits = _splits(n_tiles, k, cfg["BLOCK_K"], sm_count(x.device))
     k_per_split = cfg["BLOCK_K"] * triton.cdiv(triton.cdiv(k, cfg["BLOCK_K"]), splits)
     splits = triton.cdiv(k, k_per_split)
     part = torch.empty((splits, m, block_r), dtype=torch.float32, device=x.device)
     _lora_shrink_kernel[(n_tiles, splits)](
         x, lora_a, order, tiles, part, m, k, k_per_split,
         x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
-        BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=_dot_precision(lora_a.dtype),
+        BLOCK_M=BLOCK_M, BLOCK_R=block_r, BLOCK_K=cfg["BLOCK_K"], DOT_PRECISION=dot_precision(lora_a.dtype),
         num_warps=cfg["num_warps"],
     )  # fmt: skip
     _expand(y, part, lora_b, scales, bias, order, tiles, cfg)
@@ -223,7 +215,7 @@ def _expand(y, part, lora_b, scales, bias, order, tiles, cfg) -> None:
         lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), bias.stride(0) if bias is not None else 0,
         y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, BLOCK_M=BLOCK_M, BLOCK_N=cfg["BLOCK_N"], BLOCK_R=block_r,
-        DOT_PRECISION=_dot_precision(lora_b.dtype), num_warps=cfg["num_warps"],
+        DOT_PRECISION=dot_precision(lora_b.dtype), num_warps=cfg["num_warps"],
     )  # fmt: skip
 
 
@@ -266,7 +258,7 @@ def compile_gate_cases() -> list[GateCase]:
     combos = [(d, d) for d in _GATE_TYPES] + [(torch.float32, torch.bfloat16), (torch.float32, torch.float16)]
     for (dtype, y_dtype), block_r in itertools.product(combos, BATCHED_RANKS):
         cfg = _config(dtype, block_r, interpret=False)
-        ty, y_ty, mma, prec = _GATE_TYPES[dtype], _GATE_TYPES[y_dtype], dtype != torch.float32, _dot_precision(dtype)
+        ty, y_ty, mma, prec = _GATE_TYPES[dtype], _GATE_TYPES[y_dtype], dtype != torch.float32, dot_precision(dtype)
         launch = {"num_warps": cfg["num_warps"], "tensor_cores": mma, "warpgroup_mma": False}
         cases.append(
             GateCase(

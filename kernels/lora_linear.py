@@ -58,7 +58,7 @@ from fastpeft.kernels import lora_linear_decode as decode
 from fastpeft.kernels import lora_linear_kernels as kernels
 from fastpeft.kernels import lora_linear_wgrad as wgrad
 from fastpeft.kernels._gate import GateCase
-from fastpeft.kernels.formats import NESTED_BLOCKSIZE, NF4Args, check_dequantize_args
+from fastpeft.kernels.formats import NESTED_BLOCKSIZE, NF4Args, check_dequantize_args, dot_precision
 from fastpeft.kernels.lora_linear_kernels import (
     _INTERPRET_SMALL,
     _INTERPRET_TILED,
@@ -68,7 +68,6 @@ from fastpeft.kernels.lora_linear_kernels import (
     GEMM_BLOCK_R,
     SMALL_M_MAX,
     _block_r,
-    _dot_precision,
     _interpreting,
     _lora_gemm_kernel,
     _lora_skinny_kernel,
@@ -290,7 +289,7 @@ def _gemm(
     )  # fmt: skip
     consts = dict(
         w_consts, LORA_SPLIT=lt.dtype == torch.float32 and inp.dtype != torch.float32, ATOMIC_OUT=small,
-        DOT_PRECISION=_dot_precision(inp.dtype), BLOCK_R=GEMM_BLOCK_R,
+        DOT_PRECISION=dot_precision(inp.dtype), BLOCK_R=GEMM_BLOCK_R,
     )  # fmt: skip
     if interpret:
         cfg = dict(_INTERPRET_SMALL if small else _INTERPRET_TILED)
@@ -332,7 +331,7 @@ def _skinny(
         inp.stride(0), inp.stride(1), *mat_strides,
         keep_t.stride(0) if has_mask else 0, keep_t.stride(1) if has_mask else 0,
         scale, int(has_mask), split,
-        DOT_PRECISION=_dot_precision(inp.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_Q=cfg["BLOCK_Q"], BLOCK_R=block_r,
+        DOT_PRECISION=dot_precision(inp.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_Q=cfg["BLOCK_Q"], BLOCK_R=block_r,
         num_warps=cfg["num_warps"],
     )  # fmt: skip
     return out

@@ -13,7 +13,7 @@ import triton
 
 from fastpeft.kernels import lora_linear_kernels as kernels
 from fastpeft.kernels._gate import GateCase
-from fastpeft.kernels.formats import NESTED_BLOCKSIZE
+from fastpeft.kernels.formats import NESTED_BLOCKSIZE, dot_precision
 from fastpeft.kernels.lora_linear_kernels import (
     _TILED_UNALIGNED,
     _W_DENSE,
@@ -21,7 +21,6 @@ from fastpeft.kernels.lora_linear_kernels import (
     _W_NF4_DQ,
     GEMM_BLOCK_R,
     SMALL_M_MAX,
-    _dot_precision,
     _skinny_config,
     gemm_configs,
 )
@@ -119,7 +118,7 @@ def _gemm_gate_case(
             "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE,
             "LORA_SPLIT": direction == "dx" and dtype != torch.float32,
             "ATOMIC_OUT": small,
-            "DOT_PRECISION": _dot_precision(dtype),
+            "DOT_PRECISION": dot_precision(dtype),
             "BLOCK_R": GEMM_BLOCK_R,
             **blocks,
         },
@@ -167,7 +166,7 @@ def _skinny_gate_case(dtype: torch.dtype, m: int, block_r: int, product: str) ->
             "split_k": "i32",
         },
         constexprs={
-            "DOT_PRECISION": _dot_precision(dtype),
+            "DOT_PRECISION": dot_precision(dtype),
             "BLOCK_M": cfg["BLOCK_M"],
             "BLOCK_Q": cfg["BLOCK_Q"],
             "BLOCK_R": block_r,

@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels._gate import GateCase
-from fastpeft.kernels.formats import dynamic_map, nf4_code
+from fastpeft.kernels.formats import dynamic_map, nf4_code, sm_count
 from fastpeft.kernels.rounding import cast_out
 
 __all__ = ["SMALL_M_MAX", "compile_gate_cases"]
@@ -456,11 +456,6 @@ def _skinny_config(m: int, interpret: bool) -> dict[str, int]:
     return {"BLOCK_M": 64, "BLOCK_Q": 64, "num_warps": 8}
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # float32 inputs get IEEE products (torch's default, no TF32); 16-bit inputs are exact on the MMA
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -469,12 +464,7 @@ def _target_programs(device: torch.device, interpret: bool) -> int:
     """Programs that fill the device about twice (three under the interpreter, to exercise split paths)."""
     if interpret or device.type != "cuda":
         return 3
-    return 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-
-
-@functools.cache
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+    return 2 * sm_count(device)
 
 
 @functools.cache

@@ -21,10 +21,10 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels._gate import GateCase
+from fastpeft.kernels.formats import dot_precision
 from fastpeft.kernels.lora_linear_gate import _GATE_BLOCK_R, _GATE_TYPES
 from fastpeft.kernels.lora_linear_kernels import (
     _block_r,
-    _dot_precision,
     _interpreting,
     _target_programs,
 )
@@ -132,7 +132,7 @@ def _wgrad(
         x.stride(0), x.stride(1), g.stride(0), g.stride(1),
         keep_t.stride(0) if has_mask else 0, keep_t.stride(1) if has_mask else 0, int(has_mask),
         HAS_COLSUM=colsum, G_SPLIT=g.dtype == torch.float32 and x.dtype != torch.float32,
-        DOT_PRECISION=_dot_precision(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_R=block_r,
+        DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_R=block_r,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     # the few per-slice partials are summed by torch: a [splits, P, R] reduction, no atomics
@@ -173,7 +173,7 @@ def compile_gate_cases() -> list[GateCase]:
                 constexprs={
                     "HAS_COLSUM": not da,
                     "G_SPLIT": da and dtype != torch.float32,
-                    "DOT_PRECISION": _dot_precision(dtype),
+                    "DOT_PRECISION": dot_precision(dtype),
                     "BLOCK_M": cfg["BLOCK_M"],
                     "BLOCK_P": cfg["BLOCK_P"],
                     "BLOCK_R": block_r,
