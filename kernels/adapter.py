@@ -89,6 +89,14 @@ def _act_grad(z, ACT: tl.constexpr):
 
 
 @triton.jit
+def _tile(ptr, offs_r, offs_c, stride_r, stride_c, mask_r, mask_c):
+    """The masked ``[rows, cols]`` block of a 2-D tensor (zeros outside)."""
+    return tl.load(
+        ptr + offs_r[:, None] * stride_r + offs_c[None, :] * stride_c, mask=mask_r[:, None] & mask_c[None, :], other=0.0
+    )
+
+
+@triton.jit
 def _rows_times(
     x_ptr, stride_xm, stride_xk, w_ptr, stride_wk, stride_wb, offs_m, mask_m, offs_b, mask_b, K,
     DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -98,14 +106,8 @@ def _rows_times(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
-        )  # fmt: skip
-        w = tl.load(
-            w_ptr + offs_k[:, None] * stride_wk + offs_b[None, :] * stride_wb,
-            mask=mask_k[:, None] & mask_b[None, :], other=0.0,
-        )  # fmt: skip
+        x = _tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, mask_k)
+        w = _tile(w_ptr, offs_k, offs_b, stride_wk, stride_wb, mask_k, mask_b)
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
     return acc
 
@@ -122,10 +124,7 @@ def _rows_times_2(
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(
-            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-            mask=mask_m[:, None] & mask_k[None, :], other=0.0,
-        )  # fmt: skip
+        x = _tile(x_ptr, offs_m, offs_k, stride_xm, stride_xk, mask_m, mask_k)
         w_rows = w_ptr + offs_k[:, None] * stride_wk
         w0 = tl.load(w_rows + offs_b0[None, :] * stride_wb, mask=mask_k[:, None] & (offs_b0 < B)[None, :], other=0.0)
         w1 = tl.load(w_rows + offs_b1[None, :] * stride_wb, mask=mask_k[:, None] & (offs_b1 < B)[None, :], other=0.0)
@@ -164,10 +163,7 @@ def _adapter_fwd_kernel(
     for i in range(0, H, BLOCK_K):
         offs_n = (last * BLOCK_K - i) + tl.arange(0, BLOCK_K)
         mask_n = offs_n < H
-        wu = tl.load(
-            wu_ptr + offs_b[:, None] * stride_wub + offs_n[None, :] * stride_wuh,
-            mask=mask_b[:, None] & mask_n[None, :], other=0.0,
-        )  # fmt: skip
+        wu = _tile(wu_ptr, offs_b, offs_n, stride_wub, stride_wuh, mask_b, mask_n)
         out = tl.dot(a, wu, input_precision=DOT_PRECISION)
         out += tl.load(bu_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         mask = mask_m[:, None] & mask_n[None, :]
@@ -288,14 +284,8 @@ def _adapter_bwd_dw_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_end
-        xt = tl.load(
-            x_ptr + offs_n[:, None] * stride_xn + offs_m[None, :] * stride_xm,
-            mask=mask_n[:, None] & mask_m[None, :], other=0.0,
-        )  # fmt: skip
-        g = tl.load(
-            g_ptr + offs_m[:, None] * stride_gm + offs_b[None, :] * stride_gb,
-            mask=mask_m[:, None] & mask_b[None, :], other=0.0,
-        )  # fmt: skip
+        xt = _tile(x_ptr, offs_n, offs_m, stride_xn, stride_xm, mask_n, mask_m)
+        g = _tile(g_ptr, offs_m, offs_b, stride_gm, stride_gb, mask_m, mask_b)
         acc = tl.dot(xt, g, acc, input_precision=DOT_PRECISION)
         if HAS_COLSUM:
             colsum += tl.sum(xt.to(tl.float32), axis=1)
