@@ -28,8 +28,6 @@ __all__ = ["REFERENCE", "Component", "Predictor", "gemm", "pointwise"]
 
 REFERENCE = {"name": "H100 SXM (cost model)", "bf16_flops_per_s": 790e12, "hbm_bytes_per_s": 3.0e12}
 """DESIGN.md's reference points; the bandwidth is replaced by the gate's own (``_sass.H100``) when it loads."""
-GATE_PATHS = ("decode", "dequant", "small")
-"""Cost-model paths of kernels that decode weights; ``tiled`` GEMM tiles are compute-bound and take the roofline."""
 
 
 @dataclass(frozen=True)
