@@ -36,3 +36,23 @@ def test_import_has_no_side_effects_and_kernels_live_under_fastpeft(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "fastpeft.kernels.reference"
     assert out.stderr == ""
+
+
+def test_top_level_kernels_folder_never_shadows_hugging_faces_kernels():
+    # From the repository root the current directory leads sys.path, as under `python -m pytest`; transformers
+    # imports Hugging Face's `kernels` there, which our top-level kernels/ folder must not stand in for.
+    code = (
+        "import importlib.util, transformers.integrations.hub_kernels, kernels;"
+        "print(kernels.__file__);"
+        "print(importlib.util.find_spec('kernels').origin)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    for line in out.stdout.split():
+        path = Path(line).resolve()
+        assert ROOT / "kernels" not in path.parents, f"`import kernels` from the repository root found {path}"
+    assert not (ROOT / "kernels" / "__init__.py").exists(), "kernels/ must stay a folder without __init__.py"
+    # and the project's own package still finds its modules there
+    code = "import fastpeft.kernels.nf4 as m; print(m.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert Path(out.stdout.strip()).resolve() == ROOT / "kernels" / "nf4.py"
