@@ -9,15 +9,22 @@ from numbers import Real
 import torch
 from torch import nn
 
-__all__ = ["check_adapter_name", "check_input", "is_finite_number"]
+__all__ = ["FLOAT32_MAX", "RESERVED_ADAPTER_NAMES", "check_adapter_name", "check_input", "check_scale_value",
+           "is_finite_number"]  # fmt: skip
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# A saved adapter's folder is named after it: 255 bytes is the file-name limit of common file systems.
+_MAX_NAME = 255
+# "__base__" means "no adapter" for a row of a mixed-adapter batch: an adapter so named could never be chosen.
+RESERVED_ADAPTER_NAMES = frozenset({"__base__"})
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 _MODULEDICT_ATTRIBUTES = frozenset(dir(nn.ModuleDict()))  # instance attributes too ("training")
 
 
 def check_adapter_name(name: object) -> None:
     """Refuse an adapter name that is not letters, digits, ``_`` and ``-`` (a saved adapter's files go
-    in a directory of that name, its modules under ``nn.ModuleDict`` keys), or that is an attribute of
+    in a directory of that name, its modules under ``nn.ModuleDict`` keys), longer than a file name may be
+    (255), reserved (``"__base__"``, the mixed-batch name for "no adapter"), or that is an attribute of
     ``nn.ModuleDict`` (``"keys"``, ``"training"``, ...: torch cannot hold a module under it).
 
     Raises:
@@ -27,7 +34,13 @@ def check_adapter_name(name: object) -> None:
     if not isinstance(name, str):
         raise TypeError(f"adapter name must be a str, got {type(name).__name__}")
     if _ADAPTER_NAME.fullmatch(name) is None:
-        raise ValueError(f"adapter name {name!r} must be letters, digits, '_' or '-' (it names a directory)")
+        raise ValueError(f"adapter name {name!r:.80} must be letters, digits, '_' or '-' (it names a directory)")
+    if len(name) > _MAX_NAME:
+        raise ValueError(
+            f"adapter name {name[:40]!r}... has {len(name)} characters; at most {_MAX_NAME} (it names a directory)"
+        )
+    if name in RESERVED_ADAPTER_NAMES:
+        raise ValueError(f"adapter name {name!r} is reserved: in adapter_names it means a row without an adapter")
     if name in _MODULEDICT_ATTRIBUTES:
         raise ValueError(f"adapter name {name!r} is an attribute of nn.ModuleDict; choose another")
 
@@ -49,3 +62,18 @@ def is_finite_number(value: object) -> bool:
         return math.isfinite(float(value))
     except OverflowError:  # an int beyond float range
         return False
+
+
+def check_scale_value(owner: str, name: str, value: object) -> None:
+    """``value`` (a ``lora_alpha``, a scaling) must be a number whose magnitude float32 holds: every LoRA scaling
+    ``alpha / r`` or ``alpha / sqrt(r)`` is then finite in float32, where the kernels apply it.
+
+    Raises:
+        TypeError: not a number. ValueError: not finite, or beyond float32's range (~3.4e38).
+    """
+    if not isinstance(value, Real) or isinstance(value, bool):
+        raise TypeError(f"{owner}{name} must be a finite number, got {value!r}")
+    if not is_finite_number(value) or abs(float(value)) > FLOAT32_MAX:
+        raise ValueError(
+            f"{owner}{name} must be a finite number within float32's range (|x| <= {FLOAT32_MAX:.4g}), got {value!r}"
+        )

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fastpeft.nn.checks import check_adapter_name, is_finite_number
+from fastpeft.nn.checks import check_adapter_name, check_scale_value, is_finite_number
 from fastpeft.nn.lora_scaling import ScalingTable
 
 __all__ = ["LoraLayerBase", "check_lora_args"]
@@ -33,8 +33,10 @@ def check_lora_args(adapter_name: str, r: object, lora_alpha: object, lora_dropo
     check_adapter_name(adapter_name)
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise ValueError(f"r must be a positive int, got {r!r}")
-    if not is_finite_number(lora_alpha):
-        raise ValueError(f"lora_alpha must be a finite number, got {lora_alpha!r}")
+    try:
+        check_scale_value("", "lora_alpha", lora_alpha)
+    except TypeError as e:
+        raise ValueError(str(e)) from None
     if not is_finite_number(lora_dropout) or not 0.0 <= lora_dropout < 1.0:
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
 

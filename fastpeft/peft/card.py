@@ -3,7 +3,8 @@
 The Hub reads the YAML front matter: ``library_name: peft`` (the files are HF PEFT's format, so the Hub's
 PEFT integration loads them), ``base_model`` when the model knows its name, and ``tags`` (``lora`` for LoRA
 adapters, which the Hub needs for its LoRA features). An existing card keeps its text and its own
-metadata; only the keys it lacks are added. Written atomically (temp file + rename).
+metadata; only the keys it lacks are added. Written atomically (temp file + rename); a symbolic link in
+place of the card is replaced, never read or written through.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch import nn
 from fastpeft.files import current_umask
 from fastpeft.peft.config import PeftConfigBase
 
-__all__ = ["write_model_card"]
+__all__ = ["card_text", "write_card_text", "write_model_card"]
 
 CARD_NAME = "README.md"
 
@@ -104,25 +105,40 @@ The adapter inherits the base model's limitations; describe any it adds: [More i
 """
 
 
-def write_model_card(directory: str | os.PathLike, config: PeftConfigBase, model: nn.Module) -> None:
-    """Write (or complete the metadata of) ``<directory>/README.md`` for an adapter of ``config`` on ``model``."""
+def card_text(directory: str | os.PathLike, config: PeftConfigBase, model: nn.Module) -> str:
+    """The README.md ``write_model_card`` would write into ``directory``: a new card, or the existing one with the
+    metadata keys it lacks added. A symbolic link in place of the card is never read (it would copy another
+    file's content into the adapter's card): the link is replaced by a new card.
+
+    Raises:
+        ValueError: the existing card is not UTF-8 text (named).
+    """
     path = Path(directory) / CARD_NAME
     # The model's own record of where it came from (a custom model without a config has none, and a name
     # typed into the adapter config is not evidence of a Hub model).
     base_name = getattr(getattr(model, "config", None), "_name_or_path", None)
     meta = _front_matter(config, base_name or None)
-    if path.is_file():
+    if not path.is_file() or path.is_symlink():
+        return "---\n" + "\n".join(_yaml_lines(meta)) + "\n---\n" + _body(config, base_name)
+    try:
         text = path.read_text(encoding="utf-8")
-        if text.startswith("---\n") and "\n---" in text[4:]:
-            end = text.index("\n---", 4)
-            head, rest = text[4:end], text[end:]
-            have = {line.split(":", 1)[0].strip() for line in head.splitlines() if line and not line.startswith(" ")}
-            extra = _yaml_lines({k: v for k, v in meta.items() if k not in have})
-            text = "---\n" + "\n".join([head, *extra]) + rest
-        else:
-            text = "---\n" + "\n".join(_yaml_lines(meta)) + "\n---\n" + text
-    else:
-        text = "---\n" + "\n".join(_yaml_lines(meta)) + "\n---\n" + _body(config, base_name)
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{path}: the model card there is not UTF-8 text ({e.reason} at byte {e.start}); fastpeft adds its "
+            "metadata to an existing card only when it reads as UTF-8 (re-encode it or move it away)"
+        ) from None
+    if text.startswith("---\n") and "\n---" in text[4:]:
+        end = text.index("\n---", 4)
+        head, rest = text[4:end], text[end:]
+        have = {line.split(":", 1)[0].strip() for line in head.splitlines() if line and not line.startswith(" ")}
+        extra = _yaml_lines({k: v for k, v in meta.items() if k not in have})
+        return "---\n" + "\n".join([head, *extra]) + rest
+    return "---\n" + "\n".join(_yaml_lines(meta)) + "\n---\n" + text
+
+
+def write_card_text(directory: str | os.PathLike, text: str) -> None:
+    """Write ``text`` as ``<directory>/README.md`` atomically (temp file + rename, which replaces a link there)."""
+    path = Path(directory) / CARD_NAME
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -133,3 +149,8 @@ def write_model_card(directory: str | os.PathLike, config: PeftConfigBase, model
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_model_card(directory: str | os.PathLike, config: PeftConfigBase, model: nn.Module) -> None:
+    """Write (or complete the metadata of) ``<directory>/README.md`` for an adapter of ``config`` on ``model``."""
+    write_card_text(directory, card_text(directory, config, model))

@@ -3,7 +3,8 @@
 Every config is a ``@dataclass``. ``to_dict()`` gives what ``adapter_config.json`` holds (``peft_type``
 included); ``config_from_dict()`` is its inverse and refuses what it does not understand: an option
 HF PEFT has but fastpeft does not implement raises ``ValueError`` naming it whenever it is set to a
-non-default value, and an unknown key raises too. Keys HF PEFT writes for its own bookkeeping
+non-default value. A key neither knows (a file from a newer PEFT release) is ignored with a warning naming
+it, as HF PEFT does. Keys HF PEFT writes for its own bookkeeping
 (``peft_version``, ``auto_mapping``, and the many method options it serializes at their defaults)
 are accepted only at those defaults.
 
@@ -20,12 +21,13 @@ import json
 import os
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from fastpeft.files import current_umask
-from fastpeft.nn.checks import is_finite_number
-from fastpeft.peft.config_checks import _check_init, _check_token_indices, _listed
+from fastpeft.nn.checks import check_scale_value, is_finite_number
+from fastpeft.peft.config_checks import _check_init, _check_token_indices, _listed, check_module_path
 
 __all__ = [
     "PEFT_FORMAT_VERSION",
@@ -101,20 +103,33 @@ def _check_count(owner: str, name: str, value: Any, optional: bool = True) -> No
         raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
 
 
-def _check_names(owner: str, name: str, value: Any, regex: bool) -> None:
-    """A list of module names, or (``regex``) a str compiled as a regular expression; None passes."""
+def _check_names(owner: str, name: str, value: Any, regex: bool, entries: str = "path") -> None:
+    """A list of module names, or (``regex``) a str compiled as a regular expression; None passes.
+
+    ``entries``: what each list entry is, ``"path"`` (a module path matched exactly or as a ``.suffix``, HF
+    PEFT's rule for lists: ``check_module_path``) or ``"regex"`` (compiled, as ``layers_pattern``'s are).
+    """
     if value is None:
         return
     if isinstance(value, str):
         if not regex:
             return
-        try:
-            re.compile(value)
-        except (re.error, RecursionError) as e:
-            raise ValueError(f"{owner}: {name}={value!r} is not a valid regular expression ({e})") from None
+        _compile(owner, name, value)
         return
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise TypeError(f"{owner}: {name} must be a str or a list of str, got {value!r}")
+    for v in value:
+        if entries == "regex":
+            _compile(owner, f"{name} entry", v)
+        else:
+            check_module_path(owner, name, v)
+
+
+def _compile(owner: str, name: str, value: str) -> None:
+    try:
+        re.compile(value)
+    except (re.error, RecursionError, OverflowError) as e:
+        raise ValueError(f"{owner}: {name}={value!r} is not a valid regular expression ({e})") from None
 
 
 def _is_default(value: Any, default: Any) -> bool:
@@ -319,9 +334,7 @@ class LoraConfig(PeftConfigBase):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_count("LoraConfig", "r", self.r, optional=False)
-        if not is_finite_number(self.lora_alpha):
-            kind = ValueError if isinstance(self.lora_alpha, (int, float)) else TypeError
-            raise kind(f"LoraConfig: lora_alpha must be a finite number, got {self.lora_alpha!r}")
+        check_scale_value("LoraConfig: ", "lora_alpha", self.lora_alpha)
         if not is_finite_number(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"LoraConfig: lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
         for name in ("fan_in_fan_out", "use_rslora"):
@@ -347,8 +360,11 @@ class LoraConfig(PeftConfigBase):
                 _check_names("LoraConfig", f"{name} key", key, regex=True)
                 if name == "rank_pattern":
                     _check_count("LoraConfig", f"rank_pattern[{key!r}]", v, optional=False)
-                elif not is_finite_number(v):
-                    raise ValueError(f"LoraConfig: alpha_pattern[{key!r}] must be a finite number, got {v!r}")
+                else:
+                    try:
+                        check_scale_value("LoraConfig: ", f"alpha_pattern[{key!r}]", v)
+                    except TypeError as e:
+                        raise ValueError(str(e)) from None
         self.trainable_token_indices = _check_token_indices(self.trainable_token_indices)
         if isinstance(self.target_parameters, (tuple, set)):
             self.target_parameters = sorted(self.target_parameters)
@@ -365,6 +381,7 @@ class LoraConfig(PeftConfigBase):
         _check_names("LoraConfig", "target_modules", _listed(self.target_modules), regex=not all_linear)
         _check_names("LoraConfig", "exclude_modules", _listed(self.exclude_modules), regex=True)
         _check_names("LoraConfig", "modules_to_save", self.modules_to_save, regex=False)
+        _check_names("LoraConfig", "target_parameters", self.target_parameters, regex=False)
         # HF PEFT keeps module-name lists as sets (order means nothing; files store them sorted).
         for name in ("target_modules", "exclude_modules"):
             if isinstance(getattr(self, name), (list, tuple, frozenset)):
@@ -381,7 +398,7 @@ class LoraConfig(PeftConfigBase):
             raise TypeError(f"LoraConfig: layers_to_transform must be an int or a list of ints, got "
                             f"{self.layers_to_transform!r}")  # fmt: skip
         if self.layers_pattern is not None:
-            _check_names("LoraConfig", "layers_pattern", _listed(self.layers_pattern), regex=True)
+            _check_names("LoraConfig", "layers_pattern", _listed(self.layers_pattern), regex=True, entries="regex")
         if isinstance(self.target_modules, str) and self.layers_to_transform not in (None, []):
             raise ValueError("LoraConfig: `layers_to_transform` cannot be used when `target_modules` is a str.")
         if isinstance(self.target_modules, str) and self.layers_pattern not in (None, [], ""):
@@ -543,9 +560,9 @@ def config_from_dict(data: dict[str, Any], source: str = "adapter_config.json") 
     """Build the config an ``adapter_config.json`` describes.
 
     Raises:
-        ValueError: ``data`` is not a dict, unknown ``peft_type``, an unknown key, a value of the wrong
-            type or out of range, or a bookkeeping key HF PEFT writes set to a value other than its
-            default (``source`` names the file in the message).
+        ValueError: ``data`` is not a dict, unknown ``peft_type``, a value of the wrong type or out of
+            range, or a bookkeeping key HF PEFT writes set to a value other than its default (``source``
+            names the file in the message). Unknown keys are ignored with a ``UserWarning`` naming them.
     """
     if not isinstance(data, dict):
         raise ValueError(f"{source}: expected a JSON object, got {type(data).__name__}")
@@ -566,7 +583,13 @@ def config_from_dict(data: dict[str, Any], source: str = "adapter_config.json") 
         else:
             unknown.append(key)
     if unknown:
-        raise ValueError(f"{source}: unknown keys for {peft_type}: {sorted(unknown)}")
+        # HF PEFT's rule: a file from a newer release (an option this one lacks) loads, with a warning.
+        warnings.warn(
+            f"{source}: ignoring keys fastpeft does not know for {peft_type}: {sorted(unknown)} "
+            "(written by a newer PEFT release?)",
+            UserWarning,
+            stacklevel=2,
+        )
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:

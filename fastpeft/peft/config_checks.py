@@ -1,17 +1,44 @@
 """Checks of the LoRA options that take more than a type test: ``init_lora_weights`` (what fastpeft runs,
-and why it refuses the rest), ``trainable_token_indices`` and name collections given as sets."""
+and why it refuses the rest), ``trainable_token_indices``, module paths in name lists, and name collections
+given as sets."""
 
 from __future__ import annotations
 
 import re
 from typing import Any
 
-__all__ = ["_check_init", "_check_token_indices", "_listed"]
+__all__ = ["_check_init", "_check_token_indices", "_listed", "check_module_path"]
 
 
 def _listed(value: Any) -> Any:
     """A set or tuple of names as a sorted list (for the checks); anything else as it is."""
     return sorted(value) if isinstance(value, (set, frozenset)) else list(value) if isinstance(value, tuple) else value
+
+
+# Characters a regular expression needs and a module path never has: a list entry holding one was meant as a
+# regex (HF PEFT matches list entries literally, so it would silently match nothing).
+_REGEX_CHARS = frozenset("()[]{}*+?|^$\\")
+
+
+def check_module_path(owner: str, name: str, path: str) -> None:
+    """A list entry naming modules or parameters: a dotted path (``"lm_head"``, ``"layers.0.mlp"``), matched as the
+    whole path or its ``.suffix``.
+
+    Raises:
+        ValueError: an empty segment (``"../x"``, ``"a..b"``, ``""``), a path separator or whitespace, or a
+            regular-expression character (give a str to match by regex).
+    """
+    segments = path.split(".")
+    if not path or any(not seg for seg in segments):
+        raise ValueError(f"{owner}: {name} entry {path!r} is not a module path (empty segment between dots)")
+    if any(c in path for c in "/\\") or any(c.isspace() for c in path):
+        raise ValueError(f"{owner}: {name} entry {path!r} is not a module path (a path separator or whitespace)")
+    bad = sorted({c for c in path if c in _REGEX_CHARS})
+    if bad:
+        raise ValueError(
+            f"{owner}: {name} entry {path!r} holds {''.join(bad)!r}: list entries are module names matched "
+            "literally; to match by regular expression give one str instead of a list"
+        )
 
 
 # init_lora_weights values HF PEFT has that need what fastpeft does not do (calibration data, a

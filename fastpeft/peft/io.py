@@ -30,7 +30,14 @@ from safetensors.torch import load_file, save_file
 
 from fastpeft.files import fsync_files, share_permissions
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "check_state_dict", "read_adapter_dir", "write_adapter_dir"]
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "check_output_dir",
+    "check_state_dict",
+    "read_adapter_dir",
+    "write_adapter_dir",
+]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -45,11 +52,19 @@ def write_adapter_dir(directory: str | os.PathLike, config: dict[str, Any], tens
     """Write ``config`` and ``tensors`` as an adapter directory, atomically per file (see module doc).
 
     Raises:
-        OSError: a file cannot be written (the directory keeps its previous adapter).
+        ValueError: ``directory`` exists and is not a directory.
+        OSError: a file cannot be written (the directory keeps its previous adapter); the message names
+            the directory.
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory))
+    check_output_dir(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory))
+    except FileExistsError:  # a file in the way of a parent directory
+        raise ValueError(f"{directory}: a path component is a file, not a directory") from None
+    except OSError as e:  # read-only, no permission, no space: OSError(errno, ...) keeps the subclass
+        raise OSError(e.errno, f"{directory}: cannot write the adapter there ({e.strerror or e})") from None
     try:
         # safetensors refuses shared or non-contiguous storage: give it compact CPU copies.
         plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
@@ -63,9 +78,31 @@ def write_adapter_dir(directory: str | os.PathLike, config: dict[str, Any], tens
         fsync_files(tmp)
         share_permissions(tmp)  # safetensors creates its file owner-only
         for name in (WEIGHTS_NAME, CONFIG_NAME):
-            os.replace(tmp / name, directory / name)
+            os.replace(tmp / name, directory / name)  # replaces a symbolic link there, never writes through it
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output_dir(directory: str | os.PathLike, inside: str | os.PathLike | None = None) -> None:
+    """Refuse an adapter output directory that cannot be written as one.
+
+    Args:
+        directory: where the adapter's files go.
+        inside: the directory the caller was given, when ``directory`` is a folder fastpeft chose inside it
+            (``<save_directory>/<adapter name>``): such a folder must not be a symbolic link, since writing
+            through it would put files outside the directory the caller named.
+
+    Raises:
+        ValueError: ``directory`` exists and is not a directory, or (``inside``) it is a symbolic link.
+    """
+    directory = Path(directory)
+    if inside is not None and directory.is_symlink():
+        raise ValueError(
+            f"{directory} is a symbolic link inside {inside}; fastpeft does not write through links in an "
+            "output directory (remove the link or save elsewhere)"
+        )
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory}: exists and is not a directory")
 
 
 def read_adapter_dir(directory: str | os.PathLike) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -425,10 +425,11 @@ def _layer_selected(name: str, config: LoraConfig) -> bool:
 
 def _check_lora_fits(model: nn.Module, names: list[str], config: LoraConfig) -> None:
     """Refuse ranks whose A and B (float32, the most they take) would not fit, before allocating any."""
-    nbytes, device = 0, torch.device("cpu")
+    nbytes, device, ranks = 0, torch.device("cpu"), set()
     for name in names:
         module = model.get_submodule(name)
         r = pattern_value(config.rank_pattern, name, config.r)
+        ranks.add(r)
         if hasattr(module, "in_features"):
             k, n = module.in_features, module.out_features
         elif isinstance(module, nn.Embedding):
@@ -442,7 +443,12 @@ def _check_lora_fits(model: nn.Module, names: list[str], config: LoraConfig) -> 
         nbytes += 4 * r * (k + n)
         ref = next(itertools.chain(module.parameters(), module.buffers()), None)
         device = ref.device if ref is not None else device
-    check_fits(nbytes, device, f"LoRA with r={config.r} on {len(names)} layers")
+    # Name the ranks the layers get: a rank_pattern entry, not the base r, is often what does not fit.
+    if ranks - {config.r}:
+        shown = f"r={max(ranks)} (rank_pattern)" if len(ranks) == 1 else f"r up to {max(ranks)} (rank_pattern)"
+    else:
+        shown = f"r={config.r}"
+    check_fits(nbytes, device, f"LoRA with {shown} on {len(names)} layers")
 
 
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayerBase]]:
