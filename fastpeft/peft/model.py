@@ -22,22 +22,15 @@ from torch import nn
 from fastpeft import nn as fnn
 from fastpeft.nn.checks import check_adapter_name
 from fastpeft.peft import adapters as adp
-from fastpeft.peft import lora, prompt
-from fastpeft.peft.card import card_text, write_card_text
+from fastpeft.peft import interop, lora, prompt
+from fastpeft.peft.card import write_model_card
 from fastpeft.peft.config import (
     AdapterConfig,
     LoraConfig,
     PeftConfigBase,
     config_from_dict,
 )
-from fastpeft.peft.io import (
-    CONFIG_NAME,
-    WEIGHTS_NAME,
-    check_output_dir,
-    check_state_dict,
-    read_adapter_dir,
-    write_adapter_dir,
-)
+from fastpeft.peft.io import CONFIG_NAME, WEIGHTS_NAME, check_state_dict, read_adapter_dir, write_adapter_dir
 from fastpeft.peft.load_options import LoadResult, check_save_options, local_adapter_dir, named_source, without_init
 from fastpeft.peft.model_lora import LoraMethods
 from fastpeft.peft.tuner import TunerModel
@@ -73,6 +66,10 @@ class PeftModel(LoraMethods, nn.Module):
             their base lives (they are small), so there is nothing to defer.
     """
 
+    def __new__(cls, *args: Any, **kwargs: Any) -> PeftModel:
+        # a peft.PeftModel too where peft is installed, so that transformers, accelerate and TRL take it as one
+        return super().__new__(interop.hf_peft_class(cls))
+
     def __init__(
         self,
         model: nn.Module,
@@ -81,7 +78,7 @@ class PeftModel(LoraMethods, nn.Module):
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # named, not super(): see fastpeft.peft.interop
         self.peft_config: dict[str, PeftConfigBase] = {}
         self._peft_kind = _kind(peft_config)
         if self._peft_kind == "prompt":
@@ -137,7 +134,7 @@ class PeftModel(LoraMethods, nn.Module):
 
     def __getattr__(self, name: str) -> Any:
         try:
-            return super().__getattr__(name)
+            return nn.Module.__getattr__(self, name)
         except AttributeError:
             if name.startswith("_") or name == "base_model":
                 raise
@@ -392,14 +389,23 @@ class PeftModel(LoraMethods, nn.Module):
 
     # -- files -----------------------------------------------------------------------------------
 
-    def _file_params(self, adapter_name: str) -> dict[str, torch.Tensor]:
+    def _file_params(
+        self, adapter_name: str, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
         config = self.peft_config[adapter_name]
         model = self.get_base_model()
         if self._peft_kind == "lora":
-            return lora.lora_file_params(model, config, adapter_name)
-        if self._peft_kind == "adapter":
-            return adp.adapter_file_params(model, adapter_name)
-        return {"prompt_embeddings": prompt.embeddings_to_save(self, adapter_name)}
+            params = lora.lora_file_params(model, config, adapter_name)
+        elif self._peft_kind == "adapter":
+            params = adp.adapter_file_params(model, adapter_name)
+        else:
+            params = {"prompt_embeddings": prompt.embeddings_to_save(self, adapter_name)}
+        if state_dict is None:
+            return params
+        # the same tensors, by their names in the model's state dict (computed ones, such as a prefix
+        # table after its MLP, have none and stay as computed)
+        names = {id(t): k for k, t in self.state_dict(keep_vars=True).items()}
+        return {key: state_dict.get(names.get(id(t), ""), t) for key, t in params.items()}
 
     def save_pretrained(
         self,
@@ -409,6 +415,7 @@ class PeftModel(LoraMethods, nn.Module):
         save_embedding_layers: str | bool = "auto",
         is_main_process: bool = True,
         path_initial_model_for_weight_conversion: str | None = None,
+        state_dict: dict[str, torch.Tensor] | None = None,
         **kwargs: Any,
     ) -> None:
         """Write each adapter in HF PEFT's layout: ``default`` in ``save_directory``, others in ``<dir>/<name>/``;
@@ -421,16 +428,12 @@ class PeftModel(LoraMethods, nn.Module):
             save_embedding_layers: ``"auto"`` or False; fastpeft never resizes or saves whole embedding tables.
             is_main_process: False writes nothing (HF PEFT's multi-process convention).
             path_initial_model_for_weight_conversion: not supported (HF PEFT's PiSSA / OLoRA conversion).
+            state_dict: the model's state dict to take the adapter's tensors from instead of its parameters, by
+                the parameters' names (``transformers.Trainer`` passes one gathered from sharded processes).
             kwargs: HF PEFT passes hub-upload arguments here; none of them applies to a local save.
 
-        Symbolic links inside ``save_directory`` are never written through: an adapter's folder that is a link
-        is refused, and a link in place of one of the files is replaced by the file.
-
         Raises:
-            ValueError: an unknown adapter, or an option fastpeft does not implement (named); ``save_directory``
-                (or an adapter's folder in it) is a file or, for a folder fastpeft names, a symbolic link; an
-                existing README.md there is not UTF-8. Nothing is written then.
-            OSError: a file cannot be written (a read-only directory, a full disk), naming the directory.
+            ValueError: an unknown adapter, or an option fastpeft does not implement (named).
         """
         check_save_options(safe_serialization, save_embedding_layers, path_initial_model_for_weight_conversion, kwargs)
         if not is_main_process:
@@ -439,18 +442,12 @@ class PeftModel(LoraMethods, nn.Module):
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"Adapter {name} does not exist (have {sorted(self.peft_config)})")
-        root = Path(save_directory)
-        check_output_dir(root)
-        targets = {name: root if name == "default" else root / name for name in names}
-        cards = {}
-        for name, target in targets.items():  # everything checked before the first file is written
-            check_output_dir(target, inside=None if name == "default" else root)
-            cards[name] = card_text(target, self.peft_config[name], self.get_base_model())
-        for name, target in targets.items():
+        for name in names:
+            target = Path(save_directory) if name == "default" else Path(save_directory) / name
             config = self.peft_config[name].to_dict()
             config["inference_mode"] = True  # what HF PEFT writes: a saved adapter loads for inference
-            write_adapter_dir(target, config, self._file_params(name))
-            write_card_text(target, cards[name])
+            write_adapter_dir(target, config, self._file_params(name, state_dict))
+            write_model_card(target, self.peft_config[name], self.get_base_model())
 
     def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any) -> None:
         """Not done by fastpeft, which never touches the network.
@@ -476,7 +473,8 @@ class PeftModel(LoraMethods, nn.Module):
         key_mapping: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> LoadResult:
-        """Add adapter ``adapter_name`` from a directory written by fastpeft or HF PEFT.
+        """Add adapter ``adapter_name`` from a directory written by fastpeft or HF PEFT; for a name that exists, the
+        file's values replace the adapter's (HF PEFT's rule, which ``transformers.Trainer`` relies on to resume).
 
         Args:
             model_id: a local adapter directory (``subfolder=`` is joined to it).
@@ -495,17 +493,20 @@ class PeftModel(LoraMethods, nn.Module):
 
         Raises:
             FileNotFoundError: a file is missing.
-            ValueError: a bad or taken ``adapter_name``; a file unreadable, or describing an adapter that
-                does not fit the model (the message names the file).
+            ValueError: a bad ``adapter_name``; a file unreadable, or describing an adapter that does not fit
+                the model or the adapter it replaces (the message names the file).
         """
         check_adapter_name(adapter_name)
-        if adapter_name in self.peft_config:
-            raise ValueError(f"adapter {adapter_name!r} already exists")
         ignore_mismatched = bool(kwargs.pop("ignore_mismatched_sizes", False))
         directory = local_adapter_dir(model_id, key_mapping, kwargs)
         cfg_dict, tensors = read_adapter_dir(directory)
         cfg_path = directory / CONFIG_NAME
         config = config_from_dict(cfg_dict, str(cfg_path))
+        if adapter_name in self.peft_config:
+            self._reload_adapter(adapter_name, config, tensors, directory, torch_device, ignore_mismatched)
+            if not is_trainable:
+                self.eval()
+            return LoadResult([], [])
         config.inference_mode = not is_trainable
         with named_source(cfg_path):
             self.add_adapter(adapter_name, without_init(config), autocast_adapter_dtype=autocast_adapter_dtype)
@@ -517,6 +518,25 @@ class PeftModel(LoraMethods, nn.Module):
             raise
         self.set_adapter(self.active_adapters)
         return LoadResult([], [])
+
+    def _reload_adapter(
+        self,
+        adapter_name: str,
+        config: PeftConfigBase,
+        tensors: dict[str, torch.Tensor],
+        directory: Path,
+        torch_device: str | torch.device | None,
+        ignore_mismatched: bool,
+    ) -> None:
+        # HF PEFT's rule for a name that exists: the file's values replace the adapter's (what
+        # transformers.Trainer does on resume_from_checkpoint); the adapter's shape must be the file's.
+        have = self.peft_config[adapter_name]
+        if type(config) is not type(have) or getattr(config, "r", None) != getattr(have, "r", None):
+            raise ValueError(
+                f"{directory / CONFIG_NAME}: a {type(config).__name__} (r={getattr(config, 'r', None)}) cannot "
+                f"replace adapter {adapter_name!r}, a {type(have).__name__} (r={getattr(have, 'r', None)})"
+            )
+        self._load_tensors(adapter_name, tensors, directory / WEIGHTS_NAME, torch_device, ignore_mismatched)
 
     def _load_tensors(
         self,
