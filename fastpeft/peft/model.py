@@ -23,14 +23,21 @@ from fastpeft import nn as fnn
 from fastpeft.nn.checks import check_adapter_name
 from fastpeft.peft import adapters as adp
 from fastpeft.peft import interop, lora, prompt
-from fastpeft.peft.card import write_model_card
+from fastpeft.peft.card import card_text, write_card_text
 from fastpeft.peft.config import (
     AdapterConfig,
     LoraConfig,
     PeftConfigBase,
     config_from_dict,
 )
-from fastpeft.peft.io import CONFIG_NAME, WEIGHTS_NAME, check_state_dict, read_adapter_dir, write_adapter_dir
+from fastpeft.peft.io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    check_output_dir,
+    check_state_dict,
+    read_adapter_dir,
+    write_adapter_dir,
+)
 from fastpeft.peft.load_options import LoadResult, check_save_options, local_adapter_dir, named_source, without_init
 from fastpeft.peft.model_lora import LoraMethods
 from fastpeft.peft.tuner import TunerModel
@@ -432,8 +439,14 @@ class PeftModel(LoraMethods, nn.Module):
                 the parameters' names (``transformers.Trainer`` passes one gathered from sharded processes).
             kwargs: HF PEFT passes hub-upload arguments here; none of them applies to a local save.
 
+        Symbolic links inside ``save_directory`` are never written through: an adapter's folder that is a link
+        is refused, and a link in place of one of the files is replaced by the file.
+
         Raises:
-            ValueError: an unknown adapter, or an option fastpeft does not implement (named).
+            ValueError: an unknown adapter, or an option fastpeft does not implement (named); ``save_directory``
+                (or an adapter's folder in it) is a file or, for a folder fastpeft names, a symbolic link; an
+                existing README.md there is not UTF-8. Nothing is written then.
+            OSError: a file cannot be written (a read-only directory, a full disk), naming the directory.
         """
         check_save_options(safe_serialization, save_embedding_layers, path_initial_model_for_weight_conversion, kwargs)
         if not is_main_process:
@@ -442,12 +455,18 @@ class PeftModel(LoraMethods, nn.Module):
         for name in names:
             if name not in self.peft_config:
                 raise ValueError(f"Adapter {name} does not exist (have {sorted(self.peft_config)})")
-        for name in names:
-            target = Path(save_directory) if name == "default" else Path(save_directory) / name
+        root = Path(save_directory)
+        check_output_dir(root)
+        targets = {name: root if name == "default" else root / name for name in names}
+        cards = {}
+        for name, target in targets.items():  # everything checked before the first file is written
+            check_output_dir(target, inside=None if name == "default" else root)
+            cards[name] = card_text(target, self.peft_config[name], self.get_base_model())
+        for name, target in targets.items():
             config = self.peft_config[name].to_dict()
             config["inference_mode"] = True  # what HF PEFT writes: a saved adapter loads for inference
             write_adapter_dir(target, config, self._file_params(name, state_dict))
-            write_model_card(target, self.peft_config[name], self.get_base_model())
+            write_card_text(target, cards[name])
 
     def push_to_hub(self, repo_id: str, *args: Any, **kwargs: Any) -> None:
         """Not done by fastpeft, which never touches the network.
