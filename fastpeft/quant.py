@@ -62,6 +62,24 @@ class NF4Weight:
             self.quant_map = nf4_code(self.packed.device)
         if self.double_quant and self.nested_quant_map is None:
             self.nested_quant_map = dynamic_map(self.packed.device)
+        self.check_finite()
+
+    def check_finite(self) -> None:
+        """Refuse float statistics holding NaN or ±inf: every weight of such a block would dequantize to NaN
+        without a word. Tensors without values (meta, fake, traced) are not inspected.
+
+        Raises:
+            ValueError: naming the field (``absmax``, ...; ``from_bnb_state_dict`` puts the key in front) and how
+                many values are not finite.
+        """
+        for name in ("absmax", "nested_absmax", "offset", "quant_map", "nested_quant_map"):
+            t = getattr(self, name)
+            if t is None or not t.is_floating_point() or not _has_values(t):
+                continue
+            bad = int((~torch.isfinite(t)).sum())
+            if bad:
+                raise ValueError(f"{name} holds {bad} non-finite value(s) of {t.numel()}: the weight would dequantize "
+                                 "to NaN (a corrupt checkpoint?)")  # fmt: skip
 
     @property
     def double_quant(self) -> bool:
@@ -156,8 +174,8 @@ class NF4Weight:
         """Read a bitsandbytes / transformers 4-bit weight from ``state_dict`` (inverse of ``to_bnb_state_dict``).
 
         Raises:
-            ValueError: a key is missing, mis-shaped or of the wrong dtype, or the JSON blob is
-                unreadable or describes something other than NF4.
+            ValueError: a key is missing, mis-shaped or of the wrong dtype, a statistic holds NaN or ±inf, or
+                the JSON blob is unreadable or describes something other than NF4.
         """
         p = _weight_key(prefix)
 
@@ -224,7 +242,17 @@ class NF4Weight:
                           nested_blocksize=nested_blocksize)  # fmt: skip
         else:
             _expect(f"{p}.absmax", absmax, torch.float32, n_blocks)
-        return cls(absmax=absmax, **fields)
+        try:
+            return cls(absmax=absmax, **fields)
+        except ValueError as e:  # check_finite: name the field by its key
+            raise ValueError(f"{p}.{e}") from None
+
+
+def _has_values(t: torch.Tensor) -> bool:
+    """Whether ``t``'s values can be read: not meta, not a fake tensor, not traced by ``torch.compile``."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return t.device.type != "meta" and not is_fake(t) and not torch.compiler.is_compiling()
 
 
 def _is_int(value: object) -> bool:
@@ -257,12 +285,14 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True
 
     Raises:
         TypeError: ``w`` is not a floating tensor, or ``blocksize`` not an int.
-        ValueError: ``w`` is empty or holds inf/NaN, or the blocksize is unsupported.
+        ValueError: ``w`` is empty, on the meta device or holds inf/NaN, or the blocksize is unsupported.
     """
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"w must be a torch.Tensor, got {type(w).__name__}")
     if not _is_int(blocksize):
         raise TypeError(f"blocksize must be an int, got {type(blocksize).__name__} {blocksize!r}")
+    if w.device.type == "meta":
+        raise ValueError("w is on the meta device: it has no values to quantize (load the weights first)")
     with torch.no_grad():
         packed, absmax = nf4_ops.nf4_quantize(w.contiguous(), blocksize)
         if not double_quant:

@@ -230,8 +230,9 @@ class LoraLinear(LoraLayerBase):
 
         Raises:
             TypeError: ``x`` is not a floating tensor (``nn.Linear`` refuses integers too).
+            ValueError: ``x`` is not ``[..., in_features]`` (a 0-d tensor, another width).
         """
-        check_input(x)
+        check_input(x, self.in_features)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()

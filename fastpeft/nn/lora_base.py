@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fastpeft.nn.checks import check_adapter_name, check_scale_value, is_finite_number
+from fastpeft.nn.checks import MoveChecks, check_adapter_name, check_scale_value, is_finite_number
 from fastpeft.nn.lora_scaling import ScalingTable
 
 __all__ = ["LoraLayerBase", "check_lora_args"]
@@ -41,7 +41,7 @@ def check_lora_args(adapter_name: str, r: object, lora_alpha: object, lora_dropo
         raise ValueError(f"lora_dropout must be in [0, 1), got {lora_dropout!r}")
 
 
-class LoraLayerBase(nn.Module):
+class LoraLayerBase(MoveChecks, nn.Module):
     """Adapter bookkeeping for a LoRA layer over ``self.base_layer``.
 
     Subclasses set ``base_layer``, fill the per-adapter tables and implement ``get_delta_weight``.

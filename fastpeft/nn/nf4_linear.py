@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fastpeft.kernels.formats import NF4Args
-from fastpeft.nn.checks import check_input
+from fastpeft.nn.checks import MoveChecks, check_input
 from fastpeft.ops.lora import nf4_linear
 from fastpeft.quant import NF4Weight, quantize_nf4
 
@@ -22,7 +22,7 @@ __all__ = ["NF4Linear"]
 _TENSOR_FIELDS = ("packed", "absmax", "quant_map", "nested_absmax", "offset", "nested_quant_map")
 
 
-class NF4Linear(nn.Module):
+class NF4Linear(MoveChecks, nn.Module):
     """``y = x·dequant(W)ᵀ + bias`` with a frozen NF4 weight ``W [out_features, in_features]``.
 
     Gradients flow to ``x`` (and to ``bias`` if the caller makes it trainable), never to ``W``; the
@@ -163,8 +163,9 @@ class NF4Linear(nn.Module):
 
         Raises:
             TypeError: ``x`` is not a floating tensor (``nn.Linear`` refuses integers too).
+            ValueError: ``x`` is not ``[..., in_features]`` (a 0-d tensor, another width).
         """
-        check_input(x)
+        check_input(x, self.in_features)
         if torch.is_autocast_enabled(x.device.type):
             dtype, out_dtype = torch.get_autocast_dtype(x.device.type), None
         elif self.compute_dtype is not None:
