@@ -22,6 +22,7 @@ and installed or quantized to NF4 before the next one is read.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections import defaultdict
@@ -49,6 +50,7 @@ __all__ = [
     "weight_files",
 ]
 
+_log = logging.getLogger(__name__)
 _BLOB_SUFFIX = ".weight.quant_state.bitsandbytes__nf4"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -332,7 +334,13 @@ def load_causal_lm(
     Raises:
         FileNotFoundError: the directory, its config or its weights are missing.
         ValueError: unsupported architecture or quantization, unreadable shard, missing / unexpected /
-            mis-shaped tensors (named).
+            mis-shaped tensors (named); ``quantize`` with no linear layer to quantize.
+
+    A checkpoint whose tensors or buffers transformers converts on load (renamed keys such as GPT-NeoX's
+    ``embed_out``, Mixtral's per-expert weights fused into one tensor, buffers computed by a module's
+    ``__init__`` such as Gemma's ``embed_scale`` or BERT's ``position_ids``) cannot be streamed: it is loaded
+    by transformers' ``from_pretrained`` instead, with one logged line saying so, and held to the same rule
+    (no missing, unexpected or mis-shaped tensor); then quantized layer by layer.
         ImportError: a GGUF file without the ``gguf`` package.
     """
     from fastpeft.nn import NF4Linear
@@ -343,6 +351,71 @@ def load_causal_lm(
     if dtype is None:
         dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
         dtype = _DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else dtype
+    try:
+        model = _stream(model_dir, config, prequantized, quantize, device, dtype, skip, double_quant)
+    except _CannotStream as e:
+        if is_gguf(model_dir) or prequantized:
+            raise ValueError(str(e)) from None
+        _log.warning(
+            "%s cannot be read tensor by tensor (%s): loading it with transformers' from_pretrained instead, "
+            "the whole %s model in memory before quantization",
+            model_dir, e.reason, type(e.model).__name__,
+        )  # fmt: skip
+        model = _from_pretrained(model_dir, e, quantize, device, dtype, skip, double_quant)
+    if quantize and not any(isinstance(m, NF4Linear) for m in model.modules()):
+        raise ValueError(
+            f"{model_dir}: quantize=True (QLoRA) found no linear layer to quantize in the {type(model).__name__} "
+            f"model (skipped: {', '.join(skip) or 'none'}); train it with LoRA instead"
+        )
+    return model
+
+
+class _CannotStream(ValueError):
+    """The checkpoint's tensors or the model's buffers do not map one to one onto the model built on meta
+    (transformers converts them on load: renamed keys, fused experts, buffers computed by ``__init__``)."""
+
+    def __init__(self, message: str, reason: str, model: nn.Module) -> None:
+        super().__init__(message)
+        self.reason, self.model = reason, model
+
+
+def _from_pretrained(
+    model_dir: Path,
+    error: _CannotStream,
+    quantize: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+    skip: tuple[str, ...],
+    double_quant: bool,
+) -> nn.Module:
+    """transformers' own loader, held to the streaming loader's rule: every tensor present, none left over."""
+    from fastpeft.peft.quantize import quantize_model
+
+    tf = require_transformers()
+    model, info = tf.AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, output_loading_info=True)
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        raise ValueError(f"{error} (transformers' loader reports {_names([f'{k}: {v}' for k, v in bad.items()])})")
+    model.to(device)
+    if quantize:
+        quantize_model(model, skip=skip, double_quant=double_quant)
+    model.config._name_or_path = str(model_dir)
+    return model.eval()
+
+
+def _stream(
+    model_dir: Path,
+    config: Any,
+    prequantized: bool,
+    quantize: bool,
+    device: torch.device,
+    dtype: torch.dtype,
+    skip: tuple[str, ...],
+    double_quant: bool,
+) -> nn.Module:
+    from fastpeft.nn import NF4Linear
+    from fastpeft.peft.lora import conv1d_class
+
     model = _build_on_meta(model_dir, config)
     source = _source(model_dir, model, config)
 
@@ -353,7 +426,10 @@ def load_causal_lm(
         groups[id(p)].append(name)
     alias_of = {n: names[0] for names in groups.values() if len(names) > 1 for n in names}
     tied = set(alias_of)
-    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    conv1d = conv1d_class()
+    kinds = (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+    linears = {n for n, m in model.named_modules() if isinstance(m, kinds)}
+    transposed = {n for n, m in model.named_modules() if conv1d is not None and isinstance(m, conv1d)}
     targets = {n for n in linears if quantize and not is_skipped(n, skip) and f"{n}.weight" not in tied}
 
     key_shape = source.shapes
@@ -382,7 +458,10 @@ def load_causal_lm(
     ]
     if unexpected:
         name = type(model).__name__
-        raise ValueError(f"{model_dir}: unexpected tensors not in the {name} model: {_names(unexpected)}")
+        raise _CannotStream(
+            f"{model_dir}: unexpected tensors not in the {name} model: {_names(unexpected)}",
+            f"tensors named {_names(unexpected, 2)} are not the model's", model,
+        )  # fmt: skip
     present = {alias_of.get(k, k) for k in key_shape if k in meta}
     missing = [k for k in meta if alias_of.get(k, k) not in present and k.rpartition(".")[0] not in prequant]
     if missing:
@@ -393,6 +472,11 @@ def load_causal_lm(
                 f"{source.label(k)}: size mismatch for {k}: the checkpoint holds {shape}, "
                 f"the model expects {tuple(meta[k].shape)}"
             )
+
+    try:  # computed by the modules' __init__, not read: know before reading that they can be rebuilt
+        _materialize_buffers(model, device)
+    except ValueError as e:
+        raise _CannotStream(f"{model_dir}: {e}", str(e), model) from None
 
     nf4: dict[str, NF4Weight] = {}
     bias: dict[str, torch.Tensor] = {}
@@ -409,6 +493,8 @@ def load_causal_lm(
         if t.is_floating_point():
             t = t.to(dtype)
         if mod in targets and attr == "weight":
+            if mod in transposed:  # GPT-2's Conv1D stores [in, out]: quantize W as a Linear holds it
+                t = t.t().contiguous()
             nf4[mod] = quantize_nf4(t, double_quant=double_quant)
             del t  # the 16-bit weight dies here: only its NF4 form stays
         elif mod in targets and attr == "bias":
@@ -431,7 +517,6 @@ def load_causal_lm(
             for n in names:
                 mod_name, _, attr = n.rpartition(".")
                 model.get_submodule(mod_name)._parameters[attr] = src
-    _materialize_buffers(model, device)
     model.config._name_or_path = str(model_dir)
     return model.eval()
 
