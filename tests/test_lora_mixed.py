@@ -119,7 +119,9 @@ def test_names_the_layer_lacks_and_bad_lengths():
     layer = _layer(False)
     x = torch.randn(3, 64)
     with torch.no_grad():
-        got = layer(x, adapter_names=["elsewhere", "a", "__base__"])
+        with pytest.raises(ValueError, match=r"no adapter named \['elsewhere'\] in this layer"):  # issue 25 item 9
+            layer(x, adapter_names=["elsewhere", "a", "__base__"])
+        got = layer(x, adapter_names=["__base__", "a", "__base__"])
         assert_close(got, _row_by_row(layer, x, ["__base__", "a", "__base__"]))
         with pytest.raises(ValueError, match="one name per row"):
             layer(x, adapter_names=["a", "b"])

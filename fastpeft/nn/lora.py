@@ -226,7 +226,8 @@ class LoraLinear(LoraLayerBase):
         Args:
             x: the input.
             adapter_names: one adapter name per row of ``x`` (``"__base__"`` for none): a mixed batch,
-                each row through its own adapter (HF PEFT's ``adapter_names`` forward argument).
+                each row through its own adapter (HF PEFT's ``adapter_names`` forward argument). A list: a str,
+                or a name this layer does not hold, is refused.
 
         Raises:
             TypeError: ``x`` is not a floating tensor (``nn.Linear`` refuses integers too).
@@ -288,13 +289,7 @@ class LoraLinear(LoraLayerBase):
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: Sequence[str]) -> torch.Tensor:
         """Row ``i`` of ``x`` through the base plus adapter ``adapter_names[i]`` (``"__base__"``: none): every
         adapter in one batched op (``fastpeft.nn.lora_mixed``), else one sub-batch per adapter."""
-        if self.merged:
-            raise ValueError("adapter_names cannot be used while adapters are merged into the base; unmerge first")
-        if len(adapter_names) != (x.shape[0] if x.dim() > 1 else 1):
-            raise ValueError(
-                f"adapter_names has {len(adapter_names)} names for a batch of {x.shape[0] if x.dim() > 1 else 1} "
-                "rows; give one name per row"
-            )
+        adapter_names = self._check_adapter_names(adapter_names, x.shape[0] if x.dim() > 1 else 1)
         y = self.base_layer(x)
         if batched_delta(self, x, y, adapter_names):
             return y

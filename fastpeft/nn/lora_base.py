@@ -144,6 +144,29 @@ class LoraLayerBase(MoveChecks, nn.Module):
                 for p in self._adapter_tensors(name):
                     p.requires_grad_(False)
 
+    def _check_adapter_names(self, adapter_names: object, rows: int) -> list[str]:
+        """``adapter_names`` of a mixed batch as a list, checked: one name per row, each an adapter of this layer or
+        ``"__base__"`` (``PeftModel`` hands each layer ``"__base__"`` for the adapters that do not target it).
+
+        Raises:
+            TypeError: a str (it would be read as one name per character) or entries that are not str.
+            ValueError: a merged layer, a length other than ``rows``, or a name this layer does not hold.
+        """
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(
+                f"adapter_names must be a list of str, one adapter name per row, got {adapter_names!r:.80} "
+                "(for one row: [name])"
+            )
+        names = list(adapter_names)
+        if self.merged:
+            raise ValueError("adapter_names cannot be used while adapters are merged into the base; unmerge first")
+        if len(names) != rows:
+            raise ValueError(f"adapter_names has {len(names)} names for a batch of {rows} rows; give one name per row")
+        unknown = sorted({n for n in names if n != "__base__" and not self._has(n)})
+        if unknown:
+            raise ValueError(f"adapter_names: no adapter named {unknown} in this layer; it has {self._names()}")
+        return names
+
     def _present_active(self) -> list[str]:
         return [n for n in self._active if self._has(n)]
 

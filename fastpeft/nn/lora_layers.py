@@ -134,8 +134,7 @@ class LoraEmbedding(LoraLayerBase):
                 y = self.base_layer(x)
             return y
         if adapter_names is not None:
-            if self.merged:
-                raise ValueError("adapter_names cannot be used while adapters are merged into the base; unmerge first")
+            adapter_names = self._check_adapter_names(adapter_names, x.shape[0] if x.dim() > 1 else 1)
             if embedding_batched_delta(self, x, y, adapter_names):
                 return y
             for name in dict.fromkeys(adapter_names):
@@ -269,8 +268,8 @@ class LoraConv(LoraLayerBase):
                 self.unmerge()
             return self.base_layer(x)
         if adapter_names is not None:
-            if self.merged:
-                raise ValueError("adapter_names cannot be used while adapters are merged into the base; unmerge first")
+            batched = x.dim() == self.base_layer.weight.dim()  # [N, C, *spatial]; an unbatched input is one row
+            adapter_names = self._check_adapter_names(adapter_names, x.shape[0] if batched else 1)
             y = self.base_layer(x)
             for name in dict.fromkeys(adapter_names):
                 if name != "__base__" and self._has(name):

@@ -109,6 +109,12 @@ class LoraMethods:
             yield
             return
         self._require_lora("adapter_names")
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            # a str would be read as one adapter name per character ("default": seven one-letter names)
+            raise TypeError(
+                f"adapter_names must be a list of str, one adapter name per sample, got {adapter_names!r:.80} "
+                "(for one sample: [name])"
+            )
         # (HF PEFT's messages, word for word: code that handles these errors may match them)
         if self.training:
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
@@ -131,7 +137,7 @@ class LoraMethods:
                     "Mixed batching is only supported for the following modules: Linear, Embedding, Conv1d, Conv2d, "
                     f"Conv3d. {name!r} (modules_to_save) is a {type(wrapper.original_module).__name__}."
                 )
-        first = next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+        first = _batch_input(args, kwargs)
         if first is not None and len(adapter_names) != first.shape[0]:
             raise ValueError(
                 "Length of `adapter_names` should be the same as the number of inputs, but got "
@@ -142,10 +148,18 @@ class LoraMethods:
             beams = kwargs.get("num_beams", 1) * kwargs.get("num_return_sequences", 1)
             names = [n for n in names for _ in range(max(1, beams))] if beams > 1 else names
 
-        def hook(_module: nn.Module, hook_args: tuple, hook_kwargs: dict[str, Any]) -> tuple:
+        held: dict[tuple, list[str]] = {}  # the names as each set of adapters a layer holds sees them
+
+        def hook(module: nn.Module, hook_args: tuple, hook_kwargs: dict[str, Any]) -> tuple:
             rows = hook_args[0].shape[0] if hook_args and isinstance(hook_args[0], torch.Tensor) else len(names)
             # generate() expands beams after the first call on some paths: stretch the names to the rows.
             per = names if rows == len(names) else [n for n in names for _ in range(rows // len(names))]
+            if isinstance(module, LoraLayerBase):
+                # a layer refuses names it does not hold: the adapters that do not target it run its base
+                key = (tuple(module._names()), len(per))
+                if key not in held:
+                    held[key] = [n if module._has(n) else "__base__" for n in per]
+                per = held[key]
             return hook_args, {**hook_kwargs, "adapter_names": per}
 
         kinds = (LoraLayerBase, ModulesToSaveWrapper, TrainableTokensWrapper)
@@ -239,6 +253,19 @@ class LoraMethods:
                 b_new.zero_()
                 a_new[: a_val.shape[0]] = a_val.to(a_new.dtype).reshape(-1, *a_new.shape[1:])
                 b_new[:, : b_val.shape[1]] = b_val.to(b_new.dtype).reshape(b_new.shape[0], -1, *b_new.shape[2:])
+
+
+def _batch_input(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The tensor whose first dimension is the batch: ``input_ids`` or ``inputs_embeds`` (by keyword, or the first
+    positional argument), else the first tensor argument. Not simply the first tensor: ``position_ids [1, T]`` or
+    a mask may come before them."""
+    for key in ("input_ids", "inputs_embeds", "inputs"):
+        t = kwargs.get(key)
+        if isinstance(t, torch.Tensor) and t.dim() > 0:
+            return t
+    if args and isinstance(args[0], torch.Tensor) and args[0].dim() > 0:
+        return args[0]
+    return next((t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor) and t.dim() > 0), None)
 
 
 def _union_targets(configs: list) -> list[str] | str:
