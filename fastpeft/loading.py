@@ -399,7 +399,7 @@ def _from_pretrained(
     model.to(device)
     if quantize:
         quantize_model(model, skip=skip, double_quant=double_quant)
-    model.config._name_or_path = str(model_dir)
+    model.config._name_or_path = str(model_dir.resolve())  # an adapter naming it then resolves from anywhere
     return model.eval()
 
 
@@ -517,7 +517,7 @@ def _stream(
             for n in names:
                 mod_name, _, attr = n.rpartition(".")
                 model.get_submodule(mod_name)._parameters[attr] = src
-    model.config._name_or_path = str(model_dir)
+    model.config._name_or_path = str(model_dir.resolve())  # an adapter naming it then resolves from anywhere
     return model.eval()
 
 

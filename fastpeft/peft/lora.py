@@ -296,6 +296,10 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list
     by_module = bool(config.target_modules) or not config.target_parameters
     names = _find_targets(model, config, strict=not config.target_parameters) if by_module else []
     _check_lora_fits(model, names, config)
+    if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
+        # what HF PEFT records, and so writes into adapter_config.json: the names "all-linear" resolved to
+        # (each module's last name component), so the file says which layers the adapter holds
+        config.target_modules = sorted({n.rpartition(".")[2] for n in names})
     conv1d = conv1d_class()
     for name in names:
         module = model.get_submodule(name)
