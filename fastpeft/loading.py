@@ -586,9 +586,13 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, compute_dtype: 
     """Write ``model`` (with ``NF4Linear`` layers) as a transformers bitsandbytes-4-bit checkpoint into ``out_dir``.
 
     Files: ``config.json`` (with ``quantization_config``), ``generation_config.json`` when the model has
-    one, and ``model.safetensors`` (six keys per quantized linear, tied parameters stored once).
+    one, and ``model.safetensors`` (six keys per quantized linear, tied parameters stored once). The tensors
+    kept dense (embeddings, norms, the head, biases) are written in ``compute_dtype`` when they are 16-bit
+    or wider floats, as a transformers + bitsandbytes 4-bit load holds them; the NF4 statistics stay float32.
     """
     from safetensors.torch import save_file
+
+    from fastpeft.nn import NF4Linear
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -596,11 +600,21 @@ def save_quantized(model: nn.Module, out_dir: str | os.PathLike, compute_dtype: 
     for name, p in model.named_parameters(remove_duplicate=False):
         first.setdefault(id(p), name)
     aliases = {name for name, p in model.named_parameters(remove_duplicate=False) if first[id(p)] != name}
+    nf4_weights = tuple(f"{n}.weight" for n, m in model.named_modules() if isinstance(m, NF4Linear))
+
+    def stored(key: str, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().to("cpu")
+        if t.is_floating_point() and not key.startswith(nf4_weights) and t.element_size() >= 2:
+            t = t.to(compute_dtype)
+        return t.contiguous().clone()
+
     # Tied parameters are stored once (transformers re-ties them on load); everything else, even
     # tensors shared between layers (the NF4 code maps), is stored under each key.
-    tensors = {k: t.detach().to("cpu").contiguous().clone() for k, t in model.state_dict().items() if k not in aliases}
+    tensors = {k: stored(k, t) for k, t in model.state_dict().items() if k not in aliases}
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     config = model.config.to_dict()
+    config["dtype"] = str(compute_dtype).removeprefix("torch.")
+    config.pop("torch_dtype", None)  # the deprecated spelling of dtype
     config["quantization_config"] = bnb_quantization_config(compute_dtype, skip)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     gen = getattr(model, "generation_config", None)

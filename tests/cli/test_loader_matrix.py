@@ -4,6 +4,7 @@ logged line, where a checkpoint cannot be streamed tensor by tensor."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -78,3 +79,24 @@ def test_qlora_that_quantizes_nothing_is_refused_by_name(tmp_path):
     tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(**_COMMON, num_key_value_heads=2)).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no linear layer to quantize"):
         load_causal_lm(tmp_path, quantize=True, skip=("model", "lm_head"))
+
+
+def test_save_quantized_keeps_dense_tensors_in_16_bit_and_nf4_statistics_in_float32(tmp_path):
+    from safetensors import safe_open
+
+    from fastpeft.loading import save_quantized
+
+    torch.manual_seed(0)
+    tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(**_COMMON, num_key_value_heads=2)).save_pretrained(tmp_path)
+    save_quantized(load_causal_lm(tmp_path, quantize=True), tmp_path / "nf4", compute_dtype=torch.bfloat16)
+    with safe_open(tmp_path / "nf4" / "model.safetensors", "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert dtypes["model.embed_tokens.weight"] == "BF16" and dtypes["lm_head.weight"] == "BF16"
+    assert dtypes["model.norm.weight"] == "BF16"
+    assert dtypes["model.layers.0.self_attn.q_proj.weight.absmax"] in ("F32", "U8")
+    assert dtypes["model.layers.0.self_attn.q_proj.weight.quant_map"] == "F32"
+    config = json.loads((tmp_path / "nf4" / "config.json").read_text())
+    assert config["dtype"] == "bfloat16" and "torch_dtype" not in config
+    pytest.importorskip("bitsandbytes")
+    loaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "nf4")
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
