@@ -35,6 +35,7 @@ __all__ = [
     "WEIGHTS_NAME",
     "check_output_dir",
     "check_state_dict",
+    "check_tensor_values",
     "read_adapter_dir",
     "write_adapter_dir",
 ]
@@ -191,3 +192,55 @@ def check_state_dict(
 def _sample(keys: list[str], n: int = 8) -> str:
     more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
     return f"{keys[:n]}{more}"
+
+
+# The dtypes adapter weights are stored in; integer, bool, complex and float8 tensors are not adapter weights, and
+# casting them into one (int8 codes as values, the real part of a complex) would be silent nonsense.
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor_values(
+    source: str | os.PathLike,
+    loaded: dict[str, torch.Tensor],
+    targets: dict[str, torch.Tensor],
+    compute_dtype: torch.dtype | None = None,
+    allow_non_finite: bool = False,
+) -> None:
+    """Refuse, by key, file tensors that would load as nonsense into ``targets`` (key -> the model's tensor).
+
+    A floating target takes float16, bfloat16, float32 or float64 only; another target its own dtype. Unless
+    ``allow_non_finite``, a floating tensor must hold no NaN or ±inf, and no value beyond the range of the target's
+    dtype or of ``compute_dtype`` (what the model computes in: 1e38 is a finite float32 that float16 logits turn
+    into inf).
+
+    Raises:
+        ValueError: naming ``source``, the key, and the dtype or the values.
+    """
+    for key in sorted(set(loaded) & set(targets)):
+        t, target = loaded[key], targets[key]
+        if target.is_floating_point() and t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(
+                f"{source}: {key} is {str(t.dtype).removeprefix('torch.')}; adapter weights must be float16, "
+                "bfloat16, float32 or float64 (the file is not an adapter of this kind, or corrupt)"
+            )
+        if not target.is_floating_point():
+            if t.dtype != target.dtype:
+                raise ValueError(f"{source}: {key} is {t.dtype}, the model holds {target.dtype} there")
+            continue
+        if allow_non_finite or t.numel() == 0:
+            continue
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise ValueError(
+                f"{source}: {key} holds {bad} non-finite value(s) (NaN or inf) of {t.numel()}; pass "
+                "allow_non_finite=True to load it anyway"
+            )
+        narrowest = min({target.dtype, compute_dtype or target.dtype}, key=lambda d: torch.finfo(d).max)
+        limit = torch.finfo(narrowest).max
+        peak = float(t.abs().max())
+        if peak > limit:
+            raise ValueError(
+                f"{source}: {key} holds values up to {peak:.3g}, beyond {str(narrowest).removeprefix('torch.')}'s "
+                f"range ({limit:.3g}) that the model computes in: they would turn into inf; pass "
+                "allow_non_finite=True to load it anyway"
+            )

@@ -35,6 +35,7 @@ from fastpeft.peft.io import (
     WEIGHTS_NAME,
     check_output_dir,
     check_state_dict,
+    check_tensor_values,
     read_adapter_dir,
     write_adapter_dir,
 )
@@ -85,6 +86,10 @@ class PeftModel(LoraMethods, nn.Module):
         autocast_adapter_dtype: bool = True,
         low_cpu_mem_usage: bool = False,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(peft_config, PeftConfigBase):
+            raise TypeError(f"peft_config must be a config such as LoraConfig, got {type(peft_config).__name__}")
         nn.Module.__init__(self)  # named, not super(): see fastpeft.peft.interop
         self.peft_config: dict[str, PeftConfigBase] = {}
         self._peft_kind = _kind(peft_config)
@@ -504,8 +509,10 @@ class PeftModel(LoraMethods, nn.Module):
             ephemeral_gpu_offload, low_cpu_mem_usage: accepted; nothing to do in fastpeft.
             key_mapping: not supported (fastpeft reads HF PEFT's key names only).
             kwargs: ``subfolder``, ``ignore_mismatched_sizes`` (keep the fresh adapter values for tensors whose
-                shape differs, e.g. after resizing the vocabulary), ``device_map`` (adapters follow their base
-                layers, so there is nothing to dispatch) and hub arguments (fastpeft reads local directories only).
+                shape differs, e.g. after resizing the vocabulary), ``allow_non_finite`` (load NaN, ±inf and
+                values beyond the model's dtype, which are refused by default), ``device_map`` (adapters follow
+                their base layers, so there is nothing to dispatch) and hub arguments (fastpeft reads local
+                directories only).
 
         Returns:
             ``(missing_keys, unexpected_keys)``, both empty: a file that does not match fails instead.
@@ -517,12 +524,13 @@ class PeftModel(LoraMethods, nn.Module):
         """
         check_adapter_name(adapter_name)
         ignore_mismatched = bool(kwargs.pop("ignore_mismatched_sizes", False))
+        allow = bool(kwargs.pop("allow_non_finite", False))
         directory = local_adapter_dir(model_id, key_mapping, kwargs)
         cfg_dict, tensors = read_adapter_dir(directory)
         cfg_path = directory / CONFIG_NAME
         config = config_from_dict(cfg_dict, str(cfg_path))
         if adapter_name in self.peft_config:
-            self._reload_adapter(adapter_name, config, tensors, directory, torch_device, ignore_mismatched)
+            self._reload_adapter(adapter_name, config, tensors, directory, torch_device, ignore_mismatched, allow)
             if not is_trainable:
                 self.eval()
             return LoadResult([], [])
@@ -531,7 +539,7 @@ class PeftModel(LoraMethods, nn.Module):
             self.add_adapter(adapter_name, without_init(config), autocast_adapter_dtype=autocast_adapter_dtype)
         self.peft_config[adapter_name] = config
         try:
-            self._load_tensors(adapter_name, tensors, directory / WEIGHTS_NAME, torch_device, ignore_mismatched)
+            self._load_tensors(adapter_name, tensors, directory / WEIGHTS_NAME, torch_device, ignore_mismatched, allow)
         except Exception:
             self.delete_adapter(adapter_name)
             raise
@@ -546,6 +554,7 @@ class PeftModel(LoraMethods, nn.Module):
         directory: Path,
         torch_device: str | torch.device | None,
         ignore_mismatched: bool,
+        allow_non_finite: bool = False,
     ) -> None:
         # HF PEFT's rule for a name that exists: the file's values replace the adapter's (what
         # transformers.Trainer does on resume_from_checkpoint); the adapter's shape must be the file's.
@@ -555,7 +564,9 @@ class PeftModel(LoraMethods, nn.Module):
                 f"{directory / CONFIG_NAME}: a {type(config).__name__} (r={getattr(config, 'r', None)}) cannot "
                 f"replace adapter {adapter_name!r}, a {type(have).__name__} (r={getattr(have, 'r', None)})"
             )
-        self._load_tensors(adapter_name, tensors, directory / WEIGHTS_NAME, torch_device, ignore_mismatched)
+        self._load_tensors(
+            adapter_name, tensors, directory / WEIGHTS_NAME, torch_device, ignore_mismatched, allow_non_finite
+        )
 
     def _load_tensors(
         self,
@@ -564,10 +575,14 @@ class PeftModel(LoraMethods, nn.Module):
         source: Path,
         torch_device: str | torch.device | None = None,
         ignore_mismatched_sizes: bool = False,
+        allow_non_finite: bool = False,
     ) -> None:
         if torch_device is not None:
             tensors = {k: t.to(torch_device) for k, t in tensors.items()}
+        compute = _compute_dtype(self.get_base_model())
         if self._peft_kind == "prompt":
+            weight = self.prompt_encoder[adapter_name].embedding.weight
+            check_tensor_values(source, tensors, {"prompt_embeddings": weight}, compute, allow_non_finite)
             prompt.load_embeddings(self, adapter_name, tensors, source)
             return
         params = self._file_params(adapter_name)
@@ -576,6 +591,7 @@ class PeftModel(LoraMethods, nn.Module):
             params = {k: t for k, t in params.items() if k not in bad}
             tensors = {k: t for k, t in tensors.items() if k not in bad}
         check_state_dict(source, tensors, {k: t.shape for k, t in params.items()})
+        check_tensor_values(source, tensors, params, compute, allow_non_finite)
         with torch.no_grad():
             for key, t in params.items():
                 t.copy_(tensors[key].to(device=t.device, dtype=t.dtype))
@@ -614,6 +630,7 @@ class PeftModel(LoraMethods, nn.Module):
         """
         check_adapter_name(adapter_name)
         ignore_mismatched = bool(kwargs.pop("ignore_mismatched_sizes", False))
+        allow = bool(kwargs.pop("allow_non_finite", False))
         directory = local_adapter_dir(model_id, key_mapping, kwargs)
         cfg_dict, tensors = read_adapter_dir(directory)
         cfg_path = directory / CONFIG_NAME
@@ -625,7 +642,9 @@ class PeftModel(LoraMethods, nn.Module):
             peft_model = cls(model, without_init(config), adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         peft_model.peft_config[adapter_name] = config
         try:
-            peft_model._load_tensors(adapter_name, tensors, directory / WEIGHTS_NAME, torch_device, ignore_mismatched)
+            peft_model._load_tensors(
+                adapter_name, tensors, directory / WEIGHTS_NAME, torch_device, ignore_mismatched, allow
+            )
         except Exception:
             peft_model.unload()  # hand the caller's model back as it was
             raise
@@ -633,6 +652,13 @@ class PeftModel(LoraMethods, nn.Module):
         if not is_trainable:
             peft_model.eval()  # loaded for inference: no dropout, as HF PEFT does
         return peft_model
+
+
+def _compute_dtype(model: nn.Module) -> torch.dtype | None:
+    """The narrowest-range floating dtype among the model's frozen weights: what its layers compute in, and so
+    what the adapters' values must fit (float16 holds only up to 65504)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad}
+    return min(dtypes, key=lambda d: torch.finfo(d).max) if dtypes else None
 
 
 def get_peft_model(

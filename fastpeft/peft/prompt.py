@@ -73,6 +73,33 @@ def _fill_dims(model: nn.Module, config: _PromptLearningConfig) -> None:
         config.num_transformer_submodules = 1
     if isinstance(config, PrefixTuningConfig) and config.encoder_hidden_size is None:
         config.encoder_hidden_size = config.token_dim
+    _check_dims(model, mc, config)
+
+
+def _check_dims(model: nn.Module, mc: Any, config: _PromptLearningConfig) -> None:
+    """The config's dims (set by hand, or read from a file made for another model) must be this model's: a
+    prompt table of another width fails deep inside a concatenation, a prefix of other heads inside attention."""
+    owner = type(config).__name__
+    if isinstance(config, PromptTuningConfig):
+        embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        width = getattr(getattr(embeddings, "weight", None), "shape", (None, None))[1]
+        width = width if width is not None else _cfg(mc, "hidden_size", "n_embd", "d_model")
+        if width is not None and config.token_dim != width:
+            raise ValueError(f"{owner}: token_dim={config.token_dim} does not match the embedding width {width}")
+        return
+    layers = _cfg(mc, "num_hidden_layers", "num_layers", "n_layer")
+    if layers is not None and config.num_layers != layers:
+        raise ValueError(f"{owner}: num_layers={config.num_layers} does not match the model's {layers} layers")
+    hidden, heads = _cfg(mc, "hidden_size", "n_embd", "d_model"), _cfg(mc, "num_attention_heads", "n_head")
+    kv_heads = _cfg(mc, "num_key_value_heads") or heads
+    head_dim = _cfg(mc, "head_dim") or (hidden // heads if hidden and heads else None)
+    if kv_heads is None or head_dim is None:
+        return
+    if (config.num_attention_heads, config.token_dim) != (kv_heads, head_dim * kv_heads):
+        raise ValueError(
+            f"{owner}: num_attention_heads={config.num_attention_heads}, token_dim={config.token_dim} do not match "
+            f"the model's cache of {kv_heads} key/value heads of {head_dim} (token_dim {head_dim * kv_heads})"
+        )
 
 
 class PromptEmbedding(nn.Module):
