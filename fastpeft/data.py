@@ -104,8 +104,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, str]]:
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: ``path`` is a directory; a line is too long, not UTF-8, or not a JSON object of one of
-            the two forms (``FILE:LINE: reason``); or the file holds no records.
+        ValueError: ``path`` is a directory; a line is too long, not UTF-8, holds a lone surrogate escape, or
+            is not a JSON object of one of the two forms (``FILE:LINE: reason``); or the file holds no records.
     """
     if os.path.isdir(path):
         raise ValueError(f"{path}: is a directory, not a JSONL file")
@@ -142,10 +142,22 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, str]]:
             for k in keys:
                 if not isinstance(obj[k], str):
                     raise ValueError(f"{where}: field {k!r} must be a string, got {type(obj[k]).__name__}")
+                _check_text(where, k, obj[k])
             records.append({k: obj[k] for k in keys})
     if not records:
         raise ValueError(f"{path}: no records (expected one JSON object a line)")
     return records
+
+
+def _check_text(where: str, key: str, text: str) -> None:
+    """A JSON escape can spell a lone surrogate (``"\\ud800"``), which is no character: tokenizers fail on it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{where}: field {key!r} holds a lone surrogate U+{ord(text[e.start]):04X} at character {e.start + 1} "
+            "(an unpaired \\ud800-\\udfff escape: not text)"
+        ) from None
 
 
 def leading_ids(encode: Callable[[str], list[int]], text: str, n: int) -> list[int]:
