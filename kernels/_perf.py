@@ -104,7 +104,7 @@ CONSTANTS: tuple[Constant, ...] = (
     Constant("sms", "a100", 108, "SMs", f"{_GA}: A100 has 108 SMs"),
     Constant("clock_hz", "h100", 1.755e9, "Hz",
              f"{_GB} gpu-latency/h100_pcie.txt runs at 1755 MHz; the clock the first model (kernels/_sass.py) used. "
-             "H100 SXM boosts to 1980 MHz when power allows (gh200.txt in {_GBX}); dense tensor loads run lower"),
+             f"H100 SXM boosts to 1980 MHz when power allows (gh200.txt in {_GBX}); dense tensor loads run lower"),
     Constant("clock_hz", "a100", 1.41e9, "Hz", f"{_GB} gpu-latency/a100_80.txt: 1410 MHz (A100 boost clock)"),
     Constant("issue_per_sm", "h100", 4, "warp-instr/clk", f"{_WP}: 4 SM sub-partitions, one warp scheduler each"),
     Constant("issue_per_sm", "a100", 4, "warp-instr/clk", f"{_GA}: 4 SM sub-partitions, one warp scheduler each"),
