@@ -68,7 +68,10 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_bytes
 
     base = _base(model)
     hidden = base.get_decoder()(
-        input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
+        input_ids=batch["input_ids"],
+        attention_mask=batch.get("attention_mask"),
+        position_ids=batch.get("position_ids"),  # packed rows (fastpeft.packing): where each example starts
+        use_cache=False,
     ).last_hidden_state
     labels = batch["labels"]
     # Shift by appending an ignored column rather than slicing the hidden states (no copy of them).
