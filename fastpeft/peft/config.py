@@ -425,12 +425,16 @@ class _PromptLearningConfig(PeftConfigBase):
         owner = type(self).__name__
         for name in ("num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers"):
             _check_count(owner, name, getattr(self, name))
-        if self.modules_to_save:
-            raise ValueError(f"{type(self).__name__}: option modules_to_save is not supported for prompt learning")
-        if self.num_transformer_submodules not in (None, 1):
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        if self.modules_to_save is not None:
+            # HF PEFT's SEQ_CLS models train their head in full (fastpeft.peft.prompt_tasks)
+            self.modules_to_save = list(self.modules_to_save)
+            _check_names(owner, "modules_to_save", self.modules_to_save, regex=False)
+        if self.num_transformer_submodules not in (None, 1, 2):
             raise ValueError(
-                f"{type(self).__name__}: num_transformer_submodules={self.num_transformer_submodules} "
-                "is not supported (decoder-only models: 1)"
+                f"{owner}: num_transformer_submodules={self.num_transformer_submodules} is not supported "
+                "(1, or 2 for an encoder-decoder)"
             )
 
     @property

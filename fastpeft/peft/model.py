@@ -22,7 +22,7 @@ from torch import nn
 from fastpeft import nn as fnn
 from fastpeft.nn.checks import check_adapter_name
 from fastpeft.peft import adapters as adp
-from fastpeft.peft import interop, lora, prompt
+from fastpeft.peft import interop, lora, prompt, prompt_tasks
 from fastpeft.peft.card import card_text, write_card_text
 from fastpeft.peft.config import (
     AdapterConfig,
@@ -208,6 +208,7 @@ class PeftModel(LoraMethods, nn.Module):
                 if existing is not None and existing.peft_type != peft_config.peft_type:
                     raise ValueError(f"cannot mix {peft_config.peft_type} with {existing.peft_type} adapters")
                 self.prompt_encoder[adapter_name] = prompt.build_prompt_encoder(model, peft_config)
+                prompt_tasks.wrap_heads(model, peft_config, adapter_name)  # SEQ_CLS: the head trains in full
         except BaseException:
             self._remove_partial(adapter_name)
             raise
@@ -256,6 +257,7 @@ class PeftModel(LoraMethods, nn.Module):
                 p.requires_grad_(False)
             for name, enc in self.prompt_encoder.items():
                 enc.requires_grad_(trainable and name == names[0])
+            prompt_tasks.set_heads(model, names[0], trainable)
         self._active_adapters = names
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -274,6 +276,7 @@ class PeftModel(LoraMethods, nn.Module):
             adp.delete_adapter(model, adapter_name)
         else:
             del self.prompt_encoder[adapter_name]
+            lora.delete_lora_adapter(model, adapter_name)  # its modules_to_save copies (SEQ_CLS heads)
         del self.peft_config[adapter_name]
         remaining = [a for a in self._active_adapters if a != adapter_name]
         if not remaining and self.peft_config:
@@ -293,7 +296,7 @@ class PeftModel(LoraMethods, nn.Module):
         elif self._peft_kind == "adapter":
             previous = adp.set_adapters_disabled(model, True)
         else:
-            previous = []
+            previous = lora.set_lora_disabled(model, True)  # the SEQ_CLS heads' copies
         grads = [(p, p.requires_grad) for p in self.parameters()]
         for p, _ in grads:
             p.requires_grad_(False)
@@ -335,7 +338,7 @@ class PeftModel(LoraMethods, nn.Module):
             return lora.unload_lora(model, merge=False)
         if self._peft_kind == "adapter":
             return adp.unload_adapters(model)
-        return model
+        return prompt_tasks.unwrap_heads(model)
 
     # -- counting --------------------------------------------------------------------------------
 
@@ -412,6 +415,7 @@ class PeftModel(LoraMethods, nn.Module):
             params = adp.adapter_file_params(model, adapter_name)
         else:
             params = {"prompt_embeddings": prompt.embeddings_to_save(self, adapter_name)}
+            params.update(prompt_tasks.head_params(model, adapter_name))
         if state_dict is None:
             return params
         # the same tensors, by their names in the model's state dict (computed ones, such as a prefix
@@ -582,8 +586,12 @@ class PeftModel(LoraMethods, nn.Module):
         compute = _compute_dtype(self.get_base_model())
         if self._peft_kind == "prompt":
             weight = self.prompt_encoder[adapter_name].embedding.weight
-            check_tensor_values(source, tensors, {"prompt_embeddings": weight}, compute, allow_non_finite)
-            prompt.load_embeddings(self, adapter_name, tensors, source)
+            heads = prompt_tasks.head_params(self.get_base_model(), adapter_name)
+            check_tensor_values(source, tensors, {"prompt_embeddings": weight, **heads}, compute, allow_non_finite)
+            prompt.load_embeddings(self, adapter_name, tensors, source, {k: t.shape for k, t in heads.items()})
+            with torch.no_grad():
+                for key, t in heads.items():
+                    t.copy_(tensors[key].to(device=t.device, dtype=t.dtype))
             return
         params = self._file_params(adapter_name)
         if ignore_mismatched_sizes:  # keep the fresh values where the file's shape does not fit (a resized vocab)

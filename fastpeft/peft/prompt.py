@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from fastpeft.peft import prompt_tasks
 from fastpeft.peft.config import PrefixTuningConfig, PromptTuningConfig, _PromptLearningConfig
 from fastpeft.peft.io import check_state_dict
 from fastpeft.peft.sizes import check_fits
@@ -182,11 +183,7 @@ def _check_prompt_fits(model: nn.Module, config: _PromptLearningConfig) -> None:
 
 def build_prompt_encoder(model: nn.Module, config: _PromptLearningConfig) -> nn.Module:
     """The encoder for ``config`` (model dims filled into ``config``), on the model's device."""
-    if config.task_type != "CAUSAL_LM":
-        raise ValueError(
-            f"{type(config).__name__}: task_type={config.task_type!r} is not supported; prompt learning "
-            "needs task_type='CAUSAL_LM'"
-        )
+    prompt_tasks.check_task(config)  # CAUSAL_LM here; SEQ_CLS and SEQ_2_SEQ_LM in fastpeft.peft.prompt_tasks
     if config.num_virtual_tokens is None:
         raise ValueError(f"{type(config).__name__}: num_virtual_tokens must be set")
     if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) and isinstance(
@@ -256,6 +253,12 @@ def forward(
     """Causal-LM forward with the active prompt / prefix (``input_ids [B, T]``, ``attention_mask [B, T]``)."""
     config = pm.active_peft_config
     batch = _batch_size(input_ids, inputs_embeds)
+    if config.task_type == "SEQ_CLS":
+        return prompt_tasks.seq_cls_forward(pm, _table(pm, batch), input_ids, attention_mask, inputs_embeds, labels,
+                                            kwargs)  # fmt: skip
+    if config.task_type == "SEQ_2_SEQ_LM":
+        return prompt_tasks.seq2seq_forward(pm, _table(pm, batch), input_ids, attention_mask, inputs_embeds, labels,
+                                            kwargs)  # fmt: skip
     n = config.num_virtual_tokens
     if attention_mask is not None:
         ones = torch.ones(batch, n, dtype=attention_mask.dtype, device=attention_mask.device)
@@ -303,6 +306,8 @@ def generate(pm: PeftModel, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise ValueError("prompt-learning generate() needs input_ids")
     if kwargs.get("inputs_embeds") is not None or kwargs.get(_cache_kwarg(model)) is not None:
         raise ValueError("prompt-learning generate() builds inputs_embeds / the cache itself; do not pass them")
+    if config.task_type == "SEQ_2_SEQ_LM":
+        return prompt_tasks.seq2seq_generate(pm, _table(pm, input_ids.shape[0]), input_ids, kwargs)
     batch, n = input_ids.shape[0], config.num_virtual_tokens
     mask = kwargs.pop("attention_mask", None)
     if mask is None:
@@ -339,21 +344,28 @@ def embeddings_to_save(pm: PeftModel, adapter_name: str) -> torch.Tensor:
     encoder = pm.prompt_encoder[adapter_name]
     if config.inference_mode:
         return encoder.embedding.weight.detach()
-    idx = torch.arange(config.num_virtual_tokens, device=encoder.embedding.weight.device).unsqueeze(0)
+    # every row of the table: num_virtual_tokens * num_transformer_submodules for prompt tuning (HF PEFT's file)
+    idx = torch.arange(encoder.embedding.num_embeddings, device=encoder.embedding.weight.device).unsqueeze(0)
     with torch.no_grad():
         return encoder(idx)[0].detach()
 
 
-def load_embeddings(pm: PeftModel, adapter_name: str, tensors: dict[str, torch.Tensor], source: Path) -> None:
-    """Load ``prompt_embeddings`` from a file into adapter ``adapter_name``."""
-    config = pm.peft_config[adapter_name]
+def load_embeddings(
+    pm: PeftModel,
+    adapter_name: str,
+    tensors: dict[str, torch.Tensor],
+    source: Path,
+    others: dict[str, torch.Size] | None = None,
+) -> None:
+    """Load ``prompt_embeddings`` from a file into adapter ``adapter_name``; ``others``: the other keys the file
+    must hold (a SEQ_CLS head's), with their shapes, loaded by the caller."""
     encoder = pm.prompt_encoder[adapter_name]
     if isinstance(encoder, PrefixEncoder) and encoder.prefix_projection:
         raise ValueError(
             f"{source}: a prefix_projection adapter stores only its post-MLP table, which cannot be trained "
             "further; load it with is_trainable=False"
         )
-    width = encoder.embedding.weight.shape[1]
-    check_state_dict(source, tensors, {"prompt_embeddings": torch.Size([config.num_virtual_tokens, width])})
+    rows, width = encoder.embedding.weight.shape
+    check_state_dict(source, tensors, {"prompt_embeddings": torch.Size([rows, width]), **(others or {})})
     with torch.no_grad():
         encoder.embedding.weight.copy_(tensors["prompt_embeddings"].to(encoder.embedding.weight))
