@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import struct
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -33,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastpeft.config_fields import check_config_fields
+from fastpeft.gguf_file import is_gguf_file, read_gguf_info
 from fastpeft.peft.quantize import is_skipped
 from fastpeft.quant import NF4Weight, quantize_nf4
 
@@ -71,8 +74,9 @@ def _names(keys: Iterable[str], limit: int = 6) -> str:
 
 
 def is_gguf(model: str | os.PathLike) -> bool:
-    """True when ``model`` names a GGUF file (``*.gguf``) rather than a checkpoint directory."""
-    return str(model).lower().endswith(".gguf")
+    """True when ``model`` names a GGUF file rather than a checkpoint directory: a ``*.gguf`` name, or a file of
+    any name that starts with GGUF's magic bytes."""
+    return str(model).lower().endswith(".gguf") or (os.path.isfile(model) and is_gguf_file(model))
 
 
 def _require_gguf() -> Any:
@@ -90,25 +94,23 @@ def _first_line(e: BaseException) -> str:
 def load_config(model_dir: str | os.PathLike) -> Any:
     """The model's config: ``config.json`` of a checkpoint directory, or the metadata of a GGUF file.
 
+    A GGUF file's layout is checked first (``fastpeft.gguf_file``), and the size fields of either kind are checked
+    before transformers builds its config (``fastpeft.config_fields``).
+
     Raises:
         FileNotFoundError: the directory, its ``config.json`` or the GGUF file is missing.
-        ValueError: the config is unreadable or names an architecture transformers does not know.
+        ValueError: the config is unreadable, names an architecture transformers does not know, or has a size
+            field that is not a positive int or does not fit the others (each named); a GGUF file is truncated
+            or corrupt (named); a file that is neither a directory nor a GGUF file.
         ImportError: a GGUF file without the ``gguf`` package.
     """
     transformers = require_transformers()
     model_dir = Path(model_dir)
     if is_gguf(model_dir):
-        if not model_dir.is_file():
-            raise FileNotFoundError(f"GGUF file {model_dir} does not exist")
-        _require_gguf()
-        try:
-            config = transformers.AutoConfig.from_pretrained(
-                str(model_dir.parent), gguf_file=model_dir.name, local_files_only=True
-            )
-        except (ValueError, KeyError, OSError, TypeError, NotImplementedError) as e:
-            raise ValueError(f"{model_dir}: unsupported or unreadable GGUF file ({_first_line(e)})") from None
-        config._name_or_path = str(model_dir)
-        return config
+        return _gguf_config(transformers, model_dir)
+    if model_dir.is_file():
+        raise ValueError(f"{model_dir}: a file that is not GGUF (no GGUF magic bytes); --model takes a checkpoint "
+                         "directory or a GGUF file")  # fmt: skip
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     if not (model_dir / "config.json").is_file():
@@ -123,10 +125,41 @@ def load_config(model_dir: str | os.PathLike) -> Any:
     if not isinstance(raw.get("quantization_config", {}), dict):
         # transformers fails on it with an AttributeError deep inside
         raise ValueError(f"{path}: quantization_config must be an object, got {raw['quantization_config']!r:.80}")
+    check_config_fields(str(path), raw)
     try:
         return transformers.AutoConfig.from_pretrained(str(model_dir), local_files_only=True)
     except (ValueError, KeyError, OSError, AttributeError, TypeError) as e:
         raise ValueError(f"{path}: unsupported or unreadable config ({_first_line(e)})") from None
+    except Exception as e:  # huggingface_hub's StrictDataclassError: a config class's own validation
+        if not type(e).__module__.startswith("huggingface_hub"):
+            raise
+        raise ValueError(f"{path}: {_last_line(e)}") from None
+
+
+def _last_line(e: BaseException) -> str:
+    """The innermost message of a validation error that wraps another (``validator 'x':`` then ``ValueError: why``)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1].removeprefix("ValueError: ").removeprefix("TypeError: ") if lines else type(e).__name__
+
+
+def _gguf_config(transformers: Any, path: Path) -> Any:
+    """``load_config`` of a GGUF file: its layout checked, then transformers' config from its metadata."""
+    _require_gguf()
+    info = read_gguf_info(path)
+    try:
+        config = transformers.AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    except (ValueError, KeyError, OSError, TypeError, NotImplementedError) as e:
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+        if info.architecture not in GGUF_SUPPORTED_ARCHITECTURES:  # transformers says "not a valid JSON file"
+            raise ValueError(
+                f"{path}: GGUF architecture {info.architecture!r} is not one transformers reads "
+                f"({', '.join(a for a in GGUF_SUPPORTED_ARCHITECTURES if a not in ('general', 'tokenizer'))})"
+            ) from None
+        raise ValueError(f"{path}: unsupported or unreadable GGUF file ({_first_line(e)})") from None
+    check_config_fields(str(path), config.to_dict())
+    config._name_or_path = str(path)
+    return config
 
 
 def load_tokenizer(model_dir: str | os.PathLike) -> Any:
@@ -260,7 +293,7 @@ class _GGUF:
         try:
             reader = gguf.GGUFReader(str(path))
             arch = str(bytes(reader.fields["general.architecture"].parts[-1]), encoding="utf-8")
-        except (ValueError, KeyError, OSError) as e:
+        except (ValueError, KeyError, OSError, struct.error) as e:
             raise ValueError(f"{path}: unreadable GGUF file ({_first_line(e)})") from None
         self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=config.to_dict())
         try:
@@ -495,7 +528,10 @@ def _stream(
         if mod in targets and attr == "weight":
             if mod in transposed:  # GPT-2's Conv1D stores [in, out]: quantize W as a Linear holds it
                 t = t.t().contiguous()
-            nf4[mod] = quantize_nf4(t, double_quant=double_quant)
+            try:
+                nf4[mod] = quantize_nf4(t, double_quant=double_quant)
+            except ValueError as e:  # non-finite weights: say which file and tensor
+                raise ValueError(f"{source.label(key)}: {key}: {e}") from None
             del t  # the 16-bit weight dies here: only its NF4 form stays
         elif mod in targets and attr == "bias":
             bias[mod] = t

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from fastpeft import memory_trace as mt
+from fastpeft.ops.linear_cross_entropy import trace_repeated_chunks_once
 from fastpeft.savers import causal_lm_loss, enable_checkpointing, lm_head_skip
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "format_bytes",
     "format_report",
     "longest_sequence",
+    "max_seq_len",
     "model_config",
     "parse_size",
 ]
@@ -83,6 +85,11 @@ SHAPES: dict[str, dict[str, Any]] = {
     "smollm2-135m": dict(_LLAMA, vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True),
 }  # fmt: skip
+# Their context lengths (max_position_embeddings in the same files): the longest --seq-len each takes.
+_CONTEXT = {"llama3-8b": 8192, "llama3-70b": 8192, "llama3.2-1b": 131072, "llama3.2-3b": 131072, "mistral-7b": 32768,
+            "qwen2.5-7b": 131072, "smollm2-135m": 8192}  # fmt: skip
+for _name, _positions in _CONTEXT.items():
+    SHAPES[_name]["max_position_embeddings"] = _positions
 
 
 @dataclass
@@ -91,7 +98,8 @@ class MemoryOptions:
 
     ``checkpointing`` None means the finetune default: on for QLoRA on a GPU. ``device`` is what the
     estimate stands for: ``"cuda"`` (bf16 weights under bf16 autocast, fused AdamW, the NF4 scratch) or
-    ``"cpu"`` (float32, as ``finetune`` runs there).
+    ``"cpu"`` (float32, as ``finetune`` runs there). ``beyond_max_positions`` lets ``seq_len`` pass the model's
+    ``max_position_embeddings``.
     """
 
     method: str = "qlora"
@@ -105,6 +113,7 @@ class MemoryOptions:
     quantize_lm_head: bool = False
     bottleneck_size: int = 16
     device: str = "cuda"
+    beyond_max_positions: bool = False
 
     def resolved_checkpointing(self) -> bool:
         if self.checkpointing is None:
@@ -145,18 +154,20 @@ def format_bytes(n: int) -> str:
 
 
 def model_config(shape_or_path: str) -> Any:
-    """A transformers config: a named shape (``SHAPES``), a model directory or a ``config.json`` file."""
-    from fastpeft.loading import load_config, require_transformers
+    """A transformers config: a named shape (``SHAPES``), a model directory, a ``config.json`` or a GGUF file."""
+    from fastpeft.loading import is_gguf, load_config, require_transformers
 
     transformers = require_transformers()
     if shape_or_path in SHAPES:
         kwargs = dict(SHAPES[shape_or_path])
         return transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
     path = Path(shape_or_path)
-    if path.is_file():
-        config = load_config(path.parent) if path.name == "config.json" else None
-        if config is None:
-            raise ValueError(f"{path}: expected a config.json (or a model directory)")
+    if path.is_file() and is_gguf(path):
+        config = load_config(path)  # what finetune takes as --model takes here too
+    elif path.is_file():
+        if path.name != "config.json":
+            raise ValueError(f"{path}: expected a config.json, a model directory or a GGUF file")
+        config = load_config(path.parent)
     elif path.is_dir():
         config = load_config(path)
     else:
@@ -178,6 +189,43 @@ def _check(opts: MemoryOptions) -> None:
         raise ValueError("--quantize-lm-head applies to qlora only")
     if opts.offload_activations and opts.checkpointing is False:
         raise ValueError("--offload-activations offloads what checkpointing keeps: it needs checkpointing on")
+
+
+# The most bytes one traced step may address (the sizes are int64 in torch; no GPU comes near).
+_MAX_STEP_BYTES = 1 << 62
+
+
+def max_seq_len(config: Any, opts: MemoryOptions) -> int:
+    """The longest ``seq_len`` the model takes: its ``max_position_embeddings`` (unless
+    ``opts.beyond_max_positions``), and in any case what keeps one step's tensors addressable."""
+    widest = max(_int(config, "hidden_size"), _int(config, "intermediate_size"), _int(config, "vocab_size"), 1)
+    addressable = max(1, _MAX_STEP_BYTES // (8 * widest * opts.batch_size))
+    limit = _int(config, "max_position_embeddings")
+    return addressable if opts.beyond_max_positions or not limit else min(limit, addressable)
+
+
+def _int(config: Any, name: str) -> int:
+    value = getattr(config, name, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _check_sizes(config: Any, opts: MemoryOptions) -> None:
+    """The model's size fields, and a batch it can take: refused here in one line, where a huge ``seq_len`` or
+    ``batch_size`` overflowed torch's size arithmetic (2**63) and a config of 100,000 layers traced for hours."""
+    from fastpeft.config_fields import check_config_fields
+
+    check_config_fields(getattr(config, "_name_or_path", None) or "the model config", config.to_dict())
+    limit = _int(config, "max_position_embeddings")
+    if limit and opts.seq_len > limit and not opts.beyond_max_positions:
+        raise ValueError(
+            f"--seq-len {opts.seq_len:,d} is longer than the model's max_position_embeddings {limit:,d} "
+            "(pass --beyond-max-positions to estimate it anyway)"
+        )
+    if opts.seq_len > max_seq_len(config, replace(opts, beyond_max_positions=True)):
+        raise ValueError(
+            f"--batch-size {opts.batch_size:,d} x --seq-len {opts.seq_len:,d} tokens: one step's tensors would "
+            "pass 2**62 bytes, beyond what torch can address (and any GPU holds)"
+        )
 
 
 def _meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
@@ -258,6 +306,7 @@ def estimate(config: Any, opts: MemoryOptions) -> MemoryEstimate:
     from fastpeft.peft import get_peft_model
 
     _check(opts)
+    _check_sizes(config, opts)
     if opts.quantize_lm_head and getattr(config, "tie_word_embeddings", False):
         raise ValueError("--quantize-lm-head: the head is tied to the input embedding: quantizing it saves nothing")
     dtype = torch.bfloat16 if opts.device == "cuda" else torch.float32
@@ -288,7 +337,7 @@ def estimate(config: Any, opts: MemoryOptions) -> MemoryEstimate:
     def loss_fn(m: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return causal_lm_loss(m, batch) if opts.chunked_loss else m(**batch).loss
 
-    with mt.fake_mode():
+    with mt.fake_mode(), trace_repeated_chunks_once():  # the loss's cost independent of the number of tokens
         mt.fakeify(model)
         nf4 = mt.nbytes(b for m in nf4_layers for b in m.buffers())
         adapters = mt.nbytes(p for p in model.parameters() if p.requires_grad)
@@ -314,6 +363,7 @@ def estimate_peer(config: Any, opts: MemoryOptions) -> MemoryEstimate:
     import peft
 
     _check(opts)
+    _check_sizes(config, opts)
     if opts.method not in ("lora", "qlora"):
         raise ValueError(f"the peer comparison covers lora and qlora, not {opts.method!r}")
     dtype = torch.bfloat16 if opts.device == "cuda" else torch.float32
@@ -358,28 +408,35 @@ def estimate_peer(config: Any, opts: MemoryOptions) -> MemoryEstimate:
 
 def longest_sequence(config: Any, opts: MemoryOptions, budget: int, step: int = 256, tries: int = 8) -> int:
     """The longest sequence (a multiple of ``step``, halved down to 8 while not even ``step`` fits) whose
-    estimated peak is at most ``budget`` bytes; 0 if none.
+    estimated peak is at most ``budget`` bytes; 0 if none; ``max_seq_len`` when all of that fits.
 
     The peak grows linearly with the sequence (SDPA attention, chunked loss): secant steps from two
     estimates, each checked by a new estimate, then bisection between the best fit and the first miss.
     """
     points: dict[int, int] = {}
+    cap = max_seq_len(config, opts)
 
     def peak(seq: int) -> int:
         if seq not in points:
             points[seq] = estimate(config, replace(opts, seq_len=seq)).peak_bytes
         return points[seq]
 
+    while step > 8 and step > cap:
+        step //= 2
     while step > 8 and peak(step) > budget:  # a small model or budget: a finer grid
         step //= 2
-    lo, hi = 0, None  # lo fits (0: nothing known), hi does not
-    for seq in (step, 8 * step):
+    if step > cap:
+        return cap if peak(cap) <= budget else 0
+    if peak(cap) <= budget:  # the whole context fits (a huge budget must not guess a billion tokens)
+        return cap
+    lo, hi = 0, cap  # lo fits (0: nothing known), hi does not
+    for seq in (step, min(8 * step, cap // step * step)):
         if peak(seq) <= budget:
             lo = max(lo, seq)
         else:
-            hi = seq if hi is None else min(hi, seq)
+            hi = min(hi, seq)
     for _ in range(tries):
-        if hi is not None and hi - lo <= step:
+        if hi - lo <= step:
             break
         fits = sorted(points)
         s0, s1 = fits[-2], fits[-1]
@@ -387,16 +444,15 @@ def longest_sequence(config: Any, opts: MemoryOptions, budget: int, step: int = 
         if slope <= 0:
             break
         guess = int(s1 + (budget - points[s1]) / slope) // step * step
-        if hi is not None:
-            guess = min(max(guess, lo + step), hi - step)
-            if not lo < guess < hi:
-                guess = (lo + hi) // 2 // step * step
+        guess = min(max(guess, lo + step), hi - step)
+        if not lo < guess < hi:
+            guess = (lo + hi) // 2 // step * step
         guess = max(guess, step)
         if peak(guess) <= budget:
             lo = max(lo, guess)
         else:
-            hi = guess if hi is None else min(hi, guess)
-    while hi is not None and hi - lo > step and len(points) < tries + 8:
+            hi = min(hi, guess)
+    while hi - lo > step and len(points) < tries + 8:
         mid = (lo + hi) // 2 // step * step
         if peak(mid) <= budget:
             lo = mid

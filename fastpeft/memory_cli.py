@@ -12,7 +12,6 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from fastpeft import memory
@@ -42,7 +41,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--r", type=int, default=16, help="LoRA rank")
     p.add_argument("--target-modules", default="all-linear", help='comma-separated module names, or "all-linear"')
     p.add_argument("--bottleneck-size", type=int, default=16, help="bottleneck adapter width")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sequence (at most the model's "
+                   "max_position_embeddings)")  # fmt: skip
+    p.add_argument("--beyond-max-positions", action="store_true",
+                   help="estimate (or --fit) sequences longer than the model's max_position_embeddings")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
                    help="what the estimate is for: a GPU run (bf16) or a CPU run (float32)")  # fmt: skip
@@ -78,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     config = memory.model_config(name)
     opts = memory.MemoryOptions(
         method=args.method, r=args.r, target_modules=args.target_modules, seq_len=args.seq_len,
-        batch_size=args.batch_size, bottleneck_size=args.bottleneck_size, device=args.device, **saver_options(args),
+        batch_size=args.batch_size, bottleneck_size=args.bottleneck_size, device=args.device,
+        beyond_max_positions=args.beyond_max_positions, **saver_options(args),
     )  # fmt: skip
     budget = memory.parse_size(args.fit) if args.fit else None
     with quiet_libraries():
@@ -159,15 +162,13 @@ def finetune_estimate(cfg: Any, budget_text: str | None) -> str | None:
         return f"memory estimate: none for {method} (the memory model covers {', '.join(memory.METHODS)})"
     if cfg.model is None:
         config = train.embedded_config(len(data.byte_tokenizer()))
-    elif Path(cfg.model).is_dir():
-        config = memory.model_config(cfg.model)
     else:
-        return "memory estimate: none for a GGUF file (the memory model reads a config.json)"
+        config = memory.model_config(cfg.model)  # a checkpoint directory or a GGUF file
     opts = memory.MemoryOptions(
         method=method, r=cfg.r, target_modules=cfg.target_modules, seq_len=cfg.seq_len, batch_size=cfg.batch_size,
         checkpointing=cfg.gradient_checkpointing, offload_activations=cfg.offload_activations,
         chunked_loss=cfg.chunked_loss, quantize_lm_head=cfg.quantize_lm_head, bottleneck_size=cfg.bottleneck_size,
-        device=device.type,
+        device=device.type, beyond_max_positions=True,  # finetune's --seq-len is its own business
     )  # fmt: skip
     with quiet_libraries():
         est = memory.estimate(config, opts)
