@@ -34,6 +34,8 @@ __all__ = [
     "cross_entropy_grad_reference",
     "cross_entropy_slice_grad_reference",
     "cross_entropy_slice_stats_reference",
+    "dora_row_norm_reference",
+    "dora_weight_sq_reference",
     "dynamic8_quantize_reference",
     "lora_batched_delta_reference",
     "lora_batched_expand_reference",
@@ -631,3 +633,73 @@ def cross_entropy_slice_grad_reference(
     inside = (col >= 0) & (col < z.shape[1])
     p.scatter_add_(1, col.clamp(0, max(z.shape[1] - 1, 0)).unsqueeze(1), -inside.float().unsqueeze(1))
     z.copy_(p.mul_(scale.unsqueeze(1)))
+
+
+# ----------------------------------------------------------------------------------------------
+# DoRA row norms (fastpeft/ops/dora.py; no Triton kernel: a skinny pass over W and rank-sized terms)
+# ----------------------------------------------------------------------------------------------
+
+# Rows of W dequantized at a time by dora_weight_sq_reference: about 1 Mi float32 values per chunk.
+DORA_CHUNK_ELEMENTS = 1 << 20
+
+
+def dora_weight_sq_reference(
+    weight: torch.Tensor | None, nf4: NF4Args | None, chunk_elements: int = DORA_CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """``‖W_n‖²`` for every output row ``n`` of the frozen base ``W [N, K]`` (dense or NF4), float32 ``[N]``.
+
+    Computed over chunks of whole rows (about ``chunk_elements`` weights each), so neither a float32 copy
+    of a 16-bit ``W`` nor a dequantized NF4 ``W`` ever exists in full.
+    """
+    if (weight is None) == (nf4 is None):
+        raise ValueError("pass exactly one of weight (a dense base) and nf4 (a quantized base)")
+    n, k = weight.shape if nf4 is None else nf4.shape
+    rows = max(1, chunk_elements // max(k, 1))
+    device = weight.device if nf4 is None else nf4.packed.device
+    out = torch.empty(n, dtype=torch.float32, device=device)
+    if nf4 is not None:
+        code = nf4_code(device) if nf4.quant_map is None else nf4.quant_map.to(device, torch.float32)
+        absmax = nf4.absmax
+        if absmax.dtype == torch.uint8:  # double quantization: decode the block scales once ([N·K / 64])
+            qmap = dynamic_map(device) if nf4.nested_quant_map is None else nf4.nested_quant_map.to(device)
+            nested = nf4.nested_absmax.repeat_interleave(nf4.nested_blocksize)[: absmax.numel()]
+            absmax = qmap[absmax.long()] * nested + nf4.offset.reshape(()).float()
+        byte = torch.arange(256, device=device)
+        pairs = torch.stack([code[byte >> 4], code[byte & 0xF]], dim=1)
+        packed = nf4.packed.reshape(-1)
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        if nf4 is None:
+            w = weight[r0:r1].float()
+        else:  # elements [r0·K, r1·K) of the flat weight; an odd start sits in a byte's low nibble
+            e0, e1 = r0 * k, r1 * k
+            values = pairs.index_select(0, packed[e0 // 2 : (e1 + 1) // 2].int()).reshape(-1)
+            values = values[e0 % 2 : e0 % 2 + (e1 - e0)]
+            scale = absmax.float().index_select(0, torch.arange(e0, e1, device=device) // nf4.blocksize)
+            w = (values * scale).view(r1 - r0, k)
+        out[r0:r1] = w.square().sum(dim=1)
+    return out
+
+
+def dora_row_norm_reference(
+    weight_sq: torch.Tensor, a_wt: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """DoRA's ``‖W_n + s·B_n·A‖`` per output row from the low-rank terms, never forming ``W + s·B·A``::
+
+        ‖W_n + s·B_n·A‖² = ‖W_n‖² + 2s·B_n·(A·W_nᵀ) + s²·B_n·(A·Aᵀ)·B_nᵀ
+
+    Args:
+        weight_sq: ``‖W_n‖²`` ``[N]`` (``dora_weight_sq_reference``).
+        a_wt: ``A·Wᵀ`` ``[R, N]`` (one pass of the base over the rows of ``A``).
+        lora_a: ``A [R, K]``. lora_b: ``B [N, R]``. scaling: ``s``.
+
+    Returns:
+        ``[N]`` in float32 (float64 for float64 inputs); the squared sum is clamped at 0 before the root, as
+        rounding can take a row whose true norm is 0 slightly below it.
+    """
+    acc = torch.float64 if weight_sq.dtype == torch.float64 else torch.float32
+    a, b = lora_a.to(acc), lora_b.to(acc)
+    cross = (b * a_wt.to(acc).t()).sum(dim=1)  # B_n·(A·W_nᵀ)
+    low = ((b @ (a @ a.t())) * b).sum(dim=1)  # B_n·(A·Aᵀ)·B_nᵀ = ‖B_n·A‖²
+    sq = weight_sq.to(acc) + 2.0 * scaling * cross + scaling * scaling * low
+    return sq.clamp_min(0.0).sqrt()

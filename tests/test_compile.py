@@ -1,5 +1,5 @@
-"""``torch.compile(fullgraph=True)`` of ``get_peft_model`` models: LoRA, QLoRA, bottleneck adapters, prefix and
-prompt tuning.
+"""``torch.compile(fullgraph=True)`` of ``get_peft_model`` models: LoRA, QLoRA, DoRA, QDoRA, bottleneck adapters,
+prefix and prompt tuning.
 
 ``fullgraph=True`` makes any graph break an error, so a compile that runs proves fastpeft's ops (and the
 layers around them) trace whole. Each case compiles a forward and a training step (loss, backward through
@@ -17,7 +17,8 @@ import torch
 from conftest import HAS_CUDA, assert_close
 from torch import nn
 
-KINDS = ("lora", "qlora", "adapter", "prefix", "prompt")
+KINDS = ("lora", "qlora", "dora", "qdora", "adapter", "prefix", "prompt")
+LORA_KINDS = ("lora", "qlora", "dora", "qdora")
 VOCAB = 96
 # LoRA on two projections; with QLoRA the other linear layers are plain NF4 layers (the nf4_linear op)
 TARGETS = ["q_proj", "v_proj"]
@@ -47,11 +48,13 @@ def _peft(kind: str, device: str, dtype: torch.dtype) -> nn.Module:
     )
 
     model = _tiny_llama().to(device=device, dtype=dtype)
-    if kind == "qlora":
+    if kind in ("qlora", "qdora"):
         quantize_model(model, skip=("lm_head",))
     config = {
         "lora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM"),
         "qlora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM"),
+        "dora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM", use_dora=True),
+        "qdora": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM", use_dora=True),
         "adapter": lambda: AdapterConfig(bottleneck_size=8, task_type="CAUSAL_LM"),
         "prefix": lambda: PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
         "prompt": lambda: PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"),
@@ -108,7 +111,7 @@ def _check(kind: str, device: str, dtype: torch.dtype, backend: str) -> None:
         for name, g in want[1].items():
             assert bool(g.abs().max() > 0), f"{kind}: {name} has a zero gradient, the comparison would prove nothing"
             assert_close(got[1][name], g, msg=f"{kind} step {step}: gradient of {name}, compiled vs eager")
-    if kind in ("lora", "qlora"):
+    if kind in LORA_KINDS:
         before = eager(**batch).logits.detach()
         for m in (ours, eager):
             _set_scale(m, 3.0)

@@ -3,7 +3,8 @@
 In-memory names and semantics follow HF PEFT's LoRA layer so checkpoints interoperate: ``base_layer``,
 ``lora_A[name]`` (``nn.Linear(in, r)``, weight ``[r, in]``), ``lora_B[name]`` (``nn.Linear(r, out)``,
 weight ``[out, r]``, plus a bias with ``lora_bias``), ``lora_dropout[name]``, and the dicts ``r``,
-``lora_alpha``, ``scaling``. Adapter bookkeeping (several active adapters, merging) is ``LoraLayerBase``'s.
+``lora_alpha``, ``scaling``; with DoRA (``use_dora``) ``lora_magnitude_vector[name].weight [out]``
+(``fastpeft.nn.lora_dora``). Adapter bookkeeping (several active adapters, merging) is ``LoraLayerBase``'s.
 
 Adapter weights may be in another dtype than the base (float32 adapters on a 16-bit base, HF PEFT's
 ``autocast_adapter_dtype``): the fused op runs in the input's (or autocast's) dtype with float32
@@ -22,6 +23,7 @@ from torch import nn
 
 from fastpeft.nn.checks import check_input
 from fastpeft.nn.lora_base import LoraLayerBase, check_lora_args
+from fastpeft.nn.lora_dora import dora_branch, dora_factor, dora_forward, dora_magnitude
 from fastpeft.nn.lora_init import init_from_weight, is_weight_init
 from fastpeft.nn.lora_mixed import batched_delta
 from fastpeft.nn.nf4_linear import NF4Linear
@@ -44,11 +46,16 @@ class LoraLinear(LoraLayerBase):
             ``fastpeft.nn.lora_init``'s (``"pissa"``, ``"pissa_niter_K"``, ``"olora"``, ``"orthogonal"``),
             which rewrite the base weight (an NF4 base is dequantized, corrected and quantized again).
         lora_bias: ``lora_B`` gets a bias (zero-initialized), added as ``s·b``.
+        use_dora: DoRA: a trained magnitude per output row rescales ``W + s·B·A`` to norm ``m``
+            (``fastpeft.nn.lora_dora``); not with ``lora_bias``.
 
     Attributes:
         disable_adapters: True runs the base alone (an adapter merged into the base is unmerged first).
         merged_adapters: names merged into the base, in merge order.
     """
+
+    adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+    other_param_names = (*LoraLayerBase.other_param_names, "use_dora")
 
     def __init__(
         self,
@@ -60,6 +67,7 @@ class LoraLinear(LoraLayerBase):
         adapter_name: str = "default",
         init_lora_weights: bool | str = True,
         lora_bias: bool = False,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, NF4Linear | nn.Linear):
@@ -75,11 +83,16 @@ class LoraLinear(LoraLayerBase):
         base_layer.requires_grad_(False)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()
         self._init_tables()
+        self.use_dora: dict[str, bool] = {}
+        # DoRA's factors f = m / ‖W + s·B·A‖ of merged adapters, which unmerge divides out again.
+        self.__dict__["_dora_factors"] = {}
         # The NF4 base a merge replaced by a dense layer; a plain attribute so it is neither in the
         # state dict nor counted twice, and unmerge() restores it.
         self.__dict__["_unmerged_nf4"] = None
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias)
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias,
+                          use_dora)  # fmt: skip
 
     # -- adapters -------------------------------------------------------------------------------
 
@@ -92,6 +105,7 @@ class LoraLinear(LoraLayerBase):
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
         lora_bias: bool = False,
+        use_dora: bool = False,
     ) -> None:
         """Add (or replace) adapter ``adapter_name``; the first adapter added becomes the active one.
 
@@ -100,9 +114,14 @@ class LoraLinear(LoraLayerBase):
         Raises:
             ValueError: ``r`` not a positive int, ``lora_alpha`` not finite, ``lora_dropout`` outside [0, 1),
                 unknown ``init_lora_weights``, a bad ``adapter_name`` (``check_adapter_name``), or an
-                initialization the weight's shape does not allow (the layer is left as it was).
+                initialization the weight's shape does not allow (the layer is left as it was); ``use_dora``
+                with ``lora_bias``.
         """
         check_lora_args(adapter_name, r, lora_alpha, lora_dropout)
+        if not isinstance(use_dora, bool):
+            raise TypeError(f"use_dora must be a bool, got {use_dora!r}")
+        if use_dora and lora_bias:
+            raise ValueError("lora_bias=True is not supported for DoRA (HF PEFT refuses it too); pass use_dora=False")
         gaussian = isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian"
         from_weight = is_weight_init(init_lora_weights)
         if not (init_lora_weights is True or init_lora_weights is False or gaussian or from_weight):
@@ -133,6 +152,12 @@ class LoraLinear(LoraLayerBase):
             self._set_base_weight(residual)
         self.lora_A[adapter_name] = lora_a
         self.lora_B[adapter_name] = lora_b
+        self.use_dora[adapter_name] = use_dora
+        if use_dora:  # after any weight-based init rewrote the base: m starts as the norms of the new W + s·B·A
+            self.lora_magnitude_vector[adapter_name] = dora_magnitude(self, lora_a.weight, lora_b.weight, scaling,
+                                                                      dtype)  # fmt: skip
+        elif adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
         self._record(adapter_name, r, lora_alpha, lora_dropout, use_rslora, lora_bias)
 
     def _adapter_device_dtype(self) -> tuple[torch.device, torch.dtype]:
@@ -183,16 +208,26 @@ class LoraLinear(LoraLayerBase):
             ValueError: an unknown adapter name, or (``safe_merge``) a merged weight that is not finite.
         """
         base = self.base_layer
-        if not isinstance(base, NF4Linear):
+        dora = adapter_names is None and any(self.use_dora.get(n) for n in self._present_active())
+        dora = dora or adapter_names is not None and any(self.use_dora.get(n) for n in adapter_names)
+        if not isinstance(base, NF4Linear) and not dora:
             super().merge(safe_merge=safe_merge, adapter_names=adapter_names)
             return
         names = self._merge_names(adapter_names)
         if not names:
             return
-        merged = base.dequantize(torch.float32)
+        if dora and self.merged:  # DoRA's norms are those of the unmerged base (HF PEFT's rule): merge all again
+            names = [*self.merged_adapters, *names]
+            self.unmerge()
+            base = self.base_layer
+        merged = base.dequantize(torch.float32) if isinstance(base, NF4Linear) else base.weight.detach().float()
         bias = base.bias.detach().float() if base.bias is not None else None
+        factors = {}
         for name in names:
             merged = merged + self.get_delta_weight(name).to(merged.device)
+            if self.use_dora.get(name):  # f ⊙ (W + s·B·A), f from the base before this merge wrote anything
+                factors[name] = dora_factor(self, name).detach().to(merged.device)
+                merged = factors[name][:, None] * merged
             delta_b = self._bias_delta(name)
             if delta_b is not None:
                 if bias is None:
@@ -202,6 +237,13 @@ class LoraLinear(LoraLayerBase):
                 bias = bias + delta_b.to(bias.device)
         if safe_merge and not bool(torch.isfinite(merged).all()):
             raise ValueError(f"merging adapters {names!r} gives non-finite weights; the base was left as it was")
+        self.__dict__["_dora_factors"].update(factors)
+        if not isinstance(base, NF4Linear):
+            base.weight.copy_(merged)
+            if bias is not None:
+                base.bias.copy_(bias)
+            self.merged_adapters.extend(names)
+            return
         self.__dict__["_unmerged_nf4"] = base
         self.base_layer = _dense_like(base, merged.to(base.weight_nf4.dtype), bias)
         self.merged_adapters.extend(names)
@@ -215,8 +257,22 @@ class LoraLinear(LoraLayerBase):
             self.base_layer = self._unmerged_nf4.to(self.base_layer.weight.device)
             self.__dict__["_unmerged_nf4"] = None
             self.merged_adapters.clear()
+        elif any(n in self._dora_factors for n in self.merged_adapters):
+            base = self.base_layer
+            weight = base.weight.detach().float()
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                factor = self._dora_factors.pop(name, None)
+                if factor is not None:
+                    weight = weight / factor.to(weight.device)[:, None]
+                weight = weight - self.get_delta_weight(name).to(weight.device)
+                bias_delta = self._bias_delta(name)
+                if bias_delta is not None:
+                    base.bias.copy_(base.bias.float() - bias_delta.to(base.bias.device))
+            base.weight.copy_(weight)
         else:
             super().unmerge()
+        self._dora_factors.clear()
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -265,13 +321,17 @@ class LoraLinear(LoraLayerBase):
         scaling, lora_b = self._scale(name), self.lora_B[name].weight.to(dtype)
         if isinstance(scaling, torch.Tensor):  # torch.compile: s·B is formed in the graph, the op scales by 1
             scaling, lora_b = 1.0, lora_b * scaling
-        y = lora_linear(
-            xd, weight, bias, self.lora_A[name].weight.to(dtype), lora_b, scaling, nf4=nf4, dropout_p=p,
-            training=self.training,
-        )  # fmt: skip
-        y = self._add_lora_bias(y, name)
+        lora_a = self.lora_A[name].weight.to(dtype)
+        if self.use_dora.get(name):
+            y = dora_forward(self, xd, weight, nf4, bias, name, lora_a, lora_b, scaling, p)
+        else:
+            y = lora_linear(xd, weight, bias, lora_a, lora_b, scaling, nf4=nf4, dropout_p=p, training=self.training)
+            y = self._add_lora_bias(y, name)
         for other in names[1:]:
-            y = y + self._lora_branch(xd, other)
+            if self.use_dora.get(other):
+                y = dora_branch(self, xd, other, y, weight, nf4, bias)
+            else:
+                y = y + self._lora_branch(xd, other)
         return y if out_dtype is None else y.to(out_dtype)
 
     def _add_lora_bias(self, y: torch.Tensor, name: str) -> torch.Tensor:
@@ -290,6 +350,9 @@ class LoraLinear(LoraLayerBase):
         """Row ``i`` of ``x`` through the base plus adapter ``adapter_names[i]`` (``"__base__"``: none): every
         adapter in one batched op (``fastpeft.nn.lora_mixed``), else one sub-batch per adapter."""
         adapter_names = self._check_adapter_names(adapter_names, x.shape[0] if x.dim() > 1 else 1)
+        dora = sorted({n for n in adapter_names if self.use_dora.get(n)})
+        if dora:
+            raise ValueError(f"Cannot pass `adapter_names` when DoRA is enabled (DoRA adapters {dora}), as HF PEFT")
         y = self.base_layer(x)
         if batched_delta(self, x, y, adapter_names):
             return y

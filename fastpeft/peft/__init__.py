@@ -11,18 +11,22 @@ Switching from HF PEFT is an import change; adapter directories move both ways::
     peft_model.save_pretrained("out")  # adapter_config.json + adapter_model.safetensors, as HF PEFT
     peft_model = PeftModel.from_pretrained(base_model, "out")  # ours or HF PEFT's
 
-Methods: LoRA / rsLoRA / QLoRA (``LoraConfig``), prompt tuning (``PromptTuningConfig``), prefix
-tuning (``PrefixTuningConfig``) and bottleneck adapters (``AdapterConfig``; fastpeft's own file
-layout, see ``fastpeft.peft.adapters``). LoRA wraps linear layers (dense, NF4, bitsandbytes 4-bit,
-GPT-2 ``Conv1D``), embeddings, convolutions, ``nn.MultiheadAttention`` and parameters
-(``target_parameters``). HF PEFT's functions come along: ``get_peft_model_state_dict`` /
+Methods: LoRA / rsLoRA / QLoRA and DoRA / QDoRA (``LoraConfig``; ``use_dora`` on linear layers), prompt
+tuning (``PromptTuningConfig``), prefix tuning (``PrefixTuningConfig``) and bottleneck adapters
+(``AdapterConfig``; fastpeft's own file layout, see ``fastpeft.peft.adapters``). LoRA wraps linear layers
+(dense, NF4, bitsandbytes 4-bit, GPT-2 ``Conv1D``), embeddings, convolutions, ``nn.MultiheadAttention`` and
+parameters (``target_parameters``). HF PEFT's functions come along: ``get_peft_model_state_dict`` /
 ``set_peft_model_state_dict``, ``get_base_model_state_dict`` / ``set_base_model_state_dict``,
 ``inject_adapter_in_model``, ``prepare_model_for_kbit_training``; and ``TaskType`` / ``PeftType``.
 
 What HF PEFT has and fastpeft does not (each raises naming the option, never passes silently):
 
-- LoRA variants with their own forward or training rule: DoRA (``use_dora``), MiCA, VeLoRA, MonteCLoRA,
-  aLoRA, QA-LoRA, Bd-LoRA, KaSA, Arrow. The fused op computes plain LoRA; each needs its own kernels.
+- LoRA variants with their own forward or training rule: MiCA, VeLoRA, MonteCLoRA, aLoRA, QA-LoRA, Bd-LoRA,
+  KaSA, Arrow. The fused op computes plain LoRA; each needs its own kernels.
+- DoRA (``use_dora``) beyond linear layers: on embeddings, convolutions, ``nn.MultiheadAttention`` and
+  ``target_parameters``; with ``adapter_names`` (mixed batches, which HF PEFT refuses too) and in
+  ``add_weighted_adapter``. DoRA has no fused kernel: the LoRA op is fused, the norm and the magnitude
+  scaling run in plain torch after it.
 - ``init_lora_weights`` ``"loftq"``, ``"corda"``, ``"eva"``, ``"lora_ga"``: they need calibration data or
   bitsandbytes' quantize-and-correct loop, which the CLI's streaming loader does not run.
 - ``layer_replication``; ``get_peft_model(mixed=True)``;

@@ -301,11 +301,12 @@ class LoraConfig(PeftConfigBase):
             embeddings (``{"embed_tokens": [0, 5]}``), stored as a delta beside the frozen table.
         target_parameters: LoRA on ``nn.Parameter`` weights by path (``"experts.gate_up_proj"``), for
             modules that hold weights outside an ``nn.Linear``; ``[..., out, in]`` as ``F.linear`` reads them.
+        use_dora: DoRA (weight-decomposed LoRA): a trained magnitude per output row of each linear target
+            (dense or NF4: QDoRA), ``lora_magnitude_vector`` as HF PEFT; other target kinds are refused.
     """
 
     PEFT_TYPE: ClassVar[str] = "LORA"
     _unsupported: ClassVar[dict[str, Any]] = {
-        "use_dora": False,
         "layer_replication": None,
         "use_qalora": False,
     }
@@ -343,6 +344,10 @@ class LoraConfig(PeftConfigBase):
             raise ValueError(f"LoraConfig: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         _check_init(self.init_lora_weights)
         _check_bool("LoraConfig", "lora_bias", self.lora_bias)
+        _check_bool("LoraConfig", "use_dora", self.use_dora)
+        if self.use_dora and self.lora_bias:
+            raise ValueError("LoraConfig: The argument lora_bias=True is not supported for DoRA, please pass "
+                             "use_dora=False")  # fmt: skip
         if self.lora_bias and self.init_lora_weights not in (True, False):
             # The weight-based inits and "gaussian" define A and B only (HF PEFT refuses the pair too).
             raise ValueError(

@@ -296,6 +296,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list
     by_module = bool(config.target_modules) or not config.target_parameters
     names = _find_targets(model, config, strict=not config.target_parameters) if by_module else []
     _check_lora_fits(model, names, config)
+    if config.use_dora:
+        _check_dora_targets(model, names, config)
     if isinstance(config.target_modules, str) and config.target_modules.lower() == "all-linear":
         # what HF PEFT records, and so writes into adapter_config.json: the names "all-linear" resolved to
         # (each module's last name component), so the file says which layers the adapter holds
@@ -311,6 +313,8 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list
             init_lora_weights=config.init_lora_weights,
             lora_bias=config.lora_bias,
         )
+        if config.use_dora:
+            kwargs["use_dora"] = True
         if isinstance(module, LoraLayerBase):
             module.update_layer(adapter_name, **kwargs)
             continue
@@ -363,6 +367,19 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list
                 _set_submodule(model, name, ModulesToSaveWrapper(module, adapter_name).train(module.training))
     inject_trainable_tokens(model, config, adapter_name)
     return names
+
+
+def _check_dora_targets(model: nn.Module, names: list[str], config: LoraConfig) -> None:
+    """DoRA runs on linear layers (dense, NF4, bitsandbytes 4-bit, Conv1D) only: refuse the rest before wrapping any."""
+    if config.target_parameters:
+        raise ValueError("use_dora=True: DoRA is not supported with target_parameters (HF PEFT refuses it too)")
+    for name in names:
+        module = model.get_submodule(name)
+        if not isinstance(module, fnn.LoraLinear) and lora_kind(module) != "linear":
+            raise ValueError(
+                f"use_dora=True: fastpeft supports DoRA on linear layers only, and target {name!r} is a "
+                f"{type(module).__name__}; exclude it or pass use_dora=False"
+            )
 
 
 def _find_targets(model: nn.Module, config: LoraConfig, strict: bool = True) -> list[str]:

@@ -182,4 +182,7 @@ def layer_file_params(layer: LoraLayerBase, adapter_name: str) -> dict:
     out = {"lora_A.weight": layer.lora_A[adapter_name].weight, "lora_B.weight": layer.lora_B[adapter_name].weight}
     if layer.lora_B[adapter_name].bias is not None:
         out["lora_B.bias"] = layer.lora_B[adapter_name].bias
+    magnitude = getattr(layer, "lora_magnitude_vector", {})
+    if adapter_name in magnitude:  # DoRA
+        out["lora_magnitude_vector"] = magnitude[adapter_name].weight  # HF PEFT's key: no ".weight"
     return out

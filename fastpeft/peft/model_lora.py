@@ -203,7 +203,7 @@ class LoraMethods:
 
         Raises:
             ValueError: unknown or existing names, mismatched ranks for ``"linear"``, adapters that share a
-                ``modules_to_save`` module or use ``target_parameters``, an unsupported combination.
+                ``modules_to_save`` module or use ``target_parameters`` or DoRA, an unsupported combination.
         """
         self._require_lora("add_weighted_adapter")
         if combination_type not in _COMBINATIONS:
@@ -220,6 +220,8 @@ class LoraMethods:
                 raise ValueError(f"Adapter {name} does not exist (have {sorted(self.peft_config)})")
             if self.peft_config[name].target_parameters:
                 raise ValueError(f"add_weighted_adapter does not support target_parameters (adapter {name!r})")
+            if self.peft_config[name].use_dora:  # a combined B·A needs a magnitude fastpeft has no rule for
+                raise ValueError(f"add_weighted_adapter does not support DoRA adapters (adapter {name!r})")
         model = self.get_base_model()
         shared = [w for _, w in lora._wrappers(model) if sum(w.has_adapter(a) for a in adapters) > 1]
         if shared:

@@ -21,7 +21,7 @@ from fastpeft.peft import config_from_dict, io
 
 @pytest.mark.parametrize(
     ("option", "value"),
-    [("use_dora", True), ("layer_replication", [[0, 1]]), ("use_qalora", True), ("layers_pattern", "layers"),
+    [("layer_replication", [[0, 1]]), ("use_qalora", True), ("layers_pattern", "layers"),
      ("init_lora_weights", "loftq"), ("init_lora_weights", "corda"), ("init_lora_weights", "eva")],
 )  # fmt: skip
 def test_unsupported_lora_option_is_named(option, value):

@@ -1,0 +1,242 @@
+"""DoRA on LoraLinear: the row norm from low-rank terms against the dense norm, no [N, K] temporary, forward
+and gradients against float64 autograd of the formula (dense and NF4 bases, bias, dropout), merge / unmerge."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close, assert_oracle, stable_seed
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastpeft import quantize_nf4
+from fastpeft.kernels import reference
+from fastpeft.nn import LoraLinear, NF4Linear
+from fastpeft.ops.dora import dora_row_norm
+
+SHAPES = [(29, 37, 1), (64, 130, 8), (17, 64, 16), (48, 40, 4)]  # (N, K, r): primes, odd K, tails of 64
+
+
+def _gen(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(stable_seed(*key))
+
+
+def _operands(n: int, k: int, r: int, *key) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = _gen(*key)
+    return (
+        torch.randn(n, k, generator=g) * 0.2,
+        torch.randn(r, k, generator=g) * 0.3,
+        torch.randn(n, r, generator=g) * 0.3,
+    )
+
+
+class _Allocations(TorchDispatchMode):
+    """Records the shape of every new tensor an aten op returns (views of an input are not new)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[str, tuple[int, ...]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat = [*args, *(kwargs or {}).values()]
+        inputs = {t.untyped_storage().data_ptr() for t in flat if isinstance(t, torch.Tensor)}
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.shapes.append((str(func), tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize(("n", "k", "r"), SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_norm_from_low_rank_terms_equals_the_dense_norm(n, k, r, dtype):
+    w, a, b = _operands(n, k, r, "norm", n, k, r)
+    w = w.to(dtype)
+    s = 1.7
+    exact = torch.linalg.vector_norm(w.double() + s * b.double() @ a.double(), dim=1)
+    eager = torch.linalg.vector_norm(w + (s * b @ a).to(dtype), dim=1)  # HF PEFT: W + s·B·A in the weight's dtype
+    assert_oracle(dora_row_norm(w, None, a, b, s), exact, eager, msg=f"dense {dtype} norm N={n} K={k} r={r}")
+
+
+@pytest.mark.parametrize(("n", "k", "r"), SHAPES)
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_row_norm_equals_the_dequantized_norm_in_chunks_of_rows(n, k, r, double_quant):
+    w, a, b = _operands(n, k, r, "nf4", n, k, r, double_quant)
+    q = quantize_nf4(w, double_quant=double_quant)
+    deq = q.dequantize(torch.float32).double()
+    for chunk in (1, 3 * k + 1, 1 << 20):  # one row, chunks ending inside a byte for odd K, all rows
+        got = reference.dora_weight_sq_reference(None, q.kernel_args(), chunk_elements=chunk)
+        assert_close(got, deq.square().sum(1), msg=f"‖W_n‖² in chunks of {chunk}")
+    s = 0.6
+    exact = torch.linalg.vector_norm(deq + s * b.double() @ a.double(), dim=1)
+    eager = torch.linalg.vector_norm(deq.float() + s * b @ a, dim=1)
+    assert_oracle(dora_row_norm(None, q.kernel_args(), a, b, s), exact, eager, msg=f"NF4 norm N={n} K={k}")
+
+
+def test_no_dense_temporary_in_the_norm_forward_or_backward():
+    n, k, r = 48, 40, 4
+    layer = LoraLinear(nn.Linear(k, n), r=r, lora_alpha=8, use_dora=True)
+    nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    x = torch.randn(3, k, requires_grad=True)
+    layer(x).sum().backward()  # the cached ‖W_n‖² exists
+    with _Allocations() as seen:
+        layer(x).sum().backward()
+    dense = [(f, s) for f, s in seen.shapes if s in ((n, k), (k, n))]
+    assert not dense, f"a [N, K] temporary was created: {dense}"
+    q = quantize_nf4(torch.randn(n, k) * 0.2)
+    with _Allocations() as seen:
+        reference.dora_weight_sq_reference(None, q.kernel_args(), chunk_elements=4 * k)
+    biggest = max(torch.Size(s).numel() for _, s in seen.shapes)
+    assert biggest < n * k, f"NF4 ‖W_n‖²: a temporary of {biggest} elements for a weight of {n * k}"
+
+
+def _dora_formula(x, w, bias, a, b, m, s, keep=None, p=0.0):
+    """HF PEFT's DoRA forward written out; ``keep``: the dropout mask (training with dropout ``p``)."""
+    v = w + s * b @ a
+    f = m / torch.linalg.vector_norm(v, dim=1).detach()
+    if keep is None:
+        y = f * (x @ v.t())
+    else:
+        dropped = x * keep / (1 - p)
+        y = x @ w.t() + (f - 1) * (dropped @ w.t()) + f * s * (dropped @ a.t() @ b.t())
+    return y if bias is None else y + bias
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_forward_and_gradients_equal_float64_autograd_of_the_formula(quantized, bias, dropout):
+    n, k, r, s = 29, 37, 4, 2.0
+    g = _gen("dora layer", quantized, bias, dropout)
+    base = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(n, k, generator=g) * 0.2)
+    base = NF4Linear.from_linear(base) if quantized else base
+    layer = LoraLinear(base, r=r, lora_alpha=r * s, lora_dropout=dropout, use_dora=True).train()
+    with torch.no_grad():
+        layer.lora_B["default"].weight.copy_(torch.randn(n, r, generator=g) * 0.2)
+        layer.lora_magnitude_vector["default"].weight.mul_(1 + 0.5 * torch.rand(n, generator=g))
+    x = torch.randn(5, k, generator=g, requires_grad=True)
+    torch.manual_seed(11)
+    y = layer(x)
+    dy = torch.randn(y.shape, generator=g)
+    y.backward(dy)
+    torch.manual_seed(11)  # the same mask: the layer's first random draw is F.dropout on x
+    keep = (F.dropout(x.detach(), dropout, training=True) != 0).float() if dropout else None
+    w = (base.dequantize(torch.float32) if quantized else base.weight).detach().double()
+    b0 = base.bias.detach().double() if bias else None
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+              layer.lora_magnitude_vector["default"].weight]  # fmt: skip
+    leaves = [t.detach().double().requires_grad_() for t in [x, *params]]
+    want = _dora_formula(leaves[0], w, b0, *leaves[1:], s, None if keep is None else keep.double(), dropout)
+    want.backward(dy.double())
+    leaves32 = [t.detach().clone().requires_grad_() for t in [x, *params]]
+    eager = _dora_formula(leaves32[0], w.float(), None if b0 is None else b0.float(), *leaves32[1:], s, keep, dropout)
+    eager.backward(dy)
+    where = f"quantized={quantized} bias={bias} dropout={dropout}"
+    assert_oracle(y, want, eager, msg=f"{where}: output")
+    for name, got, exact, e in zip(["x", "A", "B", "magnitude"], [x, *params], leaves, leaves32, strict=True):
+        assert bool(exact.grad.abs().max() > 0), f"{where}: d{name} is zero, the check would prove nothing"
+        assert_oracle(got.grad, exact.grad, e.grad, msg=f"{where}: d{name}")
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_magnitude_starts_as_the_row_norms_and_merge_unmerge_round_trip(quantized):
+    n, k, r = 24, 40, 4
+    base = nn.Linear(k, n)
+    base = NF4Linear.from_linear(base) if quantized else base
+    layer = LoraLinear(copy.deepcopy(base), r=r, lora_alpha=8, init_lora_weights=False, use_dora=True).eval()
+    w = (base.dequantize(torch.float32) if quantized else base.weight).detach().double()
+    a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    norms = torch.linalg.vector_norm(w + 2.0 * b @ a, dim=1)
+    assert_close(layer.lora_magnitude_vector["default"].weight, norms, msg="initial magnitude")
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight.mul_(1.3)
+    x = torch.randn(6, k)
+    with torch.no_grad():
+        before = layer(x)
+        layer.merge()
+        merged = layer(x)
+        layer.unmerge()
+        after = layer(x)
+    assert_close(merged, before, msg="merged forward vs unmerged")
+    assert_close(after, before, msg="after unmerge vs before merge")
+    if not quantized:
+        assert_close(layer.base_layer.weight, base.weight, msg="unmerged base weight")
+
+
+def test_two_dora_adapters_merge_against_the_unmerged_base():
+    layer = LoraLinear(nn.Linear(20, 12), r=2, init_lora_weights=False, use_dora=True).eval()
+    layer.update_layer("other", 3, 6, init_lora_weights=False, use_dora=True)
+    layer.set_adapter(["default", "other"])
+    x = torch.randn(4, 20)
+    with torch.no_grad():
+        before = layer(x)
+        layer.merge(adapter_names=["default"])
+        layer.merge(adapter_names=["other"])  # unmerges "default" first: its norm is the unmerged base's
+        merged = layer(x)
+        layer.unmerge()
+    assert layer.merged_adapters == []
+    assert_close(merged, before, msg="two DoRA adapters merged one after the other")
+
+
+def test_dora_refuses_lora_bias_and_mixed_batches():
+    with pytest.raises(ValueError, match="lora_bias"):
+        LoraLinear(nn.Linear(8, 4), r=2, lora_bias=True, use_dora=True)
+    layer = LoraLinear(nn.Linear(8, 4), r=2, use_dora=True)
+    with pytest.raises(ValueError, match="DoRA"):
+        layer(torch.randn(2, 8), adapter_names=["default", "__base__"])
+
+
+def _layer_grads(layer: LoraLinear, x: torch.Tensor, dy: torch.Tensor) -> list[torch.Tensor]:
+    layer.zero_grad()
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(5)  # the same dropout mask on every path
+    y = layer(x)
+    y.backward(dy)
+    params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+              layer.lora_magnitude_vector["default"].weight]  # fmt: skip
+    return [y.detach(), x.grad, *(p.grad for p in params)]
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
+def test_triton_backend_matches_reference(monkeypatch, quantized, dropout):
+    """The DoRA layer over the Triton lora_linear / nf4_linear launchers (the interpreter here) equals the
+    reference path: the row scaling and the second base pass sit outside the fused op."""
+    n, k, r = 33, 70, 4
+    base = nn.Linear(k, n)
+    base = NF4Linear.from_linear(base) if quantized else base
+    layer = LoraLinear(base, r=r, lora_alpha=8, lora_dropout=dropout, init_lora_weights=False, use_dora=True)
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight.mul_(1.2)
+    x = torch.randn(17, k, generator=_gen("triton x", quantized, dropout))
+    dy = torch.randn(17, n, generator=_gen("triton dy", quantized, dropout))
+    results = {}
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+        results[backend] = _layer_grads(layer.train(), x, dy)
+    for what, got, want in zip(["y", "dx", "dA", "dB", "dm"], results["triton"], results["reference"], strict=True):
+        assert_close(got, want, msg=f"triton vs reference {what} (quantized={quantized}, dropout={dropout})")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_the_cpu_reference(quantized, dtype):
+    n, k, r = 1024 // 4 + 3, 4096 // 4 + 64, 16  # not multiples of the tiles
+    base = nn.Linear(k, n).to(dtype)
+    base = NF4Linear.from_linear(base) if quantized else base
+    layer = LoraLinear(base, r=r, lora_alpha=32, init_lora_weights=False, use_dora=True).eval()
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].weight.mul_(1.2)
+    x = torch.randn(300, k, generator=_gen("cuda x", quantized)).to(dtype)
+    dy = torch.randn(300, n, generator=_gen("cuda dy", quantized)).to(dtype)
+    want = _layer_grads(layer, x, dy)
+    got = _layer_grads(copy.deepcopy(layer).cuda(), x.cuda(), dy.cuda())
+    for what, g, w in zip(["y", "dx", "dA", "dB", "dm"], got, want, strict=True):
+        assert g.is_cuda and g.dtype == w.dtype, f"{what}: {g.dtype} on {g.device}"
+        assert_close(g.cpu(), w, dtype=torch.bfloat16, msg=f"cuda vs cpu {what} ({dtype}, quantized={quantized})")
