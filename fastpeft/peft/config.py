@@ -526,6 +526,8 @@ class AdapterConfig(PeftConfigBase):
             the feed-forward) or ``"parallel"`` (beside the feed-forward).
         scaling: multiplies the adapter's output.
         target_layers: block indices to adapt (default: all).
+        modules_to_save: modules trained in full (a trainable copy per adapter); with ``task_type="SEQ_CLS"``
+            the classification head (``classifier`` / ``score``) is added, as LoRA does.
     """
 
     PEFT_TYPE: ClassVar[str] = "BOTTLENECK_ADAPTER"
@@ -536,6 +538,7 @@ class AdapterConfig(PeftConfigBase):
     placement: str = "pfeiffer"
     scaling: float = 1.0
     target_layers: list[int] | None = None
+    modules_to_save: list[str] | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -558,6 +561,11 @@ class AdapterConfig(PeftConfigBase):
             if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
                 raise TypeError(f"AdapterConfig: target_layers must be a list of ints, got {self.target_layers!r}")
             self.target_layers = layers
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
+            _check_names("AdapterConfig", "modules_to_save", self.modules_to_save, regex=False)
 
 
 _CONFIGS: dict[str, type[PeftConfigBase]] = {

@@ -203,6 +203,7 @@ class PeftModel(LoraMethods, nn.Module):
                 lora.inject_lora(model, peft_config, adapter_name)
             elif kind == "adapter":
                 adp.inject_adapters(model, peft_config, adapter_name)
+                prompt_tasks.wrap_heads(model, peft_config, adapter_name)  # SEQ_CLS heads, modules_to_save
             else:
                 existing = next(iter(self.peft_config.values()), None)
                 if existing is not None and existing.peft_type != peft_config.peft_type:
@@ -252,6 +253,7 @@ class PeftModel(LoraMethods, nn.Module):
             lora.set_lora_adapter(model, self.peft_config, names, trainable)
         elif self._peft_kind == "adapter":
             adp.set_active_adapter(model, names[0], trainable)
+            prompt_tasks.set_heads(model, names[0], trainable)
         else:
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -274,6 +276,7 @@ class PeftModel(LoraMethods, nn.Module):
             lora.delete_lora_adapter(model, adapter_name)
         elif self._peft_kind == "adapter":
             adp.delete_adapter(model, adapter_name)
+            lora.delete_lora_adapter(model, adapter_name)  # its modules_to_save copies
         else:
             del self.prompt_encoder[adapter_name]
             lora.delete_lora_adapter(model, adapter_name)  # its modules_to_save copies (SEQ_CLS heads)
@@ -294,7 +297,7 @@ class PeftModel(LoraMethods, nn.Module):
         if self._peft_kind == "lora":
             previous = lora.set_lora_disabled(model, True)
         elif self._peft_kind == "adapter":
-            previous = adp.set_adapters_disabled(model, True)
+            previous = adp.set_adapters_disabled(model, True) + lora.set_lora_disabled(model, True)
         else:
             previous = lora.set_lora_disabled(model, True)  # the SEQ_CLS heads' copies
         grads = [(p, p.requires_grad) for p in self.parameters()]
@@ -337,7 +340,7 @@ class PeftModel(LoraMethods, nn.Module):
         if self._peft_kind == "lora":
             return lora.unload_lora(model, merge=False)
         if self._peft_kind == "adapter":
-            return adp.unload_adapters(model)
+            return prompt_tasks.unwrap_heads(adp.unload_adapters(model))
         return prompt_tasks.unwrap_heads(model)
 
     # -- counting --------------------------------------------------------------------------------
@@ -413,6 +416,7 @@ class PeftModel(LoraMethods, nn.Module):
             params = lora.lora_file_params(model, config, adapter_name)
         elif self._peft_kind == "adapter":
             params = adp.adapter_file_params(model, adapter_name)
+            params.update(prompt_tasks.head_params(model, adapter_name, prefix=adp.PREFIX))
         else:
             params = {"prompt_embeddings": prompt.embeddings_to_save(self, adapter_name)}
             params.update(prompt_tasks.head_params(model, adapter_name))

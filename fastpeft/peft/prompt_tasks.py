@@ -69,13 +69,15 @@ def check_task(config: _PromptLearningConfig) -> None:
 # -- SEQ_CLS heads -----------------------------------------------------------------------------------
 
 
-def wrap_heads(model: nn.Module, config: _PromptLearningConfig, adapter_name: str) -> None:
-    """Give adapter ``adapter_name`` a trainable copy of the classification head (``modules_to_save``)."""
-    if config.task_type != "SEQ_CLS":
+def wrap_heads(model: nn.Module, config: Any, adapter_name: str) -> None:
+    """Give adapter ``adapter_name`` a trainable copy of each ``config.modules_to_save`` module, and for SEQ_CLS of
+    the classification head (prompt learning and bottleneck adapters; LoRA does this in ``inject_lora``)."""
+    if config.task_type == "SEQ_CLS":
+        config.modules_to_save = list(config.modules_to_save or []) + [
+            h for h in HEADS if h not in (config.modules_to_save or [])
+        ]
+    if not config.modules_to_save:
         return
-    config.modules_to_save = list(config.modules_to_save or []) + [
-        h for h in HEADS if h not in (config.modules_to_save or [])
-    ]
     found = False
     for name, module in list(model.named_modules()):
         if not name or not match_module(name, config.modules_to_save):
@@ -86,16 +88,17 @@ def wrap_heads(model: nn.Module, config: _PromptLearningConfig, adapter_name: st
             _set_submodule(model, name, ModulesToSaveWrapper(module, adapter_name).train(module.training))
         found = True
     if not found:
-        raise ValueError(f"{type(config).__name__}: task_type='SEQ_CLS' but the model has no {' or '.join(HEADS)}")
+        raise ValueError(f"{type(config).__name__}: modules_to_save={config.modules_to_save} matched no module")
 
 
-def head_params(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """File key -> live tensor of the adapter's head copies (HF PEFT's ``base_model.<head>.<param>``)."""
+def head_params(model: nn.Module, adapter_name: str, prefix: str = _PREFIX) -> dict[str, torch.Tensor]:
+    """File key -> live tensor of the adapter's head copies (HF PEFT's ``base_model.<head>.<param>`` for prompt
+    learning; ``prefix`` the method's key prefix otherwise)."""
     out = {}
     for name, wrapper in _wrappers(model):
         if adapter_name in wrapper.modules_to_save:
             for k, t in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
-                out[f"{_PREFIX}{name}.{k}"] = t
+                out[f"{prefix}{name}.{k}"] = t
     return out
 
 

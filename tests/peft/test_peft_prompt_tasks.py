@@ -126,3 +126,23 @@ def test_the_task_types_hf_peft_cannot_run_either_are_refused_by_name():
     with pytest.raises(ValueError, match="num_transformer_submodules=2"):
         fastpeft.get_peft_model(_llama_cls(), fastpeft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3,
                                                                           num_transformer_submodules=2))  # fmt: skip
+
+
+@pytest.mark.parametrize("make,head", [(_bert_cls, "classifier"), (_llama_cls, "score")], ids=["bert", "llama"])
+def test_bottleneck_adapters_train_the_seq_cls_head_and_save_it(tmp_path, make, head):
+    torch.manual_seed(0)
+    base = make()
+    original = getattr(base, head).weight.detach().clone()
+    config = fastpeft.AdapterConfig(task_type="SEQ_CLS", bottleneck_size=4)
+    pm = fastpeft.get_peft_model(copy.deepcopy(base), config)
+    trainable = [n for n, p in pm.named_parameters() if p.requires_grad]
+    assert any(f"{head}.modules_to_save.default" in n for n in trainable), trainable
+    opt = torch.optim.SGD([p for p in pm.parameters() if p.requires_grad], lr=0.5)
+    kw = _inputs("SEQ_CLS", "bert_cls" if head == "classifier" else "llama")
+    pm(**kw).loss.backward()
+    opt.step()
+    assert not torch.equal(pm.get_base_model().get_submodule(head).modules_to_save["default"].weight, original)
+    pm.eval().save_pretrained(tmp_path)
+    again = fastpeft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(again(**kw).logits, pm(**kw).logits)
