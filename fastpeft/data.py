@@ -2,7 +2,10 @@
 
 A data file holds one JSON object a line, either ``{"text": ...}`` (the loss covers every token) or
 ``{"prompt": ..., "completion": ...}`` (the loss covers only the completion's tokens and the end of
-sequence). Each line becomes one example ``bos + tokens + eos``, truncated to ``seq_len``.
+sequence). Each line becomes one example ``[bos] + tokens + eos``: the BOS only where the tokenizer itself adds
+one (its own rule, as ``tokenizer(text)`` shows it), the EOS always. A text or completion too long for
+``seq_len`` is cut at its end and keeps its EOS; a prompt that leaves no room for a completion token drops its
+example, with one warning naming the first such line and the count (``Examples.dropped``).
 
 Batches are drawn without replacement in an order fixed by ``(seed, epoch)``, so a position
 ``(epoch, batch_index)`` is all a checkpoint needs to continue the stream exactly.
@@ -14,6 +17,7 @@ Without a data file the built-in corpus below is used, with a byte-level tokeniz
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +31,9 @@ __all__ = [
     "TINY_CORPUS",
     "Batches",
     "Example",
+    "Examples",
+    "Records",
+    "adds_bos",
     "byte_tokenizer",
     "MAX_LINE_BYTES",
     "encode_records",
@@ -35,6 +42,7 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100  # the label transformers' cross-entropy skips
+_log = logging.getLogger(__name__)
 
 # A small corpus with plenty of repeated structure, so a few hundred steps visibly lower the loss.
 TINY_CORPUS: tuple[str, ...] = (
@@ -97,7 +105,19 @@ class Example:
 MAX_LINE_BYTES = 64 * 2**20  # a JSONL line longer than this is refused (a binary file, /dev/zero, ...)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, str]]:
+class Records(list):
+    """``read_jsonl``'s records: a list of dicts, with ``where[i]`` naming record ``i``'s ``FILE:LINE``."""
+
+    where: list[str]
+
+
+class Examples(list):
+    """``encode_records``' examples: a list of ``Example``, with ``dropped`` naming the records left out."""
+
+    dropped: list[str]
+
+
+def read_jsonl(path: str | os.PathLike) -> Records:
     """Read a JSONL data file into records ``{"text": ...}`` or ``{"prompt": ..., "completion": ...}``.
 
     Blank lines are skipped. The file is read a line at a time, each at most ``MAX_LINE_BYTES``.
@@ -109,7 +129,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, str]]:
     """
     if os.path.isdir(path):
         raise ValueError(f"{path}: is a directory, not a JSONL file")
-    records: list[dict[str, str]] = []
+    records = Records()
+    records.where = []
     with open(path, "rb") as f:
         lineno = 0
         while raw := f.readline(MAX_LINE_BYTES + 1):
@@ -144,6 +165,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, str]]:
                     raise ValueError(f"{where}: field {k!r} must be a string, got {type(obj[k]).__name__}")
                 _check_text(where, k, obj[k])
             records.append({k: obj[k] for k in keys})
+            records.where.append(where)
     if not records:
         raise ValueError(f"{path}: no records (expected one JSON object a line)")
     return records
@@ -177,10 +199,23 @@ def leading_ids(encode: Callable[[str], list[int]], text: str, n: int) -> list[i
     return encode(text)[:n]
 
 
-def encode_records(records: Sequence[dict[str, str]], tokenizer: Any, seq_len: int) -> list[Example]:
-    """Tokenize records into examples ``bos + prompt + completion + eos`` truncated to ``seq_len``.
+def adds_bos(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` itself puts its BOS in front of a text (its ``add_bos_token``, its post-processor)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    with_specials = list(tokenizer("a")["input_ids"])
+    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
+    return len(with_specials) > len(plain) and with_specials[0] == bos
 
-    A long text is cut to the tokens that fit before it is tokenized whole (``leading_ids``).
+
+def encode_records(records: Sequence[dict[str, str]], tokenizer: Any, seq_len: int) -> Examples:
+    """Tokenize records into examples ``[bos] + prompt + completion + eos`` of at most ``seq_len`` tokens.
+
+    The BOS only where the tokenizer adds one itself (``adds_bos``); a completion (or text) cut to fit keeps its
+    EOS. A long text is cut to the tokens that fit before it is tokenized whole (``leading_ids``). A record whose
+    prompt leaves no completion token within ``seq_len`` is left out: counted in ``Examples.dropped`` (by
+    ``FILE:LINE`` where ``records`` came from ``read_jsonl``, else ``record N``), the first named in a warning.
 
     Args:
         records: as ``read_jsonl`` returns them.
@@ -192,27 +227,39 @@ def encode_records(records: Sequence[dict[str, str]], tokenizer: Any, seq_len: i
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
 
     def ids(text: str) -> list[int]:
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    examples = []
-    for rec in records:
+    examples = Examples()
+    examples.dropped = []
+    where = getattr(records, "where", None)
+    for i, rec in enumerate(records):
         if "text" in rec:
             prompt = bos
-            completion = leading_ids(ids, rec["text"], seq_len - len(prompt)) + eos
+            room = seq_len - len(prompt) - len(eos)  # the EOS stays when the text is cut
+            completion = leading_ids(ids, rec["text"], room) + eos if room >= 0 else eos
         else:
             prompt = bos + leading_ids(ids, rec["prompt"], seq_len - len(bos))
-            completion = leading_ids(ids, rec["completion"], seq_len - len(prompt)) + eos
+            room = seq_len - len(prompt) - len(eos)
+            completion = leading_ids(ids, rec["completion"], room) + eos if room >= 0 else eos
         input_ids = (prompt + completion)[:seq_len]
         labels = ([IGNORE_INDEX] * len(prompt) + completion)[:seq_len]
         # The first label is never predicted (nothing precedes it); an example needs one more.
         if any(lab != IGNORE_INDEX for lab in labels[1:]):
             examples.append(Example(tuple(input_ids), tuple(labels)))
+        else:
+            examples.dropped.append(where[i] if where is not None else f"record {i + 1}")
     if not examples:
         raise ValueError(f"no example has a token to learn from within seq_len={seq_len}")
+    if examples.dropped:
+        _log.warning(
+            "%d of %d examples dropped: nothing to learn within seq_len=%d (the prompt fills it), the first at %s; "
+            "raise --seq-len or shorten the prompts",
+            len(examples.dropped), len(records), seq_len, examples.dropped[0],
+        )  # fmt: skip
     return examples
 
 
@@ -274,7 +321,7 @@ def byte_tokenizer() -> Any:
 
     Returns a ``transformers.PreTrainedTokenizerFast`` with ``<s>``, ``</s>``, ``<pad>``, ``<unk>``.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -284,6 +331,8 @@ def byte_tokenizer() -> Any:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(specials)
+    # its own rule, as a Llama tokenizer's: a BOS in front of every text it encodes with special tokens
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )

@@ -232,10 +232,11 @@ def test_long_lines_are_cut_before_they_are_tokenized() -> None:
         seen.clear()
         got = encode_records(records, Recording(), seq_len)
         assert max(seen) < 64 * seq_len + 1000, f"seq_len {seq_len}: tokenized {max(seen):,d} characters"
-        want = []  # every text tokenized whole, then cut
-        for rec in records:
-            prompt = bos + (whole[rec["prompt"]] if "prompt" in rec else [])
-            completion = whole[rec.get("text", rec.get("completion"))] + eos
+        want = []  # every text tokenized whole, then cut: the prompt to seq_len, the completion to what leaves
+        for rec in records:  # room for its EOS
+            prompt = (bos + (whole[rec["prompt"]] if "prompt" in rec else []))[:seq_len]
+            room = seq_len - len(prompt) - 1
+            completion = (whole[rec.get("text", rec.get("completion"))][:room] if room >= 0 else []) + eos
             labels = ([IGNORE_INDEX] * len(prompt) + completion)[:seq_len]
             if any(lab != IGNORE_INDEX for lab in labels[1:]):
                 want.append(Example(tuple((prompt + completion)[:seq_len]), tuple(labels)))
