@@ -95,6 +95,17 @@ def _nf4_encode(x):
 
 
 @triton.jit
+def _reciprocal(absmax):
+    """``1 / max(absmax, 1e-38)``, correctly rounded in float32.
+
+    The floor is spelled as a float32 tensor: Triton before 3.9 types a bare ``1e-38`` float64 (it is below
+    float32's smallest normal), and ``div_rn`` refuses a float64 operand.
+    """
+    tiny = tl.full(absmax.shape, 1e-38, tl.float32)
+    return tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.maximum(absmax, tiny))
+
+
+@triton.jit
 def _nf4_quantize_kernel(
     w_ptr, q_ptr, absmax_ptr,
     numel, n_blocks,
@@ -112,7 +123,7 @@ def _nf4_quantize_kernel(
     absmax = tl.maximum(tl.max(tl.abs(w_even), axis=1), tl.max(tl.abs(w_odd), axis=1))
     tl.store(absmax_ptr + blk, absmax, mask=blk < n_blocks)
     # -- scale by the correctly rounded fp32 reciprocal (not a division: that is what fixes the bytes) --
-    inv = tl.math.div_rn(tl.full(absmax.shape, 1.0, tl.float32), tl.maximum(absmax, 1e-38))
+    inv = _reciprocal(absmax)
     x_even = tl.minimum(tl.maximum(w_even * inv[:, None], -1.0), 1.0)
     x_odd = tl.minimum(tl.maximum(w_odd * inv[:, None], -1.0), 1.0)
     # a padded odd element loads 0.0 and encodes as code 7, the value bitsandbytes pads with
@@ -133,7 +144,7 @@ def _dynamic8_quantize_kernel(
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     absmax = tl.max(tl.abs(x), axis=0)
     tl.store(absmax_ptr + pid, absmax)
-    inv = tl.math.div_rn(1.0, tl.maximum(absmax, 1e-38))  # IEEE reciprocal, as on the CPU
+    inv = _reciprocal(absmax)  # IEEE reciprocal, as on the CPU
     xs = tl.minimum(tl.maximum(x * inv, -1.0), 1.0)
     # -- binary search over the 255 sorted midpoints: code = #{j : xs > mid_j} --
     code = tl.zeros([BLOCKSIZE], dtype=tl.int32)
