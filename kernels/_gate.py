@@ -27,7 +27,11 @@ compiled).
 Each kernel module exposes ``compile_gate_cases() -> list[GateCase]`` listing every configuration its
 launchers can pick. Command line::
 
-    python -m fastpeft.kernels._gate [--report] [--json FILE] [--dump DIR] [--case NAME ...] [--arch 80 90]
+    python -m fastpeft.kernels._gate [--report] [--json FILE] [--dump DIR] [--arch 80 90]
+                                     [--case NAME ...] [--family FAMILY ...] [--path PATH ...]
+
+``--case``, ``--family`` (a case name's part before ``[``, e.g. ``nf4_decode``, ``lora_gemm_fwd``) and ``--path``
+(a cost-model path, e.g. ``tiled``) select the cases that match any of them; without one, every case.
 """
 
 from __future__ import annotations
@@ -72,6 +76,8 @@ ESTIMATED_FIELDS = (
     "predicted_roofline_fraction",
 )
 """Report fields that are static estimates (see kernels/_sass.py), not measurements."""
+LAUNCH_KNOBS = ("instrumentation_mode", "fpsan_homomorphic_casts")
+"""``triton.knobs.compilation`` fields that ``JITFunction.run`` copies into the launch options where they exist."""
 _POINTER_DTYPES = {
     "fp64": "float64", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "i64": "int64", "i32": "int32",
     "i16": "int16", "i8": "int8", "u8": "uint8", "i1": "bool", "fp8e4nv": "float8_e4m3fn", "fp8e5": "float8_e5m2",
@@ -186,6 +192,19 @@ def all_cases() -> list[GateCase]:
     return cases
 
 
+def family(case: GateCase) -> str:
+    """A case's family: its name before the ``[`` of its specialization (``nf4_decode``, ``lora_gemm_fwd``)."""
+    return case.name.split("[", 1)[0]
+
+
+def select(cases: list[GateCase], names=(), families=(), paths=()) -> list[GateCase]:
+    """The cases named in ``names``, of a family in ``families`` or on a cost-model path in ``paths``; all of
+    them when none is given."""
+    if not (names or families or paths):
+        return list(cases)
+    return [c for c in cases if c.name in names or family(c) in families or (c.path and c.path in paths)]
+
+
 def cache_root() -> Path:
     """Where compiled artifacts are kept: ``$FASTPEFT_GATE_CACHE`` or ``~/.cache/fastpeft/gate``."""
     return Path(os.environ.get("FASTPEFT_GATE_CACHE") or Path.home() / ".cache" / "fastpeft" / "gate")
@@ -235,8 +254,11 @@ def launch_options(case: GateCase, fn) -> dict[str, Any]:
 
     kwargs = {"num_warps": case.num_warps, "num_stages": case.num_stages, **case.options}
     kwargs["debug"] = kwargs.get("debug", fn.debug) or knobs.runtime.debug
-    kwargs["instrumentation_mode"] = knobs.compilation.instrumentation_mode
-    kwargs["fpsan_homomorphic_casts"] = knobs.compilation.fpsan_homomorphic_casts
+    # each Triton's run() passes the compilation knobs it has: the instrumentation mode from 3.6 on, the FP
+    # sanitizer's cast mode from 3.9 on (an option the older backends do not know)
+    for name in LAUNCH_KNOBS:
+        if hasattr(knobs.compilation, name):
+            kwargs[name] = getattr(knobs.compilation, name)
     return kwargs
 
 
@@ -493,7 +515,9 @@ def _main(argv: list[str] | None = None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m fastpeft.kernels._gate", description=__doc__.splitlines()[0])
     p.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
-    p.add_argument("--case", nargs="+", help="case names (default: all)")
+    p.add_argument("--case", nargs="+", default=[], help="case names (default: all)")
+    p.add_argument("--family", nargs="+", default=[], help="case families: the names' part before '['")
+    p.add_argument("--path", nargs="+", default=[], help="cost-model paths: decode, dequant, tiled, small")
     p.add_argument("--report", action="store_true", help="print the table (the default without --json/--dump)")
     p.add_argument("--json", metavar="FILE", help="write one record per case and arch")
     p.add_argument("--dump", metavar="DIR", help="write each case's cubin, SASS and record")
@@ -502,10 +526,16 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--claims", metavar="DIR", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     everything = all_cases()
-    unknown = sorted(set(args.case or ()) - {c.name for c in everything})
+    unknown = sorted(set(args.case) - {c.name for c in everything})
     if unknown:
         p.error(f"unknown case names: {unknown}")
-    cases = [c for c in everything if args.case is None or c.name in args.case]
+    for what, given, known in (
+        ("families", args.family, {family(c) for c in everything}),
+        ("paths", args.path, {c.path for c in everything if c.path}),
+    ):
+        if set(given) - known:
+            p.error(f"unknown {what}: {sorted(set(given) - known)} (known: {', '.join(sorted(known))})")
+    cases = select(everything, args.case, args.family, args.path)
     if args.worker:
         if os.environ.get("TRITON_INTERPRET") == "1":
             p.error("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")

@@ -259,3 +259,24 @@ def test_fresh_compile_ignores_another_checkouts_cached_build(tmp_path):
         [sys.executable, "-c", _TWO_CHECKOUTS, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
+def test_cases_are_selected_by_name_family_or_path():
+    cases = list(CASES.values())
+    decode = _gate.select(cases, families=["nf4_decode"])
+    assert decode and all(c.name.startswith("nf4_decode[") for c in decode)
+    tiled = _gate.select(cases, paths=["tiled"])
+    assert tiled and all(c.path == "tiled" and c.kernel == "_lora_gemm_kernel" for c in tiled)
+    one = next(iter(CASES))
+    both = _gate.select(cases, names=[one], families=["nf4_decode"], paths=["tiled"])
+    assert {c.name for c in both} == {one} | {c.name for c in decode + tiled}
+    assert _gate.select(cases) == cases
+
+
+def test_launch_options_pass_the_knobs_this_triton_has():
+    # JITFunction.run copies instrumentation_mode (Triton >= 3.6) and fpsan_homomorphic_casts (>= 3.9) into the
+    # options where its knobs have them; an older backend would refuse an option it does not know
+    case = next(iter(CASES.values()))
+    kwargs = _gate.launch_options(case, _gate.jit_function(case, fresh=True))
+    for name in _gate.LAUNCH_KNOBS:
+        assert (name in kwargs) == hasattr(triton.knobs.compilation, name), name
