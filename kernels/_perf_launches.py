@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fastpeft.kernels import _gate, _perf
+from fastpeft.kernels import lora_linear_decode as _decode
 
 __all__ = [
     "LLAMA3_8B",
@@ -35,7 +36,7 @@ LLAMA3_8B = ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336))
 """Weights ``[N, K]`` of Llama-3-8B's projections: q/o, k/v, gate/up, down."""
 LLAMA3_VOCAB = 128_256
 TARGET_PROGRAMS_PER_SM = 2
-"""The launchers' ``_target_programs``: split-K stops at two programs per SM."""
+"""The launchers' ``_target_programs``: two programs per SM (the U kernel's split-K stops there)."""
 
 
 @functools.cache
@@ -46,7 +47,8 @@ def _cases() -> dict[str, _gate.GateCase]:
 _REPORTS: dict[tuple[str, int], _gate.GateReport] = {}
 
 REPORT_CASES = (
-    *(f"nf4_decode[bf16,nf4dq,BLOCK_M={bm},M={m}]" for bm, m in ((16, 1), (16, 16), (32, 32), (64, 64))),
+    *(f"nf4_decode_fused[bf16,nf4dq,BLOCK_M={bm},M={m}]" for bm, m in ((16, 1), (16, 16), (32, 32), (64, 64))),
+    *(f"lora_u[bf16,BLOCK_M={bm},M={m},BLOCK_R=16]" for bm, m in ((16, 1), (16, 16), (32, 32), (64, 64))),
     "nf4_dequantize[bf16,double_quant=True]", "lora_gemm_fwd[bf16,dense,128x128x64,R=16]",
     "lora_gemm_fwd[bf16,dense,64x128x64,R=16]", "cross_entropy[bf16]",
 )  # fmt: skip
@@ -122,53 +124,78 @@ def _total(name: str, preds: list[_perf.Prediction], hbm: float, m: _perf.Machin
 def decode_case(m_rows: int, dtype: str = "bf16", dq: bool = True) -> str:
     """The gate case of the binary the decode launcher runs for ``m_rows`` rows (M = 1 is its own binary)."""
     block_m, m_case = (16, 1) if m_rows == 1 else (16, 16) if m_rows <= 16 else (32, 32) if m_rows <= 32 else (64, 64)
-    return f"nf4_decode[{dtype},{'nf4dq' if dq else 'nf4'},BLOCK_M={block_m},M={m_case}]"
+    return f"nf4_decode_fused[{dtype},{'nf4dq' if dq else 'nf4'},BLOCK_M={block_m},M={m_case}]"
 
 
-def decode_split(n: int, k: int, sms: int) -> tuple[int, int, int]:
+def u_case(m_rows: int, r: int, dtype: str = "bf16") -> str:
+    """The gate case of the U kernel the decode path runs first."""
+    block_m, m_case = (16, 1) if m_rows == 1 else (16, 16) if m_rows <= 16 else (32, 32) if m_rows <= 32 else (64, 64)
+    return f"lora_u[{dtype},BLOCK_M={block_m},M={m_case},BLOCK_R={min(64, max(16, 1 << (r - 1).bit_length()))}]"
+
+
+def decode_split(n: int, k: int, sms: int, m_rows: int = 1) -> tuple[int, int, int]:
     """``(tiles, split, per_split)`` as ``nf4_decode_fwd`` computes them (BLOCK_N 128, BLOCK_K 64)."""
     tiles, steps = math.ceil(n / 128), k // 64
-    split = max(1, min(steps, math.ceil(TARGET_PROGRAMS_PER_SM * sms / tiles)))
+    split = _decode.decode_split(steps, tiles, sms, max(16, 1 << (m_rows - 1).bit_length()))
     return tiles, split, math.ceil(steps / split)
 
 
 def decode_launch(n: int, k: int, m_rows: int, r: int = 16, arch: int = 90, split: int | None = None) -> _perf.Launch:
     """The decode kernel's launch: grid (tiles, split); CTA ``i`` is tile ``i % tiles`` of K slice ``i // tiles``,
-    running ``min(per_split, steps - slice·per_split)`` iterations (0 for the empty slices the rounding leaves) and
-    the LoRA epilogue's one rank step on slice 0. Packed W and its absmax stream once (loads marked evict-first)."""
+    running ``min(per_split, steps - slice·per_split)`` iterations (0 for the empty slices the rounding leaves); the
+    LoRA epilogue's rank steps run in one CTA per tile (the last slice to arrive, counted on the last non-empty
+    slice). Packed W and its absmax stream once (loads marked evict-first); the float32 workspace tile is added into
+    by every slice (L2 atomics), read and cleared by the last, and the output written once in bf16."""
     m = _perf.machine(arch)
-    tiles, auto_split, _ = decode_split(n, k, m.sms)
+    tiles, auto_split, _ = decode_split(n, k, m.sms, m_rows)
     split = split or auto_split
     steps = k // 64
     per_split = math.ceil(steps / split)
+    last = math.ceil(steps / per_split) - 1  # the last non-empty slice: an empty one never arrives last
 
     def trips(i: int) -> tuple[int, int]:
         kslice = i // tiles
-        return max(0, min(per_split, steps - kslice * per_split)), math.ceil(r / 16) if kslice == 0 else 0
+        return max(0, min(per_split, steps - kslice * per_split)), math.ceil(r / 16) if kslice == last else 0
 
     weights = n * k
-    hbm = (
-        weights / 2 + weights / 64 + weights / 64 / 256 * 4 + m_rows * k * 2 + 2 * m_rows * n * 4 + (m_rows + n) * r * 2
-    )
+    workspace = 2 * m_rows * n * 4 if split > 1 else 0
+    hbm = weights / 2 + weights / 64 + weights / 64 / 256 * 4 + m_rows * k * 2 + m_rows * n * 2 + workspace
+    hbm += (m_rows + n) * r * 2
     prof = profile(decode_case(m_rows), arch)
     return _perf.Launch(f"decode {n}x{k} M={m_rows}", prof, tiles * split, trips, hbm, weights=weights,
-                        dram_loads="marked")  # fmt: skip
+                        dram_loads="marked", prefetch=2 if prof_prefetch() else 1)  # fmt: skip
+
+
+def prof_prefetch() -> bool:
+    """Whether the shipped decode loop issues its W loads one iteration ahead (``lora_linear_decode.PREFETCH``)."""
+    return bool(_cases()[decode_case(1)].constexprs.get("PREFETCH"))
+
+
+def u_launch(k: int, m_rows: int, r: int = 16, arch: int = 90) -> _perf.Launch:
+    """The U kernel's launch: grid (R tiles, split) with split-K to the decode kernel's target; each CTA runs its
+    slice's 64-wide steps; A and X read once, U written once in bf16, the float32 workspace added into, read and
+    cleared."""
+    m = _perf.machine(arch)
+    block_r = min(64, max(16, 1 << (r - 1).bit_length()))
+    r_tiles, steps = math.ceil(r / block_r), math.ceil(k / 64)
+    split = max(1, min(steps, math.ceil(TARGET_PROGRAMS_PER_SM * m.sms / r_tiles)))
+    per_split = math.ceil(steps / split)
+
+    def trips(i: int) -> tuple[int]:
+        return (max(0, min(per_split, steps - (i // r_tiles) * per_split)),)
+
+    hbm = r * k * 2 + m_rows * k * 2 + m_rows * r * 2 + (2 * m_rows * r * 4 if split > 1 else 0)
+    return _perf.Launch(f"U = X·Aᵀ K={k} M={m_rows}", profile(u_case(m_rows, r), arch), r_tiles * split, trips, hbm,
+                        dram_loads="all")  # fmt: skip
 
 
 def decode_op(n: int, k: int, m_rows: int, r: int = 16, arch: int = 90, split: int | None = None) -> OpPrediction:
-    """The NF4 + LoRA forward at decode size: the launches ``lora_linear_fwd`` issues - zeros for U's split-K
-    workspace, the skinny ``U = X·Aᵀ`` kernel, U's cast, zeros for the output workspace, the decode kernel, the cast
-    of the float32 workspace - each with its launch overhead."""
+    """The NF4 + LoRA forward at decode size: the two launches ``lora_linear_fwd`` issues - the U kernel (``U =
+    X·Aᵀ`` in bf16) and the decode kernel (LoRA term and bias in the epilogue, output in bf16) - each with its launch
+    overhead."""
     m = _perf.machine(arch)
     main = _perf.predict(decode_launch(n, k, m_rows, r, arch, split), m)
-    preds = [
-        _elementwise("zeros U", m_rows * r * 4, m),
-        _elementwise("skinny U = X·Aᵀ", r * k * 2 + m_rows * k * 2 + m_rows * r * 4, m),
-        _elementwise("cast U", m_rows * r * 6, m),
-        _elementwise("zeros out", m_rows * n * 4, m),
-        main,
-        _elementwise("cast out", m_rows * n * 6, m),
-    ]
+    preds = [_perf.predict(u_launch(k, m_rows, r, arch), m), main]
     hbm = n * k * (0.5 + 1 / 64) + m_rows * (k + n) * 2
     rec = gate_report(decode_case(m_rows), arch)
     issue = n * k / rec.issue_bound_weights_per_s if rec.issue_bound_weights_per_s else None
@@ -275,33 +302,30 @@ def levers(n: int, k: int, m_rows: int, arch: int = 90) -> list[tuple[str, float
     """What moves the decode call's time: each lever applied alone, as predicted seconds."""
     m = _perf.machine(arch)
     base = decode_op(n, k, m_rows, arch=arch)
-    out = [("as built", base.seconds)]
+    out = [(f"as built ({len(base.launches)} launches)", base.seconds)]
     launch = decode_launch(n, k, m_rows, arch=arch)
     main = _perf.predict(launch, m)
     rest = base.seconds - main.seconds
-    # 1. twice the bytes in flight: the W loads of the next iteration issued before this one's decode (prefetch)
-    out.append(("2x bytes in flight (W loads one iteration ahead)",
-                rest + _perf.predict(replace(launch, prefetch=2), m).seconds))  # fmt: skip
+    tiles, split, _ = decode_split(n, k, m.sms, m_rows)
+    # 1. more bytes in flight: W loads issued one (or, built that way, two) iterations ahead
+    ahead = launch.prefetch + 1
+    out.append((f"W loads {ahead - 1} iteration(s) ahead", rest + _perf.predict(replace(launch, prefetch=ahead),
+                                                                             m).seconds))  # fmt: skip
     # 2. half the integer/logic instructions in the loop
     out.append(("half the ALU instructions", rest + _perf.predict(replace(launch, profile=_fewer_alu(launch.profile)),
                                                                    m).seconds))  # fmt: skip
-    # 3. two launches instead of six (U and the casts fused, no zero fills)
-    out.append(("2 launches instead of 6", base.seconds - 4 * m.launch_s - sum(
-        p.kernel_seconds for p in base.launches if p.name.startswith(("zeros", "cast")))))  # fmt: skip
-    # 4. a split that leaves no K slice empty
-    tiles, split, _ = decode_split(n, k, m.sms)
+    # 3. a split that leaves no K slice empty
     steps = k // 64
     exact = max(s for s in range(1, split + 1) if steps % s == 0)
-    out.append((f"split {exact} (no empty slice) instead of {split}",
-                rest + _perf.predict(decode_launch(n, k, m_rows, arch=arch, split=exact), m).seconds))  # fmt: skip
-    # 5. more CTAs resident: split until 4 programs per SM (the occupancy limit at 105 registers), so more W in flight
-    tiles4, split4, _ = decode_split(n, k, 2 * m.sms)
-    out.append((f"split {split4} (4 programs per SM) instead of {split}",
-                rest + _perf.predict(decode_launch(n, k, m_rows, arch=arch, split=split4), m).seconds))  # fmt: skip
-    # 6. all of them at once: one iteration of prefetch, 4 programs per SM, 2 launches
-    both = _perf.predict(replace(decode_launch(n, k, m_rows, arch=arch, split=split4), prefetch=2), m).seconds
-    # the U kernel stays; the zero fills and casts go (U and the output cast fused into the two kernels)
-    out.append(("prefetch + 4 programs per SM + 2 launches", both + base.launches[1].seconds))
+    if exact != split:
+        out.append((f"split {exact} (no empty slice) instead of {split}",
+                    rest + _perf.predict(decode_launch(n, k, m_rows, arch=arch, split=exact), m).seconds))  # fmt: skip
+    # 4. twice the split: a second wave of programs
+    split2 = min(steps, 2 * split)
+    out.append((f"split {split2} (two waves) instead of {split}",
+                rest + _perf.predict(decode_launch(n, k, m_rows, arch=arch, split=split2), m).seconds))  # fmt: skip
+    # 5. one launch: U computed inside the decode launch (its launch overhead and its latency-bound pass gone)
+    out.append(("U inside the decode launch (1 launch)", main.seconds))
     out.append(("bf16 cuBLAS (reference)", cublas_gemv(n, k, m_rows, arch).seconds))
     return out
 

@@ -21,7 +21,8 @@ and the NF4-in-registers design are in ``lora_linear_kernels.py``; the weight-gr
 Dispatch of an NF4 base, set by the compile gate's cost model (estimates for an H100: 132 SMs issuing
 4 warp-instructions per clock at 1.755 GHz, 3.0 TB/s; ``python -m fastpeft.kernels._gate --report``):
 
-- forward, 16-bit x, ``M <= 64`` (``lora_linear_decode.DECODE_M_MAX``), ``K % 64 == 0``: the decode kernel,
+- forward, 16-bit x, ``M <= 64`` (``lora_linear_decode.DECODE_M_MAX``), ``K % 64 == 0``: two launches, the
+  ``U`` kernel and the decode kernel (``lora_linear_decode``; split-K reduced inside, output written in x's dtype),
   ≈ 4.3-5.4 thread-instructions per weight, i.e. issue-bound at ≈ 5.5-6.9 T weights/s against a memory
   bound of 5.8 T weights/s at 0.516 bytes per weight: a predicted 0.94-1.0 of the HBM roofline for every
   M it takes (one program holds all M rows, so W is decoded once per call);
@@ -364,12 +365,15 @@ def lora_linear_fwd(
     m, k, n, r = _check_args(x, weight, bias, lora_a, lora_b, nf4, dropout_mask, dropout_p)
     keep = _keep(dropout_mask, x.device)
     inv_keep = 1.0 / (1.0 - dropout_p) if keep[1] else 1.0
+    if nf4 is not None and decode.decode_supported(x, nf4):
+        # decode sizes, two launches: U in x's dtype, then the decode kernel with the LoRA term and bias in its
+        # epilogue writing Y in x's dtype (split-K reduced in the kernels: no memsets, no casts)
+        target = _target_programs(x.device, _interpreting())
+        u = decode.lora_u_fwd(x, lora_a, keep, inv_keep, target)
+        return decode.nf4_decode_fwd(x, nf4, bias, u, lora_b, float(scaling), target), u
     # -- U = drop(X)·Aᵀ: MAT[k, r] = A[r, k] --
     u = _skinny(x, lora_a, (lora_a.stride(1), lora_a.stride(0)), keep, inv_keep, r).to(x.dtype)
     # -- Y = X·Wᵀ + bias + s·U·Bᵀ: Rt[r, n] = B[n, r] --
-    if nf4 is not None and decode.decode_supported(x, nf4):
-        target = _target_programs(x.device, _interpreting())
-        return decode.nf4_decode_fwd(x, nf4, bias, u, lora_b, float(scaling), target), u
     w_args = _w_operand(weight, None, x.device, False) if nf4 is None else _nf4_w_operand(nf4, x, False)
     no_keep = _keep(None, x.device)
     y = _gemm(x, w_args, u, lora_b, (lora_b.stride(1), lora_b.stride(0)), bias, no_keep, float(scaling), n)

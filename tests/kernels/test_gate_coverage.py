@@ -51,7 +51,7 @@ UNGATED = {
     "_adapter_bwd_dw_kernel": {"HAS_COLSUM"},
     "_lora_wgrad_kernel": {"HAS_COLSUM"},
     # under the interpreter the decode kernel runs its table twin; GPU launches pass USE_ASM=True, as gated
-    "_nf4_decode_kernel": {"USE_ASM"},
+    "_nf4_decode_fused_kernel": {"USE_ASM"},
     "_lora_expand_kernel": {"HAS_BIAS"},
 }
 KERNELS = {
@@ -59,7 +59,8 @@ KERNELS = {
     lora_linear: ["_lora_gemm_kernel", "_lora_skinny_kernel"],
     lora_linear_wgrad: ["_lora_wgrad_kernel"],
     adapter: ["_adapter_fwd_kernel", "_adapter_bwd_dz_kernel", "_adapter_bwd_dw_kernel"],
-    lora_linear_decode: ["_nf4_decode_kernel"],
+    # the atomic _nf4_decode_kernel is the C library's (gated there); Python launches the fused form
+    lora_linear_decode: ["_nf4_decode_fused_kernel", "_lora_u_kernel"],
     lora_batched: ["_lora_shrink_kernel", "_lora_expand_kernel"],
     cross_entropy: ["_cross_entropy_kernel"],
 }
@@ -163,14 +164,16 @@ def _drive_lora() -> None:
 def _drive_decode() -> None:
     # the NF4 forward at decode sizes: K % 64 == 0, 16-bit, M up to DECODE_M_MAX, with and without LoRA
     k, n = 128, 33
-    for dtype, kind, m, extras in itertools.product(
-        (torch.float16, torch.bfloat16), ("nf4", "nf4dq"), (1, 3, 16, 20, 40, 64), ("none", "bias")
-    ):
+    for dtype, kind, m, r, extras in itertools.product(
+        (torch.float16, torch.bfloat16), ("nf4", "nf4dq"), (1, 3, 16, 20, 40, 64), (8, 20, 40, 70),
+        ("none", "bias", "dropout"),
+    ):  # fmt: skip
         x = torch.randn(m, k).to(dtype)
-        a, b = torch.randn(8, k).to(dtype), torch.randn(n, 8).to(dtype)
+        a, b = torch.randn(r, k).to(dtype), torch.randn(n, r).to(dtype)
         w4 = _nf4_args(n, k, kind, 64)
         bias = torch.randn(n).to(dtype) if extras == "bias" else None
-        lora_linear.lora_linear_fwd(x, None, bias, a, b, 0.5, nf4=w4)
+        drop = {"dropout_mask": torch.rand(m, k) > 0.3, "dropout_p": 0.3} if extras == "dropout" else {}
+        lora_linear.lora_linear_fwd(x, None, bias, a, b, 0.5, nf4=w4, **drop)
         lora_linear.nf4_linear_fwd(x, bias, w4)
 
 

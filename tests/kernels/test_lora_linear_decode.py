@@ -11,7 +11,9 @@ import re
 
 import pytest
 import torch
+import triton
 from conftest import assert_oracle, stable_seed
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
 
 from fastpeft.kernels import lora_linear as L
 from fastpeft.kernels import lora_linear_decode as D
@@ -125,23 +127,26 @@ def _dense(nf4: NF4Args, dtype: torch.dtype) -> torch.Tensor:
     return flat.view(n, k).to(dtype)
 
 
-def _check(m, k, n, r, dq, blocksize, dtype, *, bias=True, where=""):
-    g = torch.Generator().manual_seed(stable_seed(m, k, n, r, dq, blocksize, str(dtype)))
+def _check(m, k, n, r, dq, blocksize, dtype, *, bias=True, drop=False, where=""):
+    g = torch.Generator().manual_seed(stable_seed(m, k, n, r, dq, blocksize, str(dtype), drop))
     nf4 = _nf4(n, k, dq, blocksize, g)
     x = torch.randn((m, k), generator=g).to(DEVICE, dtype)
     a = (torch.randn((r, k), generator=g) * 0.2).to(DEVICE, dtype)
     b = (torch.randn((n, r), generator=g) * 0.2).to(DEVICE, dtype)
     bb = torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None
+    mask = (torch.rand((m, k), generator=g) > 0.25).to(DEVICE) if drop else None
+    kw = {"dropout_mask": mask, "dropout_p": 0.25} if drop else {}
     s = 1.5
     assert D.decode_supported(x, nf4)
-    y, u = L.lora_linear_fwd(x, None, bb, a, b, s, nf4=nf4)
+    y, u = L.lora_linear_fwd(x, None, bb, a, b, s, nf4=nf4, **kw)
     exact_y, exact_u = reference.lora_linear_fwd_reference(
-        x.double(), None, None if bb is None else bb.double(), a.double(), b.double(), s, nf4=nf4
+        x.double(), None, None if bb is None else bb.double(), a.double(), b.double(), s, nf4=nf4, **kw
     )
     w = _dense(nf4, dtype)
-    eager_u = x @ a.t()
+    eager_u = ((x * mask / 0.75) if drop else x) @ a.t()
     eager_y = torch.nn.functional.linear(x, w, bb) + s * (eager_u @ b.t())
-    assert y.shape == (m, n) and y.dtype == dtype
+    assert y.shape == (m, n) and y.dtype == dtype and u.shape == (m, r) and u.dtype == dtype
+    assert_oracle(u, exact_u, eager_u, msg=f"{where} u")
     assert_oracle(y, exact_y, eager_y, msg=f"{where} y")
     # the base-only linear runs the same kernel with no LoRA term
     yb = L.nf4_linear_fwd(x, bb, nf4)
@@ -157,6 +162,9 @@ CASES = [
     (16, 128, 67, 16, True, 64),
     (33, 256, 50, 1, False, 256),
     (64, 64, 129, 64, True, 64),
+    (3, 128, 131, 16, True, 64),
+    (17, 192, 257, 8, False, 64),
+    (1, 128, 300, 70, True, 64),  # R past 64: two U tiles, two epilogue rank steps
 ]
 
 
@@ -164,6 +172,12 @@ CASES = [
 def test_decode_forward_matches_oracle(case):
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # the interpreter's bf16 dot is wrong
     _check(*case, dtype, bias=case[0] % 2 == 1, where=str(case))
+
+
+@pytest.mark.parametrize("m", [1, 17])
+def test_decode_forward_with_dropout_matches_oracle(m):
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    _check(m, 192, 150, 16, True, 64, dtype, drop=True, where=f"dropout M={m}")
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="patches the split rule of the interpreter run")
@@ -198,8 +212,8 @@ class _Spy:
     ],
 )
 def test_dispatch(monkeypatch, m, k, dtype, decoded):
-    spy = _Spy(D._nf4_decode_kernel)
-    monkeypatch.setattr(D, "_nf4_decode_kernel", spy)
+    spy = _Spy(D._nf4_decode_fused_kernel)
+    monkeypatch.setattr(D, "_nf4_decode_fused_kernel", spy)
     g = torch.Generator().manual_seed(m)
     nf4 = _nf4(40, k, True, 64, g)
     x = torch.randn((m, k), generator=g).to(DEVICE, dtype)
@@ -210,6 +224,98 @@ def test_dispatch(monkeypatch, m, k, dtype, decoded):
     if decoded:
         assert spy.launches[0]["BLOCK_M"] == max(16, 1 << (m - 1).bit_length())
         assert spy.launches[0]["USE_ASM"] is False
+
+
+class _Counter:
+    """Stands in for a jit kernel: counts its launches and runs it with the dispatch mode below switched off."""
+
+    def __init__(self, name: str, fn, seen: list[str]):
+        self.name, self.fn, self.seen = name, fn, seen
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.seen.append(self.name)
+            with _disable_current_modes():
+                return self.fn[grid](*args, **kwargs)
+
+        return launch
+
+
+class _TorchOps(TorchDispatchMode):
+    """The torch operators a launcher runs outside its kernels (a fill or a cast is a launch on a GPU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket.__name__))
+        return func(*args, **(kwargs or {}))
+
+
+# what a torch operator costs on a GPU: these run no kernel (allocation, metadata, views)
+_NO_KERNEL = {"empty", "new_empty", "view", "reshape", "_reshape_alias", "as_strided", "t", "transpose", "detach",
+              "alias", "unsqueeze", "expand", "slice", "select", "_unsafe_view"}  # fmt: skip
+
+
+def _count_launches(monkeypatch, call) -> tuple[list[str], list[str]]:
+    """The Triton launches and the kernel-running torch operators of ``call()`` (after a warm-up call)."""
+    seen: list[str] = []
+    for module in (D, L, L.kernels, L.wgrad):
+        for name, fn in vars(module).items():
+            if isinstance(fn, _Counter):
+                fn.seen = seen
+            jit = isinstance(fn, triton.runtime.JITFunction) or type(fn).__name__ == "InterpretedFunction"
+            if jit and name.endswith("_kernel"):  # launched kernels, not the jit helpers they call
+                monkeypatch.setattr(module, name, _Counter(name, fn, seen))
+    call()  # the first call at a size allocates the zeroed split-K workspace
+    seen.clear()
+    with _TorchOps() as mode:
+        call()
+    return seen, [op for op in mode.ops if op not in _NO_KERNEL]
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="counts interpreter launches")
+@pytest.mark.parametrize(
+    ("m", "r", "bias", "drop"), [(1, 16, True, False), (17, 8, False, True), (64, 64, True, False)]
+)
+def test_decode_forward_is_two_launches(monkeypatch, m, r, bias, drop):
+    g = torch.Generator().manual_seed(stable_seed("launches", m, r))
+    k, n = 256, 300
+    nf4 = _nf4(n, k, True, 64, g)
+    x = torch.randn((m, k), generator=g, dtype=torch.float16)
+    a = torch.randn((r, k), generator=g, dtype=torch.float16) * 0.2
+    b = torch.randn((n, r), generator=g, dtype=torch.float16) * 0.2
+    bb = torch.randn(n, generator=g, dtype=torch.float16) if bias else None
+    kw = {"dropout_mask": torch.rand((m, k), generator=g) > 0.3, "dropout_p": 0.3} if drop else {}
+    launches, ops = _count_launches(monkeypatch, lambda: L.lora_linear_fwd(x, None, bb, a, b, 0.5, nf4=nf4, **kw))
+    assert launches == ["_lora_u_kernel", "_nf4_decode_fused_kernel"], launches
+    assert not ops, f"torch operators that launch kernels on a GPU: {ops}"
+    launches, ops = _count_launches(monkeypatch, lambda: L.nf4_linear_fwd(x, bb, nf4))
+    assert launches == ["_nf4_decode_fused_kernel"] and not ops, (launches, ops)
+
+
+@pytest.mark.parametrize("m", [1, 3, 64])
+def test_decode_calls_leave_no_state(monkeypatch, m):
+    # the split-K workspace and counters are reused by every call: each call leaves them at zero, so calls of other
+    # shapes in between and the same call again give the same result
+    if DEVICE == "cpu":
+        monkeypatch.setattr(L, "_target_programs", lambda device, interpret: 7)
+    g = torch.Generator().manual_seed(stable_seed("state", m))
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    nf4, other = _nf4(200, 320, True, 64, g), _nf4(70, 128, False, 64, g)
+    x = torch.randn((m, 320), generator=g).to(DEVICE, dtype)
+    a, b = (torch.randn((8, 320), generator=g) * 0.2).to(DEVICE, dtype), (torch.randn((200, 8)) * 0.2).to(DEVICE, dtype)
+    y1, u1 = L.lora_linear_fwd(x, None, None, a, b, 1.5, nf4=nf4)
+    L.nf4_linear_fwd(torch.randn((5, 128), generator=g).to(DEVICE, dtype), None, other)
+    y2, u2 = L.lora_linear_fwd(x, None, None, a, b, 1.5, nf4=nf4)
+    if DEVICE == "cpu":  # one program at a time: the same additions in the same order
+        assert torch.equal(y1, y2) and torch.equal(u1, u2)
+    else:  # float atomics add in arrival order
+        torch.testing.assert_close(y2, y1, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(u2, u1, rtol=1e-2, atol=1e-2)
+    ws, cnt = D._SYNC[x.device]
+    assert not ws.any() and not cnt.any(), "the workspace or the counters were left non-zero"
 
 
 @pytest.mark.skipif(DEVICE == "cuda", reason="inspects the process-wide scratch on the CPU")
@@ -250,3 +356,15 @@ def test_codebook_check_runs_once_per_tensor(monkeypatch):
     n = len(D._CODEBOOK_CHECKED)
     del qmap
     assert len(D._CODEBOOK_CHECKED) < n  # the entry left with its tensor
+
+
+@pytest.mark.compile_gate
+def test_split_rule_fills_what_the_binaries_keep_resident():
+    # the split-K rule fills one wave of RESIDENT_PER_SM programs per SM: every shipped decode binary must fit that
+    # many per SM on sm_80 and sm_90a, or the rule would leave a second, partial wave
+    from fastpeft.kernels import _gate
+
+    cases = {c.name: c for c in D.compile_gate_cases() if c.kernel == "_nf4_decode_fused_kernel"}
+    for rep in _gate.run_gate(list(cases.values()), (80, 90)):
+        want = D.RESIDENT_PER_SM[cases[rep.case].constexprs["BLOCK_M"]]
+        assert rep.ctas_per_sm >= want, f"{rep.case} sm_{rep.arch}: {rep.ctas_per_sm} per SM ({rep.regs} registers)"
