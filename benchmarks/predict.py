@@ -112,8 +112,10 @@ class Predictor:
 
         def rank(c) -> tuple:
             m = (c.args or {}).get("M", comp.m)
-            # Triton compiles M == 1 as a constant: that binary runs M = 1 only
-            return (m != comp.m, m == 1 != comp.m, c.constexprs.get("BLOCK_M", 0), len(c.name), c.name)
+            # Triton compiles M == 1 as a constant: that binary runs M = 1 only; the atomic decode kernel is the C
+            # library's form, the Python launcher runs the fused one
+            c_only = c.kernel == "_nf4_decode_kernel"
+            return (c_only, m != comp.m, m == 1 != comp.m, c.constexprs.get("BLOCK_M", 0), len(c.name), c.name)
 
         return min(cands, key=rank)
 

@@ -65,7 +65,7 @@ def _check_output(out: Path) -> tuple[list[dict], dict]:
         assert 0 < float(r["predicted"]) <= 1.0 + 1e-6 and float(r["predicted_ms"]) > 0, r
     for r in estimates:
         if r["provider"] == "fastpeft" and r["op"] == "qlora_linear" and r["mode"] == "fwd" and int(r["M"]) <= 64:
-            assert "gate nf4_decode[bf16,nf4dq," in r["basis"], r["basis"]
+            assert "gate nf4_decode_fused[bf16,nf4dq," in r["basis"], r["basis"]
         if r["provider"] == "fastpeft" and r["op"] == "nf4_dequant":
             assert "gate nf4_dequantize[bf16,double_quant=True]" in r["basis"], r["basis"]
 
