@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from fastpeft.data import byte_tokenizer
+from fastpeft.data import adds_bos, byte_tokenizer
 
 VOCAB = 260  # fastpeft.data.byte_tokenizer: 4 special tokens + 256 bytes
 
@@ -113,7 +113,7 @@ def write_gguf(path: Path, checkpoint: Path, quantized: str | None = None) -> Pa
     writer.add_eos_token_id(tok.eos_token_id)
     writer.add_pad_token_id(tok.pad_token_id)
     writer.add_unk_token_id(tok.unk_token_id)
-    writer.add_add_bos_token(False)
+    writer.add_add_bos_token(adds_bos(tok))  # the tokenizer's own rule, as the checkpoint's
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, layers)
     for key, t in load_file(str(checkpoint / "model.safetensors")).items():
