@@ -25,6 +25,8 @@ __all__ = [
     "OpPrediction",
     "cross_entropy_op",
     "cublas_gemm",
+    "cublas_lora_op",
+    "qlora_step",
     "decode_op",
     "dequantize_op",
     "format_report",
@@ -279,6 +281,56 @@ def cublas_gemm(n: int, k: int, m_rows: int = 8192, arch: int = 90) -> OpPredict
     return _total(pred.name, [pred], nbytes, m)
 
 
+def _stream(name: str, nbytes: float, flops: float, m: _perf.Machine) -> _perf.Prediction:
+    """A bandwidth-bound cuBLAS call or skinny product (an addmm onto the output, U = X·Aᵀ): the streaming model."""
+    body = _perf.streaming_time(nbytes, flops, m, launches=0)
+    return _perf.Prediction(name, body + m.launch_s, body + m.graph_launch_s, body, {"hbm": nbytes / m.hbm_bytes_per_s},
+                            "hbm", 0, "-", 0.0, 0, 0, 1.0, 0, 0, 0)  # fmt: skip
+
+
+def lora_addmm(n: int, m_rows: int = 8192, r: int = 16, arch: int = 90) -> OpPrediction:
+    """``OUT [M, N] += s·U·Bᵀ`` as cuBLAS's addmm runs it: the output read and written once, U and B read."""
+    m = _perf.machine(arch)
+    nbytes = 2 * (2 * m_rows * n + r * (m_rows + n))
+    return _total(f"addmm LoRA {m_rows}x{n} r={r}", [_stream("addmm", nbytes, 2.0 * m_rows * n * r, m)], nbytes, m)
+
+
+def cublas_lora_op(n: int, k: int, m_rows: int = 8192, r: int = 16, arch: int = 90) -> OpPrediction:
+    """The launchers' cuBLAS path past the tiled GEMM's range (``lora_linear.cublas_path``): the base GEMM at cuBLAS's
+    bound (bias in its epilogue), then the LoRA term as an addmm onto the output. W dequantized beforehand."""
+    m = _perf.machine(arch)
+    preds = cublas_gemm(n, k, m_rows, arch).launches + lora_addmm(n, m_rows, r, arch).launches
+    return _total(f"cuBLAS+addmm {m_rows}x{n}x{k}", preds, 2 * (m_rows * k + n * k + m_rows * n), m)
+
+
+def _skinny_stream(name: str, rows: int, width: int, r: int, m: _perf.Machine) -> _perf.Prediction:
+    """A skinny product over ``[rows, width]`` (U = X·Aᵀ, G = dY·B, dA = Gᵀ·X, dB = dYᵀ·U): the wide operand
+    streamed."""
+    return _stream(name, 2 * (rows * width + r * (rows + width)), 2.0 * rows * width * r, m)
+
+
+def qlora_step(n: int, k: int, m_rows: int = 8192, r: int = 16, arch: int = 90, path: str = "cublas") -> dict:
+    """Forward and forward + backward seconds of one LoRA linear at ``m_rows``, without dropout: ``path`` "tiled"
+    (dequantize + the tiled GEMM, LoRA in its epilogue), "cublas" (dequantize + cuBLAS + addmm) or "dense" (a bf16
+    base, eager torch's chain: cuBLAS + addmm, no dequantize). The skinny products (U forward; G, dA, dB backward) are
+    streamed in every path; the backward dequantizes again (the scratch holds another layer's W by then); dX's tiled
+    GEMM is modeled by the forward binary with N and K swapped. With a dropout mask the cuBLAS path's dX adds one
+    ``[M, K]`` pass (``G·A`` written, then read with the mask), not modeled here."""
+    m = _perf.machine(arch)
+    deq = 0.0 if path == "dense" else dequantize_op(n, k, arch).seconds
+    u = _skinny_stream("U", m_rows, k, r, m).seconds
+    if path == "tiled":
+        fwd_gemm = tiled_gemm_op(n, k, m_rows, r, arch).seconds
+        dx_gemm = tiled_gemm_op(k, n, m_rows, r, arch).seconds
+    else:
+        fwd_gemm = cublas_lora_op(n, k, m_rows, r, arch).seconds
+        # the launcher splits G into 16-bit halves (rank 2R); eager torch's dense chain rounds G (rank R)
+        dx_gemm = cublas_lora_op(k, n, m_rows, r if path == "dense" else 2 * r, arch).seconds
+    wgrad = sum(_skinny_stream(w, m_rows, width, r, m).seconds for w, width in (("G", n), ("dA", k), ("dB", n)))
+    fwd = deq + u + fwd_gemm
+    return {"fwd": fwd, "fwd_bwd": fwd + deq + dx_gemm + wgrad}
+
+
 def cross_entropy_op(vocab: int = LLAMA3_VOCAB, tokens: int | None = None, arch: int = 90) -> OpPrediction:
     """One chunk of the causal-LM loss: ``tokens`` programs (the chunk, default ``64 MiB / (4·V)`` as
     ``linear_cross_entropy`` sizes it), each sweeping its bf16 row twice (statistics, then the gradient written in
@@ -346,6 +398,9 @@ def report(arch: int = 90, m_values: Sequence[int] = (1, 16, 64)) -> dict:
             rows["decode"].append((decode_op(n, k, mr, arch=arch), cublas_gemv(n, k, mr, arch)))
         rows["dequantize"].append(dequantize_op(n, k, arch))
         rows["tiled"].append((tiled_gemm_op(n, k, arch=arch), cublas_gemm(n, k, arch=arch)))
+        rows.setdefault("qlora", []).append(
+            ((n, k), {p: qlora_step(n, k, arch=arch, path=p) for p in ("tiled", "cublas", "dense")})
+        )
     rows["cross_entropy"].append(cross_entropy_op(arch=arch))
     for n, k in ((4096, 4096), (14336, 4096)):
         for mr in (1, 16):
@@ -393,15 +448,30 @@ def format_report(rows: dict, arch: int = 90) -> str:
         p = op.launches[0]
         out.append(f"| {op.name.split()[1]} | {_us(op.seconds)} | {op.hbm_fraction:.0%} | {p.binding} | "
                    f"{p.ctas_per_sm} | {_us(op.issue_bound_seconds)} |")  # fmt: skip
-    out += ["", "## Tiled GEMM with LoRA epilogue, M = 8192 (bf16)", "",
-            "| W [N, K] | config | predicted us | TFLOP/s | binding | CTAs/SM | waves | cuBLAS bound us |",
-            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    out += ["", "## Tiled GEMM with LoRA epilogue, M = 8192 (bf16; no longer run at these shapes: see below)", "",
+            "| W [N, K] | config | predicted us | TFLOP/s | binding | CTAs/SM | waves | cuBLAS bound us "
+            "| cuBLAS + addmm us (runs) |",
+            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for op, ref in rows["tiled"]:
         p = op.launches[0]
         n, k = op.name.split()[1].split("x")[1:]
         tf = 2 * 8192 * int(n) * int(k) / op.seconds / 1e12
+        runs = cublas_lora_op(int(n), int(k), arch=arch).seconds
         out.append(f"| {n}x{k} | {op.name.split()[2]} | {_us(op.seconds)} | {tf:.0f} | {p.binding} | {p.ctas_per_sm} | "
-                   f"{p.waves:.2f} | {_us(ref.seconds)} |")  # fmt: skip
+                   f"{p.waves:.2f} | {_us(ref.seconds)} | {_us(runs)} |")  # fmt: skip
+    out += ["", "## QLoRA linear at M = 8192 (bf16, r = 16): the path that runs", "",
+            "The launchers take cuBLAS + addmm here (``lora_linear.cublas_path``); the tiled row is the path before. "
+            "Fractions: dense bf16 cuBLAS + LoRA (no dequantize) over the path's time; skinny products streamed in "
+            "every path, the backward dequantizes again.", "",
+            "| W [N, K] | fwd us: tiled / cuBLAS+addmm / dense | fwd fraction of dense: tiled -> cuBLAS "
+            "| fwd+bwd us: tiled / cuBLAS+addmm / dense | fwd+bwd fraction of dense: tiled -> cuBLAS |",
+            "|---|---|---|---|---|"]  # fmt: skip
+    for (n, k), q in rows.get("qlora", []):
+        t, c, d = q["tiled"], q["cublas"], q["dense"]
+        out.append(f"| {n}x{k} | {_us(t['fwd'])} / {_us(c['fwd'])} / {_us(d['fwd'])} | "
+                   f"{d['fwd'] / t['fwd']:.2f} -> {d['fwd'] / c['fwd']:.2f} | {_us(t['fwd_bwd'])} / "
+                   f"{_us(c['fwd_bwd'])} / {_us(d['fwd_bwd'])} | {d['fwd_bwd'] / t['fwd_bwd']:.2f} -> "
+                   f"{d['fwd_bwd'] / c['fwd_bwd']:.2f} |")  # fmt: skip
     out += [
         "",
         "## Cross-entropy kernel, one loss chunk (bf16 logits)",

@@ -40,6 +40,20 @@ Dispatch of an NF4 base, set by the compile gate's cost model (estimates for an 
   slower than dequantize-once + dense GEMM), and even a decode at the decode kernel's ≈ 4.5 instructions
   per weight would cost more than the dequantize pass from ≈ 6 row tiles (M ≈ 360) on.
 
+Past the decode sizes, the base GEMM of the forward and of dX runs in cuBLAS where the cost model says the tiled
+Triton GEMM loses to it (``cublas_path``; dense bases and the dequantize-once scratch alike): ``Y = addmm(bias, X,
+Wᵀ)`` (bias in cuBLAS's epilogue), then ``Y.addmm_(U, Bᵀ, alpha=s)`` for the LoRA term; ``dX = dY·W``, then
+``dX.addmm_(G, A, alpha=s/(1-p))`` (with a dropout mask: ``dX.addcmul_(G·A, mask, value=s/(1-p))``). ``U`` and
+``G`` still come from the skinny Triton kernel (dropout fused there). Numerics: cuBLAS accumulates 16-bit GEMMs in
+float32 (torch's ``allow_{fp16,bf16}_reduced_precision_reduction`` flags, on by default, let it reduce split-K
+partials in 16 bits: the oracle tests run on CPU, where torch accumulates in float32); the LoRA term is added in
+float32 in addmm's epilogue onto the base result already rounded to x's dtype, so Y is rounded twice (the tiled
+kernel rounds once), as eager torch's chain does; G is split into 16-bit high and low halves (a rank-2R update,
+as the tiled kernel's ``LORA_SPLIT``) so the float32 G keeps its precision; with a dropout mask ``G·A`` is rounded
+to x's dtype once before the masked add. Transients of the cuBLAS path: U is the op's own output; ``[M, 2R]`` and
+``[2R, K]`` for the split G and stacked A; with dropout in dX, ``G·A`` ``[M, K]`` in x's dtype. No persistent
+buffer beyond the scratch.
+
 Dense bases: ``M <= SMALL_M_MAX`` takes the split-K path (``BLOCK_M = 16``, wide ``BLOCK_Q``, float32
 atomics into a zeroed workspace, then a cast), larger M the tensor-core tiled path (grouped tile order
 for L2 reuse, HMMA / HGMMA).
@@ -82,6 +96,7 @@ from fastpeft.kernels.nf4 import nf4_dequantize
 
 __all__ = [
     "SMALL_M_MAX",
+    "cublas_path",
     "scratch_bytes",
     "compile_gate_cases",
     "lora_linear_bwd",
@@ -250,6 +265,67 @@ def _fuse_nf4(m: int, dtype: torch.dtype) -> bool:
     return m <= SMALL_M_MAX and dtype != torch.float32
 
 
+CUBLAS_MIN_Q = 1024
+CUBLAS_MIN_P = 512
+CUBLAS_MAX_P_ANY_M = 4096
+CUBLAS_MIN_M = 512
+
+
+def cublas_path(m: int, p: int, q: int) -> bool:
+    """Whether ``OUT [M, P] = IN [M, Q]·Wt [Q, P]`` (+ the LoRA term) runs in cuBLAS rather than the tiled GEMM.
+
+    A rule frozen from the cost model (sm_90, bf16, r = 16; nothing is evaluated at call time): the tiled GEMM
+    (``_perf_launches.tiled_gemm_op``, its SASS-based prediction) against cuBLAS + addmm (``cublas_lora_op``:
+    cuBLAS's bound plus the LoRA addmm's pass over the output), on a grid of P in 256..28672, Q in 256..14336 and
+    M in 65..8192 (480 points). The rule picks cuBLAS at 208 of them, each predicted faster (0.12-0.98x of the
+    tiled time; 0.64-0.68x on the Llama-3-8B projections at M = 8192) and never a point where the tiled GEMM wins:
+    that happens with Q < 1024 (the addmm's extra pass over the output outweighs a short GEMM: up to 1.55x at
+    P = 14336, Q = 256, M = 128), P < 512 (1.17x at 256 x 1024, M = 8192) and, for P > 4096, below M = 512 (up to
+    1.40x at 14336 x 1024, M = 128: the tiled grid's waves). The float32 tiled GEMM (FMA) against cuBLAS SGEMM
+    takes the same rule. Decode sizes (M <= 64) keep their own paths.
+    """
+    if m <= decode.DECODE_M_MAX or q < CUBLAS_MIN_Q or p < CUBLAS_MIN_P:
+        return False
+    return m >= CUBLAS_MIN_M or p <= CUBLAS_MAX_P_ANY_M
+
+
+def _dense_base(weight: torch.Tensor | None, nf4: NF4Args | None, inp: torch.Tensor) -> torch.Tensor:
+    """W ``[N, K]`` as cuBLAS reads it: the dense base, or NF4 dequantized once into the scratch buffer."""
+    return weight if nf4 is None else _dequantized(nf4, inp.dtype, inp.device)
+
+
+def _cublas_fwd(
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, u: torch.Tensor | None, lora_b: torch.Tensor, s: float
+) -> torch.Tensor:
+    """``Y = X·Wᵀ + bias`` in cuBLAS (bias in its epilogue), then ``Y += s·U·Bᵀ`` (float32 in addmm's epilogue)."""
+    y = torch.mm(x, w.t()) if bias is None else torch.addmm(bias, x, w.t())
+    if u is not None:
+        y.addmm_(u, lora_b.t(), alpha=s)
+    return y
+
+
+def _cublas_dx(
+    dy: torch.Tensor, w: torch.Tensor, g: torch.Tensor | None, lora_a: torch.Tensor, keep: tuple, s: float
+) -> torch.Tensor:
+    """``dX = dY·W + s·keep ⊙ (G·A)`` with W ``[N, K]`` in cuBLAS; G float32 ``[M, R]``, split into 16-bit high and
+    low halves (one rank-2R GEMM) so the update keeps G's float32 precision."""
+    dx = torch.mm(dy, w)
+    if g is None:
+        return dx
+    if dy.dtype == torch.float32:
+        gs, a2 = g, lora_a
+    else:
+        hi = g.to(dy.dtype)
+        gs = torch.cat([hi, (g - hi.float()).to(dy.dtype)], dim=1)  # [M, 2R] transient
+        a2 = torch.cat([lora_a, lora_a], dim=0)  # [2R, K] transient
+    keep_t, has_mask = keep
+    if has_mask:
+        dx.addcmul_(torch.mm(gs, a2), keep_t, value=s)  # G·A [M, K] transient, rounded to dY's dtype once
+    else:
+        dx.addmm_(gs, a2, alpha=s)
+    return dx
+
+
 def _nf4_w_operand(nf4: NF4Args, inp: torch.Tensor, transposed: bool) -> tuple:
     """The GEMM's W arguments for an NF4 weight: decoded in the kernel, or dequantized once into the scratch."""
     if _fuse_nf4(inp.shape[0], inp.dtype):
@@ -374,6 +450,8 @@ def lora_linear_fwd(
     # -- U = drop(X)·Aᵀ: MAT[k, r] = A[r, k] --
     u = _skinny(x, lora_a, (lora_a.stride(1), lora_a.stride(0)), keep, inv_keep, r).to(x.dtype)
     # -- Y = X·Wᵀ + bias + s·U·Bᵀ: Rt[r, n] = B[n, r] --
+    if cublas_path(m, n, k):
+        return _cublas_fwd(x, _dense_base(weight, nf4, x), bias, u, lora_b, float(scaling)), u
     w_args = _w_operand(weight, None, x.device, False) if nf4 is None else _nf4_w_operand(nf4, x, False)
     no_keep = _keep(None, x.device)
     y = _gemm(x, w_args, u, lora_b, (lora_b.stride(1), lora_b.stride(0)), bias, no_keep, float(scaling), n)
@@ -426,8 +504,11 @@ def lora_linear_bwd(
         g = _skinny(dy, lora_b, (lora_b.stride(0), lora_b.stride(1)), _keep(None, x.device), 1.0, r)
     if needs_dx:
         # -- dX = dY·W + s/(1-p)·keep ⊙ (G·A): W read as Wt[n, k], Rt[r, k] = A[r, k] --
-        w_args = _w_operand(weight, None, x.device, True) if nf4 is None else _nf4_w_operand(nf4, dy, True)
-        dx = _gemm(dy, w_args, g, lora_a, (lora_a.stride(0), lora_a.stride(1)), None, keep, scaling * inv_keep, k)
+        if cublas_path(m, k, n):
+            dx = _cublas_dx(dy, _dense_base(weight, nf4, dy), g, lora_a, keep, scaling * inv_keep)
+        else:
+            w_args = _w_operand(weight, None, x.device, True) if nf4 is None else _nf4_w_operand(nf4, dy, True)
+            dx = _gemm(dy, w_args, g, lora_a, (lora_a.stride(0), lora_a.stride(1)), None, keep, scaling * inv_keep, k)
     if needs_da:
         part, _ = _wgrad(x, g, keep, colsum=False)
         da = (part.t() * (scaling * inv_keep)).to(lora_a.dtype).contiguous()
@@ -475,6 +556,8 @@ def nf4_linear_fwd(x: torch.Tensor, bias: torch.Tensor | None, nf4: NF4Args) -> 
             raise ValueError("bias must be contiguous")
     if decode.decode_supported(x, nf4):
         return decode.nf4_decode_fwd(x, nf4, bias, None, None, 0.0, _target_programs(x.device, _interpreting()))
+    if cublas_path(m, n, k):
+        return _cublas_fwd(x, _dense_base(None, nf4, x), bias, None, x, 0.0)
     lt, rt = _empty_lora(m, x, x)
     w_args = _nf4_w_operand(nf4, x, transposed=False)
     return _gemm(x, w_args, lt, rt, (0, 1), bias, _keep(None, x.device), 0.0, n)
@@ -499,6 +582,8 @@ def nf4_linear_bwd_dx(dy: torch.Tensor, nf4: NF4Args) -> torch.Tensor:
         raise ValueError(f"nf4.shape is {tuple(nf4.shape)}, dy has N={n} columns")
     k = nf4.shape[1]
     _check_nf4(nf4, k, "dy", dy)
+    if cublas_path(m, k, n):
+        return _cublas_dx(dy, _dense_base(None, nf4, dy), None, dy, (dy, False), 0.0)
     lt, rt = _empty_lora(m, _tables(dy.device)[0], dy)
     w_args = _nf4_w_operand(nf4, dy, transposed=True)
     return _gemm(dy, w_args, lt, rt, (0, 1), None, _keep(None, dy.device), 0.0, k)

@@ -485,3 +485,62 @@ def test_nf4_linear_launchers_reject_bad_input():
 def test_cuda_bf16_nf4_linear_matches_oracle(w_kind, m):
     prob = _problem(m, 4096 // 4 + 64 + 3, 1024 // 4 + 3, 1, torch.bfloat16, w_kind, seed=m, device="cuda")
     _check_nf4_linear(prob, f"cuda bf16 nf4_linear M={m} {w_kind}")
+
+
+# ----------------------------------------------------------------------------------------------
+# the cuBLAS path past the tiled GEMM's range (lora_linear.cublas_path)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cublas_rule_follows_the_frozen_thresholds():
+    # (M, P, Q) of the output width P and reduction Q: the Llama-3-8B projections at M = 8192, forward and dX
+    for n, k in ((4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336)):
+        assert L.cublas_path(8192, n, k) and L.cublas_path(8192, k, n), (n, k)
+    assert L.cublas_path(65, 4096, 4096)  # P <= 4096: cuBLAS from the first M past the decode sizes
+    assert not L.cublas_path(64, 4096, 4096)  # decode sizes keep their paths
+    assert not L.cublas_path(128, 14336, 1024)  # wide P below M = 512: the tiled grid wins there
+    assert L.cublas_path(512, 14336, 1024)
+    assert not L.cublas_path(8192, 14336, 512)  # short reductions: the addmm's pass over the output costs more
+    assert not L.cublas_path(8192, 256, 4096)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="spies on the interpreter's launches")
+@pytest.mark.parametrize("w_kind", ["dense", "nf4dq"])
+def test_launcher_takes_cublas_where_the_rule_says(monkeypatch, w_kind):
+    # M = 65 past the decode sizes, Q = K = 1030 >= 1024, P = N = 520: the rule picks cuBLAS for Y; dX (P = 1030,
+    # Q = 520 < 1024) stays on the tiled GEMM. No tiled launch for Y, one for dX; results within the oracle
+    m, k, n = 65, 1030, 520
+    assert L.cublas_path(m, n, k) and not L.cublas_path(m, k, n)
+    spy = _Spy(L._lora_gemm_kernel)
+    monkeypatch.setattr(L, "_lora_gemm_kernel", spy)
+    prob = _problem(m, k, n, 16, torch.float32, w_kind, p=0.1, seed=stable_seed("cublas rule", w_kind))
+    _, u = _check_fwd(prob, f"rule, {w_kind}")
+    assert spy.launches == [], "the forward ran the tiled GEMM where the rule picks cuBLAS"
+    _check_bwd(prob, u, f"rule, {w_kind}")
+    assert len(spy.launches) == 1, spy.launches  # dX
+
+
+# (M, K, N, R, bias, p): M past one and two row tiles, K and N off 64, ranks 1 / 16 / 64, every bias x dropout pair
+CUBLAS_CASES = [
+    (65, 70, 33, 1, True, 0.0),
+    (129, 130, 67, 16, False, 0.25),
+    (65, 96, 80, 64, True, 0.1),
+    (129, 70, 130, 16, False, 0.0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("w_kind", W_KINDS)
+@pytest.mark.parametrize("case", CUBLAS_CASES, ids=lambda c: "x".join(map(str, c[:4])) + f"-b{int(c[4])}-p{c[5]}")
+def test_cublas_path_matches_oracle(monkeypatch, case, w_kind, dtype):
+    m, k, n, r, bias, p = case
+    monkeypatch.setattr(L, "cublas_path", lambda m, p, q: True)
+    spy = _Spy(L._lora_gemm_kernel)
+    monkeypatch.setattr(L, "_lora_gemm_kernel", spy)
+    prob = _problem(m, k, n, r, dtype, w_kind, bias=bias, p=p, seed=stable_seed("cublas", case, w_kind, str(dtype)))
+    where = f"cuBLAS path M={m} K={k} N={n} R={r} {w_kind} {dtype} bias={bias} p={p}"
+    _, u = _check_fwd(prob, where)
+    _check_bwd(prob, u, where)
+    if w_kind != "dense":
+        _check_nf4_linear(prob, where)
+    assert spy.launches == [], f"{where}: the tiled GEMM ran"

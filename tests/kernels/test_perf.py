@@ -239,3 +239,17 @@ def test_report_runs():
     assert len(op.launches) == 2 and math.isfinite(op.seconds) and op.seconds > ref.seconds * 0.1  # U, then decode
     main = max(op.launches, key=lambda p: p.kernel_seconds)
     assert main.grid == 512 and main.empty_ctas == 0  # 4096x4096: 32 tiles x 16 slices, one wave of 4 per SM
+
+
+@pytest.mark.compile_gate
+def test_report_models_the_path_that_runs_at_large_m():
+    # M = 8192 on the Llama-3-8B projections: the launchers take cuBLAS + addmm (lora_linear.cublas_path), which the
+    # model puts between dense bf16 cuBLAS + LoRA (no dequantize) and the tiled GEMM it replaced
+    from fastpeft.kernels import _perf_launches
+    from fastpeft.kernels.lora_linear import cublas_path
+
+    for n, k in _perf_launches.LLAMA3_8B:
+        assert cublas_path(8192, n, k) and cublas_path(8192, k, n), (n, k)
+        tiled, cublas, dense = (_perf_launches.qlora_step(n, k, path=p) for p in ("tiled", "cublas", "dense"))
+        for what in ("fwd", "fwd_bwd"):
+            assert dense[what] < cublas[what] < tiled[what], (n, k, what, tiled, cublas, dense)
