@@ -4,10 +4,13 @@
 #   bash benchmarks/gpu_check.sh                 # pytest -m gpu, then fastpeft bench within the time left
 #   bash benchmarks/gpu_check.sh bench           # the benchmark window plan alone (--budget 480)
 #   bash benchmarks/gpu_check.sh tests           # pytest -m gpu alone
+#   bash benchmarks/gpu_check.sh install         # install and import alone (needs no GPU)
 #
 # Works on a machine that has torch, triton, transformers and peft but no network: the project installs with
-# `pip install --no-deps --no-build-isolation -e .`, and bitsandbytes, when missing, from a wheel carried with
-# the tree (BNB_WHEEL=path, or bitsandbytes-*.whl under wheels/, benchmarks/wheels/ or shared/wheels/).
+# `pip install --no-deps --no-build-isolation -e .` (nothing fetched; where that fails, for want of setuptools,
+# the steps below run the source tree itself), and bitsandbytes, when missing, from a wheel carried with the tree
+# (BNB_WHEEL=path, or bitsandbytes-*.whl under wheels/, benchmarks/wheels/ or shared/wheels/). Any torch from
+# 2.10 with the Triton it pins (3.6 or newer) will do.
 # Everything lands in RESULTS (default benchmarks/results/<gpu>-<date>/): install.log, env.txt,
 # pytest-gpu.log, bench.log and the suite's results.csv, summary.md, manifest.json and plots.
 #
@@ -23,18 +26,25 @@ TOTAL=${TOTAL:-540}
 TEST_TIMEOUT=${TEST_TIMEOUT:-150}
 BUDGET=${BUDGET:-480}
 
-if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    gpu=$(python -c "import torch; print(torch.cuda.get_device_name())")
+    slug=$(echo "$gpu" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-|-$//g')
+    RESULTS=${RESULTS:-benchmarks/results/${slug}-$(date -u +%Y-%m-%d)}
+elif [ "$what" = install ]; then
+    gpu="no GPU"
+    RESULTS=${RESULTS:-${TMPDIR:-/tmp}/fastpeft-gpu-check-install}
+else
     echo "gpu_check: no CUDA GPU visible; without one run: fastpeft bench --quick" >&2
     exit 2
 fi
-gpu=$(python -c "import torch; print(torch.cuda.get_device_name())")
-slug=$(echo "$gpu" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-|-$//g')
-RESULTS=${RESULTS:-benchmarks/results/${slug}-$(date -u +%Y-%m-%d)}
 mkdir -p "$RESULTS"
 echo "gpu_check: $gpu -> $RESULTS"
 
 {
-    pip install --no-deps --no-build-isolation -e . || pip install --no-deps -e .
+    if ! pip install --no-deps --no-build-isolation -e .; then
+        echo "gpu_check: pip could not install the project; running it from the source tree"
+        export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    fi
     if ! python -c "import bitsandbytes" 2>/dev/null; then
         wheel=""
         for w in ${BNB_WHEEL:-} wheels/bitsandbytes-*.whl benchmarks/wheels/bitsandbytes-*.whl shared/wheels/bitsandbytes-*.whl; do
@@ -59,6 +69,17 @@ for dist in ("torch", "triton", "transformers", "peft", "bitsandbytes", "matplot
         print(dist, "not installed")
 EOF
 } >"$RESULTS/env.txt" 2>&1
+# the import of every kernel module (their Triton decorators run; nothing compiles) and of the benchmarks
+if ! python -c "
+import fastpeft, torch, triton
+from fastpeft.kernels import adapter, cross_entropy, lora_batched, lora_linear, lora_linear_decode, nf4
+import benchmarks.suite  # as python -m benchmarks runs it, from this directory
+print('gpu_check: import ok: fastpeft', fastpeft.__version__, 'torch', torch.__version__, 'triton', triton.__version__)
+"; then
+    echo "gpu_check: fastpeft does not import here (install.log: $RESULTS/install.log)" >&2
+    exit 1
+fi
+[ "$what" = install ] && exit 0
 
 export TRITON_CACHE_AUTOTUNING=1
 export TRITON_DEFAULT_FP_FUSION=${TRITON_DEFAULT_FP_FUSION:-1}
