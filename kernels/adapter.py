@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels._gate import GateCase
-from fastpeft.kernels.formats import dot_precision, sm_count
+from fastpeft.kernels.formats import dot_precision, sm_count, triton_version
 from fastpeft.kernels.reference import ADAPTER_ACTIVATIONS, check_adapter_args, check_adapter_bwd_args
 from fastpeft.kernels.rounding import cast_out
 
@@ -302,6 +302,11 @@ def _adapter_bwd_dw_kernel(
 BOTTLENECK_BLOCKS = (16, 32, 64, 128, 256)  # BLOCK_B choices: b ≤ 256
 
 
+# Triton < 3.8: float32 wide bottlenecks kept 8-16 bytes of stack (Triton 3.7.1: the dz kernel at BLOCK_B = 128 on
+# sm_90a, dW_down at 256 on sm_80) on the tiles below; 16-row row tiles and a 32-wide dW tile hold none
+_OLD_PTXAS = triton_version() < (3, 8)
+
+
 def _block_b(b: int) -> int:
     # tl.dot needs every dimension ≥ 16
     return max(16, triton.next_power_of_2(b))
@@ -320,7 +325,7 @@ def _row_config(block_b: int, dtype: torch.dtype) -> dict[str, int]:
     wide = block_b >= 128
     f32 = dtype == torch.float32
     return {
-        "BLOCK_M": 32 if f32 else 64,
+        "BLOCK_M": (16 if wide and _OLD_PTXAS else 32) if f32 else 64,
         "BLOCK_K": (16 if wide else 32) if f32 else (32 if wide else 64),
         "BLOCK_B": block_b,
         "num_warps": 8 if wide else 4,
@@ -334,7 +339,7 @@ def _dw_config(block_b: int, dtype: torch.dtype) -> dict[str, int]:
     f32 = dtype == torch.float32
     return {
         "BLOCK_M": 16 if f32 else 64,
-        "BLOCK_N": 64,
+        "BLOCK_N": 32 if f32 and block_b == 256 and _OLD_PTXAS else 64,
         "BLOCK_B": block_b,
         "num_warps": 8 if (f32 or block_b >= 64) else 4,
         "num_stages": 2 if block_b == 256 else 3,

@@ -1,10 +1,11 @@
-"""Fixed data of fastpeft's formats (no Triton here): the NF4 codebook, the 8-bit dynamic map,
-supported block sizes, the argument checks the NF4 launchers and their references share, and two facts
-every launcher uses (a dtype's ``tl.dot`` precision, a device's SM count)."""
+"""Fixed data of fastpeft's formats (no Triton import at module level): the NF4 codebook, the 8-bit dynamic map,
+supported block sizes, the argument checks the NF4 launchers and their references share, and three facts
+every launcher uses (a dtype's ``tl.dot`` precision, a device's SM count, the installed Triton's version)."""
 
 from __future__ import annotations
 
 import functools
+import re
 from typing import NamedTuple
 
 import torch
@@ -24,6 +25,7 @@ __all__ = [
     "fp32_midpoints",
     "nf4_code",
     "sm_count",
+    "triton_version",
 ]
 
 NF4_CODE: tuple[float, ...] = (
@@ -54,6 +56,16 @@ def sm_count(device: torch.device) -> int:
 @functools.cache
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+@functools.cache
+def triton_version() -> tuple[int, int]:
+    """The installed Triton's ``(major, minor)``, for the few tile rules that differ under older compilers (each
+    says why at its rule). Imported here on first call: this module itself needs no Triton."""
+    import triton
+
+    major, minor = re.match(r"(\d+)\.(\d+)", triton.__version__).groups()
+    return int(major), int(minor)
 
 
 def fp32_midpoints(values: tuple[float, ...]) -> tuple[float, ...]:

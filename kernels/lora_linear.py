@@ -394,8 +394,8 @@ def _skinny(
     """``scale·(keep ⊙ IN)[M, Q]·MAT[Q, R]`` in float32 ``[M, R]``, with ``MAT[q, r] = mat[q·s0 + r·s1]``."""
     m, q = inp.shape
     interpret = _interpreting()
-    cfg = _skinny_config(m, interpret)
     block_r = _block_r(r)
+    cfg = _skinny_config(m, interpret, block_r)
     tiles = triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(r, block_r)
     steps = triton.cdiv(q, cfg["BLOCK_Q"])
     # split-K until the grid fills the device (decode: one row tile would leave it idle)

@@ -139,7 +139,7 @@ def _skinny_gate_case(dtype: torch.dtype, m: int, block_r: int, product: str) ->
     """``U = drop(X)·Aᵀ`` (``product`` "U", the forward, with the dropout mask of training past small M) or
     ``G = dY·B`` ("G", the backward) at the representative shape, rank ``block_r``."""
     ty = _GATE_TYPES[dtype]
-    cfg = _skinny_config(m, interpret=False)
+    cfg = _skinny_config(m, interpret=False, block_r=block_r)
     u = product == "U"
     mask = u and m > SMALL_M_MAX  # decode-size forwards are inference: no dropout
     args = {

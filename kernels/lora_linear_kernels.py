@@ -42,7 +42,8 @@ Skinny products: ``U`` and ``G`` come from ``_lora_skinny_kernel`` (``[M, Q] · 
 so that decode shapes still fill the GPU), into float32.
 
 Configurations (``python -m fastpeft.kernels._gate --report`` for their registers; none spills on sm_80 or
-sm_90a). Tiled, 16-bit: two tiles for rows aligned to 16 bytes and one for unaligned rows, chosen by
+sm_90a under Triton 3.6-3.9, where older compilers take the smaller NF4 small-M and skinny tiles their rules
+name). Tiled, 16-bit: two tiles for rows aligned to 16 bytes and one for unaligned rows, chosen by
 ``_prune_tiled`` from the strides and pointers (the strides are in the autotune key). Small-M: five split
 counts of one 16-row tile, with a 4-stage pipeline for dense W and one stage for NF4 (``_prune_small``).
 Float32 inputs have their own lists: Triton's FMA dot (IEEE, no tensor cores) keeps the operands of its
@@ -61,7 +62,7 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels._gate import GateCase
-from fastpeft.kernels.formats import dynamic_map, nf4_code, sm_count
+from fastpeft.kernels.formats import dynamic_map, nf4_code, sm_count, triton_version
 from fastpeft.kernels.rounding import cast_out
 
 __all__ = ["SMALL_M_MAX", "compile_gate_cases"]
@@ -343,29 +344,36 @@ _TILED_CONFIGS_16 = [*_TILED_CONFIGS, _TILED_UNALIGNED]
 _TILED_CONFIGS_FP32 = [_tiled(64, 64, 16, 4, 2)]
 
 
-def _small_configs(block_q: int, num_stages: int, nf4_stages: int | None = None) -> list[triton.Config]:
+def _small_configs(
+    block_q: int, num_stages: int, nf4_stages: int | None = None, nf4_tile: tuple[int, int] = (64, 128)
+) -> list[triton.Config]:
     """Small M: one 16-row tile; only the split count is tuned (a runtime argument, one compiled kernel).
 
-    With ``nf4_stages``, the list also holds the NF4 variants of the tile (picked by ``_prune_small``): the
-    NF4 tile is issue-bound on its decode (~40 instructions per weight), so a deep pipeline buys nothing,
-    while every stage in flight holds another tile of packed bytes in registers (2+ stages spilled).
+    With ``nf4_stages``, the list also holds the NF4 variants (picked by ``_prune_small``) on the ``nf4_tile``
+    ``(BLOCK_P, BLOCK_Q)``: the NF4 tile is issue-bound on its decode (~40 instructions per weight), so a deep
+    pipeline buys nothing, while every stage in flight holds another tile of packed bytes in registers (2+
+    stages spilled).
     """
-    stages = [num_stages] if nf4_stages is None else [num_stages, nf4_stages]
+    tiles = [(64, block_q, num_stages)] + ([] if nf4_stages is None else [(*nf4_tile, nf4_stages)])
     return [
         triton.Config(
-            {"BLOCK_M": 16, "BLOCK_P": 64, "BLOCK_Q": block_q, "GROUP_M": 1, "split_k": s},
+            {"BLOCK_M": 16, "BLOCK_P": p, "BLOCK_Q": q, "GROUP_M": 1, "split_k": s},
             num_warps=4,
             num_stages=n,
             pre_hook=_zero_out,
         )  # fmt: skip
-        for n in stages
+        for p, q, n in tiles
         for s in (1, 2, 4, 8, 16)
     ]
 
 
 # dense: 4 stages of [128, 64] W tiles in flight per 4-warp program (16 KB each) keep the bandwidth-bound
-# GEMV busy; NF4 (16-bit inputs only: float32 NF4 is dequantized once and runs dense): one stage
-_SMALL_CONFIGS = _small_configs(block_q=128, num_stages=4, nf4_stages=1)
+# GEMV busy; NF4 (16-bit inputs only: float32 NF4 is dequantized once and runs dense): one stage. Triton < 3.7:
+# the NF4 forward's 16x64x128 tile spills there (0.5-4 KB of stack on sm_80 and sm_90a with Triton 3.5 and
+# 3.6), so it takes 16x128x32, the same 4096 weights an iteration in a shallower K step: no spills, about 40
+# (forward) and 48 (dX) thread-instructions per weight on sm_90a against 38 and 39 for 16x64x128 on 3.9
+_NF4_SMALL_TILE = (64, 128) if triton_version() >= (3, 7) else (128, 32)
+_SMALL_CONFIGS = _small_configs(block_q=128, num_stages=4, nf4_stages=1, nf4_tile=_NF4_SMALL_TILE)
 # float32: 32-deep FMA steps (the 64-deep one held too many operands live, see above), 4 stages in flight
 _SMALL_CONFIGS_FP32 = _small_configs(block_q=32, num_stages=4)
 GEMM_BLOCK_R = 16
@@ -444,15 +452,17 @@ def _block_r(r: int) -> int:
     return min(64, max(16, triton.next_power_of_2(r)))
 
 
-def _skinny_config(m: int, interpret: bool) -> dict[str, int]:
+def _skinny_config(m: int, interpret: bool, block_r: int) -> dict[str, int]:
     # the products are bandwidth-bound (R <= 64 columns): tiles only need enough bytes in flight, and split-K
     # fills the device at small M, so they are sized to stay far from the register limit on sm_80 and
     # sm_90a for every BLOCK_R and dtype (BLOCK_Q = 128 at small M, and 4 warps over 64 x 64 at large M,
-    # spilled: ptxas settles at 96-168 registers there)
+    # spilled: ptxas settles at 96-168 registers there). Triton < 3.8: at small M, 16-bit BLOCK_R = 16 or 32
+    # binaries kept 16 bytes of stack on sm_80 at BLOCK_Q = 64 (3.6, 3.7), none at BLOCK_Q = 32
     if interpret:
         return {"BLOCK_M": 16, "BLOCK_Q": 32, "num_warps": 4}
     if m <= SMALL_M_MAX:
-        return {"BLOCK_M": 16, "BLOCK_Q": 64, "num_warps": 4}
+        shallow = block_r <= 32 and triton_version() < (3, 8)
+        return {"BLOCK_M": 16, "BLOCK_Q": 32 if shallow else 64, "num_warps": 4}
     return {"BLOCK_M": 64, "BLOCK_Q": 64, "num_warps": 8}
 
 

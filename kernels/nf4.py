@@ -52,6 +52,7 @@ from fastpeft.kernels.formats import (
     dynamic_map,
     fp32_midpoints,
     nf4_code,
+    triton_version,
 )
 from fastpeft.kernels.rounding import cast_out
 
@@ -243,7 +244,10 @@ def _nf4_dequantize_kernel(
 # launchers
 # ----------------------------------------------------------------------------------------------
 
-_DEQUANT_BLOCK = 2048
+# packed bytes per tile: 2048 (4096 weights); Triton < 3.7 spilled there on sm_90a (80-144 bytes of stack for
+# float32 outputs with double quantization and float16 ones without, Triton 3.5 and 3.6), and at 1024; 512 holds
+# 32-40 registers with none, at 7.3-12.9 thread-instructions per weight (still issue-bound above the roofline)
+_DEQUANT_BLOCK = 2048 if triton_version() >= (3, 7) else 512
 _DEQUANT_WARPS = 4
 
 

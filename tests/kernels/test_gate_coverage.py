@@ -269,7 +269,7 @@ def test_every_lora_gpu_config_is_gated():
             if not gated("_lora_gemm_kernel", "in_ptr", dtype, consts, cfg.num_warps, cfg.num_stages):
                 missing.append(f"GEMM {dtype} {consts} warps={cfg.num_warps} stages={cfg.num_stages}")
         for m, block_r in itertools.product((1, 8192), (16, 32, 64)):
-            cfg = K._skinny_config(m, interpret=False)
+            cfg = K._skinny_config(m, interpret=False, block_r=block_r)
             consts = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_Q": cfg["BLOCK_Q"], "BLOCK_R": block_r}
             if not gated("_lora_skinny_kernel", "in_ptr", dtype, consts, cfg["num_warps"], 3):  # Triton's default
                 missing.append(f"skinny {dtype} {consts}")

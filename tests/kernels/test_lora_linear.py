@@ -240,6 +240,19 @@ def test_split_k_counts(monkeypatch, split_k):
     _check_bwd(prob, u, f"split_k={split_k}", needs_da=False, needs_db=False)
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="patches the interpreter's fixed configurations")
+@pytest.mark.parametrize("tile", [(64, 128), (128, 32)], ids=["16x64x128", "16x128x32"])
+def test_nf4_small_tiles_of_every_triton(monkeypatch, tile):
+    # the NF4 small-M tile depends on the installed Triton (16x128x32 below 3.7, see _NF4_SMALL_TILE): both
+    # run here on any Triton, forward and dX, with double quantization and a K that no tile divides
+    assert K._NF4_SMALL_TILE in ((64, 128), (128, 32))
+    monkeypatch.setitem(L._INTERPRET_SMALL, "BLOCK_P", tile[0])
+    monkeypatch.setitem(L._INTERPRET_SMALL, "BLOCK_Q", tile[1])
+    prob = _problem(3, 300, 150, 8, torch.float16, "nf4dq", p=0.2, seed=tile[1])
+    _, u = _check_fwd(prob, f"NF4 small tile {tile}")
+    _check_bwd(prob, u, f"NF4 small tile {tile}", needs_da=False, needs_db=False)
+
+
 def test_large_scaling_with_dropout_within_oracle():
     # the scale multiplies L before its 16-bit rounding: a large one (rsLoRA's alpha / sqrt(r) with alpha = 128)
     # and a dropout mask on the LoRA term alone, on both paths, stay within the oracle
