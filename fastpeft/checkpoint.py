@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastpeft.files import fsync_files, share_permissions
+from fastpeft.files import fsync_files, remove_path, share_permissions
 
 __all__ = ["CHECKPOINT_FILES", "Checkpoint", "load_checkpoint", "save_checkpoint"]
 
@@ -78,10 +78,10 @@ def save_checkpoint(
         fsync_files(tmp)
         share_permissions(tmp)
         old = directory.parent / f".checkpoint-old-{os.getpid()}"
-        if directory.exists():
+        if os.path.lexists(directory):  # a symbolic link (even a dangling one) is replaced, never written through
             os.replace(directory, old)
         os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_path(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -19,23 +19,34 @@ with one line on stderr and exit status 2, as does a failed write (read-only or 
 directories are only created or replaced once all the work succeeded. A loss, gradient or update that
 stops being finite ends training with one line naming the step and the likely cause, exit status 3; the
 last good checkpoint stays. Ctrl-C (SIGINT) or SIGTERM during training writes a checkpoint at the end of the
-step in progress and exits with 128 + the signal's number; ``--resume`` continues from it.
+step in progress and exits with 128 + the signal's number; ``--resume`` continues from it. Before training (imports,
+model loading) or in ``quantize`` / ``merge`` they stop the command at once, with one line and the same status.
+
+``--out`` is refused before any work when it is, contains or lies inside a path the command reads, when it is
+empty, the current directory, one of its parents or a filesystem root, and while another run holds it (``--out R is
+in use by pid N``); inputs that are FIFOs or devices are refused. A run killed while ``quantize`` or ``merge``
+replaced ``--out`` leaves temporaries the next run removes (and an ``--out`` it took away, put back).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import shutil
 import signal
 import sys
-import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported by the commands, not by the module: a signal in its import is handled
+    import torch
+
+    from fastpeft.outputs import OutLock
 
 __all__ = ["main"]
 
@@ -43,7 +54,7 @@ EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                     "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")  # fmt: skip
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_DTYPES = ("bfloat16", "float16", "float32")
 _MODEL_HELP = "local transformers checkpoint directory, or a GGUF file (pip install 'fastpeft[gguf]')"
 
 
@@ -142,18 +153,49 @@ def _fresh_out(out: Path, overwrite: bool) -> None:
         raise ValueError(f"--out {out} is not empty (pass --overwrite to replace it)")
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished ``tmp`` directory to ``out`` (replacing it): the old one is removed last."""
-    from fastpeft.files import share_permissions
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
 
-    share_permissions(tmp)
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(name, torch.float32)
+
+
+@contextlib.contextmanager
+def _holding(out: Path, overwrite: bool) -> Iterator[OutLock]:
+    """``out`` (replaced as a whole) held by this command until it ends, through ``.NAME.lock`` beside it: taken
+    now when the folder above exists (else by ``_write_beside``), what killed runs left there cleaned (a lost
+    ``out`` put back), a fine-tuning run writing into ``out`` or a non-empty ``out`` without ``overwrite`` refused.
+    """
+    from fastpeft.outputs import LOCK_FILE, OutLock, beside_lock, clean_beside, holder, in_use
+
+    lock = OutLock(beside_lock(out), f"--out {out}")
+    try:
+        pid = holder(out / LOCK_FILE)
+        if pid is not None:
+            raise in_use(f"--out {out}", pid)
+        if out.parent.is_dir():
+            lock.take()
+            clean_beside(out)
+        _fresh_out(out, overwrite)
+        yield lock
+    finally:
+        lock.release()
+
+
+def _write_beside(out: Path, lock: OutLock, overwrite: bool, write: Callable[[Path], None]) -> None:
+    """``write`` the new ``out`` into a temporary directory beside it, then rename that into place."""
+    from fastpeft.outputs import clean_beside, publish, temp_beside
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not lock.held:  # the folder did not exist at the checks: another run may have written `out` since
+        lock.take()
+        clean_beside(out)
+        _fresh_out(out, overwrite)
+    tmp = temp_beside(out)
+    try:
+        write(tmp)
+        publish(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
@@ -174,7 +216,10 @@ def _device(name: str | None) -> torch.device:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
+    from fastpeft.run_dir import check_paths
     from fastpeft.train import TrainConfig, finetune
+
+    check_paths(args.out, args.model, args.data)  # before the memory estimate reads the model
 
     cfg = TrainConfig(
         out=args.out, model=args.model, data=args.data, method=args.method, r=args.r, alpha=args.alpha,
@@ -214,19 +259,19 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from fastpeft import loading
+    from fastpeft.outputs import check_out_path, check_regular
 
-    out = Path(args.out)
-    _fresh_out(out, args.overwrite)
+    check_regular("--model", args.model, directory_files=True)
+    out = check_out_path(args.out, [("--model", args.model)])
     skip = tuple(s.strip() for s in args.skip.split(",") if s.strip())
-    model = loading.load_causal_lm(args.model, quantize=True, device=_device(args.device), skip=skip)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        loading.save_quantized(model, tmp, compute_dtype=_DTYPES[args.compute_dtype], skip=skip)
-        _copy_tokenizer(Path(args.model), tmp)
-        _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with _holding(out, args.overwrite) as lock:
+        model = loading.load_causal_lm(args.model, quantize=True, device=_device(args.device), skip=skip)
+
+        def write(tmp: Path) -> None:
+            loading.save_quantized(model, tmp, compute_dtype=_torch_dtype(args.compute_dtype), skip=skip)
+            _copy_tokenizer(Path(args.model), tmp)
+
+        _write_beside(out, lock, args.overwrite, write)
     print(f"fastpeft quantize: NF4 checkpoint written to {out.resolve()}")
     return 0
 
@@ -243,11 +288,25 @@ def _json_object(path: Path) -> dict:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from fastpeft.outputs import check_out_path, check_regular
+
+    check_regular("--model", args.model, directory_files=True)
+    check_regular("--adapter", args.adapter, directory_files=True)
+    out = check_out_path(args.out, [("--model", args.model), ("--adapter", args.adapter)])
+    with _holding(out, args.overwrite) as lock:
+        onto = _merge(args, out, lock)
+    print(f"fastpeft merge: adapter merged onto the {onto}, written to {out.resolve()}")
+    return 0
+
+
+def _merge(args: argparse.Namespace, out: Path, lock: OutLock) -> str:
+    """Merge ``--adapter`` into ``--model`` and write the result to ``out``; returns which weights it went onto."""
+    import torch
+
     from fastpeft import loading
     from fastpeft.peft import PeftModel
 
-    out, adapter = Path(args.out), Path(args.adapter)
-    _fresh_out(out, args.overwrite)
+    adapter = Path(args.adapter)
     cfg_path = adapter / "adapter_config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{adapter}: no adapter_config.json")
@@ -264,27 +323,23 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise ValueError(f"--onto-original: {args.model} holds only the 4-bit weights, not the originals")
     quantize = trained_on_nf4 and not args.onto_original
     if args.dtype is not None:
-        dtype = _DTYPES[args.dtype]
+        dtype = _torch_dtype(args.dtype)
     else:
         dtype = getattr(config, "dtype", None) or torch.float32
-        dtype = _DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else dtype
+        dtype = _torch_dtype(dtype) if isinstance(dtype, str) else dtype
     model = loading.load_causal_lm(args.model, quantize=quantize, device="cpu", dtype=dtype)
     # The adapter merges onto exactly the weights it was trained against: dequant(W) for QLoRA.
     loading.dequantize_model(model, dtype)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     if hasattr(merged.config, "quantization_config"):
         del merged.config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         merged.to(dtype).save_pretrained(str(tmp))
         _copy_tokenizer(Path(args.model), tmp)
-        _publish(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    onto = "dequant(NF4) weights" if quantize else "original weights"
-    print(f"fastpeft merge: adapter merged onto the {onto}, written to {out.resolve()}")
-    return 0
+
+    _write_beside(out, lock, args.overwrite, write)
+    return "dequant(NF4) weights" if quantize else "original weights"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -299,41 +354,95 @@ def cmd_memory(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``fastpeft`` command line; returns the exit status (0 ok, 2 bad input or a failed write,
-    3 training diverged, 128 + N stopped by signal N)."""
-    args = _parser().parse_args(argv)
+_COMMANDS = ("finetune", "quantize", "merge", "bench", "memory")
+
+
+class _Stopped(KeyboardInterrupt):
+    """SIGINT or SIGTERM outside training: raised where the command is, so it unwinds (temporaries, locks)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _signals_unwind() -> Iterator[list[int]]:
+    """While the command runs, SIGINT and SIGTERM raise ``_Stopped`` and are recorded in the list yielded (a library
+    that turns the exception into an error of its own, in an import, is seen through); training installs its own
+    handlers over these. A signal its starter set to be ignored or handled otherwise is left as it is."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    ours = [s for s, default in defaults.items() if signal.getsignal(s) is default]
+
+    def handler(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise _Stopped(signum)
+
+    for s in ours:
+        signal.signal(s, handler)
+    try:
+        yield received
+    finally:
+        for s in ours:
+            signal.signal(s, defaults[s])
+
+
+def _stopped(command: str, e: BaseException, received: list[int]) -> int:
+    """The one line and the exit status (128 + N) of a command a signal stopped."""
+    prog = f"fastpeft {command}" if command else "fastpeft"
+    run_control = sys.modules.get("fastpeft.run_control")  # not imported here: a second signal could land in it
+    if run_control is not None and isinstance(e, run_control.TrainingInterrupted):
+        print(
+            f"{prog}: stopped by {signal.Signals(e.signum).name} after step {e.step}; "
+            f"checkpoint in {e.checkpoint} (add --resume to continue)",
+            file=sys.stderr,
+        )
+        return 128 + e.signum
+    signum = received[0] if received else signal.SIGINT
+    print(f"{prog}: stopped by {signal.Signals(signum).name}", file=sys.stderr)
+    return 128 + signum
+
+
+def _failed(command: str, e: BaseException) -> int:
+    """The one line and the exit status of a command that failed on bad input or diverged; anything else raises."""
+    run_control = sys.modules.get("fastpeft.run_control")
+    if isinstance(e, (ValueError, OSError, ImportError)):  # OSError: missing files, a read-only or full disk, ...
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"fastpeft {command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if run_control is not None and isinstance(e, run_control.TrainingDiverged):
+        print(f"fastpeft {command}: error: {e}", file=sys.stderr)
+        return EXIT_DIVERGED
+    raise e
+
+
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="fastpeft: %(message)s")
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
         for name in ("fastpeft.train", "fastpeft.distributed"):
             logging.getLogger(name).setLevel(logging.INFO)  # the run-length estimate, method notices
     commands = {"finetune": cmd_finetune, "quantize": cmd_quantize, "merge": cmd_merge, "bench": cmd_bench,
                 "memory": cmd_memory}  # fmt: skip
-    try:
-        return commands[args.command](args)
-    except (ValueError, OSError, ImportError) as e:  # OSError: missing files, a read-only or full disk, ...
-        message = " ".join(str(e).split()) or type(e).__name__
-        print(f"fastpeft {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except RuntimeError as e:
-        from fastpeft.train import TrainingDiverged
+    return commands[args.command](args)
 
-        if not isinstance(e, TrainingDiverged):
-            raise
-        print(f"fastpeft {args.command}: error: {e}", file=sys.stderr)
-        return EXIT_DIVERGED
-    except KeyboardInterrupt as e:
-        from fastpeft.train import TrainingInterrupted
 
-        if isinstance(e, TrainingInterrupted):
-            print(
-                f"fastpeft {args.command}: stopped by {signal.Signals(e.signum).name} after step {e.step}; "
-                f"checkpoint in {e.checkpoint} (add --resume to continue)",
-                file=sys.stderr,
-            )
-            return 128 + e.signum
-        print(f"fastpeft {args.command}: interrupted", file=sys.stderr)
-        return 128 + signal.SIGINT
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fastpeft`` command line; returns the exit status (0 ok, 2 bad input or a failed write,
+    3 training diverged, 128 + N stopped by signal N, from the start-up on)."""
+    given = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in given if a in _COMMANDS), "")
+    with _signals_unwind() as received:
+        try:
+            args = _parser().parse_args(given)  # the parser imports the commands' modules
+            command = args.command
+            return _run(args)
+        except (KeyboardInterrupt, Exception) as e:
+            if received or isinstance(e, KeyboardInterrupt):
+                return _stopped(command, e, received)
+            return _failed(command, e)
 
 
 if __name__ == "__main__":

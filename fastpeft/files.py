@@ -1,11 +1,13 @@
-"""Helpers for writing result files safely: the process umask, shared permissions, fsync."""
+"""Helpers for writing result files safely: the process umask, shared permissions, fsync, removal that never
+follows a symbolic link."""
 
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
-__all__ = ["current_umask", "fsync_files", "share_permissions"]
+__all__ = ["current_umask", "fsync_files", "remove_path", "share_permissions"]
 
 
 def current_umask() -> int:
@@ -34,3 +36,12 @@ def fsync_files(directory: Path) -> None:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
+
+
+def remove_path(path: Path) -> None:
+    """Remove ``path``: a symbolic link itself (never what it points to), a file, or a directory tree; nothing if
+    it does not exist. (``shutil.rmtree`` refuses a link, and with ``ignore_errors`` leaves it silently in place.)"""
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)

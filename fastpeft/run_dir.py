@@ -1,5 +1,6 @@
-"""The output directory of ``fastpeft finetune``: checked before any work, cleaned of what a killed run left,
-and filled atomically at the end (every result written into a temporary directory, then renamed into place).
+"""The output directory of ``fastpeft finetune``: checked before any work, held by one run at a time, cleaned of
+what a killed run left, and filled atomically at the end (every result written into a temporary directory, then
+renamed into place; a symbolic link inside it is replaced, never written through).
 """
 
 from __future__ import annotations
@@ -14,12 +15,44 @@ from typing import Any
 from torch import nn
 
 from fastpeft import data as fdata
-from fastpeft.files import fsync_files, share_permissions
+from fastpeft.files import fsync_files, remove_path, share_permissions
+from fastpeft.outputs import LOCK_FILE, OutLock, beside_lock, check_out_path, check_regular, holder, in_use
 
-__all__ = ["BASE_MODEL_DIR", "OUTPUT_FILES", "check_out", "check_writable", "prepare_out", "write_results"]
+__all__ = [
+    "BASE_MODEL_DIR",
+    "OUTPUT_FILES",
+    "check_out",
+    "check_paths",
+    "check_writable",
+    "hold_out",
+    "prepare_out",
+    "write_results",
+]
 
 OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "train_config.json")
 BASE_MODEL_DIR = "base_model"  # the embedded demo's base model, written beside its adapter
+
+
+def check_paths(out: str, model: str | None, data: str | None) -> Path:
+    """``--out`` as a path, refused when it is no directory of its own or is, contains or lies inside ``--model`` or
+    ``--data``; FIFOs and devices refused as inputs: all before anything is read."""
+    check_regular("--model", model, directory_files=True)
+    check_regular("--data", data)
+    return check_out_path(out, [("--model", model), ("--data", data)])
+
+
+def hold_out(out: Path, lock: OutLock, what: str) -> None:
+    """Take ``out``'s lock (``out/.fastpeft-lock``) when ``out`` exists; a new ``out`` is held from its creation
+    (``prepare_out``). An ``out`` that ``fastpeft quantize`` or ``merge`` is replacing is refused too.
+
+    Raises:
+        ValueError: another live process holds ``out`` (``"--out R is in use by pid N"``).
+    """
+    pid = holder(beside_lock(out))
+    if pid is not None:
+        raise in_use(what, pid)
+    if out.is_dir():
+        lock.take()
 
 
 def check_out(out: Path, resume: bool, overwrite: bool) -> None:
@@ -34,7 +67,7 @@ def check_out(out: Path, resume: bool, overwrite: bool) -> None:
             os.replace(olds[-1], out / "checkpoint")
         if not (out / "checkpoint").is_dir():
             raise ValueError(f"--resume: no checkpoint in {out / 'checkpoint'}")
-    elif out.is_dir() and any(out.iterdir()) and not overwrite:
+    elif out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir()) and not overwrite:
         raise ValueError(f"--out {out} is not empty (pass --resume to continue or --overwrite to replace)")
 
 
@@ -47,16 +80,20 @@ def check_writable(out: Path) -> None:
         raise ValueError(f"--out {out}: {existing} is not writable")
 
 
-def prepare_out(out: Path, resume: bool, overwrite: bool) -> None:
-    """Create ``out``; remove what a killed run left, and with ``overwrite`` the previous results."""
+def prepare_out(out: Path, resume: bool, overwrite: bool, lock: OutLock | None = None) -> None:
+    """Create ``out`` and hold ``lock`` (if not yet); remove what a killed run left, and with ``overwrite`` the
+    previous results (symbolic links among them are removed, never followed)."""
     out.mkdir(parents=True, exist_ok=True)
+    if lock is not None and not lock.held:  # `out` did not exist at the checks: another run may have filled it since
+        lock.take()
+        check_out(out, resume, overwrite)
     for stale in [*out.glob(".checkpoint-tmp-*"), *out.glob(".checkpoint-old-*"), *out.glob(".final-tmp-*")]:
-        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run; never read
+        remove_path(stale)  # left by a killed run; never read
     if overwrite and not resume:
         for name in OUTPUT_FILES:
             (out / name).unlink(missing_ok=True)
         for name in ("checkpoint", BASE_MODEL_DIR):
-            shutil.rmtree(out / name, ignore_errors=True)
+            remove_path(out / name)
 
 
 def write_results(
@@ -77,7 +114,7 @@ def write_results(
         fsync_files(tmp)
         share_permissions(tmp)
         if base is not None:
-            shutil.rmtree(out / BASE_MODEL_DIR, ignore_errors=True)
+            remove_path(out / BASE_MODEL_DIR)
             os.replace(tmp / BASE_MODEL_DIR, out / BASE_MODEL_DIR)
         for name in OUTPUT_FILES:
             os.replace(tmp / name, out / name)

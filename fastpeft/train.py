@@ -44,6 +44,7 @@ from torch import nn
 from fastpeft import data as fdata
 from fastpeft import distributed, loading
 from fastpeft.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fastpeft.outputs import LOCK_FILE, OutLock
 from fastpeft.run_control import (
     NonFinite,
     TrainingDiverged,
@@ -54,7 +55,15 @@ from fastpeft.run_control import (
     stop_requests,
     threads_for_a_busy_cpu,
 )
-from fastpeft.run_dir import BASE_MODEL_DIR, check_out, check_writable, prepare_out, write_results
+from fastpeft.run_dir import (
+    BASE_MODEL_DIR,
+    check_out,
+    check_paths,
+    check_writable,
+    hold_out,
+    prepare_out,
+    write_results,
+)
 from fastpeft.savers import causal_lm_loss, enable_checkpointing, lm_head_skip
 
 __all__ = [
@@ -420,12 +429,25 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
         ``steps``, ...
 
     Raises:
-        ValueError / FileNotFoundError: bad input, reported before ``cfg.out`` is touched.
+        ValueError / FileNotFoundError: bad input, reported before ``cfg.out`` is touched; ``cfg.out`` is
+            refused when it is, contains or lies inside ``model`` or ``data``, and while another run holds it.
         TrainingDiverged: the loss, the gradients or the updated weights stopped being finite; nothing
             of that step is written (the last good checkpoint stays).
         TrainingInterrupted: SIGINT / SIGTERM, after a checkpoint of the last step.
         OSError: writing into ``cfg.out`` failed (a full disk, ...).
     """
+    out = check_paths(cfg.out, cfg.model, cfg.data)
+    # One run at a time in `out`: held from the checks until this returns (the kernel drops it if we die).
+    lock = OutLock(out / LOCK_FILE, f"--out {cfg.out}")
+    try:
+        return _finetune(cfg, callback, out, lock)
+    finally:
+        lock.release()
+
+
+def _finetune(
+    cfg: TrainConfig, callback: Callable[[int, float], None] | None, out: Path, lock: OutLock
+) -> dict[str, Any]:
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -442,9 +464,12 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
     if cfg.lr is None:
         cfg = replace(cfg, lr=default_lr(method, cfg.model is None))
     _check_numbers(cfg)
-    out = Path(cfg.out)
-    check_out(out, cfg.resume, cfg.overwrite)
     check_writable(out)
+    if run is not None:
+        run.on_main(lambda: hold_out(out, lock, f"--out {cfg.out}"), str(out))
+    else:
+        hold_out(out, lock, f"--out {cfg.out}")
+    check_out(out, cfg.resume, cfg.overwrite)
     state = load_checkpoint(out / "checkpoint") if cfg.resume else None
     cfg_dict = {k: v for k, v in asdict(cfg).items() if k not in ("out", "resume", "overwrite", "progress")}
     cfg_dict["method"] = method
@@ -489,9 +514,9 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
 
     # -- prepare out (inputs are valid from here on, on every rank) --
     if run is not None:
-        run.on_main(lambda: prepare_out(out, cfg.resume, cfg.overwrite), str(out))
+        run.on_main(lambda: prepare_out(out, cfg.resume, cfg.overwrite, lock), str(out))
     else:
-        prepare_out(out, cfg.resume, cfg.overwrite)
+        prepare_out(out, cfg.resume, cfg.overwrite, lock)
     step, epoch, index, losses, tokens, seconds = 0, 0, 0, [], 0, 0.0
     if state is not None:
         if run is not None:
