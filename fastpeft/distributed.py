@@ -24,6 +24,10 @@ Results and checkpoints are written once, by rank 0, atomically (``fastpeft.chec
 the trainable tensors and optimizer moments are gathered to full tensors first (only those: the base is
 never gathered whole), and a resumed run shards them again. Every collective runs on every rank in the
 same order; a decision one rank takes alone (stop on a signal, a failed write) is agreed on first.
+
+Joining is bounded: a process that finds ``WORLD_SIZE`` > 1 but no peers (started without torchrun, a wrong
+``RANK``, a ``WORLD_SIZE`` set by hand) stops after ``FASTPEFT_JOIN_TIMEOUT`` seconds (default 30) with one line
+naming the variables, instead of waiting in the process group's set-up for ever.
 """
 
 from __future__ import annotations
@@ -55,11 +59,26 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("ddp", "fsdp")
+JOIN_TIMEOUT = 30.0  # seconds a rank waits for the others to join (FASTPEFT_JOIN_TIMEOUT overrides it)
 
 
 def launched() -> bool:
     """Whether this process is one of several started by ``torchrun`` (``WORLD_SIZE`` > 1)."""
     return _env_int("WORLD_SIZE", 1) > 1
+
+
+def join_timeout() -> float:
+    """Seconds to wait for every rank to join: ``FASTPEFT_JOIN_TIMEOUT``, else ``JOIN_TIMEOUT``."""
+    value = os.environ.get("FASTPEFT_JOIN_TIMEOUT")
+    if value is None:
+        return JOIN_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < 1e6:
+        raise ValueError(f"environment variable FASTPEFT_JOIN_TIMEOUT={value!r} is not a number of seconds")
+    return seconds
 
 
 def _env_int(name: str, default: int) -> int:
@@ -393,6 +412,76 @@ class DistributedRun:
             dist.destroy_process_group()
 
 
+def _torchrun_variables() -> str:
+    names = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    return ", ".join(f"{n}={os.environ[n]}" if n in os.environ else f"{n} unset" for n in names)
+
+
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """File descriptor 2 goes to /dev/null inside: c10d's C++ logging writes each failed connection attempt there
+    (a screenful per retry), and the one line ``_join`` raises says what happened."""
+    import sys
+
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _join(rank: int, world: int, use_cuda: bool, dev: torch.device) -> None:
+    """Start the default process group once every rank has checked in, within ``join_timeout()`` seconds.
+
+    The store torchrun's variables point at is reached (rank 0 hosts it unless torchrun's agent does) and every
+    rank sets its key there and waits for the others' before the group is made, so a missing peer is an error
+    after a bounded wait, not a hang in the backend's set-up.
+
+    Raises:
+        ValueError: a variable is missing or a peer did not join in time (the message names the variables).
+    """
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from torch.distributed.constants import default_pg_timeout
+
+    seconds = join_timeout()
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    hint = (
+        f"start every one of the {world} processes with torchrun --nproc-per-node {world}, or unset WORLD_SIZE "
+        "to train in one process"
+    )
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise ValueError(f"{_torchrun_variables()}: WORLD_SIZE > 1 needs {name}; {hint}")
+    try:
+        with _native_stderr_silenced():
+            store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timedelta(seconds=seconds)))
+            store.set_timeout(timedelta(seconds=seconds))
+            store.set(f"fastpeft/joined/{restart}/{rank}", "1")
+            store.wait([f"fastpeft/joined/{restart}/{r}" for r in range(world)])
+    except (RuntimeError, ValueError) as e:  # DistStoreError / DistNetworkError: a timeout, a refused connection
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(
+            f"{_torchrun_variables()}: the other processes did not join within {seconds:g} s "
+            f"(FASTPEFT_JOIN_TIMEOUT sets the wait; {first}); {hint}"
+        ) from None
+    store.set_timeout(default_pg_timeout)
+    dist.init_process_group(
+        "nccl" if use_cuda else "gloo",
+        store=dist.PrefixStore("default_pg", store),  # as init_process_group keys a store it makes itself
+        rank=rank,
+        world_size=world,
+        device_id=dev if use_cuda else None,
+    )
+
+
 def setup(strategy: str | None, device: str | None) -> DistributedRun | None:
     """Join torchrun's process group when this process is one of several; None for a single process.
 
@@ -403,6 +492,7 @@ def setup(strategy: str | None, device: str | None) -> DistributedRun | None:
 
     Raises:
         ValueError: an unknown strategy, an explicit GPU index under torchrun, no GPU for local rank,
+            a ``RANK`` outside ``[0, WORLD_SIZE)``, peers that do not join within ``join_timeout()`` seconds,
             or torch without distributed support.
     """
     if strategy is not None and strategy not in STRATEGIES:
@@ -416,6 +506,8 @@ def setup(strategy: str | None, device: str | None) -> DistributedRun | None:
     if not dist.is_available():
         raise ValueError("this torch build has no torch.distributed: multi-process training is not possible")
     rank, world, local = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0)
+    if not 0 <= rank < world or local < 0:
+        raise ValueError(f"{_torchrun_variables()}: RANK must be in [0, WORLD_SIZE) and LOCAL_RANK at least 0")
     want = torch.device(device) if device is not None else None
     if want is not None and want.type == "cuda" and want.index is not None:
         raise ValueError(f"--device {device}: under torchrun each rank takes cuda:<LOCAL_RANK>; pass --device cuda")
@@ -429,5 +521,5 @@ def setup(strategy: str | None, device: str | None) -> DistributedRun | None:
         dev = torch.device("cpu")
     owns = not dist.is_initialized()
     if owns:
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=dev if use_cuda else None)
+        _join(rank, world, use_cuda, dev)
     return DistributedRun(rank, world, local, dev, strategy or "ddp", owns_group=owns)

@@ -1,10 +1,11 @@
 """Runs that must never hang or print a traceback before training begins (issues 25 and 26): real ``fastpeft``
-processes signalled during their start-up."""
+processes without peers, and signalled during their start-up."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -62,3 +63,35 @@ def test_issue26_item11_signals_during_start_up_exit_with_one_line(tiny: dict[st
         one_error_line(rc, err, 128 + sig, f"fastpeft finetune: stopped by {sig.name}")
         assert not out.exists(), f"{out}: the signal came after start-up, the test proves nothing"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_issue25_item5_finetune_without_peers_times_out_naming_the_variables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastpeft import distributed
+
+    base = {"WORLD_SIZE": "2", "FASTPEFT_JOIN_TIMEOUT": "2"}
+    cases = [
+        ({"RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}, "RANK=0"),  # hosts, no peer
+        ({"RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}, "RANK=1"),  # no host
+        ({"RANK": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}, "RANK must be in"),
+        ({}, "needs MASTER_ADDR"),  # WORLD_SIZE alone, no torchrun
+    ]
+    t0 = time.monotonic()
+    procs = []
+    for i, (env, _) in enumerate(cases):
+        argv = ("finetune", "--out", str(tmp_path / f"run{i}"), "--max-steps", "2", "--no-progress")
+        procs.append(start(*argv, env={**base, **env}, cwd=tmp_path))
+    for proc, (_, text) in zip(procs, cases, strict=True):
+        rc, err = finish(proc, timeout=60)
+        one_error_line(rc, err, 2, "WORLD_SIZE=2", text)
+    assert time.monotonic() - t0 < 45, "the refusals took too long"
+    assert not any(tmp_path.iterdir()), "nothing is written by a run that never started"
+    monkeypatch.delenv("FASTPEFT_JOIN_TIMEOUT", raising=False)
+    assert distributed.join_timeout() == distributed.JOIN_TIMEOUT <= 60, "the default wait must be bounded"
