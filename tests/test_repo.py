@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -56,3 +57,27 @@ def test_top_level_kernels_folder_never_shadows_hugging_faces_kernels():
     code = "import fastpeft.kernels.nf4 as m; print(m.__file__)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert Path(out.stdout.strip()).resolve() == ROOT / "kernels" / "nf4.py"
+
+
+def test_an_older_triton_than_the_floor_fails_at_import_with_one_line(tmp_path):
+    # a distribution record of Triton 3.5.1 ahead of the real one on the path: what pip leaves for that release
+    record = tmp_path / "triton-3.5.1.dist-info"
+    record.mkdir()
+    (record / "METADATA").write_text("Metadata-Version: 2.1\nName: triton\nVersion: 3.5.1\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    run = [sys.executable, "-c", "import fastpeft"]
+    out = subprocess.run(run, cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and out.stdout == ""
+    last = out.stderr.strip().splitlines()[-1]
+    assert last == (
+        "ImportError: fastpeft needs Triton >= 3.6 (PyTorch >= 2.10 brings it); Triton 3.5.1 is installed"
+    ), out.stderr[-2000:]
+
+
+def test_the_triton_floor_is_the_one_pyproject_declares_and_ci_tests():
+    import fastpeft
+
+    floor = ".".join(map(str, fastpeft._TRITON_MIN))
+    declared = re.findall(r'"triton>=([0-9.]+);', (ROOT / "pyproject.toml").read_text())
+    assert declared == [floor], declared
+    assert "bash .ci/oldest_triton.sh" in (ROOT / ".ci" / "run").read_text()
