@@ -100,6 +100,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="passes over the data (default: 1.0; the built-in demo runs 60 steps)")  # fmt: skip
     f.add_argument("--seq-len", type=int, default=512, help="examples are truncated to this many tokens")
     f.add_argument("--seed", type=int, default=0, help="adapter initialization, data order, dropout")
+    f.add_argument("--packing", choices=("auto", "on", "off"), default="auto",
+                   help="pack examples into rows of --seq-len, none attending to another (auto: where the model "
+                   "packs exactly, in one process)")  # fmt: skip
     add_saver_arguments(f)
     f.add_argument("--memory-budget", metavar="SIZE", help="refuse to start when the estimated peak exceeds SIZE "
                    "(e.g. 24GiB; default on a GPU: its free memory; on the CPU: no check)")  # fmt: skip
@@ -230,6 +233,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps, save_steps=args.save_steps, device=args.device,
         progress=not args.no_progress, offload_activations=args.offload_activations,
         quantize_lm_head=args.quantize_lm_head, chunked_loss=not args.no_chunked_loss, distributed=args.distributed,
+        packing=args.packing,
     )  # fmt: skip
     from fastpeft.distributed import launched
     from fastpeft.memory_cli import finetune_estimate
@@ -252,6 +256,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         f"  loss              {m['first_loss']:.4f} -> {m['final_loss']:.4f}\n"
         f"  peak memory       {m['peak_memory_bytes'] / 2**20:,.1f} MiB ({m['peak_memory_kind']})\n"
         f"  throughput        {m['tokens_per_second']:,.0f} tokens/s\n"
+        f"  tokens            {m['tokens']:,d} real, {m['padded_tokens']:,d} padding "
+        f"({100 * m['padding_fraction']:.1f}%, {'packed' if m['packed'] else 'padded batches'})\n"
         f"  written to        {Path(args.out).resolve()}"
     )
     return 0

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from fastpeft import data as fdata
-from fastpeft import distributed, loading
+from fastpeft import distributed, loading, packing
 from fastpeft.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fastpeft.outputs import LOCK_FILE, OutLock
 from fastpeft.run_control import (
@@ -88,6 +88,7 @@ log = logging.getLogger(__name__)
 METHODS = ("lora", "qlora", "adapter", "prefix", "prompt")
 # Fields a resumed run must share with the checkpoint (the others, e.g. max_steps, may change).
 _RESUME_FIELDS = (
+    "packing",
     "model",
     "data",
     "method",
@@ -145,6 +146,7 @@ class TrainConfig:
     quantize_lm_head: bool = False
     chunked_loss: bool = True
     distributed: str | None = None
+    packing: str = "auto"
 
 
 def default_lr(method: str, embedded: bool) -> float:
@@ -281,7 +283,6 @@ def _setup(cfg: TrainConfig, device: torch.device, method: str) -> tuple[Any, An
     records = fdata.read_jsonl(cfg.data) if cfg.data is not None else [{"text": t} for t in fdata.TINY_CORPUS]
     examples = fdata.encode_records(records, tokenizer, cfg.seq_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    batches = fdata.Batches(examples, cfg.batch_size, pad_id, cfg.seed)
 
     if cfg.model is not None:
         base = loading.load_causal_lm(
@@ -308,7 +309,23 @@ def _setup(cfg: TrainConfig, device: torch.device, method: str) -> tuple[Any, An
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # AdamW on bf16 parameters loses small updates: keep the adapter fp32
-    return tokenizer, model, batches
+    return tokenizer, model, _batches(cfg, model, examples, pad_id, vocab)
+
+
+def _batches(cfg: TrainConfig, model: Any, examples: list, pad_id: int, vocab: int) -> Any:
+    """Packed rows (``fastpeft.packing``) where ``--packing`` asks for them and the model packs exactly (``auto``:
+    a single process whose model passes ``packing_is_exact``), else right-padded batches."""
+    if cfg.packing not in ("auto", "on", "off"):
+        raise ValueError(f"--packing must be auto, on or off, got {cfg.packing!r}")
+    pack = cfg.packing == "on" or (cfg.packing == "auto" and cfg.distributed is None and not distributed.launched())
+    if pack and not packing.packing_is_exact(model, vocab):
+        if cfg.packing == "on":
+            raise ValueError("--packing on: this model attends across packed examples (prompt / prefix tuning, or "
+                             "an attention that ignores position_ids): use --packing off")  # fmt: skip
+        pack = False
+    if pack:
+        return packing.PackedBatches(examples, cfg.batch_size, pad_id, cfg.seed, cfg.seq_len)
+    return fdata.Batches(examples, cfg.batch_size, pad_id, cfg.seed)
 
 
 # -- results ------------------------------------------------------------------------------------------
@@ -389,13 +406,14 @@ def _train_step(
     chunked_loss: bool = True,
     run: distributed.DistributedRun | None = None,
 ) -> tuple[float, int, int, int]:
-    """One optimizer step over ``grad_accum`` micro-batches; returns (loss, epoch, next index, tokens).
+    """One optimizer step over ``grad_accum`` micro-batches; returns (loss, epoch, next index, real tokens, padding).
 
     With ``run`` the micro-batches are global batches, each rank training on its rows (``run.accumulate``).
     """
     micro = [next(stream) for _ in range(grad_accum)]
     epoch, index = micro[-1][0], micro[-1][1] + 1
-    tokens = sum(int(b["attention_mask"].sum()) for _, _, b in micro)  # counted on the host copies
+    tokens = sum(packing.real_tokens(b) for _, _, b in micro)  # counted on the host copies
+    slots = sum(b["input_ids"].numel() for _, _, b in micro)
     if run is not None:
         loss_sum, grad_norm = run.accumulate([b for _, _, b in micro], params)
     else:
@@ -413,7 +431,7 @@ def _train_step(
             raise
         raise NonFinite("the update", "too large for float32") from None
     optimizer.zero_grad(set_to_none=True)
-    return loss, epoch, index, tokens
+    return loss, epoch, index, tokens, slots - tokens
 
 
 def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = None) -> dict[str, Any]:
@@ -517,7 +535,7 @@ def _finetune(
         run.on_main(lambda: prepare_out(out, cfg.resume, cfg.overwrite, lock), str(out))
     else:
         prepare_out(out, cfg.resume, cfg.overwrite, lock)
-    step, epoch, index, losses, tokens, seconds = 0, 0, 0, [], 0, 0.0
+    step, epoch, index, losses, tokens, seconds, padded = 0, 0, 0, [], 0, 0.0, 0
     if state is not None:
         if run is not None:
             run.restore(state, named, optimizer, scheduler)
@@ -525,7 +543,7 @@ def _finetune(
             state.restore(named, optimizer, scheduler, device)
         m = state.meta
         step, epoch, index = m["step"], m["epoch"], m["index"]
-        losses, tokens, seconds = list(m["losses"]), m["tokens"], m["seconds"]
+        losses, tokens, seconds, padded = list(m["losses"]), m["tokens"], m["seconds"], m.get("padded", 0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stream = batches.iterate(epoch, index)
@@ -540,7 +558,7 @@ def _finetune(
         while step < total:
             t0 = time.perf_counter()
             try:
-                step_loss, epoch, index, n_tokens = _train_step(
+                step_loss, epoch, index, n_tokens, n_padded = _train_step(
                     model, stream, cfg.grad_accum, params, optimizer, device, cfg.chunked_loss, run
                 )
             except NonFinite as e:
@@ -548,6 +566,7 @@ def _finetune(
                 raise diverged(cfg.lr, step + 1, e.what, e.value, last_saved, out) from None
             scheduler.step()
             tokens += n_tokens
+            padded += n_padded
             seconds += time.perf_counter() - t0
             step += 1
             losses.append(step_loss)
@@ -558,7 +577,7 @@ def _finetune(
                 mem=f"{_memory_now(device) / 2**20:.0f}MiB",
             )
             state_now = dict(config=cfg_dict, step=step, epoch=epoch, index=index, losses=losses, tokens=tokens,
-                             seconds=seconds)  # fmt: skip
+                             seconds=seconds, padded=padded)  # fmt: skip
             saved = step % cfg.save_steps == 0 or step == total
             if saved:
                 if not _finite(run, params):  # a checkpoint never holds weights an update made non-finite
@@ -593,6 +612,9 @@ def _finetune(
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
         "tokens": tokens,
+        "padded_tokens": padded,
+        "padding_fraction": padded / (tokens + padded) if tokens + padded else 0.0,
+        "packed": isinstance(batches, packing.PackedBatches),
         "train_seconds": seconds,
         "tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
         "method": method,

@@ -107,3 +107,35 @@ def test_chunked_loss_reads_the_packed_positions():
     with torch.no_grad():
         want = model(**padded).loss
         torch.testing.assert_close(causal_lm_loss(model, packed), want, rtol=1e-5, atol=1e-6)
+
+
+def test_finetune_packs_by_default_reports_padding_and_resumes_exactly(tmp_path):
+    import json
+
+    from fastpeft import train
+    from fastpeft.cli import main
+
+    args = ["finetune", "--seq-len", "64", "--batch-size", "2", "--no-progress", "--save-steps", "2"]
+    args += ["--max-steps", "4"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert whole["packed"] and whole["tokens"] > 0 and 0 <= whole["padding_fraction"] < 1
+    assert whole["padded_tokens"] == round(whole["padding_fraction"] * (whole["tokens"] + whole["padded_tokens"]))
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_3(step: int, loss: float) -> None:
+        if step == 3:
+            raise Crash
+
+    cfg = train.TrainConfig(out=str(tmp_path / "cut"), seq_len=64, batch_size=2, save_steps=2, max_steps=4,
+                            progress=False)  # fmt: skip
+    with pytest.raises(Crash):
+        train.finetune(cfg, callback=crash_at_3)
+    assert main([*args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+    cut = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    assert cut["losses"] == whole["losses"] and cut["tokens"] == whole["tokens"]
+    off = tmp_path / "off"
+    assert main([*args, "--out", str(off), "--packing", "off"]) == 0
+    assert not json.loads((off / "metrics.json").read_text())["packed"]

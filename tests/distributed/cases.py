@@ -76,6 +76,7 @@ def full(t: torch.Tensor) -> torch.Tensor:
 
 
 def finetune_args(out: Path, batch_size: int) -> list[str]:
-    """``fastpeft finetune`` on the embedded demo model and corpus, short sequences."""
+    """``fastpeft finetune`` on the embedded demo model and corpus, short sequences, padded batches (a run under
+    torchrun does not pack, and the one-process run it is compared with must draw the same batches)."""
     return ["finetune", "--out", str(out), "--batch-size", str(batch_size), "--seq-len", "32", "--lr", str(FINETUNE_LR),
-            "--no-progress"]  # fmt: skip
+            "--no-progress", "--packing", "off"]  # fmt: skip
