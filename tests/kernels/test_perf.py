@@ -181,9 +181,18 @@ def test_calibration_errors_recomputed_from_the_table(calibration):
         assert row["source"].startswith("http") or "github.com" in row["source"]
 
 
+CALIBRATION_TRITON = "3.9.0"
+"""The Triton whose compiler built the binaries benchmarks/calibration.json was predicted from."""
+
+
 @pytest.mark.compile_gate
 def test_calibration_prediction_reproduces_from_the_binary(calibration):
-    # the one calibration kernel this repository holds: rebuilt, re-read and re-predicted with the current model
+    # the one calibration kernel this repository holds: rebuilt, re-read and re-predicted with the current model;
+    # another Triton's compiler builds another binary (Triton 3.6: 5.61e-05 s predicted instead of 5.76e-05)
+    import triton
+
+    if triton.__version__ != CALIBRATION_TRITON:
+        pytest.skip(f"the table's binaries are Triton {CALIBRATION_TRITON}'s; this is Triton {triton.__version__}")
     mod, table = calibration
     point = next(p for p in mod.points() if p.key == "triton_matmul_fp8_h100_3584")
     stored = next(r for r in table["points"] if r["key"] == point.key)
