@@ -183,7 +183,7 @@ def _check_prompt_fits(model: nn.Module, config: _PromptLearningConfig) -> None:
 
 def build_prompt_encoder(model: nn.Module, config: _PromptLearningConfig) -> nn.Module:
     """The encoder for ``config`` (model dims filled into ``config``), on the model's device."""
-    prompt_tasks.check_task(config)  # CAUSAL_LM here; SEQ_CLS and SEQ_2_SEQ_LM in fastpeft.peft.prompt_tasks
+    prompt_tasks.check_task(config, model)  # CAUSAL_LM here; SEQ_CLS and SEQ_2_SEQ_LM in fastpeft.peft.prompt_tasks
     if config.num_virtual_tokens is None:
         raise ValueError(f"{type(config).__name__}: num_virtual_tokens must be set")
     if any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) and isinstance(

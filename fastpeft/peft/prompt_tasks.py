@@ -46,9 +46,13 @@ HEADS = ("classifier", "score")  # what HF PEFT trains in full for SEQ_CLS
 _PREFIX = "base_model."  # a prompt-learning PeftModel holds the user's model as ``base_model``
 
 
-def check_task(config: _PromptLearningConfig) -> None:
-    """Refuse the task types prompt learning does not run, naming them."""
+def check_task(config: _PromptLearningConfig, model: nn.Module | None = None) -> None:
+    """Refuse the task types prompt learning does not run, or that ``model`` is not, naming them."""
     name = type(config).__name__
+    encoder_decoder = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+    if model is not None and (config.task_type == "SEQ_2_SEQ_LM") != encoder_decoder and config.task_type in TASKS:
+        kind = "an encoder-decoder" if encoder_decoder else "not an encoder-decoder"
+        raise ValueError(f"{name}: task_type={config.task_type!r} but {type(model).__name__} is {kind}")
     if config.task_type not in TASKS:
         raise ValueError(
             f"{name}: task_type={config.task_type!r} is not supported; prompt learning runs {', '.join(TASKS)}"

@@ -123,6 +123,11 @@ def test_the_task_types_hf_peft_cannot_run_either_are_refused_by_name():
     pm = fastpeft.get_peft_model(_t5(), fastpeft.PrefixTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3))
     with pytest.raises(NotImplementedError, match="prefix tuning on an encoder-decoder"):
         pm.generate(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=2)
+    with pytest.raises(ValueError, match="SEQ_2_SEQ_LM.*not an encoder-decoder"):
+        fastpeft.get_peft_model(_llama_cls(), fastpeft.PromptTuningConfig(task_type="SEQ_2_SEQ_LM",
+                                                                          num_virtual_tokens=3))  # fmt: skip
+    with pytest.raises(ValueError, match="CAUSAL_LM.*is an encoder-decoder"):
+        fastpeft.get_peft_model(_t5(), fastpeft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
     with pytest.raises(ValueError, match="num_transformer_submodules=2"):
         fastpeft.get_peft_model(_llama_cls(), fastpeft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3,
                                                                           num_transformer_submodules=2))  # fmt: skip
