@@ -285,13 +285,17 @@ class Batches:
         self.pad_id = pad_id
         self.seed = seed
 
+    def _units(self) -> list:
+        """What a batch is made of, in the order the shuffles permute: examples (rows, when packed)."""
+        return self.examples
+
     @property
     def batches_per_epoch(self) -> int:
-        return math.ceil(len(self.examples) / self.batch_size)
+        return math.ceil(len(self._units()) / self.batch_size)
 
     def _order(self, epoch: int) -> list[int]:
         g = torch.Generator().manual_seed(self.seed + epoch)
-        return torch.randperm(len(self.examples), generator=g).tolist()
+        return torch.randperm(len(self._units()), generator=g).tolist()
 
     def collate(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         """``input_ids``, ``attention_mask``, ``labels``: each ``[B, L_max]`` int64."""
@@ -308,11 +312,12 @@ class Batches:
 
     def iterate(self, epoch: int = 0, index: int = 0) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
         """Yield ``(epoch, index, batch)`` forever, starting at batch ``index`` of ``epoch``."""
+        units = self._units()
         while True:
             order = self._order(epoch)
             for i in range(index, self.batches_per_epoch):
                 chunk = order[i * self.batch_size : (i + 1) * self.batch_size]
-                yield epoch, i, self.collate([self.examples[j] for j in chunk])
+                yield epoch, i, self.collate([units[j] for j in chunk])
             epoch, index = epoch + 1, 0
 
 

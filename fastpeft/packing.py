@@ -19,13 +19,12 @@ the model itself (the loss of two examples packed against the same two apart) be
 from __future__ import annotations
 
 import bisect
-import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from fastpeft.data import IGNORE_INDEX, Example
+from fastpeft.data import IGNORE_INDEX, Batches, Example
 
 __all__ = ["PackedBatches", "pack", "packing_is_exact", "real_tokens"]
 
@@ -54,8 +53,8 @@ def pack(examples: Sequence[Example], seq_len: int) -> list[list[int]]:
     return rows
 
 
-class PackedBatches:
-    """Batches of packed rows in a reproducible order (the interface of ``fastpeft.data.Batches``).
+class PackedBatches(Batches):
+    """Batches of packed rows in a reproducible order: ``fastpeft.data.Batches`` over rows instead of examples.
 
     Epoch ``e`` visits the rows in the permutation drawn from ``torch.Generator`` seeded with ``seed + e``;
     batch ``i`` holds rows ``[i * batch_size, (i + 1) * batch_size)`` of it.
@@ -69,18 +68,12 @@ class PackedBatches:
     """
 
     def __init__(self, examples: Sequence[Example], batch_size: int, pad_id: int, seed: int, seq_len: int) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-        self.examples = list(examples)
-        self.batch_size = batch_size
-        self.pad_id = pad_id
-        self.seed = seed
+        super().__init__(examples, batch_size, pad_id, seed)
         self.seq_len = seq_len
         self.rows = pack(self.examples, seq_len)
 
-    @property
-    def batches_per_epoch(self) -> int:
-        return math.ceil(len(self.rows) / self.batch_size)
+    def _units(self) -> list:
+        return self.rows
 
     def collate(self, rows: Sequence[list[int]]) -> dict[str, torch.Tensor]:
         """``input_ids``, ``position_ids``, ``labels``: each ``[B, L]`` int64, ``L`` the longest row."""
@@ -99,16 +92,6 @@ class PackedBatches:
                 start += n
             positions[r, start:] = torch.arange(width - start)  # the tail's padding: a segment of its own
         return {"input_ids": ids, "position_ids": positions, "labels": labels}
-
-    def iterate(self, epoch: int = 0, index: int = 0) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
-        """Yield ``(epoch, index, batch)`` forever, starting at batch ``index`` of ``epoch``."""
-        while True:
-            g = torch.Generator().manual_seed(self.seed + epoch)
-            order = torch.randperm(len(self.rows), generator=g).tolist()
-            for i in range(index, self.batches_per_epoch):
-                chunk = order[i * self.batch_size : (i + 1) * self.batch_size]
-                yield epoch, i, self.collate([self.rows[j] for j in chunk])
-            epoch, index = epoch + 1, 0
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:
