@@ -382,18 +382,39 @@ def _signals_unwind() -> Iterator[list[int]]:
         return
     defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
     ours = [s for s, default in defaults.items() if signal.getsignal(s) is default]
+    # An exception raised inside a finalizer (``__del__``, run by the garbage collector anywhere) is printed and
+    # dropped by Python: a signal landing there is delivered again a moment later, from SIGALRM, where it can unwind.
+    retry = signal.SIGALRM if signal.getsignal(signal.SIGALRM) is signal.SIG_DFL else None
 
     def handler(signum: int, frame: Any) -> None:
-        received.append(signum)
-        raise _Stopped(signum)
+        if signum != retry:
+            received.append(signum)
+        if not received:
+            return
+        if retry is not None and _in_finalizer(frame):
+            signal.setitimer(signal.ITIMER_REAL, 0.005)
+            return
+        raise _Stopped(received[0])
 
-    for s in ours:
+    for s in [*ours, *([retry] if retry is not None and ours else [])]:
         signal.signal(s, handler)
     try:
         yield received
     finally:
+        if retry is not None and ours:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(retry, signal.SIG_DFL)
         for s in ours:
             signal.signal(s, defaults[s])
+
+
+def _in_finalizer(frame: Any) -> bool:
+    """Whether ``frame`` runs inside a ``__del__``, where a raised exception would be swallowed."""
+    while frame is not None:
+        if frame.f_code.co_name == "__del__":
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _stopped(command: str, e: BaseException, received: list[int]) -> int:
