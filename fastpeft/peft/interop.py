@@ -25,7 +25,7 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["hf_peft_class", "is_peft_model"]
+__all__ = ["hf_peft_class"]
 
 _log = logging.getLogger(__name__)
 
@@ -106,14 +106,6 @@ def hf_peft_class(cls: type) -> type:
     if peft_model is None or issubclass(cls, peft_model):
         return cls
     return _combined(cls, peft_model)
-
-
-def is_peft_model(model: Any) -> bool:
-    """True for fastpeft's and HF PEFT's models."""
-    from fastpeft.peft.model import PeftModel
-
-    peft_model = _peft_model_class()
-    return isinstance(model, PeftModel) or (peft_model is not None and isinstance(model, peft_model))
 
 
 def __getattr__(name: str) -> Any:

@@ -483,6 +483,16 @@ def _wrappers(model: nn.Module) -> list[tuple[str, ModulesToSaveWrapper]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
 
 
+def wrapper_file_params(model: nn.Module, adapter_name: str, prefix: str) -> dict[str, torch.Tensor]:
+    """File key -> live tensor of adapter ``adapter_name``'s ``modules_to_save`` copies: ``<prefix><path>.<param>``."""
+    out = {}
+    for name, wrapper in _wrappers(model):
+        if adapter_name in wrapper.modules_to_save:
+            for k, t in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                out[f"{prefix}{name}.{k}"] = t
+    return out
+
+
 def lora_file_params(model: nn.Module, config: LoraConfig, adapter_name: str) -> dict[str, torch.Tensor]:
     """File key -> the live tensor it stores, for adapter ``adapter_name`` (HF PEFT's key names)."""
     out: dict[str, torch.Tensor] = {}
@@ -492,10 +502,7 @@ def lora_file_params(model: nn.Module, config: LoraConfig, adapter_name: str) ->
                 out[f"{PREFIX}{name}.{suffix}"] = t
     out.update(token_file_params(model, adapter_name))
     wrapped = _wrappers(model)
-    for name, wrapper in wrapped:
-        if adapter_name in wrapper.modules_to_save:
-            for k, t in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
-                out[f"{PREFIX}{name}.{k}"] = t
+    out.update(wrapper_file_params(model, adapter_name, PREFIX))
     if config.bias != "none":
         inside = [n for n, _ in wrapped]
         lora_paths = {n for n, _ in lora_layers(model)}

@@ -22,7 +22,7 @@ from torch import nn
 from fastpeft import nn as fnn
 from fastpeft.nn.checks import check_adapter_name
 from fastpeft.peft import adapters as adp
-from fastpeft.peft import interop, lora, prompt, prompt_tasks
+from fastpeft.peft import interop, lora, prompt, saved_modules
 from fastpeft.peft.card import card_text, write_card_text
 from fastpeft.peft.config import (
     AdapterConfig,
@@ -203,13 +203,13 @@ class PeftModel(LoraMethods, nn.Module):
                 lora.inject_lora(model, peft_config, adapter_name)
             elif kind == "adapter":
                 adp.inject_adapters(model, peft_config, adapter_name)
-                prompt_tasks.wrap_heads(model, peft_config, adapter_name)  # SEQ_CLS heads, modules_to_save
+                saved_modules.wrap(model, peft_config, adapter_name)  # SEQ_CLS heads, modules_to_save
             else:
                 existing = next(iter(self.peft_config.values()), None)
                 if existing is not None and existing.peft_type != peft_config.peft_type:
                     raise ValueError(f"cannot mix {peft_config.peft_type} with {existing.peft_type} adapters")
                 self.prompt_encoder[adapter_name] = prompt.build_prompt_encoder(model, peft_config)
-                prompt_tasks.wrap_heads(model, peft_config, adapter_name)  # SEQ_CLS: the head trains in full
+                saved_modules.wrap(model, peft_config, adapter_name)  # SEQ_CLS: the head trains in full
         except BaseException:
             self._remove_partial(adapter_name)
             raise
@@ -253,13 +253,13 @@ class PeftModel(LoraMethods, nn.Module):
             lora.set_lora_adapter(model, self.peft_config, names, trainable)
         elif self._peft_kind == "adapter":
             adp.set_active_adapter(model, names[0], trainable)
-            prompt_tasks.set_heads(model, names[0], trainable)
+            saved_modules.set_active(model, names[0], trainable)
         else:
             for p in model.parameters():
                 p.requires_grad_(False)
             for name, enc in self.prompt_encoder.items():
                 enc.requires_grad_(trainable and name == names[0])
-            prompt_tasks.set_heads(model, names[0], trainable)
+            saved_modules.set_active(model, names[0], trainable)
         self._active_adapters = names
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -340,8 +340,8 @@ class PeftModel(LoraMethods, nn.Module):
         if self._peft_kind == "lora":
             return lora.unload_lora(model, merge=False)
         if self._peft_kind == "adapter":
-            return prompt_tasks.unwrap_heads(adp.unload_adapters(model))
-        return prompt_tasks.unwrap_heads(model)
+            return saved_modules.unwrap(adp.unload_adapters(model))
+        return saved_modules.unwrap(model)
 
     # -- counting --------------------------------------------------------------------------------
 
@@ -416,10 +416,10 @@ class PeftModel(LoraMethods, nn.Module):
             params = lora.lora_file_params(model, config, adapter_name)
         elif self._peft_kind == "adapter":
             params = adp.adapter_file_params(model, adapter_name)
-            params.update(prompt_tasks.head_params(model, adapter_name, prefix=adp.PREFIX))
+            params.update(saved_modules.params(model, adapter_name, prefix=adp.PREFIX))
         else:
             params = {"prompt_embeddings": prompt.embeddings_to_save(self, adapter_name)}
-            params.update(prompt_tasks.head_params(model, adapter_name))
+            params.update(saved_modules.params(model, adapter_name))
         if state_dict is None:
             return params
         # the same tensors, by their names in the model's state dict (computed ones, such as a prefix
@@ -590,7 +590,7 @@ class PeftModel(LoraMethods, nn.Module):
         compute = _compute_dtype(self.get_base_model())
         if self._peft_kind == "prompt":
             weight = self.prompt_encoder[adapter_name].embedding.weight
-            heads = prompt_tasks.head_params(self.get_base_model(), adapter_name)
+            heads = saved_modules.params(self.get_base_model(), adapter_name)
             check_tensor_values(source, tensors, {"prompt_embeddings": weight, **heads}, compute, allow_non_finite)
             prompt.load_embeddings(self, adapter_name, tensors, source, {k: t.shape for k, t in heads.items()})
             with torch.no_grad():

@@ -15,7 +15,6 @@ post-MLP prefix table. A model loaded for inference keeps only that table (no ML
 
 from __future__ import annotations
 
-import inspect
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -278,10 +277,7 @@ def forward(
     return model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
 
-def _cache_kwarg(model: nn.Module) -> str:
-    """The name the model's forward gives its KV cache (``cache`` in newer transformers)."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+_cache_kwarg = prompt_tasks.cache_kwarg
 
 
 def generate(pm: PeftModel, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -3,7 +3,8 @@
 - ``SEQ_CLS`` (BERT, Llama, ... ``ForSequenceClassification``), prompt tuning: the virtual tokens go in front of
   the input embeddings, the attention mask and ``token_type_ids`` (zeros) grow by as many, the labels (one per
   sequence) stay. The classification head (``classifier`` / ``score``) trains in full, as a
-  ``modules_to_save`` copy per adapter, stored beside ``prompt_embeddings`` as ``base_model.<head>.<param>``.
+  ``modules_to_save`` copy per adapter (``fastpeft.peft.saved_modules``), stored beside ``prompt_embeddings`` as
+  ``base_model.<head>.<param>``.
   Prefix tuning is refused there: HF PEFT 0.21 cannot run it on transformers 5 either (the models take no
   ``past_key_values``).
 - ``SEQ_2_SEQ_LM`` (T5, BART), prompt tuning: ``num_transformer_submodules`` is 2 (HF PEFT's default), so the
@@ -17,33 +18,20 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from fastpeft.peft.config import PrefixTuningConfig, _PromptLearningConfig
-from fastpeft.peft.lora import ModulesToSaveWrapper, _set_submodule, _wrappers, match_module
 
 if TYPE_CHECKING:
     from fastpeft.peft.model import PeftModel
 
-__all__ = [
-    "HEADS",
-    "TASKS",
-    "check_task",
-    "head_params",
-    "seq2seq_forward",
-    "seq2seq_generate",
-    "seq_cls_forward",
-    "set_heads",
-    "unwrap_heads",
-    "wrap_heads",
-]
+__all__ = ["TASKS", "cache_kwarg", "check_task", "seq2seq_forward", "seq2seq_generate", "seq_cls_forward"]
 
 TASKS = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM")
-HEADS = ("classifier", "score")  # what HF PEFT trains in full for SEQ_CLS
-_PREFIX = "base_model."  # a prompt-learning PeftModel holds the user's model as ``base_model``
 
 
 def check_task(config: _PromptLearningConfig, model: nn.Module | None = None) -> None:
@@ -68,57 +56,6 @@ def check_task(config: _PromptLearningConfig, model: nn.Module | None = None) ->
         raise ValueError(f"{name}: num_transformer_submodules=2 needs an encoder-decoder (task_type='SEQ_2_SEQ_LM')")
     if config.modules_to_save and config.task_type != "SEQ_CLS":
         raise ValueError(f"{name}: modules_to_save is supported for task_type='SEQ_CLS' (its head) only")
-
-
-# -- SEQ_CLS heads -----------------------------------------------------------------------------------
-
-
-def wrap_heads(model: nn.Module, config: Any, adapter_name: str) -> None:
-    """Give adapter ``adapter_name`` a trainable copy of each ``config.modules_to_save`` module, and for SEQ_CLS of
-    the classification head (prompt learning and bottleneck adapters; LoRA does this in ``inject_lora``)."""
-    if config.task_type == "SEQ_CLS":
-        config.modules_to_save = list(config.modules_to_save or []) + [
-            h for h in HEADS if h not in (config.modules_to_save or [])
-        ]
-    if not config.modules_to_save:
-        return
-    found = False
-    for name, module in list(model.named_modules()):
-        if not name or not match_module(name, config.modules_to_save):
-            continue
-        if isinstance(module, ModulesToSaveWrapper):
-            module.update(adapter_name)
-        elif not any(name.startswith(f"{w}.") for w, _ in _wrappers(model)):
-            _set_submodule(model, name, ModulesToSaveWrapper(module, adapter_name).train(module.training))
-        found = True
-    if not found:
-        raise ValueError(f"{type(config).__name__}: modules_to_save={config.modules_to_save} matched no module")
-
-
-def head_params(model: nn.Module, adapter_name: str, prefix: str = _PREFIX) -> dict[str, torch.Tensor]:
-    """File key -> live tensor of the adapter's head copies (HF PEFT's ``base_model.<head>.<param>`` for prompt
-    learning; ``prefix`` the method's key prefix otherwise)."""
-    out = {}
-    for name, wrapper in _wrappers(model):
-        if adapter_name in wrapper.modules_to_save:
-            for k, t in wrapper.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
-                out[f"{prefix}{name}.{k}"] = t
-    return out
-
-
-def set_heads(model: nn.Module, adapter_name: str, trainable: bool) -> None:
-    """The heads answer with ``adapter_name``'s copy, trained when ``trainable`` (call after freezing all)."""
-    for _, wrapper in _wrappers(model):
-        wrapper.active_adapter = adapter_name
-        if adapter_name in wrapper.modules_to_save:
-            wrapper.modules_to_save[adapter_name].requires_grad_(trainable)
-
-
-def unwrap_heads(model: nn.Module) -> nn.Module:
-    """Put the original heads back (``unload``)."""
-    for name, wrapper in _wrappers(model):
-        _set_submodule(model, name, wrapper.original_module)
-    return model
 
 
 # -- forward ------------------------------------------------------------------------------------------
@@ -159,9 +96,8 @@ def prefix_cache(config: PrefixTuningConfig, table: torch.Tensor) -> Any:
     return cache
 
 
-def _cache_kwarg(model: nn.Module) -> str:
-    import inspect
-
+def cache_kwarg(model: nn.Module) -> str:
+    """The name the model's forward gives its KV cache (``cache`` in transformers 5, ``past_key_values`` before)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
@@ -176,7 +112,7 @@ def seq2seq_forward(pm: PeftModel, table: torch.Tensor, input_ids: Any, attentio
         mask = kwargs.get("decoder_attention_mask")
         if mask is not None:
             kwargs["decoder_attention_mask"] = torch.cat((_ones(batch, n, mask), mask), dim=1)
-        kwargs[_cache_kwarg(model)] = prefix_cache(config, table.to(pm.base_model.dtype))
+        kwargs[cache_kwarg(model)] = prefix_cache(config, table.to(pm.base_model.dtype))
         return model(input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels,
                      **kwargs)  # fmt: skip
     kwargs.pop("position_ids", None)
