@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastpeft import cli
+from fastpeft.app import cli
 from fastpeft.benchmarks import core, goals, plan, predict, spec, suite
 from fastpeft.kernels._gate import GateCase
 

@@ -13,12 +13,12 @@ import dataclasses
 import pytest
 import torch
 
-from fastpeft import memory as M
-from fastpeft import memory_trace as mt
 from fastpeft import quantize_nf4
+from fastpeft.app import memory as M
+from fastpeft.app import memory_trace as mt
+from fastpeft.app.savers import causal_lm_loss, enable_checkpointing
 from fastpeft.ops.linear_cross_entropy import DEFAULT_CHUNK_BYTES
 from fastpeft.peft import get_peft_model, quantize_model
-from fastpeft.savers import causal_lm_loss, enable_checkpointing
 
 transformers = pytest.importorskip("transformers")
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fastpeft import LoraConfig, get_peft_model
-from fastpeft.data import IGNORE_INDEX, Batches, Example
-from fastpeft.packing import PackedBatches, pack, packing_is_exact, real_tokens
+from fastpeft.app.data import IGNORE_INDEX, Batches, Example
+from fastpeft.app.packing import PackedBatches, pack, packing_is_exact, real_tokens
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "peft"))
 from tiny_models import VOCAB, build  # noqa: E402
@@ -96,7 +96,7 @@ def test_epoch_order_is_reproducible_and_resumes_mid_epoch():
 
 
 def test_chunked_loss_reads_the_packed_positions():
-    from fastpeft.savers import causal_lm_loss
+    from fastpeft.app.savers import causal_lm_loss
 
     ex = _examples([6, 4, 9, 3], seed=3)
     torch.manual_seed(0)
@@ -112,8 +112,8 @@ def test_chunked_loss_reads_the_packed_positions():
 def test_finetune_packs_by_default_reports_padding_and_resumes_exactly(tmp_path):
     import json
 
-    from fastpeft import train
-    from fastpeft.cli import main
+    from fastpeft.app import train
+    from fastpeft.app.cli import main
 
     args = ["finetune", "--seq-len", "64", "--batch-size", "2", "--no-progress", "--save-steps", "2"]
     args += ["--max-steps", "4"]

@@ -81,3 +81,36 @@ def test_the_triton_floor_is_the_one_pyproject_declares_and_ci_tests():
     declared = re.findall(r'"triton>=([0-9.]+);', (ROOT / "pyproject.toml").read_text())
     assert declared == [floor], declared
     assert "bash .ci/oldest_triton.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def _fastpeft_imports(path: Path) -> set[str]:
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {n for n in names if n == "fastpeft" or n.startswith(("fastpeft.", "kernels"))}
+
+
+def test_the_library_never_imports_the_application():
+    # two floors: kernels/ and fastpeft/{quant,loading,ops,nn,peft,...}; the application is fastpeft/app/
+    library = [p for p in [*(ROOT / "fastpeft").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")]
+               if "app" not in p.relative_to(ROOT).parts and p.name not in ("cli.py", "__main__.py")]
+    assert len(library) > 40
+    upward = {str(p.relative_to(ROOT)): sorted(n for n in _fastpeft_imports(p) if n.startswith("fastpeft.app"))
+              for p in library}
+    upward = {k: v for k, v in upward.items() if v}
+    assert not upward, f"library modules importing the application: {upward}"
+    app = sorted(p.stem for p in (ROOT / "fastpeft" / "app").glob("*.py") if p.stem != "__init__")
+    assert {"cli", "train", "data", "checkpoint", "distributed", "memory", "savers"} <= set(app)
+    top = sorted(p.name for p in (ROOT / "fastpeft").glob("*.py"))
+    assert not {"train.py", "data.py", "checkpoint.py", "run_control.py", "memory.py"} & set(top), top
+
+
+def test_the_command_entry_points_reach_the_application():
+    for argv in (["-m", "fastpeft", "--help"], ["-m", "fastpeft.cli", "--help"]):
+        out = subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and "finetune" in out.stdout, (argv, out.stderr[-2000:])

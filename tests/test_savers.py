@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import assert_close, stable_seed
 
+from fastpeft.app.savers import causal_lm_loss, chunked_loss_supported, enable_checkpointing
 from fastpeft.peft import LoraConfig, PromptTuningConfig, get_peft_model, quantize_model
-from fastpeft.savers import causal_lm_loss, chunked_loss_supported, enable_checkpointing
 
 transformers = pytest.importorskip("transformers")
 

@@ -260,7 +260,7 @@ def lora_linear(
     # The kernels take a row-major [M, K]; reshape copies only when x's layout forces it.
     x2 = x.reshape(-1, k).contiguous()
     mask = make_dropout_mask(x2.shape, dropout_p, x.device) if training and dropout_p > 0.0 else None
-    # fake tensors (fastpeft.memory's traced step) take the custom ops too: their fake implementations
+    # fake tensors (fastpeft.app.memory's traced step) take the custom ops too: their fake implementations
     # allocate what the GPU kernels return, not the reference's internal temporaries
     if use_triton(x2) or torch.compiler.is_compiling() or isinstance(x2, FakeTensor):
         y, _ = lora_linear_fwd(

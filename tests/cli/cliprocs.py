@@ -30,7 +30,7 @@ def start(*argv: str, env: dict[str, str] | None = None, cwd: Path | None = None
     """``fastpeft *argv`` as a process: this environment without torchrun's variables, plus ``env``."""
     base = {k: v for k, v in os.environ.items() if k not in TORCHRUN}
     return subprocess.Popen(
-        [sys.executable, "-m", "fastpeft.cli", *argv],
+        [sys.executable, "-m", "fastpeft.app.cli", *argv],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tinymodels import listing, qa_records, write_checkpoint, write_jsonl
 
-from fastpeft.cli import main
+from fastpeft.app.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +192,7 @@ def test_quantize_and_merge_bad_input(
 
 
 def test_data_file_errors_name_the_file_and_line(tmp_path: Path) -> None:
-    from fastpeft.data import read_jsonl
+    from fastpeft.app.data import read_jsonl
 
     undecodable = tmp_path / "latin1.jsonl"
     undecodable.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
@@ -211,7 +211,7 @@ def test_data_file_errors_name_the_file_and_line(tmp_path: Path) -> None:
 
 
 def test_long_lines_are_cut_before_they_are_tokenized() -> None:
-    from fastpeft.data import IGNORE_INDEX, Example, byte_tokenizer, encode_records
+    from fastpeft.app.data import IGNORE_INDEX, Example, byte_tokenizer, encode_records
 
     tok = byte_tokenizer()
     seen: list[int] = []
@@ -262,7 +262,7 @@ _LINE = st.one_of(
 def test_property_any_jsonl_file_loads_or_is_a_named_value_error(
     tmp_path_factory: pytest.TempPathFactory, lines: list[bytes], ending: bytes, seq_len: int
 ) -> None:
-    from fastpeft.data import encode_records, read_jsonl
+    from fastpeft.app.data import encode_records, read_jsonl
 
     path = tmp_path_factory.mktemp("jsonl") / "data.jsonl"
     path.write_bytes(ending.join(line.replace(b"\n", b" ") for line in lines))
@@ -282,7 +282,7 @@ def test_property_any_jsonl_file_loads_or_is_a_named_value_error(
 
 @functools.cache
 def _byte_tokenizer():  # noqa: ANN202 - a transformers tokenizer
-    from fastpeft.data import byte_tokenizer
+    from fastpeft.app.data import byte_tokenizer
 
     return byte_tokenizer()
 

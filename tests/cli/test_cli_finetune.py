@@ -12,8 +12,8 @@ from conftest import assert_close
 from safetensors.torch import load_file
 from tinymodels import finetune_args, write_checkpoint, write_qa
 
-from fastpeft import run_control, train
-from fastpeft.cli import main
+from fastpeft.app import run_control, train
+from fastpeft.app.cli import main
 
 METRIC_FIELDS = ("first_loss", "final_loss", "trainable_params", "peak_memory_bytes", "tokens_per_second", "steps")
 
@@ -81,7 +81,7 @@ def test_embedded_default_end_to_end(
 def test_help_shows_every_default(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     import argparse
 
-    from fastpeft.cli import _parser
+    from fastpeft.app.cli import _parser
 
     with pytest.raises(SystemExit):
         main([command, "--help"])
@@ -127,7 +127,7 @@ def test_each_method_trains_and_reloads(tiny: dict[str, Path], tmp_path: Path, m
 
 
 def test_prompt_completion_loss_covers_only_completion(tiny: dict[str, Path]) -> None:
-    from fastpeft.data import IGNORE_INDEX, byte_tokenizer, encode_records
+    from fastpeft.app.data import IGNORE_INDEX, byte_tokenizer, encode_records
 
     tok = byte_tokenizer()
     (ex,) = encode_records([{"prompt": "say cat: ", "completion": "cat."}], tok, 64)

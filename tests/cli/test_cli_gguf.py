@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from tinymodels import finetune_args, write_checkpoint, write_gguf, write_qa
 
-from fastpeft.cli import main
+from fastpeft.app.cli import main
 from fastpeft.loading import load_causal_lm, load_tokenizer
 from fastpeft.nn import NF4Linear
 

@@ -11,7 +11,7 @@ from conftest import assert_close
 from safetensors.torch import load_file, save_file
 from tinymodels import finetune_args, write_checkpoint, write_qa
 
-from fastpeft.cli import main
+from fastpeft.app.cli import main
 from fastpeft.loading import load_causal_lm
 from fastpeft.nn import NF4Linear
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from tinymodels import finetune_args, write_checkpoint, write_qa
 
-from fastpeft import train
-from fastpeft.cli import main
+from fastpeft.app import train
+from fastpeft.app.cli import main
 
 _RECIPE = ("--method", "lora", "--batch-size", "4", "--lr", "1e-2", "--dropout", "0.1", "--seed", "4")
 
@@ -39,7 +39,7 @@ def test_ctrl_c_in_a_real_run_checkpoints_and_resume_continues(tiny: dict[str, P
     out = tmp_path / "run"
     common = finetune_args(tiny["model"], tiny["data"], out, *_RECIPE)
     argv = [*common, "--max-steps", "1000", "--save-steps", "1000"]
-    proc = subprocess.Popen([sys.executable, "-m", "fastpeft.cli", *argv], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "fastpeft.app.cli", *argv], stderr=subprocess.PIPE, text=True)
     try:
         lines = []
         for line in proc.stderr:  # the run-length estimate is logged after step 3: training is under way

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from fastpeft.data import adds_bos, byte_tokenizer, encode_records, read_jsonl
+from fastpeft.app.data import adds_bos, byte_tokenizer, encode_records, read_jsonl
 
 
 def test_an_example_whose_prompt_fills_seq_len_is_counted_and_named(tmp_path, caplog):
@@ -13,7 +13,7 @@ def test_an_example_whose_prompt_fills_seq_len_is_counted_and_named(tmp_path, ca
         '{"prompt": "q", "completion": "a"}\n\n{"prompt": "' + "x" * 40 + '", "completion": "y"}\n'
         '{"text": "fine"}\n{"prompt": "' + "z" * 40 + '", "completion": "w"}\n'
     )
-    with caplog.at_level(logging.WARNING, logger="fastpeft.data"):
+    with caplog.at_level(logging.WARNING, logger="fastpeft.app.data"):
         examples = encode_records(read_jsonl(data), byte_tokenizer(), 16)
     assert len(examples) == 2 and examples.dropped == [f"{data}:3", f"{data}:5"]
     (record,) = [r for r in caplog.records if "dropped" in r.getMessage()]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from tinymodels import finetune_args, write_checkpoint, write_qa
 
-from fastpeft.cli import main
+from fastpeft.app.cli import main
 
 
 @pytest.fixture(scope="module")

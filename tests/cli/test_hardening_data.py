@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from tinymodels import finetune_args, write_checkpoint
 
-from fastpeft.cli import main
-from fastpeft.data import read_jsonl
+from fastpeft.app.cli import main
+from fastpeft.app.data import read_jsonl
 
 
 def test_issue26_item9_lone_surrogate_names_file_and_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

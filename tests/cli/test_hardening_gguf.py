@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tinymodels import write_checkpoint, write_gguf
 
-from fastpeft.cli import main
+from fastpeft.app.cli import main
 
 gguf = pytest.importorskip("gguf", reason="GGUF support is the optional extra: pip install 'fastpeft[gguf]'")
 TIMEOUT = 60  # each fails in seconds; before, some ran past 150 s
@@ -65,7 +65,7 @@ def _tensor_offset_field(path: Path, index: int) -> int:
 
 
 def _quantize(model: Path, out: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "fastpeft.cli", "quantize", "--model", str(model), "--out", str(out)]
+    cmd = [sys.executable, "-m", "fastpeft.app.cli", "quantize", "--model", str(model), "--out", str(out)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
 
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from tinymodels import write_checkpoint
 
-from fastpeft import memory as M
-from fastpeft.cli import main
+from fastpeft.app import memory as M
+from fastpeft.app.cli import main
 
 transformers = pytest.importorskip("transformers")
 TIMEOUT = 120  # each command answers in seconds; before, they ran for hours
@@ -25,7 +25,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _memory(*args: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "fastpeft.cli", "memory", "--no-peer", *args]
+    cmd = [sys.executable, "-m", "fastpeft.app.cli", "memory", "--no-peer", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
 
 

@@ -17,7 +17,7 @@ import pytest
 from cliprocs import QUICK, dead_pid, finish, one_error_line, run_all, start
 from tinymodels import finetune_args, listing, write_checkpoint, write_qa
 
-from fastpeft.cli import main
+from fastpeft.app.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -319,7 +319,7 @@ def test_issue26_item1_stale_locks_are_taken_over_even_without_flock(
     import errno
     import fcntl
 
-    from fastpeft.outputs import OutLock, holder
+    from fastpeft.app.outputs import OutLock, holder
 
     path = tmp_path / ".R.lock"
     path.write_text(f"{dead_pid()}\n")  # left by a killed run
@@ -354,7 +354,8 @@ def test_issue26_item1_stale_locks_are_taken_over_even_without_flock(
 def test_issue26_item1_an_out_another_run_filled_during_start_up_is_not_overwritten(
     tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from fastpeft import loading, train
+    from fastpeft import loading
+    from fastpeft.app import train
 
     out = tmp_path / "new" / "R"  # neither R nor its folder exists at the checks: no lock can be held before loading
 

@@ -74,7 +74,7 @@ def _free_port() -> int:
 def test_issue25_item5_finetune_without_peers_times_out_naming_the_variables(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fastpeft import distributed
+    from fastpeft.app import distributed
 
     base = {"WORLD_SIZE": "2", "FASTPEFT_JOIN_TIMEOUT": "2"}
     cases = [

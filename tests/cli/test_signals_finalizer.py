@@ -7,7 +7,7 @@ import sys
 
 _CHILD = """
 import gc, os, signal, sys, time
-from fastpeft import cli
+from fastpeft.app import cli
 
 class Dies:
     def __del__(self):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import torch
 
-from fastpeft.data import adds_bos, byte_tokenizer
+from fastpeft.app.data import adds_bos, byte_tokenizer
 
-VOCAB = 260  # fastpeft.data.byte_tokenizer: 4 special tokens + 256 bytes
+VOCAB = 260  # fastpeft.app.data.byte_tokenizer: 4 special tokens + 256 bytes
 
 
 def write_checkpoint(

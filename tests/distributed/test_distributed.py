@@ -50,7 +50,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _single_steps(kind: str) -> tuple[dict[str, torch.Tensor], list[float], torch.nn.Module]:
     """One process, the whole batch: first-step gradients, losses, and the model after ``cases.STEPS`` steps
     (the same clipping and AdamW as the ranks)."""
-    from fastpeft.savers import causal_lm_loss
+    from fastpeft.app.savers import causal_lm_loss
 
     model = cases.peft_model(kind)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -114,7 +114,7 @@ def test_fsdp_saved_adapter_loads_in_hf_peft(launched: Path, single: dict, kind:
 
 
 def _single_finetune(root: Path) -> Path:
-    from fastpeft.cli import main
+    from fastpeft.app.cli import main
 
     for name, extra in cases.FINETUNE_RUNS:
         flags = [f for f in extra if f not in ("--distributed", "ddp", "fsdp")]

@@ -38,12 +38,12 @@ def _adapters_agree(a_dir: Path, b_dir: Path, steps: int, lr: float) -> None:
 
 
 def _torchrun_vs_one(tmp_path: Path, strategy: str, flags: list[str], dtype: torch.dtype) -> None:
-    from fastpeft.cli import main
+    from fastpeft.app.cli import main
 
     two, one = tmp_path / "two", tmp_path / "one"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     args = [*cases.finetune_args(two, batch_size=2), *flags, "--distributed", strategy]
-    _launch([*torchrun, "-m", "fastpeft.cli", *args], tmp_path)
+    _launch([*torchrun, "-m", "fastpeft", *args], tmp_path)
     assert main(cases.finetune_args(one, batch_size=4) + flags) == 0
     m2, m1 = (json.loads((d / "metrics.json").read_text()) for d in (two, one))
     assert (m2["world_size"], m2["global_batch"], m2["distributed"]) == (2, 4, strategy)

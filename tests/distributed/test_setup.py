@@ -1,4 +1,4 @@
-"""``fastpeft.distributed`` without launching anything: joining (or not) a run, refusals, the NF4 memory
+"""``fastpeft.app.distributed`` without launching anything: joining (or not) a run, refusals, the NF4 memory
 FSDP2 leaves replicated, and the README's multi-GPU commands."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import cases
 import pytest
 import torch
 
-from fastpeft import distributed
+from fastpeft.app import distributed
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -76,7 +76,7 @@ def test_rows_split_the_global_batch_and_a_rank_without_rows_weighs_nothing() ->
 
 
 def test_readme_multi_gpu_commands_parse() -> None:
-    from fastpeft.cli import _parser
+    from fastpeft.app.cli import _parser
 
     text = (ROOT / "README.md").read_text()
     lines = re.findall(r"^torchrun .*$", text, re.M)
@@ -84,7 +84,7 @@ def test_readme_multi_gpu_commands_parse() -> None:
     strategies = set()
     for line in lines:
         words = shlex.split(line.split("#")[0])
-        assert "--nproc-per-node" in words and "fastpeft.cli" in words, line
-        args = _parser().parse_args(words[words.index("fastpeft.cli") + 1 :])
+        assert "--nproc-per-node" in words and "fastpeft" in words, line
+        args = _parser().parse_args(words[words.index("fastpeft") + 1 :])
         strategies.add(args.distributed)
     assert strategies >= {"ddp", "fsdp"}, strategies

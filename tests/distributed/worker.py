@@ -3,10 +3,10 @@
 ``python -m torch.distributed.run --nproc-per-node 2 worker.py OUT`` runs every job below on every rank,
 in one process group, and writes what the tests compare into ``OUT`` (safetensors and JSON, rank 0):
 
-- ``engines``: LoRA and QLoRA tiny Llamas under DDP and FSDP2 (``fastpeft.distributed``), two AdamW steps
+- ``engines``: LoRA and QLoRA tiny Llamas under DDP and FSDP2 (``fastpeft.app.distributed``), two AdamW steps
   on the global batch ``cases.batch()`` split over the ranks: the first step's gradients, the losses, the
   adapter after the steps (gathered), and the adapter FSDP2's rank 0 saved with ``save_pretrained``.
-- ``finetune``: ``fastpeft finetune`` (``fastpeft.cli.main``) with ``--distributed ddp`` (LoRA) and
+- ``finetune``: ``fastpeft finetune`` (``fastpeft.app.cli.main``) with ``--distributed ddp`` (LoRA) and
   ``--distributed fsdp`` (QLoRA), the latter then resumed for one more step.
 """
 
@@ -28,8 +28,8 @@ import cases  # noqa: E402  (the set-up this folder shares with the single-proce
 def engines(out: Path, rank: int, world: int) -> None:
     from safetensors.torch import save_file
 
-    from fastpeft.distributed import DistributedRun
-    from fastpeft.savers import causal_lm_loss
+    from fastpeft.app.distributed import DistributedRun
+    from fastpeft.app.savers import causal_lm_loss
 
     for strategy in ("ddp", "fsdp"):
         for kind in cases.KINDS:
@@ -60,7 +60,7 @@ def engines(out: Path, rank: int, world: int) -> None:
 
 
 def finetune(out: Path) -> None:
-    from fastpeft.cli import main
+    from fastpeft.app.cli import main
 
     for name, extra in cases.FINETUNE_RUNS:
         status = main(cases.finetune_args(out / name, batch_size=cases.BATCH_ROWS // 2) + [*extra])
@@ -70,7 +70,7 @@ def finetune(out: Path) -> None:
 
 def run_all(out: Path) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")  # fastpeft.distributed.setup joins it (and leaves it open)
+    dist.init_process_group("gloo")  # fastpeft.app.distributed.setup joins it (and leaves it open)
     rank, world = dist.get_rank(), dist.get_world_size()
     engines(out, rank, world)
     finetune(out)

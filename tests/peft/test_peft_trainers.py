@@ -113,7 +113,7 @@ def test_trainer_trains_and_checkpoints_a_prefix_tuning_model(tmp_path, tied_bas
 
 
 def _tokenizer():
-    from fastpeft.data import byte_tokenizer
+    from fastpeft.app.data import byte_tokenizer
 
     tok = byte_tokenizer()
     tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

@@ -40,7 +40,7 @@ __all__ = [
     "temp_beside",
 ]
 
-log = logging.getLogger("fastpeft.train")
+log = logging.getLogger("fastpeft.app.train")
 
 LOCK_FILE = ".fastpeft-lock"  # inside the directory fastpeft finetune writes into
 _KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",

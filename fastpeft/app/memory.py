@@ -1,8 +1,8 @@
 """GPU memory of a fine-tuning step, estimated without a GPU: ``fastpeft memory``.
 
 ``estimate(config, MemoryOptions(...))`` builds the model on fake tensors (no weights, no GPU; see
-``fastpeft.memory_trace``) exactly as ``fastpeft finetune`` sets it up — NF4 base for QLoRA, the PEFT
-injection, float32 adapters, the savers of ``fastpeft.savers`` — and runs one steady-state training step
+``fastpeft.app.memory_trace``) exactly as ``fastpeft finetune`` sets it up — NF4 base for QLoRA, the PEFT
+injection, float32 adapters, the savers of ``fastpeft.app.savers`` — and runs one steady-state training step
 (forward, backward, gradient clipping, AdamW step, with the optimizer state already created) under
 PyTorch's ``MemTracker``. The peak comes back by category: NF4 base, dense layers, adapters, gradients,
 optimizer state, activations, temporaries, and the dequantize-once scratch.
@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastpeft import memory_trace as mt
+from fastpeft.app import memory_trace as mt
+from fastpeft.app.savers import causal_lm_loss, enable_checkpointing, lm_head_skip
 from fastpeft.ops.linear_cross_entropy import trace_repeated_chunks_once
-from fastpeft.savers import causal_lm_loss, enable_checkpointing, lm_head_skip
 
 __all__ = [
     "CATEGORIES",

@@ -70,7 +70,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], chunk_bytes
     hidden = base.get_decoder()(
         input_ids=batch["input_ids"],
         attention_mask=batch.get("attention_mask"),
-        position_ids=batch.get("position_ids"),  # packed rows (fastpeft.packing): where each example starts
+        position_ids=batch.get("position_ids"),  # packed rows (fastpeft.app.packing): where each example starts
         use_cache=False,
     ).last_hidden_state
     labels = batch["labels"]

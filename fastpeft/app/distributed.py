@@ -20,7 +20,7 @@ The batch: ``batch_size`` examples per rank and micro-batch, so an optimizer ste
 is seeded) and takes its own rows; the loss of each rank is weighted by its share of the global batch's
 label tokens, so gradients, losses and updates equal a single process trained on the global batches.
 
-Results and checkpoints are written once, by rank 0, atomically (``fastpeft.checkpoint``); under FSDP2
+Results and checkpoints are written once, by rank 0, atomically (``fastpeft.app.checkpoint``); under FSDP2
 the trainable tensors and optimizer moments are gathered to full tensors first (only those: the base is
 never gathered whole), and a resumed run shards them again. Every collective runs on every rank in the
 same order; a decision one rank takes alone (stop on a signal, a failed write) is agreed on first.
@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastpeft.data import IGNORE_INDEX
+from fastpeft.app.data import IGNORE_INDEX
 
 __all__ = [
     "STRATEGIES",
@@ -94,7 +94,7 @@ def _env_int(name: str, default: int) -> int:
 class LossModule(nn.Module):
     """A model and its loss as one module: ``forward(batch)`` returns ``loss_fn(model, batch)``.
 
-    DDP and FSDP2 act in their module's forward hooks; the chunked loss (``fastpeft.savers``) calls the
+    DDP and FSDP2 act in their module's forward hooks; the chunked loss (``fastpeft.app.savers``) calls the
     decoder and reads the head's weight directly, so the engine must wrap the whole step, not the model.
     """
 
@@ -337,8 +337,8 @@ class DistributedRun:
         scheduler: Any,
         **trainer_state: Any,
     ) -> None:
-        """``fastpeft.checkpoint.save_checkpoint`` by rank 0 (after FSDP2's shards are gathered on all ranks)."""
-        from fastpeft.checkpoint import save_checkpoint
+        """``fastpeft.app.checkpoint.save_checkpoint`` by rank 0 (after FSDP2's shards are gathered on all ranks)."""
+        from fastpeft.app.checkpoint import save_checkpoint
 
         if self.strategy == "fsdp":
             named = [(n, _full(p)) for n, p in named]

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
-from fastpeft import memory
+from fastpeft.app import memory
 
 __all__ = ["add_arguments", "add_saver_arguments", "finetune_estimate", "fitting_options", "run", "saver_options"]
 
@@ -150,7 +150,7 @@ def finetune_estimate(cfg: Any, budget_text: str | None) -> str | None:
     """
     import torch
 
-    from fastpeft import data, train
+    from fastpeft.app import data, train
 
     device = train.resolve_device(cfg.device)
     if device.type != "cuda" and budget_text is None:

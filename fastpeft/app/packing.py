@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from fastpeft.data import IGNORE_INDEX, Batches, Example
+from fastpeft.app.data import IGNORE_INDEX, Batches, Example
 
 __all__ = ["PackedBatches", "pack", "packing_is_exact", "real_tokens"]
 
@@ -54,7 +54,7 @@ def pack(examples: Sequence[Example], seq_len: int) -> list[list[int]]:
 
 
 class PackedBatches(Batches):
-    """Batches of packed rows in a reproducible order: ``fastpeft.data.Batches`` over rows instead of examples.
+    """Batches of packed rows in a reproducible order: ``fastpeft.app.data.Batches`` over rows instead of examples.
 
     Epoch ``e`` visits the rows in the permutation drawn from ``torch.Generator`` seeded with ``seed + e``;
     batch ``i`` holds rows ``[i * batch_size, (i + 1) * batch_size)`` of it.

@@ -1,4 +1,4 @@
-"""The machinery behind ``fastpeft.memory``: models on fake tensors, one traced training step.
+"""The machinery behind ``fastpeft.app.memory``: models on fake tensors, one traced training step.
 
 A model is built on the meta device (no memory), its linear layers swapped for NF4 layers of the exact
 shapes quantization produces, adapters injected, then every parameter and buffer is replaced by a fake

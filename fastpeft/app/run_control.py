@@ -36,7 +36,7 @@ __all__ = [
     "threads_for_a_busy_cpu",
 ]
 
-log = logging.getLogger("fastpeft.train")
+log = logging.getLogger("fastpeft.app.train")
 
 ESTIMATE_AFTER = (3, 30.0)  # the run's length is estimated after this many steps or seconds, whichever first
 

@@ -13,13 +13,13 @@ step in progress, writes a checkpoint of it and raises ``TrainingInterrupted``; 
 once. A loss or gradient that stops being finite is caught before the update (the step's one host sync
 comes first), an update that makes the weights non-finite before any checkpoint: ``TrainingDiverged``
 names the step and the likely cause, and the last good checkpoint stays. Checkpoints are read back by
-``fastpeft.checkpoint``, which checks every field first. Nothing is ever unpickled.
+``fastpeft.app.checkpoint``, which checks every field first. Nothing is ever unpickled.
 
 Started by ``torchrun --nproc-per-node N`` (``distributed``: ``ddp`` or ``fsdp``), every process trains its
-share of each global batch (``batch_size`` examples per rank) through ``fastpeft.distributed``; rank 0
+share of each global batch (``batch_size`` examples per rank) through ``fastpeft.app.distributed``; rank 0
 alone writes, and the results equal a single process trained with ``batch_size x N`` examples a batch.
 
-After the first steps one log line (logger ``fastpeft.train``, level INFO) estimates the run's length.
+After the first steps one log line (logger ``fastpeft.app.train``, level INFO) estimates the run's length.
 The embedded demo writes its base model into ``out/base_model`` (it is tiny) and records that path as
 the adapter's ``base_model_name_or_path``, so ``fastpeft merge`` and HF PEFT can load the result.
 """
@@ -41,11 +41,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastpeft import data as fdata
-from fastpeft import distributed, loading, packing
-from fastpeft.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fastpeft.outputs import LOCK_FILE, OutLock
-from fastpeft.run_control import (
+from fastpeft import loading
+from fastpeft.app import data as fdata
+from fastpeft.app import distributed, packing
+from fastpeft.app.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fastpeft.app.outputs import LOCK_FILE, OutLock
+from fastpeft.app.run_control import (
     NonFinite,
     TrainingDiverged,
     TrainingInterrupted,
@@ -55,7 +56,7 @@ from fastpeft.run_control import (
     stop_requests,
     threads_for_a_busy_cpu,
 )
-from fastpeft.run_dir import (
+from fastpeft.app.run_dir import (
     BASE_MODEL_DIR,
     check_out,
     check_paths,
@@ -64,7 +65,7 @@ from fastpeft.run_dir import (
     prepare_out,
     write_results,
 )
-from fastpeft.savers import causal_lm_loss, enable_checkpointing, lm_head_skip
+from fastpeft.app.savers import causal_lm_loss, enable_checkpointing, lm_head_skip
 
 __all__ = [
     "METHODS",
@@ -313,7 +314,7 @@ def _setup(cfg: TrainConfig, device: torch.device, method: str) -> tuple[Any, An
 
 
 def _batches(cfg: TrainConfig, model: Any, examples: list, pad_id: int, vocab: int) -> Any:
-    """Packed rows (``fastpeft.packing``) where ``--packing`` asks for them and the model packs exactly (``auto``:
+    """Packed rows (``fastpeft.app.packing``) where ``--packing`` asks for them and the model packs exactly (``auto``:
     a single process whose model passes ``packing_is_exact``), else right-padded batches."""
     if cfg.packing not in ("auto", "on", "off"):
         raise ValueError(f"--packing must be auto, on or off, got {cfg.packing!r}")
@@ -388,7 +389,7 @@ def _accumulate(
     for (_, _, batch), n in zip(micro, counts, strict=True):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast:
-            # the chunked loss never materializes the float32 [tokens, vocab] logits (fastpeft.savers)
+            # the chunked loss never materializes the float32 [tokens, vocab] logits (fastpeft.app.savers)
             loss = causal_lm_loss(model, batch) if chunked_loss else model(**batch).loss
         # Token-weighted mean over the accumulated micro-batches (not a mean of means).
         (loss * (n / n_total)).backward()

@@ -14,9 +14,9 @@ from typing import Any
 
 from torch import nn
 
-from fastpeft import data as fdata
+from fastpeft.app import data as fdata
+from fastpeft.app.outputs import LOCK_FILE, OutLock, beside_lock, check_out_path, check_regular, holder, in_use
 from fastpeft.files import fsync_files, remove_path, share_permissions
-from fastpeft.outputs import LOCK_FILE, OutLock, beside_lock, check_out_path, check_regular, holder, in_use
 
 __all__ = [
     "BASE_MODEL_DIR",
