@@ -60,12 +60,13 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, h: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """``(residual or h) + s·up(act(down(h)))``.
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None = None, weight: float = 1.0) -> torch.Tensor:
+        """``(residual or h) + weight·s·up(act(down(h)))``.
 
         Args:
             h: ``[..., H]`` hidden states fed to the adapter.
             residual: ``[..., H]`` added to the adapter output instead of h (parallel placement).
+            weight: a multiplier on top of ``scaling`` (``Average`` passes each adapter's weight).
 
         Returns:
             ``[..., H]`` in h's dtype.
@@ -83,7 +84,7 @@ class BottleneckAdapter(nn.Module):
             self.down.bias.to(dt),
             self.up.weight.to(dt),
             self.up.bias.to(dt),
-            self.scaling,
+            self.scaling if weight == 1.0 else self.scaling * float(weight),
             self.activation,
             residual,
         )

@@ -16,7 +16,14 @@ Blocks are found by structure, so any head class of these families works:
 | BERT, RoBERTa               | ``attention.output.dense`` | ``output.dense`` | ``output`` (its residual input) |
 
 Each adapted submodule is replaced on the model instance by an ``AdapterWrapper`` holding the
-original as ``base_layer`` and one ``BottleneckAdapter`` per adapter name in ``bottleneck``.
+original as ``base_layer`` and one ``BottleneckAdapter`` per adapter name in ``bottleneck``. Its
+``active_adapter`` is one adapter name (the fused single-adapter path) or a composition block of
+``fastpeft.peft.composition`` (``Stack``, ``Parallel``, ``Average``, ``BatchSplit``), run with the per-adapter op
+once per adapter.
+
+LoRA beside bottleneck adapters: a LoRA layer on a submodule an adapter also wraps (``o_proj`` under Houlsby,
+the linear layers inside a wrapped ``mlp``) sits inside the wrapper, as its ``base_layer`` or below it;
+``logical_path`` drops those ``base_layer`` steps, so each method's file keys are the ones it has alone.
 
 File layout (``adapter_model.safetensors``; ``adapter_config.json`` has ``peft_type``
 ``"BOTTLENECK_ADAPTER"``): for a wrapper at module path ``P`` the keys are
@@ -34,6 +41,7 @@ import torch
 from torch import nn
 
 from fastpeft import nn as fnn
+from fastpeft.peft.composition import AdapterComposition, Average, BatchSplit, Parallel, Stack, flatten
 from fastpeft.peft.config import AdapterConfig
 from fastpeft.peft.sizes import check_fits
 
@@ -42,7 +50,10 @@ __all__ = [
     "adapter_file_params",
     "delete_adapter",
     "inject_adapters",
+    "logical_path",
+    "wrapper_paths",
     "set_active_adapter",
+    "set_active_setup",
     "set_adapters_disabled",
     "unload_adapters",
 ]
@@ -79,10 +90,17 @@ class AdapterWrapper(nn.Module):
         self.active_adapter: str | None = None
         self.disable_adapters = False
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """``adapter_names``: one adapter name per row (a mixed batch; ``"__base__"`` or an adapter this layer
+        does not hold runs the base alone), in place of the active adapter or block."""
+        setup = None if self.disable_adapters else self.active_adapter
+        if adapter_names is not None and not self.disable_adapters:
+            return self._forward_with(lambda h, r: self._rows(adapter_names, h, r), x, *args, **kwargs)
+        if isinstance(setup, AdapterComposition):
+            return self._forward_with(lambda h, r: self._compose(setup, h, r), x, *args, **kwargs)
         adapter = None
-        if not self.disable_adapters and self.active_adapter in self.bottleneck:
-            adapter = self.bottleneck[self.active_adapter]
+        if setup is not None and setup in self.bottleneck:
+            adapter = self.bottleneck[setup]
         if adapter is None:
             return self.base_layer(x, *args, **kwargs)
         if self.mode == "residual_input":
@@ -93,6 +111,74 @@ class AdapterWrapper(nn.Module):
             return adapter(x, residual=out)
         return adapter(out)
 
+    def _forward_with(self, run: Any, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The base layer with ``run(h, r)`` in the adapter's place (``h`` its input, ``r`` its residual)."""
+        if self.mode == "residual_input":
+            args = list(args)
+            input_tensor = args.pop(0) if args else kwargs.pop("input_tensor")
+            return self.base_layer(x, run(input_tensor, input_tensor), *args, **kwargs)
+        out = self.base_layer(x, *args, **kwargs)
+        if self.mode == "parallel":
+            return run(x, out)
+        return run(out, out)
+
+    def _rows(self, names: list[str], h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """Row ``i`` through adapter ``names[i]`` (inference: mixed batches)."""
+        if len(names) != h.shape[0]:
+            raise ValueError(f"adapter_names has {len(names)} names for a batch of {h.shape[0]} rows")
+        out = r.clone()
+        for name in dict.fromkeys(names):
+            if name in self.bottleneck:
+                rows = torch.tensor([i for i, n in enumerate(names) if n == name], device=h.device)
+                hr = h.index_select(0, rows)
+                adapter = self.bottleneck[name]
+                out[rows] = adapter(hr) if r is h else adapter(hr, residual=r.index_select(0, rows))
+        return out
+
+    def _compose(self, setup: str | AdapterComposition, h: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """``setup`` on adapter input ``h`` with residual ``r`` (``r is h`` for the sequential placements)."""
+        if isinstance(setup, str):
+            if setup not in self.bottleneck:
+                return r  # an adapter this layer does not hold passes its input through
+            adapter = self.bottleneck[setup]
+            return adapter(h) if r is h else adapter(h, residual=r)
+        if isinstance(setup, Stack):
+            y = self._compose(setup.children[0], h, r)
+            for child in setup.children[1:]:
+                y = self._compose(child, y, y)
+            return y
+        if isinstance(setup, Average):
+            y = r
+            for child, w in zip(setup.children, setup.weights, strict=True):
+                if isinstance(child, str):
+                    if child in self.bottleneck:  # r + w·delta, the running sum as the op's residual
+                        y = self.bottleneck[child](h, residual=y, weight=w)
+                else:
+                    y = y + w * (self._compose(child, h, r) - r)
+            return y
+        rows = h.shape[0]
+        if isinstance(setup, Parallel):
+            n = len(setup.children)
+            if rows % n:
+                raise ValueError(
+                    f"Parallel with {n} adapters got {rows} rows, not a multiple of {n}: run the model through "
+                    "PeftModel.forward / generate, which repeat the input batch once per adapter"
+                )
+            sizes = [rows // n] * n
+        elif isinstance(setup, BatchSplit):
+            sizes = setup.batch_sizes
+            if sum(sizes) != rows:
+                raise ValueError(
+                    f"BatchSplit: batch_sizes {sizes} add up to {sum(sizes)}, but the batch has {rows} rows"
+                )
+        else:
+            raise ValueError(f"{type(setup).__name__} is not supported by fastpeft's bottleneck adapters")
+        parts = [
+            self._compose(child, hp, hp if r is h else rp)
+            for child, hp, rp in zip(setup.children, h.split(sizes), r.split(sizes), strict=True)
+        ]
+        return torch.cat(parts, dim=0)
+
 
 def _family(block: nn.Module) -> str | None:
     for family, (required, *_rest) in _FAMILIES.items():
@@ -102,10 +188,15 @@ def _family(block: nn.Module) -> str | None:
 
 
 def _has(module: nn.Module, path: str) -> bool:
-    try:
-        module.get_submodule(path)
-    except AttributeError:
-        return False
+    """Whether ``path`` names a submodule, looking through adapter wrappers (a second adapter finds BERT's
+    ``output.dense`` inside the wrapper that took ``output``'s place)."""
+    for part in path.split("."):
+        if isinstance(module, AdapterWrapper) and part not in module._modules:
+            module = module.base_layer
+        child = module._modules.get(part)
+        if child is None:
+            return False
+        module = child
     return True
 
 
@@ -198,12 +289,47 @@ def adapter_file_params(model: nn.Module, adapter_name: str) -> dict[str, torch.
 
 def set_active_adapter(model: nn.Module, adapter_name: str, trainable: bool) -> None:
     """Activate ``adapter_name`` everywhere; only its weights train (none when not ``trainable``)."""
-    for p in model.parameters():
-        p.requires_grad_(False)
+    set_active_setup(model, adapter_name, trainable)
+
+
+def set_active_setup(
+    model: nn.Module, setup: str | AdapterComposition | None, trainable: bool, freeze: bool = True
+) -> None:
+    """Activate ``setup`` (an adapter name, a composition block, or None: no bottleneck adapter) in every wrapper;
+    every adapter it names trains when ``trainable``. ``freeze``: first freeze the whole model (False when the
+    caller already did, having activated LoRA adapters beside)."""
+    if freeze:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    names = [] if setup is None else flatten(setup)
     for _, wrapper in _wrappers(model):
-        wrapper.active_adapter = adapter_name
-        if trainable and adapter_name in wrapper.bottleneck:
-            wrapper.bottleneck[adapter_name].requires_grad_(True)
+        wrapper.active_adapter = setup
+        if trainable:
+            for name in names:
+                if name in wrapper.bottleneck:
+                    wrapper.bottleneck[name].requires_grad_(True)
+
+
+def wrapper_paths(model: nn.Module) -> set[str]:
+    """The module paths of the adapter wrappers in ``model``."""
+    return {n for n, _ in _wrappers(model)}
+
+
+def logical_path(model: nn.Module, path: str, wrappers: set[str] | None = None) -> str:
+    """``path`` without the ``.base_layer`` steps of the adapter wrappers on it: where a module sits when no
+    bottleneck adapter wraps it (LoRA's target matching and file keys use this). ``wrappers``: the wrapper paths,
+    when the caller has them."""
+    wrappers = wrapper_paths(model) if wrappers is None else wrappers
+    if not wrappers:
+        return path
+    parts, out, prefix = path.split("."), [], ""
+    for part in parts:
+        if part == "base_layer" and prefix in wrappers:
+            prefix = f"{prefix}.{part}" if prefix else part
+            continue
+        prefix = f"{prefix}.{part}" if prefix else part
+        out.append(part)
+    return ".".join(out)
 
 
 def delete_adapter(model: nn.Module, adapter_name: str, drop_empty: bool = False) -> None:

@@ -33,6 +33,7 @@ from torch import nn
 
 from fastpeft import nn as fnn
 from fastpeft.nn.lora_base import LoraLayerBase
+from fastpeft.peft import adapters
 from fastpeft.peft.config import LoraConfig
 from fastpeft.peft.lora_extra import (
     inject_parameter_lora,
@@ -387,9 +388,13 @@ def _find_targets(model: nn.Module, config: LoraConfig, strict: bool = True) -> 
     head = _output_head(model)
     all_linear = isinstance(targets, str) and targets.lower() == "all-linear"
     names: list[str] = []
+    wrapped = adapters.wrapper_paths(model)  # bottleneck adapter wrappers: targets are matched as if absent
     for name, module in list(_walk(model)):
-        if not name or isinstance(module, ModulesToSaveWrapper):
+        if not name or isinstance(module, (ModulesToSaveWrapper, adapters.AdapterWrapper)):
             continue
+        if wrapped and any(name == f"{w}.bottleneck" or name.startswith(f"{w}.bottleneck.") for w in wrapped):
+            continue  # the bottleneck adapters' own linear layers
+        real, name = name, adapters.logical_path(model, name, wrapped)
         if all_linear:
             # Heads trained in full (modules_to_save, SEQ_CLS classifiers) are not LoRA targets either.
             hit = (is_linear_like(module) or isinstance(module, fnn.LoraLinear)) and module is not head
@@ -400,7 +405,7 @@ def _find_targets(model: nn.Module, config: LoraConfig, strict: bool = True) -> 
             continue
         if config.modules_to_save and any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in config.modules_to_save):
             continue  # trained in full: never also a LoRA target (HF PEFT's rule)
-        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        parent = model.get_submodule(real.rpartition(".")[0]) if "." in real else model
         if isinstance(parent, (nn.MultiheadAttention, LoraLayerBase)) and name.endswith(".out_proj"):
             if all_linear:
                 continue  # the attention reads its weight directly: LoRA there goes through the attention
@@ -413,7 +418,7 @@ def _find_targets(model: nn.Module, config: LoraConfig, strict: bool = True) -> 
                 f"target {name!r} is a {type(module).__name__}; LoRA wraps nn.Linear, NF4Linear, bitsandbytes "
                 "Linear4bit, transformers Conv1D, nn.Embedding, nn.Conv1d/2d/3d and nn.MultiheadAttention only"
             )
-        names.append(name)
+        names.append(real)
     if not names and strict:
         sample = [n for n, _ in model.named_modules() if n][:20]
         raise ValueError(

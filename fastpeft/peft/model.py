@@ -24,6 +24,7 @@ from fastpeft.nn.checks import check_adapter_name
 from fastpeft.peft import adapters as adp
 from fastpeft.peft import interop, lora, prompt, saved_modules
 from fastpeft.peft.card import card_text, write_card_text
+from fastpeft.peft.composition import AdapterComposition, Parallel, flatten, parse_setup
 from fastpeft.peft.config import (
     AdapterConfig,
     LoraConfig,
@@ -40,7 +41,7 @@ from fastpeft.peft.io import (
     write_adapter_dir,
 )
 from fastpeft.peft.load_options import LoadResult, check_save_options, local_adapter_dir, named_source, without_init
-from fastpeft.peft.model_lora import LoraMethods
+from fastpeft.peft.model_lora import LoraMethods, _batch_input
 from fastpeft.peft.tuner import TunerModel
 
 __all__ = ["LoadResult", "PeftModel", "TunerModel", "get_peft_model"]
@@ -61,7 +62,12 @@ def _kind(config: PeftConfigBase) -> str:
 
 
 class PeftModel(LoraMethods, nn.Module):
-    """A model with one or more named adapters of one kind (LoRA, bottleneck adapters, or prompt learning).
+    """A model with one or more named adapters of one kind (LoRA, bottleneck adapters, or prompt learning), or
+    LoRA and bottleneck adapters together.
+
+    Bottleneck adapters compose with AdapterHub's blocks (``fastpeft.peft.composition``):
+    ``set_active_adapters(Stack("lang", "task"))``; ``set_adapter(["lora_name", "adapter_name"])`` runs (and
+    trains) a LoRA adapter and a bottleneck adapter (or a block) at once.
 
     Args:
         model: the model to adapt (modified in place for LoRA and bottleneck adapters).
@@ -99,6 +105,7 @@ class PeftModel(LoraMethods, nn.Module):
         else:
             self.base_model = TunerModel(model, self)
         self._active_adapters = [adapter_name]
+        self._composition: AdapterComposition | None = None  # the active block of bottleneck adapters, if any
         self._disabled = False
         self.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
         self.set_adapter(adapter_name)
@@ -118,8 +125,16 @@ class PeftModel(LoraMethods, nn.Module):
 
     @property
     def active_adapters(self) -> list[str]:
-        """The names of the active adapters."""
+        """The names of the active adapters (those of the active composition block among them)."""
         return list(self._active_adapters)
+
+    @property
+    def active_composition(self) -> AdapterComposition | None:
+        """The active composition block of bottleneck adapters (``Stack(...)``, ...), or None."""
+        return self._composition
+
+    def _names_of(self, kind: str) -> list[str]:
+        return [n for n, c in self.peft_config.items() if _kind(c) == kind]
 
     @property
     def modules_to_save(self) -> set[str] | None:
@@ -130,7 +145,7 @@ class PeftModel(LoraMethods, nn.Module):
     @property
     def targeted_module_names(self) -> list[str]:
         """Paths (in the user's model) of the modules the adapters wrap."""
-        if self._peft_kind != "lora":
+        if not self._names_of("lora"):
             return []
         return sorted(n for n, m in lora.lora_layers(self.get_base_model()) if not n.endswith(".base_layer.out_proj"))
 
@@ -183,9 +198,10 @@ class PeftModel(LoraMethods, nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"adapter {adapter_name!r} already exists")
         kind = _kind(peft_config)
-        if kind != self._peft_kind:
+        if kind != self._peft_kind and {kind, self._peft_kind} != {"lora", "adapter"}:
+            # LoRA and bottleneck adapters live side by side; prompt learning changes the inputs instead
             raise ValueError(f"cannot mix a {kind} adapter into a PeftModel holding {self._peft_kind} adapters")
-        if kind == "lora" and self.peft_config and peft_config.bias != "none":
+        if kind == "lora" and self._names_of("lora") and peft_config.bias != "none":
             # One shared base bias cannot be trained by two adapters; HF PEFT refuses this too.
             raise ValueError(
                 f"adapter {adapter_name!r} has bias={peft_config.bias!r}: LoRA supports only 1 adapter with bias. "
@@ -211,7 +227,7 @@ class PeftModel(LoraMethods, nn.Module):
                 self.prompt_encoder[adapter_name] = prompt.build_prompt_encoder(model, peft_config)
                 saved_modules.wrap(model, peft_config, adapter_name)  # SEQ_CLS: the head trains in full
         except BaseException:
-            self._remove_partial(adapter_name)
+            self._remove_partial(adapter_name, kind)
             raise
         self.peft_config[adapter_name] = peft_config
         if autocast_adapter_dtype and kind == "lora":
@@ -219,48 +235,117 @@ class PeftModel(LoraMethods, nn.Module):
         # Keep the active adapters' trainable state; the new one stays frozen until set_adapter.
         active = [a for a in self._active_adapters if a in self.peft_config]
         if active and active != [adapter_name]:
-            self.set_adapter(active)
+            self.set_adapter(self._active_setup())
 
-    def _remove_partial(self, adapter_name: str) -> None:
+    def _active_setup(self) -> list[str | AdapterComposition]:
+        """What ``set_adapter`` takes to activate again what is active now (the composition block included)."""
+        active = [a for a in self._active_adapters if a in self.peft_config]
+        block = self._composition
+        if block is None or not all(n in self.peft_config for n in block.flatten()):
+            return active
+        return [a for a in active if _kind(self.peft_config[a]) == "lora"] + [block]
+
+    def _remove_partial(self, adapter_name: str, kind: str) -> None:
         """Take out what a failed ``add_adapter`` put into the model (all of it for the first adapter)."""
         model = self.get_base_model()
-        if self._peft_kind == "lora":
+        if kind == "lora":
             lora.delete_lora_adapter(model, adapter_name, drop_empty=True)
-        elif self._peft_kind == "adapter":
+        elif kind == "adapter":
             adp.delete_adapter(model, adapter_name, drop_empty=True)
         elif adapter_name in self.prompt_encoder:
             del self.prompt_encoder[adapter_name]
 
-    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+    def set_adapter(
+        self,
+        adapter_name: str | AdapterComposition | list[str | AdapterComposition],
+        inference_mode: bool = False,
+    ) -> None:
         """Make ``adapter_name`` the adapter used in forward and trained (frozen if it was loaded for
         inference, or with ``inference_mode``). LoRA adapters may be activated together with a list of
-        names: their updates add up, and all of them train.
+        names: their updates add up, and all of them train. Bottleneck adapters run together through one
+        composition block (``Stack``, ``Parallel``, ``Average``, ``BatchSplit``; see
+        ``fastpeft.peft.composition``), all of its adapters training; a list may hold LoRA names beside one
+        bottleneck adapter or block, and then both run and train.
 
         Raises:
-            ValueError: an unknown name, or a list for a method other than LoRA.
+            ValueError: an unknown name, a list for prompt learning, two bottleneck adapters outside a block, or
+                a block fastpeft does not run (``Fuse``, ``Parallel`` nested, a block naming an unknown adapter).
         """
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        for name in names:
-            if name not in self.peft_config:
-                raise ValueError(f"Adapter {name} does not exist (have {sorted(self.peft_config)})")
-        if not names:
+        items = [adapter_name] if isinstance(adapter_name, (str, AdapterComposition)) else list(adapter_name)
+        if not items:
             raise ValueError("set_adapter needs at least one adapter name")
-        if len(names) > 1 and self._peft_kind != "lora":
+        bottleneck = self._names_of("adapter")
+        lora_names: list[str] = []
+        setups: list[str | AdapterComposition] = []
+        for item in items:
+            if isinstance(item, AdapterComposition):
+                setups.append(parse_setup(item, bottleneck))
+            elif not isinstance(item, str) or item not in self.peft_config:
+                raise ValueError(f"Adapter {item} does not exist (have {sorted(self.peft_config)})")
+            elif _kind(self.peft_config[item]) == "lora":
+                lora_names.append(item)
+            else:
+                setups.append(item)
+        if self._peft_kind == "prompt" and len(setups) > 1:
             raise ValueError(f"only LoRA adapters can be active together, these are {self._peft_kind} adapters")
+        if len(setups) > 1:
+            raise ValueError(
+                "only LoRA adapters can be active together by a list of names; to run several bottleneck adapters at "
+                "once, activate one composition block of them: Stack, Parallel, Average or BatchSplit "
+                "(fastpeft.peft.composition)"
+            )
+        setup = setups[0] if setups else None
+        names = lora_names + flatten(setup) if setup is not None else lora_names
         trainable = not inference_mode and not any(self.peft_config[n].inference_mode for n in names)
         model = self.get_base_model()
-        if self._peft_kind == "lora":
-            lora.set_lora_adapter(model, self.peft_config, names, trainable)
-        elif self._peft_kind == "adapter":
-            adp.set_active_adapter(model, names[0], trainable)
-            saved_modules.set_active(model, names[0], trainable)
-        else:
+        if self._peft_kind == "prompt":
             for p in model.parameters():
                 p.requires_grad_(False)
             for name, enc in self.prompt_encoder.items():
                 enc.requires_grad_(trainable and name == names[0])
             saved_modules.set_active(model, names[0], trainable)
+        elif not self._names_of("lora"):  # bottleneck adapters alone
+            adp.set_active_setup(model, setup, trainable)
+            saved_modules.set_active(model, self._head_adapter(names), trainable)
+        else:
+            # freezes everything first, then unfreezes the LoRA adapters' weights (and their modules_to_save)
+            lora.set_lora_adapter(model, self.peft_config, lora_names, trainable)
+            if bottleneck:
+                adp.set_active_setup(model, setup, trainable, freeze=False)
+                if setup is not None:
+                    self._activate_heads(names, trainable)
+        self._composition = setup if isinstance(setup, AdapterComposition) else None
         self._active_adapters = names
+
+    def _head_adapter(self, names: list[str]) -> str:
+        """The one adapter of an active composition whose ``modules_to_save`` copies answer (the first name)."""
+        with_heads = [n for n in names if getattr(self.peft_config[n], "modules_to_save", None)]
+        if len(with_heads) > 1:
+            raise ValueError(
+                f"adapters {with_heads} each train their own copy of modules_to_save (or a SEQ_CLS head); only one "
+                "adapter with modules_to_save can be active at a time"
+            )
+        return with_heads[0] if with_heads else names[0]
+
+    def _activate_heads(self, names: list[str], trainable: bool) -> None:
+        """modules_to_save copies when LoRA and bottleneck adapters are active together: each wrapper answers with
+        the active adapter that has a copy there."""
+        for _, wrapper in lora._wrappers(self.get_base_model()):
+            present = [n for n in names if wrapper.has_adapter(n)]
+            if len(present) > 1:
+                raise ValueError(
+                    f"adapters {present} each train their own copy of the same module (modules_to_save); only one "
+                    "of them can be active"
+                )
+            if present:
+                wrapper.active_adapter = present[0]
+                wrapper.modules_to_save[present[0]].requires_grad_(trainable)
+
+    def set_active_adapters(
+        self, adapter_setup: str | AdapterComposition | list[str | AdapterComposition], inference_mode: bool = False
+    ) -> None:
+        """AdapterHub's name for ``set_adapter``: ``set_active_adapters(Stack("lang", "task"))``."""
+        self.set_adapter(adapter_setup, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove ``adapter_name``; deleting an active one leaves the other active ones (or, if none is left,
@@ -272,31 +357,39 @@ class PeftModel(LoraMethods, nn.Module):
         if adapter_name not in self.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist (have {sorted(self.peft_config)})")
         model = self.get_base_model()
-        if self._peft_kind == "lora":
+        kind = _kind(self.peft_config[adapter_name])
+        if kind == "lora":
             lora.delete_lora_adapter(model, adapter_name)
-        elif self._peft_kind == "adapter":
+        elif kind == "adapter":
             adp.delete_adapter(model, adapter_name)
             lora.delete_lora_adapter(model, adapter_name)  # its modules_to_save copies
         else:
             del self.prompt_encoder[adapter_name]
             lora.delete_lora_adapter(model, adapter_name)  # its modules_to_save copies (SEQ_CLS heads)
         del self.peft_config[adapter_name]
-        remaining = [a for a in self._active_adapters if a != adapter_name]
+        block = self._composition
+        if block is not None and adapter_name in block.flatten():
+            # a block that loses an adapter means something else: its first remaining adapter stays active
+            self._composition = None
+            kept = [n for n in block.flatten() if n != adapter_name][:1]
+            self._active_adapters = [a for a in self._active_adapters if a not in block.flatten()] + kept
+        remaining = [a for a in self._active_setup() if a != adapter_name]
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]
         if remaining:
             self.set_adapter(remaining)
         else:
             self._active_adapters = []
+            self._composition = None
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Context manager: inside it the model computes exactly the base model, and the adapters' weights
         do not require grad (HF PEFT's rule); both come back as they were on exit."""
         model = self.get_base_model()
-        if self._peft_kind == "lora":
+        if self._peft_kind == "lora" and not self._names_of("adapter"):
             previous = lora.set_lora_disabled(model, True)
-        elif self._peft_kind == "adapter":
+        elif self._peft_kind in ("lora", "adapter"):
             previous = adp.set_adapters_disabled(model, True) + lora.set_lora_disabled(model, True)
         else:
             previous = lora.set_lora_disabled(model, True)  # the SEQ_CLS heads' copies
@@ -324,10 +417,11 @@ class PeftModel(LoraMethods, nn.Module):
             safe_merge: refuse (``ValueError``) a merge that produces non-finite weights.
             adapter_names: the adapters to merge (default: the active one).
         """
-        if self._peft_kind != "lora":
+        if self._peft_kind != "lora" or self._names_of("adapter"):
+            kind = "BOTTLENECK_ADAPTER" if self._names_of("adapter") else self.active_peft_config.peft_type
             raise ValueError(
-                f"merge_and_unload: merging is not applicable to {self.active_peft_config.peft_type} adapters "
-                "(use unload() to get the base model back)"
+                f"merge_and_unload: merging is not applicable to {kind} adapters "
+                "(use unload() to get the base model back; merge_adapter merges LoRA adapters in place)"
             )
         for name in adapter_names or []:
             if name not in self.peft_config:
@@ -337,10 +431,10 @@ class PeftModel(LoraMethods, nn.Module):
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the plain model."""
         model = self.get_base_model()
-        if self._peft_kind == "lora":
+        if self._peft_kind == "lora" and not self._names_of("adapter"):
             return lora.unload_lora(model, merge=False)
-        if self._peft_kind == "adapter":
-            return saved_modules.unwrap(adp.unload_adapters(model))
+        if self._peft_kind in ("lora", "adapter"):
+            return saved_modules.unwrap(lora.unload_lora(adp.unload_adapters(model), merge=False))
         return saved_modules.unwrap(model)
 
     # -- counting --------------------------------------------------------------------------------
@@ -395,13 +489,33 @@ class PeftModel(LoraMethods, nn.Module):
             return prompt.forward(self, input_ids, attention_mask, inputs_embeds, labels, **kwargs)
         named = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels)
         kwargs.update({k: v for k, v in named.items() if v is not None})
+        args, kwargs = self._parallel_inputs(args, kwargs)
         with self._mixed_batch(adapter_names, args, kwargs):
             return self.get_base_model()(*args, **kwargs)
+
+    def _parallel_inputs(self, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        """Under an active ``Parallel`` block: every input with the batch's rows repeated once per adapter
+        (``[x; x; ...]``), so adapter ``i`` gets rows ``i·B ... (i+1)·B - 1`` (see fastpeft.peft.composition)."""
+        block = self._composition
+        if not isinstance(block, Parallel) or self._disabled:
+            return args, kwargs
+        first = _batch_input(args, kwargs)
+        if first is None:
+            raise ValueError("Parallel: found no batch input (input_ids or inputs_embeds) to repeat per adapter")
+        rows, n = first.shape[0], len(block.children)
+
+        def rep(v: Any) -> Any:
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == rows:
+                return v.repeat(n, *([1] * (v.dim() - 1)))
+            return v
+
+        return tuple(rep(a) for a in args), {k: rep(v) for k, v in kwargs.items()}
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The model's ``generate``, with the prompt / prefix in place for prompt learning."""
         if self._peft_kind == "prompt" and not self._disabled:
             return prompt.generate(self, *args, **kwargs)
+        args, kwargs = self._parallel_inputs(args, kwargs)
         with self._mixed_batch(adapter_names, args, kwargs, generating=True):
             return self.get_base_model().generate(*args, **kwargs)
 
@@ -412,9 +526,17 @@ class PeftModel(LoraMethods, nn.Module):
     ) -> dict[str, torch.Tensor]:
         config = self.peft_config[adapter_name]
         model = self.get_base_model()
-        if self._peft_kind == "lora":
+        kind = _kind(config)
+        if kind == "lora":
             params = lora.lora_file_params(model, config, adapter_name)
-        elif self._peft_kind == "adapter":
+            wrapped = adp.wrapper_paths(model)
+            if wrapped:  # LoRA layers inside bottleneck adapter wrappers: the keys they have without them
+                n = len(adp.PREFIX)
+                params = {
+                    adp.PREFIX + adp.logical_path(model, k[n:], wrapped) if k.startswith(adp.PREFIX) else k: t
+                    for k, t in params.items()
+                }
+        elif kind == "adapter":
             params = adp.adapter_file_params(model, adapter_name)
             params.update(saved_modules.params(model, adapter_name, prefix=adp.PREFIX))
         else:

@@ -26,6 +26,8 @@ from fastpeft.nn.lora_layers import LoraConv, LoraEmbedding
 from fastpeft.nn.lora_mha import LoraMultiheadAttention
 from fastpeft.nn.lora_param import LoraParameter
 from fastpeft.peft import lora
+from fastpeft.peft.adapters import AdapterWrapper
+from fastpeft.peft.composition import Parallel
 from fastpeft.peft.lora import ModulesToSaveWrapper
 from fastpeft.peft.tokens import TrainableTokensWrapper
 
@@ -38,7 +40,7 @@ class LoraMethods:
     """Mixed into ``PeftModel``; every method requires LoRA adapters."""
 
     def _require_lora(self, what: str) -> None:
-        if self._peft_kind != "lora":
+        if not self._names_of("lora"):
             raise ValueError(f"{what} applies to LoRA adapters; these are {self._peft_kind} adapters")
 
     def _lora_layers(self) -> list[tuple[str, LoraLayerBase]]:
@@ -104,11 +106,15 @@ class LoraMethods:
     def _mixed_batch(
         self, adapter_names: list[str] | None, args: tuple, kwargs: dict[str, Any], generating: bool = False
     ) -> Iterator[None]:
-        """While the model runs, give every LoRA layer and wrapper ``adapter_names`` (one per sample)."""
+        """While the model runs, give every LoRA layer and wrapper ``adapter_names`` (one per sample); bottleneck
+        adapter wrappers run each row through its adapter too."""
         if adapter_names is None:
             yield
             return
-        self._require_lora("adapter_names")
+        if self._peft_kind == "prompt":
+            raise ValueError("adapter_names (mixed-adapter batches) works with LoRA and bottleneck adapters only")
+        if self._composition is not None and isinstance(self._composition, Parallel):
+            raise ValueError("adapter_names cannot be combined with an active Parallel block: activate one adapter")
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
             # a str would be read as one adapter name per character ("default": seven one-letter names)
             raise TypeError(
@@ -162,7 +168,7 @@ class LoraMethods:
                 per = held[key]
             return hook_args, {**hook_kwargs, "adapter_names": per}
 
-        kinds = (LoraLayerBase, ModulesToSaveWrapper, TrainableTokensWrapper)
+        kinds = (LoraLayerBase, ModulesToSaveWrapper, TrainableTokensWrapper, AdapterWrapper)
         handles = [
             m.register_forward_pre_hook(hook, with_kwargs=True)
             for m in self.get_base_model().modules()
@@ -205,6 +211,13 @@ class LoraMethods:
             ValueError: unknown or existing names, mismatched ranks for ``"linear"``, adapters that share a
                 ``modules_to_save`` module or use ``target_parameters`` or DoRA, an unsupported combination.
         """
+        bottleneck = [a for a in adapters if a in self.peft_config and a in self._names_of("adapter")]
+        if bottleneck:
+            raise ValueError(
+                f"add_weighted_adapter combines LoRA adapters into a new one; bottleneck adapters {bottleneck} cannot "
+                "be merged into one adapter (their activation is not linear): run their weighted average with "
+                "set_active_adapters(Average(*adapters, weights=weights)) from fastpeft.peft.composition"
+            )
         self._require_lora("add_weighted_adapter")
         if combination_type not in _COMBINATIONS:
             raise ValueError(
