@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastpeft.nn.adapter import BottleneckAdapter
+from fastpeft.nn.adapter import AdapterFusion, BottleneckAdapter
 from fastpeft.nn.lora import LoraLinear
 from fastpeft.nn.lora_layers import LoraConv, LoraEmbedding
 from fastpeft.nn.lora_mha import LoraMultiheadAttention
@@ -10,6 +10,7 @@ from fastpeft.nn.lora_param import LoraParameter
 from fastpeft.nn.nf4_linear import NF4Linear
 
 __all__ = [
+    "AdapterFusion",
     "BottleneckAdapter",
     "LoraConv",
     "LoraEmbedding",

@@ -15,7 +15,7 @@ from torch import nn
 from fastpeft.nn.checks import check_input, is_finite_number
 from fastpeft.ops.adapter import ACTIVATION_ALIASES, bottleneck_adapter, canonical_activation
 
-__all__ = ["BottleneckAdapter"]
+__all__ = ["AdapterFusion", "BottleneckAdapter"]
 
 
 class BottleneckAdapter(nn.Module):
@@ -89,8 +89,60 @@ class BottleneckAdapter(nn.Module):
             residual,
         )
 
+    def delta(self, h: torch.Tensor) -> torch.Tensor:
+        """``s·up(act(down(h)))`` alone (what ``AdapterFusion`` attends over)."""
+        return self(h, residual=torch.zeros_like(h))
+
     def extra_repr(self) -> str:
         return (
             f"hidden_size={self.hidden_size}, bottleneck_size={self.bottleneck_size}, "
             f"non_linearity={self.non_linearity!r}, scaling={self.scaling}"
         )
+
+
+class AdapterFusion(nn.Module):
+    """AdapterFusion (Pfeiffer et al., 2021): attention over several adapters' outputs at one layer.
+
+    With the layer's adapter input ``h`` ``[..., H]`` as the query and the adapters' deltas ``δ₁ … δₙ``
+    (``δᵢ = Aᵢ(h) - residual``) as keys and values::
+
+        q = query(h),  kᵢ = key(δᵢ),  vᵢ = value(δᵢ),  pᵢ = softmax over i of (q·kᵢ),  out = Σ pᵢ·vᵢ
+
+    ``query`` and ``key`` start as ``N(0, 0.02)`` weights with zero biases, ``value`` as the identity, so a new
+    fusion returns a softmax-weighted mix of the deltas. Weights are cast to h's dtype in the forward, like
+    ``BottleneckAdapter``'s.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        if not isinstance(hidden_size, int) or hidden_size < 1:
+            raise ValueError(f"hidden_size must be a positive int, got {hidden_size!r}")
+        self.hidden_size = hidden_size
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for lin in (self.query, self.key):
+            nn.init.normal_(lin.weight, std=0.02)
+            nn.init.zeros_(lin.bias)
+        with torch.no_grad():
+            self.value.weight.copy_(torch.eye(self.hidden_size))
+        nn.init.zeros_(self.value.bias)
+
+    def forward(self, h: torch.Tensor, deltas: list[torch.Tensor]) -> torch.Tensor:
+        """``Σ pᵢ·value(δᵢ)`` ``[..., H]`` for query input ``h`` and deltas ``δᵢ`` (each shaped like h)."""
+        dt = h.dtype
+
+        def lin(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.linear(x, layer.weight.to(dt), layer.bias.to(dt))
+
+        d = torch.stack(deltas, dim=-2)  # [..., n, H]
+        q = lin(self.query, h).unsqueeze(-1)  # [..., H, 1]
+        scores = (lin(self.key, d) @ q).squeeze(-1)  # [..., n]
+        probs = torch.softmax(scores.float(), dim=-1).to(dt)
+        return (probs.unsqueeze(-2) @ lin(self.value, d)).squeeze(-2)
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}"

@@ -41,14 +41,26 @@ import torch
 from torch import nn
 
 from fastpeft import nn as fnn
-from fastpeft.peft.composition import AdapterComposition, Average, BatchSplit, Parallel, Stack, flatten
+from fastpeft.peft.composition import (
+    AdapterComposition,
+    Average,
+    BatchSplit,
+    Fuse,
+    Parallel,
+    Stack,
+    fusions,
+    trained_names,
+)
 from fastpeft.peft.config import AdapterConfig
 from fastpeft.peft.sizes import check_fits
 
 __all__ = [
     "AdapterWrapper",
     "adapter_file_params",
+    "add_fusion",
     "delete_adapter",
+    "delete_fusion",
+    "fusion_file_params",
     "inject_adapters",
     "logical_path",
     "wrapper_paths",
@@ -87,7 +99,8 @@ class AdapterWrapper(nn.Module):
         self.base_layer = base_layer
         self.mode = mode
         self.bottleneck = nn.ModuleDict()
-        self.active_adapter: str | None = None
+        self.fusion = nn.ModuleDict()  # AdapterFusion layers by Fuse.name ("a,b")
+        self.active_adapter: str | AdapterComposition | None = None
         self.disable_adapters = False
 
     def forward(self, x: torch.Tensor, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
@@ -147,6 +160,12 @@ class AdapterWrapper(nn.Module):
             for child in setup.children[1:]:
                 y = self._compose(child, y, y)
             return y
+        if isinstance(setup, Fuse):
+            present = [n for n in setup.children if n in self.bottleneck]
+            if not present or setup.name not in self.fusion:
+                return r
+            deltas = [self.bottleneck[n].delta(h) for n in present]
+            return r + self.fusion[setup.name](h, deltas)
         if isinstance(setup, Average):
             y = r
             for child, w in zip(setup.children, setup.weights, strict=True):
@@ -301,13 +320,50 @@ def set_active_setup(
     if freeze:
         for p in model.parameters():
             p.requires_grad_(False)
-    names = [] if setup is None else flatten(setup)
+    names = trained_names(setup)  # a Fuse's adapters stay frozen: its fusion layer trains
+    fused = [f.name for f in fusions(setup)]
     for _, wrapper in _wrappers(model):
         wrapper.active_adapter = setup
         if trainable:
             for name in names:
                 if name in wrapper.bottleneck:
                     wrapper.bottleneck[name].requires_grad_(True)
+            for name in fused:
+                if name in wrapper.fusion:
+                    wrapper.fusion[name].requires_grad_(True)
+
+
+def add_fusion(model: nn.Module, fuse: Fuse) -> int:
+    """Give every wrapper holding one of ``fuse``'s adapters a fresh ``AdapterFusion`` named ``fuse.name``;
+    returns how many got one."""
+    hidden = _hidden_size(model)
+    count = 0
+    for _, wrapper in _wrappers(model):
+        members = [wrapper.bottleneck[n] for n in fuse.children if n in wrapper.bottleneck]
+        if not members:
+            continue
+        device = members[0].down.weight.device
+        wrapper.fusion[fuse.name] = fnn.AdapterFusion(hidden).to(device).train(wrapper.training).requires_grad_(False)
+        count += 1
+    return count
+
+
+def fusion_file_params(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """File key -> live tensor of fusion ``name``: ``base_model.model.<P>.fusion.{query,key,value}.{weight,bias}``
+    for a wrapper at ``P`` (the fusion's name is not in the key, as an adapter's is not)."""
+    out = {}
+    for path, wrapper in _wrappers(model):
+        if name in wrapper.fusion:
+            for k, t in wrapper.fusion[name].state_dict(keep_vars=True).items():
+                out[f"{PREFIX}{path}.fusion.{k}"] = t
+    return out
+
+
+def delete_fusion(model: nn.Module, name: str) -> None:
+    """Remove fusion ``name`` from every wrapper."""
+    for _, wrapper in _wrappers(model):
+        if name in wrapper.fusion:
+            del wrapper.fusion[name]
 
 
 def wrapper_paths(model: nn.Module) -> set[str]:

@@ -19,11 +19,18 @@ model run the block instead of one adapter. In one wrapper, with ``h`` the adapt
   the ``B`` inputs at rows ``i·B ... (i+1)·B - 1``. AdapterHub repeats the hidden states at the first adapter
   layer instead; before that layer every copy is the same, so the outputs agree. Parallel must be the outermost
   block.
-- ``Fuse(a, b, ...)``: AdapterFusion; not implemented (activating it raises ``ValueError``).
+- ``Fuse(a, b, ...)``: AdapterFusion, ``r + Σ pᵢ·value(δᵢ)`` with ``δᵢ = Aᵢ(h, r) - r`` and
+  ``p = softmax(query(h)·key(δᵢ))`` (``fastpeft.nn.AdapterFusion``: trainable query, key and value per wrapped
+  layer). A fusion is added first (``peft_model.add_adapter_fusion(Fuse("a", "b"))``), saved and loaded on its own
+  (``save_adapter_fusion`` / ``load_adapter_fusion``, fastpeft's file layout). While a ``Fuse`` is active its
+  fusion layers train and its adapters stay frozen (AdapterHub's ``train_adapter_fusion``). AdapterHub's fusion
+  options (``static``, temperature, residual before, value regularization) are not there: fastpeft's fusion is
+  the ``dynamic`` one with ``value`` starting at the identity.
 
 Nesting: ``Stack``, ``Average`` and ``BatchSplit`` take names or each other (``Stack("lang", Average("t1",
-"t2"))``), and ``Parallel`` takes names or those; a wrapper that does not hold one of the named adapters (other
-``target_layers``) leaves that adapter out: it passes its input through. Every adapter in the block trains.
+"t2"))``), ``Stack`` also ``Fuse`` (``Stack("lang", Fuse("t1", "t2"))``), ``Parallel`` takes names or the first
+three, ``Fuse`` names only; a wrapper that does not hold one of the named adapters (other ``target_layers``) leaves
+that adapter out: it passes its input through. Every adapter in the block trains, but those inside a ``Fuse``.
 
 The blocks are data only: ``fastpeft.peft.adapters.AdapterWrapper`` runs them, calling the per-adapter op once per
 adapter (the single-adapter path is unchanged).
@@ -36,7 +43,18 @@ from typing import Any
 
 from fastpeft.nn.checks import is_finite_number
 
-__all__ = ["AdapterComposition", "Average", "BatchSplit", "Fuse", "Parallel", "Stack", "flatten", "parse_setup"]
+__all__ = [
+    "AdapterComposition",
+    "Average",
+    "BatchSplit",
+    "Fuse",
+    "Parallel",
+    "Stack",
+    "flatten",
+    "fusions",
+    "parse_setup",
+    "trained_names",
+]
 
 
 class AdapterComposition:
@@ -97,7 +115,12 @@ class Parallel(AdapterComposition):
 
 
 class Fuse(AdapterComposition):
-    """AdapterFusion (attention over the adapters' outputs): not implemented in fastpeft."""
+    """AdapterFusion: attention over the adapters' deltas with trainable query, key and value (module doc)."""
+
+    @property
+    def name(self) -> str:
+        """The fusion's name, its adapters joined by commas (AdapterHub's): ``Fuse("a", "b").name == "a,b"``."""
+        return ",".join(self.flatten())
 
 
 class Average(AdapterComposition):
@@ -167,7 +190,7 @@ class BatchSplit(AdapterComposition):
 
 # which blocks each block may hold (besides adapter names)
 _NESTING: dict[type, tuple[type, ...]] = {
-    Stack: (Stack, Average, BatchSplit),
+    Stack: (Stack, Average, BatchSplit, Fuse),
     Average: (Stack, Average, BatchSplit),
     BatchSplit: (Stack, Average, BatchSplit),
     Parallel: (Stack, Average, BatchSplit),
@@ -180,12 +203,34 @@ def flatten(setup: str | AdapterComposition) -> list[str]:
     return [setup] if isinstance(setup, str) else setup.flatten()
 
 
-def parse_setup(setup: Any, known: Sequence[str]) -> str | AdapterComposition:
-    """Check a setup (a name or a block) against the bottleneck adapters ``known``.
+def fusions(setup: str | AdapterComposition | None) -> list[Fuse]:
+    """The ``Fuse`` blocks in a setup."""
+    if not isinstance(setup, AdapterComposition):
+        return []
+    if isinstance(setup, Fuse):
+        return [setup]
+    return [f for c in setup.children for f in fusions(c)]
+
+
+def trained_names(setup: str | AdapterComposition | None) -> list[str]:
+    """The adapters a setup trains: all it names but those inside a ``Fuse`` (its fusion layer trains instead)."""
+    if setup is None:
+        return []
+    if isinstance(setup, str):
+        return [setup]
+    if isinstance(setup, Fuse):
+        return []
+    return list(dict.fromkeys(n for c in setup.children for n in trained_names(c)))
+
+
+def parse_setup(setup: Any, known: Sequence[str], known_fusions: Sequence[str] = ()) -> str | AdapterComposition:
+    """Check a setup (a name or a block) against the bottleneck adapters ``known`` and the fusions added
+    (``known_fusions``, by ``Fuse.name``).
 
     Raises:
-        ValueError: an unknown adapter name, ``Fuse``, a block nested where it is not supported (``Parallel``
-            anywhere but outermost), or a value that is neither a name nor a block.
+        ValueError: an unknown adapter name, a ``Fuse`` not added, a block nested where it is not supported
+            (``Parallel`` anywhere but outermost, a block inside ``Fuse``), or a value that is neither a name nor a
+            block.
     """
     if isinstance(setup, str):
         if setup not in known:
@@ -193,15 +238,18 @@ def parse_setup(setup: Any, known: Sequence[str]) -> str | AdapterComposition:
         return setup
     if not isinstance(setup, AdapterComposition):
         raise ValueError(f"adapter setup must be an adapter name or a composition block, got {type(setup).__name__}")
-    _check_block(setup, known)
+    _check_block(setup, known, known_fusions)
     return setup
 
 
-def _check_block(block: AdapterComposition, known: Sequence[str]) -> None:
-    if isinstance(block, Fuse):
-        raise ValueError(
-            "Fuse (AdapterFusion) is not supported by fastpeft; Stack, Parallel, Average and BatchSplit are"
-        )
+def _check_block(block: AdapterComposition, known: Sequence[str], known_fusions: Sequence[str]) -> None:
+    if isinstance(block, Fuse) and all(isinstance(c, str) for c in block.children):
+        unknown = [c for c in block.children if c not in known]
+        if not unknown and block.name not in known_fusions:
+            raise ValueError(
+                f"Fuse: no fusion {block.name!r} was added: call add_adapter_fusion(Fuse({block.name!r}...)) or "
+                f"load_adapter_fusion first (have {sorted(known_fusions)})"
+            )
     for child in block.children:
         if isinstance(child, str):
             if child not in known:
@@ -213,4 +261,4 @@ def _check_block(block: AdapterComposition, known: Sequence[str]) -> None:
                 f"{type(block).__name__}: cannot nest {type(child).__name__} inside it (supported blocks inside: "
                 f"{allowed}; Parallel only outermost)"
             )
-        _check_block(child, known)
+        _check_block(child, known, known_fusions)

@@ -392,8 +392,8 @@ def _find_targets(model: nn.Module, config: LoraConfig, strict: bool = True) -> 
     for name, module in list(_walk(model)):
         if not name or isinstance(module, (ModulesToSaveWrapper, adapters.AdapterWrapper)):
             continue
-        if wrapped and any(name == f"{w}.bottleneck" or name.startswith(f"{w}.bottleneck.") for w in wrapped):
-            continue  # the bottleneck adapters' own linear layers
+        if wrapped and any(name.startswith((f"{w}.bottleneck", f"{w}.fusion")) for w in wrapped):
+            continue  # the bottleneck adapters' and fusions' own linear layers
         real, name = name, adapters.logical_path(model, name, wrapped)
         if all_linear:
             # Heads trained in full (modules_to_save, SEQ_CLS classifiers) are not LoRA targets either.

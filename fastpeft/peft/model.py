@@ -24,7 +24,15 @@ from fastpeft.nn.checks import check_adapter_name
 from fastpeft.peft import adapters as adp
 from fastpeft.peft import interop, lora, prompt, saved_modules
 from fastpeft.peft.card import card_text, write_card_text
-from fastpeft.peft.composition import AdapterComposition, Parallel, flatten, parse_setup
+from fastpeft.peft.composition import (
+    AdapterComposition,
+    Fuse,
+    Parallel,
+    flatten,
+    fusions,
+    parse_setup,
+    trained_names,
+)
 from fastpeft.peft.config import (
     AdapterConfig,
     LoraConfig,
@@ -106,6 +114,7 @@ class PeftModel(LoraMethods, nn.Module):
             self.base_model = TunerModel(model, self)
         self._active_adapters = [adapter_name]
         self._composition: AdapterComposition | None = None  # the active block of bottleneck adapters, if any
+        self._fusions: dict[str, Fuse] = {}  # AdapterFusion layers added, by Fuse.name
         self._disabled = False
         self.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
         self.set_adapter(adapter_name)
@@ -279,7 +288,7 @@ class PeftModel(LoraMethods, nn.Module):
         setups: list[str | AdapterComposition] = []
         for item in items:
             if isinstance(item, AdapterComposition):
-                setups.append(parse_setup(item, bottleneck))
+                setups.append(parse_setup(item, bottleneck, list(self._fusions)))
             elif not isinstance(item, str) or item not in self.peft_config:
                 raise ValueError(f"Adapter {item} does not exist (have {sorted(self.peft_config)})")
             elif _kind(self.peft_config[item]) == "lora":
@@ -296,7 +305,9 @@ class PeftModel(LoraMethods, nn.Module):
             )
         setup = setups[0] if setups else None
         names = lora_names + flatten(setup) if setup is not None else lora_names
-        trainable = not inference_mode and not any(self.peft_config[n].inference_mode for n in names)
+        # a Fuse's adapters may have been loaded for inference: only the fusion layer trains then
+        trained = lora_names + trained_names(setup)
+        trainable = not inference_mode and not any(self.peft_config[n].inference_mode for n in trained)
         model = self.get_base_model()
         if self._peft_kind == "prompt":
             for p in model.parameters():
@@ -367,6 +378,9 @@ class PeftModel(LoraMethods, nn.Module):
             del self.prompt_encoder[adapter_name]
             lora.delete_lora_adapter(model, adapter_name)  # its modules_to_save copies (SEQ_CLS heads)
         del self.peft_config[adapter_name]
+        for fuse in list(self._fusions.values()):
+            if adapter_name in fuse.children:
+                self.delete_adapter_fusion(fuse)
         block = self._composition
         if block is not None and adapter_name in block.flatten():
             # a block that loses an adapter means something else: its first remaining adapter stays active
@@ -548,6 +562,110 @@ class PeftModel(LoraMethods, nn.Module):
         # table after its MLP, have none and stay as computed)
         names = {id(t): k for k, t in self.state_dict(keep_vars=True).items()}
         return {key: state_dict.get(names.get(id(t), ""), t) for key, t in params.items()}
+
+    # -- AdapterFusion ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _fuse_block(adapter_names: Fuse | list[str] | tuple[str, ...] | str) -> Fuse:
+        if isinstance(adapter_names, str):
+            adapter_names = adapter_names.split(",")  # AdapterHub's fusion name, "a,b"
+        return adapter_names if isinstance(adapter_names, Fuse) else Fuse(*adapter_names)
+
+    def _fuse(self, adapter_names: Fuse | list[str] | tuple[str, ...] | str) -> Fuse:
+        fuse = self._fuse_block(adapter_names)
+        if not all(isinstance(c, str) for c in fuse.children):
+            raise ValueError(f"adapter_names: a fusion takes adapter names only, got {fuse!r}")
+        bottleneck = self._names_of("adapter")
+        unknown = [n for n in fuse.children if n not in bottleneck]
+        if unknown:
+            raise ValueError(f"adapter_names: no bottleneck adapter(s) {unknown} (have {sorted(bottleneck)})")
+        return fuse
+
+    def add_adapter_fusion(self, adapter_names: Fuse | list[str] | str, set_active: bool = False) -> None:
+        """Add an AdapterFusion layer over ``adapter_names`` (a ``Fuse`` block or the names) in every wrapped layer
+        holding one of them (AdapterHub's method); activate it with ``set_active_adapters(Fuse(...))``, which
+        trains the fusion and freezes its adapters (see fastpeft.peft.composition).
+
+        Raises:
+            ValueError: a name that is not a bottleneck adapter, or a fusion of these adapters already added.
+        """
+        fuse = self._fuse(adapter_names)
+        if fuse.name in self._fusions:
+            raise ValueError(f"adapter_names: fusion {fuse.name!r} already exists")
+        adp.add_fusion(self.get_base_model(), fuse)
+        self._fusions[fuse.name] = fuse
+        if set_active:
+            self.set_adapter(fuse)
+        else:
+            self.set_adapter(self._active_setup())  # the new layers stay frozen unless active
+
+    def delete_adapter_fusion(self, adapter_names: Fuse | list[str] | str) -> None:
+        """Remove a fusion (an active block using it is dropped: its first adapter stays active)."""
+        fuse = self._fuse_block(adapter_names)
+        if fuse.name not in self._fusions:
+            raise ValueError(f"adapter_names: no fusion {fuse.name!r} (have {sorted(self._fusions)})")
+        adp.delete_fusion(self.get_base_model(), fuse.name)
+        del self._fusions[fuse.name]
+        block = self._composition
+        if block is not None and any(f.name == fuse.name for f in fusions(block)):
+            self._composition = None
+            kept = [n for n in block.flatten() if n in self.peft_config][:1]
+            self._active_adapters = [a for a in self._active_adapters if a not in block.flatten()] + kept
+            if self._active_adapters:
+                self.set_adapter(self._active_adapters)
+
+    def save_adapter_fusion(self, save_directory: str | os.PathLike, adapter_names: Fuse | list[str] | str) -> None:
+        """Write a fusion's layers to ``save_directory``: ``adapter_config.json`` (``peft_type``
+        ``"BOTTLENECK_ADAPTER_FUSION"``, its ``adapters``) and ``adapter_model.safetensors`` with keys
+        ``base_model.model.<P>.fusion.{query,key,value}.{weight,bias}`` (fastpeft's layout; the adapters themselves
+        are saved with ``save_pretrained``)."""
+        fuse = self._fuse(adapter_names)
+        if fuse.name not in self._fusions:
+            raise ValueError(f"adapter_names: no fusion {fuse.name!r} (have {sorted(self._fusions)})")
+        config = {"peft_type": "BOTTLENECK_ADAPTER_FUSION", "adapters": list(fuse.children), "fusion": "dynamic"}
+        write_adapter_dir(save_directory, config, adp.fusion_file_params(self.get_base_model(), fuse.name))
+
+    def load_adapter_fusion(
+        self, model_id: str | os.PathLike, set_active: bool = False, allow_non_finite: bool = False
+    ) -> Fuse:
+        """Load a fusion written by ``save_adapter_fusion`` over adapters this model has (added or loaded first);
+        a fusion that exists gets the file's values. Returns its ``Fuse`` block.
+
+        Raises:
+            FileNotFoundError: a file is missing.
+            ValueError: not a fusion directory, adapters the model lacks, or tensors that do not fit (named).
+        """
+        directory = Path(model_id)
+        cfg, tensors = read_adapter_dir(directory)
+        cfg_path = directory / CONFIG_NAME
+        names = cfg.get("adapters")
+        if cfg.get("peft_type") != "BOTTLENECK_ADAPTER_FUSION" or not isinstance(names, list) or not names:
+            raise ValueError(f"{cfg_path}: not an adapter fusion (peft_type {cfg.get('peft_type')!r})")
+        if cfg.get("fusion", "dynamic") != "dynamic":
+            raise ValueError(f"{cfg_path}: fusion {cfg.get('fusion')!r} is not supported (fastpeft's is 'dynamic')")
+        try:
+            fuse = self._fuse([str(n) for n in names])
+        except ValueError as e:
+            raise ValueError(f"{cfg_path}: {e}") from None
+        fresh = fuse.name not in self._fusions
+        if fresh:
+            self.add_adapter_fusion(fuse)
+        params = adp.fusion_file_params(self.get_base_model(), fuse.name)
+        try:
+            check_state_dict(directory / WEIGHTS_NAME, tensors, {k: t.shape for k, t in params.items()})
+            check_tensor_values(
+                directory / WEIGHTS_NAME, tensors, params, _compute_dtype(self.get_base_model()), allow_non_finite
+            )
+        except Exception:
+            if fresh:
+                self.delete_adapter_fusion(fuse)
+            raise
+        with torch.no_grad():
+            for key, t in params.items():
+                t.copy_(tensors[key].to(device=t.device, dtype=t.dtype))
+        if set_active:
+            self.set_adapter(fuse)
+        return fuse
 
     def save_pretrained(
         self,

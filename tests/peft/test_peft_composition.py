@@ -230,7 +230,7 @@ def test_bad_input_raises_naming_the_argument():
         pm.set_adapter(["nope"])
     with pytest.raises(ValueError, match="cannot nest Parallel"):
         pm.set_active_adapters(Stack("a", Parallel("b", "c")))
-    with pytest.raises(ValueError, match="Fuse .*not supported"):
+    with pytest.raises(ValueError, match="no fusion 'a,b' was added: call add_adapter_fusion"):
         pm.set_active_adapters(Fuse("a", "b"))
     with pytest.raises(ValueError, match="composition block"):
         pm.set_adapter(["a", "b"])
@@ -261,6 +261,93 @@ def test_bad_input_raises_naming_the_argument():
     with pytest.raises(ValueError, match="not a multiple of 2"):  # run past PeftModel, nothing repeated the batch
         pm.get_base_model().model.layers[0].mlp(torch.randn(3, 4, 32))
     assert pm.active_adapters == ["a", "b"]
+
+
+# -- Fuse (AdapterFusion) ---------------------------------------------------------------------------------------------
+
+
+def fuse(*names):
+    """AdapterFusion by hand: softmax over the adapters of query(h)·key(δᵢ), weighting value(δᵢ)."""
+
+    def fn(w, h, r):
+        f = w.fusion[",".join(names)]
+        d = torch.stack([delta(w.bottleneck[n], h) for n in names], dim=-2)
+        q = h @ f.query.weight.T + f.query.bias
+        k = d @ f.key.weight.T + f.key.bias
+        v = d @ f.value.weight.T + f.value.bias
+        p = torch.softmax((k * q.unsqueeze(-2)).sum(-1), dim=-1)
+        return r + (p.unsqueeze(-1) * v).sum(-2)
+
+    return fn
+
+
+@pytest.mark.parametrize(("arch", "placement"), [("llama", "pfeiffer"), ("gpt2", "houlsby"), ("bert", "parallel")])
+def test_fuse_equals_attention_over_the_adapters(arch, placement):
+    pm, plain = three_adapters(arch, placement)
+    inputs = batch(3, 6, seed=4)
+    pm.add_adapter_fusion(Fuse("a", "b", "c"))
+    pm.add_adapter_fusion(["b", "c"])
+    fresh = [m for m in pm.modules() if type(m).__name__ == "AdapterFusion"]
+    assert fresh and all(torch.equal(m.value.weight, torch.eye(32)) for m in fresh)
+    randomize(pm, ("fusion",), seed=14)
+    for setup, fn in [
+        (Fuse("a", "b", "c"), fuse("a", "b", "c")),
+        (Stack("a", Fuse("b", "c")), stack_then(stack("a"), fuse("b", "c"))),
+    ]:
+        pm.set_active_adapters(setup)
+        got, want = logits(pm, inputs), hooked_logits(plain, pm, fn, inputs)
+        assert max_diff(got, want) < TOL, f"{arch}/{placement} {setup}: off by {max_diff(got, want):.3e}"
+
+
+def stack_then(first, second):
+    def fn(w, h, r):
+        y = first(w, h, r)
+        return second(w, y, y)
+
+    return fn
+
+
+def test_fuse_trains_its_fusion_only_and_saves_apart(tmp_path):
+    pm, plain = three_adapters("qwen2")
+    pm.save_pretrained(tmp_path / "adapters")
+    # AdapterHub's workflow: adapters trained before, loaded frozen, then a fusion trained over them
+    again = PeftModel.from_pretrained(twin(plain), tmp_path / "adapters" / "a", adapter_name="a")
+    for name in ("b", "c"):
+        again.load_adapter(tmp_path / "adapters" / name, name)
+    again.add_adapter_fusion(Fuse("a", "b", "c"), set_active=True)
+    again.train()
+    trainable = trainable_names(again)
+    assert trainable and all(".fusion.a,b,c." in n for n in trainable), sorted(trainable)[:3]
+    inputs = batch(2, 6, seed=15)
+    again(**inputs, labels=inputs["input_ids"]).loss.backward()
+    for path, w in again.get_base_model().named_modules():
+        if isinstance(w, AdapterWrapper):
+            f = w.fusion["a,b,c"]
+            for p in (f.query.weight, f.key.weight, f.value.weight):
+                assert p.grad is not None and p.grad.abs().sum() > 0, path
+            assert all(w.bottleneck[n].up.weight.grad is None for n in "abc")
+    again.eval()
+    want = logits(again, inputs)
+    again.save_adapter_fusion(tmp_path / "fusion", Fuse("a", "b", "c"))
+    keys = load_file(str(tmp_path / "fusion" / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.mlp.fusion.query.weight" in keys and len(keys) == 2 * 6
+    third = PeftModel.from_pretrained(twin(plain), tmp_path / "adapters" / "a", adapter_name="a")
+    for name in ("b", "c"):
+        third.load_adapter(tmp_path / "adapters" / name, name)
+    fused = third.load_adapter_fusion(tmp_path / "fusion", set_active=True)
+    assert fused == Fuse("a", "b", "c") and third.active_composition == fused
+    assert max_diff(logits(third, inputs), want) == 0.0
+    with pytest.raises(ValueError, match="not an adapter fusion"):
+        third.load_adapter_fusion(tmp_path / "adapters" / "b")
+    with pytest.raises(ValueError, match="already exists"):
+        third.add_adapter_fusion(Fuse("a", "b", "c"))
+    with pytest.raises(ValueError, match=r"adapter_names: no bottleneck adapter\(s\) \['x'\]"):
+        third.add_adapter_fusion(["a", "x"])
+    with pytest.raises(ValueError, match="cannot nest Stack"):
+        third.set_adapter(Fuse("a", Stack("b", "c")))
+    third.delete_adapter("b")  # its fusions go with it
+    assert not any(len(w.fusion) for w in third.modules() if isinstance(w, AdapterWrapper))
+    assert third.active_composition is None and third.active_adapters == ["a"]
 
 
 # -- LoRA beside a bottleneck adapter ---------------------------------------------------------------------------------
