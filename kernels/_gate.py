@@ -13,16 +13,20 @@ of the binary that runs. A case without ``args`` compiles the bare signature (no
 **Read.** ``cuobjdump`` (in the triton wheel) gives registers, ``STACK`` / ``LOCAL`` bytes, shared memory and
 the SASS. Register spills show as ``STACK`` bytes and ``LDL`` / ``STL`` instructions; any of those, or
 ``LOCAL`` bytes, fails the gate, as does shared memory over the arch's limit or a tensor-core kernel
-without ``HMMA`` (sm_80) / ``HGMMA`` (sm_90a). For a case with a cost-model ``path``, kernels/_sass.py finds
-the main loop and estimates thread-instructions per weight and the H100 bounds (formula and assumptions
-there). Those figures are estimates from static instruction counts, and every record says so.
+without ``HMMA`` (sm_80) / ``HGMMA`` (sm_90a). So does ptxas serializing a kernel's wgmma, which its ``-v`` log
+says as ``(C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to ...`` (or
+another reason's code): every wgmma then waits for the one before it, one product in flight at a time. Triton
+runs ptxas with ``-v`` and prints that log under ``knobs.nvidia.dump_ptxas_log``; the build captures it. For a
+case with a cost-model ``path``, kernels/_sass.py finds the main loop and estimates thread-instructions per
+weight and the H100 bounds (formula and assumptions there). Those figures are estimates from static
+instruction counts, and every record says so.
 
-**Cache and parallelism.** Cubins and cuobjdump's output are cached (gzip) under ``$FASTPEFT_GATE_CACHE`` (default
-``~/.cache/fastpeft/gate``), keyed by a hash of the kernel's Triton ``cache_key`` (its source, callees and
-globals), the signature, constexprs, attributes, options, arch, ptxas and Triton versions; reports are
-recomputed from the cached text each run, so a change to the analysis never serves a stale report. Cases
-compile in ``os.cpu_count()`` child processes without ``TRITON_INTERPRET`` (interpreted functions cannot be
-compiled).
+**Cache and parallelism.** Cubins, cuobjdump's output and the ptxas log are cached (gzip) under
+``$FASTPEFT_GATE_CACHE`` (default ``~/.cache/fastpeft/gate``), keyed by a hash of the kernel's Triton
+``cache_key`` (its source, callees and globals), the signature, constexprs, attributes, options, arch, ptxas and
+Triton versions and the artifacts' layout (``GATE_FORMAT``); reports are recomputed from the cached text each
+run, so a change to the analysis never serves a stale report. Cases compile in ``os.cpu_count()`` child
+processes without ``TRITON_INTERPRET`` (interpreted functions cannot be compiled).
 
 Each kernel module exposes ``compile_gate_cases() -> list[GateCase]`` listing every configuration its
 launchers can pick. Command line::
@@ -36,10 +40,12 @@ launchers can pick. Command line::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
 import importlib
+import io
 import json
 import os
 import re
@@ -64,8 +70,11 @@ KERNEL_MODULES = (
 ARCHS = (80, 90)
 MAX_SHARED_BYTES = {80: 166_912, 90: 232_448}
 """Shared memory one block may use: 163 KB on A100 (sm_80), 227 KB on H100 (sm_90)."""
-GATE_FORMAT = 3
-"""Version of the cached artifacts' layout; part of every cache key."""
+GATE_FORMAT = 4
+"""Version of the cached artifacts' layout; part of every cache key (4: the ptxas log is stored)."""
+_WGMMA_SERIALIZED = re.compile(
+    r"\((C\d+)\)\s*Potential Performance Loss:\s*wgmma\.mma_async instructions are serialized"
+)
 ESTIMATED_FIELDS = (
     "loop_instructions",
     "thread_instructions_per_weight",
@@ -132,6 +141,10 @@ class GateReport:
     """Dynamic shared memory the launcher requests (Triton's ``metadata.shared``)."""
     static_shared_bytes: int = -1
     mma: list[str] = field(default_factory=list)
+    wgmma_serialized: bool = False
+    """ptxas serialized the kernel's wgmma (C7515 and kin, from its ``-v`` log): one product in flight at a time."""
+    wgmma_serialization: list[str] = field(default_factory=list)
+    """ptxas' messages saying so, as it printed them (without the ``ptxas info :`` prefix)."""
     ctas_per_sm: int = 0
     warps_per_sm: int = 0
     occupancy_limit: str = ""
@@ -166,6 +179,9 @@ class GateReport:
             out.append(f"register spills: {self.stack_bytes} bytes of stack, {self.spill_instructions} LDL/STL")
         if self.local_bytes != 0:
             out.append(f"{self.local_bytes} bytes of local memory")
+        if self.wgmma_serialized:
+            codes = sorted({m.group(1) for m in map(_WGMMA_SERIALIZED.search, self.wgmma_serialization) if m})
+            out.append(f"wgmma serialized by ptxas ({', '.join(codes)}): {self.wgmma_serialization[0]}")
         limit = MAX_SHARED_BYTES.get(self.arch)
         if limit is not None and self.shared_bytes > limit:
             out.append(f"{self.shared_bytes} bytes of shared memory, over sm_{self.arch}'s {limit}")
@@ -333,8 +349,8 @@ def _tool(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-def _store(artifacts: Path, compiled, case: GateCase, arch: int) -> None:
-    """Write cubin, cuobjdump output and metadata into ``artifacts`` atomically (temp dir + rename)."""
+def _store(artifacts: Path, compiled, ptxas_log: str, case: GateCase, arch: int) -> None:
+    """Write cubin, cuobjdump output, ptxas log and metadata into ``artifacts`` atomically (temp dir + rename)."""
     artifacts.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=artifacts.parent))
     try:
@@ -348,6 +364,7 @@ def _store(artifacts: Path, compiled, case: GateCase, arch: int) -> None:
         if dump.returncode != 0:
             raise RuntimeError(f"cuobjdump failed: {dump.stderr.strip()[:300]}")
         (tmp / "kernel.sass.gz").write_bytes(gzip.compress(dump.stdout.encode(), compresslevel=6))
+        (tmp / "ptxas.log.gz").write_bytes(gzip.compress(ptxas_log.encode(), compresslevel=6))
         meta = {"kernel": compiled.metadata.name, "shared": int(compiled.metadata.shared), "case": case.name}
         (tmp / "meta.json").write_text(json.dumps({**meta, "arch": arch}))
         try:
@@ -372,6 +389,40 @@ def compile_fresh(src, options, arch: int):
         return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options.__dict__)
 
 
+def compile_logged(src, options, arch: int) -> tuple[Any, str]:
+    """``compile_fresh`` and the ``-v`` log of its ptxas run. Triton runs ptxas with ``-v`` and prints the log to
+    stdout under ``knobs.nvidia.dump_ptxas_log``, captured here; a Triton without that knob gets ptxas run again on
+    the compiled PTX with ``-v`` (same arch, register-allocation level and line info as Triton's run)."""
+    from triton import knobs
+
+    if not hasattr(knobs.nvidia, "dump_ptxas_log"):
+        compiled = compile_fresh(src, options, arch)
+        return compiled, _rerun_ptxas(compiled.asm["ptx"], arch)
+    with knobs.nvidia.scope(), contextlib.redirect_stdout(io.StringIO()) as log:
+        knobs.nvidia.dump_ptxas_log = True
+        compiled = compile_fresh(src, options, arch)
+    return compiled, log.getvalue()
+
+
+def _rerun_ptxas(ptx: str, arch: int) -> str:
+    from triton import knobs
+
+    with tempfile.TemporaryDirectory() as tmp:
+        Path(tmp, "k.ptx").write_text(ptx)
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        cmd = [knobs.nvidia.ptxas.path, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}"]
+        run = subprocess.run([*cmd, f"{tmp}/k.ptx", "-o", f"{tmp}/k.cubin"], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise RuntimeError(f"ptxas -v failed: {run.stderr.strip()[:300]}")
+    return run.stderr
+
+
+def wgmma_serialization(ptxas_log: str) -> list[str]:
+    """ptxas' messages in a ``-v`` log that say it serialized wgmma instructions (C7515 and the other reasons)."""
+    lines = (ln.split(":", 1)[1].strip() if ln.startswith("ptxas") else ln.strip() for ln in ptxas_log.splitlines())
+    return [line for line in lines if _WGMMA_SERIALIZED.search(line)]
+
+
 def build(case: GateCase, arch: int) -> GateReport:
     """Compile (or fetch from the cache) one case for ``sm_<arch>`` and analyse it; needs a non-interpreted
     Triton (TRITON_INTERPRET unset). A failure lands in the report's ``error``."""
@@ -382,12 +433,14 @@ def build(case: GateCase, arch: int) -> GateReport:
         artifacts = cache_root() / report.key
         report.cached = (artifacts / "meta.json").exists()
         if not report.cached:
-            _store(artifacts, compile_fresh(src, options, arch), case, arch)
+            _store(artifacts, *compile_logged(src, options, arch), case, arch)
         else:
             os.utime(artifacts / "meta.json")  # last use, for pruning
         report.artifacts = str(artifacts)
         meta = json.loads((artifacts / "meta.json").read_text())
         _analyze(report, case, meta, gzip.decompress((artifacts / "kernel.sass.gz").read_bytes()).decode())
+        report.wgmma_serialization = wgmma_serialization(ptxas_log(report))
+        report.wgmma_serialized = bool(report.wgmma_serialization)
     except Exception as e:  # the report carries the failure to the test
         lines = str(e).strip().splitlines()
         report.error = f"{type(e).__name__}: {lines[-1] if lines else ''}"
@@ -470,10 +523,16 @@ def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
+def _wgmma_column(r: GateReport) -> str:
+    if r.wgmma_serialized:
+        return "serial"
+    return "async" if "HGMMA" in r.mma else "-"
+
+
 def format_table(reports: list[GateReport], cases: dict[str, GateCase]) -> str:
     """The gate's table: resources and verdict per case and arch; the cost-model columns are estimates."""
     width = max([len(r.case) for r in reports] + [4])
-    head = (f"{'case':{width}s}  sm regs stack local ldl/stl   smem warps/SM mma    faithful"
+    head = (f"{'case':{width}s}  sm regs stack local ldl/stl   smem warps/SM mma    wgmma  faithful"
             f" | path    loop-ins  w/iter  ins/w w-bits roofline | verdict")  # fmt: skip
     lines = [head]
     for r in reports:
@@ -484,13 +543,20 @@ def format_table(reports: list[GateReport], cases: dict[str, GateCase]) -> str:
         lines.append(
             f"{r.case:{width}s} {r.arch:3d} {r.regs:4d} {r.stack_bytes:5d} {r.local_bytes:5d} "
             f"{r.spill_instructions:7d} {r.shared_bytes:6d} {r.warps_per_sm:8d} {','.join(r.mma) or '-':6s} "
+            f"{_wgmma_column(r):6s} "
             f"{'yes' if r.faithful else 'NO':8s} | {model} | {'; '.join(problems) or 'ok'}"
         )
     lines.append(
+        "wgmma: serial where ptxas serialized the kernel's wgmma (C7515 and kin), async where it kept them in flight. "
         "loop-ins, ins/w (thread-instructions per weight), warps/SM and roofline (predicted fraction of the H100 "
         "HBM roofline) are static estimates; see fastpeft/kernels/_sass.py"
     )
     return "\n".join(lines)
+
+
+def ptxas_log(report: GateReport) -> str:
+    """The ``ptxas -v`` log of the build a report was made from, read from its cache entry."""
+    return gzip.decompress((Path(report.artifacts) / "ptxas.log.gz").read_bytes()).decode()
 
 
 def cubin_bytes(report: GateReport) -> bytes:
@@ -507,6 +573,7 @@ def _dump(reports: list[GateReport], directory: Path) -> None:
         if r.artifacts:
             Path(f"{stem}.cubin").write_bytes(cubin_bytes(r))
             Path(f"{stem}.sass").write_bytes(gzip.decompress((Path(r.artifacts) / "kernel.sass.gz").read_bytes()))
+            Path(f"{stem}.ptxas").write_text(ptxas_log(r))
         Path(f"{stem}.json").write_text(json.dumps(dataclasses.asdict(r), indent=1))
 
 
@@ -520,7 +587,7 @@ def _main(argv: list[str] | None = None) -> int:
     p.add_argument("--path", nargs="+", default=[], help="cost-model paths: decode, dequant, tiled, small")
     p.add_argument("--report", action="store_true", help="print the table (the default without --json/--dump)")
     p.add_argument("--json", metavar="FILE", help="write one record per case and arch")
-    p.add_argument("--dump", metavar="DIR", help="write each case's cubin, SASS and record")
+    p.add_argument("--dump", metavar="DIR", help="write each case's cubin, SASS, ptxas log and record")
     p.add_argument("--jobs", type=int, help="child processes (default: os.cpu_count())")
     p.add_argument("--worker", metavar="FILE", help=argparse.SUPPRESS)
     p.add_argument("--claims", metavar="DIR", help=argparse.SUPPRESS)

@@ -108,6 +108,9 @@ def test_gate_detects_spills_and_missing_tensor_cores():
     assert _gate.GateReport("x", 80, **over, mma=["HMMA"]).problems(case)
     assert not _gate.GateReport("x", 90, **over, mma=["HGMMA"]).problems(case)
     assert _gate.GateReport("x", 90, error="CompilationError: boom").problems(case)
+    message = "(C7515) Potential Performance Loss: wgmma.mma_async instructions are serialized due to ..."
+    serial = _gate.GateReport("x", 90, **clean, mma=["HGMMA"], wgmma_serialized=True, wgmma_serialization=[message])
+    assert any("C7515" in p for p in serial.problems(case))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -188,7 +191,8 @@ def test_cli_writes_json_and_dump(tmp_path, gate_reports):
     keys += " thread_instructions_per_weight w_load_bits warps_per_sm predicted_roofline_fraction"
     assert set(keys.split()) <= set(record), set(keys.split()) - set(record)
     stems = {p.suffix for p in tmp_path.iterdir() if p.name.endswith(".sm90" + p.suffix)}
-    assert stems == {".cubin", ".sass", ".json"}
+    assert stems == {".cubin", ".sass", ".ptxas", ".json"}
+    assert "Compiling entry function" in next(tmp_path.glob("*.sm90.ptxas")).read_text()
 
 
 def test_cache_prunes_only_stale_entries(tmp_path):
@@ -259,6 +263,89 @@ def test_fresh_compile_ignores_another_checkouts_cached_build(tmp_path):
         [sys.executable, "-c", _TWO_CHECKOUTS, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
+_SERIAL_KERNEL = """
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def dot_kernel(a_ptr, b_ptr, l_ptr, r_ptr, c_ptr, K, R, first, LORA_FIRST: tl.constexpr, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # C = A·B + L·R, L·R summed into the accumulator under a runtime branch before (LORA_FIRST) or after the main
+    # loop; before it, ptxas serializes the main loop's wgmma (C7515), as it did in the LoRA GEMM
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, 16)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    if LORA_FIRST:
+        if first != 0:
+            for r0 in range(0, R, 16):
+                lt = tl.load(l_ptr + offs_m[:, None] * R + (r0 + offs_r)[None, :])
+                rt = tl.load(r_ptr + (r0 + offs_r)[:, None] * BLOCK_N + offs_n[None, :])
+                acc = tl.dot(lt, rt, acc)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptr + offs_m[:, None] * K + (k0 + offs_k)[None, :])
+        b = tl.load(b_ptr + (k0 + offs_k)[:, None] * BLOCK_N + offs_n[None, :])
+        acc = tl.dot(a, b, acc)
+    if not LORA_FIRST:
+        if first != 0:
+            for r0 in range(0, R, 16):
+                lt = tl.load(l_ptr + offs_m[:, None] * R + (r0 + offs_r)[None, :])
+                rt = tl.load(r_ptr + (r0 + offs_r)[:, None] * BLOCK_N + offs_n[None, :])
+                acc = tl.dot(lt, rt, acc)
+    tl.store(c_ptr + offs_m[:, None] * BLOCK_N + offs_n[None, :], acc)
+"""
+
+_BUILD_SERIAL = """
+import dataclasses, json, sys
+
+from fastpeft.kernels import _gate
+
+sys.path.insert(0, sys.argv[1])
+ptr = dict.fromkeys(("a_ptr", "b_ptr", "l_ptr", "r_ptr"), "*fp16")
+signature = {**ptr, "c_ptr": "*fp32", "K": "i32", "R": "i32", "first": "i32"}
+out = []
+for lora_first in (True, False):
+    case = _gate.GateCase(
+        name=f"dot[{lora_first}]", module="serial_dot", kernel="dot_kernel", signature=signature,
+        constexprs={"LORA_FIRST": lora_first, "BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32},
+        num_warps=4, num_stages=3, tensor_cores=True, args={"K": 4096, "R": 32, "first": 0},
+    )
+    # the second build of each comes from the cache and must carry the verdict
+    for _ in range(2):
+        report = _gate.build(case, 90)
+        out.append({**dataclasses.asdict(report), "problems": report.problems(case)})
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.compile_gate
+def test_gate_fails_serialized_wgmma(tmp_path):
+    # ptxas' C7515 (wgmma serialized) fails a configuration like a spill, read from the build's ptxas -v log, and
+    # a cached report carries it; the same kernel with the runtime-branch product after the main loop passes
+    import subprocess
+    import sys
+
+    (tmp_path / "serial_dot.py").write_text(_SERIAL_KERNEL)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(FASTPEFT_GATE_CACHE=str(tmp_path / "gate"), TRITON_CACHE_DIR=str(tmp_path / "triton"))
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    run = subprocess.run(
+        [sys.executable, "-c", _BUILD_SERIAL, str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    serial, serial_cached, clean, clean_cached = json.loads(run.stdout.strip().splitlines()[-1])
+    for r in (serial, serial_cached, clean, clean_cached):
+        assert not r["error"] and "HGMMA" in r["mma"] and r["stack_bytes"] == 0, r
+    assert [r["cached"] for r in (serial, serial_cached, clean, clean_cached)] == [False, True, False, True]
+    for r in (serial, serial_cached):
+        assert r["wgmma_serialized"] and "C7515" in r["wgmma_serialization"][0], r
+        assert any("wgmma serialized" in p and "C7515" in p for p in r["problems"]), r["problems"]
+    for r in (clean, clean_cached):
+        assert not r["wgmma_serialized"] and not r["wgmma_serialization"] and not r["problems"], r
 
 
 def test_cases_are_selected_by_name_family_or_path():
