@@ -791,7 +791,7 @@ class PeftModel(LoraMethods, nn.Module):
         except Exception:
             self.delete_adapter(adapter_name)
             raise
-        self.set_adapter(self.active_adapters)
+        self.set_adapter(self._active_setup())
         return LoadResult([], [])
 
     def _reload_adapter(

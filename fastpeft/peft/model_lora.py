@@ -25,7 +25,7 @@ from fastpeft.nn.lora_base import LoraLayerBase
 from fastpeft.nn.lora_layers import LoraConv, LoraEmbedding
 from fastpeft.nn.lora_mha import LoraMultiheadAttention
 from fastpeft.nn.lora_param import LoraParameter
-from fastpeft.peft import lora
+from fastpeft.peft import adapters, lora
 from fastpeft.peft.adapters import AdapterWrapper
 from fastpeft.peft.composition import Parallel
 from fastpeft.peft.lora import ModulesToSaveWrapper
@@ -79,6 +79,7 @@ class LoraMethods:
             if layer.merged:
                 layer.unmerge()
         lora.set_lora_disabled(model, True)
+        adapters.set_adapters_disabled(model, True)  # bottleneck adapters beside the LoRA ones
         for p in model.parameters():
             p.requires_grad_(False)
         self._disabled = True
@@ -87,8 +88,9 @@ class LoraMethods:
         """Undo ``disable_adapter_layers``: the active adapters run (and train) again."""
         self._require_lora("enable_adapter_layers")
         lora.set_lora_disabled(self.get_base_model(), False)
+        adapters.set_adapters_disabled(self.get_base_model(), False)
         self._disabled = False
-        self.set_adapter(self.active_adapters)
+        self.set_adapter(self._active_setup())
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         """Switch training of the named adapters on or off without changing which ones are active."""

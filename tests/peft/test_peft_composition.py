@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import INTERPRET
 from safetensors.torch import load_file
 from tiny_models import batch, build, logits, max_diff, randomize, trainable_names, twin
 
@@ -213,9 +214,12 @@ def test_save_load_keeps_each_adapter(tmp_path):
     again.load_adapter(tmp_path / "c", "c")
     again.set_active_adapters(setup)
     assert max_diff(logits(again, inputs), want) == 0.0
-    # the block stays active through adding and deleting other adapters
+    # the block stays active through adding, loading and deleting other adapters
     again.add_adapter("d", AdapterConfig(bottleneck_size=2, placement="houlsby"))
     assert again.active_composition == setup and max_diff(logits(again, inputs), want) == 0.0
+    again.load_adapter(tmp_path / "b", "b2")
+    assert again.active_composition == setup and max_diff(logits(again, inputs), want) == 0.0
+    again.delete_adapter("b2")
     again.delete_adapter("d")
     assert again.active_composition == setup
     again.delete_adapter("b")  # the block loses an adapter: its first adapter stays active
@@ -429,6 +433,10 @@ def test_lora_beside_an_adapter_equals_both_applied(adapter_first, tmp_path):
     assert max_diff(logits(again, inputs), got) == 0.0
     with again.disable_adapter():
         assert max_diff(logits(again, inputs), logits(plain, inputs)) == 0.0
+    again.disable_adapter_layers()
+    assert max_diff(logits(again, inputs), logits(plain, inputs)) == 0.0
+    again.enable_adapter_layers()
+    assert max_diff(logits(again, inputs), got) == 0.0
     with pytest.raises(ValueError, match="not applicable"):
         again.merge_and_unload()
     assert max_diff(logits(again.unload(), inputs), logits(plain, inputs)) == 0.0
@@ -450,3 +458,27 @@ def test_lora_beside_a_composition():
     pm.delete_adapter("lx")
     assert pm.active_composition == Stack("adp", "adp2")
     assert max_diff(logits(pm, inputs), stacked) < TOL
+
+
+@pytest.mark.skipif(not INTERPRET, reason="FASTPEFT_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1")
+def test_blocks_on_the_triton_kernels_match_the_reference(monkeypatch):
+    pm, _ = three_adapters("llama")
+    pm.add_adapter_fusion(Fuse("b", "c"))
+    randomize(pm, ("fusion",), seed=16)
+    pm.train()
+    inputs = batch(2, 5, seed=17)
+    setup = BatchSplit(Stack("a", Fuse("b", "c")), Average("a", "b", weights=[0.3, 0.7]), batch_sizes=[1, 1])
+    pm.set_active_adapters(setup)
+    results = {}
+    for backend in ("reference", "triton"):
+        monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+        pm.zero_grad()
+        out = pm(**inputs, labels=inputs["input_ids"])
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in pm.named_parameters() if p.requires_grad}
+        results[backend] = (out.logits.detach(), grads)
+    (ref_out, ref_grads), (tri_out, tri_grads) = results["reference"], results["triton"]
+    assert max_diff(ref_out, tri_out) < 1e-4
+    assert ref_grads.keys() == tri_grads.keys() and len(ref_grads) > 0
+    for n in ref_grads:
+        assert max_diff(ref_grads[n], tri_grads[n]) < 1e-4, n
