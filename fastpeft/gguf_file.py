@@ -26,6 +26,8 @@ from typing import Any
 
 __all__ = ["GGUF_MAGIC", "GGUFInfo", "GGUFTensor", "is_gguf_file", "read_gguf_info"]
 
+_FLOAT_TYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
 GGUF_MAGIC = b"GGUF"
 _VERSIONS = (2, 3)
 _MAX_DIMS = 4  # GGML_MAX_DIMS
@@ -61,6 +63,16 @@ class GGUFInfo:
     def architecture(self) -> str | None:
         arch = self.metadata.get("general.architecture")
         return arch if isinstance(arch, str) else None
+
+    @property
+    def weight_dtype(self) -> str:
+        """The dtype the file's matrices are stored in: ``float32`` / ``float16`` / ``bfloat16`` where every matrix
+        is that float type, else ``bfloat16`` (llama.cpp's block-quantized types have no 16-bit original to keep,
+        and bf16 holds their dequantized values' range)."""
+        kinds = {t.type_name for t in self.tensors if len(t.shape) >= 2}
+        if len(kinds) == 1 and (only := kinds.pop()) in _FLOAT_TYPES:
+            return _FLOAT_TYPES[only]
+        return "bfloat16"
 
 
 def is_gguf_file(path: str | os.PathLike) -> bool:

@@ -136,7 +136,8 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--out", required=True, help="new checkpoint directory")
     m.add_argument("--onto-original", action="store_true",
                    help="merge onto the original 16-bit weights, not dequant(NF4) (QLoRA adapters)")  # fmt: skip
-    m.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="output dtype (default: the model's)")
+    m.add_argument("--dtype", default=None, choices=sorted(_DTYPES),
+                   help="output dtype (default: the model's own; bfloat16 for a block-quantized GGUF file)")
     m.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
     from fastpeft.benchmarks.cli import add_arguments as add_bench_arguments
@@ -310,6 +311,7 @@ def _merge(args: argparse.Namespace, out: Path, lock: OutLock) -> str:
     import torch
 
     from fastpeft import loading
+    from fastpeft.gguf_file import read_gguf_info
     from fastpeft.peft import PeftModel
 
     adapter = Path(args.adapter)
@@ -330,6 +332,8 @@ def _merge(args: argparse.Namespace, out: Path, lock: OutLock) -> str:
     quantize = trained_on_nf4 and not args.onto_original
     if args.dtype is not None:
         dtype = _torch_dtype(args.dtype)
+    elif loading.is_gguf(args.model):  # a GGUF file's own storage type (bf16 for a block-quantized one)
+        dtype = _torch_dtype(read_gguf_info(args.model).weight_dtype)
     else:
         dtype = getattr(config, "dtype", None) or torch.float32
         dtype = _torch_dtype(dtype) if isinstance(dtype, str) else dtype
@@ -345,7 +349,8 @@ def _merge(args: argparse.Namespace, out: Path, lock: OutLock) -> str:
         _copy_tokenizer(Path(args.model), tmp)
 
     _write_beside(out, lock, args.overwrite, write)
-    return "dequant(NF4) weights" if quantize else "original weights"
+    onto = "dequant(NF4) weights" if quantize else "original weights"
+    return f"{onto}, in {str(dtype).removeprefix('torch.')}"
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_close
 from safetensors.torch import load_file
 from tinymodels import finetune_args, write_checkpoint, write_gguf, write_qa
 
@@ -103,3 +104,26 @@ def test_gguf_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["quantize", "--model", str(junk), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "junk.gguf" in err, err
+
+
+def test_merge_writes_a_gguf_base_in_its_own_dtype(files: dict[str, Path], tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from fastpeft.gguf_file import read_gguf_info
+
+    assert read_gguf_info(files["f32"]).weight_dtype == "float32"
+    assert read_gguf_info(files["q8"]).weight_dtype == "bfloat16"
+    adapter = tmp_path / "run"
+    assert main(finetune_args(files["q8"], files["data"], adapter, "--method", "lora", "--max-steps", "1")) == 0
+    kept = {}
+    for dtype in (None, "float32"):
+        out = tmp_path / f"merged-{dtype}"
+        extra = ("--dtype", dtype) if dtype else ()
+        assert main(["merge", "--model", str(files["q8"]), "--adapter", str(adapter), "--out", str(out), *extra]) == 0
+        kept[dtype] = load_file(str(out / "model.safetensors"))
+        assert f"in {dtype or 'bfloat16'}, written to" in capsys.readouterr().out
+        config = json.loads((out / "config.json").read_text())
+        assert config.get("dtype") == (dtype or "bfloat16"), config.get("dtype")
+    assert {t.dtype for t in kept[None].values() if t.is_floating_point()} == {torch.bfloat16}
+    assert {t.dtype for t in kept["float32"].values() if t.is_floating_point()} == {torch.float32}
+    for k, t in kept["float32"].items():  # the bf16 default: the same merge, in bf16 arithmetic
+        assert_close(kept[None][k], t, msg=k)
