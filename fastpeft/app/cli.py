@@ -451,8 +451,19 @@ def _failed(command: str, e: BaseException) -> int:
     raise e
 
 
+class _SourceFormatter(logging.Formatter):
+    """One line per record, under the name of the package that logged it: ``fastpeft: ...`` for fastpeft's own
+    notices, ``bitsandbytes: ...`` or ``transformers: ...`` for a library's, so nobody reads theirs as ours."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        source = record.name.split(".", 1)[0] if record.name != "root" else "warning"
+        return f"{source}: {record.getMessage()}"
+
+
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="fastpeft: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_SourceFormatter())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 speaks for the run
         for name in ("fastpeft.app.train", "fastpeft.app.distributed"):
             logging.getLogger(name).setLevel(logging.INFO)  # the run-length estimate, method notices

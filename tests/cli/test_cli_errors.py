@@ -471,3 +471,17 @@ def test_merge_names_a_config_that_is_not_an_object(
         (adapter / "adapter_config.json").write_text(text)
         args = ["merge", "--model", str(tiny["model"]), "--adapter", str(adapter), "--out", str(out)]
         _run_bad(args, out, capsys, f"{adapter / 'adapter_config.json'}: {message}")
+
+
+def test_log_notices_carry_the_name_of_the_package_that_logged_them() -> None:
+    import logging
+
+    from fastpeft.app.cli import _SourceFormatter
+
+    def line(name: str, msg: str) -> str:
+        return _SourceFormatter().format(logging.LogRecord(name, logging.WARNING, __file__, 1, msg, None, None))
+
+    assert line("bitsandbytes.backends.cpu.ops", "Failed to load") == "bitsandbytes: Failed to load"
+    assert line("transformers.modeling_utils", "x %s") == "transformers: x %s"
+    assert line("fastpeft.app.train", "estimate") == "fastpeft: estimate"
+    assert line("root", "plain") == "warning: plain"
