@@ -18,11 +18,16 @@ One accumulator. The LoRA term, the dropout select and the bias go into the accu
 loop, which then adds ``IN·Wt`` on top (the first K slice carries them under split-K). A second float32
 ``[BLOCK_M, BLOCK_P]`` tile for the LoRA term (the first version), or the select after the main loop (it
 needs the base product and base + LoRA at once), put the 128x128 tile past 255 registers; here only the
-LoRA term is live when the select runs. ``lora_scale`` (with ``1/(1-p)`` for dX) multiplies the float32 L
-operand before its rounding to the MMA's dtype: for dX's float32 G, whose split ``hi + lo`` (two 16-bit MMAs)
-keeps ~16 bits in bfloat16 and ~22 in float16; for the forward's 16-bit U, one rounding of ``s·U`` (eager
-rounds ``U·Bᵀ`` and then ``s·(U·Bᵀ)``). The select on the keep-mask is exact, so no rounded ``X/(1-p)``
-ever reaches an MMA.
+LoRA term is live when the select runs. Later K slices skip the LoRA term by a rank loop of no step, not
+by a branch around it: its MMAs inside an ``if pid_k == 0`` made ptxas serialize every wgmma of the kernel
+(C7515: one 64x128x16 product in flight at a time, an arrive and a wait around each in the main loop). Moving
+the LoRA term after the loop instead spilled the forward's 128x128 tile (the dropout select's second tile)
+and left dX's wgmma serialized; the compile gate fails any configuration ptxas serializes.
+
+``lora_scale`` (with ``1/(1-p)`` for dX) multiplies the float32 L operand before its rounding to the MMA's
+dtype: for dX's float32 G, whose split ``hi + lo`` (two 16-bit MMAs) keeps ~16 bits in bfloat16 and ~22 in
+float16; for the forward's 16-bit U, one rounding of ``s·U`` (eager rounds ``U·Bᵀ`` and then ``s·(U·Bᵀ)``).
+The select on the keep-mask is exact, so no rounded ``X/(1-p)`` ever reaches an MMA.
 
 NF4 in the main loop (the small split-K path, 16-bit inputs; larger M and float32 inputs read W dequantized
 once, dense): each ``[BLOCK_Q, BLOCK_P]`` tile of W is rebuilt from its packed bytes (flat index ``e``, byte
@@ -201,29 +206,33 @@ def _lora_gemm_kernel(
     # A second [BLOCK_M, BLOCK_P] float32 tile for the LoRA term, or the dropout select after the main loop
     # (which needs the base product and base + LoRA at once), spilled the 128x128 tile. Here the select
     # touches the LoRA term alone while nothing else is live, and the main loop then adds IN·Wt on top.
+    # The rank loop runs no step past the first K slice (a trip count of 0) rather than sitting in an
+    # ``if pid_k == 0`` block: MMAs on the accumulator under a runtime branch ahead of the main loop made
+    # ptxas serialize every wgmma of the kernel (C7515 on sm_90a); the select and bias may stay in one.
+    r_end = tl.where(pid_k == 0, R, 0)
+    for r0 in range(0, r_end, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        # the scale goes on the skinny L operand, in float32, before its rounding to the MMA's dtype
+        lt = tl.load(
+            l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
+            mask=mask_m[:, None] & mask_r[None, :], other=0.0,
+        ).to(tl.float32) * lora_scale  # fmt: skip
+        rt = tl.load(
+            rt_ptr + offs_r[:, None] * stride_rr + offs_p[None, :] * stride_rp,
+            mask=mask_r[:, None] & mask_p[None, :], other=0.0,
+        ).to(dtype)  # fmt: skip
+        if LORA_SPLIT:
+            # float32 s·G as hi + lo in 16 bits: two MMAs keep its float32 accuracy (~2^-16 relative in
+            # bfloat16, ~2^-22 in float16)
+            hi = lt.to(dtype)
+            lo = (lt - hi.to(tl.float32)).to(dtype)
+            acc = tl.dot(hi, rt, acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(lo, rt, acc, input_precision=DOT_PRECISION)
+        else:
+            # s·U rounded once to x's dtype (eager rounds U·Bᵀ and then s·(U·Bᵀ), twice)
+            acc = tl.dot(lt.to(dtype), rt, acc, input_precision=DOT_PRECISION)
     if pid_k == 0:
-        for r0 in range(0, R, BLOCK_R):
-            offs_r = r0 + tl.arange(0, BLOCK_R)
-            mask_r = offs_r < R
-            # the scale goes on the skinny L operand, in float32, before its rounding to the MMA's dtype
-            lt = tl.load(
-                l_ptr + offs_m[:, None] * stride_lm + offs_r[None, :] * stride_lr,
-                mask=mask_m[:, None] & mask_r[None, :], other=0.0,
-            ).to(tl.float32) * lora_scale  # fmt: skip
-            rt = tl.load(
-                rt_ptr + offs_r[:, None] * stride_rr + offs_p[None, :] * stride_rp,
-                mask=mask_r[:, None] & mask_p[None, :], other=0.0,
-            ).to(dtype)  # fmt: skip
-            if LORA_SPLIT:
-                # float32 s·G as hi + lo in 16 bits: two MMAs keep its float32 accuracy (~2^-16 relative in
-                # bfloat16, ~2^-22 in float16)
-                hi = lt.to(dtype)
-                lo = (lt - hi.to(tl.float32)).to(dtype)
-                acc = tl.dot(hi, rt, acc, input_precision=DOT_PRECISION)
-                acc = tl.dot(lo, rt, acc, input_precision=DOT_PRECISION)
-            else:
-                # s·U rounded once to x's dtype (eager rounds U·Bᵀ and then s·(U·Bᵀ), twice)
-                acc = tl.dot(lt.to(dtype), rt, acc, input_precision=DOT_PRECISION)
         if has_mask:
             keep = tl.load(keep_ptr + offs_m[:, None] * stride_km + offs_p[None, :] * stride_kp, mask=mask_out, other=0)
             acc = tl.where(keep != 0, acc, 0.0)
