@@ -1,4 +1,4 @@
-"""Training data for ``fastpeft finetune``: JSONL reading, tokenization, deterministic batching.
+"""Training data for ``fastpeft finetune``: reading data files, tokenization, deterministic batching.
 
 A data file holds one JSON object a line, either ``{"text": ...}`` (the loss covers every token) or
 ``{"prompt": ..., "completion": ...}`` (the loss covers only the completion's tokens and the end of
@@ -6,6 +6,13 @@ sequence). Each line becomes one example ``[bos] + tokens + eos``: the BOS only 
 one (its own rule, as ``tokenizer(text)`` shows it), the EOS always. A text or completion too long for
 ``seq_len`` is cut at its end and keeps its EOS; a prompt that leaves no room for a completion token drops its
 example, with one warning naming the first such line and the count (``Examples.dropped``).
+
+Or a line is a chat, ``{"messages": [{"role": ..., "content": ...}, ...]}``, rendered by the tokenizer's chat
+template with the loss on the assistant turns only (``fastpeft.app.chat``: the template writes the BOS and the
+end-of-turn tokens, nothing is added). An assistant turn cut by ``seq_len`` ends in the EOS; a conversation with
+no assistant token left within ``seq_len`` is dropped and counted as above. One file holds chats or the other
+two forms, not both. ``read_records`` also reads a ``datasets`` directory or Parquet files
+(``fastpeft.app.dataset_files``), whose rows take the same forms.
 
 Batches are drawn without replacement in an order fixed by ``(seed, epoch)``, so a position
 ``(epoch, batch_index)`` is all a checkpoint needs to continue the stream exactly.
@@ -20,11 +27,13 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from fastpeft.app import chat, dataset_files
 
 __all__ = [
     "IGNORE_INDEX",
@@ -36,9 +45,11 @@ __all__ = [
     "adds_bos",
     "byte_tokenizer",
     "MAX_LINE_BYTES",
+    "check_record",
     "encode_records",
     "leading_ids",
     "read_jsonl",
+    "read_records",
 ]
 
 IGNORE_INDEX = -100  # the label transformers' cross-entropy skips
@@ -117,20 +128,43 @@ class Examples(list):
     dropped: list[str]
 
 
-def read_jsonl(path: str | os.PathLike) -> Records:
-    """Read a JSONL data file into records ``{"text": ...}`` or ``{"prompt": ..., "completion": ...}``.
+def read_records(path: str | os.PathLike) -> Records:
+    """Read ``--data`` (or any data file) into records: a JSONL file, or a ``datasets`` directory / Parquet file(s).
 
-    Blank lines are skipped. The file is read a line at a time, each at most ``MAX_LINE_BYTES``.
+    A directory or a ``.parquet`` path is read by ``fastpeft.app.dataset_files`` (rows named ``PATH[i]``), anything
+    else as JSONL (``read_jsonl``). Rows take the same forms and rules as JSONL lines.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: as ``read_jsonl`` and ``dataset_files.iter_rows``, each naming the line or row.
+    """
+    if dataset_files.is_dataset_path(path):
+        # An Arrow / Parquet schema gives every row every column: a null one is absent.
+        rows = dataset_files.iter_rows(path)
+        return _collect(((w, {k: v for k, v in r.items() if v is not None}) for w, r in rows), f"{path}: no rows")
+    return read_jsonl(path)
+
+
+def read_jsonl(path: str | os.PathLike) -> Records:
+    """Read a JSONL data file into records ``{"text": ...}``, ``{"prompt": ..., "completion": ...}`` or
+    ``{"messages": [...]}`` (``fastpeft.app.chat.check_messages``).
+
+    Blank lines are skipped. The file is read a line at a time, each at most ``MAX_LINE_BYTES``. Chat records and
+    text / prompt-completion records do not mix in one file.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: ``path`` is a directory; a line is too long, not UTF-8, holds a lone surrogate escape, or
-            is not a JSON object of one of the two forms (``FILE:LINE: reason``); or the file holds no records.
+            is not a JSON object of one of the forms (``FILE:LINE: reason``); the file mixes chat and other
+            records; or it holds no records.
     """
     if os.path.isdir(path):
         raise ValueError(f"{path}: is a directory, not a JSONL file")
-    records = Records()
-    records.where = []
+    return _collect(_jsonl_lines(path), f"{path}: no records (expected one JSON object a line)")
+
+
+def _jsonl_lines(path: str | os.PathLike) -> Iterator[tuple[str, Any]]:
+    """``(FILE:LINE, object)`` for each non-blank line of a JSONL file."""
     with open(path, "rb") as f:
         lineno = 0
         while raw := f.readline(MAX_LINE_BYTES + 1):
@@ -147,28 +181,61 @@ def read_jsonl(path: str | os.PathLike) -> Records:
             if not line.strip():
                 continue
             try:
-                obj: Any = json.loads(line.rstrip("\r\n"))
+                yield where, json.loads(line.rstrip("\r\n"))
             except json.JSONDecodeError as e:
                 raise ValueError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
             except RecursionError:
                 raise ValueError(f"{where}: JSON nested too deeply") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            if "text" in obj:
-                keys = ("text",)
-            elif "prompt" in obj and "completion" in obj:
-                keys = ("prompt", "completion")
-            else:
-                raise ValueError(f"{where}: expected 'text', or 'prompt' and 'completion'; got keys {sorted(obj)}")
-            for k in keys:
-                if not isinstance(obj[k], str):
-                    raise ValueError(f"{where}: field {k!r} must be a string, got {type(obj[k]).__name__}")
-                _check_text(where, k, obj[k])
-            records.append({k: obj[k] for k in keys})
-            records.where.append(where)
+
+
+def _collect(rows: Iterable[tuple[str, Any]], empty: str) -> Records:
+    """Validate ``(name, object)`` pairs into ``Records``, refusing a file that mixes chat and other records."""
+    records = Records()
+    records.where = []
+    first: dict[bool, str] = {}  # is chat -> the first such record
+    for where, obj in rows:
+        record = check_record(where, obj)
+        chat = "messages" in record
+        first.setdefault(chat, where)
+        if len(first) > 1:
+            kind, other = ("a chat", "text / prompt-completion") if chat else ("a text / prompt-completion", "chat")
+            raise ValueError(
+                f"{where}: {kind} record among {other} records (the first at {first[not chat]}): "
+                "one data file holds chat conversations or text / prompt-completion records, not both"
+            )
+        records.append(record)
+        records.where.append(where)
     if not records:
-        raise ValueError(f"{path}: no records (expected one JSON object a line)")
+        raise ValueError(empty)
     return records
+
+
+def check_record(where: str, obj: Any) -> dict[str, Any]:
+    """One record of a data file: ``{"text"}``, ``{"prompt", "completion"}`` or ``{"messages"}``; other keys ignored.
+
+    Raises:
+        ValueError: ``WHERE: reason``.
+    """
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        both = [k for k in ("text", "completion") if k in obj]
+        if both:
+            raise ValueError(f"{where}: holds both 'messages' and {both[0]!r}: keep one form a record")
+        return {"messages": chat.check_messages(where, obj["messages"])}
+    if "text" in obj:
+        keys: tuple[str, ...] = ("text",)
+    elif "prompt" in obj and "completion" in obj:
+        keys = ("prompt", "completion")
+    else:
+        raise ValueError(
+            f"{where}: expected 'text', 'prompt' and 'completion', or 'messages'; got keys {sorted(obj)}"
+        )
+    for k in keys:
+        if not isinstance(obj[k], str):
+            raise ValueError(f"{where}: field {k!r} must be a string, got {type(obj[k]).__name__}")
+        _check_text(where, k, obj[k])
+    return {k: obj[k] for k in keys}
 
 
 def _check_text(where: str, key: str, text: str) -> None:
@@ -213,17 +280,20 @@ def encode_records(records: Sequence[dict[str, str]], tokenizer: Any, seq_len: i
     """Tokenize records into examples ``[bos] + prompt + completion + eos`` of at most ``seq_len`` tokens.
 
     The BOS only where the tokenizer adds one itself (``adds_bos``); a completion (or text) cut to fit keeps its
-    EOS. A long text is cut to the tokens that fit before it is tokenized whole (``leading_ids``). A record whose
-    prompt leaves no completion token within ``seq_len`` is left out: counted in ``Examples.dropped`` (by
-    ``FILE:LINE`` where ``records`` came from ``read_jsonl``, else ``record N``), the first named in a warning.
+    EOS. A long text is cut to the tokens that fit before it is tokenized whole (``leading_ids``). A chat record is
+    its template's rendering, labelled on the assistant turns (``chat.encode_conversation``), cut to ``seq_len``
+    with an EOS where the cut falls inside an assistant turn. A record whose prompt (or first turns) leaves no
+    label within ``seq_len`` is left out: counted in ``Examples.dropped`` (by ``FILE:LINE`` where ``records``
+    came from ``read_records``, else ``record N``), the first named in a warning.
 
     Args:
-        records: as ``read_jsonl`` returns them.
+        records: as ``read_records`` returns them.
         tokenizer: a transformers tokenizer (``bos_token_id`` / ``eos_token_id`` used when set).
         seq_len: the maximum sequence length (>= 2).
 
     Raises:
-        ValueError: ``seq_len`` is too small, or no example keeps a token to learn from.
+        ValueError: ``seq_len`` is too small, no example keeps a token to learn from, or a chat record cannot be
+            rendered (``chat.encode_conversation``: no chat template, ...), naming it.
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
@@ -237,30 +307,46 @@ def encode_records(records: Sequence[dict[str, str]], tokenizer: Any, seq_len: i
     examples.dropped = []
     where = getattr(records, "where", None)
     for i, rec in enumerate(records):
-        if "text" in rec:
+        name = where[i] if where is not None else f"record {i + 1}"
+        if "messages" in rec:
+            input_ids, labels = _conversation(rec["messages"], tokenizer, seq_len, name)
+        elif "text" in rec:
             prompt = bos
             room = seq_len - len(prompt) - len(eos)  # the EOS stays when the text is cut
             completion = leading_ids(ids, rec["text"], room) + eos if room >= 0 else eos
+            input_ids, labels = (prompt + completion)[:seq_len], ([IGNORE_INDEX] * len(prompt) + completion)[:seq_len]
         else:
             prompt = bos + leading_ids(ids, rec["prompt"], seq_len - len(bos))
             room = seq_len - len(prompt) - len(eos)
             completion = leading_ids(ids, rec["completion"], room) + eos if room >= 0 else eos
-        input_ids = (prompt + completion)[:seq_len]
-        labels = ([IGNORE_INDEX] * len(prompt) + completion)[:seq_len]
+            input_ids, labels = (prompt + completion)[:seq_len], ([IGNORE_INDEX] * len(prompt) + completion)[:seq_len]
         # The first label is never predicted (nothing precedes it); an example needs one more.
         if any(lab != IGNORE_INDEX for lab in labels[1:]):
             examples.append(Example(tuple(input_ids), tuple(labels)))
         else:
-            examples.dropped.append(where[i] if where is not None else f"record {i + 1}")
+            examples.dropped.append(name)
     if not examples:
         raise ValueError(f"no example has a token to learn from within seq_len={seq_len}")
     if examples.dropped:
         _log.warning(
-            "%d of %d examples dropped: nothing to learn within seq_len=%d (the prompt fills it), the first at %s; "
-            "raise --seq-len or shorten the prompts",
+            "%d of %d examples dropped: nothing to learn within seq_len=%d (the prompt, or the turns before the "
+            "first assistant answer, fill it), the first at %s; raise --seq-len or shorten the prompts",
             len(examples.dropped), len(records), seq_len, examples.dropped[0],
         )  # fmt: skip
     return examples
+
+
+def _conversation(messages: list[dict[str, str]], tokenizer: Any, seq_len: int, where: str) -> tuple[list, list]:
+    """A chat record's ``(input_ids, labels)`` within ``seq_len``: labels on the assistant turns only
+    (``chat.encode_conversation``); an assistant turn cut by ``seq_len`` ends in the EOS, as a cut completion does."""
+    ids, trained = chat.encode_conversation(messages, tokenizer, where)
+    labels = [t if keep else IGNORE_INDEX for t, keep in zip(ids, trained, strict=True)]
+    if len(ids) > seq_len:
+        cut_inside = trained[seq_len - 1] and trained[seq_len]  # the turn goes on past the cut
+        ids, labels = ids[:seq_len], labels[:seq_len]
+        if cut_inside and tokenizer.eos_token_id is not None:
+            ids[-1] = labels[-1] = tokenizer.eos_token_id
+    return ids, labels
 
 
 class Batches:

@@ -281,7 +281,7 @@ def _setup(cfg: TrainConfig, device: torch.device, method: str) -> tuple[Any, An
         tokenizer = loading.load_tokenizer(cfg.model)
     else:
         tokenizer = fdata.byte_tokenizer()
-    records = fdata.read_jsonl(cfg.data) if cfg.data is not None else [{"text": t} for t in fdata.TINY_CORPUS]
+    records = fdata.read_records(cfg.data) if cfg.data is not None else [{"text": t} for t in fdata.TINY_CORPUS]
     examples = fdata.encode_records(records, tokenizer, cfg.seq_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
