@@ -78,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("finetune", help="fine-tune a causal LM with LoRA, QLoRA, adapters, prefix or prompt tuning")
     f.add_argument("--model", help=f"{_MODEL_HELP} (default: a small built-in Llama, written beside the adapter)")
-    f.add_argument("--data", help='JSONL file, {"text": ...} or {"prompt": ..., "completion": ...} per line '
+    f.add_argument("--data", help='JSONL file, {"text": ...}, {"prompt": ..., "completion": ...} or {"messages": '
+                   '[{"role": ..., "content": ...}, ...]} (chat template; loss on assistant turns) per line; or a '
+                   "datasets save_to_disk directory (its train split) or Parquet file(s) with those columns "
                    "(default: a built-in corpus of short sentences)")  # fmt: skip
     f.add_argument("--method", help="lora, qlora, adapter, prefix or prompt (default: qlora on a GPU, lora on CPU)")
     f.add_argument("--r", type=int, default=8, help="LoRA rank")
