@@ -26,10 +26,11 @@ from torch import nn
 
 from fastpeft.files import fsync_files, remove_path, share_permissions
 
-__all__ = ["CHECKPOINT_FILES", "Checkpoint", "load_checkpoint", "save_checkpoint"]
+__all__ = ["BEST_FILE", "CHECKPOINT_FILES", "Checkpoint", "load_checkpoint", "save_checkpoint"]
 
 CHECKPOINT_FILES = ("adapter_state.safetensors", "optimizer.safetensors", "rng.safetensors", "trainer_state.json")
 _STATE = CHECKPOINT_FILES[3]
+BEST_FILE = "best_adapter.safetensors"  # --save-best: the adapter at the best eval step (fastpeft.app.evaluate)
 
 
 def save_checkpoint(
@@ -38,9 +39,12 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     device: torch.device,
+    best: dict[str, torch.Tensor] | None = None,
     **trainer_state: Any,
 ) -> None:
     """Write a complete checkpoint next to ``directory`` and rename it into place (the old one goes last).
+
+    ``best`` (``--save-best``): the adapter's tensors at the best eval step, written as ``best_adapter.safetensors``.
 
     Raises:
         OSError: a file cannot be written (read-only or full disk, ...); ``directory`` is left as it was.
@@ -67,6 +71,11 @@ def save_checkpoint(
                 save_file(content, str(tmp / name))
             except SafetensorError as e:  # how safetensors reports a failed write (a full disk, ...)
                 raise OSError(f"{directory / name}: cannot write the checkpoint ({e})") from None
+        if best is not None:
+            try:
+                save_file(best, str(tmp / BEST_FILE))
+            except SafetensorError as e:
+                raise OSError(f"{directory / BEST_FILE}: cannot write the checkpoint ({e})") from None
         meta = dict(
             trainer_state,
             param_names=[n for n, _ in named],
@@ -95,6 +104,7 @@ class Checkpoint:
     params: dict[str, torch.Tensor]
     optimizer_tensors: dict[str, torch.Tensor]
     rng: dict[str, torch.Tensor]
+    best: dict[str, torch.Tensor] | None = None
 
     def restore(
         self,
@@ -221,9 +231,23 @@ def _check_meta(path: Path, meta: Any) -> None:
     losses, step = meta["losses"], meta["step"]
     if len(losses) != step or not all(_is_number(x) for x in losses):
         raise ValueError(f"{path}: 'losses' must hold one finite number per step ({step}), got {len(losses)} values")
+    _check_evals(path, meta.get("evals", []), step)
     last_epoch = meta["scheduler"].get("last_epoch")
     if last_epoch != step:
         raise ValueError(f"{path}: the scheduler is at step {last_epoch!r}, the checkpoint at step {step}")
+
+
+def _check_evals(path: Path, evals: Any, step: int) -> None:
+    """``evals`` (the eval history, ``fastpeft.app.evaluate``): ``{step, eval_loss}`` records at rising steps."""
+    if not isinstance(evals, list):
+        raise ValueError(f"{path}: 'evals' must be a list, got {repr(evals)[:40]}")
+    last = 0
+    for r in evals:
+        ok = isinstance(r, dict) and set(r) == {"step", "eval_loss"} and _is_count(r["step"])
+        if not ok or not last < r["step"] <= step or not _is_number(r["eval_loss"]):
+            raise ValueError(f"{path}: 'evals' must hold {{step, eval_loss}} records at rising steps up to {step}, "
+                             f"got {repr(r)[:60]}")  # fmt: skip
+        last = r["step"]
 
 
 def load_checkpoint(directory: Path) -> Checkpoint:
@@ -251,4 +275,10 @@ def load_checkpoint(directory: Path) -> Checkpoint:
             tensors.append(load_file(str(directory / name)))
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"{directory / name}: unreadable checkpoint file ({e})") from None
-    return Checkpoint(directory, meta, *tensors)
+    best = None
+    if (directory / BEST_FILE).is_file():
+        try:
+            best = load_file(str(directory / BEST_FILE))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{directory / BEST_FILE}: unreadable checkpoint file ({e})") from None
+    return Checkpoint(directory, meta, *tensors, best=best)

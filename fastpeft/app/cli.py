@@ -120,6 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     f.add_argument("--overwrite", action="store_true", help="replace the results already in OUT")
     f.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_eval_arguments(f)
 
     q = sub.add_parser("quantize", help="write an NF4 (bitsandbytes 4-bit) checkpoint of a model")
     q.add_argument("--model", required=True, help=_MODEL_HELP)
@@ -152,6 +153,24 @@ def _parser() -> argparse.ArgumentParser:
     for parser in (p, *sub.choices.values()):
         parser.formatter_class = _DefaultsFormatter
     return p
+
+
+def _add_eval_arguments(f: argparse.ArgumentParser) -> None:
+    """``finetune``'s evaluation, config-file and curve flags (fastpeft.app.evaluate, run_config, curves)."""
+    f.add_argument("--eval-data", metavar="FILE",
+                   help="held-out data, in --data's format, evaluated during training (default: none)")
+    f.add_argument("--eval-split", type=float, metavar="FRACTION",
+                   help="hold out this fraction of the training examples (seeded by --seed) as the eval set "
+                   "(default: none)")
+    f.add_argument("--eval-steps", type=int, metavar="N",
+                   help="evaluate every N steps, and always at the end (default: at the end only)")
+    f.add_argument("--save-best", action="store_true",
+                   help="OUT holds the adapter of the step with the lowest eval loss; the last step's goes to OUT/last")
+    f.add_argument("--config", metavar="FILE",
+                   help="a YAML, TOML or JSON file of flag: value (flags on the command line win); every run writes "
+                   "OUT/run_config.yaml, which repeats it (default: none)")
+    f.add_argument("--report-to", choices=("none", "tensorboard"), default="none",
+                   help="tensorboard: write loss and learning-rate events into OUT/tensorboard")  # fmt: skip
 
 
 def _fresh_out(out: Path, overwrite: bool) -> None:
@@ -225,7 +244,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from fastpeft.app.run_dir import check_paths
     from fastpeft.app.train import TrainConfig, finetune
 
-    check_paths(args.out, args.model, args.data)  # before the memory estimate reads the model
+    check_paths(args.out, args.model, args.data, args.eval_data)  # before the memory estimate reads the model
 
     cfg = TrainConfig(
         out=args.out, model=args.model, data=args.data, method=args.method, r=args.r, alpha=args.alpha,
@@ -237,6 +256,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         progress=not args.no_progress, offload_activations=args.offload_activations,
         quantize_lm_head=args.quantize_lm_head, chunked_loss=not args.no_chunked_loss, distributed=args.distributed,
         packing=args.packing,
+        eval_data=args.eval_data, eval_split=args.eval_split, eval_steps=args.eval_steps, save_best=args.save_best,
+        report_to=args.report_to,
     )  # fmt: skip
     from fastpeft.app.distributed import launched
     from fastpeft.app.memory_cli import finetune_estimate
@@ -249,7 +270,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         estimate = finetune_estimate(cfg, args.memory_budget)  # refuses (ValueError) a run that would not fit
     if estimate and main_rank:
         print(estimate, flush=True)
-    m = finetune(cfg)
+    m = finetune(cfg, flags={"memory_budget": args.memory_budget})
     if not main_rank:
         return 0
     trainable, total = m["trainable_params"], m["total_params"]
@@ -263,6 +284,12 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         f"({100 * m['padding_fraction']:.1f}%, {'packed' if m['packed'] else 'padded batches'})\n"
         f"  written to        {Path(args.out).resolve()}"
     )
+    if m["eval_loss"] is not None:
+        print(f"  eval loss         {m['eval_loss']:.4f} over {m['eval_examples']:,d} examples "
+              f"(lowest {m['best_eval_loss']:.4f} at step {m['best_step']})")  # fmt: skip
+    if args.save_best and m["best_step"] is not None:
+        print(f"  adapter           step {m['adapter_step']} (lowest eval loss); step {m['steps']}'s in "
+              f"{(Path(args.out) / 'last').resolve()}")  # fmt: skip
     return 0
 
 
@@ -481,7 +508,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = next((a for a in given if a in _COMMANDS), "")
     with _signals_unwind() as received:
         try:
-            args = _parser().parse_args(given)  # the parser imports the commands' modules
+            from fastpeft.app.run_config import parse_args
+
+            args = parse_args(_parser(), given)  # the parser imports the commands' modules; finetune reads --config
             command = args.command
             return _run(args)
         except (KeyboardInterrupt, Exception) as e:

@@ -36,7 +36,7 @@ import contextlib
 import gc
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -315,6 +315,30 @@ class DistributedRun:
         dist.all_reduce(loss_sum)
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return loss_sum, _full(norm).float().to(self.device)
+
+    def loss_sums(self, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[float, int]:
+        """The summed token losses and the label-token count of ``batches`` (global batches) over all ranks,
+        without gradients: each rank runs its rows of every batch (FSDP2's gathers need every rank in each
+        forward), weights its mean loss by its label tokens, and the sums are reduced like the train loss."""
+        import torch.distributed as dist
+
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        )
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
+        with torch.no_grad():
+            for batch in batches:
+                rows, real = self._rows(batch)
+                n = int((rows["labels"][:, 1:] != IGNORE_INDEX).sum()) if real else 0
+                rows = {k: v.to(self.device, non_blocking=True) for k, v in rows.items()}
+                with autocast:
+                    loss = self.module(rows)
+                if n:
+                    sums[0] += loss.detach().double() * n
+                    sums[1] += n
+        dist.all_reduce(sums)
+        total, count = sums.tolist()
+        return total, int(count)
 
     # -- state --------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from fastpeft.files import fsync_files, remove_path, share_permissions
 
 __all__ = [
     "BASE_MODEL_DIR",
+    "OPTIONAL_OUTPUTS",
     "OUTPUT_FILES",
     "check_out",
     "check_paths",
@@ -31,14 +33,18 @@ __all__ = [
 
 OUTPUT_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.json", "train_config.json")
 BASE_MODEL_DIR = "base_model"  # the embedded demo's base model, written beside its adapter
+# Written by some runs only (run_config.yaml, loss.png, --save-best's last/, --report-to's tensorboard/): removed too
+# by --overwrite, so nothing of a previous run stays beside the new results.
+OPTIONAL_OUTPUTS = ("run_config.yaml", "loss.png", "last", "tensorboard")
 
 
-def check_paths(out: str, model: str | None, data: str | None) -> Path:
-    """``--out`` as a path, refused when it is no directory of its own or is, contains or lies inside ``--model`` or
-    ``--data``; FIFOs and devices refused as inputs: all before anything is read."""
+def check_paths(out: str, model: str | None, data: str | None, eval_data: str | None = None) -> Path:
+    """``--out`` as a path, refused when it is no directory of its own or is, contains or lies inside ``--model``,
+    ``--data`` or ``--eval-data``; FIFOs and devices refused as inputs: all before anything is read."""
     check_regular("--model", model, directory_files=True)
     check_regular("--data", data)
-    return check_out_path(out, [("--model", model), ("--data", data)])
+    check_regular("--eval-data", eval_data)
+    return check_out_path(out, [("--model", model), ("--data", data), ("--eval-data", eval_data)])
 
 
 def hold_out(out: Path, lock: OutLock, what: str) -> None:
@@ -92,19 +98,30 @@ def prepare_out(out: Path, resume: bool, overwrite: bool, lock: OutLock | None =
     if overwrite and not resume:
         for name in OUTPUT_FILES:
             (out / name).unlink(missing_ok=True)
-        for name in ("checkpoint", BASE_MODEL_DIR):
+        for name in ("checkpoint", BASE_MODEL_DIR, *OPTIONAL_OUTPUTS):
             remove_path(out / name)
 
 
 def write_results(
-    out: Path, model: Any, metrics: dict[str, Any], cfg_dict: dict[str, Any], base: nn.Module | None = None
+    out: Path,
+    model: Any,
+    metrics: dict[str, Any],
+    cfg_dict: dict[str, Any],
+    base: nn.Module | None = None,
+    extras: Callable[[Path], list[str]] | None = None,
 ) -> None:
     """Adapter files, metrics, config (and ``base``, the embedded base model, with its tokenizer) into a
-    temporary directory, then each renamed into ``out``."""
+    temporary directory, then each renamed into ``out``.
+
+    ``extras(tmp)`` runs first (before the adapter is saved: it may save another adapter, then change the model's
+    weights) and returns the names of the further files or directories it wrote into ``tmp``; they are renamed into
+    ``out`` too, replacing what is there.
+    """
     from safetensors import SafetensorError
 
     tmp = Path(tempfile.mkdtemp(prefix=".final-tmp-", dir=out))
     try:
+        extra_names = extras(tmp) if extras is not None else []
         model.save_pretrained(tmp)
         for name, obj in (("metrics.json", metrics), ("train_config.json", cfg_dict)):
             (tmp / name).write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -116,6 +133,10 @@ def write_results(
         if base is not None:
             remove_path(out / BASE_MODEL_DIR)
             os.replace(tmp / BASE_MODEL_DIR, out / BASE_MODEL_DIR)
+        for name in extra_names:
+            if (tmp / name).is_dir():
+                remove_path(out / name)
+            os.replace(tmp / name, out / name)
         for name in OUTPUT_FILES:
             os.replace(tmp / name, out / name)
     except SafetensorError as e:  # how safetensors reports a failed write (a full disk, ...)

@@ -42,10 +42,12 @@ import torch
 from torch import nn
 
 from fastpeft import loading
+from fastpeft.app import curves, distributed, evaluate, packing
 from fastpeft.app import data as fdata
-from fastpeft.app import distributed, packing
 from fastpeft.app.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fastpeft.app.evaluate import EvalHistory
 from fastpeft.app.outputs import LOCK_FILE, OutLock
+from fastpeft.app.run_config import RUN_CONFIG, flags_of, write_run_config
 from fastpeft.app.run_control import (
     NonFinite,
     TrainingDiverged,
@@ -105,6 +107,8 @@ _RESUME_FIELDS = (
     "num_virtual_tokens",
     "bottleneck_size",
     "warmup_steps",
+    "eval_data",  # the eval history continues only on the same eval set
+    "eval_split",  # the split decides the training examples
 )
 
 
@@ -148,6 +152,12 @@ class TrainConfig:
     chunked_loss: bool = True
     distributed: str | None = None
     packing: str = "auto"
+    # evaluation (fastpeft.app.evaluate) and curves (fastpeft.app.curves)
+    eval_data: str | None = None
+    eval_split: float | None = None
+    eval_steps: int | None = None
+    save_best: bool = False
+    report_to: str = "none"
 
 
 def default_lr(method: str, embedded: bool) -> float:
@@ -271,8 +281,8 @@ def _schedule(total: int, warmup: int) -> Callable[[int], float]:
     return factor
 
 
-def _setup(cfg: TrainConfig, device: torch.device, method: str) -> tuple[Any, Any, fdata.Batches]:
-    """Tokenizer, data and PEFT model, validating every input (nothing is written yet)."""
+def _setup(cfg: TrainConfig, device: torch.device, method: str) -> tuple[Any, Any, fdata.Batches, list]:
+    """Tokenizer, data, PEFT model and the held-out eval examples, validating every input (nothing is written yet)."""
     from fastpeft.peft import get_peft_model, quantize_model
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -283,6 +293,8 @@ def _setup(cfg: TrainConfig, device: torch.device, method: str) -> tuple[Any, An
         tokenizer = fdata.byte_tokenizer()
     records = fdata.read_records(cfg.data) if cfg.data is not None else [{"text": t} for t in fdata.TINY_CORPUS]
     examples = fdata.encode_records(records, tokenizer, cfg.seq_len)
+    # --eval-data / --eval-split: the held-out examples (fastpeft.app.evaluate), never trained on
+    examples, held_out = evaluate.held_out(examples, cfg.eval_data, cfg.eval_split, cfg.seed, tokenizer, cfg.seq_len)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     if cfg.model is not None:
@@ -295,7 +307,7 @@ def _setup(cfg: TrainConfig, device: torch.device, method: str) -> tuple[Any, An
         if method == "qlora":
             quantize_model(base, skip=lm_head_skip(cfg.quantize_lm_head))
     vocab = base.get_input_embeddings().num_embeddings
-    top = max(max(ex.input_ids) for ex in examples)
+    top = max(max(ex.input_ids) for ex in [*examples, *held_out])
     if top >= vocab:
         raise ValueError(f"the tokenizer produces id {top} but the model's vocabulary has {vocab} entries")
     if cfg.quantize_lm_head and type(base.get_output_embeddings()).__name__ != "NF4Linear":
@@ -310,7 +322,7 @@ def _setup(cfg: TrainConfig, device: torch.device, method: str) -> tuple[Any, An
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # AdamW on bf16 parameters loses small updates: keep the adapter fp32
-    return tokenizer, model, _batches(cfg, model, examples, pad_id, vocab)
+    return tokenizer, model, _batches(cfg, model, examples, pad_id, vocab), held_out
 
 
 def _batches(cfg: TrainConfig, model: Any, examples: list, pad_id: int, vocab: int) -> Any:
@@ -357,6 +369,24 @@ def _save(run: distributed.DistributedRun | None, directory: Path, named: list, 
         save_checkpoint(directory, named, optimizer, scheduler, device, **state)
     else:
         run.save_checkpoint(directory, named, optimizer, scheduler, **state)
+
+
+def _extras(tmp: Path, model: Any, history: EvalHistory, losses: list[float], flags: dict[str, Any]) -> list[str]:
+    """The results beside the adapter: ``run_config.yaml``, ``loss.png`` and, with ``--save-best``, ``last/`` (the
+    last step's adapter, saved before the best step's tensors are loaded into ``model`` for the main files)."""
+    names = []
+    if history.keep_best and history.best is not None:
+        model.save_pretrained(tmp / "last")
+        names.append("last")
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in history.best:
+                    p.copy_(history.best[n].to(device=p.device, dtype=p.dtype))
+    write_run_config(tmp / RUN_CONFIG, flags)
+    names.append(RUN_CONFIG)
+    if curves.plot_losses(tmp / "loss.png", losses, history.records):
+        names.append("loss.png")
+    return names
 
 
 def _check_numbers(cfg: TrainConfig) -> None:
@@ -435,12 +465,16 @@ def _train_step(
     return loss, epoch, index, tokens, slots - tokens
 
 
-def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+def finetune(
+    cfg: TrainConfig, callback: Callable[[int, float], None] | None = None, flags: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Fine-tune as ``cfg`` says and write the results into ``cfg.out`` (see module doc).
 
     Args:
         cfg: the run's settings.
         callback: called after every optimizer step with ``(step, loss)`` (1-based step).
+        flags: settings only the command line reads (``memory_budget``), recorded in ``run_config.yaml`` with the
+            resolved ``cfg`` (``fastpeft.app.run_config``).
 
     Returns:
         the metrics written to ``metrics.json``: ``first_loss``, ``final_loss``, ``losses`` (one per
@@ -455,17 +489,17 @@ def finetune(cfg: TrainConfig, callback: Callable[[int, float], None] | None = N
         TrainingInterrupted: SIGINT / SIGTERM, after a checkpoint of the last step.
         OSError: writing into ``cfg.out`` failed (a full disk, ...).
     """
-    out = check_paths(cfg.out, cfg.model, cfg.data)
+    out = check_paths(cfg.out, cfg.model, cfg.data, cfg.eval_data)
     # One run at a time in `out`: held from the checks until this returns (the kernel drops it if we die).
     lock = OutLock(out / LOCK_FILE, f"--out {cfg.out}")
     try:
-        return _finetune(cfg, callback, out, lock)
+        return _finetune(cfg, callback, out, lock, flags or {})
     finally:
         lock.release()
 
 
 def _finetune(
-    cfg: TrainConfig, callback: Callable[[int, float], None] | None, out: Path, lock: OutLock
+    cfg: TrainConfig, callback: Callable[[int, float], None] | None, out: Path, lock: OutLock, flags: dict[str, Any]
 ) -> dict[str, Any]:
     from tqdm.auto import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -483,6 +517,8 @@ def _finetune(
     if cfg.lr is None:
         cfg = replace(cfg, lr=default_lr(method, cfg.model is None))
     _check_numbers(cfg)
+    evaluate.check_eval_flags(cfg.eval_data, cfg.eval_split, cfg.eval_steps, cfg.save_best)
+    curves.check_report_to(cfg.report_to)  # the tensorboard package, before anything is loaded
     check_writable(out)
     if run is not None:
         run.on_main(lambda: hold_out(out, lock, f"--out {cfg.out}"), str(out))
@@ -507,12 +543,14 @@ def _finetune(
             )
 
     # Every rank draws the same global batches (batch_size rows per rank) and trains on its own rows.
-    tokenizer, model, batches = _setup(replace(cfg, batch_size=cfg.batch_size * world), device, method)
+    tokenizer, model, batches, held_out = _setup(replace(cfg, batch_size=cfg.batch_size * world), device, method)
+    eval_set = evaluate.eval_batches(batches, held_out) if held_out else None  # batched (packed) as training is
     # Micro-batches stream across epoch boundaries, so an epoch count converts to steps as a whole.
     by_epochs = math.ceil(cfg.epochs * batches.batches_per_epoch / cfg.grad_accum)
     default_steps = 60 if cfg.model is None and cfg.data is None else by_epochs
     total = cfg.max_steps or default_steps
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(10, total // 10)
+    history = EvalHistory(cfg.eval_steps if eval_set is not None else None, total, keep_best=cfg.save_best)
     if state is not None:
         m = state.meta
         if m["step"] > total:
@@ -545,6 +583,7 @@ def _finetune(
         m = state.meta
         step, epoch, index = m["step"], m["epoch"], m["index"]
         losses, tokens, seconds, padded = list(m["losses"]), m["tokens"], m["seconds"], m.get("padded", 0)
+        history.restore(m.get("evals", []), state.best, str(state.directory), named)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     stream = batches.iterate(epoch, index)
@@ -555,7 +594,8 @@ def _finetune(
     # Log lines (the estimate, a signal's notice) go above the progress bar, not through it.
     redirect = logging_redirect_tqdm() if cfg.progress else contextlib.nullcontext()
     last_saved = step if state is not None else None
-    with stop_requests() as stop, redirect, threads_for_a_busy_cpu(device):
+    events = curves.tensorboard(out, cfg.report_to == "tensorboard" and (run is None or run.is_main), step)
+    with stop_requests() as stop, redirect, threads_for_a_busy_cpu(device), events as board:
         while step < total:
             t0 = time.perf_counter()
             try:
@@ -565,20 +605,33 @@ def _finetune(
             except NonFinite as e:
                 bar.close()
                 raise diverged(cfg.lr, step + 1, e.what, e.value, last_saved, out) from None
+            lr_now = optimizer.param_groups[0]["lr"]
             scheduler.step()
             tokens += n_tokens
             padded += n_padded
             seconds += time.perf_counter() - t0
             step += 1
             losses.append(step_loss)
+            if eval_set is not None and history.due(step):  # the eval loss, every --eval-steps and at the end
+                value = evaluate.eval_loss(model, eval_set, device, cfg.chunked_loss, run)
+                if not math.isfinite(value):
+                    bar.close()
+                    raise diverged(cfg.lr, step, "the eval loss", str(value), last_saved, out)
+                history.add(step, value, named)
+            if board is not None:
+                board.step(step, step_loss, lr_now)
+                if history.records and history.records[-1]["step"] == step:
+                    board.eval(step, history.last_loss)
             bar.update(1)
+            shown = {} if history.last_loss is None else {"eval": f"{history.last_loss:.4f}"}
             bar.set_postfix(
                 loss=f"{step_loss:.4f}",
+                **shown,
                 tok_s=f"{tokens / max(seconds, 1e-9):.0f}",
                 mem=f"{_memory_now(device) / 2**20:.0f}MiB",
             )
             state_now = dict(config=cfg_dict, step=step, epoch=epoch, index=index, losses=losses, tokens=tokens,
-                             seconds=seconds, padded=padded)  # fmt: skip
+                             seconds=seconds, padded=padded, evals=history.records, best=history.best)  # fmt: skip
             saved = step % cfg.save_steps == 0 or step == total
             if saved:
                 if not _finite(run, params):  # a checkpoint never holds weights an update made non-finite
@@ -586,6 +639,8 @@ def _finetune(
                     raise diverged(cfg.lr, step, "the updated adapter weights", "non-finite", last_saved, out)
                 _save(run, out / "checkpoint", named, optimizer, scheduler, device, state_now)
                 last_saved = step
+                if board is not None:
+                    board.flush()
             if callback is not None:
                 callback(step, step_loss)
             # every rank stops at the same step, whichever received the signal
@@ -623,14 +678,22 @@ def _finetune(
         "world_size": world,
         "global_batch": cfg.batch_size * world * cfg.grad_accum,  # examples per optimizer step
         "distributed": run.strategy if run is not None else None,
+        **history.metrics(),  # eval_loss, eval_history, best_step, best_eval_loss (None without an eval set)
+        "eval_examples": len(held_out),
+        # the step whose adapter is in `out`: the best eval step with --save-best (the last one then in out/last)
+        "adapter_step": history.best_record["step"] if cfg.save_best and history.best is not None else step,
     }
+    recorded = {**asdict(cfg), "method": method, "device": str(device) if run is None else cfg.device,
+                "distributed": run.strategy if run is not None else cfg.distributed}  # fmt: skip
+    run_flags = flags_of(recorded, flags)
 
     def write() -> None:
         base = None
         if cfg.model is None:  # the embedded base, rebuilt from its seed (dense, on the CPU) to go beside the adapter
             emb = model.get_input_embeddings()
             base = build_embedded_model(cfg.seed, torch.device("cpu"), emb.weight.dtype, emb.num_embeddings)
-        write_results(out, model, metrics, cfg_dict, base)
+        write_results(out, model, metrics, cfg_dict, base,
+                      extras=lambda tmp: _extras(tmp, model, history, losses, run_flags))  # fmt: skip
 
     if run is None:
         write()
