@@ -3,21 +3,24 @@
 A conversation is rendered whole by the tokenizer's chat template (``tokenizer.apply_chat_template``) and
 tokenized as transformers tokenizes a rendered chat: the text as the template writes it, no special token
 added (the template writes its own BOS, none is prepended). The loss covers the assistant's turns only (TRL's
-``assistant_only_loss``): each assistant turn's content and the end-of-turn marker the template writes after it
-(``<|im_end|>``, ``<|eot_id|>``, ``</s>``: the model learns where its answer stops), never the system, user
-and tool turns nor the assistant header the generation prompt writes.
+``assistant_only_loss``): each assistant turn's content and all the template writes after it up to the next
+turn, the end-of-turn marker (``<|im_end|>``, ``<|eot_id|>``, ``</s>``: the model learns where its answer
+stops) and the whitespace after it, as TRL's training templates mark them; never the system, user and tool
+turns nor the assistant header the generation prompt writes.
 
 Which tokens those are:
 
 - A template with ``{% generation %}`` blocks marks them itself: transformers'
   ``return_assistant_tokens_mask=True`` gives the mask (what TRL requires for ``assistant_only_loss``).
 - Any other template is rendered turn by turn: assistant turn ``i`` spans the characters from the end of
-  ``messages[:i]`` rendered with the generation prompt to the end of ``messages[:i + 1]`` rendered, less the
-  whitespace the template writes after its end-of-turn marker; the tokens of the whole rendering that overlap
-  those characters (a fast tokenizer's offsets) are trained, as transformers maps ``{% generation %}`` spans.
-  That needs a template that writes each conversation's beginning as it writes the whole (every prefix rendered
-  is a prefix of the whole text); one that does not (one that rewrites earlier turns, as templates that drop past
-  reasoning do) is refused for the conversation, naming it, rather than guessed at.
+  ``messages[:i]`` rendered with the generation prompt to the end of ``messages[:i + 1]`` rendered (or, where
+  the template ends a last message otherwise, to where that text and the whole part); the tokens of the whole
+  rendering that overlap those characters (a fast tokenizer's offsets) are trained, as transformers maps
+  ``{% generation %}`` spans. That needs a template that writes each conversation's beginning as it writes the
+  whole (the prefix with its generation prompt is the start of the whole text, and the turn's content follows);
+  one that does not (a generation prompt that opens a ``<think>`` block, templates that rewrite earlier turns) is
+  refused for the conversation, naming it, rather than guessed at. TRL ships ``{% generation %}`` versions of
+  those templates (``trl/chat_templates/*_training.jinja``).
 
 Roles are ``system``, ``user``, ``assistant`` and ``tool``; a ``tool`` turn only where the template names that
 role. Messages hold ``role`` and ``content`` (a string) only: tool calls, images and other fields are refused.
@@ -25,6 +28,7 @@ role. Messages hold ``role`` and ``content`` (a string) only: tool calls, images
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any
 
@@ -151,7 +155,12 @@ def _by_turns(messages: list[dict[str, str]], tokenizer: Any, where: str) -> tup
     def render(part: list[dict[str, str]], prompt: bool) -> str:
         return tokenizer.apply_chat_template(part, tokenize=False, add_generation_prompt=prompt)
 
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{where}: finding the assistant tokens needs a fast tokenizer (character offsets), or a "
+                         "chat template with {% generation %} blocks")  # fmt: skip
     full = render(messages, False)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    starts = [first for first, _ in enc["offset_mapping"]]
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -160,19 +169,22 @@ def _by_turns(messages: list[dict[str, str]], tokenizer: Any, where: str) -> tup
             raise ValueError(f"{where}: the conversation opens with an assistant turn, which a chat template without "
                              "{% generation %} blocks cannot delimit: put a system or user turn before it")  # fmt: skip
         head, upto = render(messages[:i], True), render(messages[: i + 1], False)
-        if not (upto.startswith(head) and full.startswith(upto)):
+        if full.startswith(upto):
+            end = len(upto)
+        else:
+            # A template may end its last message otherwise (an EOS after it, <|return|> for <|end|>): the turn
+            # ends where the two texts' tokens part (characters could agree inside a token that differs).
+            mine = tokenizer(upto, add_special_tokens=False)["input_ids"]
+            same = len(os.path.commonprefix([mine, list(enc["input_ids"])]))
+            end = starts[same] if same < len(starts) else len(full)
+        if not (full.startswith(head) and message["content"].strip() in full[len(head) : end]):
             raise ValueError(
                 f"{where}: the chat template does not render this conversation turn by turn (the text up to message "
                 f"{i + 1} is not the start of the whole), so its assistant tokens cannot be told apart: use a template "
                 "that marks them with {% generation %} blocks"
             )
-        start, end = len(head), len(upto.rstrip())
-        if end > start:
-            spans.append((start, end))
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError(f"{where}: finding the assistant tokens needs a fast tokenizer (character offsets), or a "
-                         "chat template with {% generation %} blocks")  # fmt: skip
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+        if end > len(head):
+            spans.append((len(head), end))
     trained, at = [], 0
     for first, last in enc["offset_mapping"]:
         while at < len(spans) and first >= spans[at][1]:

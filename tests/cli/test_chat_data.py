@@ -28,8 +28,8 @@ ZEPHYR = (
 )
 ZEPHYR_GEN = (
     "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>\n"
-    "{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{{ eos_token }}{% endgeneration %}"
-    "{% else %}{{ m.content }}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+    "{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{{ eos_token }}{{ '\\n' }}{% endgeneration %}"
+    "{% else %}{{ m.content }}{{ eos_token }}{{ '\\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 # ChatML with a default system turn when the conversation has none (as SmolLM2's template does), no BOS.
@@ -43,8 +43,8 @@ CHATML_GEN = (
     "{% for m in messages %}{% if loop.first and m.role != 'system' %}"
     "{{ '<|im_start|>system\nYou are a small helpful model.<|im_end|>\n' }}{% endif %}"
     "{{ '<|im_start|>' + m.role + '\n' }}{% if m.role == 'assistant' %}{% generation %}"
-    "{{ m.content + '<|im_end|>' }}{% endgeneration %}{% else %}{{ m.content + '<|im_end|>' }}{% endif %}"
-    "{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    "{{ m.content + '<|im_end|>\n' }}{% endgeneration %}{% else %}{{ m.content + '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
 CONVERSATION = [
@@ -80,15 +80,14 @@ def one(records: list[dict], tok, seq_len: int = 256):
     return list(ex.input_ids), list(ex.labels)
 
 
-def test_multi_turn_labels_are_the_assistant_content_and_its_end_of_turn_only() -> None:
+def test_multi_turn_labels_are_the_assistant_turns_after_their_headers_only() -> None:
     want = expected(
         byte_tokenizer(),
         [
             ("<s><|system|>\nBe brief.</s>\n<|user|>\nsay cat</s>\n<|assistant|>\n", False),
-            ("cat cat. </s>", True),
-            ("\n<|user|>\nand dog?</s>\n<|assistant|>\n", False),
-            ("dog!</s>", True),
-            ("\n", False),
+            ("cat cat. </s>\n", True),
+            ("<|user|>\nand dog?</s>\n<|assistant|>\n", False),
+            ("dog!</s>\n", True),
         ],
     )
     for template in (ZEPHYR, ZEPHYR_GEN):  # by rendered prefixes / by transformers' generation mask
@@ -105,8 +104,7 @@ def test_chatml_with_a_default_system_turn_and_no_bos() -> None:
         [
             ("<|im_start|>system\nYou are a small helpful model.<|im_end|>\n<|im_start|>user\nsay cat<|im_end|>\n"
              "<|im_start|>assistant\n", False),
-            ("cat cat. <|im_end|>", True),
-            ("\n", False),
+            ("cat cat. <|im_end|>\n", True),
         ],
     )  # fmt: skip
     assert got == want, (got, want)
@@ -125,6 +123,32 @@ def test_prefix_mask_equals_transformers_assistant_tokens_mask(plain: str, marke
         assert any(m for m in out["assistant_masks"]), "transformers found no assistant token: nothing compared"
         ours = one([{"messages": messages}], chat_tokenizer(plain, chatml))
         assert ours == (list(out["input_ids"]), theirs), (messages, ours, theirs)
+
+
+# Real templates, as TRL ships them with a {% generation %} twin for assistant_only_loss (read from the installed
+# package): on each, the prefix rendering of the plain one finds what transformers' mask finds on the twin.
+TRL_TEMPLATES = ["llama3", "qwen3_instruct_2507", "gemma3", "phi3", "cohere2", "lfm2"]
+
+
+@pytest.mark.parametrize("name", TRL_TEMPLATES)
+def test_prefix_mask_equals_trls_training_templates(name: str) -> None:
+    pytest.importorskip("trl")
+    from importlib.resources import files
+
+    folder = files("trl") / "chat_templates"
+    plain, marked = (folder / f"{name}.jinja").read_text(), (folder / f"{name}_training.jinja").read_text()
+    assert "generation %}" not in plain and "generation %}" in marked, name
+    for messages in (CONVERSATION, CONVERSATION[1:], CONVERSATION[1:3]):
+        marked_tok = chat_tokenizer(marked)
+        rendered = marked_tok.apply_chat_template(messages, tokenize=False)
+        assert rendered == chat_tokenizer(plain).apply_chat_template(messages, tokenize=False), "renderings differ"
+        out = marked_tok.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                             return_assistant_tokens_mask=True)  # fmt: skip
+        theirs = [t if m else IGNORE_INDEX for t, m in zip(out["input_ids"], out["assistant_masks"], strict=True)]
+        ours = one([{"messages": messages}], chat_tokenizer(plain), seq_len=4096)
+        assert ours == (list(out["input_ids"]), theirs), f"{name}, {len(messages)} messages"
+        answer = messages[-1]["content"].strip()  # templates may trim it
+        assert answer in marked_tok.decode([t for t in theirs if t != IGNORE_INDEX]), f"{answer!r} is not trained"
 
 
 def test_cut_inside_an_assistant_turn_ends_in_eos_and_a_turn_past_seq_len_drops(tmp_path: Path, caplog) -> None:
