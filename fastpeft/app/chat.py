@@ -32,7 +32,7 @@ import os
 import re
 from typing import Any
 
-__all__ = ["ROLES", "check_messages", "encode_conversation"]
+__all__ = ["ROLES", "chat_template", "check_messages", "encode_conversation"]
 
 ROLES = ("system", "user", "assistant", "tool")
 

@@ -247,6 +247,11 @@ def test_dataset_rows_are_checked_and_named_like_lines(tmp_path: Path, monkeypat
     datasets.Dataset.from_list([{"text": "fine"}, {"text": "ok"}, {"text": "\U0001f600 x"}]).to_parquet(
         str(tmp_path / "fine.parquet")
     )
+    # Arrow gives every message every field of the schema: a null one is absent.
+    sparse = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "tool_calls": None}]
+    datasets.Dataset.from_list([{"messages": sparse}]).save_to_disk(str(tmp_path / "sparse"))
+    assert read_records(tmp_path / "sparse") == [{"messages": [{"role": "user", "content": "hi"},
+                                                               {"role": "assistant", "content": "yo"}]}]  # fmt: skip
     bad = datasets.Dataset.from_list([{"messages": CONVERSATION[1:3]}, {"messages": []}])
     bad.save_to_disk(str(tmp_path / "bad"))
     with pytest.raises(ValueError, match=r"bad\[1\]: field 'messages' is an empty conversation"):
