@@ -280,7 +280,11 @@ def _adapter_bwd_dw_kernel(
     m_start = pid_s * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
     acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
-    colsum = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # 16-bit X: the column sums as one more MMA, X^T times 16 columns of ones (every column holds the sums;
+    # the products are exact, the sum float32). A tl.sum of the X tile beside the MMA made ptxas serialize the
+    # kernel's wgmma (C7515) at BLOCK_B <= 64. Float32 (FMA dots, no wgmma) keeps the reduction.
+    SUM_COLS: tl.constexpr = 1 if DOT_PRECISION == "ieee" else 16
+    colsum = tl.zeros([BLOCK_N, SUM_COLS], dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_end
@@ -288,11 +292,15 @@ def _adapter_bwd_dw_kernel(
         g = _tile(g_ptr, offs_m, offs_b, stride_gm, stride_gb, mask_m, mask_b)
         acc = tl.dot(xt, g, acc, input_precision=DOT_PRECISION)
         if HAS_COLSUM:
-            colsum += tl.sum(xt.to(tl.float32), axis=1)
+            if SUM_COLS == 1:
+                colsum += tl.sum(xt.to(tl.float32), axis=1)[:, None]
+            else:
+                ones = tl.full([BLOCK_M, SUM_COLS], 1.0, xt.dtype)
+                colsum = tl.dot(xt, ones, colsum, input_precision=DOT_PRECISION)
     out = out_ptr + pid_s * stride_os + offs_n[:, None] * stride_on + offs_b[None, :] * stride_ob
     tl.store(out, acc, mask=mask_n[:, None] & mask_b[None, :])
     if HAS_COLSUM:
-        tl.store(colsum_ptr + pid_s * N + offs_n, colsum, mask=mask_n)
+        tl.store(colsum_ptr + pid_s * N + offs_n, tl.max(colsum, axis=1), mask=mask_n)
 
 
 # ----------------------------------------------------------------------------------------------
