@@ -2,7 +2,8 @@
 
 A checkpoint directory holds the trainable tensors, the optimizer's tensors and the RNG states as
 safetensors files, and ``trainer_state.json``: the step, the data position, the losses so far, the
-optimizer's scalars and parameter groups, the scheduler's state and the run's config. ``save_checkpoint``
+optimizer's scalars and parameter groups, the scheduler's state, the run's config and the eval history (with
+``--save-best``, ``best_adapter.safetensors``: the adapter at the best eval step). ``save_checkpoint``
 writes it into a temporary directory beside the target and renames it into place (the old one is
 removed last). ``load_checkpoint`` checks every field (type, range, consistency: one loss per step,
 the scheduler at the same step) and ``Checkpoint.restore`` checks every tensor against the run it is

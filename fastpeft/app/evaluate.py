@@ -1,6 +1,6 @@
 """Evaluation in ``fastpeft finetune``: the held-out examples, their loss, the eval history and the best step.
 
-- ``read_examples``: the examples of an ``--eval-data`` file (the reader ``--data`` goes through).
+- ``read_examples``: the examples of an ``--eval-data`` path, read as ``--data`` is.
 - ``held_out``: ``--eval-data``'s examples, or ``--eval-split``'s seeded share of the training examples (disjoint
   from those trained on).
 - ``eval_batches``: the held-out examples batched as the training set is (packed rows where it packs).
@@ -31,8 +31,9 @@ __all__ = ["EvalHistory", "check_eval_flags", "eval_batches", "eval_loss", "held
 
 
 def read_examples(path: str, tokenizer: Any, seq_len: int) -> fdata.Examples:
-    """The examples of the data file ``path``, read and tokenized as ``--data`` is."""
-    return fdata.encode_records(fdata.read_jsonl(path), tokenizer, seq_len)
+    """The examples of the data file ``path``, read and tokenized as ``--data`` is (JSONL, chat ``messages``,
+    ``datasets`` directories and Parquet files: ``fastpeft.app.data.read_records``)."""
+    return fdata.encode_records(fdata.read_records(path), tokenizer, seq_len)
 
 
 def check_eval_flags(eval_data: str | None, eval_split: float | None, eval_steps: int | None, save_best: bool) -> None:

@@ -19,6 +19,11 @@ Started by ``torchrun --nproc-per-node N`` (``distributed``: ``ddp`` or ``fsdp``
 share of each global batch (``batch_size`` examples per rank) through ``fastpeft.app.distributed``; rank 0
 alone writes, and the results equal a single process trained with ``batch_size x N`` examples a batch.
 
+With an eval set (``--eval-data`` / ``--eval-split``, ``fastpeft.app.evaluate``) the eval loss is taken every
+``eval_steps`` and at the end, and ``save_best`` leaves the best step's adapter in ``out`` (the last step's in
+``out/last``). ``out`` also gets ``run_config.yaml`` (the resolved flags, ``fastpeft.app.run_config``) and
+``loss.png`` / TensorBoard events (``fastpeft.app.curves``).
+
 After the first steps one log line (logger ``fastpeft.app.train``, level INFO) estimates the run's length.
 The embedded demo writes its base model into ``out/base_model`` (it is tiny) and records that path as
 the adapter's ``base_model_name_or_path``, so ``fastpeft merge`` and HF PEFT can load the result.

@@ -267,3 +267,30 @@ def test_tensorboard_events_hold_the_losses(best_run: Path) -> None:
     assert_close(torch.tensor([v for _, v in eval_loss]), torch.tensor([r["eval_loss"] for r in m["eval_history"]]),
                  msg="eval/loss events")  # fmt: skip
     assert len(events.Scalars("train/lr")) == m["steps"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_eval_loss_under_torchrun_is_the_global_mean(tiny: dict[str, Path], tmp_path: Path, strategy: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    common = ("--max-steps", "4", "--eval-split", "0.25", "--eval-steps", "1", "--save-best", "--lr", "0.05",
+              "--warmup-steps", "0")  # fmt: skip
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(finetune_args(tiny["model"], tiny["data"], one, *common, "--batch-size", "4", "--packing", "off")) == 0
+    argv = finetune_args(tiny["model"], tiny["data"], two, *common, "--batch-size", "2", "--distributed", strategy)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "fastpeft", *argv], env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _metrics(one), _metrics(two)
+    assert [r["step"] for r in b["eval_history"]] == [1, 2, 3, 4] and b["best_step"] == a["best_step"]
+    got, want = ([r["eval_loss"] for r in m["eval_history"]] for m in (b, a))
+    assert_close(torch.tensor(got), torch.tensor(want), msg=f"{strategy} eval losses vs one process")
+    x, y = load_file(str(one / "adapter_model.safetensors")), load_file(str(two / "adapter_model.safetensors"))
+    # Adam divides by the gradients' magnitude: a rounding-level gradient difference may move an element by a
+    # small fraction of a step (lr); a wrong adapter would differ by whole steps.
+    worst = max(float((y[k] - x[k]).abs().max()) for k in x)
+    assert x.keys() == y.keys() and worst <= 1e-2 * 0.05, f"{strategy}: best adapters differ by up to {worst:.2e}"
