@@ -294,3 +294,54 @@ def test_eval_loss_under_torchrun_is_the_global_mean(tiny: dict[str, Path], tmp_
     # small fraction of a step (lr); a wrong adapter would differ by whole steps.
     worst = max(float((y[k] - x[k]).abs().max()) for k in x)
     assert x.keys() == y.keys() and worst <= 1e-2 * 0.05, f"{strategy}: best adapters differ by up to {worst:.2e}"
+
+
+def test_yaml_values_go_through_the_flags_types(tmp_path: Path) -> None:
+    from fastpeft.app.run_config import config_defaults
+
+    sub = _parser()._subparsers._group_actions[0].choices["finetune"]
+    path = tmp_path / "run.yml"
+    # PyYAML reads 1e-4 (no dot) as a string: the flag's own type makes it a float
+    path.write_text("lr: 1e-4\ngrad-accum: 2\ngradient_checkpointing: false\ntarget_modules: [q_proj, v_proj]\n"
+                    "eval_steps: null\nmethod: lora\n")  # fmt: skip
+    got = config_defaults(path, sub)
+    assert got == {"lr": 1e-4, "grad_accum": 2, "gradient_checkpointing": False, "target_modules": "q_proj,v_proj",
+                   "eval_steps": None, "method": "lora"}, got  # fmt: skip
+    refusals = (("r: null\n", "r cannot be null"), ("grad_accum: 2\ngrad-accum: 3\n", "given twice"),
+                ("config: other.yaml\n", "cannot name another"), ("r: 2.5\n", "invalid int value 2.5"))  # fmt: skip
+    for text, message in refusals:
+        path.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            config_defaults(path, sub)
+
+
+def test_overwrite_removes_the_optional_outputs(tmp_path: Path) -> None:
+    from fastpeft.app.run_dir import OPTIONAL_OUTPUTS, prepare_out
+
+    out = tmp_path / "out"
+    for name in OPTIONAL_OUTPUTS:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        if "." in name:
+            (out / name).write_text("old")
+        else:
+            (out / name).mkdir()
+            (out / name / "f").write_text("old")
+    prepare_out(out, resume=False, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [], "a previous run's results stayed beside the new ones"
+
+
+def test_a_checkpoints_eval_history_is_checked(best_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from fastpeft.app.checkpoint import load_checkpoint
+
+    ckpt = tmp_path / "checkpoint"
+    shutil.copytree(best_run / "checkpoint", ckpt)
+    path = ckpt / "trainer_state.json"
+    state = json.loads(path.read_text())
+    assert load_checkpoint(ckpt).best is not None
+    for evals in ([{"step": 9, "eval_loss": 1.0}], [{"step": 2, "eval_loss": 1.0}, {"step": 1, "eval_loss": 1.0}],
+                  [{"step": 1, "eval_loss": "nan"}], "none"):  # fmt: skip
+        path.write_text(json.dumps({**state, "evals": evals}))
+        with pytest.raises(ValueError, match=f"{path}: 'evals' must"):
+            load_checkpoint(ckpt)
