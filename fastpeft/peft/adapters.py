@@ -296,14 +296,20 @@ def _wrappers(model: nn.Module) -> list[tuple[str, AdapterWrapper]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, AdapterWrapper)]
 
 
-def adapter_file_params(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
-    """File key -> live tensor for adapter ``adapter_name`` (layout in the module doc)."""
+def _member_file_params(model: nn.Module, kind: str, name: str) -> dict[str, torch.Tensor]:
+    """File key -> live tensor of ``name`` in every wrapper's ``kind`` dict (``bottleneck`` or ``fusion``):
+    ``base_model.model.<P>.<kind>.<key>`` for a wrapper at ``P``."""
     out = {}
     for path, wrapper in _wrappers(model):
-        if adapter_name in wrapper.bottleneck:
-            for k, t in wrapper.bottleneck[adapter_name].state_dict(keep_vars=True).items():
-                out[f"{PREFIX}{path}.bottleneck.{k}"] = t
+        if name in getattr(wrapper, kind):
+            for k, t in getattr(wrapper, kind)[name].state_dict(keep_vars=True).items():
+                out[f"{PREFIX}{path}.{kind}.{k}"] = t
     return out
+
+
+def adapter_file_params(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """File key -> live tensor for adapter ``adapter_name`` (layout in the module doc)."""
+    return _member_file_params(model, "bottleneck", adapter_name)
 
 
 def set_active_adapter(model: nn.Module, adapter_name: str, trainable: bool) -> None:
@@ -351,12 +357,7 @@ def add_fusion(model: nn.Module, fuse: Fuse) -> int:
 def fusion_file_params(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """File key -> live tensor of fusion ``name``: ``base_model.model.<P>.fusion.{query,key,value}.{weight,bias}``
     for a wrapper at ``P`` (the fusion's name is not in the key, as an adapter's is not)."""
-    out = {}
-    for path, wrapper in _wrappers(model):
-        if name in wrapper.fusion:
-            for k, t in wrapper.fusion[name].state_dict(keep_vars=True).items():
-                out[f"{PREFIX}{path}.fusion.{k}"] = t
-    return out
+    return _member_file_params(model, "fusion", name)
 
 
 def delete_fusion(model: nn.Module, name: str) -> None:
@@ -395,8 +396,7 @@ def delete_adapter(model: nn.Module, adapter_name: str, drop_empty: bool = False
         if adapter_name in wrapper.bottleneck:
             del wrapper.bottleneck[adapter_name]
         if drop_empty and not len(wrapper.bottleneck):
-            parent_name, _, child = path.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper.base_layer)
+            _unwrap(model, path, wrapper)
 
 
 def set_adapters_disabled(model: nn.Module, disabled: bool) -> list[tuple[nn.Module, bool]]:
@@ -411,6 +411,11 @@ def set_adapters_disabled(model: nn.Module, disabled: bool) -> list[tuple[nn.Mod
 def unload_adapters(model: nn.Module) -> nn.Module:
     """Put every wrapped submodule back; returns ``model`` without adapters."""
     for path, wrapper in _wrappers(model):
-        parent_name, _, child = path.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper.base_layer)
+        _unwrap(model, path, wrapper)
     return model
+
+
+def _unwrap(model: nn.Module, path: str, wrapper: AdapterWrapper) -> None:
+    """Put ``wrapper``'s base layer back in its place at ``path``."""
+    parent_name, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, wrapper.base_layer)

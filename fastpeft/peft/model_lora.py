@@ -56,9 +56,7 @@ class LoraMethods:
             ValueError: an unknown adapter, or (``safe_merge``) a non-finite merged weight.
         """
         self._require_lora("merge_adapter")
-        for name in adapter_names or []:
-            if name not in self.peft_config:
-                raise ValueError(f"Adapter {name} does not exist (have {sorted(self.peft_config)})")
+        self._check_known(adapter_names or [])
         for _, layer in self._lora_layers():
             names = layer._present_active() if adapter_names is None else [a for a in adapter_names if layer._has(a)]
             if names:
@@ -95,9 +93,8 @@ class LoraMethods:
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         """Switch training of the named adapters on or off without changing which ones are active."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check_known(names)
         for name in names:
-            if name not in self.peft_config:
-                raise ValueError(f"Adapter {name} does not exist (have {sorted(self.peft_config)})")
             for t in self._file_params(name).values():
                 if t.is_floating_point():
                     t.requires_grad_(requires_grad)

@@ -10,7 +10,9 @@ from typing import Any
 
 from torch import nn
 
-__all__ = ["TunerModel"]
+from fastpeft.peft.config import AdapterConfig, LoraConfig, PeftConfigBase
+
+__all__ = ["TunerModel", "adapter_kind"]
 
 # PeftModel methods HF PEFT also offers on ``peft_model.base_model`` (its LoraModel); TunerModel forwards them.
 _TUNER_METHODS = frozenset(
@@ -42,3 +44,15 @@ class TunerModel(nn.Module):
             if owner is not None and name in _TUNER_METHODS:
                 return getattr(owner, name)
             return getattr(super().__getattr__("model"), name)
+
+
+def adapter_kind(config: PeftConfigBase) -> str:
+    """``"lora"``, ``"adapter"`` (bottleneck) or ``"prompt"``: the kind of adapter ``config`` describes (LoRA and
+    bottleneck adapters sit under a ``TunerModel``, prompt learning beside the model)."""
+    if isinstance(config, LoraConfig):
+        return "lora"
+    if isinstance(config, AdapterConfig):
+        return "adapter"
+    if config.is_prompt_learning:
+        return "prompt"
+    raise TypeError(f"unsupported config type {type(config).__name__}")
