@@ -82,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
                    '[{"role": ..., "content": ...}, ...]} (chat template; loss on assistant turns) per line; or a '
                    "datasets save_to_disk directory (its train split) or Parquet file(s) with those columns "
                    "(default: a built-in corpus of short sentences)")  # fmt: skip
-    f.add_argument("--method", help="lora, qlora, adapter, prefix or prompt (default: qlora on a GPU, lora on CPU)")
+    f.add_argument("--method", help="lora, qlora, dora, qdora (DoRA on an NF4 base), adapter, prefix or prompt "
+                   "(default: qlora on a GPU, lora on CPU)")  # fmt: skip
     f.add_argument("--r", type=int, default=8, help="LoRA rank")
     f.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling = alpha / r)")
     f.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
@@ -92,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="peak learning rate, warmup then cosine to 10%% (default: 1e-2 for the built-in demo, "
-        "2e-4 for lora/qlora/adapter, 1e-2 for prefix/prompt)",
+        "2e-4 for lora/qlora/dora/qdora/adapter, 1e-2 for prefix/prompt)",
     )
     f.add_argument("--warmup-steps", type=int, default=None, help="default: min(10, steps / 10)")
     f.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch")
@@ -355,7 +356,7 @@ def _merge(args: argparse.Namespace, out: Path, lock: OutLock) -> str:
     trained_on_nf4 = prequantized
     train_cfg = adapter / "train_config.json"
     if train_cfg.is_file():
-        trained_on_nf4 = trained_on_nf4 or _json_object(train_cfg).get("method") == "qlora"
+        trained_on_nf4 = trained_on_nf4 or _json_object(train_cfg).get("method") in ("qlora", "qdora")
     if args.onto_original and prequantized:
         raise ValueError(f"--onto-original: {args.model} holds only the 4-bit weights, not the originals")
     quantize = trained_on_nf4 and not args.onto_original
@@ -367,7 +368,7 @@ def _merge(args: argparse.Namespace, out: Path, lock: OutLock) -> str:
         dtype = getattr(config, "dtype", None) or torch.float32
         dtype = _torch_dtype(dtype) if isinstance(dtype, str) else dtype
     model = loading.load_causal_lm(args.model, quantize=quantize, device="cpu", dtype=dtype)
-    # The adapter merges onto exactly the weights it was trained against: dequant(W) for QLoRA.
+    # The adapter merges onto exactly the weights it was trained against: dequant(W) for QLoRA / QDoRA.
     loading.dequantize_model(model, dtype)
     merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     if hasattr(merged.config, "quantization_config"):

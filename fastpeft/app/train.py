@@ -93,7 +93,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-METHODS = ("lora", "qlora", "adapter", "prefix", "prompt")
+METHODS = ("lora", "qlora", "dora", "qdora", "adapter", "prefix", "prompt")
+_LORA_METHODS = ("lora", "qlora", "dora", "qdora")  # LoraConfig; dora / qdora with use_dora=True
+_NF4_METHODS = ("qlora", "qdora")  # on an NF4-quantized base
 # Fields a resumed run must share with the checkpoint (the others, e.g. max_steps, may change).
 _RESUME_FIELDS = (
     "packing",
@@ -167,7 +169,7 @@ class TrainConfig:
 
 def default_lr(method: str, embedded: bool) -> float:
     """The peak learning rate when none is given: 1e-2 for the embedded demo (a tiny random base),
-    else 2e-4 for LoRA / QLoRA / adapters and 1e-2 for prefix and prompt tuning (their usual ranges)."""
+    else 2e-4 for LoRA / QLoRA / DoRA / QDoRA / adapters and 1e-2 for prefix and prompt tuning (their usual ranges)."""
     if embedded:
         return 1e-2
     return 1e-2 if method in ("prefix", "prompt") else 2e-4
@@ -187,21 +189,21 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def resolve_method(cfg: TrainConfig, device: torch.device) -> str:
-    """``cfg.method``, else qlora on a GPU and lora on the CPU; LoRA on an NF4 checkpoint is QLoRA."""
+    """``cfg.method``, else qlora on a GPU and lora on the CPU; LoRA (DoRA) on an NF4 checkpoint is QLoRA (QDoRA)."""
     method = cfg.method or ("qlora" if device.type == "cuda" else "lora")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
-    if method == "lora" and cfg.model is not None and loading.is_prequantized(loading.load_config(cfg.model)):
-        log.info("%s holds NF4 weights: LoRA on it is QLoRA", cfg.model)
-        method = "qlora"
+    if method in ("lora", "dora") and cfg.model is not None and loading.is_prequantized(loading.load_config(cfg.model)):
+        log.info("%s holds NF4 weights: --method %s on it is q%s", cfg.model, method, method)
+        method = "q" + method
     return method
 
 
 def resolve_savers(cfg: TrainConfig, method: str, device: torch.device) -> TrainConfig:
     """``cfg`` with checkpointing decided (default: on for QLoRA on a GPU, and whenever activations are
     offloaded); the saver flags checked against the method and the device."""
-    if cfg.quantize_lm_head and method != "qlora":
-        raise ValueError("--quantize-lm-head applies to qlora only")
+    if cfg.quantize_lm_head and method not in _NF4_METHODS:
+        raise ValueError("--quantize-lm-head applies to qlora and qdora only")
     if cfg.offload_activations:
         if device.type != "cuda":
             raise ValueError("--offload-activations moves activations off a GPU; on the CPU they are in host memory")
@@ -209,7 +211,7 @@ def resolve_savers(cfg: TrainConfig, method: str, device: torch.device) -> Train
             raise ValueError("--offload-activations offloads what checkpointing keeps: it needs checkpointing on")
     checkpointing = cfg.gradient_checkpointing
     if checkpointing is None:
-        checkpointing = cfg.offload_activations or (method == "qlora" and device.type == "cuda")
+        checkpointing = cfg.offload_activations or (method in _NF4_METHODS and device.type == "cuda")
     return replace(cfg, gradient_checkpointing=checkpointing)
 
 
@@ -246,13 +248,12 @@ def build_embedded_model(seed: int, device: torch.device, dtype: torch.dtype, vo
 def _peft_config(cfg: TrainConfig, method: str) -> Any:
     from fastpeft.peft import AdapterConfig, LoraConfig, PrefixTuningConfig, PromptTuningConfig
 
-    if method in ("lora", "qlora"):
+    if method in _LORA_METHODS:
         targets: str | list[str] = cfg.target_modules
         if targets != "all-linear":
             targets = [t.strip() for t in targets.split(",") if t.strip()]
-        return LoraConfig(
-            r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets, task_type="CAUSAL_LM"
-        )
+        kw = {"lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "use_dora": method in ("dora", "qdora")}
+        return LoraConfig(r=cfg.r, target_modules=targets, task_type="CAUSAL_LM", **kw)
     if method == "adapter":
         return AdapterConfig(bottleneck_size=cfg.bottleneck_size, task_type="CAUSAL_LM")
     if method == "prefix":
@@ -303,13 +304,12 @@ def _setup(cfg: TrainConfig, device: torch.device, method: str) -> tuple[Any, An
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
     if cfg.model is not None:
-        base = loading.load_causal_lm(
-            cfg.model, quantize=method == "qlora", device=device, dtype=dtype, skip=lm_head_skip(cfg.quantize_lm_head)
-        )
+        quantize, skip = method in _NF4_METHODS, lm_head_skip(cfg.quantize_lm_head)
+        base = loading.load_causal_lm(cfg.model, quantize=quantize, device=device, dtype=dtype, skip=skip)
     else:
         base = build_embedded_model(cfg.seed, device, dtype, len(tokenizer))
         base.config._name_or_path = str((Path(cfg.out) / BASE_MODEL_DIR).resolve())  # written with the results
-        if method == "qlora":
+        if method in _NF4_METHODS:
             quantize_model(base, skip=lm_head_skip(cfg.quantize_lm_head))
     vocab = base.get_input_embeddings().num_embeddings
     top = max(max(ex.input_ids) for ex in [*examples, *held_out])
@@ -320,7 +320,7 @@ def _setup(cfg: TrainConfig, device: torch.device, method: str) -> tuple[Any, An
     if cfg.gradient_checkpointing:
         enable_checkpointing(base, offload=cfg.offload_activations)
     base.config.use_cache = False
-    if method in ("lora", "qlora") and cfg.target_modules != "all-linear":
+    if method in _LORA_METHODS and cfg.target_modules != "all-linear":
         _check_targets(base, cfg.target_modules)
     torch.manual_seed(cfg.seed)  # the adapter's initialization
     model = get_peft_model(base, _peft_config(cfg, method))
