@@ -240,3 +240,69 @@ def test_cuda_matches_the_cpu_reference(quantized, dtype):
     for what, g, w in zip(["y", "dx", "dA", "dB", "dm"], got, want, strict=True):
         assert g.is_cuda and g.dtype == w.dtype, f"{what}: {g.dtype} on {g.device}"
         assert_close(g.cpu(), w, dtype=torch.bfloat16, msg=f"cuda vs cpu {what} ({dtype}, quantized={quantized})")
+
+
+def _dense_norms(layer: LoraLinear) -> torch.Tensor:
+    base = layer.get_base_layer()
+    w = (base.dequantize(torch.float32) if isinstance(base, NF4Linear) else base.weight).detach().double()
+    a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    return torch.linalg.vector_norm(w + layer._scale("default") * b @ a, dim=1)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_cached_weight_norms_are_computed_once_and_dropped_when_the_base_changes(monkeypatch, quantized):
+    """‖W_n‖² is computed once per frozen base; an in-place write, a new weight tensor or a new base module
+    drops it (the factor then equals the dense formula on the new base)."""
+    import fastpeft.nn.lora_dora as lora_dora
+
+    calls = []
+    real = lora_dora.dora_weight_sq
+    monkeypatch.setattr(lora_dora, "dora_weight_sq", lambda w, q: calls.append(1) or real(w, q))
+    n, k, r = 21, 64, 4
+    g = _gen("cache", quantized)
+    base = nn.Linear(k, n)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(n, k, generator=g) * 0.2)
+    base = NF4Linear.from_linear(base) if quantized else base
+    layer = LoraLinear(base, r=r, lora_alpha=8, init_lora_weights=False, use_dora=True)
+    m = layer.lora_magnitude_vector["default"].weight
+
+    def check(what: str, computed: int) -> None:
+        calls.clear()
+        for _ in range(3):
+            got = lora_dora.dora_factor(layer, "default")
+        assert len(calls) == computed, f"{what}: ‖W_n‖² computed {len(calls)} times in 3 calls, want {computed}"
+        assert_close(got, m.double() / _dense_norms(layer), msg=f"{what}: factor vs the dense formula")
+
+    check("unchanged base", 0)  # cached when the magnitude was initialized
+    if quantized:
+        other = quantize_nf4(torch.randn(n, k, generator=g) * 0.3)
+        with torch.no_grad():  # in place: same storage, the version counter moves
+            base.packed.copy_(other.packed)
+        check("NF4 codes rewritten in place", 1)
+        layer.base_layer = NF4Linear.from_linear(nn.Linear(k, n))
+        check("a new NF4 base module", 1)
+    else:
+        with torch.no_grad():
+            base.weight.mul_(1.5)
+        check("weight scaled in place", 1)
+        base.weight = nn.Parameter(torch.randn(n, k, generator=g) * 0.1, requires_grad=False)
+        check("a new weight tensor", 1)
+        with torch.no_grad():
+            layer.merge()
+            layer.unmerge()
+        check("after merge / unmerge", 1)
+
+
+def test_no_tensor_of_n_by_k_elements_in_forward_and_backward():
+    """Dense base, N·K far above every other size: no op output in DoRA's forward or backward reaches N·K
+    elements (the norm comes from ‖W_n‖², A·Wᵀ [r, N] and rank-sized products)."""
+    n, k, r, m = 256, 192, 8, 5
+    layer = LoraLinear(nn.Linear(k, n), r=r, lora_alpha=16, init_lora_weights=False, use_dora=True).train()
+    x = torch.randn(m, k, requires_grad=True)
+    layer(x).sum().backward()  # the cached ‖W_n‖² exists
+    with _Allocations() as seen:
+        layer(x).square().sum().backward()
+    biggest = max(seen.shapes, key=lambda fs: torch.Size(fs[1]).numel())
+    assert torch.Size(biggest[1]).numel() < n * k // 8, f"largest new tensor {biggest} for a weight of {n}x{k}"
+    assert layer.lora_magnitude_vector["default"].weight.grad.abs().max() > 0
