@@ -256,7 +256,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         warmup_steps=args.warmup_steps, save_steps=args.save_steps, device=args.device,
         progress=not args.no_progress, offload_activations=args.offload_activations,
         quantize_lm_head=args.quantize_lm_head, chunked_loss=not args.no_chunked_loss, distributed=args.distributed,
-        packing=args.packing,
+        packing=args.packing, sequence_chunk=args.sequence_chunk,
         eval_data=args.eval_data, eval_split=args.eval_split, eval_steps=args.eval_steps, save_best=args.save_best,
         report_to=args.report_to,
     )  # fmt: skip

@@ -34,6 +34,7 @@ from torch import nn
 
 from fastpeft.app import memory_trace as mt
 from fastpeft.app.savers import causal_lm_loss, enable_checkpointing, lm_head_skip
+from fastpeft.app.seq_chunks import enable_sequence_chunks
 from fastpeft.ops.linear_cross_entropy import trace_repeated_chunks_once
 
 __all__ = [
@@ -99,7 +100,8 @@ class MemoryOptions:
     ``checkpointing`` None means the finetune default: on for QLoRA on a GPU. ``device`` is what the
     estimate stands for: ``"cuda"`` (bf16 weights under bf16 autocast, fused AdamW, the NF4 scratch) or
     ``"cpu"`` (float32, as ``finetune`` runs there). ``beyond_max_positions`` lets ``seq_len`` pass the model's
-    ``max_position_embeddings``.
+    ``max_position_embeddings``. ``sequence_chunk`` > 0: the decoder layers' MLP and RMSNorms run over
+    slices of that many tokens (``fastpeft.app.seq_chunks``).
     """
 
     method: str = "qlora"
@@ -114,6 +116,7 @@ class MemoryOptions:
     bottleneck_size: int = 16
     device: str = "cuda"
     beyond_max_positions: bool = False
+    sequence_chunk: int = 0
 
     def resolved_checkpointing(self) -> bool:
         if self.checkpointing is None:
@@ -189,6 +192,8 @@ def _check(opts: MemoryOptions) -> None:
         raise ValueError("--quantize-lm-head applies to qlora only")
     if opts.offload_activations and opts.checkpointing is False:
         raise ValueError("--offload-activations offloads what checkpointing keeps: it needs checkpointing on")
+    if opts.sequence_chunk < 0:
+        raise ValueError(f"--sequence-chunk must be at least 1 token (0: off), got {opts.sequence_chunk}")
 
 
 # The most bytes one traced step may address (the sizes are int64 in torch; no GPU comes near).
@@ -319,6 +324,8 @@ def estimate(config: Any, opts: MemoryOptions) -> MemoryEstimate:
     offload = mt.FakeHostOffload() if opts.offload_activations else None
     if opts.resolved_checkpointing():
         enable_checkpointing(base, offload=offload is not None, offload_hooks=offload)
+    if opts.sequence_chunk:
+        enable_sequence_chunks(base, opts.sequence_chunk)
     with torch.random.fork_rng(devices=[]):
         model = get_peft_model(base, _peft_config(opts))
     for p in model.parameters():
@@ -468,6 +475,7 @@ def format_report(
     o = ours.options
     savers = [s for s, on in (("chunked loss", o["chunked_loss"]), ("checkpointing", o["checkpointing"]),
                                ("activation offload", o["offload_activations"]),
+                               (f"sequence chunks of {o['sequence_chunk']:,d} tokens", o["sequence_chunk"]),
                                ("NF4 head", o["quantize_lm_head"])) if on]  # fmt: skip
     rank = f" r={o['r']} {o['target_modules']}" if o["method"] != "adapter" else ""
     lines = [

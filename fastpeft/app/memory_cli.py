@@ -16,6 +16,9 @@ from typing import Any
 
 from fastpeft.app import memory
 
+# The slice --sequence-chunk suggests: its MLP intermediates (6 x 4,096 x 14,336 x 2 bytes, 0.66 GiB at
+# Llama-3-8B's width) are small beside a long context's [tokens, hidden] tensors.
+DEFAULT_SEQUENCE_CHUNK = 4096
 __all__ = ["add_arguments", "add_saver_arguments", "finetune_estimate", "fitting_options", "run", "saver_options"]
 
 
@@ -30,6 +33,10 @@ def add_saver_arguments(p: argparse.ArgumentParser, checkpointing: bool = True) 
                    help="qlora: quantize the output head to NF4 too (less memory, a quality trade)")  # fmt: skip
     p.add_argument("--no-chunked-loss", action="store_true",
                    help="compute the loss from full float32 logits instead of in chunks")  # fmt: skip
+    p.add_argument("--sequence-chunk", type=int, default=0, metavar="TOKENS",
+                   help="run each decoder layer's MLP and RMSNorms over slices of TOKENS tokens, "
+                   "recomputing one slice at a time in the backward "
+                   f"(long contexts; e.g. {DEFAULT_SEQUENCE_CHUNK}; 0: off)")  # fmt: skip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,6 +68,7 @@ def saver_options(args: argparse.Namespace) -> dict[str, Any]:
         offload_activations=args.offload_activations,
         quantize_lm_head=args.quantize_lm_head,
         chunked_loss=not args.no_chunked_loss,
+        sequence_chunk=args.sequence_chunk,
     )
 
 
@@ -125,6 +133,9 @@ def fitting_options(config: Any, opts: memory.MemoryOptions, budget: int) -> lis
     if cur.device == "cuda" and not cur.offload_activations:
         cur = replace(cur, offload_activations=True, checkpointing=True)
         tries.append(("--offload-activations", cur))
+    if not cur.sequence_chunk and cur.seq_len > DEFAULT_SEQUENCE_CHUNK:
+        cur = replace(cur, sequence_chunk=DEFAULT_SEQUENCE_CHUNK)
+        tries.append((f"--sequence-chunk {DEFAULT_SEQUENCE_CHUNK}", cur))
     if cur.method == "qlora" and not cur.quantize_lm_head and not getattr(config, "tie_word_embeddings", False):
         cur = replace(cur, quantize_lm_head=True)
         tries.append(("--quantize-lm-head", cur))
@@ -169,6 +180,7 @@ def finetune_estimate(cfg: Any, budget_text: str | None) -> str | None:
         checkpointing=cfg.gradient_checkpointing, offload_activations=cfg.offload_activations,
         chunked_loss=cfg.chunked_loss, quantize_lm_head=cfg.quantize_lm_head, bottleneck_size=cfg.bottleneck_size,
         device=device.type, beyond_max_positions=True,  # finetune's --seq-len is its own business
+        sequence_chunk=cfg.sequence_chunk,
     )  # fmt: skip
     with quiet_libraries():
         est = memory.estimate(config, opts)

@@ -73,6 +73,7 @@ from fastpeft.app.run_dir import (
     write_results,
 )
 from fastpeft.app.savers import causal_lm_loss, enable_checkpointing, lm_head_skip
+from fastpeft.app.seq_chunks import enable_sequence_chunks
 
 __all__ = [
     "METHODS",
@@ -157,6 +158,7 @@ class TrainConfig:
     offload_activations: bool = False
     quantize_lm_head: bool = False
     chunked_loss: bool = True
+    sequence_chunk: int = 0  # tokens per slice of the MLP / RMSNorms (fastpeft.app.seq_chunks); 0: off
     distributed: str | None = None
     packing: str = "auto"
     # evaluation (fastpeft.app.evaluate) and curves (fastpeft.app.curves)
@@ -209,6 +211,8 @@ def resolve_savers(cfg: TrainConfig, method: str, device: torch.device) -> Train
             raise ValueError("--offload-activations moves activations off a GPU; on the CPU they are in host memory")
         if cfg.gradient_checkpointing is False:
             raise ValueError("--offload-activations offloads what checkpointing keeps: it needs checkpointing on")
+    if cfg.sequence_chunk < 0:
+        raise ValueError(f"--sequence-chunk must be at least 1 token (0: off), got {cfg.sequence_chunk}")
     checkpointing = cfg.gradient_checkpointing
     if checkpointing is None:
         checkpointing = cfg.offload_activations or (method in _NF4_METHODS and device.type == "cuda")
@@ -319,6 +323,8 @@ def _setup(cfg: TrainConfig, device: torch.device, method: str) -> tuple[Any, An
         raise ValueError("--quantize-lm-head: the head is tied to the input embedding: quantizing it saves nothing")
     if cfg.gradient_checkpointing:
         enable_checkpointing(base, offload=cfg.offload_activations)
+    if cfg.sequence_chunk:
+        enable_sequence_chunks(base, cfg.sequence_chunk)
     base.config.use_cache = False
     if method in _LORA_METHODS and cfg.target_modules != "all-linear":
         _check_targets(base, cfg.target_modules)

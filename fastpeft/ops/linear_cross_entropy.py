@@ -53,6 +53,7 @@ __all__ = [
     "cross_entropy_slice_grad_",
     "cross_entropy_slice_stats",
     "linear_cross_entropy",
+    "chunk_starts",
     "trace_repeated_chunks_once",
     "vocab_slices",
 ]
@@ -75,8 +76,10 @@ def trace_repeated_chunks_once() -> Iterator[None]:
         _TRACE_ONCE.reset(token)
 
 
-def _chunk_starts(tokens: int, chunk: int, hidden: Tensor) -> list[int] | range:
-    """Where the token chunks start. Chunk 1 meets chunk 0's leftovers (its logits block, freed only as the next
+def chunk_starts(tokens: int, chunk: int, hidden: Tensor) -> list[int] | range:
+    """Where the token chunks of ``hidden`` start (the loss's, and ``fastpeft.app.seq_chunks``' sequence chunks).
+
+    Chunk 1 meets chunk 0's leftovers (its logits block, freed only as the next
     one is made), every later chunk meets a full chunk's, the last its predecessor's: under
     ``trace_repeated_chunks_once`` a fake run keeps chunks 0, 1 and the last, whose allocations, frees and so
     peaks are those of every chunk in between."""
@@ -193,7 +196,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             return weight[v0:v1] if weight is not None else _nf4_rows(nf4, v0, v1, hidden.dtype)
 
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for t0 in _chunk_starts(tokens, chunk, hidden):
+        for t0 in chunk_starts(tokens, chunk, hidden):
             h, y, s = hidden[t0 : t0 + chunk], target[t0 : t0 + chunk], scale[t0 : t0 + chunk].unsqueeze(1)
             if len(slices) == 1:
                 w = rows(0, vocab)
