@@ -382,7 +382,8 @@ def load_causal_lm(
     config = load_config(model_dir)
     prequantized = is_prequantized(config)
     if dtype is None:
-        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+        # read from the instance: transformers >= 4.56 warns on every `config.torch_dtype`, older ones lack `dtype`
+        dtype = vars(config).get("dtype") or vars(config).get("torch_dtype") or torch.float32
         dtype = _DTYPES.get(dtype, torch.float32) if isinstance(dtype, str) else dtype
     try:
         model = _stream(model_dir, config, prequantized, quantize, device, dtype, skip, double_quant)

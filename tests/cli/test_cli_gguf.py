@@ -127,3 +127,16 @@ def test_merge_writes_a_gguf_base_in_its_own_dtype(files: dict[str, Path], tmp_p
     assert {t.dtype for t in kept["float32"].values() if t.is_floating_point()} == {torch.float32}
     for k, t in kept["float32"].items():  # the bf16 default: the same merge, in bf16 arithmetic
         assert_close(kept[None][k], t, msg=k)
+
+
+def test_loading_uses_no_deprecated_transformers_argument(files: dict[str, Path]) -> None:
+    # a fresh interpreter: transformers warns once per process
+    import subprocess
+    import sys
+
+    code = ("import sys; from fastpeft.loading import load_causal_lm; "
+            "[load_causal_lm(p, quantize=q) for p in sys.argv[1:] for q in (False, True)]")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code, str(files["q8"]), str(files["ckpt"])], capture_output=True,
+                         text=True, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "deprecated" not in out.stderr, out.stderr[-3000:]
