@@ -14,7 +14,9 @@ distribution, other random numbers than an unchunked step (the backward replays 
 
 ``fastpeft.app.memory`` traces the same functions on fake tensors; there, inside
 ``fastpeft.ops.linear_cross_entropy.trace_repeated_chunks_once``, only the first two chunks and the last run
-(each chunk between allocates and frees what the second does: the same peak), as for the chunked loss.
+(each chunk between allocates and frees what the second does), as for the chunked loss. A trace of every chunk
+agrees to within one chunk's tensors: under the tracker a finished chunk's graph can wait in a reference cycle
+for Python's cycle collector (without the tracker each chunk's graph goes by reference counting as it ends).
 """
 
 from __future__ import annotations
