@@ -12,6 +12,8 @@ stride, padding and dilation from ``in_channels`` to ``r``; ``lora_B[name]`` a 1
 ``r`` channels wide, and a fused kernel would only save one small intermediate.
 Merging needs ``delta W = s·B·A`` in the base weight's shape, which exists only for ``groups == 1``
 (a grouped base cannot absorb the ungrouped ``A``): merging a grouped layer raises, as in HF PEFT.
+
+``use_dora`` adds HF PEFT's DoRA to either layer (``lora_magnitude_vector[name]``, ``fastpeft.nn.lora_dora_layers``).
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastpeft.nn.lora_base import LoraLayerBase, check_lora_args
+from fastpeft.nn.lora_dora_layers import (
+    DoraLayerMixin,
+    dora_conv_step,
+    dora_embedding_step,
+)
 from fastpeft.nn.lora_mixed import embedding_batched_delta
 from fastpeft.ops.lora import lora_linear
 
@@ -38,7 +45,7 @@ def _check_init(layer: str, init: object) -> None:
         raise ValueError(f"init_lora_weights={init!r} is not supported for {layer} layers ({_INIT_CHOICES})")
 
 
-class LoraEmbedding(LoraLayerBase):
+class LoraEmbedding(DoraLayerMixin, LoraLayerBase):
     """LoRA on a frozen ``nn.Embedding`` (see module doc).
 
     Args:
@@ -46,9 +53,11 @@ class LoraEmbedding(LoraLayerBase):
         r, lora_alpha, lora_dropout, use_rslora, adapter_name: as ``LoraLinear``; dropout is recorded
             but not applied (HF PEFT applies none to embeddings).
         init_lora_weights: True / "gaussian" (A = 0, B ~ N(0, 1)) or False (both N(0, 1)).
+        use_dora: DoRA (``fastpeft.nn.lora_dora_layers``).
     """
 
-    adapter_layer_names = ("lora_embedding_A", "lora_embedding_B")
+    adapter_layer_names = ("lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    other_param_names = (*LoraLayerBase.other_param_names, "use_dora")
 
     def __init__(
         self,
@@ -60,6 +69,7 @@ class LoraEmbedding(LoraLayerBase):
         adapter_name: str = "default",
         init_lora_weights: bool | str = True,
         lora_bias: bool = False,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, nn.Embedding):
@@ -69,8 +79,9 @@ class LoraEmbedding(LoraLayerBase):
         base_layer.requires_grad_(False)
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
-        self._init_tables()
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias)
+        self._init_dora()
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias,
+                          use_dora)  # fmt: skip
 
     def update_layer(
         self,
@@ -81,6 +92,7 @@ class LoraEmbedding(LoraLayerBase):
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
         lora_bias: bool = False,
+        use_dora: bool = False,
     ) -> None:
         """Add (or replace) adapter ``adapter_name`` (see ``LoraLinear.update_layer``).
 
@@ -90,6 +102,7 @@ class LoraEmbedding(LoraLayerBase):
         """
         check_lora_args(adapter_name, r, lora_alpha, lora_dropout)
         _check_init("embedding", init_lora_weights)
+        self._check_dora(use_dora, lora_bias)
         if lora_bias:
             raise ValueError("lora_bias=True is not supported for Embedding layers (HF PEFT has none either)")
         weight = self.base_layer.weight
@@ -101,13 +114,15 @@ class LoraEmbedding(LoraLayerBase):
         self.lora_embedding_A[adapter_name] = nn.Parameter(a)
         self.lora_embedding_B[adapter_name] = nn.Parameter(b)
         self._record(adapter_name, r, lora_alpha, lora_dropout, use_rslora, False)
+        self._add_magnitude(adapter_name, use_dora)
 
     def file_params(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """HF PEFT's file key suffixes -> the tensors saved for ``adapter_name``."""
-        return {
+        out = {
             "lora_embedding_A": self.lora_embedding_A[adapter_name],
             "lora_embedding_B": self.lora_embedding_B[adapter_name],
         }
+        return self._magnitude_param(adapter_name, out)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``s·(B·A)ᵀ`` ``[num_embeddings, embedding_dim]`` in float32."""
@@ -135,6 +150,7 @@ class LoraEmbedding(LoraLayerBase):
             return y
         if adapter_names is not None:
             adapter_names = self._check_adapter_names(adapter_names, x.shape[0] if x.dim() > 1 else 1)
+            self._refuse_mixed_dora(adapter_names)
             if embedding_batched_delta(self, x, y, adapter_names):
                 return y
             for name in dict.fromkeys(adapter_names):
@@ -145,18 +161,25 @@ class LoraEmbedding(LoraLayerBase):
         if self.merged:
             return y
         for name in self._present_active():
-            y = y + self._branch(x, name, y.dtype)
+            if self.use_dora.get(name):
+                y = dora_embedding_step(self, x, y, name)
+            else:
+                y = y + self._branch(x, name, y.dtype)
         return y
 
 
-class LoraConv(LoraLayerBase):
+class LoraConv(DoraLayerMixin, LoraLayerBase):
     """LoRA on a frozen ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (see module doc).
 
     Args:
         base_layer: the convolution (frozen here); ``r`` must be a multiple of its ``groups``.
         r, lora_alpha, lora_dropout, use_rslora, adapter_name, lora_bias: as ``LoraLinear``.
         init_lora_weights: True (A kaiming-uniform, B = 0), "gaussian" (A ~ N(0, 1/r²)) or False.
+        use_dora: DoRA (``fastpeft.nn.lora_dora_layers``); not with ``lora_bias`` or ``groups > 1``.
     """
+
+    adapter_layer_names = ("lora_A", "lora_B", "lora_magnitude_vector")
+    other_param_names = (*LoraLayerBase.other_param_names, "use_dora")
 
     def __init__(
         self,
@@ -168,6 +191,7 @@ class LoraConv(LoraLayerBase):
         adapter_name: str = "default",
         init_lora_weights: bool | str = True,
         lora_bias: bool = False,
+        use_dora: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
@@ -179,8 +203,9 @@ class LoraConv(LoraLayerBase):
         base_layer.requires_grad_(False)
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
-        self._init_tables()
-        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias)
+        self._init_dora()
+        self.update_layer(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, lora_bias,
+                          use_dora)  # fmt: skip
 
     def update_layer(
         self,
@@ -191,6 +216,7 @@ class LoraConv(LoraLayerBase):
         use_rslora: bool = False,
         init_lora_weights: bool | str = True,
         lora_bias: bool = False,
+        use_dora: bool = False,
     ) -> None:
         """Add (or replace) adapter ``adapter_name`` (see ``LoraLinear.update_layer``).
 
@@ -200,6 +226,7 @@ class LoraConv(LoraLayerBase):
         """
         check_lora_args(adapter_name, r, lora_alpha, lora_dropout)
         _check_init("convolution", init_lora_weights)
+        self._check_dora(use_dora, lora_bias)
         base = self.base_layer
         if r % base.groups:
             raise ValueError(
@@ -224,13 +251,14 @@ class LoraConv(LoraLayerBase):
         self.lora_A[adapter_name] = lora_a
         self.lora_B[adapter_name] = lora_b
         self._record(adapter_name, r, lora_alpha, lora_dropout, use_rslora, lora_bias)
+        self._add_magnitude(adapter_name, use_dora)
 
     def file_params(self, adapter_name: str) -> dict[str, torch.Tensor]:
         """HF PEFT's file key suffixes -> the tensors saved for ``adapter_name``."""
         out = {"lora_A.weight": self.lora_A[adapter_name].weight, "lora_B.weight": self.lora_B[adapter_name].weight}
         if self.lora_B[adapter_name].bias is not None:
             out["lora_B.bias"] = self.lora_B[adapter_name].bias
-        return out
+        return self._magnitude_param(adapter_name, out)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``s·B·A`` in the base weight's shape ``[out, in, *kernel]``, float32 (``groups == 1`` only).
@@ -270,6 +298,7 @@ class LoraConv(LoraLayerBase):
         if adapter_names is not None:
             batched = x.dim() == self.base_layer.weight.dim()  # [N, C, *spatial]; an unbatched input is one row
             adapter_names = self._check_adapter_names(adapter_names, x.shape[0] if batched else 1)
+            self._refuse_mixed_dora(adapter_names)
             y = self.base_layer(x)
             for name in dict.fromkeys(adapter_names):
                 if name != "__base__" and self._has(name):
@@ -279,13 +308,17 @@ class LoraConv(LoraLayerBase):
         names = self._present_active()
         if self.merged or not names:
             return self.base_layer(x)
-        if self._is_pointwise():
+        if self._is_pointwise() and not self.use_dora.get(names[0]):
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             y, rest = self._pointwise(x.to(dtype), names[0]), names[1:]
         else:
             y, rest = self.base_layer(x), names
         for name in rest:
-            y = y + self._branch(x.to(self.lora_A[name].weight.dtype), name).to(y.dtype)
+            xa = x.to(self.lora_A[name].weight.dtype)
+            if self.use_dora.get(name):
+                y = dora_conv_step(self, xa, y, name)
+            else:
+                y = y + self._branch(xa, name).to(y.dtype)
         return y
 
     def _pointwise(self, x: torch.Tensor, name: str) -> torch.Tensor:

@@ -302,7 +302,8 @@ class LoraConfig(PeftConfigBase):
         target_parameters: LoRA on ``nn.Parameter`` weights by path (``"experts.gate_up_proj"``), for
             modules that hold weights outside an ``nn.Linear``; ``[..., out, in]`` as ``F.linear`` reads them.
         use_dora: DoRA (weight-decomposed LoRA): a trained magnitude per output row of each linear target
-            (dense or NF4: QDoRA), ``lora_magnitude_vector`` as HF PEFT; other target kinds are refused.
+            (dense or NF4: QDoRA), per embedding dimension of an embedding and per output channel of a
+            convolution, ``lora_magnitude_vector`` as HF PEFT; other target kinds are refused.
     """
 
     PEFT_TYPE: ClassVar[str] = "LORA"

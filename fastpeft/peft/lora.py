@@ -371,15 +371,17 @@ def inject_lora(model: nn.Module, config: LoraConfig, adapter_name: str) -> list
 
 
 def _check_dora_targets(model: nn.Module, names: list[str], config: LoraConfig) -> None:
-    """DoRA runs on linear layers (dense, NF4, bitsandbytes 4-bit, Conv1D) only: refuse the rest before wrapping any."""
+    """DoRA runs on linear (dense, NF4, bitsandbytes 4-bit, Conv1D), embedding and convolution layers, as in HF PEFT:
+    refuse the rest before wrapping any."""
     if config.target_parameters:
         raise ValueError("use_dora=True: DoRA is not supported with target_parameters (HF PEFT refuses it too)")
     for name in names:
         module = model.get_submodule(name)
-        if not isinstance(module, fnn.LoraLinear) and lora_kind(module) != "linear":
+        dora_kinds = (fnn.LoraLinear, fnn.LoraEmbedding, fnn.LoraConv)
+        if not isinstance(module, dora_kinds) and lora_kind(module) not in ("linear", "embedding", "conv"):
             raise ValueError(
-                f"use_dora=True: fastpeft supports DoRA on linear layers only, and target {name!r} is a "
-                f"{type(module).__name__}; exclude it or pass use_dora=False"
+                f"use_dora=True: fastpeft supports DoRA on linear, embedding and convolution layers, and target "
+                f"{name!r} is a {type(module).__name__}; exclude it or pass use_dora=False"
             )
 
 

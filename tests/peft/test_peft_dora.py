@@ -169,8 +169,9 @@ def test_gpt2_conv1d_dora_matches_peft(tmp_path):
 def test_unsupported_dora_targets_and_uses_are_refused_by_name():
     with pytest.raises(ValueError, match="lora_bias"):
         LoraConfig(use_dora=True, lora_bias=True)
-    with pytest.raises(ValueError, match="embed_tokens.*Embedding"):
-        get_peft_model(build("llama"), LoraConfig(target_modules=["q_proj", "embed_tokens"], use_dora=True))
+    attention = torch.nn.ModuleDict({"mha": torch.nn.MultiheadAttention(8, 2)})  # embeddings and convs take DoRA
+    with pytest.raises(ValueError, match="mha.*MultiheadAttention"):
+        get_peft_model(attention, LoraConfig(target_modules=["mha"], use_dora=True))
     with pytest.raises(ValueError, match="target_parameters"):
         get_peft_model(build("llama"), LoraConfig(target_parameters=["mlp.up_proj.weight"], use_dora=True))
     pm = get_peft_model(build("llama"), LoraConfig(target_modules=["q_proj"], use_dora=True))
