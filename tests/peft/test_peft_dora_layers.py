@@ -157,3 +157,16 @@ def test_grouped_convolution_is_refused():
     net = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2))
     with pytest.raises(ValueError, match="groups=2"):
         get_peft_model(net, LoraConfig(r=4, target_modules=["0"], use_dora=True))
+
+
+def test_compiles_with_fullgraph_and_matches_eager():
+    torch.manual_seed(5)
+    model = get_peft_model(_base(), _config(LoraConfig))
+    _randomize(model, seed=11)
+    inputs = _inputs("compile")
+    want = _grads(model.train(), inputs)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")  # a graph break raises
+    got = {n.removeprefix("_orig_mod."): g for n, g in _grads(compiled, inputs).items()}
+    assert sorted(got) == sorted(want)
+    for n in want:
+        _same(got[n], want[n], f"compiled vs eager gradient of {n}")
