@@ -183,12 +183,48 @@ def test_two_dora_adapters_merge_against_the_unmerged_base():
     assert_close(merged, before, msg="two DoRA adapters merged one after the other")
 
 
-def test_dora_refuses_lora_bias_and_mixed_batches():
+def test_dora_refuses_lora_bias():
     with pytest.raises(ValueError, match="lora_bias"):
         LoraLinear(nn.Linear(8, 4), r=2, lora_bias=True, use_dora=True)
-    layer = LoraLinear(nn.Linear(8, 4), r=2, use_dora=True)
-    with pytest.raises(ValueError, match="DoRA"):
-        layer(torch.randn(2, 8), adapter_names=["default", "__base__"])
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_mixed_batch_rows_equal_their_own_adapter(quantized):
+    """A mixed batch with DoRA, LoRA and base rows: each row's output and gradients equal those of a batch run
+    through that row's adapter alone (DoRA per row: its adapter's magnitude and norm)."""
+    n, k = 19, 64
+    base = nn.Linear(k, n)
+    base = NF4Linear.from_linear(base) if quantized else base
+    layer = LoraLinear(base, r=3, lora_alpha=6, init_lora_weights=False, use_dora=True).eval()
+    layer.update_layer("lora", 2, 4, init_lora_weights=False)
+    layer.update_layer("dora2", 4, 4, init_lora_weights=False, use_dora=True)
+    with torch.no_grad():
+        for name in ("default", "dora2"):
+            layer.lora_magnitude_vector[name].weight.mul_(1 + torch.rand(n, generator=_gen("mixed m", name)))
+    names = ["dora2", "__base__", "default", "lora", "dora2", "default"]
+    params = {p: t for p, t in layer.named_parameters() if p.startswith("lora_")}
+    for t in params.values():
+        t.requires_grad_(True)
+    x = torch.randn(len(names), 3, k, generator=_gen("mixed x", quantized))
+    dy = torch.randn(len(names), 3, n, generator=_gen("mixed dy", quantized))
+    y = layer(x, adapter_names=names)
+    y.backward(dy)
+    got = {p: t.grad.clone() for p, t in params.items()}
+    layer.zero_grad()
+    for name in dict.fromkeys(names):
+        rows = [i for i, m in enumerate(names) if m == name]
+        if name == "__base__":
+            want = layer.base_layer(x[rows])
+        else:
+            layer.set_adapter(name)
+            for t in params.values():  # set_adapter trains the active adapter only
+                t.requires_grad_(True)
+            want = layer(x[rows])
+            want.backward(dy[rows])
+        assert_close(y[rows], want, msg=f"rows of {name} (quantized={quantized})")
+    for p, t in params.items():
+        assert t.grad is not None and bool(got[p].abs().max() > 0), f"{p}: no gradient"
+        assert_close(got[p], t.grad, msg=f"gradient of {p} (quantized={quantized})")
 
 
 def _layer_grads(layer: LoraLinear, x: torch.Tensor, dy: torch.Tensor) -> list[torch.Tensor]:

@@ -23,7 +23,7 @@ from torch import nn
 
 from fastpeft.nn.checks import check_input
 from fastpeft.nn.lora_base import LoraLayerBase, check_lora_args
-from fastpeft.nn.lora_dora import dora_branch, dora_factor, dora_forward, dora_magnitude
+from fastpeft.nn.lora_dora import dora_base_operands, dora_branch, dora_factor, dora_forward, dora_magnitude
 from fastpeft.nn.lora_init import init_from_weight, is_weight_init
 from fastpeft.nn.lora_mixed import batched_delta
 from fastpeft.nn.nf4_linear import NF4Linear
@@ -350,18 +350,23 @@ class LoraLinear(LoraLayerBase):
         """Row ``i`` of ``x`` through the base plus adapter ``adapter_names[i]`` (``"__base__"``: none): every
         adapter in one batched op (``fastpeft.nn.lora_mixed``), else one sub-batch per adapter."""
         adapter_names = self._check_adapter_names(adapter_names, x.shape[0] if x.dim() > 1 else 1)
-        dora = sorted({n for n in adapter_names if self.use_dora.get(n)})
-        if dora:
-            raise ValueError(f"Cannot pass `adapter_names` when DoRA is enabled (DoRA adapters {dora}), as HF PEFT")
+        dora = [n for n in dict.fromkeys(adapter_names) if self.use_dora.get(n)]
+        # DoRA rows (HF PEFT refuses them): each row's output is its own adapter's f ⊙ (x·Wᵀ + s·x·Aᵀ·Bᵀ) + bias
+        lora_names = ["__base__" if n in dora else n for n in adapter_names]
         y = self.base_layer(x)
-        if batched_delta(self, x, y, adapter_names):
-            return y
-        for name in dict.fromkeys(adapter_names):
-            if name == "__base__" or not self._has(name):
-                continue
-            rows = [i for i, n in enumerate(adapter_names) if n == name]
-            sub = x[rows].to(self.lora_A[name].weight.dtype)
-            y[rows] += self._lora_branch(sub, name).to(y.dtype)
+        if not batched_delta(self, x, y, lora_names):
+            for name in dict.fromkeys(lora_names):
+                if name == "__base__" or not self._has(name):
+                    continue
+                rows = [i for i, n in enumerate(lora_names) if n == name]
+                sub = x[rows].to(self.lora_A[name].weight.dtype)
+                y[rows] += self._lora_branch(sub, name).to(y.dtype)
+        if dora:
+            weight, nf4 = dora_base_operands(self)
+            bias = self.get_base_layer().bias
+            for name in dora:
+                rows = [i for i, n in enumerate(adapter_names) if n == name]
+                y[rows] = dora_branch(self, x[rows], name, y[rows], weight, nf4, bias)
         return y
 
 

@@ -25,7 +25,15 @@ from fastpeft.nn.nf4_linear import NF4Linear
 from fastpeft.ops.dora import dora_row_norm, dora_weight_sq
 from fastpeft.ops.lora import lora_linear, nf4_linear
 
-__all__ = ["DoraMagnitude", "dora_branch", "dora_factor", "dora_forward", "dora_magnitude", "dora_weight_sq_cached"]
+__all__ = [
+    "DoraMagnitude",
+    "dora_base_operands",
+    "dora_branch",
+    "dora_factor",
+    "dora_forward",
+    "dora_magnitude",
+    "dora_weight_sq_cached",
+]
 
 Tensor = torch.Tensor
 
@@ -41,7 +49,8 @@ class DoraMagnitude(nn.Module):
         return f"out_features={self.weight.shape[0]}"
 
 
-def _base_operands(layer: nn.Module) -> tuple[Tensor | None, NF4Args | None]:
+def dora_base_operands(layer: nn.Module) -> tuple[Tensor | None, NF4Args | None]:
+    """The base as ``lora_linear`` takes it: ``(weight, None)`` for a dense base, ``(None, nf4)`` for NF4."""
     base = layer.get_base_layer()
     if isinstance(base, NF4Linear):
         return None, base.kernel_args()
@@ -51,7 +60,7 @@ def _base_operands(layer: nn.Module) -> tuple[Tensor | None, NF4Args | None]:
 def dora_weight_sq_cached(layer: nn.Module) -> Tensor:
     """``‖W_n‖²`` of ``layer``'s base, float32 ``[out]``: computed once and kept until the base changes (another
     base module, weight tensor, device or an in-place write such as a merge); recomputed under ``torch.compile``."""
-    weight, nf4 = _base_operands(layer)
+    weight, nf4 = dora_base_operands(layer)
     if torch.compiler.is_compiling():
         return dora_weight_sq(weight, nf4)
     t = weight if nf4 is None else nf4.packed
@@ -65,7 +74,7 @@ def dora_weight_sq_cached(layer: nn.Module) -> Tensor:
 
 
 def _row_norm(layer: nn.Module, lora_a: Tensor, lora_b: Tensor, scaling: float | Tensor) -> Tensor:
-    weight, nf4 = _base_operands(layer)
+    weight, nf4 = dora_base_operands(layer)
     return dora_row_norm(weight, nf4, lora_a, lora_b, scaling, dora_weight_sq_cached(layer))
 
 

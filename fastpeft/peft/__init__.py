@@ -24,7 +24,8 @@ What HF PEFT has and fastpeft does not (each raises naming the option, never pas
 - LoRA variants with their own forward or training rule: MiCA, VeLoRA, MonteCLoRA, aLoRA, QA-LoRA, Bd-LoRA,
   KaSA, Arrow. The fused op computes plain LoRA; each needs its own kernels.
 - DoRA (``use_dora``) on ``nn.MultiheadAttention``, grouped convolutions and ``target_parameters``; with
-  ``adapter_names`` (mixed batches, which HF PEFT refuses too) and in ``add_weighted_adapter``. DoRA has no
+  ``adapter_names`` on embeddings and convolutions (linear layers take DoRA rows in mixed batches, which HF
+  PEFT refuses) and in ``add_weighted_adapter``. DoRA has no
   fused kernel: the LoRA op is fused, the norm and the magnitude scaling run in plain torch after it.
 - ``init_lora_weights`` ``"loftq"``, ``"corda"``, ``"eva"``, ``"lora_ga"``: they need calibration data or
   bitsandbytes' quantize-and-correct loop, which the CLI's streaming loader does not run.
