@@ -280,10 +280,11 @@ def _adapter_bwd_dw_kernel(
     m_start = pid_s * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
     acc = tl.zeros([BLOCK_N, BLOCK_B], dtype=tl.float32)
-    # 16-bit X: the column sums as one more MMA, X^T times 16 columns of ones (every column holds the sums;
-    # the products are exact, the sum float32). A tl.sum of the X tile beside the MMA made ptxas serialize the
-    # kernel's wgmma (C7515) at BLOCK_B <= 64. Float32 (FMA dots, no wgmma) keeps the reduction.
-    SUM_COLS: tl.constexpr = 1 if DOT_PRECISION == "ieee" else 16
+    # 16-bit X, BLOCK_B <= 64: the column sums as one more MMA, X^T times 16 columns of ones (every column holds
+    # the sums; the products are exact, the sum float32): a tl.sum of the X tile beside the MMA made ptxas
+    # serialize the kernel's wgmma there (C7515). Wider tiles (whose wgmma stay pipelined with the tl.sum; the
+    # extra accumulator spilled BLOCK_B = 256 on sm_80) and float32 (FMA dots, no wgmma) keep the reduction.
+    SUM_COLS: tl.constexpr = 16 if DOT_PRECISION != "ieee" and BLOCK_B <= 64 else 1
     colsum = tl.zeros([BLOCK_N, SUM_COLS], dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)

@@ -513,7 +513,7 @@ def lora_linear_bwd(
         part, _ = _wgrad(x, g, keep, colsum=False)
         da = (part.t() * (scaling * inv_keep)).to(lora_a.dtype).contiguous()
     if needs_db:
-        part, sums = _wgrad(dy, u, _keep(None, x.device), colsum=needs_dbias)
+        part, sums = _wgrad(dy, u, _keep(None, x.device), colsum=needs_dbias, maskable=False)
         db = (part * scaling).to(lora_b.dtype)
         if needs_dbias:
             dbias = sums.to(dy.dtype)

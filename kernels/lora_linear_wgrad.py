@@ -36,12 +36,13 @@ __all__ = ["compile_gate_cases"]
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["rows_per_split"])
+@triton.jit(do_not_specialize=["has_mask", "rows_per_split"])
 def _lora_wgrad_kernel(
     x_ptr, g_ptr, keep_ptr, out_ptr, colsum_ptr,
     M, P, R, rows_per_split,
     stride_xm, stride_xp, stride_gm, stride_gr, stride_km, stride_kp,
-    HAS_MASK: tl.constexpr, HAS_COLSUM: tl.constexpr, G_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    has_mask,
+    MASKABLE: tl.constexpr, HAS_COLSUM: tl.constexpr, G_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
     # OUT[s, P, R] = Σ_{m in slice s} (keep ⊙ X)[m, p]·G[m, r];  COLSUM[s, P] = Σ_{m in slice s} X[m, p]
@@ -64,8 +65,9 @@ def _lora_wgrad_kernel(
         xt = tl.load(x_ptr + offs_p[:, None] * stride_xp + offs_m[None, :] * stride_xm, mask=mask_pm, other=0.0)
         if HAS_COLSUM:
             colsum += tl.sum(xt.to(tl.float32), axis=1)
-        # a constexpr, not a runtime flag: the branch inside the loop made ptxas serialize dB's wgmma (C7515)
-        if HAS_MASK:
+        # dB (never masked) compiles no branch here: the runtime branch inside the loop made ptxas serialize its
+        # wgmma (C7515); dA keeps it, one binary with and without dropout (its wgmma stay pipelined)
+        if MASKABLE and has_mask:
             keep = tl.load(keep_ptr + offs_p[:, None] * stride_kp + offs_m[None, :] * stride_km, mask=mask_pm, other=0)
             xt = tl.where(keep != 0, xt, 0.0)
         g = tl.load(
@@ -113,9 +115,11 @@ def _wgrad_rows(m: int, p: int, r: int, cfg: dict[str, int], programs: int) -> i
 
 
 def _wgrad(
-    x: torch.Tensor, g: torch.Tensor, keep: tuple[torch.Tensor, bool], colsum: bool
+    x: torch.Tensor, g: torch.Tensor, keep: tuple[torch.Tensor, bool], colsum: bool, maskable: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(keep ⊙ X)ᵀ·G [P, R]`` and, if asked, ``Σ_m X [P]``, both float32, for ``X [M, P]``, ``G [M, R]``."""
+    """``(keep ⊙ X)ᵀ·G [P, R]`` and, if asked, ``Σ_m X [P]``, both float32, for ``X [M, P]``, ``G [M, R]``;
+    ``maskable`` False (dB) compiles the kernel without the keep-mask select (``keep`` must then be unset)."""
+    assert maskable or not keep[1], "a keep-mask for a launch compiled without the select"
     m, p = x.shape
     r = g.shape[1]
     interpret = _interpreting()
@@ -131,7 +135,8 @@ def _wgrad(
         x, g, keep_t, part, sums, m, p, r, rows,
         x.stride(0), x.stride(1), g.stride(0), g.stride(1),
         keep_t.stride(0) if has_mask else 0, keep_t.stride(1) if has_mask else 0,
-        HAS_MASK=bool(has_mask), HAS_COLSUM=colsum, G_SPLIT=g.dtype == torch.float32 and x.dtype != torch.float32,
+        int(has_mask), MASKABLE=maskable, HAS_COLSUM=colsum,
+        G_SPLIT=g.dtype == torch.float32 and x.dtype != torch.float32,
         DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_R=block_r,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
@@ -146,18 +151,17 @@ def _wgrad(
 
 def compile_gate_cases() -> list[GateCase]:
     """The weight-gradient kernel's rule-picked tile for float16, bfloat16 and float32 x every ``BLOCK_R``:
-    dA (float32 G, split into hi + lo for 16-bit X; with the dropout select, and without it for
-    ``lora_dropout = 0``) and dB (U in X's dtype, column sums for dbias), with the runtime arguments of a
-    Llama-3-8B 4096 x 4096 projection at M = 8192. Collected by ``lora_linear``'s ``compile_gate_cases``."""
+    dA (float32 G, split into hi + lo for 16-bit X, dropout select) and dB (U in X's dtype, column sums for
+    dbias, no select compiled), with the runtime arguments of a Llama-3-8B 4096 x 4096 projection at M = 8192
+    (dropout on in dA's pass, as in training). Collected by ``lora_linear``'s ``compile_gate_cases``."""
     cases = []
     m, p = 8192, 4096
-    grads = (("dA", True), ("dA", False), ("dB", False))
-    for (dtype, ty), block_r, (grad, mask) in itertools.product(_GATE_TYPES.items(), _GATE_BLOCK_R, grads):
+    for (dtype, ty), block_r, grad in itertools.product(_GATE_TYPES.items(), _GATE_BLOCK_R, ("dA", "dB")):
         cfg = _wgrad_config(dtype, interpret=False)
         da = grad == "dA"
         cases.append(
             GateCase(
-                name=f"lora_wgrad_{grad}[{ty},BLOCK_R={block_r}{',no_dropout' if da and not mask else ''}]",
+                name=f"lora_wgrad_{grad}[{ty},BLOCK_R={block_r}]",
                 module=__name__,
                 kernel="_lora_wgrad_kernel",
                 signature={
@@ -169,9 +173,10 @@ def compile_gate_cases() -> list[GateCase]:
                     **dict.fromkeys(("M", "P", "R", "rows_per_split"), "i32"),
                     **dict.fromkeys(("stride_xm", "stride_xp", "stride_gm", "stride_gr", "stride_km"), "i32"),
                     "stride_kp": "i32",
+                    "has_mask": "i32",
                 },
                 constexprs={
-                    "HAS_MASK": mask,
+                    "MASKABLE": da,
                     "HAS_COLSUM": not da,
                     "G_SPLIT": da and dtype != torch.float32,
                     "DOT_PRECISION": dot_precision(dtype),
@@ -193,8 +198,9 @@ def compile_gate_cases() -> list[GateCase]:
                     "stride_xp": 1,
                     "stride_gm": block_r,
                     "stride_gr": 1,
-                    "stride_km": p if mask else 0,
-                    "stride_kp": int(mask),
+                    "stride_km": p if da else 0,
+                    "stride_kp": int(da),
+                    "has_mask": int(da),
                 },
             )
         )
