@@ -34,8 +34,8 @@ __all__ = [
 ]
 
 _ADAPTER_SEGMENTS = frozenset(
-    {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_dropout", "modules_to_save",
-     "trainable_tokens_delta", "trainable_tokens_original", "prompt_encoder"}
+    {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_dropout", "lora_magnitude_vector",
+     "modules_to_save", "trainable_tokens_delta", "trainable_tokens_original", "prompt_encoder"}
 )  # fmt: skip
 _WRAPPER_SEGMENTS = frozenset({"base_layer", "original_module", "token_adapter"})
 

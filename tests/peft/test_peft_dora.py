@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from tiny_models import batch, build, logits, max_diff, nf4_and_dense_twin, train_steps, twin
 
-from fastpeft import LoraConfig, PeftModel, get_peft_model
+from fastpeft import LoraConfig, PeftModel, get_base_model_state_dict, get_peft_model
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 ATOL = 1e-5  # same fp32 math in both libraries; the norm's summation order differs
@@ -175,3 +175,13 @@ def test_unsupported_dora_targets_and_uses_are_refused_by_name():
     with pytest.raises(ValueError, match="target_parameters"):
         get_peft_model(build("llama"), LoraConfig(target_parameters=["mlp.up_proj.weight"], use_dora=True))
 
+
+def test_base_model_state_dict_leaves_out_the_magnitude_vector():
+    # HF PEFT's test_get_base_model_state_dict: the base model's keys exactly, the DoRA magnitude is adapter state
+    base = build("llama")
+    keys = set(base.state_dict())
+    pm = get_peft_model(twin(base), LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], use_dora=True))
+    assert any("lora_magnitude_vector" in k for k in pm.state_dict())
+    extracted = get_base_model_state_dict(pm)
+    assert set(extracted) == keys
+    assert all(torch.equal(extracted[k], v) for k, v in base.state_dict().items())
