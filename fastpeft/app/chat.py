@@ -32,7 +32,7 @@ import os
 import re
 from typing import Any
 
-__all__ = ["ROLES", "chat_template", "check_messages", "encode_conversation"]
+__all__ = ["ROLES", "chat_template", "check_messages", "check_text", "encode_conversation"]
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -76,7 +76,7 @@ def check_messages(where: str, messages: Any) -> list[dict[str, str]]:
         extra = sorted(set(message) - {"role", "content"})
         if extra:
             raise ValueError(f"{where}: message {n} has {extra}: only 'role' and 'content' are supported")
-        _check_text(where, n, message["content"])
+        check_text(where, f"message {n}: 'content'", message["content"])
         out.append({"role": message["role"], "content": message["content"]})
     if not any(m["role"] == "assistant" for m in out):
         raise ValueError(f"{where}: the conversation has no assistant turn: the loss covers only assistant turns, "
@@ -84,14 +84,15 @@ def check_messages(where: str, messages: Any) -> list[dict[str, str]]:
     return out
 
 
-def _check_text(where: str, n: int, text: str) -> None:
-    """A lone surrogate (a JSON ``"\\ud800"`` escape) is no character: tokenizers fail on it."""
+def check_text(where: str, what: str, text: str) -> None:
+    """A JSON escape can spell a lone surrogate (``"\\ud800"``), which is no character: tokenizers fail on it.
+    ``what`` names the field in the error (``field 'text'``, ``message 2: 'content'``)."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         raise ValueError(
-            f"{where}: message {n}: 'content' holds a lone surrogate U+{ord(text[e.start]):04X} at "
-            f"character {e.start + 1} (an unpaired \\ud800-\\udfff escape: not text)"
+            f"{where}: {what} holds a lone surrogate U+{ord(text[e.start]):04X} at character {e.start + 1} "
+            "(an unpaired \\ud800-\\udfff escape: not text)"
         ) from None
 
 

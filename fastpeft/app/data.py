@@ -234,19 +234,8 @@ def check_record(where: str, obj: Any) -> dict[str, Any]:
     for k in keys:
         if not isinstance(obj[k], str):
             raise ValueError(f"{where}: field {k!r} must be a string, got {type(obj[k]).__name__}")
-        _check_text(where, k, obj[k])
+        chat.check_text(where, f"field {k!r}", obj[k])
     return {k: obj[k] for k in keys}
-
-
-def _check_text(where: str, key: str, text: str) -> None:
-    """A JSON escape can spell a lone surrogate (``"\\ud800"``), which is no character: tokenizers fail on it."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(
-            f"{where}: field {key!r} holds a lone surrogate U+{ord(text[e.start]):04X} at character {e.start + 1} "
-            "(an unpaired \\ud800-\\udfff escape: not text)"
-        ) from None
 
 
 def leading_ids(encode: Callable[[str], list[int]], text: str, n: int) -> list[int]:
