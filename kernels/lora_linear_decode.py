@@ -269,10 +269,11 @@ def _decode_partial(
 
 @triton.jit
 def _lora_bias_epilogue(
-    acc, bias_ptr, u_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, R,
-    stride_um, stride_ur, stride_bn, stride_br, lora_scale, has_bias, BLOCK_R: tl.constexpr,
+    acc, bias_ptr, scale_ptr, u_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, R,
+    stride_um, stride_ur, stride_bn, stride_br, lora_scale, has_bias, has_scale, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    # acc + s·B·Uᵀ + bias for one output tile [BLOCK_N, BLOCK_M]
+    # c ⊙ (acc + s·B·Uᵀ) + bias for one output tile [BLOCK_N, BLOCK_M], c the per-feature scale (DoRA's m / ‖W + s·B·A‖)
+    # when has_scale, else 1
     lora = tl.zeros(acc.shape, dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
@@ -287,6 +288,8 @@ def _lora_bias_epilogue(
         )  # fmt: skip
         lora = tl.dot(bt, ut, lora)
     acc += lora_scale * lora
+    if has_scale:
+        acc *= tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
     if has_bias:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
     return acc
@@ -333,24 +336,25 @@ def _nf4_decode_kernel(
     mask_m = offs_m < M
     # -- epilogue: s·B·Uᵀ and bias, once per output tile (the first K slice) --
     if pid_k == 0:
-        acc = _lora_bias_epilogue(acc, bias_ptr, u_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, R, stride_um,
-                                  stride_ur, stride_bn, stride_br, lora_scale, has_bias, BLOCK_R)  # fmt: skip
+        acc = _lora_bias_epilogue(acc, bias_ptr, bias_ptr, u_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, R, stride_um,
+                                  stride_ur, stride_bn, stride_br, lora_scale, has_bias, 0, BLOCK_R)  # fmt: skip
     out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
     tl.atomic_add(out, acc, mask=mask_n[:, None] & mask_m[None, :], sem="relaxed")
 
 
-@triton.jit(do_not_specialize=["lora_scale", "has_bias", "split_k"])
+@triton.jit(do_not_specialize=["lora_scale", "has_bias", "has_scale", "split_k"])
 def _nf4_decode_fused_kernel(
     x_ptr, w_ptr, absmax_ptr, qmap_ptr, nested_ptr, offset_ptr, table_ptr,
-    bias_ptr, u_ptr, b_ptr, ws_ptr, counter_ptr, out_ptr,
+    bias_ptr, scale_ptr, u_ptr, b_ptr, ws_ptr, counter_ptr, out_ptr,
     M, N, K, R, blocksize_shift,
     stride_xm, stride_xk, stride_um, stride_ur, stride_bn, stride_br, stride_om, stride_on,
-    lora_scale, has_bias, split_k,
+    lora_scale, has_bias, has_scale, split_k,
     DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, USE_ASM: tl.constexpr, PREFETCH: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    # OUT[m, n] = Σ_k W[n, k]·X[m, k] + s·(U·Bᵀ)[m, n] + bias[n] in x's dtype: the K slices meet in the float32
-    # workspace WS [M, N] (zero between calls), the last slice of each tile to arrive adds the LoRA term and bias
+    # OUT[m, n] = c[n]·(Σ_k W[n, k]·X[m, k] + s·(U·Bᵀ)[m, n]) + bias[n] in x's dtype (c = 1 unless has_scale): the
+    # K slices meet in the float32 workspace WS [M, N] (zero between calls), the last slice of each tile to arrive
+    # adds the LoRA term, scales and adds the bias
     dtype = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -369,8 +373,9 @@ def _nf4_decode_fused_kernel(
         acc, is_last = _last_arrival(ws, acc, mask, counter_ptr + pid_n, split_k)
     # -- epilogue: s·B·Uᵀ and bias, once per output tile (the last K slice to arrive), then the one store --
     if is_last:
-        acc = _lora_bias_epilogue(acc, bias_ptr, u_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, R, stride_um,
-                                  stride_ur, stride_bn, stride_br, lora_scale, has_bias, BLOCK_R)  # fmt: skip
+        acc = _lora_bias_epilogue(acc, bias_ptr, scale_ptr, u_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, R,
+                                  stride_um, stride_ur, stride_bn, stride_br, lora_scale, has_bias, has_scale,
+                                  BLOCK_R)  # fmt: skip
         out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
         tl.store(out, acc.to(dtype), mask=mask)
 
@@ -538,14 +543,17 @@ def nf4_decode_fwd(
     lora_b: torch.Tensor | None,
     scaling: float,
     target_programs: int,
+    col_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``Y = X·dequant(W)ᵀ + bias + s·U·Bᵀ`` for a ``decode_supported`` call (arguments validated by the caller),
-    one launch: the output is written once, in x's dtype, by the last K slice of each tile to finish.
+    """``Y = c ⊙ (X·dequant(W)ᵀ + s·U·Bᵀ) + bias`` for a ``decode_supported`` call (arguments validated by the
+    caller), one launch: the output is written once, in x's dtype, by the last K slice of each tile to finish.
 
     Args:
         x: ``[M, K]`` float16 / bfloat16, M <= ``DECODE_M_MAX``. nf4: an NF4 ``[N, K]`` weight.
         bias: ``[N]`` or None. u: ``[M, R]`` and lora_b: ``[N, R]`` in x's dtype, or both None (no LoRA term).
         scaling: ``s``. target_programs: two programs per SM (the split-K rule reads the SM count from it).
+        col_scale: ``c`` float32 ``[N]`` (DoRA's ``m / ‖W + s·B·A‖``, applied in the epilogue before the bias), or
+            None for 1.
 
     Returns:
         ``y [M, N]`` in x's dtype.
@@ -574,11 +582,12 @@ def nf4_decode_fwd(
     ws, cnt = _sync_buffers(device, m * n, tiles)
     out = x.new_empty((m, n))
     _nf4_decode_fused_kernel[(tiles, split)](
-        x, words, nf4.absmax, qmap, nested, offset, tables, x if bias is None else bias, u, lora_b, ws, cnt, out,
+        x, words, nf4.absmax, qmap, nested, offset, tables, x if bias is None else bias,
+        ws if col_scale is None else col_scale, u, lora_b, ws, cnt, out,
         m, n, k, r, nf4.blocksize.bit_length() - 1,
         x.stride(0), x.stride(1), u.stride(0), u.stride(1), lora_b.stride(0), lora_b.stride(1),
         out.stride(0), out.stride(1),
-        float(scaling), int(bias is not None), split,
+        float(scaling), int(bias is not None), int(col_scale is not None), split,
         DOUBLE_QUANT=double_quant, NESTED_BLOCKSIZE=nf4.nested_blocksize, USE_ASM=not interpret, PREFETCH=PREFETCH,
         BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_M=block_m, BLOCK_R=16, num_warps=NUM_WARPS, num_stages=1,
     )  # fmt: skip
@@ -595,14 +604,15 @@ def _gate_case(
 ) -> GateCase:
     ty = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     out = {"ws_ptr": "*fp32", "counter_ptr": "*i32", "out_ptr": f"*{ty}"} if fused else {"out_ptr": "*fp32"}
+    scale = {"scale_ptr": "*fp32"} if fused else {}
     signature = {
         "x_ptr": f"*{ty}", "w_ptr": "*i32", "absmax_ptr": "*u8" if dq else "*fp32", "qmap_ptr": "*fp32",
-        "nested_ptr": "*fp32", "offset_ptr": "*fp32", "table_ptr": "*i32", "bias_ptr": f"*{ty}",
+        "nested_ptr": "*fp32", "offset_ptr": "*fp32", "table_ptr": "*i32", "bias_ptr": f"*{ty}", **scale,
         "u_ptr": f"*{ty}", "b_ptr": f"*{ty}", **out,
         **dict.fromkeys(("M", "N", "K", "R", "blocksize_shift"), "i32"),
         **dict.fromkeys(("stride_xm", "stride_xk", "stride_um", "stride_ur", "stride_bn", "stride_br",
                          "stride_om", "stride_on"), "i32"),
-        "lora_scale": "fp32", "has_bias": "i32", "split_k": "i32",
+        "lora_scale": "fp32", "has_bias": "i32", **({"has_scale": "i32"} if fused else {}), "split_k": "i32",
     }  # fmt: skip
     shape = "" if (n, k) == (4096, 4096) else f",{n}x{k}"
     consts = {"DOUBLE_QUANT": dq, "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE, "USE_ASM": True}
@@ -633,6 +643,7 @@ def _gate_case(
             "stride_on": 1,
             "lora_scale": 2.0,
             "has_bias": 1,
+            **({"has_scale": 1} if fused else {}),
             "split_k": 8,
         },  # fmt: skip
         path="decode",

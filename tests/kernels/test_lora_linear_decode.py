@@ -180,6 +180,38 @@ def test_decode_forward_with_dropout_matches_oracle(m):
     _check(m, 192, 150, 16, True, 64, dtype, drop=True, where=f"dropout M={m}")
 
 
+@pytest.mark.parametrize(("m", "bias"), [(1, True), (17, False)])
+def test_decode_column_scale_applies_before_the_bias(m, bias):
+    # DoRA's epilogue: Y = c ⊙ (X·Wᵀ + s·U·Bᵀ) + bias, c float32 per output feature (zeros and negatives included)
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    n, k, r, s = 150, 192, 8, 1.5
+    g = torch.Generator().manual_seed(stable_seed("col_scale", m, bias))
+    nf4 = _nf4(n, k, True, 64, g)
+    x = torch.randn((m, k), generator=g).to(DEVICE, dtype)
+    a = (torch.randn((r, k), generator=g) * 0.2).to(DEVICE, dtype)
+    b = (torch.randn((n, r), generator=g) * 0.2).to(DEVICE, dtype)
+    bb = torch.randn(n, generator=g).to(DEVICE, dtype) if bias else None
+    c = torch.randn(n, generator=g) * 2
+    c[:3] = 0.0
+    c = c.to(DEVICE)
+    target = L._target_programs(x.device, DEVICE != "cuda")
+    u = D.lora_u_fwd(x, a, L._keep(None, x.device), 1.0, target)
+    y = D.nf4_decode_fwd(x, nf4, bb, u, b, s, target, col_scale=c)
+    lora, _ = reference.lora_linear_fwd_reference(x.double(), None, None, a.double(), b.double(), s, nf4=nf4)
+    exact = c.double() * lora + (0.0 if bb is None else bb.double())
+    w = _dense(nf4, dtype)
+    eager = c.to(dtype) * (torch.nn.functional.linear(x, w) + s * ((x @ a.t()) @ b.t()))
+    eager = eager if bb is None else eager + bb
+    assert y.shape == (m, n) and y.dtype == dtype
+    assert_oracle(y, exact, eager, msg=f"col_scale M={m}")
+    # no scale: the same launch gives the plain LoRA output
+    y1 = D.nf4_decode_fwd(x, nf4, bb, u, b, s, target)
+    plain, _ = reference.lora_linear_fwd_reference(
+        x.double(), None, None if bb is None else bb.double(), a.double(), b.double(), s, nf4=nf4
+    )
+    assert_oracle(y1, plain, torch.nn.functional.linear(x, w, bb) + s * ((x @ a.t()) @ b.t()), msg="no scale")
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="patches the split rule of the interpreter run")
 @pytest.mark.parametrize("target", [1, 7, 1000])
 def test_split_k_slices_add_up(monkeypatch, target):
