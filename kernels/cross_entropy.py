@@ -9,16 +9,18 @@ per-token scales ``s [T]`` (``valid / n``)::
     z_tv    <- s_t · (exp(z_tv − lse_t) − [v = y_t])  (∂loss/∂z, rounded into z's dtype, in place)
 
 One program per token: a first sweep over V keeps a running maximum and sum per lane (online
-log-sum-exp), a second sweep writes the gradient over the logits it read. A head cut into vocabulary
-slices (an NF4 head, dequantized a slice at a time) runs the two sweeps as two launches per slice: the
-slice's log-sum-exp and label logit, combined across slices by the caller, then the slice's gradient
-from the whole row's log-sum-exp (``label_offset`` places the label in the slice). The chunk's logits are read
-twice and written once in their 16-bit dtype; eager torch's ``float()``, ``log_softmax`` and its backward
-instead sweep float32 ``[T, V]`` copies about ten times and hold two of them at once.
+log-sum-exp), a second sweep writes the gradient over the logits it read. A program is 32 warps while the launch's
+programs are all resident at once (a loss chunk has about one token per SM, so its loads in flight per SM are one
+program's) and 16 past that (``CE_WARPS``). A head cut into vocabulary slices (an NF4 head, dequantized a slice
+at a time) runs the two sweeps as two launches per slice: the slice's log-sum-exp and label logit, combined across
+slices by the caller, then the slice's gradient from the whole row's log-sum-exp (``label_offset`` places the label
+in the slice). The chunk's logits are read twice and written once in their 16-bit dtype; eager torch's ``float()``,
+``log_softmax`` and its backward instead sweep float32 ``[T, V]`` copies about ten times and hold two at once.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -29,10 +31,26 @@ from fastpeft.kernels._gate import GateCase
 from fastpeft.kernels.reference import check_cross_entropy_args
 from fastpeft.kernels.rounding import cast_out
 
-__all__ = ["compile_gate_cases", "cross_entropy_grad_", "cross_entropy_slice_grad_", "cross_entropy_slice_stats"]
+__all__ = [
+    "CE_WARPS",
+    "ce_warps",
+    "compile_gate_cases",
+    "cross_entropy_grad_",
+    "cross_entropy_slice_grad_",
+    "cross_entropy_slice_stats",
+]
 
 _FULL, _STATS, _GRAD = (True, True), (True, False), (False, True)
 """(STATS, GRAD) of the three launches: a whole vocabulary; a slice's statistics; a slice's gradient."""
+
+
+@triton.jit
+def _exp(x):
+    """``exp(x) = 2^(x·log2 e)``, the product ``tl.exp`` forms too, on one MUFU.EX2: ``exp2`` compiles to the
+    flush-to-zero ``ex2``, where ``tl.exp``'s ``ex2.approx.f32`` adds four instructions per logit to scale subnormal
+    results. Results below 2^-126 (x < -87.3) become 0, beside a sum of at least 1 and gradients rounded to 16 bits;
+    the floor minus a logit overflows to -inf in the product, whose power is 0 as it should be."""
+    return tl.math.exp2(x * 1.4426950408889634)
 
 
 @triton.jit
@@ -48,6 +66,10 @@ def _cross_entropy_kernel(
     z_row = z_ptr + row * stride_z
     offs = tl.arange(0, BLOCK_V)
     label = tl.load(label_ptr + row) - label_offset  # the label's column in this slice
+    inside = (label >= 0) & (label < V)
+    # as int32, -1 when in another slice: the gradient sweep compares it with 32-bit columns (one ISETP a logit,
+    # where the int64 label took a sign extension and two compares)
+    label = tl.where(inside, label, -1).to(tl.int32)
     if STATS:
         # a finite floor, not -inf: exp(run_max - new_max) is then never exp(-inf - -inf) = NaN, and masked
         # lanes (loaded as -inf) add exp(-inf) = 0
@@ -63,14 +85,14 @@ def _cross_entropy_kernel(
             if GROUPED:
                 z = tl.reshape(z, (BLOCK_V // G, G))
                 new_max = tl.maximum(run_max, tl.max(z, axis=1))
-                run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(z - new_max[:, None]), axis=1)
+                run_sum = run_sum * _exp(run_max - new_max) + tl.sum(_exp(z - new_max[:, None]), axis=1)
             else:
                 new_max = tl.maximum(run_max, z)
+                # tl.exp: with _exp's shorter body ptxas issues half the row's loads after the first exp waits
                 run_sum = run_sum * tl.exp(run_max - new_max) + tl.exp(z - new_max)
             run_max = new_max
         row_max = tl.max(run_max, axis=0)
-        lse = row_max + tl.log(tl.sum(run_sum * tl.exp(run_max - row_max), axis=0))
-        inside = (label >= 0) & (label < V)
+        lse = row_max + tl.log(tl.sum(run_sum * _exp(run_max - row_max), axis=0))
         picked = tl.load(z_row + label, mask=inside, other=0.0).to(tl.float32)
         if GRAD:
             tl.store(loss_ptr + row, tl.load(scale_ptr + row) * (lse - picked))
@@ -85,18 +107,32 @@ def _cross_entropy_kernel(
             v = v0 + offs
             mask = v < V
             z = tl.load(z_row + v, mask=mask, other=0.0).to(tl.float32)
-            p = scale * (tl.exp(z - lse) - tl.where(v == label, 1.0, 0.0))
+            p = scale * (_exp(z - lse) - tl.where(offs == label - v0, 1.0, 0.0))
             tl.store(z_row + v, cast_out(p, z_ptr.dtype.element_ty), mask=mask)
 
 
-CE_WARPS = 16
-"""Warps per token: a loss chunk holds about as many tokens as an H100 has SMs (64 MiB of float32 logits over
-Llama 3's 128,256-word vocabulary: 131 tokens), so one program per SM must keep enough loads in flight alone."""
+CE_WARPS = (16, 32)
+"""Warps per token program: 32 (1024 threads, two programs per SM) while every program of the launch is resident at
+once (tokens <= 2 x SMs), else 16. A loss chunk holds about as many tokens as an H100 has SMs (64 MiB of float32
+logits over Llama 3's 128,256-word vocabulary: 130 tokens), so one program per SM must keep enough loads in flight
+alone: at 16 warps it holds 8 KB (a sweep step's 16-byte load per lane) for a DRAM latency of ~0.5 us, about half
+of the ~12 KB per SM that Little's law asks at full bandwidth; 32 warps hold 16 KB and halve the sweep steps. Past
+2 x SMs the programs come in waves, where 16 warps (four programs per SM) keep more SMs busy in the last one."""
 
 
-def _block_v(interpret: bool) -> int:
-    # CE_WARPS x 32 lanes x 8 elements: one 16-byte load of 16-bit logits per lane and sweep step
-    return 64 if interpret else CE_WARPS * 32 * 8
+def ce_warps(tokens: int, sms: int) -> int:
+    """Warps of the token programs of a launch over ``tokens`` rows on a GPU of ``sms`` SMs (see ``CE_WARPS``)."""
+    return CE_WARPS[1] if tokens <= 2 * sms else CE_WARPS[0]
+
+
+def _block_v(interpret: bool, warps: int = CE_WARPS[0]) -> int:
+    # warps x 32 lanes x 8 elements: one 16-byte load of 16-bit logits per lane and sweep step
+    return 64 if interpret else warps * 32 * 8
+
+
+@functools.cache
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _grouped(z: torch.Tensor) -> bool:
@@ -108,10 +144,11 @@ def _grouped(z: torch.Tensor) -> bool:
 def _launch(z, labels, scale, loss, lse, label_offset: int, mode: tuple[bool, bool]) -> None:
     if z.shape[0] == 0:
         return
+    interpret = z.device.type != "cuda"
+    warps = CE_WARPS[0] if interpret else ce_warps(z.shape[0], _sms(z.device))
     _cross_entropy_kernel[(z.shape[0],)](
         z, labels, scale, loss, lse, z.shape[1], z.stride(0), label_offset,
-        BLOCK_V=_block_v(z.device.type != "cuda"), STATS=mode[0], GRAD=mode[1], GROUPED=_grouped(z),
-        num_warps=CE_WARPS,
+        BLOCK_V=_block_v(interpret, warps), STATS=mode[0], GRAD=mode[1], GROUPED=_grouped(z), num_warps=warps,
     )  # fmt: skip
 
 
@@ -159,17 +196,18 @@ def compile_gate_cases() -> list[GateCase]:
     (GPT-2's 50,257). Slices start at a nonzero vocabulary row."""
     cases = []
     modes = {"": (_FULL, 0), ",slice_stats": (_STATS, 32_768), ",slice_grad": (_GRAD, 32_768)}
-    for ty in _GATE_TYPES.values():
+    for ty, warps in itertools.product(_GATE_TYPES.values(), CE_WARPS):
+        wide = "" if warps == CE_WARPS[0] else f",warps={warps}"
         for (tag, vocab), (mode_tag, (mode, offset)) in itertools.product(
             (("", 128_256), (",odd_vocab", 50_257)), modes.items()
         ):
             cases.append(
                 GateCase(
-                    f"cross_entropy[{ty}{tag}{mode_tag}]", __name__, "_cross_entropy_kernel",
+                    f"cross_entropy[{ty}{tag}{mode_tag}{wide}]", __name__, "_cross_entropy_kernel",
                     {"z_ptr": f"*{ty}", "label_ptr": "*i64", "scale_ptr": "*fp32", "loss_ptr": "*fp32",
                      "lse_ptr": "*fp32", "V": "i32", "stride_z": "i32", "label_offset": "i32"},
-                    {"BLOCK_V": _block_v(False), "STATS": mode[0], "GRAD": mode[1], "GROUPED": not tag},
-                    num_warps=CE_WARPS,
+                    {"BLOCK_V": _block_v(False, warps), "STATS": mode[0], "GRAD": mode[1], "GROUPED": not tag},
+                    num_warps=warps,
                     args={"V": vocab, "stride_z": vocab, "label_offset": offset},
                 )
             )  # fmt: skip

@@ -3,6 +3,8 @@ kernels/reference.py, and the reference against float64 autograd of ``F.cross_en
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,8 @@ from conftest import HAS_CUDA, INTERPRET, assert_oracle, stable_seed
 from fastpeft.kernels import cross_entropy, reference
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+MODES = ((True, True), (True, False), (False, True))
+"""(STATS, GRAD) of the three launches: a whole vocabulary, a slice's statistics, a slice's gradient."""
 needs_kernels = pytest.mark.skipif(not (HAS_CUDA or INTERPRET), reason="needs a GPU or Triton's interpreter")
 
 
@@ -142,3 +146,32 @@ def test_slice_reference_matches_the_whole_row_reference():
     whole = z.clone()
     torch.testing.assert_close(loss, reference.cross_entropy_grad_reference(whole, labels, scale))
     torch.testing.assert_close(grad, whole)
+
+
+def test_every_gpu_launch_is_a_gated_binary():
+    # the launcher picks 32 warps while every program is resident at two per SM, else 16; BLOCK_V follows the warps.
+    # Each pick, in each launch form and dtype, is a gate case
+    cases = cross_entropy.compile_gate_cases()
+    assert cross_entropy.ce_warps(130, 132) == 32 and cross_entropy.ce_warps(264, 132) == 32
+    assert cross_entropy.ce_warps(265, 132) == 16 and cross_entropy.ce_warps(2048, 108) == 16
+    for tokens, sms in itertools.product((1, 130, 216, 217, 264, 265, 2048), (108, 132)):
+        warps = cross_entropy.ce_warps(tokens, sms)
+        for ty, (stats, grad), grouped in itertools.product(("fp32", "fp16", "bf16"), MODES, (True, False)):
+            assert any(
+                c.num_warps == warps and c.constexprs["BLOCK_V"] == warps * 32 * 8 and c.signature["z_ptr"] == f"*{ty}"
+                and (c.constexprs["STATS"], c.constexprs["GRAD"], c.constexprs["GROUPED"]) == (stats, grad, grouped)
+                for c in cases
+            ), (tokens, sms, ty, stats, grad, grouped)  # fmt: skip
+
+
+@pytest.mark.compile_gate
+@pytest.mark.parametrize("tokens", [None, 98])
+def test_loss_chunk_reaches_80_percent_of_hbm_in_the_cost_model(tokens):
+    # Llama 3's loss chunk (130 tokens) and a shorter last chunk, as the launcher runs them (32 warps: 16 KB of
+    # loads in flight per SM against Little's law's ~13 KB); at 16 warps the same chunk was latency-bound at 74 %
+    from fastpeft.kernels import _perf_launches
+
+    op = _perf_launches.cross_entropy_op(tokens=tokens)
+    assert op.hbm_fraction >= 0.80, (op.name, op.hbm_fraction, op.binding)
+    pred = op.launches[0]
+    assert pred.bytes_in_flight_per_sm >= 0.75 * pred.bytes_needed_per_sm, pred
