@@ -334,18 +334,20 @@ def qlora_step(n: int, k: int, m_rows: int = 8192, r: int = 16, arch: int = 90, 
 def cross_entropy_op(vocab: int = LLAMA3_VOCAB, tokens: int | None = None, arch: int = 90) -> OpPrediction:
     """One chunk of the causal-LM loss: ``tokens`` programs (the chunk, default ``64 MiB / (4·V)`` as
     ``linear_cross_entropy`` sizes it) of the warps the launcher picks (``cross_entropy.ce_warps``), each sweeping its
-    bf16 row twice in steps of ``BLOCK_V`` (statistics, then the gradient written in place). HBM bytes: the row read
-    twice and written once (the re-read counted from DRAM, though the chunk's 33 MB may partly stay in L2)."""
+    bf16 row twice: statistics in steps of ``BLOCK_V · STATS_LOADS``, then the gradient, written in place, in steps of
+    ``BLOCK_V``. HBM bytes: the row read twice and written once (the re-read counted from DRAM, though the chunk's
+    33 MB may partly stay in L2)."""
     from fastpeft.kernels import cross_entropy as _ce
 
     m = _perf.machine(arch)
     tokens = tokens or max(1, (64 << 20) // (4 * vocab))
     warps = _ce.ce_warps(tokens, m.sms)
     case = "cross_entropy[bf16]" if warps == _ce.CE_WARPS[0] else f"cross_entropy[bf16,warps={warps}]"
-    sweeps = math.ceil(vocab / _cases()[case].constexprs["BLOCK_V"])
+    block, loads = (_cases()[case].constexprs[k] for k in ("BLOCK_V", "STATS_LOADS"))
+    sweeps = (math.ceil(vocab / (block * loads)), math.ceil(vocab / block))
     hbm = 3 * tokens * vocab * 2 + tokens * 16
-    launch = _perf.Launch(f"cross-entropy T={tokens} V={vocab}", profile(case, arch), tokens,
-                          lambda i: (sweeps, sweeps), hbm, dram_loads="all")  # fmt: skip
+    launch = _perf.Launch(f"cross-entropy T={tokens} V={vocab}", profile(case, arch), tokens, lambda i: sweeps, hbm,
+                          dram_loads="all")  # fmt: skip
     return _total(launch.name, [_perf.predict(launch, m)], hbm, m)
 
 

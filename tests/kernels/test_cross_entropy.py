@@ -36,8 +36,9 @@ def _exact(z: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor) -> tuple[
 
 
 # (T, V): one token, a vocabulary below one sweep step, primes past several steps; multiples of 16 take the
-# grouped first sweep (running statistics per 8 logits)
-SHAPES = [(1, 7), (5, 64), (9, 1031), (3, 4099), (4, 320)]
+# grouped first sweep (running statistics per 8 logits, two loads per lane and step while the launch takes 32 warps);
+# 270 tokens take 16 warps (more than two programs per SM at the interpreter's 132 SMs), one load per lane
+SHAPES = [(1, 7), (5, 64), (9, 1031), (3, 4099), (4, 320), (270, 80), (270, 37)]
 
 
 @needs_kernels
@@ -149,8 +150,9 @@ def test_slice_reference_matches_the_whole_row_reference():
 
 
 def test_every_gpu_launch_is_a_gated_binary():
-    # the launcher picks 32 warps while every program is resident at two per SM, else 16; BLOCK_V follows the warps.
-    # Each pick, in each launch form and dtype, is a gate case
+    # the launcher picks 32 warps while every program is resident at two per SM, else 16; BLOCK_V follows the warps,
+    # and 32-warp programs over aligned rows take two loads per lane in the statistics sweep. Each pick, in each
+    # launch form and dtype, is a gate case
     cases = cross_entropy.compile_gate_cases()
     assert cross_entropy.ce_warps(130, 132) == 32 and cross_entropy.ce_warps(264, 132) == 32
     assert cross_entropy.ce_warps(265, 132) == 16 and cross_entropy.ce_warps(2048, 108) == 16
@@ -159,19 +161,22 @@ def test_every_gpu_launch_is_a_gated_binary():
         for ty, (stats, grad), grouped in itertools.product(("fp32", "fp16", "bf16"), MODES, (True, False)):
             assert any(
                 c.num_warps == warps and c.constexprs["BLOCK_V"] == warps * 32 * 8 and c.signature["z_ptr"] == f"*{ty}"
+                and c.constexprs["STATS_LOADS"] == (2 if warps == 32 and grouped else 1)
                 and (c.constexprs["STATS"], c.constexprs["GRAD"], c.constexprs["GROUPED"]) == (stats, grad, grouped)
                 for c in cases
             ), (tokens, sms, ty, stats, grad, grouped)  # fmt: skip
 
 
 @pytest.mark.compile_gate
-@pytest.mark.parametrize("tokens", [None, 98])
-def test_loss_chunk_reaches_80_percent_of_hbm_in_the_cost_model(tokens):
-    # Llama 3's loss chunk (130 tokens) and a shorter last chunk, as the launcher runs them (32 warps: 16 KB of
-    # loads in flight per SM against Little's law's ~13 KB); at 16 warps the same chunk was latency-bound at 74 %
+@pytest.mark.parametrize("tokens,floor", [(None, 0.80), (98, 0.80), (64, 0.75)])
+def test_loss_chunk_reaches_80_percent_of_hbm_in_the_cost_model(tokens, floor):
+    # Llama 3's loss chunk (130 tokens) and shorter last chunks, as the launcher runs them (32 warps, two loads per
+    # lane in the statistics sweep). At 16 warps and one load per lane the 130-token chunk was latency-bound at 74 %
+    # (8 KB in flight per SM against Little's law's ~12 KB), the 98-token one at 59 %, the 64-token one at 41 %
     from fastpeft.kernels import _perf_launches
 
     op = _perf_launches.cross_entropy_op(tokens=tokens)
-    assert op.hbm_fraction >= 0.80, (op.name, op.hbm_fraction, op.binding)
-    pred = op.launches[0]
-    assert pred.bytes_in_flight_per_sm >= 0.75 * pred.bytes_needed_per_sm, pred
+    assert op.hbm_fraction >= floor, (op.name, op.hbm_fraction, op.binding)
+    if tokens is None:  # one program on nearly every SM: its loads in flight are the SM's (13.1 of 13.2 KB; was 6.7)
+        pred = op.launches[0]
+        assert pred.bytes_in_flight_per_sm >= 0.9 * pred.bytes_needed_per_sm, pred
