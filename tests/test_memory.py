@@ -42,18 +42,22 @@ def _real_step(config: object, opts: M.MemoryOptions) -> dict[str, int]:
     with torch.device("cpu"):
         base = transformers.AutoModelForCausalLM.from_config(config, attn_implementation=mt.register_causal_sdpa())
     base.config.use_cache = False
-    if opts.method == "qlora":
+    if opts.method in M.NF4_METHODS:
         quantize_model(base)
     if opts.resolved_checkpointing():
         enable_checkpointing(base)
     model = get_peft_model(base, M._peft_config(opts))
     nf4 = mt.nbytes(b for m in model.modules() if type(m).__name__ == "NF4Linear" for b in m.buffers())
     adapters = mt.nbytes(p for p in model.parameters() if p.requires_grad)
-    peak = M._trace(model, opts, causal_lm_loss, [])
-    return M._categories(peak, nf4, adapters, 0)
+    norms = M.dora_norms(model)  # made by the injection (the magnitudes' init) and kept, as in training
+    peak = M._trace(model, opts, causal_lm_loss, norms)
+    return M._categories(peak, nf4, adapters, 0, mt.nbytes(norms))
 
 
-@pytest.mark.parametrize(("method", "checkpointing"), [("lora", False), ("qlora", False), ("qlora", True)])
+@pytest.mark.parametrize(
+    ("method", "checkpointing"),
+    [("lora", False), ("qlora", False), ("qlora", True), ("dora", False), ("qdora", False), ("qdora", True)],
+)
 def test_fake_trace_equals_the_real_cpu_step(method: str, checkpointing: bool) -> None:
     opts = _opts(method=method, checkpointing=checkpointing)
     est = M.estimate(_config(), opts)
@@ -127,9 +131,53 @@ def test_nf4_head_pays_once_it_outgrows_a_loss_slice() -> None:
 
 def test_checkpointing_defaults_on_for_qlora_on_a_gpu() -> None:
     assert M.MemoryOptions(method="qlora").resolved_checkpointing()
+    assert M.MemoryOptions(method="qdora").resolved_checkpointing()
+    assert not M.MemoryOptions(method="dora").resolved_checkpointing()
     assert not M.MemoryOptions(method="lora").resolved_checkpointing()
     assert not M.MemoryOptions(method="qlora", device="cpu").resolved_checkpointing()
     assert M.MemoryOptions(method="lora", offload_activations=True).resolved_checkpointing()
+
+
+# (out) of each adapted linear in one decoder layer: q, k, v, o, gate, up, down
+OUTS = (HIDDEN, HIDDEN // 2, HIDDEN // 2, HIDDEN, INTER, INTER, HIDDEN)
+
+
+@pytest.mark.parametrize(("base", "device"), [("lora", "cuda"), ("qlora", "cuda"), ("lora", "cpu")])
+def test_dora_costs_its_vectors_and_one_saved_output_per_layer(base: str, device: str) -> None:
+    """DoRA over LoRA, everything else equal, without checkpointing (the peak at the forward's end for both):
+    the magnitudes m [out] (float32, trained: AdamW's two moments and a step counter each), the cached
+    ‖W_n‖² [out] float32, and per adapted linear what ``f ⊙ lora_linear(x)`` saves for the backward:
+    the op's output [tokens, out] (in the compute dtype, for m's gradient), f [out] (compute dtype) and
+    the detached norm [out] float32 (the divisor of f = m / ‖·‖). No [out, in] tensor anywhere."""
+    layers, tokens = 2, 2 * 96
+    half = 2 if device == "cuda" else 4  # bf16 under autocast, float32 on the CPU
+    lora = M.estimate(_config(layers), _opts(method=base, device=device))
+    dora = M.estimate(_config(layers), _opts(method=base.replace("lora", "dora"), device=device))
+    outs, linears = layers * sum(OUTS), layers * len(OUTS)
+    diff = {k: dora.categories[k] - lora.categories[k] for k in M.CATEGORIES}
+    assert lora.categories["gradients"] == dora.categories["gradients"] == 0  # the forward's end
+    saved = half * tokens * outs + half * outs + 4 * outs  # outputs, f, norms
+    expected = {"adapters": 4 * outs, "optimizer_state": 2 * 4 * outs + 4 * linears, "dora_norms": 4 * outs,
+                "activations": saved}  # fmt: skip
+    assert diff == {**dict.fromkeys(M.CATEGORIES, 0), **expected}
+    assert dora.peak_bytes - lora.peak_bytes == sum(diff.values())
+    # a model this small is mostly activations: the saved outputs alone add a fifth (21 % bf16, 24 % float32)
+    assert 0.2 < diff["activations"] / lora.peak_bytes < 0.5
+
+
+def test_checkpointed_dora_adds_its_vectors_and_at_most_one_layer_of_outputs() -> None:
+    # checkpointed, the peak is in a recomputed layer's forward: DoRA's saved outputs of that one layer (at most)
+    layers, tokens = 2, 2 * 512
+    lora = M.estimate(_config(layers), _opts(method="qlora", device="cuda", seq_len=512, checkpointing=True))
+    dora = M.estimate(_config(layers), _opts(method="qdora", device="cuda", seq_len=512, checkpointing=True))
+    outs = layers * sum(OUTS)
+    diff = {k: dora.categories[k] - lora.categories[k] for k in M.CATEGORIES}
+    assert diff["adapters"] == diff["dora_norms"] == 4 * outs
+    assert diff["optimizer_state"] == 2 * 4 * outs + 4 * layers * len(OUTS)
+    assert diff["temporaries"] == diff["nf4_base"] == diff["dense_layers"] == diff["dequant_scratch"] == 0
+    one_layer = 2 * tokens * sum(OUTS) + (2 + 4) * sum(OUTS)  # outputs, f and the norm of one decoder layer
+    assert 0 < diff["activations"] <= one_layer
+    assert 0 <= diff["gradients"] <= 4 * outs  # magnitude gradients made so far
 
 
 def test_peer_traces_bitsandbytes_with_float32_dense_weights() -> None:
@@ -167,7 +215,7 @@ def test_parse_size(text: str, expected: int) -> None:
 def test_bad_options_are_refused() -> None:
     with pytest.raises(ValueError, match="prefix"):
         M.estimate(_config(), _opts(method="prefix"))
-    with pytest.raises(ValueError, match="qlora only"):
+    with pytest.raises(ValueError, match="qlora and qdora only"):
         M.estimate(_config(), _opts(method="lora", quantize_lm_head=True))
     with pytest.raises(ValueError, match="tied"):
         M.estimate(_config(tie=True), _opts(quantize_lm_head=True))

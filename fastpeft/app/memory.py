@@ -5,17 +5,24 @@
 injection, float32 adapters, the savers of ``fastpeft.app.savers`` — and runs one steady-state training step
 (forward, backward, gradient clipping, AdamW step, with the optimizer state already created) under
 PyTorch's ``MemTracker``. The peak comes back by category: NF4 base, dense layers, adapters, gradients,
-optimizer state, activations, temporaries, and the dequantize-once scratch.
+optimizer state, activations, temporaries, the dequantize-once scratch and DoRA's cached base row norms.
+
+DoRA / QDoRA (``use_dora``) are traced through their real layers: the magnitude vectors ``m [out]`` are
+adapters (float32, with gradients and AdamW state), and each layer's ``‖W_n‖²`` (float32 ``[out]``, made
+once and kept between steps) is made before the trace and held through it (``dora_norms``). What the
+forward saves for the backward (``f ⊙ lora_linear(x)``: the op's output, ``f``, the detached norm) and the
+norm's rank-sized temporaries are traced like any other op.
 
 The scratch is the one allocation the trace cannot see: the fused QLoRA kernels dequantize a weight
 into one module-level 16-bit buffer shared by every layer (inside the kernel launch). It is counted
 analytically as the largest NF4 layer's 16-bit weight, once, never once per layer.
 
-``estimate_peer`` traces the same step for transformers + HF peft (+ bitsandbytes 4-bit for QLoRA, whose
-ops have fake implementations), set up as peft documents QLoRA: ``prepare_model_for_kbit_training``
-(which casts every non-quantized weight to float32) and LoRA on all linear layers, with the same
-checkpointing, batch and sequence. ``longest_sequence`` finds the longest sequence whose estimate fits a
-memory size (the peak is linear in the sequence length: secant steps, then bisection).
+``estimate_peer`` traces the same step for transformers + HF peft (+ bitsandbytes 4-bit for QLoRA and QDoRA,
+whose ops have fake implementations; DoRA as peft's ``LoraConfig(use_dora=True)``, see ``_peer_dora_4bit``), set
+up as peft documents QLoRA: ``prepare_model_for_kbit_training`` (which casts every non-quantized weight to
+float32) and LoRA on all linear layers, with the same checkpointing, batch and sequence. ``longest_sequence``
+finds the longest sequence whose estimate fits a memory size (the peak is linear in the sequence length: secant
+steps, then bisection).
 
 These are estimates: allocator fragmentation, the CUDA context, cuBLAS workspaces and what a kernel
 allocates inside itself are not in them.
@@ -23,8 +30,10 @@ allocates inside itself are not in them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -53,8 +62,11 @@ __all__ = [
 ]
 
 GiB = 1 << 30
-METHODS = ("lora", "qlora", "adapter")
+METHODS = ("lora", "qlora", "dora", "qdora", "adapter")
+NF4_METHODS = ("qlora", "qdora")  # on an NF4 base
+DORA_METHODS = ("dora", "qdora")  # LoRA with DoRA's magnitude vectors (use_dora=True)
 PEER = "transformers + peft + bitsandbytes"
+PEER_METHODS = ("lora", "qlora", "dora", "qdora")
 
 # Category -> label, in the order the table prints them.
 CATEGORIES = {
@@ -66,6 +78,7 @@ CATEGORIES = {
     "activations": "activations",
     "temporaries": "temporaries (backward)",
     "dequant_scratch": "dequantize scratch (1 layer, 16-bit)",
+    "dora_norms": "DoRA base row norms ‖W‖² (float32)",
 }
 
 _LLAMA = dict(model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, rope_theta=500000.0)
@@ -97,7 +110,7 @@ for _name, _positions in _CONTEXT.items():
 class MemoryOptions:
     """One training step to estimate; the fields mirror ``fastpeft finetune``'s flags.
 
-    ``checkpointing`` None means the finetune default: on for QLoRA on a GPU. ``device`` is what the
+    ``checkpointing`` None means the finetune default: on for QLoRA / QDoRA on a GPU. ``device`` is what the
     estimate stands for: ``"cuda"`` (bf16 weights under bf16 autocast, fused AdamW, the NF4 scratch) or
     ``"cpu"`` (float32, as ``finetune`` runs there). ``beyond_max_positions`` lets ``seq_len`` pass the model's
     ``max_position_embeddings``. ``sequence_chunk`` > 0: the decoder layers' MLP and RMSNorms run over
@@ -120,7 +133,7 @@ class MemoryOptions:
 
     def resolved_checkpointing(self) -> bool:
         if self.checkpointing is None:
-            return self.offload_activations or (self.method == "qlora" and self.device == "cuda")
+            return self.offload_activations or (self.method in NF4_METHODS and self.device == "cuda")
         return self.checkpointing
 
 
@@ -188,8 +201,8 @@ def _check(opts: MemoryOptions) -> None:
             raise ValueError(f"{name} must be at least 1, got {getattr(opts, name)}")
     if opts.device not in ("cuda", "cpu"):
         raise ValueError(f"device must be 'cuda' or 'cpu', got {opts.device!r}")
-    if opts.quantize_lm_head and opts.method != "qlora":
-        raise ValueError("--quantize-lm-head applies to qlora only")
+    if opts.quantize_lm_head and opts.method not in NF4_METHODS:
+        raise ValueError("--quantize-lm-head applies to qlora and qdora only")
     if opts.offload_activations and opts.checkpointing is False:
         raise ValueError("--offload-activations offloads what checkpointing keeps: it needs checkpointing on")
     if opts.sequence_chunk < 0:
@@ -252,7 +265,8 @@ def _peft_config(opts: MemoryOptions) -> Any:
     targets: Any = opts.target_modules
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
-    return LoraConfig(r=opts.r, lora_alpha=2 * opts.r, target_modules=targets, task_type="CAUSAL_LM")
+    return LoraConfig(r=opts.r, lora_alpha=2 * opts.r, target_modules=targets, task_type="CAUSAL_LM",
+                      use_dora=opts.method in DORA_METHODS)  # fmt: skip
 
 
 def _batch(opts: MemoryOptions) -> dict[str, torch.Tensor]:
@@ -287,17 +301,30 @@ def _trace(model: nn.Module, opts: MemoryOptions, loss_fn: Any, external: list[t
     return tracker.peak()
 
 
-def _categories(peak: dict[str, int], nf4: int, adapters: int, scratch: int) -> dict[str, int]:
+def dora_norms(model: nn.Module) -> list[torch.Tensor]:
+    """The cached ``‖W_n‖²`` (float32 ``[out]``) of every DoRA layer of ``model``, computed now if missing.
+
+    A DoRA layer keeps its base's row norms between steps (``fastpeft.nn.lora_dora.dora_weight_sq_cached``):
+    a steady-state step finds them made, so they are made before the trace and tracked as held memory (call
+    after ``fakeify``, whose new tensors void the caches the injection made)."""
+    from fastpeft.nn.lora_dora import dora_weight_sq_cached
+
+    layers = [m for m in model.modules() if any(getattr(m, "use_dora", {}).values())]
+    return [dora_weight_sq_cached(m) for m in layers]
+
+
+def _categories(peak: dict[str, int], nf4: int, adapters: int, scratch: int, norms: int = 0) -> dict[str, int]:
     static = peak.get("Parameter", 0) + peak.get("Buffer", 0) + peak.get("Other", 0)
     return {
         "nf4_base": nf4,
-        "dense_layers": static - nf4 - adapters,
+        "dense_layers": static - nf4 - adapters - norms,
         "adapters": adapters,
         "gradients": peak.get("Gradient", 0),
         "optimizer_state": peak.get("Optstate", 0),
         "activations": peak.get("Activation", 0),
         "temporaries": peak.get("Temp", 0),
         "dequant_scratch": scratch,
+        "dora_norms": norms,
     }
 
 
@@ -317,7 +344,7 @@ def estimate(config: Any, opts: MemoryOptions) -> MemoryEstimate:
     dtype = torch.bfloat16 if opts.device == "cuda" else torch.float32
     base = _meta_model(config, dtype)
     notes = []
-    if opts.method == "qlora":
+    if opts.method in NF4_METHODS:
         shared = torch.empty(256, device="meta") if opts.device == "cpu" else None  # see meta_nf4_linear
         make = functools.partial(mt.meta_nf4_linear, nested_quant_map=shared)
         mt.swap_linears(base, make, lm_head_skip(opts.quantize_lm_head))
@@ -348,8 +375,9 @@ def estimate(config: Any, opts: MemoryOptions) -> MemoryEstimate:
         mt.fakeify(model)
         nf4 = mt.nbytes(b for m in nf4_layers for b in m.buffers())
         adapters = mt.nbytes(p for p in model.parameters() if p.requires_grad)
-        peak = _trace(model, opts, loss_fn, [])
-    cats = _categories(peak, nf4, adapters, scratch)
+        norms = dora_norms(model)
+        peak = _trace(model, opts, loss_fn, norms)
+    cats = _categories(peak, nf4, adapters, scratch, mt.nbytes(norms))
     if offload is not None:
         notes.append(f"offloaded to host memory: {format_bytes(offload.host_peak)} of checkpointed layer inputs")
     return MemoryEstimate("fastpeft", sum(cats.values()), cats, offload.host_peak if offload else 0, notes,
@@ -371,13 +399,13 @@ def estimate_peer(config: Any, opts: MemoryOptions) -> MemoryEstimate:
 
     _check(opts)
     _check_sizes(config, opts)
-    if opts.method not in ("lora", "qlora"):
-        raise ValueError(f"the peer comparison covers lora and qlora, not {opts.method!r}")
+    if opts.method not in PEER_METHODS:
+        raise ValueError(f"the peer comparison covers {', '.join(PEER_METHODS)}, not {opts.method!r}")
     dtype = torch.bfloat16 if opts.device == "cuda" else torch.float32
     model = _meta_model(config, dtype)
     ckpt = opts.resolved_checkpointing()
     notes = []
-    if opts.method == "qlora":
+    if opts.method in NF4_METHODS:
         import bitsandbytes as bnb
 
         def linear4bit(linear: nn.Linear) -> nn.Module:
@@ -394,23 +422,53 @@ def estimate_peer(config: Any, opts: MemoryOptions) -> MemoryEstimate:
     targets: Any = opts.target_modules
     if targets != "all-linear":
         targets = [t.strip() for t in targets.split(",") if t.strip()]
-    config_ = peft.LoraConfig(r=opts.r, lora_alpha=2 * opts.r, target_modules=targets, task_type="CAUSAL_LM")
-    with torch.random.fork_rng(devices=[]):
+    config_ = peft.LoraConfig(r=opts.r, lora_alpha=2 * opts.r, target_modules=targets, task_type="CAUSAL_LM",
+                              use_dora=opts.method in DORA_METHODS)  # fmt: skip
+    dora_4bit = _peer_dora_4bit if opts.method == "qdora" else contextlib.nullcontext
+    with torch.random.fork_rng(devices=[]), dora_4bit():
         model = peft.get_peft_model(model, config_)
-    with mt.fake_mode():
+    with mt.fake_mode(), dora_4bit():
         mt.fakeify(model)
-        quantized = mt.fake_bnb_linears(model, dtype) if opts.method == "qlora" else []
+        quantized = mt.fake_bnb_linears(model, dtype) if opts.method in NF4_METHODS else []
         nf4 = mt.nbytes(quantized)
         adapters = mt.nbytes(p for p in model.parameters() if p.requires_grad)
         extra = [t for t in quantized if not isinstance(t, nn.Parameter)]  # the QuantState tensors
         peak = _trace(model, opts, lambda m, batch: m(**batch).loss, extra)
     cats = _categories(peak, nf4, adapters, 0)
-    if opts.method == "qlora":
+    if opts.method in NF4_METHODS:
         notes.append("peer: bitsandbytes' forward dequantizes inside its GEMM op, unseen (up to one 16-bit layer)")
     peer_opts = {"method": opts.method, "r": opts.r, "seq_len": opts.seq_len, "batch_size": opts.batch_size,
                  "checkpointing": ckpt, "device": opts.device}  # fmt: skip
-    return MemoryEstimate(PEER if opts.method == "qlora" else "transformers + peft", sum(cats.values()), cats, 0,
+    return MemoryEstimate(PEER if opts.method in NF4_METHODS else "transformers + peft", sum(cats.values()), cats, 0,
                           notes, peer_opts)  # fmt: skip
+
+
+@contextlib.contextmanager
+def _peer_dora_4bit() -> Iterator[None]:
+    """peft's DoRA on bitsandbytes 4-bit layers as set up here (meta, then fake tensors).
+
+    peft dequantizes the base in DoRA's init and in every forward (``dequantize_module_weight``: bitsandbytes'
+    ``dequantize_4bit`` for a ``Params4bit``, a full 16-bit ``[out, in]``). Here the init, on the meta device,
+    gets an empty meta tensor of that shape and compute dtype (and skips peft's deep copy of the layer, which
+    a meta ``Params4bit`` refuses), so the magnitude has peft's shape and dtype; the traced forward calls
+    ``dequantize_4bit`` itself on the layer's fake ``QuantState``, as peft would on a real ``Params4bit``."""
+    from unittest import mock
+
+    import bitsandbytes as bnb
+    from peft.tuners.lora import dora
+
+    def dequantized(module: nn.Module) -> torch.Tensor:
+        state = getattr(module.weight, "quant_state", None)
+        if state is None:  # the init, on meta
+            dtype = getattr(module, "compute_dtype", None) or torch.float32
+            return torch.empty(module.out_features, module.in_features, dtype=dtype, device="meta")
+        return bnb.functional.dequantize_4bit(module.weight.data, state)
+
+    with (
+        mock.patch.object(dora, "deepcopy", lambda m: m),
+        mock.patch.object(dora, "dequantize_module_weight", dequantized),
+    ):
+        yield
 
 
 def longest_sequence(config: Any, opts: MemoryOptions, budget: int, step: int = 256, tries: int = 8) -> int:
@@ -491,6 +549,8 @@ def format_report(
     lines.append(head)
     pw = max(12, len(peer.who)) if peer is not None else 0
     for key, label in CATEGORIES.items():
+        if key == "dora_norms" and o["method"] not in DORA_METHODS:
+            continue
         row = f"{label:{width}}  {format_bytes(ours.categories[key]):>12}"
         if peer is not None:
             row += f"  {format_bytes(peer.categories[key]):>{pw}}"

@@ -57,7 +57,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="what the estimate is for: a GPU run (bf16) or a CPU run (float32)")  # fmt: skip
     add_saver_arguments(p)
     p.add_argument("--fit", metavar="SIZE", help="also find the longest sequence that fits SIZE (e.g. 24GiB, 80GB)")
-    p.add_argument("--no-peer", action="store_true", help="skip the transformers + peft (+ bitsandbytes) estimate")
+    p.add_argument(
+        "--no-peer",
+        action="store_true",
+        help="skip the transformers + peft (+ bitsandbytes) estimate (lora, qlora, dora, qdora)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of the table")
 
 
@@ -96,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         ours = memory.estimate(config, opts)
         peer = None
         peer_error = None
-        if not args.no_peer and opts.method in ("lora", "qlora"):
+        if not args.no_peer and opts.method in memory.PEER_METHODS:
             try:
                 peer = memory.estimate_peer(config, opts)
             except ImportError as e:  # peft / bitsandbytes missing: the table goes without the peer

@@ -26,7 +26,7 @@ def test_memory_json_has_every_category_and_the_peer(tiny: dict[str, Path], caps
     out = json.loads(capsys.readouterr().out)
     ours, peer = out["fastpeft"], out["peer"]
     assert set(ours["categories"]) == {"nf4_base", "dense_layers", "adapters", "gradients", "optimizer_state",
-                                       "activations", "temporaries", "dequant_scratch"}  # fmt: skip
+                                       "activations", "temporaries", "dequant_scratch", "dora_norms"}  # fmt: skip
     assert ours["peak_bytes"] == sum(ours["categories"].values()) > 0
     assert ours["options"]["checkpointing"] is True  # the QLoRA-on-a-GPU default
     assert peer["who"] == "transformers + peft + bitsandbytes"
@@ -71,3 +71,31 @@ def test_finetune_refuses_early_with_the_flags_that_fit(
     printed = capsys.readouterr().out
     assert re.search(r"^memory estimate: peak [\d.]+ MiB within the budget of 1.00 GiB", printed, re.M)
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_memory_dora_table_has_the_norm_cache_and_the_peer(
+    tiny: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    pytest.importorskip("peft")
+    rc = main(["memory", "--config", str(tiny["model"]), "--method", "dora", "--seq-len", "32"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "dora r=16 all-linear, batch 1 x 32 tokens" in out
+    assert re.search(r"^DoRA base row norms .*\d", out, re.M)
+    assert re.search(r"^fastpeft / peer: [\d.]+x$", out, re.M)  # peft's use_dora=True beside it
+    rc = main(["memory", "--config", str(tiny["model"]), "--method", "lora", "--seq-len", "32", "--no-peer"])
+    assert rc == 0
+    assert "DoRA" not in capsys.readouterr().out  # the row is DoRA's only
+
+
+def test_finetune_prints_the_qdora_estimate(
+    tiny: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    rc = main(["finetune", "--model", str(tiny["model"]), "--data", str(tiny["data"]), "--out", str(out), "--method",
+               "qdora", "--seq-len", "32", "--no-progress", "--max-steps", "1", "--memory-budget", "1GiB"])  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    line = re.search(r"^memory estimate: peak [\d.]+ MiB within the budget of 1.00 GiB \((.*)\)$", printed, re.M)
+    assert line and "NF4 base" in line.group(1) and "DoRA base row norms" in line.group(1), printed
+    assert "none for" not in printed
