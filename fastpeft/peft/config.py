@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 
 from fastpeft.files import current_umask
 from fastpeft.nn.checks import check_scale_value, is_finite_number
-from fastpeft.peft.config_checks import _check_init, _check_token_indices, _listed, check_module_path
+from fastpeft.peft.config_checks import _check_init, _check_megatron, _check_token_indices, _listed, check_module_path
 
 __all__ = [
     "PEFT_FORMAT_VERSION",
@@ -85,7 +85,6 @@ _HF_BOOKKEEPING: dict[str, Any] = {
     "use_bdlora": None,
     "velora_config": None,
     "tokenizer_kwargs": None,
-    "megatron_config": None,
     "loftq_config": {},
 }
 
@@ -304,13 +303,11 @@ class LoraConfig(PeftConfigBase):
         use_dora: DoRA (weight-decomposed LoRA): a trained magnitude per output row of each linear target
             (dense or NF4: QDoRA), per embedding dimension of an embedding and per output channel of a
             convolution, ``lora_magnitude_vector`` as HF PEFT; other target kinds are refused.
+        megatron_config: accepted as None only (fastpeft has no Megatron parallel layers).
     """
 
     PEFT_TYPE: ClassVar[str] = "LORA"
-    _unsupported: ClassVar[dict[str, Any]] = {
-        "layer_replication": None,
-        "use_qalora": False,
-    }
+    _unsupported: ClassVar[dict[str, Any]] = {"layer_replication": None, "use_qalora": False, "megatron_config": None}
 
     r: int = 8
     target_modules: list[str] | str | None = None
@@ -332,8 +329,10 @@ class LoraConfig(PeftConfigBase):
     trainable_token_indices: list[int] | dict | None = None
     layer_replication: list | None = None
     use_qalora: bool = False
+    megatron_config: dict | None = None
 
     def __post_init__(self) -> None:
+        _check_megatron(self.use_dora, self.megatron_config)  # before super(): HF PEFT's DoRA message first
         super().__post_init__()
         _check_count("LoraConfig", "r", self.r, optional=False)
         check_scale_value("LoraConfig: ", "lora_alpha", self.lora_alpha)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["_check_init", "_check_token_indices", "_listed", "check_module_path"]
+__all__ = ["_check_init", "_check_megatron", "_check_token_indices", "_listed", "check_module_path"]
 
 
 def _listed(value: Any) -> Any:
@@ -38,6 +38,16 @@ def check_module_path(owner: str, name: str, path: str) -> None:
         raise ValueError(
             f"{owner}: {name} entry {path!r} holds {''.join(bad)!r}: list entries are module names matched "
             "literally; to match by regular expression give one str instead of a list"
+        )
+
+
+def _check_megatron(use_dora: bool, megatron_config: Any) -> None:
+    """``megatron_config`` with ``use_dora``: HF PEFT's refusal, in its words (fastpeft refuses any
+    ``megatron_config`` but None: it has no Megatron ``ColumnParallelLinear`` / ``RowParallelLinear`` layers)."""
+    if use_dora and megatron_config is not None:
+        raise ValueError(
+            "LoraConfig: DoRA does not support megatron_core, please set `use_dora=False` (fastpeft has no Megatron "
+            "layers at all: megatron_config must be None)"
         )
 
 

@@ -40,13 +40,41 @@ _ADAPTER_SEGMENTS = frozenset(
 _WRAPPER_SEGMENTS = frozenset({"base_layer", "original_module", "token_adapter"})
 
 
-def _unwrap_compiled(model: Any) -> Any:
-    return getattr(model, "_orig_mod", model)
+def _unwrap(model: Any) -> Any:
+    """The model inside a ``torch.compile`` wrapper and an FSDP1 ``FullyShardedDataParallel`` wrapper (whose
+    ``state_dict`` keys are the inner model's, so its tensors keep their file keys). A ``fully_shard`` (FSDP2)
+    model is its own class; it is resharded, so its parameters are the DTensors again (after a forward the
+    root's are all-gathered copies FSDP may free)."""
+    model = getattr(model, "_orig_mod", model)
+    if not torch.distributed.is_available():
+        return model
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if isinstance(model, FullyShardedDataParallel):
+        return _unwrap(model.module)
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+    return model
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A whole tensor: a ``fully_shard`` (FSDP2) DTensor shard is gathered (every rank must call this)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _assign(t: torch.Tensor, value: torch.Tensor) -> None:
+    """``t.copy_(value)``; into a DTensor parameter, ``value`` (the whole tensor) is first cut like ``t``."""
+    if hasattr(t, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.to(device=t.device, dtype=t.dtype), t.device_mesh, t.placements)
+    t.copy_(value.to(device=t.device, dtype=t.dtype))
 
 
 def _adapter_params(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """File key -> live tensor for ``adapter_name`` of a PeftModel or of a model with injected LoRA."""
-    model = _unwrap_compiled(model)
+    model = _unwrap(model)
     if isinstance(model, PeftModel):
         if adapter_name not in model.peft_config:
             raise ValueError(f"Adapter {adapter_name} does not exist (have {sorted(model.peft_config)})")
@@ -76,7 +104,8 @@ def get_peft_model_state_dict(
     """The tensors of adapter ``adapter_name`` under their file keys (what ``save_pretrained`` writes).
 
     Args:
-        model: a ``PeftModel`` (or a model given an adapter by ``inject_adapter_in_model``).
+        model: a ``PeftModel`` (or a model given an adapter by ``inject_adapter_in_model``), also inside
+            ``torch.compile`` or FSDP (``FullyShardedDataParallel``, or ``fully_shard``: its shards are gathered).
         state_dict: take the values from this state dict of ``model`` (its own keys) instead of the model.
         adapter_name: which adapter.
         unwrap_compiled: accepted; a ``torch.compile`` wrapper is always looked through.
@@ -89,9 +118,9 @@ def get_peft_model_state_dict(
         raise ValueError(f"save_embedding_layers={save_embedding_layers!r} is not supported")
     params = _adapter_params(model, adapter_name)
     if state_dict is None:
-        return {k: t.detach() for k, t in params.items()}
-    names = _memory_names(_unwrap_compiled(model))
-    return {k: state_dict[names[id(t)]] for k, t in params.items() if names.get(id(t)) in state_dict}
+        return {k: _full(t.detach()) for k, t in params.items()}
+    names = _memory_names(_unwrap(model))
+    return {k: _full(state_dict[names[id(t)]]) for k, t in params.items() if names.get(id(t)) in state_dict}
 
 
 def set_peft_model_state_dict(
@@ -112,13 +141,14 @@ def set_peft_model_state_dict(
 
     Returns:
         ``(missing_keys, unexpected_keys)``: the adapter's tensors the dict did not have (by their model
-        keys), and the dict's keys the adapter does not have.
+        keys), and the dict's keys neither the adapter nor the model has (a model tensor under its own key,
+        such as a saved bias, is loaded).
 
     Raises:
         ValueError: a tensor of the wrong shape (unless ``ignore_mismatched_sizes``).
     """
     params = _adapter_params(model, adapter_name)
-    base = _unwrap_compiled(model)
+    base = _unwrap(model)
     names = _memory_names(base)
     device = next((p.device for p in base.parameters() if p.device.type != "meta"), torch.device("cpu"))
     missing = []
@@ -135,14 +165,28 @@ def set_peft_model_state_dict(
             if t.device.type == "meta":  # left there by inject_adapter_in_model(low_cpu_mem_usage=True)
                 _replace_param(base, names[id(t)], value.detach().to(device=device, dtype=t.dtype).clone())
             else:
-                t.copy_(value.to(device=t.device, dtype=t.dtype))
-    unexpected = sorted(set(peft_model_state_dict) - set(params))
+                _assign(t, value)
+        unexpected = _load_base_tensors(base, {k: v for k, v in peft_model_state_dict.items() if k not in params})
     return LoadResult(missing, unexpected)
+
+
+def _load_base_tensors(base: nn.Module, extra: dict[str, torch.Tensor]) -> list[str]:
+    """Copy the entries that name a tensor of the model itself, not of an adapter (the biases ``bias="all"`` /
+    ``"lora_only"`` saved: HF PEFT loads them whatever the receiving adapter's ``bias``); returns the rest."""
+    own = base.state_dict(keep_vars=True)
+    rest = []
+    for key, value in sorted(extra.items()):
+        t = own.get(key)
+        if t is None or _ADAPTER_SEGMENTS.intersection(key.split(".")) or tuple(t.shape) != tuple(value.shape):
+            rest.append(key)
+            continue
+        _assign(t, value)
+    return rest
 
 
 def _base_entries(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[str, bool]]]:
     """``(module holding the weights, {original key: (key in that module's state dict, transposed)})``."""
-    model = _unwrap_compiled(model)
+    model = _unwrap(model)
     root = model.get_base_model() if isinstance(model, PeftModel) else model
     conv1d = {n for n, m in lora.lora_layers(root) if getattr(m, "_fastpeft_conv1d", False)}
     entries = {}

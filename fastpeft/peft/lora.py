@@ -380,8 +380,8 @@ def _check_dora_targets(model: nn.Module, names: list[str], config: LoraConfig) 
         dora_kinds = (fnn.LoraLinear, fnn.LoraEmbedding, fnn.LoraConv)
         if not isinstance(module, dora_kinds) and lora_kind(module) not in ("linear", "embedding", "conv"):
             raise ValueError(
-                f"use_dora=True: fastpeft supports DoRA on linear, embedding and convolution layers, and target "
-                f"{name!r} is a {type(module).__name__}; exclude it or pass use_dora=False"
+                f"use_dora=True: target {name!r}: {type(module).__name__} does not support DoRA (yet), please set "
+                "use_dora to False or exclude it (fastpeft supports DoRA on linear, embedding and convolution layers)"
             )
 
 

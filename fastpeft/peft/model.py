@@ -312,10 +312,15 @@ class PeftModel(LoraMethods, AdapterMethods, FileMethods, nn.Module):
         the first remaining adapter) active. The last adapter can be deleted too: the model then runs its base.
 
         Raises:
-            ValueError: an unknown name.
+            ValueError: an unknown name, or an adapter merged into the base weights in some layer (HF PEFT
+                0.22's rule: deleting it would leave its update baked into the base; ``unmerge_adapter`` first).
         """
         self._check_known([adapter_name])
         model = self.get_base_model()
+        if any(adapter_name in layer.merged_adapters for _, layer in lora.lora_layers(model)):
+            merged = [adapter_name]
+            raise ValueError(f"Cannot delete adapter(s) {merged} while they are merged. Please unmerge them first.")
+        before = self._active_setup()
         kind = adapter_kind(self.peft_config[adapter_name])
         if kind == "lora":
             lora.delete_lora_adapter(model, adapter_name)
@@ -333,6 +338,8 @@ class PeftModel(LoraMethods, AdapterMethods, FileMethods, nn.Module):
         if block is not None and adapter_name in block.flatten():
             self._drop_block(block)
         remaining = [a for a in self._active_setup() if a != adapter_name]
+        if remaining and remaining == before:
+            return  # an inactive adapter went: set_adapter again would unmerge the merged active ones
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]
         if remaining:
