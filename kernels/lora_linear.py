@@ -239,8 +239,11 @@ def scratch_bytes() -> int:
     return sum(t.numel() * t.element_size() for t in _SCRATCH.values())
 
 
-def _dequantized(nf4: NF4Args, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """W ``[N, K]`` in ``dtype``, dequantized into the scratch buffer every layer's call reuses.
+def _dequantized(
+    nf4: NF4Args, dtype: torch.dtype, device: torch.device, row_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """W ``[N, K]`` in ``dtype`` (``row_scale ⊙ W`` with a float32 ``[N]`` scale, DoRA's ``f ⊙ W``; ``K % 64 == 0``),
+    dequantized into the scratch buffer every layer's call reuses.
 
     The buffer grows to the largest weight seen and is overwritten by the next call, so a result is only
     valid until then: the GEMM that reads it runs next on the same stream (one stream per process).
@@ -254,7 +257,7 @@ def _dequantized(nf4: NF4Args, dtype: torch.dtype, device: torch.device) -> torc
     w = nf4_dequantize(
         nf4.packed, nf4.absmax, n * k, dtype, blocksize=nf4.blocksize, nested_absmax=nf4.nested_absmax,
         offset=nf4.offset, quant_map=nf4.quant_map, nested_quant_map=nf4.nested_quant_map,
-        nested_blocksize=nf4.nested_blocksize, out=buf,
+        nested_blocksize=nf4.nested_blocksize, out=buf, row_scale=row_scale, row_len=k,
     )  # fmt: skip
     return w.view(n, k)
 
@@ -596,5 +599,9 @@ def nf4_linear_bwd_dx(dy: torch.Tensor, nf4: NF4Args) -> torch.Tensor:
 
 def compile_gate_cases() -> list[GateCase]:
     """Every shipped configuration of the op's kernels: the GEMM and skinny kernels
-    (``lora_linear_kernels``) and the weight-gradient kernel (``lora_linear_wgrad``)."""
-    return kernels.compile_gate_cases() + wgrad.compile_gate_cases() + decode.compile_gate_cases()
+    (``lora_linear_kernels``), the weight-gradient kernel (``lora_linear_wgrad``), the decode kernels and DoRA's
+    epilogue and column-sum kernels (``dora_linear``)."""
+    from fastpeft.kernels import dora_linear  # it builds on this module's launchers
+
+    cases = kernels.compile_gate_cases() + wgrad.compile_gate_cases() + decode.compile_gate_cases()
+    return cases + dora_linear.compile_gate_cases()

@@ -33,6 +33,7 @@ References: Dettmers et al., "QLoRA" (2023), appendix on NormalFloat; bitsandbyt
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 
@@ -160,10 +161,15 @@ def _dynamic8_quantize_kernel(
 @triton.jit
 def _dequantize_tile(
     q_ptr, absmax_ptr, code_ptr, out_ptr, qmap_ptr, nested_absmax_ptr, offset,
-    tile, numel, n_bytes, blocksize_shift,
+    tile, numel, n_bytes, blocksize_shift, scale_ptr, row_words,
     NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr,
+    ROW_SCALE: tl.constexpr,
 ):  # fmt: skip
     """Dequantize packed bytes ``[tile·BLOCK, (tile + 1)·BLOCK)`` (weights from ``2·tile·BLOCK``).
+
+    With ``ROW_SCALE`` each weight row ``n`` (``K = 64·row_words`` weights) is also multiplied by
+    ``scale[n]`` (float32): a 64-weight tile row lies in one weight row, so that is one load and one
+    multiply into the block scale per tile row, never per weight.
 
     The tile is ``[ROWS, 32 // G, G]`` bytes: a row is 64 weights, which never straddle an absmax block
     (blocksizes are powers of two >= 64), so the scale is one value a row. A thread owns G consecutive
@@ -195,6 +201,8 @@ def _dequantize_tile(
         absmax = tl.load(qmap_ptr + a8) * nested + offset
     else:
         absmax = tl.load(absmax_ptr + blk, mask=rmask, other=0.0)
+    if ROW_SCALE:
+        absmax = absmax * tl.load(scale_ptr + row // row_words, mask=rmask, other=0.0)
     # -- decode: byte k holds element 2k in its high nibble and 2k + 1 in its low one --
     j = tl.arange(0, 2 * G)
     shift = 8 * (j // 2) + 4 * (1 - j % 2)
@@ -228,15 +236,43 @@ def _nf4_dequantize_kernel(
     for tile in range(pid, n_full, n_prog):
         _dequantize_tile(
             q_ptr, absmax_ptr, code_ptr, out_ptr, qmap_ptr, nested_absmax_ptr, offset,
-            tile, numel, n_bytes, blocksize_shift,
-            NESTED_BLOCKSIZE, DOUBLE_QUANT, False, BLOCK,
+            tile, numel, n_bytes, blocksize_shift, offset_ptr, 1,
+            NESTED_BLOCKSIZE, DOUBLE_QUANT, False, BLOCK, False,
         )  # fmt: skip
     # -- the partial last tile, masked, by the program the stride would have given it to --
     if (n_full * (2 * BLOCK) < numel) & (pid == n_full % n_prog):
         _dequantize_tile(
             q_ptr, absmax_ptr, code_ptr, out_ptr, qmap_ptr, nested_absmax_ptr, offset,
-            n_full, numel, n_bytes, blocksize_shift,
-            NESTED_BLOCKSIZE, DOUBLE_QUANT, True, BLOCK,
+            n_full, numel, n_bytes, blocksize_shift, offset_ptr, 1,
+            NESTED_BLOCKSIZE, DOUBLE_QUANT, True, BLOCK, False,
+        )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=["blocksize_shift"])
+def _nf4_dequantize_scaled_kernel(
+    q_ptr, absmax_ptr, code_ptr, out_ptr,
+    qmap_ptr, nested_absmax_ptr, offset_ptr, scale_ptr,
+    numel, n_bytes, blocksize_shift, row_words,
+    NESTED_BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    # _nf4_dequantize_kernel with each weight row scaled: out[n, k] = scale[n]·W[n, k] (DoRA's f_n·W_n), a kernel of
+    # its own so the plain one keeps the parameters the C library binds
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    offset = tl.load(offset_ptr) if DOUBLE_QUANT else 0.0
+    n_full = numel // (2 * BLOCK)
+    for tile in range(pid, n_full, n_prog):
+        _dequantize_tile(
+            q_ptr, absmax_ptr, code_ptr, out_ptr, qmap_ptr, nested_absmax_ptr, offset,
+            tile, numel, n_bytes, blocksize_shift, scale_ptr, row_words,
+            NESTED_BLOCKSIZE, DOUBLE_QUANT, False, BLOCK, True,
+        )  # fmt: skip
+    if (n_full * (2 * BLOCK) < numel) & (pid == n_full % n_prog):
+        _dequantize_tile(
+            q_ptr, absmax_ptr, code_ptr, out_ptr, qmap_ptr, nested_absmax_ptr, offset,
+            n_full, numel, n_bytes, blocksize_shift, scale_ptr, row_words,
+            NESTED_BLOCKSIZE, DOUBLE_QUANT, True, BLOCK, True,
         )  # fmt: skip
 
 
@@ -332,6 +368,18 @@ def dynamic8_quantize(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) -> tup
     return codes, absmax
 
 
+def _check_row_scale(row_scale: object, numel: int, row_len: int, device: torch.device) -> None:
+    if not isinstance(row_scale, torch.Tensor) or row_scale.dtype != torch.float32:
+        raise TypeError(f"row_scale must be a float32 tensor, got {getattr(row_scale, 'dtype', type(row_scale))}")
+    if not isinstance(row_len, int) or row_len <= 0 or row_len % 64 or numel % row_len:
+        raise ValueError(f"row_len must be a positive multiple of 64 dividing numel={numel}, got {row_len}")
+    if tuple(row_scale.shape) != (numel // row_len,) or row_scale.stride(0) != 1 or row_scale.device != device:
+        raise ValueError(
+            f"row_scale must be a contiguous [{numel // row_len}] tensor on {device}, got {tuple(row_scale.shape)} "
+            f"on {row_scale.device}"
+        )
+
+
 def nf4_dequantize(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -345,6 +393,8 @@ def nf4_dequantize(
     nested_quant_map: torch.Tensor | None = None,
     nested_blocksize: int = NESTED_BLOCKSIZE,
     out: torch.Tensor | None = None,
+    row_scale: torch.Tensor | None = None,
+    row_len: int = 0,
 ) -> torch.Tensor:
     """Dequantize packed NF4 to a flat ``[numel]`` tensor of ``dtype``.
 
@@ -358,6 +408,9 @@ def nf4_dequantize(
         quant_map / nested_quant_map: the 16 / 256 code values (default NF4 / ``dynamic_map()``).
         out: a contiguous tensor of ``dtype`` on packed's device with at least ``numel`` elements to write
             into (its first ``numel``), e.g. a scratch buffer reused across layers; None allocates.
+        row_scale: float32 ``[numel // row_len]`` or None: with it the output is ``row_scale[n]·W[n, k]`` for the
+            weight viewed as ``[numel // row_len, row_len]`` (DoRA's ``f ⊙ W``), scaled in float32 and rounded once.
+        row_len: the weight's row length K, a multiple of 64 (given with ``row_scale``).
     """
     check_dequantize_args(
         packed, absmax, numel, dtype, blocksize, nested_absmax, offset, nested_blocksize, quant_map, nested_quant_map
@@ -382,9 +435,18 @@ def nf4_dequantize(
                 f"{out.dtype} {tuple(out.shape)} on {out.device}"
             )
         out = out.reshape(-1)[:numel]
+    if row_scale is not None:
+        _check_row_scale(row_scale, numel, row_len, device)
     n_bytes = (numel + 1) // 2
     grid = (min(triton.cdiv(numel, 2 * _DEQUANT_BLOCK), _dequantize_programs(device)),)
     # no FMA contraction: absmax = map * nested + offset must round exactly like bitsandbytes
+    if row_scale is not None:
+        _nf4_dequantize_scaled_kernel[grid](
+            packed, absmax, code, out, qmap, nested, off, row_scale, numel, n_bytes, blocksize.bit_length() - 1,
+            row_len // 64, NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double_quant,
+            BLOCK=_DEQUANT_BLOCK, num_warps=_DEQUANT_WARPS, num_stages=1, enable_fp_fusion=False,
+        )  # fmt: skip
+        return out
     _nf4_dequantize_kernel[grid](
         packed, absmax, code, out, qmap, nested, off, numel, n_bytes, blocksize.bit_length() - 1,
         NESTED_BLOCKSIZE=nested_blocksize, DOUBLE_QUANT=double_quant,
@@ -434,6 +496,20 @@ def _dequantize_case(out_ty: str, dq: bool, shape: tuple[int, int], suffix: str 
     )
 
 
+def _scaled_case(out_ty: str, dq: bool, shape: tuple[int, int], suffix: str = "") -> GateCase:
+    # the row-scaled dequantize (DoRA's f ⊙ W scratch): the plain case plus a scale pointer and the row length
+    base = _dequantize_case(out_ty, dq, shape, suffix)
+    sig = dict(base.signature)
+    sig["scale_ptr"] = "*fp32"
+    sig = {k: sig[k] for k in (*list(base.signature)[:7], "scale_ptr", *list(base.signature)[7:])}
+    sig["row_words"] = "i32"
+    name = base.name.replace("nf4_dequantize[", "nf4_dequantize_scaled[")
+    return dataclasses.replace(
+        base, name=name, kernel="_nf4_dequantize_scaled_kernel", signature=sig,
+        args={**base.args, "row_words": shape[1] // 64}, bytes_per_weight=base.bytes_per_weight + 4 / shape[1],
+    )  # fmt: skip
+
+
 def compile_gate_cases() -> list[GateCase]:
     """Every configuration the launchers above ship: quantize per blocksize and input dtype, the 8-bit
     quantizer per blocksize, dequantize per output dtype with and without double quantization (the
@@ -475,4 +551,8 @@ def compile_gate_cases() -> list[GateCase]:
     for out_ty, dq in itertools.product(("fp32", "fp16", "bf16"), (False, True)):
         cases.append(_dequantize_case(out_ty, dq, _GATE_SHAPE))
     cases.append(_dequantize_case("bf16", True, _GATE_UNALIGNED, suffix=",4095x4097"))
+    for out_ty, dq in itertools.product(("fp32", "fp16", "bf16"), (False, True)):
+        cases.append(_scaled_case(out_ty, dq, _GATE_SHAPE))
+    # K a multiple of 64 but the weight count not of a tile: the masked tail tile with the scale
+    cases.append(_scaled_case("bf16", True, (4095, 4160), suffix=",4095x4160"))
     return cases

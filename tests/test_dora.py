@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastpeft import quantize_nf4
 from fastpeft.kernels import reference
 from fastpeft.nn import LoraLinear, NF4Linear
-from fastpeft.ops.dora import dora_row_norm
+from fastpeft.ops.dora import dora_linear, dora_row_norm
 
 SHAPES = [(29, 37, 1), (64, 130, 8), (17, 64, 16), (48, 40, 4)]  # (N, K, r): primes, odd K, tails of 64
 
@@ -342,3 +342,94 @@ def test_no_tensor_of_n_by_k_elements_in_forward_and_backward():
     biggest = max(seen.shapes, key=lambda fs: torch.Size(fs[1]).numel())
     assert torch.Size(biggest[1]).numel() < n * k // 8, f"largest new tensor {biggest} for a weight of {n}x{k}"
     assert layer.lora_magnitude_vector["default"].weight.grad.abs().max() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# the fused op (fastpeft.ops.dora.dora_linear): the layer's forward without dropout
+# ----------------------------------------------------------------------------------------------
+
+
+def _op_operands(n: int, k: int, r: int, quantized: bool, bias: bool, *key):
+    g = _gen("dora op", n, k, r, quantized, bias, *key)
+    w = torch.randn(n, k, generator=g) * 0.2
+    nf4 = quantize_nf4(w, double_quant=True).kernel_args() if quantized else None
+    w_used = reference._base_weight(None, nf4, torch.float32) if quantized else w
+    leaves = {
+        "x": torch.randn(7, k, generator=g), "lora_a": torch.randn(r, k, generator=g) * 0.3,
+        "lora_b": torch.randn(n, r, generator=g) * 0.3, "magnitude": torch.rand(n, generator=g) + 0.5,
+        "bias": torch.randn(n, generator=g) if bias else None,
+    }  # fmt: skip
+    norm = torch.rand(n, generator=g) + 0.5
+    return (None if quantized else w), nf4, w_used, leaves, norm
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_op_gradients_equal_float64_autograd_of_the_formula(monkeypatch, backend, quantized, bias):
+    """``dora_linear``'s output and gradients in x, A, B, m and bias (the norm a constant) against float64 autograd
+    of ``f ⊙ (X·Wᵀ + s·X·Aᵀ·Bᵀ) + bias``; K = 128 takes the scaled NF4 scratch, a dense base the epilogue kernel."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", backend)
+    n, k, r, s = 33, 128, 4, 1.5
+    weight, nf4, w, leaves, norm = _op_operands(n, k, r, quantized, bias, backend)
+    names = [name for name, t in leaves.items() if t is not None]
+
+    def run(dtype, op):
+        ts = {name: leaves[name].detach().to(dtype).clone().requires_grad_() for name in names}
+        xb = ts["x"].reshape(1, 7, k)  # leading dims go through the op's reshape
+        if op:
+            y = dora_linear(xb, weight, ts.get("bias"), ts["lora_a"], ts["lora_b"], s, ts["magnitude"], norm, nf4=nf4)
+        else:
+            f = ts["magnitude"] / norm.to(dtype)
+            wd = w.to(dtype)
+            y = f * (xb @ wd.t() + s * (xb @ ts["lora_a"].t()) @ ts["lora_b"].t())
+            y = y if "bias" not in ts else y + ts["bias"]
+        y.backward(dy.to(dtype).reshape(y.shape))
+        return y.detach().reshape(7, n), [ts[name].grad for name in names]
+
+    dy = torch.randn(7, n, generator=_gen("dora op dy", quantized, bias))
+    y, grads = run(torch.float32, True)
+    want, exact = run(torch.float64, False)
+    eager, eager_grads = run(torch.float32, False)
+    where = f"backend={backend} quantized={quantized} bias={bias}"
+    assert_oracle(y, want, eager, msg=f"{where}: output")
+    for name, got, e, ea in zip(names, grads, exact, eager_grads, strict=True):
+        assert bool(e.abs().max() > 0), f"{where}: d{name} is zero, the check would prove nothing"
+        assert_oracle(got, e, ea, msg=f"{where}: d{name}")
+
+
+def test_layer_without_dropout_runs_the_fused_op(monkeypatch):
+    """The layer's forward without dropout (eval, or p = 0 in training) is one ``dora_linear`` call; with dropout in
+    training it keeps the two-pass form."""
+    import fastpeft.nn.lora_dora as lora_dora
+
+    calls = []
+    real = lora_dora.dora_linear
+    monkeypatch.setattr(lora_dora, "dora_linear", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for p, train, want in ((0.0, True, 1), (0.25, False, 1), (0.25, True, 0)):
+        calls.clear()
+        layer = LoraLinear(nn.Linear(40, 24), r=4, lora_alpha=8, lora_dropout=p, init_lora_weights=False,
+                           use_dora=True).train(train)  # fmt: skip
+        layer(torch.randn(3, 40))
+        assert len(calls) == want, f"p={p} training={train}: {len(calls)} dora_linear calls"
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_no_n_by_k_tensor_in_the_fused_op_on_the_triton_path(monkeypatch, quantized):
+    """The Triton launchers (the interpreter here): no op output in the fused op's forward or backward has N·K / 8
+    elements or more, besides the dequantize-once scratch (allocated by the warm-up call, then reused)."""
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    n, k, r = 256, 192, 8
+    weight, nf4, _, leaves, norm = _op_operands(n, k, r, quantized, True, "no [N, K]")
+    ts = {name: t.clone().requires_grad_() for name, t in leaves.items()}
+
+    def step():
+        y = dora_linear(ts["x"], weight, ts["bias"], ts["lora_a"], ts["lora_b"], 0.5, ts["magnitude"], norm, nf4=nf4)
+        y.square().sum().backward()
+
+    step()
+    with _Allocations() as seen:
+        step()
+    biggest = max(seen.shapes, key=lambda fs: torch.Size(fs[1]).numel())
+    assert torch.Size(biggest[1]).numel() < n * k // 8, f"largest new tensor {biggest} for a weight of {n}x{k}"
+    assert ts["magnitude"].grad.abs().max() > 0

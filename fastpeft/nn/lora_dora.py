@@ -9,7 +9,8 @@ With ``f = m / ‖W + s·B·A‖`` (the norm detached, see ``fastpeft.ops.dora``
     dropout in training:  y = x·Wᵀ + bias + (f − 1) ⊙ drop(x)·Wᵀ + f ⊙ s·drop(x)·Aᵀ·Bᵀ
                             = (x − drop(x))·Wᵀ + f ⊙ (drop(x)·Wᵀ + s·drop(x)·Aᵀ·Bᵀ) + bias
 
-the fused ``lora_linear`` op giving the bracket and a row scaling the rest (a second base pass with dropout).
+without dropout the fused ``dora_linear`` op (the scaling in the GEMM epilogue, the norm a constant in its backward),
+with dropout the fused ``lora_linear`` op giving the bracket and a row scaling the rest (a second base pass).
 A DoRA adapter after the first active one follows HF PEFT's loop: ``y += (f − 1) ⊙ (y − bias) + f ⊙ s·x·Aᵀ·Bᵀ``.
 Merging writes ``f ⊙ (W + s·B·A)`` with ``f`` from the unmerged base, kept for ``unmerge``.
 """
@@ -22,7 +23,7 @@ from torch import nn
 
 from fastpeft.kernels.formats import NF4Args
 from fastpeft.nn.nf4_linear import NF4Linear
-from fastpeft.ops.dora import dora_row_norm, dora_weight_sq
+from fastpeft.ops.dora import dora_linear, dora_row_norm, dora_weight_sq
 from fastpeft.ops.lora import lora_linear, nf4_linear
 
 __all__ = [
@@ -113,13 +114,14 @@ def dora_forward(
     ``weight`` / ``nf4`` / ``bias`` / ``lora_a`` / ``lora_b`` / ``scaling`` are what ``lora_linear`` takes
     (cast to ``x``'s dtype by the caller).
     """
+    if not (layer.training and dropout_p > 0.0):
+        norm = _row_norm(layer, layer.lora_A[name].weight, layer.lora_B[name].weight, layer._scale(name))
+        magnitude = layer.lora_magnitude_vector[name].weight
+        return dora_linear(x, weight, bias, lora_a, lora_b, scaling, magnitude, norm, nf4=nf4)
     f = dora_factor(layer, name).to(x.dtype)
-    if layer.training and dropout_p > 0.0:
-        dropped = F.dropout(x, dropout_p, training=True)
-        y = lora_linear(dropped, weight, None, lora_a, lora_b, scaling, nf4=nf4)
-        out = _base_mm(x - dropped, weight, nf4) + f * y
-    else:
-        out = f * lora_linear(x, weight, None, lora_a, lora_b, scaling, nf4=nf4)
+    dropped = F.dropout(x, dropout_p, training=True)
+    y = lora_linear(dropped, weight, None, lora_a, lora_b, scaling, nf4=nf4)
+    out = _base_mm(x - dropped, weight, nf4) + f * y
     return out if bias is None else out + bias
 
 

@@ -1,0 +1,444 @@
+r"""Fused DoRA linear: the magnitude scaling in the LoRA op's epilogue, its backward with the norm a constant.
+
+Math, for ``X [M, K]``, a frozen ``W [N, K]`` (dense, or NF4), ``bias [N]``, ``A [R, K]``, ``B [N, R]``, scaling
+``s``, the trained magnitude ``m [N]`` and the detached row norm ``‖W + s·B·A‖`` (float32 ``[N]``)::
+
+    f  = m / ‖W + s·B·A‖                               [N]      float32
+    U  = X·Aᵀ                                          [M, R]
+    Y  = f ⊙ (X·Wᵀ + s·U·Bᵀ) + bias                    [M, N]   = X·(f ⊙ W)ᵀ + s·U·(f ⊙ B)ᵀ + bias
+    (backward, G = dY, the norm constant; Y0 = X·Wᵀ + s·U·Bᵀ = (Y − bias) / f)
+    dX    = (G ⊙ f)·W + s·((G ⊙ f)·B)·A               [M, K]
+    dA    = s·((G ⊙ f)·B)ᵀ·X                          [R, K]
+    dB    = s·(G ⊙ f)ᵀ·U = s·f ⊙ (Gᵀ·U)               [N, R]   (rows scaled)
+    dbias = Σ_i G                                      [N]
+    dm_n  = Σ_i G[i, n]·Y0[i, n] / ‖·‖_n = Σ_i G[i, n]·(Y[i, n] − bias_n) / m_n
+
+so the backward keeps the op's own output ``Y`` (no extra memory where its consumer keeps it too) instead of
+``Y0``. Where ``m_n = 0`` the column of ``Y`` is ``bias`` and ``Y0`` cannot be recovered from it: those columns
+(found by one host sync per backward) get ``Y0`` recomputed from X and the base's rows (``_zero_magnitude_fix``).
+Numerics of the recovery: ``Y − bias`` carries ``Y``'s rounding (half an ulp of ``|Y|``), so with a bias much
+larger than ``f·Y0`` the magnitude's gradient loses the bits the bias takes (eager autograd keeps ``Y0``).
+
+Paths (a scaling per row is rank-sized work: ``f ⊙ B`` is ``[N, R]``):
+
+- NF4 forward at decode sizes (``lora_linear_decode.decode_supported``): the decode kernel with ``col_scale = f``
+  in its epilogue, two launches as for LoRA.
+- NF4 with ``K % 64 == 0`` wherever LoRA dequantizes once into the scratch (16-bit M > ``SMALL_M_MAX``, or float32):
+  the dequantize kernel writes ``f ⊙ W`` into the scratch (``nf4_dequantize(row_scale=f)``), then LoRA's own base
+  GEMM (cuBLAS + addmm, or the tiled kernel) with ``f ⊙ B`` and the bias: the DoRA output with no pass beyond
+  LoRA's. The backward dequantizes ``f ⊙ W`` again for dX = G·(f ⊙ W) + s·(G·(f ⊙ B))·A.
+- everything else (dense bases, the NF4 split-K path): LoRA's base GEMM without the LoRA term, then
+  ``_dora_epilogue_kernel``: ``Y = f ⊙ (base + s·U·Bᵀ) + bias`` in place, the bytes of LoRA's addmm pass over Y.
+  The backward's column pass writes ``G ⊙ f`` and LoRA's backward runs on it.
+
+The backward's column pass (``_dora_colsum_kernel``) reads G and Y once for ``Σ G`` (dbias) and ``Σ G·(Y − bias)``
+(dm), per slice of M into float32 partials (no atomics: deterministic), writing ``G ⊙ f`` where dX needs it.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import triton
+import triton.language as tl
+
+from fastpeft.kernels import lora_linear as lora
+from fastpeft.kernels import lora_linear_decode as decode
+from fastpeft.kernels._gate import GateCase
+from fastpeft.kernels.formats import NF4Args, dot_precision
+from fastpeft.kernels.lora_linear_kernels import _interpreting, _target_programs
+from fastpeft.kernels.lora_linear_wgrad import _wgrad
+
+__all__ = ["compile_gate_cases", "dora_colsum", "dora_epilogue", "dora_linear_bwd", "dora_linear_fwd"]
+
+# ----------------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["lora_scale"])
+def _dora_epilogue_kernel(
+    base_ptr, f_ptr, u_ptr, b_ptr, bias_ptr, out_ptr,
+    M, N, R,
+    stride_bm, stride_bn, stride_um, stride_ur, stride_lbn, stride_lbr, stride_om, stride_on,
+    lora_scale,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    # OUT = f ⊙ (BASE + s·U·Bᵀ) + bias for one [BLOCK_M, BLOCK_N] tile; OUT may be BASE (each element is read
+    # before this program writes it, and no other program touches it)
+    pid_m = tl.program_id(0).to(tl.int64)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask = mask_m[:, None] & mask_n[None, :]
+    # -- the LoRA term: U [BLOCK_M, R]·Bᵀ [R, BLOCK_N], float32 --
+    lora = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        mask_r = offs_r < R
+        u = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,
+                    mask=mask_m[:, None] & mask_r[None, :], other=0.0)  # fmt: skip
+        bt = tl.load(b_ptr + offs_n[None, :] * stride_lbn + offs_r[:, None] * stride_lbr,
+                     mask=mask_n[None, :] & mask_r[:, None], other=0.0)  # fmt: skip
+        lora = tl.dot(u, bt, lora, input_precision=DOT_PRECISION)
+    # -- epilogue: one rounding to the output dtype --
+    base = tl.load(base_ptr + offs_m[:, None] * stride_bm + offs_n[None, :] * stride_bn, mask=mask, other=0.0)
+    f = tl.load(f_ptr + offs_n, mask=mask_n, other=0.0)
+    acc = (base.to(tl.float32) + lora_scale * lora) * f[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)  # fmt: skip
+
+
+@triton.jit
+def _dora_colsum_kernel(
+    g_ptr, y_ptr, bias_ptr, f_ptr, gf_ptr, dsum_ptr, dm_ptr,
+    M, N, rows_per_slice,
+    stride_gm, stride_gn, stride_ym, stride_yn, stride_fm, stride_fn,
+    HAS_BIAS: tl.constexpr, WRITE_GF: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    # over rows [slice·rows_per_slice, +rows_per_slice) of columns tile pid_n: Σ G and Σ G·(Y − bias) into the
+    # slice's float32 partials, and G ⊙ f into GF when WRITE_GF
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    if WRITE_GF:
+        f = tl.load(f_ptr + offs_n, mask=mask_n, other=0.0)
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_m = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    row0 = pid_s.to(tl.int64) * rows_per_slice
+    row_end = tl.minimum(row0 + rows_per_slice, M)
+    for m0 in range(row0, row_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask = (offs_m < row_end)[:, None] & mask_n[None, :]
+        # -- load: G and Y are streamed once --
+        g = tl.load(g_ptr + offs_m[:, None] * stride_gm + offs_n[None, :] * stride_gn, mask=mask, other=0.0,
+                    eviction_policy="evict_first").to(tl.float32)  # fmt: skip
+        y = tl.load(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn, mask=mask, other=0.0,
+                    eviction_policy="evict_first").to(tl.float32)  # fmt: skip
+        if HAS_BIAS:
+            y = tl.where(mask, y - bias[None, :], 0.0)
+        acc_g += g
+        acc_m += g * y
+        if WRITE_GF:
+            tl.store(gf_ptr + offs_m[:, None] * stride_fm + offs_n[None, :] * stride_fn,
+                     (g * f[None, :]).to(gf_ptr.dtype.element_ty), mask=mask)  # fmt: skip
+    tl.store(dsum_ptr + pid_s * N + offs_n, tl.sum(acc_g, axis=0), mask=mask_n)
+    tl.store(dm_ptr + pid_s * N + offs_n, tl.sum(acc_m, axis=0), mask=mask_n)
+
+
+# ----------------------------------------------------------------------------------------------
+# launchers
+# ----------------------------------------------------------------------------------------------
+
+EPILOGUE_BLOCK_R = 16
+
+
+def _epilogue_config(interpret: bool) -> dict[str, int]:
+    # a bandwidth-bound pass over Y (the rank-R dot is tiny): 64 x 128 tiles, 16 KB of 16-bit Y in flight a program
+    if interpret:
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4}
+    return {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 4}
+
+
+def _colsum_config(interpret: bool) -> dict[str, int]:
+    # 32 rows x 128 columns of G and Y per step: 16 KB of 16-bit loads in flight a program, 64 accumulator registers
+    if interpret:
+        return {"BLOCK_M": 8, "BLOCK_N": 16, "num_warps": 4}
+    return {"BLOCK_M": 32, "BLOCK_N": 128, "num_warps": 4}
+
+
+def dora_epilogue(
+    base: torch.Tensor, f: torch.Tensor, u: torch.Tensor, lora_b: torch.Tensor, scaling: float,
+    bias: torch.Tensor | None, out: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """``OUT = f ⊙ (BASE + s·U·Bᵀ) + bias`` (contract: ``reference_dora.dora_epilogue_reference``).
+
+    Args:
+        base: ``[M, N]`` float16 / bfloat16 / float32 (any strides). f: float32 ``[N]``, contiguous.
+        u: ``[M, R]``, lora_b: ``[N, R]``, bias: ``[N]`` contiguous or None, all in base's dtype. scaling: ``s``.
+        out: ``[M, N]`` to write (``base`` itself for the in-place pass), or None to allocate.
+
+    Returns:
+        ``out [M, N]`` in base's dtype (computed in float32, rounded once).
+    """
+    m, n = base.shape
+    r = u.shape[1]
+    _check_vec("f", f, n, torch.float32, base.device)
+    if u.shape[0] != m or tuple(lora_b.shape) != (n, r) or u.dtype != base.dtype or lora_b.dtype != base.dtype:
+        raise ValueError(f"u must be [{m}, R] and lora_b [{n}, R] in {base.dtype}, got {tuple(u.shape)} "
+                         f"{u.dtype} and {tuple(lora_b.shape)} {lora_b.dtype}")  # fmt: skip
+    if bias is not None:
+        _check_vec("bias", bias, n, base.dtype, base.device)
+    if out is None:
+        out = torch.empty_like(base)
+    interpret = _interpreting()
+    cfg = _epilogue_config(interpret)
+    grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
+    _dora_epilogue_kernel[grid](
+        base, f, u, lora_b, base if bias is None else bias, out, m, n, r,
+        base.stride(0), base.stride(1), u.stride(0), u.stride(1), lora_b.stride(0), lora_b.stride(1),
+        out.stride(0), out.stride(1), float(scaling),
+        HAS_BIAS=bias is not None, DOT_PRECISION=dot_precision(base.dtype),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_R=EPILOGUE_BLOCK_R, num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    return out
+
+
+def dora_colsum(
+    dy: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, f: torch.Tensor, write_gf: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(Σ_i dY, Σ_i dY ⊙ (Y − bias), dY ⊙ f)`` (contract: ``reference_dora.dora_colsum_reference``).
+
+    Args:
+        dy, y: ``[M, N]`` in one dtype (any strides). bias: ``[N]`` in that dtype, contiguous, or None.
+        f: float32 ``[N]``. write_gf: whether to write ``dY ⊙ f`` (else None comes back).
+
+    Returns:
+        the two sums, float32 ``[N]``, and ``dY ⊙ f`` ``[M, N]`` in dy's dtype or None.
+    """
+    m, n = dy.shape
+    if tuple(y.shape) != (m, n) or y.dtype != dy.dtype:
+        raise ValueError(f"y must be [{m}, {n}] in {dy.dtype}, got {tuple(y.shape)} {y.dtype}")
+    _check_vec("f", f, n, torch.float32, dy.device)
+    if bias is not None:
+        _check_vec("bias", bias, n, dy.dtype, dy.device)
+    interpret = _interpreting()
+    cfg = _colsum_config(interpret)
+    tiles = triton.cdiv(n, cfg["BLOCK_N"])
+    splits = max(1, min(triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(_target_programs(dy.device, interpret), tiles)))
+    rows = triton.cdiv(triton.cdiv(m, splits), cfg["BLOCK_M"]) * cfg["BLOCK_M"]
+    splits = triton.cdiv(m, rows)
+    part = torch.empty((2, splits, n), dtype=torch.float32, device=dy.device)
+    gf = torch.empty_like(dy, memory_format=torch.contiguous_format) if write_gf else None
+    gf_t = dy if gf is None else gf
+    _dora_colsum_kernel[(tiles, splits)](
+        dy, y, dy if bias is None else bias, f, gf_t, part[0], part[1], m, n, rows,
+        dy.stride(0), dy.stride(1), y.stride(0), y.stride(1), gf_t.stride(0), gf_t.stride(1),
+        HAS_BIAS=bias is not None, WRITE_GF=write_gf, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    sums = part.sum(1)  # the few slices' partials, summed by torch
+    return sums[0], sums[1], gf
+
+
+def _check_vec(name: str, t: object, n: int, dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {t.dtype}")
+    if tuple(t.shape) != (n,) or t.stride(0) != 1 or t.device != device:
+        raise ValueError(f"{name} must be a contiguous [{n}] tensor on {device}, got {tuple(t.shape)} on {t.device}")
+
+
+def check_dora_args(magnitude: object, norm: object, n: int, like: torch.Tensor) -> None:
+    """``magnitude``: a floating ``[N]`` tensor on x's device; ``norm``: float32 ``[N]`` (the detached row norm)."""
+    if not isinstance(magnitude, torch.Tensor) or not magnitude.is_floating_point():
+        raise TypeError(f"magnitude must be a floating tensor, got {getattr(magnitude, 'dtype', type(magnitude))}")
+    if tuple(magnitude.shape) != (n,) or magnitude.device != like.device:
+        raise ValueError(
+            f"magnitude must be [{n}] on {like.device}, got {tuple(magnitude.shape)} on {magnitude.device}"
+        )
+    _check_vec("norm", norm, n, torch.float32, like.device)
+
+
+def _factor(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """``f = m / ‖W + s·B·A‖`` float32 ``[N]``."""
+    return magnitude.float() / norm
+
+
+def _scaled_scratch(nf4: NF4Args | None, m: int, dtype: torch.dtype) -> bool:
+    """Whether this call reads W from the dequantize-once scratch and that scratch can hold ``f ⊙ W`` (the scaled
+    dequantize takes whole 64-weight rows, ``K % 64 == 0``)."""
+    return nf4 is not None and nf4.shape[1] % 64 == 0 and not lora._fuse_nf4(m, dtype)
+
+
+def _scaled_b(lora_b: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``f ⊙ B`` ``[N, R]`` in B's dtype (rank-sized), rounded once."""
+    return (lora_b.float() * f[:, None]).to(lora_b.dtype)
+
+
+def dora_linear_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    *,
+    nf4: NF4Args | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``Y = f ⊙ (X·Wᵀ + s·U·Bᵀ) + bias`` and ``U = X·Aᵀ`` (contract: ``reference_dora.dora_linear_fwd_reference``).
+
+    Args:
+        x, weight, bias, lora_a, lora_b, scaling, nf4: as ``lora_linear_fwd`` takes them (no dropout).
+        magnitude: ``m [N]`` (any float dtype). norm: ``‖W + s·B·A‖`` float32 ``[N]``, detached.
+
+    Returns:
+        ``y [M, N]`` and ``u [M, R]`` in x's dtype.
+    """
+    m, k, n, r = lora._check_args(x, weight, bias, lora_a, lora_b, nf4, None, 0.0)
+    check_dora_args(magnitude, norm, n, x)
+    f = _factor(magnitude, norm)
+    s = float(scaling)
+    no_keep = lora._keep(None, x.device)
+    if nf4 is not None and decode.decode_supported(x, nf4):
+        # decode sizes: U, then the decode kernel with f in its epilogue (two launches, as for LoRA)
+        target = _target_programs(x.device, _interpreting())
+        u = decode.lora_u_fwd(x, lora_a, no_keep, 1.0, target)
+        return decode.nf4_decode_fwd(x, nf4, bias, u, lora_b, s, target, col_scale=f), u
+    u = lora._skinny(x, lora_a, (lora_a.stride(1), lora_a.stride(0)), no_keep, 1.0, r).to(x.dtype)
+    if _scaled_scratch(nf4, m, x.dtype):
+        # X·(f ⊙ W)ᵀ + s·U·(f ⊙ B)ᵀ + bias: LoRA's GEMM on the scaled scratch, nothing added
+        w = lora._dequantized(nf4, x.dtype, x.device, row_scale=f)
+        fb = _scaled_b(lora_b, f)
+        if lora.cublas_path(m, n, k):
+            return lora._cublas_fwd(x, w, bias, u, fb, s), u
+        w_args = lora._w_operand(w, None, x.device, False)
+        return lora._gemm(x, w_args, u, fb, (fb.stride(1), fb.stride(0)), bias, no_keep, s, n), u
+    # -- the base alone, then f ⊙ (base + s·U·Bᵀ) + bias in place (the bytes of LoRA's addmm pass) --
+    if lora.cublas_path(m, n, k):
+        base = torch.mm(x, lora._dense_base(weight, nf4, x).t())
+    else:
+        lt, rt = lora._empty_lora(m, x, x)
+        w_args = lora._w_operand(weight, None, x.device, False) if nf4 is None else lora._nf4_w_operand(nf4, x, False)
+        base = lora._gemm(x, w_args, lt, rt, (0, 1), None, no_keep, 0.0, n)
+    return dora_epilogue(base, f, u, lora_b, s, bias, out=base), u
+
+
+def dora_linear_bwd(
+    dy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    u: torch.Tensor,
+    y: torch.Tensor,
+    scaling: float,
+    magnitude: torch.Tensor,
+    norm: torch.Tensor,
+    *,
+    nf4: NF4Args | None = None,
+    needs_dx: bool = True,
+    needs_da: bool = True,
+    needs_db: bool = True,
+    needs_dbias: bool = False,
+    needs_dm: bool = True,
+) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of ``dora_linear_fwd``, the norm constant (contract: ``reference_dora.dora_linear_bwd_reference``).
+
+    Args:
+        dy: ``[M, N]`` in x's dtype. y: the forward's output ``[M, N]``. u: its ``[M, R]``. The rest as the forward.
+        needs_*: which gradients to compute.
+
+    Returns:
+        ``(dx, da, db, dbias, dm)`` in the dtypes of ``x, lora_a, lora_b, dy, magnitude``; None where not asked.
+    """
+    m, k, n, r = lora._check_args(x, weight, bias, lora_a, lora_b, nf4, None, 0.0)
+    lora._check_tensor("dy", dy, (m, n), x)
+    lora._check_tensor("u", u, (m, r), x)
+    lora._check_tensor("y", y, (m, n), x)
+    check_dora_args(magnitude, norm, n, x)
+    f = _factor(magnitude, norm)
+    s = float(scaling)
+    scaled = needs_dx and _scaled_scratch(nf4, m, x.dtype)
+    write_gf = (needs_dx or needs_da or needs_db) and not scaled
+    dsum = dmsum = gf = None
+    if needs_dm or needs_dbias or write_gf:
+        dsum, dmsum, gf = dora_colsum(dy, y, bias, f, write_gf)
+    dx = da = db = None
+    if scaled:
+        # dX = G·(f ⊙ W) + s·(G·(f ⊙ B))·A on the scaled scratch; dA from the same G·(f ⊙ B); dB = s·f ⊙ (Gᵀ·U)
+        fb = _scaled_b(lora_b, f)
+        w = lora._dequantized(nf4, x.dtype, x.device, row_scale=f)
+        dx, da, _, _ = lora.lora_linear_bwd(dy, x, w, lora_a, fb, u, s, needs_da=needs_da, needs_db=False)
+        if needs_db:
+            part, _ = _wgrad(dy, u, lora._keep(None, x.device), colsum=False, maskable=False)
+            db = (part * (s * f[:, None])).to(lora_b.dtype)
+    elif gf is not None:
+        # LoRA's backward on G ⊙ f: dX = (G ⊙ f)·W + s·((G ⊙ f)·B)·A, dA = s·((G ⊙ f)·B)ᵀ·X, dB = s·(G ⊙ f)ᵀ·U
+        dx, da, db, _ = lora.lora_linear_bwd(
+            gf, x, weight, lora_a, lora_b, u, s, nf4=nf4, needs_dx=needs_dx, needs_da=needs_da, needs_db=needs_db
+        )
+    dbias = dsum.to(dy.dtype) if needs_dbias else None
+    dm = None
+    if needs_dm:
+        dm = dmsum / magnitude.float()
+        dm = _zero_magnitude_fix(dm, dy, x, weight, nf4, lora_b, u, s, magnitude, norm).to(magnitude.dtype)
+    return dx, da, db, dbias, dm
+
+
+def _zero_magnitude_fix(
+    dm: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, nf4: NF4Args | None,
+    lora_b: torch.Tensor, u: torch.Tensor, s: float, magnitude: torch.Tensor, norm: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """``dm_n = Σ_i dY[i, n]·Y0[i, n] / ‖·‖_n`` for the columns with ``m_n = 0``, where Y holds only the bias: Y0's
+    columns recomputed from X and those rows of the base (the NF4 base dequantized, unscaled, into the scratch).
+    One host sync a call decides whether there are any; none in a trained DoRA layer unless a magnitude is exactly 0.
+    """
+    zero = magnitude == 0
+    if not bool(zero.any()):
+        return dm
+    idx = zero.nonzero()[:, 0]
+    w = weight if nf4 is None else lora._dequantized(nf4, x.dtype, x.device)
+    y0 = torch.mm(x, w.index_select(0, idx).t()).float()
+    y0 += s * (u.float() @ lora_b.index_select(0, idx).float().t())
+    dm = dm.clone()
+    dm[idx] = (dy.index_select(1, idx).float() * y0).sum(0) / norm[idx]
+    return dm
+
+
+# ----------------------------------------------------------------------------------------------
+# compile gate
+# ----------------------------------------------------------------------------------------------
+
+_TY = ("fp32", "fp16", "bf16")
+
+
+def compile_gate_cases() -> list[GateCase]:
+    """The epilogue and column-sum kernels per dtype and flag, at the Llama-3-8B shape M = 8192, N = 4096, R = 16."""
+    m, n, r = 8192, 4096, 16
+    cases = []
+    ecfg, ccfg = _epilogue_config(False), _colsum_config(False)
+    for ty, has_bias in itertools.product(_TY, (False, True)):
+        cases.append(GateCase(
+            name=f"dora_epilogue[{ty},bias={has_bias}]", module=__name__, kernel="_dora_epilogue_kernel",
+            signature={
+                "base_ptr": f"*{ty}", "f_ptr": "*fp32", "u_ptr": f"*{ty}", "b_ptr": f"*{ty}", "bias_ptr": f"*{ty}",
+                "out_ptr": f"*{ty}", "M": "i32", "N": "i32", "R": "i32",
+                "stride_bm": "i32", "stride_bn": "i32", "stride_um": "i32", "stride_ur": "i32",
+                "stride_lbn": "i32", "stride_lbr": "i32", "stride_om": "i32", "stride_on": "i32", "lora_scale": "fp32",
+            },
+            constexprs={"HAS_BIAS": has_bias, "DOT_PRECISION": "ieee" if ty == "fp32" else "tf32",
+                        "BLOCK_M": ecfg["BLOCK_M"], "BLOCK_N": ecfg["BLOCK_N"], "BLOCK_R": EPILOGUE_BLOCK_R},
+            num_warps=ecfg["num_warps"],
+            args={"M": m, "N": n, "R": r, "stride_bm": n, "stride_bn": 1, "stride_um": r, "stride_ur": 1,
+                  "stride_lbn": r, "stride_lbr": 1, "stride_om": n, "stride_on": 1, "lora_scale": 0.5},
+        ))  # fmt: skip
+    for ty, has_bias, write_gf in itertools.product(_TY, (False, True), (False, True)):
+        cases.append(GateCase(
+            name=f"dora_colsum[{ty},bias={has_bias},gf={write_gf}]", module=__name__, kernel="_dora_colsum_kernel",
+            signature={
+                "g_ptr": f"*{ty}", "y_ptr": f"*{ty}", "bias_ptr": f"*{ty}", "f_ptr": "*fp32", "gf_ptr": f"*{ty}",
+                "dsum_ptr": "*fp32", "dm_ptr": "*fp32", "M": "i32", "N": "i32", "rows_per_slice": "i32",
+                "stride_gm": "i32", "stride_gn": "i32", "stride_ym": "i32", "stride_yn": "i32",
+                "stride_fm": "i32", "stride_fn": "i32",
+            },
+            constexprs={"HAS_BIAS": has_bias, "WRITE_GF": write_gf,
+                        "BLOCK_M": ccfg["BLOCK_M"], "BLOCK_N": ccfg["BLOCK_N"]},
+            num_warps=ccfg["num_warps"],
+            args={"M": m, "N": n, "rows_per_slice": 1024, "stride_gm": n, "stride_gn": 1, "stride_ym": n,
+                  "stride_yn": 1, "stride_fm": n, "stride_fn": 1},
+        ))  # fmt: skip
+    return cases
