@@ -6,8 +6,9 @@ fastpeft's classes and functions of those names. peft's internals (``peft.tuners
 stay peft's, so a test that checks for peft's own layer classes fails on fastpeft and is listed as such.
 
 A test counts as passing on fastpeft only if it built a fastpeft ``PeftModel`` or called fastpeft's
-``inject_adapter_in_model``; one that passed without doing either is reported as failed ("did not exercise
-fastpeft"). The report also says how many passing tests created a fastpeft DoRA magnitude vector.
+``inject_adapter_in_model``, or (a test of the config alone) built a fastpeft config and no peft model or
+tuner; one that passed otherwise is reported as failed ("did not exercise fastpeft"). The report also says
+how many passing tests created a fastpeft DoRA magnitude vector.
 
 How to run (nothing is downloaded; tests that need a Hub model fail or skip for both and are "not
 runnable here")::
@@ -89,7 +90,34 @@ def _substitute() -> list[str]:
         magnitude_init(self, *args, **kwargs)
 
     lora_dora.DoraMagnitude.__init__ = counted_magnitude
+
+    from peft.peft_model import PeftModel as RealPeftModel
+    from peft.tuners.tuners_utils import BaseTuner
+
+    from fastpeft.peft.config import PeftConfigBase
+
+    # a config's own __post_init__ (dataclasses make their own __init__; a check may raise before super())
+    for cls in _subclasses(PeftConfigBase):
+        if "__post_init__" in vars(cls):
+            _count_call(cls, "__post_init__", "config")
+    _count_call(RealPeftModel, "__init__", "real_peft")
+    _count_call(BaseTuner, "__init__", "real_peft")
     return swapped
+
+
+def _subclasses(cls: type) -> list[type]:
+    return [cls, *(c for sub in cls.__subclasses__() for c in _subclasses(sub))]
+
+
+def _count_call(cls: type, method: str, key: str) -> None:
+    """Count calls of ``cls.<method>`` (subclasses reaching it through ``super()`` included) in ``_HITS[key]``."""
+    original = getattr(cls, method)
+
+    def counted(self, *args, **kwargs):
+        _HITS[key] += 1
+        return original(self, *args, **kwargs)
+
+    setattr(cls, method, counted)
 
 
 def pytest_configure(config):
@@ -126,7 +154,9 @@ def pytest_runtest_makereport(item, call):
     side = os.environ.get("FASTPEFT_PEFT_SUITE")
     if not side:
         return
-    if report.when == "call" and report.passed and side == "fastpeft" and not (_HITS["peft_model"] or _HITS["inject"]):
+    config_only = _HITS["config"] and not _HITS["real_peft"]
+    exercised = _HITS["peft_model"] or _HITS["inject"] or config_only
+    if report.when == "call" and report.passed and side == "fastpeft" and not exercised:
         report.outcome = "failed"
         report.longrepr = "peft_suite: did not exercise fastpeft (no fastpeft PeftModel built)"
     if report.when == "call" or (report.when == "setup" and not report.passed):

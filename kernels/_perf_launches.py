@@ -50,6 +50,7 @@ _REPORTS: dict[tuple[str, int], _gate.GateReport] = {}
 
 REPORT_CASES = (
     *(f"nf4_decode_fused[bf16,nf4dq,BLOCK_M={bm},M={m}]" for bm, m in ((16, 1), (16, 16), (32, 32), (64, 64))),
+    *(f"nf4_decode_fused[bf16,nf4dq,BLOCK_M=16,M={m},fold_R=16]" for m in (1, 16)),
     *(f"lora_u[bf16,BLOCK_M={bm},M={m},BLOCK_R=16]" for bm, m in ((16, 1), (16, 16), (32, 32), (64, 64))),
     "nf4_dequantize[bf16,double_quant=True]", "lora_gemm_fwd[bf16,dense,128x128x64,R=16]",
     "lora_gemm_fwd[bf16,dense,64x128x64,R=16]", "cross_entropy[bf16]",
@@ -123,10 +124,12 @@ def _total(name: str, preds: list[_perf.Prediction], hbm: float, m: _perf.Machin
 # ------------------------------------------------------------------------------------------------
 
 
-def decode_case(m_rows: int, dtype: str = "bf16", dq: bool = True) -> str:
-    """The gate case of the binary the decode launcher runs for ``m_rows`` rows (M = 1 is its own binary)."""
+def decode_case(m_rows: int, dtype: str = "bf16", dq: bool = True, fold_r: int = 0) -> str:
+    """The gate case of the binary the decode launcher runs for ``m_rows`` rows (M = 1 is its own binary); with
+    ``fold_r`` the one-launch form at that rank (U accumulated in the loop)."""
     block_m, m_case = (16, 1) if m_rows == 1 else (16, 16) if m_rows <= 16 else (32, 32) if m_rows <= 32 else (64, 64)
-    return f"nf4_decode_fused[{dtype},{'nf4dq' if dq else 'nf4'},BLOCK_M={block_m},M={m_case}]"
+    fold = f",fold_R={_decode._block_r(fold_r)}" if fold_r else ""
+    return f"nf4_decode_fused[{dtype},{'nf4dq' if dq else 'nf4'},BLOCK_M={block_m},M={m_case}{fold}]"
 
 
 def u_case(m_rows: int, r: int, dtype: str = "bf16") -> str:
@@ -135,35 +138,43 @@ def u_case(m_rows: int, r: int, dtype: str = "bf16") -> str:
     return f"lora_u[{dtype},BLOCK_M={block_m},M={m_case},BLOCK_R={min(64, max(16, 1 << (r - 1).bit_length()))}]"
 
 
-def decode_split(n: int, k: int, sms: int, m_rows: int = 1) -> tuple[int, int, int]:
+def decode_split(n: int, k: int, sms: int, m_rows: int = 1, fold: bool = False, arch: int = 90) -> tuple[int, int, int]:
     """``(tiles, split, per_split)`` as ``nf4_decode_fwd`` computes them (BLOCK_N 128, BLOCK_K 64)."""
     tiles, steps = math.ceil(n / 128), k // 64
-    split = _decode.decode_split(steps, tiles, sms, max(16, 1 << (m_rows - 1).bit_length()))
+    split = _decode.decode_split(steps, tiles, sms, max(16, 1 << (m_rows - 1).bit_length()), fold, arch, n)
     return tiles, split, math.ceil(steps / split)
 
 
-def decode_launch(n: int, k: int, m_rows: int, r: int = 16, arch: int = 90, split: int | None = None) -> _perf.Launch:
+def decode_fold(m_rows: int, r: int) -> bool:
+    """Whether a call without dropout runs as the one-launch form (U summed in the decode loop)."""
+    return _decode.fold_u_supported(m_rows, r, False)
+
+
+def decode_launch(
+    n: int, k: int, m_rows: int, r: int = 16, arch: int = 90, split: int | None = None, fold: bool = False
+) -> _perf.Launch:
     """The decode kernel's launch: grid (tiles, split); CTA ``i`` is tile ``i % tiles`` of K slice ``i // tiles``,
-    running ``min(per_split, steps - slice·per_split)`` iterations (0 for the empty slices the rounding leaves); the
-    LoRA epilogue's rank steps run in one CTA per tile (the last slice to arrive, counted on the last non-empty
-    slice). Packed W and its absmax stream once (loads marked evict-first); the float32 workspace tile is added into
-    by every slice (L2 atomics), read and cleared by the last, and the output written once in bf16."""
+    running ``min(per_split, steps - slice·per_split)`` iterations (0 for the empty slices the rounding leaves).
+    Given U, the LoRA term's rank steps run in slice 0 of each tile; with ``fold`` every slice accumulates its share
+    of U = X·Aᵀ in the main loop (A's block read from L2 beside W's) and adds its B·Uᵀ once, with no rank loop.
+    Packed W and its absmax stream once (loads marked evict-first); the float32 workspace tile is added into by every
+    slice (L2 atomics), read and cleared by the last, and the output written once in bf16."""
     m = _perf.machine(arch)
-    tiles, auto_split, _ = decode_split(n, k, m.sms, m_rows)
+    tiles, auto_split, _ = decode_split(n, k, m.sms, m_rows, fold, arch)
     split = split or auto_split
     steps = k // 64
     per_split = math.ceil(steps / split)
-    last = math.ceil(steps / per_split) - 1  # the last non-empty slice: an empty one never arrives last
 
-    def trips(i: int) -> tuple[int, int]:
+    def trips(i: int) -> tuple[int, ...]:
         kslice = i // tiles
-        return max(0, min(per_split, steps - kslice * per_split)), math.ceil(r / 16) if kslice == last else 0
+        iters = max(0, min(per_split, steps - kslice * per_split))
+        return (iters,) if fold else (iters, math.ceil(r / 16) if kslice == 0 else 0)
 
     weights = n * k
     workspace = 2 * m_rows * n * 4 if split > 1 else 0
     hbm = weights / 2 + weights / 64 + weights / 64 / 256 * 4 + m_rows * k * 2 + m_rows * n * 2 + workspace
-    hbm += (m_rows + n) * r * 2
-    prof = profile(decode_case(m_rows), arch)
+    hbm += (r * k + n * r) * 2 if fold else (m_rows + n) * r * 2
+    prof = profile(decode_case(m_rows, fold_r=r if fold else 0), arch)
     return _perf.Launch(f"decode {n}x{k} M={m_rows}", prof, tiles * split, trips, hbm, weights=weights,
                         dram_loads="marked", prefetch=2 if prof_prefetch() else 1)  # fmt: skip
 
@@ -191,15 +202,19 @@ def u_launch(k: int, m_rows: int, r: int = 16, arch: int = 90) -> _perf.Launch:
                         dram_loads="all")  # fmt: skip
 
 
-def decode_op(n: int, k: int, m_rows: int, r: int = 16, arch: int = 90, split: int | None = None) -> OpPrediction:
-    """The NF4 + LoRA forward at decode size: the two launches ``lora_linear_fwd`` issues - the U kernel (``U =
-    X·Aᵀ`` in bf16) and the decode kernel (LoRA term and bias in the epilogue, output in bf16) - each with its launch
-    overhead."""
+def decode_op(
+    n: int, k: int, m_rows: int, r: int = 16, arch: int = 90, split: int | None = None, dropout: bool = False
+) -> OpPrediction:
+    """The NF4 + LoRA forward at decode size as ``lora_linear_fwd`` issues it: without dropout (``decode_fold``) one
+    launch, U = X·Aᵀ summed inside it and written for the backward; with a dropout mask two - the U kernel (``U =
+    drop(X)·Aᵀ`` in bf16), then the decode kernel (LoRA term added before the split-K sum, scale and bias in the
+    epilogue, output in bf16) - each with its launch overhead."""
     m = _perf.machine(arch)
-    main = _perf.predict(decode_launch(n, k, m_rows, r, arch, split), m)
-    preds = [_perf.predict(u_launch(k, m_rows, r, arch), m), main]
+    fold = not dropout and decode_fold(m_rows, r)
+    main = _perf.predict(decode_launch(n, k, m_rows, r, arch, split, fold), m)
+    preds = [main] if fold else [_perf.predict(u_launch(k, m_rows, r, arch), m), main]
     hbm = n * k * (0.5 + 1 / 64) + m_rows * (k + n) * 2
-    rec = gate_report(decode_case(m_rows), arch)
+    rec = gate_report(decode_case(m_rows, fold_r=r if fold else 0), arch)
     issue = n * k / rec.issue_bound_weights_per_s if rec.issue_bound_weights_per_s else None
     return _total(f"NF4+LoRA decode {n}x{k} M={m_rows}", preds, hbm, m, issue)
 
@@ -359,12 +374,13 @@ def cross_entropy_op(vocab: int = LLAMA3_VOCAB, tokens: int | None = None, arch:
 def levers(n: int, k: int, m_rows: int, arch: int = 90) -> list[tuple[str, float]]:
     """What moves the decode call's time: each lever applied alone, as predicted seconds."""
     m = _perf.machine(arch)
+    fold = decode_fold(m_rows, 16)
     base = decode_op(n, k, m_rows, arch=arch)
-    out = [(f"as built ({len(base.launches)} launches)", base.seconds)]
-    launch = decode_launch(n, k, m_rows, arch=arch)
+    out = [(f"as built ({len(base.launches)} launch{'es' if len(base.launches) > 1 else ''})", base.seconds)]
+    launch = decode_launch(n, k, m_rows, arch=arch, fold=fold)
     main = _perf.predict(launch, m)
     rest = base.seconds - main.seconds
-    tiles, split, _ = decode_split(n, k, m.sms, m_rows)
+    tiles, split, _ = decode_split(n, k, m.sms, m_rows, fold, arch)
     # 1. more bytes in flight: W loads issued one (or, built that way, two) iterations ahead
     ahead = launch.prefetch + 1
     out.append((f"W loads {ahead - 1} iteration(s) ahead", rest + _perf.predict(replace(launch, prefetch=ahead),
@@ -372,18 +388,17 @@ def levers(n: int, k: int, m_rows: int, arch: int = 90) -> list[tuple[str, float
     # 2. half the integer/logic instructions in the loop
     out.append(("half the ALU instructions", rest + _perf.predict(replace(launch, profile=_fewer_alu(launch.profile)),
                                                                    m).seconds))  # fmt: skip
-    # 3. a split that leaves no K slice empty
+    # 3. twice the split: a second wave of programs
     steps = k // 64
-    exact = max(s for s in range(1, split + 1) if steps % s == 0)
-    if exact != split:
-        out.append((f"split {exact} (no empty slice) instead of {split}",
-                    rest + _perf.predict(decode_launch(n, k, m_rows, arch=arch, split=exact), m).seconds))  # fmt: skip
-    # 4. twice the split: a second wave of programs
     split2 = min(steps, 2 * split)
-    out.append((f"split {split2} (two waves) instead of {split}",
-                rest + _perf.predict(decode_launch(n, k, m_rows, arch=arch, split=split2), m).seconds))  # fmt: skip
-    # 5. one launch: U computed inside the decode launch (its launch overhead and its latency-bound pass gone)
-    out.append(("U inside the decode launch (1 launch)", main.seconds))
+    out.append(
+        (
+            f"split {split2} (two waves) instead of {split}",
+            rest + _perf.predict(decode_launch(n, k, m_rows, arch=arch, split=split2, fold=fold), m).seconds,
+        )
+    )
+    # 4. the two-launch form (U kernel first), as a forward with dropout on the LoRA input runs it
+    out.append(("U kernel first (2 launches: dropout)", decode_op(n, k, m_rows, arch=arch, dropout=True).seconds))
     out.append(("bf16 cuBLAS (reference)", cublas_gemv(n, k, m_rows, arch).seconds))
     return out
 

@@ -445,9 +445,11 @@ def lora_linear_fwd(
     keep = _keep(dropout_mask, x.device)
     inv_keep = 1.0 / (1.0 - dropout_p) if keep[1] else 1.0
     if nf4 is not None and decode.decode_supported(x, nf4):
-        # decode sizes, two launches: U in x's dtype, then the decode kernel with the LoRA term and bias in its
-        # epilogue writing Y in x's dtype (split-K reduced in the kernels: no memsets, no casts)
+        # decode sizes: one launch (U = X·Aᵀ summed inside the decode kernel, Y and U written in x's dtype; split-K
+        # reduced in the kernel: no memsets, no casts), or with dropout two: U from the masked X, then the decode
         target = _target_programs(x.device, _interpreting())
+        if decode.fold_u_supported(m, r, keep[1]):
+            return decode.nf4_decode_fwd(x, nf4, bias, None, lora_b, float(scaling), target, lora_a=lora_a)
         u = decode.lora_u_fwd(x, lora_a, keep, inv_keep, target)
         return decode.nf4_decode_fwd(x, nf4, bias, u, lora_b, float(scaling), target), u
     # -- U = drop(X)·Aᵀ: MAT[k, r] = A[r, k] --

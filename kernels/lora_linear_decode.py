@@ -1,4 +1,4 @@
-"""Decode-size NF4 + LoRA forward: ``Yᵀ = W·Xᵀ`` with W decoded by byte permutes, at the memory roofline.
+"""Decode-size NF4 + LoRA forward: ``Yᵀ = W·Xᵀ`` with W decoded by byte permutes straight into the MMA operand.
 
 For ``M <= 16`` rows (token-by-token generation, small batches) a linear reads ``N·K/2`` bytes of packed W
 for ``2·M·N·K`` flops: the GPU is bound by how fast it *decodes* weights, not by its tensor cores. This
@@ -6,15 +6,7 @@ kernel computes the transposed product ``OUT[m, n] = Σ_k W[n, k]·X[m, k] + s·
 as ``[BLOCK_N, 64]·[64, 16]`` tensor-core products (M padded to 16), so that the decoded W tile is the
 large MMA operand and X the small one.
 
-Decode (``_decode_words``), per 32-bit word of packed W (8 codes, 4 bytes, the even element in the high
-nibble, bitsandbytes' layout): the codebook value of each code comes from ``prmt.b32`` byte permutes, not
-a select tree or a memory gather. A permute picks 4 bytes out of 8 by 3-bit selectors (bit 3 of a
-selector means "replicate the sign", so one permute covers 8 codebook entries): the low and high bytes of
-the 16 16-bit code values sit in 8 registers (immediates, hoisted out of the loop by ptxas), two permutes
-look up the entries 0-7 and 8-15, a third picks per byte by the code's bit 3, and a last pair interleaves
-low and high bytes into packed 16-bit pairs. That is 12 permutes and 5 integer instructions per 8 weights
-(≈ 2.1 per weight), where the select tree cost ≈ 19. The packed pairs come back as int32 and are split
-into 16-bit halves, which compiles to register renames.
+Decode: ``kernels/nf4_prmt.py`` (byte permutes, 16 permutes and ≈ 5 integer instructions per 8 weights).
 
 Scaling. The codebook values enter the MMA in the input dtype (16 bits) and each row's absmax is
 applied once per 64-element block, after the block's partial product (one FMA per output element per
@@ -25,37 +17,53 @@ at most the same relative error as in the reference, and the tests hold it to th
 Blocks of 64 along K need ``K % 64 == 0`` (every absmax block then lies inside one row); the launcher
 takes other shapes, float32 inputs and custom code maps through the general GEMM.
 
+Fragment order. The decoded tile goes to the tensor cores from registers (the MMA's A operand), so each thread
+must decode exactly the elements its MMA fragment holds: with 4 warps a tile row ``i`` belongs to warp
+``(i mod 64) / 16``, lane ``4·(i mod 8) + q`` holds the column pairs ``2q + 8d + 16e`` (``d`` < 2, ``e`` < 4). The
+words are loaded as a ``[2, 2, 4, 8, 8]`` tensor (tile row ``64b + 16w + 8a + r``, word), whose coalesced layout
+puts ``w`` on the warps and ``(r, word / 2)`` on the lanes, and the decoded values are permuted to ``[128, 64]``
+with column ``j = 16p + 8d + 2q + c`` holding ``k = 16q + 8d + 2p + c`` (``p`` the pair within a word): a lane's
+two consecutive words then fill its fragment, and Triton's layout conversion to the MMA operand is a register
+renaming. X is loaded in the same permuted K order (the product over K does not depend on it). Before, the
+decoded tile (16 KB) went through shared memory every iteration: the model put the loop at the 128 B/clk
+load/store path's limit (384 of its cycles per CTA-iteration against 406 of the integer pipe's); now 73 cycles
+(``python -m fastpeft.kernels._perf --report``, sm_90a, estimates).
+
 Under Triton's interpreter (CPU tests) inline PTX cannot run: ``USE_ASM=False`` selects a twin that
 builds the same int32 pairs from a 16-entry table of 16-bit code patterns with loads. The permute path
 is checked by the compile gate (and on a GPU by the ``gpu`` tests).
 
-A forward is two launches (``lora_linear_fwd``): ``_lora_u_kernel`` writes ``U = drop(X)·Aᵀ`` in x's dtype, then
-``_nf4_decode_fused_kernel`` writes ``Y`` in x's dtype, the LoRA term and bias added in its epilogue. Before, the
-same call was six launches (zeros for U's workspace, the skinny U kernel, U's cast, zeros for Y's workspace, the
-decode kernel, Y's cast): at decode sizes each launch costs about as much as the weight read of a 4096 x 4096
-layer's kernel (the cost model, ``python -m fastpeft.kernels._perf --report``: 22.9 us before, 10.9 us now at
-M = 1, H100, estimates).
+A forward is one launch without dropout (``fold_u_supported``: R <= 64, M <= 16): every K slice also sums its
+share of ``U = X·Aᵀ`` beside the main product (A's block read from L2, in the same K order as X) and adds
+``s·B·U_sliceᵀ`` to its partial before the split-K sum, so the slices' LoRA terms add up to the whole; tile 0's
+slices also add their U shares into a float32 workspace, and its last slice stores U for the backward. With a
+dropout mask (or a larger R or M) it is two launches: ``_lora_u_kernel`` writes ``U = drop(X)·Aᵀ``, then slice 0 of
+each tile adds ``s·B·Uᵀ``. Either way the LoRA term is added after the main loop into the loop's float32
+accumulator (before the loop it would serialize the wgmma: C7515), and the last slice to arrive only scales
+(DoRA's ``col_scale``), adds the bias (both loaded before the count) and stores: nothing but the sum stands
+between the count and the store. Cost model at M = 1, H100, estimates (call with launch overhead, kernel):
+4096 x 4096 10.9 -> 7.6 us (kernel 5.1 -> 5.6 us: 3 programs per SM instead of 4, the folded loop's registers),
+14336 x 4096 22.0 -> 18.9 us, 4096 x 14336 20.2 -> 16.9 us, 1024 x 4096 8.4 -> 4.7 us.
 
 Split-K: ``N / BLOCK_N`` programs rarely fill a GPU, so K is split over a second grid axis until one wave of
-resident programs (``RESIDENT_PER_SM`` per SM, from the binaries' registers) is full. The loop is latency-bound:
-what sets its speed is the W bytes in flight per SM, so the split fills every resident slot, and the loop issues
-the next block's W loads before it decodes the current one (``PREFETCH``: a register stage, 8 words per thread;
-+0.2 thread-instructions per weight, no spills). The slices meet in a float32 ``[M, N]`` workspace by L2 atomics;
-an int32 counter per output tile counts the slices that have added; the last to arrive reads the sum, adds the
-LoRA term and bias, stores Y once in x's dtype and clears its workspace tile and counter, so workspace and counters
-are zero between calls without a memset (zeroed once, when they grow). The alternatives: no split
-leaves 32 programs on 132 SMs (the model: 45 us for the 4096 x 4096 kernel at M = 1, against 5.1 us split 16);
-atomics into Y itself need Y zeroed (a launch) and float32 (a cast launch); a plain store per slice with the last
-program summing them all puts ``split`` L2 round trips on that program's critical path (not modelled). There is no
-host synchronisation and no data-dependent host logic, so the two launches are CUDA-graph capturable once a
-warm-up call has sized the workspace. The summation order of float atomics varies run to run (as before), within
-the oracle's tolerance.
+resident programs (``resident_per_sm``, from the binaries' registers) is full, rounded so that no slice is empty.
+The loop issues the next block's W loads before it decodes the current one (``PREFETCH``: a register stage, 8 words
+per thread). The slices meet in a float32 ``[M, N]`` workspace by L2 atomics; an int32 counter per output tile
+counts the slices that have added; the last to arrive reads the sum, stores Y once in x's dtype and clears its
+workspace tile and counter, so workspace and counters are zero between calls without a memset (zeroed once, when
+they grow). The alternatives: no split leaves 32 programs on 132 SMs; atomics into Y itself need Y zeroed (a
+launch) and float32 (a cast launch); a plain store per slice with the last program summing them all puts ``split``
+L2 round trips on that program's critical path (not modelled). There is no host synchronisation and no
+data-dependent host logic, so the launches are CUDA-graph capturable once a warm-up call has sized the workspace.
+The summation order of float atomics varies run to run (as before), within the oracle's tolerance.
+What binds now (the model): the integer pipe in the given-U form (PRMT decode, ≈ 2.9 ALU instructions per
+weight: 380 cycles per CTA-iteration against 308 of HBM bytes), the loop's latency in the folded form (3 programs
+per SM); see benchmarks/model_predictions.md.
 The C library (``csrc/``) still launches the atomic form, ``_nf4_decode_kernel``, into a workspace it zeroes.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import weakref
 
@@ -64,9 +72,13 @@ import triton
 import triton.language as tl
 
 from fastpeft.kernels._gate import GateCase
-from fastpeft.kernels.formats import NESTED_BLOCKSIZE, NF4_CODE, NF4Args, dynamic_map
+from fastpeft.kernels.formats import NF4_CODE, NF4Args, dynamic_map
+from fastpeft.kernels.nf4_prmt import DECODE_ASM, _decode_words, _permute_tables, decode_tables
 
-__all__ = ["DECODE_M_MAX", "compile_gate_cases", "decode_supported", "lora_u_fwd", "nf4_decode_fwd"]
+__all__ = [
+    "DECODE_ASM", "DECODE_M_MAX", "FOLD_R_MAX", "compile_gate_cases", "decode_supported", "decode_tables",
+    "fold_u_supported", "lora_u_fwd", "nf4_decode_fwd",
+]  # fmt: skip
 
 BLOCK_N = 128
 """Output features per program: two 64-row warpgroup MMAs (sm_90) or four warps of HMMA (sm_80)."""
@@ -79,182 +91,79 @@ PREFETCH = True
 """Whether the decode loop issues the next block's W loads before it decodes the current one."""
 
 
-def _halves(dtype: torch.dtype) -> list[int]:
-    """The 16 NF4 code values as 16-bit patterns of ``dtype`` (round to nearest)."""
-    bits = torch.tensor(NF4_CODE, dtype=torch.float32).to(dtype).view(torch.int16)
-    return [int(b) & 0xFFFF for b in bits]
-
-
-def _byte_words(halves: list[int], shift: int) -> list[int]:
-    """Four int32 lookup words: byte ``j`` of word ``i`` is byte ``shift // 8`` of code ``4i + j``."""
-    words = []
-    for i in range(4):
-        w = 0
-        for j in range(4):
-            w |= ((halves[4 * i + j] >> shift) & 0xFF) << (8 * j)
-        words.append(w)
-    return words
-
-
-def _decode_asm() -> str:
-    """PTX that turns one packed word ``$4`` into four int32 words ``$0..$3`` of 16-bit code-value pairs, with
-    the permute tables in ``$5..$8`` (low bytes of codes 0-15, four per word) and ``$9..$12`` (high bytes),
-    and the select mask ``0x44444444`` in ``$13`` (as an immediate, ptxas rebuilds it every use)."""
-    lines = [
-        "{",
-        ".reg .b32 s, c, s1, c1, la, lb, ha, hb, l, h;",
-        # selectors: the code's low 3 bits; the select's control: byte i from the 0-7 or the 8-15 lookup
-        "and.b32 s, $4, 0x77777777;",
-        "shr.b32 c, $4, 1;",
-        "and.b32 c, c, $13;",
-        "or.b32 c, c, 0x32103210;",
-        "shr.b32 s1, s, 16;",
-        "shr.b32 c1, c, 16;",
-    ]
-    # bytes of the word, low to high, hold codes (1, 0), (3, 2), (5, 4), (7, 6): selector nibble i of s is
-    # code 1, 0, 3, 2 for i = 0..3, so the interleave puts (e0, e1) in $0 and (e2, e3) in $1
-    for sel, ctl, out0, out1 in (("s", "c", "$0", "$1"), ("s1", "c1", "$2", "$3")):
-        lines += [
-            f"prmt.b32 la, $5, $6, {sel};",
-            f"prmt.b32 lb, $7, $8, {sel};",
-            f"prmt.b32 l, la, lb, {ctl};",
-            f"prmt.b32 ha, $9, $10, {sel};",
-            f"prmt.b32 hb, $11, $12, {sel};",
-            f"prmt.b32 h, ha, hb, {ctl};",
-            f"prmt.b32 {out0}, l, h, 0x4051;",
-            f"prmt.b32 {out1}, l, h, 0x6273;",
-        ]
-    lines.append("}")
-    return "\n".join(lines)
-
-
-DECODE_ASM = _decode_asm()
-_SELECT_MASK = 0x44444444
-_DECODE_ASM = tl.constexpr(DECODE_ASM)
-
-
-@functools.cache
-def decode_tables(dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """int32 ``[25]``: the permute tables (low bytes, then high bytes of the 16 code values, four per word),
-    the select mask ``0x44444444``, then the 16-bit pattern of each code value in ``dtype`` (the interpreter
-    twin's table)."""
-    halves = _halves(dtype)
-    words = [w - (1 << 32) if w >= 1 << 31 else w for w in _byte_words(halves, 0) + _byte_words(halves, 8)]
-    return torch.tensor([*words, _SELECT_MASK, *halves], dtype=torch.int32, device=device)
-
-
-@triton.jit
-def _vector_register(x):
-    # x + (laneid >> 5), which is x: ptxas cannot prove the value warp-uniform, so it stays in an ordinary
-    # register instead of a uniform one that it would copy out again before every permute that reads it
-    return tl.inline_asm_elementwise(
-        "{.reg .u32 l; mov.u32 l, %laneid; shr.u32 l, l, 5; add.u32 $0, $1, l;}", "=r,r", [x],
-        dtype=tl.int32, is_pure=True, pack=1,
-    )  # fmt: skip
-
-
-@triton.jit
-def _permute_tables(table_ptr, USE_ASM: tl.constexpr):
-    # the eight permute table words (low bytes of codes 0-15, then high bytes), loaded once per program
-    if USE_ASM:
-        t0 = _vector_register(tl.load(table_ptr + 0))
-        t1 = _vector_register(tl.load(table_ptr + 1))
-        t2 = _vector_register(tl.load(table_ptr + 2))
-        t3 = _vector_register(tl.load(table_ptr + 3))
-        t4 = _vector_register(tl.load(table_ptr + 4))
-        t5 = _vector_register(tl.load(table_ptr + 5))
-        t6 = _vector_register(tl.load(table_ptr + 6))
-        t7 = _vector_register(tl.load(table_ptr + 7))
-        sel = _vector_register(tl.load(table_ptr + 8))
-    else:  # the interpreter's twin reads the 16-bit table directly
-        t0, t1, t2, t3, t4, t5, t6, t7, sel = 0, 0, 0, 0, 0, 0, 0, 0, 0
-    return t0, t1, t2, t3, t4, t5, t6, t7, sel
-
-
-@triton.jit
-def _decode_words(p, table_ptr, t0, t1, t2, t3, t4, t5, t6, t7, sel, USE_ASM: tl.constexpr):
-    # four int32 tensors of 16-bit pairs: (e0, e1), (e2, e3), (e4, e5), (e6, e7) of each packed word p
-    if USE_ASM:
-        o0, o1, o2, o3 = tl.inline_asm_elementwise(
-            _DECODE_ASM, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r", [p, t0, t1, t2, t3, t4, t5, t6, t7, sel],
-            dtype=(tl.int32, tl.int32, tl.int32, tl.int32), is_pure=True, pack=1,
-        )  # fmt: skip
-    else:
-        # the interpreter's twin: element 2j sits in the high nibble of byte j
-        halves = table_ptr + 9
-        e0 = tl.load(halves + ((p >> 4) & 0xF))
-        e1 = tl.load(halves + (p & 0xF))
-        e2 = tl.load(halves + ((p >> 12) & 0xF))
-        e3 = tl.load(halves + ((p >> 8) & 0xF))
-        e4 = tl.load(halves + ((p >> 20) & 0xF))
-        e5 = tl.load(halves + ((p >> 16) & 0xF))
-        e6 = tl.load(halves + ((p >> 28) & 0xF))
-        e7 = tl.load(halves + ((p >> 24) & 0xF))
-        o0 = e0 | (e1 << 16)
-        o1 = e2 | (e3 << 16)
-        o2 = e4 | (e5 << 16)
-        o3 = e6 | (e7 << 16)
-    return o0, o1, o2, o3
-
-
 @triton.jit
 def _decode_partial(
-    x_ptr, w_ptr, absmax_ptr, qmap_ptr, nested_ptr, offset_ptr, table_ptr,
-    pid_n, pid_k, M, N, K, blocksize_shift, stride_xm, stride_xk, split_k,
+    x_ptr, w_ptr, absmax_ptr, qmap_ptr, nested_ptr, offset_ptr, table_ptr, a_ptr,
+    pid_n, pid_k, M, N, K, R, blocksize_shift, stride_xm, stride_xk, stride_ar, stride_ak, split_k,
     DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, USE_ASM: tl.constexpr, PREFETCH: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    FOLD_U: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    # float32 [BLOCK_N, BLOCK_M]: Σ_k W[n, k]·X[m, k] over K slice pid_k of split_k, for tile pid_n
+    # float32 [BLOCK_N, BLOCK_M]: Σ_k W[n, k]·X[m, k] over K slice pid_k of split_k, for tile pid_n; and, when FOLD_U,
+    # float32 [BLOCK_R, BLOCK_M]: Σ_k A[r, k]·X[m, k] over the same slice (this slice's share of Uᵀ)
     dtype = x_ptr.dtype.element_ty
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    offs_w = tl.arange(0, BLOCK_K // 8)  # int32 words of a row's 64-element block
-    offs_k = tl.arange(0, BLOCK_K)
     steps = K // BLOCK_K
     per_split = tl.cdiv(steps, split_k)
     k_first = pid_k * per_split
     k_last = tl.minimum(k_first + per_split, steps)
+    # -- fragment order (module doc): W words as [2, 2, 4, 8, 8] = (b, a, w, r, word), tile row 64b + 16w + 8a + r --
+    tl.static_assert(BLOCK_N == 128 and BLOCK_K == 64)
+    rows = (
+        64 * tl.arange(0, 2)[:, None, None, None, None]
+        + 8 * tl.arange(0, 2)[None, :, None, None, None]
+        + 16 * tl.arange(0, 4)[None, None, :, None, None]
+        + tl.arange(0, 8)[None, None, None, :, None]
+    )
+    word = tl.arange(0, 8)[None, None, None, None, :]
+    n5 = pid_n * BLOCK_N + rows
+    mask5 = n5 < N
     # packed W as int32 words: row n's block k0 starts at word (n·K + k0) / 8 (K % 64 == 0: 32-byte aligned)
-    row_words = offs_n.to(tl.int64) * (K // 8)
+    w_rows = w_ptr + n5.to(tl.int64) * (K // 8) + word
+    # Xᵀ rows in the matching K order: tile column j = 16p + 8d + 2q + c holds k = 16q + 8d + 2p + c
+    j = tl.arange(0, BLOCK_K)
+    k_of_j = 16 * ((j // 2) % 4) + 8 * ((j // 8) % 2) + 2 * (j // 16) + j % 2
     offset = tl.load(offset_ptr)
     t0, t1, t2, t3, t4, t5, t6, t7, sel = _permute_tables(table_ptr, USE_ASM)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    ut = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_r = offs_r < R
     if PREFETCH:
-        zero_n = tl.zeros_like(offs_n)  # the slice's end as a row mask (the interpreter refuses a scalar & a block)
+        zero5 = tl.zeros_like(n5)  # the slice's end as a row mask (the interpreter refuses a scalar & a block)
         # the first block's words; each iteration then issues the next block's loads before it decodes this one,
         # so two iterations' W bytes are in flight per program (a register stage: no shared memory, no cp.async)
-        words_next = tl.load(
-            w_ptr + row_words[:, None] + (k_first * (BLOCK_K // 8) + offs_w)[None, :],
-            mask=(mask_n & (k_first + zero_n < k_last))[:, None], other=0, eviction_policy="evict_first",
-        )  # fmt: skip
+        words_next = tl.load(w_rows + k_first * (BLOCK_K // 8), mask=mask5 & (k_first + zero5 < k_last), other=0,
+                             eviction_policy="evict_first")  # fmt: skip
     for kb in range(k_first, k_last):
         k0 = kb * BLOCK_K
         # -- load: 32 bytes per row, streamed once --
         if PREFETCH:
             words = words_next
-            words_next = tl.load(
-                w_ptr + row_words[:, None] + (k0 // 8 + BLOCK_K // 8 + offs_w)[None, :],
-                mask=(mask_n & (kb + 1 + zero_n < k_last))[:, None], other=0,
-                eviction_policy="evict_first",
-            )  # fmt: skip
+            words_next = tl.load(w_rows + (kb + 1) * (BLOCK_K // 8), mask=mask5 & (kb + 1 + zero5 < k_last), other=0,
+                                 eviction_policy="evict_first")  # fmt: skip
         else:
-            words = tl.load(
-                w_ptr + row_words[:, None] + (k0 // 8 + offs_w)[None, :], mask=mask_n[:, None], other=0,
-                eviction_policy="evict_first",
-            )  # fmt: skip
-        # -- decode: [BLOCK_N, 8] words -> [BLOCK_N, 64] code values in x's dtype --
+            words = tl.load(w_rows + kb * (BLOCK_K // 8), mask=mask5, other=0, eviction_policy="evict_first")
+        # -- Xᵀ block [64, BLOCK_M], K permuted as W's columns, issued before the decode covers its latency --
+        xt = tl.load(
+            x_ptr + offs_m[None, :] * stride_xm + (k0 + k_of_j)[:, None] * stride_xk, mask=mask_m[None, :], other=0.0
+        )
+        if FOLD_U:
+            # A's block in the same K order (L2-resident: every tile's slice j reads the same block)
+            at = tl.load(a_ptr + offs_r[:, None] * stride_ar + (k0 + k_of_j)[None, :] * stride_ak,
+                         mask=mask_r[:, None], other=0.0)  # fmt: skip
+        # -- decode: 8 codes a word -> [BLOCK_N, 64] code values in x's dtype, already in the MMA operand's order --
         o0, o1, o2, o3 = _decode_words(words, table_ptr, t0, t1, t2, t3, t4, t5, t6, t7, sel, USE_ASM)
-        pairs = tl.join(tl.join(o0, o2), tl.join(o1, o3)).reshape(BLOCK_N, BLOCK_K // 2)
+        pairs = tl.join(tl.join(o0, o2), tl.join(o1, o3)).reshape(2, 2, 4, 8, 8, 4)  # (..., word, p)
         lo = pairs.to(tl.int16).to(dtype, bitcast=True)
         hi = (pairs >> 16).to(tl.int16).to(dtype, bitcast=True)
-        w = tl.join(lo, hi).reshape(BLOCK_N, BLOCK_K)
-        # -- Xᵀ block [64, BLOCK_M] --
-        xt = tl.load(
-            x_ptr + offs_m[None, :] * stride_xm + (k0 + offs_k)[:, None] * stride_xk, mask=mask_m[None, :], other=0.0
-        )
+        w = tl.join(lo, hi).reshape(2, 2, 4, 8, 4, 2, 4, 2)  # (b, a, w, r, q, d, p, c)
+        w = tl.permute(w, (0, 2, 1, 3, 6, 5, 4, 7)).reshape(BLOCK_N, BLOCK_K)  # rows (b, w, a, r), columns (p, d, q, c)
         part = tl.dot(w, xt)
+        if FOLD_U:
+            ut = tl.dot(at, xt, ut)
         # -- absmax of each row's block (one value per row, decoded here under double quantization) --
         blk = (offs_n.to(tl.int64) * K + k0) >> blocksize_shift
         if DOUBLE_QUANT:
@@ -264,17 +173,16 @@ def _decode_partial(
         else:
             absmax = tl.load(absmax_ptr + blk, mask=mask_n, other=0.0)
         acc += part * absmax[:, None]
-    return acc
+    return acc, ut
 
 
 @triton.jit
-def _lora_bias_epilogue(
-    acc, bias_ptr, scale_ptr, u_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, R,
-    stride_um, stride_ur, stride_bn, stride_br, lora_scale, has_bias, has_scale, BLOCK_R: tl.constexpr,
+def _lora_from_u(
+    u_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, R, stride_um, stride_ur, stride_bn, stride_br,
+    BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    # c ⊙ (acc + s·B·Uᵀ) + bias for one output tile [BLOCK_N, BLOCK_M], c the per-feature scale (DoRA's m / ‖W + s·B·A‖)
-    # when has_scale, else 1
-    lora = tl.zeros(acc.shape, dtype=tl.float32)
+    # B·Uᵀ [BLOCK_N, BLOCK_M] for one output tile from the whole U [M, R] (float32)
+    lora = tl.zeros([offs_n.shape[0], offs_m.shape[0]], dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < R
@@ -287,12 +195,17 @@ def _lora_bias_epilogue(
             mask=mask_m[None, :] & mask_r[:, None], other=0.0,
         )  # fmt: skip
         lora = tl.dot(bt, ut, lora)
-    acc += lora_scale * lora
-    if has_scale:
-        acc *= tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)[:, None]
-    if has_bias:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
-    return acc
+    return lora
+
+
+@triton.jit
+def _lora_from_partial(ut, b_ptr, offs_n, mask_n, R, stride_bn, stride_br, BLOCK_R: tl.constexpr):
+    # B·Uᵀ_slice [BLOCK_N, BLOCK_M] from this slice's float32 share of Uᵀ [BLOCK_R, BLOCK_M], rounded to B's dtype
+    # for the product (the two-launch path rounds the whole U to x's dtype the same way)
+    offs_r = tl.arange(0, BLOCK_R)
+    bt = tl.load(b_ptr + offs_n[:, None] * stride_bn + offs_r[None, :] * stride_br,
+                 mask=mask_n[:, None] & (offs_r < R)[None, :], other=0.0)  # fmt: skip
+    return tl.dot(bt, ut.to(bt.dtype))
 
 
 @triton.jit
@@ -326,9 +239,10 @@ def _nf4_decode_kernel(
     # Σ_k W[n, k]·X[m, k] (+ s·U·Bᵀ + bias on the first slice), by atomics; the caller casts OUT
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    acc = _decode_partial(
-        x_ptr, w_ptr, absmax_ptr, qmap_ptr, nested_ptr, offset_ptr, table_ptr, pid_n, pid_k, M, N, K, blocksize_shift,
-        stride_xm, stride_xk, split_k, DOUBLE_QUANT, NESTED_BLOCKSIZE, USE_ASM, False, BLOCK_N, BLOCK_K, BLOCK_M,
+    acc, _ = _decode_partial(
+        x_ptr, w_ptr, absmax_ptr, qmap_ptr, nested_ptr, offset_ptr, table_ptr, u_ptr, pid_n, pid_k, M, N, K, R,
+        blocksize_shift, stride_xm, stride_xk, 0, 0, split_k, DOUBLE_QUANT, NESTED_BLOCKSIZE, USE_ASM, False, False,
+        BLOCK_N, BLOCK_K, BLOCK_M, BLOCK_R,
     )  # fmt: skip
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
@@ -336,8 +250,10 @@ def _nf4_decode_kernel(
     mask_m = offs_m < M
     # -- epilogue: s·B·Uᵀ and bias, once per output tile (the first K slice) --
     if pid_k == 0:
-        acc = _lora_bias_epilogue(acc, bias_ptr, bias_ptr, u_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, R, stride_um,
-                                  stride_ur, stride_bn, stride_br, lora_scale, has_bias, 0, BLOCK_R)  # fmt: skip
+        acc += lora_scale * _lora_from_u(u_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, R, stride_um, stride_ur,
+                                         stride_bn, stride_br, BLOCK_R)  # fmt: skip
+        if has_bias:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[:, None]
     out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
     tl.atomic_add(out, acc, mask=mask_n[:, None] & mask_m[None, :], sem="relaxed")
 
@@ -345,39 +261,66 @@ def _nf4_decode_kernel(
 @triton.jit(do_not_specialize=["lora_scale", "has_bias", "has_scale", "split_k"])
 def _nf4_decode_fused_kernel(
     x_ptr, w_ptr, absmax_ptr, qmap_ptr, nested_ptr, offset_ptr, table_ptr,
-    bias_ptr, scale_ptr, u_ptr, b_ptr, ws_ptr, counter_ptr, out_ptr,
+    bias_ptr, scale_ptr, a_ptr, u_ptr, b_ptr, ws_ptr, counter_ptr, out_ptr,
     M, N, K, R, blocksize_shift,
-    stride_xm, stride_xk, stride_um, stride_ur, stride_bn, stride_br, stride_om, stride_on,
+    stride_xm, stride_xk, stride_ar, stride_ak, stride_um, stride_ur, stride_bn, stride_br, stride_om, stride_on,
     lora_scale, has_bias, has_scale, split_k,
     DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, USE_ASM: tl.constexpr, PREFETCH: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+    FOLD_U: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    # OUT[m, n] = c[n]·(Σ_k W[n, k]·X[m, k] + s·(U·Bᵀ)[m, n]) + bias[n] in x's dtype (c = 1 unless has_scale): the
-    # K slices meet in the float32 workspace WS [M, N] (zero between calls), the last slice of each tile to arrive
-    # adds the LoRA term, scales and adds the bias
+    # OUT[m, n] = c[n]·(Σ_k W[n, k]·X[m, k] + s·(U·Bᵀ)[m, n]) + bias[n] in x's dtype (c = 1 unless has_scale). The
+    # LoRA term joins the partial sums before they meet: with FOLD_U every slice adds s·B·Uᵀ of its own K range
+    # (U = X·Aᵀ accumulated beside the main product, no U launch), else slice 0 adds s·B·Uᵀ from the given U. The
+    # K slices meet in the float32 workspace WS [M, N] (zero between calls); the last of each tile to arrive scales,
+    # adds the bias and stores, so nothing but the sum stands between the count and the store.
     dtype = x_ptr.dtype.element_ty
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    acc = _decode_partial(
-        x_ptr, w_ptr, absmax_ptr, qmap_ptr, nested_ptr, offset_ptr, table_ptr, pid_n, pid_k, M, N, K, blocksize_shift,
-        stride_xm, stride_xk, split_k, DOUBLE_QUANT, NESTED_BLOCKSIZE, USE_ASM, PREFETCH, BLOCK_N, BLOCK_K, BLOCK_M,
+    acc, ut = _decode_partial(
+        x_ptr, w_ptr, absmax_ptr, qmap_ptr, nested_ptr, offset_ptr, table_ptr, a_ptr, pid_n, pid_k, M, N, K, R,
+        blocksize_shift, stride_xm, stride_xk, stride_ar, stride_ak, split_k, DOUBLE_QUANT, NESTED_BLOCKSIZE,
+        USE_ASM, PREFETCH, FOLD_U, BLOCK_N, BLOCK_K, BLOCK_M, BLOCK_R,
     )  # fmt: skip
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     mask = mask_n[:, None] & mask_m[None, :]
+    # -- the LoRA term, after the main loop (written into the loop's accumulator before it, wgmma serializes) --
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_u = (offs_r < R)[:, None] & mask_m[None, :]
+    if FOLD_U:
+        acc += lora_scale * _lora_from_partial(ut, b_ptr, offs_n, mask_n, R, stride_bn, stride_br, BLOCK_R)
+        if pid_n == 0 and split_k > 1:
+            # tile 0's slices also sum U itself, behind the float32 [M, N] workspace: its last arrival stores it
+            tl.atomic_add(ws_ptr + M * N + offs_m[None, :] * R + offs_r[:, None], ut, mask=mask_u, sem="relaxed")
+    else:
+        if pid_k == 0:
+            acc += lora_scale * _lora_from_u(u_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, R, stride_um, stride_ur,
+                                             stride_bn, stride_br, BLOCK_R)  # fmt: skip
+    # -- scale and bias loaded before the count, so their latency overlaps the split-K round trips --
+    c = tl.full([BLOCK_N], 1.0, tl.float32)
+    if has_scale:
+        c = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
+    bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if has_bias:
+        bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     is_last = split_k == 1
     if split_k > 1:
         ws = ws_ptr + offs_m[None, :] * N + offs_n[:, None]
         acc, is_last = _last_arrival(ws, acc, mask, counter_ptr + pid_n, split_k)
-    # -- epilogue: s·B·Uᵀ and bias, once per output tile (the last K slice to arrive), then the one store --
+    # -- epilogue: once per output tile (the last K slice to arrive), the one store --
     if is_last:
-        acc = _lora_bias_epilogue(acc, bias_ptr, scale_ptr, u_ptr, b_ptr, offs_n, mask_n, offs_m, mask_m, R,
-                                  stride_um, stride_ur, stride_bn, stride_br, lora_scale, has_bias, has_scale,
-                                  BLOCK_R)  # fmt: skip
+        acc = acc * c[:, None] + bias[:, None]
         out = out_ptr + offs_m[None, :] * stride_om + offs_n[:, None] * stride_on
         tl.store(out, acc.to(dtype), mask=mask)
+        if FOLD_U and pid_n == 0:
+            if split_k > 1:
+                uws = ws_ptr + M * N + offs_m[None, :] * R + offs_r[:, None]
+                ut = tl.load(uws, mask=mask_u, other=0.0, cache_modifier=".cg")
+                tl.store(uws, tl.zeros_like(ut), mask=mask_u)
+            tl.store(u_ptr + offs_m[None, :] * stride_um + offs_r[:, None] * stride_ur, ut.to(dtype), mask=mask_u)
 
 
 @triton.jit(do_not_specialize=["scale", "has_mask", "split_k"])
@@ -445,6 +388,21 @@ def decode_supported(x: torch.Tensor, nf4: NF4Args) -> bool:
     )
 
 
+FOLD_R_MAX = 64
+"""Ranks up to which the decode launch accumulates U = X·Aᵀ itself (its share of Uᵀ stays in registers)."""
+
+
+FOLD_M_MAX = 16
+"""Rows up to which it does (one ``BLOCK_M``; at 64 rows the folded loop's registers spill)."""
+
+
+def fold_u_supported(m: int, r: int, dropout: bool) -> bool:
+    """Whether a ``decode_supported`` forward that needs no U back (no gradient) runs as one launch: U = X·Aᵀ
+    accumulated in the decode loop beside W·Xᵀ. With a dropout mask, a rank past ``FOLD_R_MAX`` or more than
+    ``FOLD_M_MAX`` rows, the U kernel runs first (two launches)."""
+    return 0 < r <= FOLD_R_MAX and m <= FOLD_M_MAX and not dropout
+
+
 _CODEBOOK_CHECKED: dict[int, tuple[int, bool]] = {}
 """``id(code map) -> (its version counter, holds the NF4 values)``; an entry leaves with its tensor."""
 
@@ -472,9 +430,22 @@ def _block_r(r: int) -> int:
     return min(64, max(16, triton.next_power_of_2(r)))
 
 
-RESIDENT_PER_SM = {16: 4, 32: 3, 64: 2}
-"""Decode programs resident per SM for each ``BLOCK_M``: 128 threads of the gate's registers on sm_80 and sm_90a
-(≤ 128, ≤ 168 and ≤ 255 registers; a compile-gate test holds the binaries to it)."""
+RESIDENT_PER_SM = {90: {16: 4, 32: 3, 64: 2}, 80: {16: 3, 32: 2, 64: 2}}
+"""Decode programs (128 threads) resident per SM for each arch and ``BLOCK_M``, from the gate's registers: on
+sm_90a ≤ 128, ≤ 168 and ≤ 255, on sm_80 ≤ 168, ≤ 255 and ≤ 255 (a compile-gate test holds the binaries to it)."""
+RESIDENT_PER_SM_FOLD = {90: {16: 3}, 80: {16: 2}}
+"""The same for the one-launch form (``BLOCK_M`` = 16, U accumulated in the loop: ≤ 168 registers on sm_90a, ≤ 255
+on sm_80)."""
+
+
+def resident_per_sm(arch: int, block_m: int, fold: bool, n: int) -> int:
+    """Decode programs per SM the split-K rule plans for: ``RESIDENT_PER_SM`` (or ``_FOLD``), one fewer for the
+    given-U form at ``BLOCK_M`` = 16 on sm_90a when N is not a multiple of 16 (that specialization takes 130
+    registers)."""
+    arch = 90 if arch >= 90 else 80
+    resident = (RESIDENT_PER_SM_FOLD if fold else RESIDENT_PER_SM)[arch][block_m]
+    return resident - 1 if arch == 90 and not fold and block_m == 16 and n % 16 else resident
+
 
 _SYNC: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 """Per device: the float32 split-K workspace and the int32 arrival counters, both zero between calls."""
@@ -496,12 +467,15 @@ def _sync_buffers(device: torch.device, floats: int, counters: int) -> tuple[tor
     return ws, cnt
 
 
-def decode_split(steps: int, tiles: int, sms: int, block_m: int) -> int:
+def decode_split(
+    steps: int, tiles: int, sms: int, block_m: int, fold: bool = False, arch: int = 90, n: int = 0
+) -> int:  # fmt: skip
     """K slices per output tile: as many as one wave of resident programs holds (``RESIDENT_PER_SM``), never a
     second, partial wave. The decode loop is latency-bound (its bytes in flight, not its instructions, set the
     speed), so filling every resident slot pays; the cost model's best split for the Llama-3-8B projections at
     M = 1-64 is this one (``python -m fastpeft.kernels._perf --report``)."""
-    return max(1, min(steps, RESIDENT_PER_SM[block_m] * sms // tiles))
+    split = max(1, min(steps, resident_per_sm(arch, block_m, fold, n) * sms // tiles))
+    return triton.cdiv(steps, triton.cdiv(steps, split))  # the slices the rounding leaves non-empty: no idle CTA
 
 
 def lora_u_fwd(
@@ -544,6 +518,7 @@ def nf4_decode_fwd(
     scaling: float,
     target_programs: int,
     col_scale: torch.Tensor | None = None,
+    lora_a: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Y = c ⊙ (X·dequant(W)ᵀ + s·U·Bᵀ) + bias`` for a ``decode_supported`` call (arguments validated by the
     caller), one launch: the output is written once, in x's dtype, by the last K slice of each tile to finish.
@@ -554,9 +529,11 @@ def nf4_decode_fwd(
         scaling: ``s``. target_programs: two programs per SM (the split-K rule reads the SM count from it).
         col_scale: ``c`` float32 ``[N]`` (DoRA's ``m / ‖W + s·B·A‖``, applied in the epilogue before the bias), or
             None for 1.
+        lora_a: ``[R, K]`` in x's dtype with ``u`` None (``fold_u_supported``: no dropout): U = X·Aᵀ is
+            accumulated inside this launch, so the whole LoRA forward is this one launch, and returned.
 
     Returns:
-        ``y [M, N]`` in x's dtype.
+        ``y [M, N]`` in x's dtype; with ``lora_a``, ``(y, u)``, ``u [M, R]`` in x's dtype.
     """
     m, k = x.shape
     n = nf4.shape[0]
@@ -572,138 +549,41 @@ def nf4_decode_fwd(
         nested, offset = nf4.nested_absmax, nf4.offset.reshape(1).to(torch.float32)
     else:
         qmap = nested = offset = nf4.absmax  # unread placeholders of the signature's type
-    if u is None:
-        r, u, lora_b = 0, x, x  # R = 0: the epilogue loop runs no step; placeholders keep one signature
+    fold = lora_a is not None
+    if fold:
+        r = lora_a.shape[0]
+        u, a = x.new_empty((m, r)), lora_a  # written by the launch
+        block_r = _block_r(r)
+    elif u is None:
+        r, u, a, lora_b = 0, x, x, x  # R = 0: the LoRA loop runs no step; placeholders keep one signature
+        block_r = 16
     else:
-        r = u.shape[1]
+        r, a, block_r = u.shape[1], x, 16
     tiles = triton.cdiv(n, BLOCK_N)
     block_m = _block_m(m)
-    split = decode_split(k // BLOCK_K, tiles, max(1, target_programs // 2), block_m)
-    ws, cnt = _sync_buffers(device, m * n, tiles)
+    arch = 90
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        arch = 10 * major + minor
+    split = decode_split(k // BLOCK_K, tiles, max(1, target_programs // 2), block_m, fold, arch, n)
+    ws, cnt = _sync_buffers(device, m * n + (m * r if fold else 0), tiles)
     out = x.new_empty((m, n))
     _nf4_decode_fused_kernel[(tiles, split)](
         x, words, nf4.absmax, qmap, nested, offset, tables, x if bias is None else bias,
-        ws if col_scale is None else col_scale, u, lora_b, ws, cnt, out,
+        ws if col_scale is None else col_scale, a, u, lora_b, ws, cnt, out,
         m, n, k, r, nf4.blocksize.bit_length() - 1,
-        x.stride(0), x.stride(1), u.stride(0), u.stride(1), lora_b.stride(0), lora_b.stride(1),
-        out.stride(0), out.stride(1),
+        x.stride(0), x.stride(1), a.stride(0), a.stride(1), u.stride(0), u.stride(1), lora_b.stride(0),
+        lora_b.stride(1), out.stride(0), out.stride(1),
         float(scaling), int(bias is not None), int(col_scale is not None), split,
         DOUBLE_QUANT=double_quant, NESTED_BLOCKSIZE=nf4.nested_blocksize, USE_ASM=not interpret, PREFETCH=PREFETCH,
-        BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_M=block_m, BLOCK_R=16, num_warps=NUM_WARPS, num_stages=1,
-    )  # fmt: skip
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# compile gate
-# ----------------------------------------------------------------------------------------------
-
-
-def _gate_case(
-    dtype: torch.dtype, dq: bool, block_m: int, m: int, n: int = 4096, k: int = 4096, fused: bool = True
-) -> GateCase:
-    ty = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-    out = {"ws_ptr": "*fp32", "counter_ptr": "*i32", "out_ptr": f"*{ty}"} if fused else {"out_ptr": "*fp32"}
-    scale = {"scale_ptr": "*fp32"} if fused else {}
-    signature = {
-        "x_ptr": f"*{ty}", "w_ptr": "*i32", "absmax_ptr": "*u8" if dq else "*fp32", "qmap_ptr": "*fp32",
-        "nested_ptr": "*fp32", "offset_ptr": "*fp32", "table_ptr": "*i32", "bias_ptr": f"*{ty}", **scale,
-        "u_ptr": f"*{ty}", "b_ptr": f"*{ty}", **out,
-        **dict.fromkeys(("M", "N", "K", "R", "blocksize_shift"), "i32"),
-        **dict.fromkeys(("stride_xm", "stride_xk", "stride_um", "stride_ur", "stride_bn", "stride_br",
-                         "stride_om", "stride_on"), "i32"),
-        "lora_scale": "fp32", "has_bias": "i32", **({"has_scale": "i32"} if fused else {}), "split_k": "i32",
-    }  # fmt: skip
-    shape = "" if (n, k) == (4096, 4096) else f",{n}x{k}"
-    consts = {"DOUBLE_QUANT": dq, "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE, "USE_ASM": True}
-    if fused:
-        consts["PREFETCH"] = PREFETCH
-    return GateCase(
-        name=f"nf4_decode{'_fused' if fused else ''}[{ty},{'nf4dq' if dq else 'nf4'},BLOCK_M={block_m},M={m}{shape}]",
-        module=__name__,
-        kernel="_nf4_decode_fused_kernel" if fused else "_nf4_decode_kernel",
-        signature=signature,
-        constexprs={**consts, "BLOCK_N": BLOCK_N, "BLOCK_K": BLOCK_K, "BLOCK_M": block_m, "BLOCK_R": 16},
-        num_warps=NUM_WARPS,
+        FOLD_U=fold, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_M=block_m, BLOCK_R=block_r, num_warps=NUM_WARPS,
         num_stages=1,
-        tensor_cores=True,
-        args={
-            "M": m,
-            "N": n,
-            "K": k,
-            "R": 16,
-            "blocksize_shift": 6,
-            "stride_xm": k,
-            "stride_xk": 1,
-            "stride_um": 16,
-            "stride_ur": 1,
-            "stride_bn": 16,
-            "stride_br": 1,
-            "stride_om": n,
-            "stride_on": 1,
-            "lora_scale": 2.0,
-            "has_bias": 1,
-            **({"has_scale": 1} if fused else {}),
-            "split_k": 8,
-        },  # fmt: skip
-        path="decode",
-        weights_per_iteration=BLOCK_N * BLOCK_K,
-        bytes_per_weight=0.5 + (1.0 if dq else 4.0) / 64,
-    )
-
-
-def _u_gate_case(dtype: torch.dtype, block_m: int, m: int, block_r: int, k: int = 4096) -> GateCase:
-    ty = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
-    r = block_r
-    signature = {
-        "x_ptr": f"*{ty}", "a_ptr": f"*{ty}", "keep_ptr": "*u8", "ws_ptr": "*fp32", "counter_ptr": "*i32",
-        "u_ptr": f"*{ty}", **dict.fromkeys(("M", "K", "R"), "i32"),
-        **dict.fromkeys(("stride_xm", "stride_xk", "stride_ar", "stride_ak", "stride_km", "stride_kk", "stride_um",
-                         "stride_ur"), "i32"),
-        "scale": "fp32", "has_mask": "i32", "split_k": "i32",
-    }  # fmt: skip
-    return GateCase(
-        name=f"lora_u[{ty},BLOCK_M={block_m},M={m},BLOCK_R={block_r}]",
-        module=__name__,
-        kernel="_lora_u_kernel",
-        signature=signature,
-        constexprs={"BLOCK_M": block_m, "BLOCK_K": BLOCK_K, "BLOCK_R": block_r},
-        num_warps=NUM_WARPS,
-        tensor_cores=True,
-        warpgroup_mma=block_m >= 64,
-        args={
-            "M": m,
-            "K": k,
-            "R": r,
-            "stride_xm": k,
-            "stride_xk": 1,
-            "stride_ar": k,
-            "stride_ak": 1,
-            "stride_km": k,
-            "stride_kk": 1,
-            "stride_um": r,
-            "stride_ur": 1,
-            "scale": 1.0,
-            "has_mask": 0,
-            "split_k": 8,
-        },  # fmt: skip
-    )
+    )  # fmt: skip
+    return (out, u) if fold else out
 
 
 def compile_gate_cases() -> list[GateCase]:
-    """The decode kernel per 16-bit dtype x plain / double-quantized absmax x each ``BLOCK_M`` the launcher
-    picks, at the Llama-3-8B 4096 x 4096 projection (M = 1 compiles its own binary: Triton makes an int equal
-    to 1 a constant), plus one unaligned shape; the same for the C library's atomic form (``_nf4_decode_kernel``);
-    the U kernel per dtype x ``BLOCK_M`` x ``BLOCK_R``."""
-    cases = []
-    for fused in (True, False):
-        for dtype in (torch.float16, torch.bfloat16):
-            for dq in (False, True):
-                for block_m, m in ((16, 1), (16, 16), (32, 32), (64, 64)):
-                    cases.append(_gate_case(dtype, dq, block_m, m, fused=fused))
-        cases.append(_gate_case(torch.bfloat16, True, 16, 5, n=4097, k=4160, fused=fused))
-    for dtype in (torch.float16, torch.bfloat16):
-        for block_m, m in ((16, 1), (16, 16), (32, 32), (64, 64)):
-            for block_r in (16, 32, 64):
-                cases.append(_u_gate_case(dtype, block_m, m, block_r))
-    return cases
+    """The decode kernels' compile-gate cases (``kernels/lora_linear_decode_gate.py``)."""
+    from fastpeft.kernels import lora_linear_decode_gate  # it reads this module's constants
+
+    return lora_linear_decode_gate.compile_gate_cases()

@@ -10,8 +10,13 @@ comes from the same low-rank identity as on linear layers (``fastpeft.ops.dora``
 - convolution: ``W = weight.flatten(1) [out, in·k…]``, ``A = lora_A.weight.flatten(1)``, ``B`` the 1×…×1
   ``lora_B`` as ``[out, r]``; one norm per output channel; the magnitude has HF PEFT's shape ``[1, out, 1, …]``.
   Forward: ``y ← y + (f − 1) ⊙ base + f ⊙ s·B(A(x'))`` with ``base = y − bias`` and ``x' = x`` (no dropout,
-  or eval), else ``x' = drop(x)`` and ``base = conv(x', W)``. Grouped convolutions are refused (``B·A`` is
-  not in the weight's shape).
+  or eval), else ``x' = drop(x)`` and ``base = conv(x', W)``.
+- grouped convolution (``groups = g``): ``W [out, in/g, k…]``, ``lora_A`` ungrouped ``[r, in, k…]``, ``lora_B``
+  grouped ``[out, r/g, 1…]``, so ``B·A`` has no place in the weight's shape. HF PEFT's norm reads
+  ``B' = B.view(out/g, r)`` and ``reshape(B'·A, W.shape)``: output channel ``o = i·g + j`` gets
+  ``B'_i · A_j`` with ``A_j`` the ``j``-th of ``g`` equal column blocks of ``A.flatten(1)``. That is ``g``
+  low-rank norms (row block ``j`` of ``W.view(out/g, g, -1)``); the forward is the grouped ``B(A(x))`` as
+  above. Merging is refused (as without DoRA, and as HF PEFT).
 
 ``f = m / ‖W + s·B·A‖`` with the norm detached (a constant in the backward). Merging writes
 ``f ⊙ (W + s·B·A)`` (``f`` along the norm's axis) with ``f`` from the unmerged base, kept for ``unmerge``.
@@ -50,12 +55,13 @@ def _flat_pair(layer: nn.Module, name: str) -> tuple[Tensor, Tensor]:
 
 
 def check_dora_layer(layer: nn.Module, lora_bias: bool) -> None:
-    """Raise for what DoRA cannot run on this layer: ``lora_bias`` and grouped convolutions."""
+    """Raise for what DoRA cannot run on this layer: ``lora_bias``."""
     if lora_bias:
         raise ValueError("lora_bias=True is not supported for DoRA (HF PEFT refuses it too); pass use_dora=False")
-    base = layer.get_base_layer()
-    if not isinstance(base, nn.Embedding) and base.groups > 1:
-        raise ValueError(f"use_dora=True: DoRA on a convolution with groups={base.groups} is not supported")
+
+
+def _groups(layer: nn.Module) -> int:
+    return 1 if _is_embedding(layer) else layer.get_base_layer().groups
 
 
 def _weight_sq(layer: nn.Module) -> Tensor:
@@ -73,7 +79,15 @@ def _weight_sq(layer: nn.Module) -> Tensor:
 
 def _norm(layer: nn.Module, name: str) -> Tensor:
     a, b = _flat_pair(layer, name)
-    return dora_row_norm(_flat_base(layer), None, a, b, layer._scale(name), _weight_sq(layer))
+    g = _groups(layer)
+    if g == 1:
+        return dora_row_norm(_flat_base(layer), None, a, b, layer._scale(name), _weight_sq(layer))
+    # grouped convolution (module doc): channel o = i·g + j pairs W's row block j with A's column block j
+    r = a.shape[0]
+    w, b, w_sq = _flat_base(layer).unflatten(0, (-1, g)), b.reshape(-1, r), _weight_sq(layer).view(-1, g)
+    blocks = a.chunk(g, dim=1)
+    norms = [dora_row_norm(w[:, j], None, blocks[j], b, layer._scale(name), w_sq[:, j]) for j in range(g)]
+    return torch.stack(norms, dim=1).flatten()
 
 
 @torch.no_grad()

@@ -245,9 +245,13 @@ def test_report_runs():
     text = _perf_launches.format_report(rows)
     assert "What would move the decode number" in text and "Cross-entropy" in text
     op, ref = rows["decode"][0]
-    assert len(op.launches) == 2 and math.isfinite(op.seconds) and op.seconds > ref.seconds * 0.1  # U, then decode
-    main = max(op.launches, key=lambda p: p.kernel_seconds)
-    assert main.grid == 512 and main.empty_ctas == 0  # 4096x4096: 32 tiles x 16 slices, one wave of 4 per SM
+    # no dropout: one launch (U summed inside); 4096x4096 at M = 1: 32 tiles x 11 slices of 6 steps (3 per SM would
+    # be 12 slices, the last one empty), one wave
+    assert len(op.launches) == 1 and math.isfinite(op.seconds) and op.seconds > ref.seconds * 0.1
+    main = op.launches[0]
+    assert main.grid == 352 and main.empty_ctas == 0
+    drop = _perf_launches.decode_op(4096, 4096, 1, dropout=True)  # with dropout: U from the masked X, then decode
+    assert len(drop.launches) == 2 and drop.launches[1].grid == 512 and drop.launches[1].empty_ctas == 0
 
 
 @pytest.mark.compile_gate

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from tiny_models import max_diff
 from torch import nn
 
+import fastpeft
 from fastpeft import LoraConfig, PeftModel, get_peft_model
 
 TARGETS = ["emb", "conv1", "conv2"]
@@ -153,10 +154,78 @@ def test_merge_and_unload_and_unmerge_match_peft(tmp_path):
     assert_close(ours.base_model.model.emb.base_layer.weight, _base().emb.weight, msg="unmerged embedding table")
 
 
-def test_grouped_convolution_is_refused():
-    net = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2))
-    with pytest.raises(ValueError, match="groups=2"):
-        get_peft_model(net, LoraConfig(r=4, target_modules=["0"], use_dora=True))
+class _Grouped(nn.Module):
+    """Grouped convolutions: HF PEFT's norm reads the grouped ``lora_B`` as ``[out/g, r]`` (module doc of
+    ``fastpeft.nn.lora_dora_layers``), which only a grouped layer exercises."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(12, 8, 3, padding=1, groups=4)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, groups=2, bias=False)
+
+    def forward(self, seq: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.conv1(seq).flatten(1), self.conv2(img).flatten(1)], dim=1)
+
+
+def _grouped() -> _Grouped:
+    torch.manual_seed(6)
+    return _Grouped().eval()
+
+
+def _grouped_config(cls):
+    return cls(r=8, lora_alpha=8, target_modules=["conv1", "conv2"], use_dora=True, init_lora_weights=False)
+
+
+def test_grouped_convolution_initial_magnitudes_equal_peft():
+    torch.manual_seed(2)
+    ours = get_peft_model(_grouped(), _grouped_config(LoraConfig))
+    theirs = peft.get_peft_model(_grouped(), _grouped_config(peft.LoraConfig))
+    theirs_params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if "lora_" in n and "magnitude" not in n:
+                p.copy_(theirs_params[n])
+    for name in ("conv1", "conv2"):
+        layer = getattr(ours.base_model.model, name)
+        layer._add_magnitude("default", True)
+        key = f"base_model.model.{name}.lora_magnitude_vector.default.weight"
+        got, want = layer.lora_magnitude_vector["default"].weight, theirs_params[key]
+        assert got.shape == want.shape, f"{name}: magnitude shape {tuple(got.shape)} vs peft's {tuple(want.shape)}"
+        _same(got, want, f"{name}: initial magnitude")
+
+
+@pytest.mark.parametrize("direction", ["ours_to_peft", "peft_to_ours"])
+def test_grouped_convolution_files_move_both_ways(tmp_path, direction):
+    torch.manual_seed(3)
+    lib = fastpeft if direction == "ours_to_peft" else peft
+    writer = lib.get_peft_model(_grouped(), _grouped_config(lib.LoraConfig))
+    _randomize(writer, seed=5)
+    writer.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(_grouped(), str(tmp_path), is_trainable=True)
+    theirs = peft.PeftModel.from_pretrained(_grouped(), str(tmp_path), is_trainable=True)
+    g = torch.Generator().manual_seed(stable_seed("grouped dora inputs", direction))
+    inputs = torch.randn(3, 12, 9, generator=g), torch.randn(3, 4, 9, 11, generator=g)
+    with torch.no_grad():
+        y, want, plain = ours(*inputs), theirs(*inputs), _grouped()(*inputs)
+    assert (y - plain).abs().max() > 1e-2, "the adapter changes nothing: the comparison would prove nothing"
+    assert_close(y, want, msg=f"{direction}: outputs")
+    a, b = _grads(ours.train(), inputs), _grads(theirs.train(), inputs)
+    assert sorted(a) == sorted(b), f"trainable names differ: {sorted(set(a) ^ set(b))}"
+    for n in a:
+        assert a[n].abs().max() > 0, f"{n}: zero gradient, the check would prove nothing"
+        _same(a[n], b[n], f"{direction}: gradient of {n}")
+
+
+def test_grouped_convolution_merge_refused_and_rank_checked():
+    model = get_peft_model(_grouped(), _grouped_config(LoraConfig))
+    with pytest.raises(ValueError, match="groups > 1"):
+        model.merge_adapter()
+    assert not model.base_model.model.conv1.merged
+    msg = "Targeting a Conv2d with groups=2 and rank 1. Currently, support is limited to conv layers where the rank"
+    for lib in (fastpeft, peft):  # HF PEFT's words for a rank the groups do not divide, with DoRA too
+        net = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2))
+        with pytest.raises(ValueError, match=msg):
+            lib.get_peft_model(net, lib.LoraConfig(r=1, target_modules=["0"], use_dora=True))
 
 
 def test_compiles_with_fullgraph_and_matches_eager():
