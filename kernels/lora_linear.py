@@ -18,18 +18,20 @@ This module holds the launchers (validate, allocate, grid, launch). The kernels,
 and the NF4-in-registers design are in ``lora_linear_kernels.py``; the weight-gradient reduction for
 ``dA``, ``dB`` and ``dbias`` is in ``lora_linear_wgrad.py``.
 
-Dispatch of an NF4 base, set by the compile gate's cost model (estimates for an H100: 132 SMs issuing
-4 warp-instructions per clock at 1.755 GHz, 3.0 TB/s; ``python -m fastpeft.kernels._gate --report``):
+Dispatch of an NF4 base, set by the compile gate's cost models (``kernels/_perf.py``, the latency-aware model
+whose figures are quoted here unless said otherwise; H100 SXM, estimates, not measurements;
+``python -m fastpeft.kernels._perf --report``, tables in benchmarks/model_predictions.md):
 
-- forward, 16-bit x, ``M <= 64`` (``lora_linear_decode.DECODE_M_MAX``), ``K % 64 == 0``: two launches, the
-  ``U`` kernel and the decode kernel (``lora_linear_decode``; split-K reduced inside, output written in x's dtype),
-  ≈ 4.3-5.4 thread-instructions per weight, i.e. issue-bound at ≈ 5.5-6.9 T weights/s against a memory
-  bound of 5.8 T weights/s at 0.516 bytes per weight: a predicted 0.94-1.0 of the HBM roofline for every
-  M it takes (one program holds all M rows, so W is decoded once per call);
+- forward, 16-bit x, ``M <= 64`` (``lora_linear_decode.DECODE_M_MAX``), ``K % 64 == 0``: the decode kernel
+  (``lora_linear_decode``; split-K reduced inside, output written in x's dtype), one launch without dropout for
+  M <= 16 and R <= 64 (U summed inside it), else the ``U`` kernel first. At M = 1, r = 16 the model gives 7.6 us
+  for 4096 x 4096 (36 % of HBM for the call, 1.7x its bf16 cuBLAS GEMV), 18.9 us for 14336 x 4096 (51 %, 2.1x);
+  the kernels alone reach 51-66 % of HBM at M <= 16, 45-46 % at M = 64 (latency- or integer-pipe-bound, the
+  calibration's error on bandwidth-bound points is -33 % to +3 %: benchmarks/calibration.md);
 - ``M <= SMALL_M_MAX`` (16), 16-bit, otherwise (dX, or a forward the decode kernel does not take): the
   general GEMM's split-K path decoding NF4 in its main loop (bandwidth-bound sizes; ≈ 39 instructions
-  per weight, so ≈ 0.13 of the roofline: acceptable only because such calls are rare — the backward of a
-  16-token batch);
+  per weight by the first model's count, so far from the roofline: acceptable only because such calls are
+  rare — the backward of a 16-token batch);
 - everything else (M past those sizes, float32 inputs): W is dequantized once per call into a scratch
   buffer (``_dequantized``; one buffer per device and dtype, the largest layer's 16-bit weight, reused
   by every layer) and the dense tiled GEMM runs with the LoRA epilogue. Fusing the decode into a tiled
