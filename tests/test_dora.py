@@ -286,6 +286,43 @@ def _dense_norms(layer: LoraLinear) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("quantized", [False, True])
+def test_row_norm_is_kept_in_eval_until_a_or_b_change(monkeypatch, quantized):
+    """In eval mode ‖W + s·B·A‖ (a pass over the whole base) is computed once and kept; an in-place step on B, a
+    new A tensor or a scaling change recomputes it; in training it is computed on every forward."""
+    import fastpeft.nn.lora_dora as lora_dora
+
+    calls = []
+    real = lora_dora.dora_row_norm
+    monkeypatch.setattr(lora_dora, "dora_row_norm", lambda *a: calls.append(1) or real(*a))
+    n, k, r = 21, 64, 4
+    g = _gen("norm cache", quantized)
+    base = nn.Linear(k, n)
+    base = NF4Linear.from_linear(base) if quantized else base
+    layer = LoraLinear(base, r=r, lora_alpha=8, init_lora_weights=False, use_dora=True)
+    m = layer.lora_magnitude_vector["default"].weight
+
+    def check(what: str, computed: int) -> None:
+        calls.clear()
+        for _ in range(3):
+            got = lora_dora.dora_factor(layer, "default")
+        assert len(calls) == computed, f"{what}: the row norm computed {len(calls)} times in 3 calls, want {computed}"
+        assert_close(got, m.double() / _dense_norms(layer), msg=f"{what}: factor vs the dense formula")
+
+    layer.eval()
+    check("eval, first calls", 1)
+    check("eval, unchanged", 0)
+    with torch.no_grad():
+        layer.lora_B["default"].weight.add_(torch.randn(n, r, generator=g) * 0.1)
+    check("B stepped in place", 1)
+    layer.lora_A["default"].weight = nn.Parameter(torch.randn(r, k, generator=g) * 0.1)
+    check("a new A tensor", 1)
+    layer.scaling["default"] = layer.scaling["default"] * 2
+    check("another scaling", 1)
+    layer.train()
+    check("training", 3)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
 def test_cached_weight_norms_are_computed_once_and_dropped_when_the_base_changes(monkeypatch, quantized):
     """‖W_n‖² is computed once per frozen base; an in-place write, a new weight tensor or a new base module
     drops it (the factor then equals the dense formula on the new base)."""

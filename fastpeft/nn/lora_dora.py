@@ -75,8 +75,22 @@ def dora_weight_sq_cached(layer: nn.Module) -> Tensor:
 
 
 def _row_norm(layer: nn.Module, lora_a: Tensor, lora_b: Tensor, scaling: float | Tensor) -> Tensor:
+    """``‖W + s·B·A‖`` ``[out]``. In eval mode it is kept between calls until A, B, the scaling or the base change
+    (their tensors, versions or storage): a decode step then reads the base once, not twice (A·Wᵀ is a pass over
+    the whole base). In training A and B change every step, so it is computed on every forward."""
     weight, nf4 = dora_base_operands(layer)
-    return dora_row_norm(weight, nf4, lora_a, lora_b, scaling, dora_weight_sq_cached(layer))
+    weight_sq = dora_weight_sq_cached(layer)
+    cacheable = not layer.training and not isinstance(scaling, Tensor) and not torch.compiler.is_compiling()
+    if not cacheable:
+        return dora_row_norm(weight, nf4, lora_a, lora_b, scaling, weight_sq)
+    # the entry holds A, B and ‖W‖² themselves, so no id in the key can be reused by a new tensor while it lives
+    key = (float(scaling), *((t._version, t.data_ptr(), t.dtype, t.device) for t in (lora_a, lora_b)))
+    norms = layer.__dict__.setdefault("_dora_norms", {})
+    hit = norms.get((id(lora_a), id(lora_b)))
+    if hit is None or hit[0] != key or hit[1] is not weight_sq or hit[2] is not lora_a or hit[3] is not lora_b:
+        norm = dora_row_norm(weight, nf4, lora_a, lora_b, scaling, weight_sq)
+        hit = norms[(id(lora_a), id(lora_b))] = (key, weight_sq, lora_a, lora_b, norm)
+    return hit[4]
 
 
 @torch.no_grad()
