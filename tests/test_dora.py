@@ -256,7 +256,15 @@ def test_triton_backend_matches_reference(monkeypatch, quantized, dropout):
         monkeypatch.setenv("FASTPEFT_BACKEND", backend)
         results[backend] = _layer_grads(layer.train(), x, dy)
     for what, got, want in zip(["y", "dx", "dA", "dB", "dm"], results["triton"], results["reference"], strict=True):
-        assert_close(got, want, msg=f"triton vs reference {what} (quantized={quantized}, dropout={dropout})")
+        # two float32 computations summing in different orders (the kernels' tiles, torch's matmul): a few ulps of
+        # the largest term apart (dA with dropout: 2.3e-6 relative at 9.7), past the table's 1.3e-6 for one rounding
+        torch.testing.assert_close(
+            got,
+            want,
+            rtol=1e-5,
+            atol=1e-5,
+            msg=lambda m, what=what: f"triton vs reference {what} ({quantized=}, {dropout=})\n{m}",
+        )
 
 
 @pytest.mark.gpu
