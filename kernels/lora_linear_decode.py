@@ -41,9 +41,10 @@ dropout mask (or a larger R or M) it is two launches: ``_lora_u_kernel`` writes 
 each tile adds ``s·B·Uᵀ``. Either way the LoRA term is added after the main loop into the loop's float32
 accumulator (before the loop it would serialize the wgmma: C7515), and the last slice to arrive only scales
 (DoRA's ``col_scale``), adds the bias (both loaded before the count) and stores: nothing but the sum stands
-between the count and the store. Cost model at M = 1, H100, estimates (call with launch overhead, kernel):
-4096 x 4096 10.9 -> 7.6 us (kernel 5.1 -> 5.6 us: 3 programs per SM instead of 4, the folded loop's registers),
-14336 x 4096 22.0 -> 18.9 us, 4096 x 14336 20.2 -> 16.9 us, 1024 x 4096 8.4 -> 4.7 us.
+between the count and the store. The rows' absmax codes are loaded at the top of each iteration, so the decode
+covers their latency (only the code-map gather, an L1 hit, waits after it). Cost model at M = 1, H100, estimates
+(call with launch overhead): 4096 x 4096 10.9 -> 6.8 us (kernel 5.1 -> 4.8 us), 14336 x 4096 22.0 -> 17.2 us,
+4096 x 14336 20.2 -> 15.4 us, 1024 x 4096 8.4 -> 4.4 us.
 
 Split-K: ``N / BLOCK_N`` programs rarely fill a GPU, so K is split over a second grid axis until one wave of
 resident programs (``resident_per_sm``, from the binaries' registers) is full, rounded so that no slice is empty.
@@ -125,6 +126,7 @@ def _decode_partial(
     # Xᵀ rows in the matching K order: tile column j = 16p + 8d + 2q + c holds k = 16q + 8d + 2p + c
     j = tl.arange(0, BLOCK_K)
     k_of_j = 16 * ((j // 2) % 4) + 8 * ((j // 8) % 2) + 2 * (j // 16) + j % 2
+    x_rows = x_ptr + offs_m[None, :] * stride_xm + k_of_j[:, None] * stride_xk
     offset = tl.load(offset_ptr)
     t0, t1, t2, t3, t4, t5, t6, t7, sel = _permute_tables(table_ptr, USE_ASM)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -147,13 +149,18 @@ def _decode_partial(
         else:
             words = tl.load(w_rows + kb * (BLOCK_K // 8), mask=mask5, other=0, eviction_policy="evict_first")
         # -- Xᵀ block [64, BLOCK_M], K permuted as W's columns, issued before the decode covers its latency --
-        xt = tl.load(
-            x_ptr + offs_m[None, :] * stride_xm + (k0 + k_of_j)[:, None] * stride_xk, mask=mask_m[None, :], other=0.0
-        )
+        xt = tl.load(x_rows + k0 * stride_xk, mask=mask_m[None, :], other=0.0)
         if FOLD_U:
             # A's block in the same K order (L2-resident: every tile's slice j reads the same block)
             at = tl.load(a_ptr + offs_r[:, None] * stride_ar + (k0 + k_of_j)[None, :] * stride_ak,
                          mask=mask_r[:, None], other=0.0)  # fmt: skip
+        # -- the rows' absmax codes, issued before the decode covers their latency (the code-map gather after it) --
+        blk = (offs_n.to(tl.int64) * K + k0) >> blocksize_shift
+        if DOUBLE_QUANT:
+            a8 = tl.load(absmax_ptr + blk, mask=mask_n, other=0)
+            nested = tl.load(nested_ptr + blk // NESTED_BLOCKSIZE, mask=mask_n, other=0.0)
+        else:
+            absmax = tl.load(absmax_ptr + blk, mask=mask_n, other=0.0)
         # -- decode: 8 codes a word -> [BLOCK_N, 64] code values in x's dtype, already in the MMA operand's order --
         o0, o1, o2, o3 = _decode_words(words, table_ptr, t0, t1, t2, t3, t4, t5, t6, t7, sel, USE_ASM)
         pairs = tl.join(tl.join(o0, o2), tl.join(o1, o3)).reshape(2, 2, 4, 8, 8, 4)  # (..., word, p)
@@ -165,13 +172,8 @@ def _decode_partial(
         if FOLD_U:
             ut = tl.dot(at, xt, ut)
         # -- absmax of each row's block (one value per row, decoded here under double quantization) --
-        blk = (offs_n.to(tl.int64) * K + k0) >> blocksize_shift
         if DOUBLE_QUANT:
-            a8 = tl.load(absmax_ptr + blk, mask=mask_n, other=0).to(tl.int32)
-            nested = tl.load(nested_ptr + blk // NESTED_BLOCKSIZE, mask=mask_n, other=0.0)
-            absmax = tl.load(qmap_ptr + a8) * nested + offset
-        else:
-            absmax = tl.load(absmax_ptr + blk, mask=mask_n, other=0.0)
+            absmax = tl.load(qmap_ptr + a8.to(tl.int32)) * nested + offset
         acc += part * absmax[:, None]
     return acc, ut
 
