@@ -94,7 +94,8 @@ def components(case: Case, spec: Spec) -> list[Component] | None:
     nf4 = case.op == "qlora_linear"
     lora = not case.provider.endswith("-nolora")
     if case.provider.startswith("fastpeft"):
-        out: list[Component] = [gemm("skinny U = X·Aᵀ", m, r, k, es)] if lora else []
+        decode_fwd = nf4 and m <= DECODE_M_MAX and es == 2  # the decode call's model includes its U product
+        out: list[Component] = [gemm("skinny U = X·Aᵀ", m, r, k, es)] if lora and not decode_fwd else []
         epilogue = (2.0 * m * n * r, es * (m * r + n * r)) if lora else (0.0, 0.0)
         w_nf4 = _weight_bytes(n, k, True, es)  # gate components fall back to the roofline of these bytes
 
@@ -109,9 +110,10 @@ def components(case: Case, spec: Spec) -> list[Component] | None:
                         weights=n * k,
                         m=mm,
                         dtype=dt,
+                        **({"n": n, "k": k, "r": r if lora else 0} if name == "decode" else {}),
                     )  # fmt: skip
                 ]
-            dq = Component("dequant", 0.0, w_nf4 + es * n * k, gate_path="dequant", weights=n * k, dtype=dt)
+            dq = Component("dequant", 0.0, w_nf4 + es * n * k, gate_path="dequant", weights=n * k, dtype=dt, n=n, k=k)
             pre = [dq] if nf4 else []
             g = gemm(f"{name} GEMM + LoRA epilogue" if lora else f"{name} GEMM", mm, nn_, kk, es)
             return [*pre, Component(g.name, g.flops + epilogue[0], g.nbytes + epilogue[1])]

@@ -37,7 +37,8 @@ def components(case: Case, spec: Spec) -> list[Component] | None:
         return None
     shape = case.extra["shape"]
     dt = {"bfloat16": "bf16", "float16": "fp16"}.get(case.dtype, "fp32")
-    return [Component("dequant", 0.0, case.nbytes, gate_path="dequant", weights=shape.n * shape.k, dtype=dt)]
+    return [Component("dequant", 0.0, case.nbytes, gate_path="dequant", weights=shape.n * shape.k, dtype=dt, n=shape.n,
+                      k=shape.k)]  # fmt: skip
 
 
 def _operands(shape, spec: Spec, copies: int, bnb: bool) -> list:

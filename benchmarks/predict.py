@@ -1,7 +1,10 @@
 """Predicted figures for the GPU cases: estimates, never measurements.
 
-A provider's call is a list of kernels (``Component``). A kernel that decodes NF4 weights (paths
-"decode", "dequant", "small") takes the compile gate's cost model (``fastpeft.kernels._gate``): its
+A provider's call is a list of kernels (``Component``). The NF4 decode-size call and the dequantize pass (bf16,
+double quantization, with their shapes) take the latency-aware model (``kernels/_perf.py`` through
+``kernels/_perf_launches.py``: every launch the launcher issues, predicted from its SASS; calibration in
+benchmarks/calibration.md). Other kernels that decode NF4 weights (path "small", other dtypes) take the compile
+gate's first model (``fastpeft.kernels._gate``, the "issue bound"): its
 record for the configuration the launcher picks gives ``memory_bound_weights_per_s`` and
 ``predicted_roofline_fraction`` (issue-bound vs memory-bound from the SASS of the main loop), so the
 kernel decodes ``weights`` in ``weights / (memory_bound * predicted_roofline_fraction)`` seconds (never
@@ -12,7 +15,8 @@ and does not model tensor-core time, and a baseline at its roofline is the stric
 ``predicted`` is its counted work as a fraction of those peaks at the predicted time (comparable to the
 measured ``frac_of_peak``); ``basis`` names the gate records and the roofline parts.
 
-The machine is the cost model's (DESIGN.md): an H100 SXM, 3.0 TB/s (``_sass.H100``) and 790 TFLOP/s bf16.
+The machine is the cost model's: an H100 SXM, the latency-aware model's achievable 3.17 TB/s (``_perf.CONSTANTS``;
+3.0 TB/s, ``_sass.H100``, without it) and 790 TFLOP/s bf16.
 """
 
 from __future__ import annotations
@@ -43,6 +47,12 @@ class Component:
     m: int = 0
     dtype: str = "bf16"
     double_quant: bool = True
+    n: int = 0
+    k: int = 0
+    r: int = 0
+    """With ``n`` and ``k`` (W ``[N, K]``; ``r`` the LoRA rank, 0 for the base alone) a bf16 "decode" or "dequant"
+    component takes the latency-aware model (``kernels/_perf_launches.py``): the whole call as the launcher issues
+    it, the LoRA U product of a decode call included."""
 
 
 def gemm(name: str, m: int, n: int, k: int, es: int, extra_bytes: float = 0.0) -> Component:
@@ -83,6 +93,12 @@ class Predictor:
             return cls([], arch=arch, error=f"compile gate unavailable ({type(e).__name__}: {e})")
         pred = cls([], [c for c in _gate.all_cases() if c.path], arch)
         pred.bytes_per_s = float(_sass.H100.get("hbm_bytes_per_s", pred.bytes_per_s))
+        try:  # the latency-aware model's achievable bandwidth, which its decode and dequantize figures use
+            from fastpeft.kernels import _perf
+
+            pred.bytes_per_s = _perf.machine(arch).hbm_bytes_per_s
+        except Exception:
+            pass
         names = sorted({c.name for comp in wanted if comp.gate_path for c in [pred.gate_case(comp)] if c})
         try:
             if gate_json is not None:
@@ -137,8 +153,12 @@ class Predictor:
         """``predicted`` (fraction of the reference peaks), ``predicted_ms`` and ``basis`` of one call."""
         seconds, gate_parts, roofline_parts = 0.0, [], []
         for comp in components:
-            rec = self.record(comp) if comp.gate_path else None
-            if rec is not None:
+            model = self.latency_model(comp)
+            rec = self.record(comp) if comp.gate_path and model is None else None
+            if model is not None:
+                seconds += model[0]
+                gate_parts.append(model[1])
+            elif rec is not None:
                 rate = rec["memory_bound_weights_per_s"] * rec["predicted_roofline_fraction"]
                 # never faster than the roofline of the bytes counted for it (X and Y included)
                 seconds += max(comp.weights / rate, self.roofline_s(comp))
@@ -166,6 +186,28 @@ class Predictor:
             "predicted_ms": seconds * 1e3,
             "basis": f"estimate, {REFERENCE['name']}; " + "; ".join(basis),
         }
+
+    def latency_model(self, comp: Component) -> tuple[float, str] | None:
+        """``(seconds, basis)`` of a decode or dequantize component by the latency-aware model, or None where it
+        has no profile (other dtypes, no shape, or the model unavailable): a decode-size call under CUDA-graph
+        replay, as it is timed; a dequantize pass with its stream launch."""
+        if comp.gate_path not in ("decode", "dequant") or not comp.n or comp.dtype != "bf16" or not comp.double_quant:
+            return None
+        try:
+            from fastpeft.kernels import _perf, _perf_launches
+        except Exception:  # the compile gate is a development tool: its absence is reported, not fatal
+            return None
+        try:
+            if comp.gate_path == "dequant":
+                op = _perf_launches.dequantize_op(comp.n, comp.k, self.arch)
+                return op.seconds, f"latency model: {op.name} {op.hbm_fraction:.0%} of HBM (stream launch)"
+            if comp.r:
+                op = _perf_launches.decode_op(comp.n, comp.k, comp.m, comp.r, arch=self.arch)
+                return op.graph_seconds, f"latency model: {op.name}, {len(op.launches)} launch(es) (CUDA graph)"
+            pred = _perf.predict(_perf_launches.decode_launch(comp.n, comp.k, comp.m, 0, self.arch))
+            return pred.graph_seconds, f"latency model: {pred.name}, base only (CUDA graph)"
+        except Exception:  # no gate build here (no compiler): the first model's record or the roofline instead
+            return None
 
     def static_records(self, path: str, dtype: str, ms: Iterable[int]) -> list[dict]:
         """The gate records of ``path`` for the configurations that run each of ``ms`` (double quant)."""
