@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from fastpeft.kernels.formats import NF4Args
 from fastpeft.nn.nf4_linear import NF4Linear
@@ -65,8 +66,10 @@ def dora_weight_sq_cached(layer: nn.Module) -> Tensor:
     if torch.compiler.is_compiling():
         return dora_weight_sq(weight, nf4)
     t = weight if nf4 is None else nf4.packed
-    extra = () if nf4 is None else (nf4.absmax.data_ptr(), nf4.absmax._version)
-    key = (id(layer.get_base_layer()), t.data_ptr(), t._version, t.device, t.dtype, tuple(t.shape), *extra)
+    # a FakeTensor (the memory model's trace) has no data pointer: the tensor itself stands for its storage
+    ptr = lambda u: ("fake", id(u)) if isinstance(u, FakeTensor) else u.data_ptr()  # noqa: E731
+    extra = () if nf4 is None else (ptr(nf4.absmax), nf4.absmax._version)
+    key = (id(layer.get_base_layer()), ptr(t), t._version, t.device, t.dtype, tuple(t.shape), *extra)
     cached = layer.__dict__.get("_dora_weight_sq")
     if cached is None or cached[0] != key:
         cached = (key, dora_weight_sq(weight, nf4))
