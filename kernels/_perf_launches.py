@@ -423,6 +423,9 @@ def report(arch: int = 90, m_values: Sequence[int] = (1, 16, 64)) -> dict:
             ((n, k), {p: qlora_step(n, k, arch=arch, path=p) for p in ("tiled", "cublas", "dense")})
         )
     rows["cross_entropy"].append(cross_entropy_op(arch=arch))
+    from fastpeft.kernels import _perf_dora  # builds on this module: imported at run time only
+
+    rows["dora"] = _perf_dora.dora_rows(arch)
     for n, k in ((4096, 4096), (14336, 4096)):
         for mr in (1, 16):
             rows["levers"][(n, k, mr)] = levers(n, k, mr, arch)
@@ -503,6 +506,10 @@ def format_report(rows: dict, arch: int = 90) -> str:
     for op in rows["cross_entropy"]:
         p = op.launches[0]
         out.append(f"| {op.name} | {_us(op.seconds)} | {op.hbm_fraction:.0%} | {p.binding} | {p.ctas_per_sm} |")
+    if rows.get("dora"):
+        from fastpeft.kernels import _perf_dora
+
+        out += _perf_dora.format_dora(rows["dora"])
     out += ["", "## Reading the tables", "",
             "- *predicted*: every launch of the call, each with a stream launch's overhead; *graph*: the same under "
             "CUDA-graph replay (how the benchmarks time microsecond kernels).",

@@ -1,0 +1,195 @@
+"""fastpeft's DoRA linear as its launchers run it, for the cost model (kernels/_perf.py) and the report's "DoRA vs
+LoRA" table; the LoRA side is ``_perf_launches`` (``decode_op``, ``qlora_step``), which this module builds on.
+
+What a DoRA forward issues (``nn.lora_dora.dora_forward`` without dropout, ``ops.dora``, ``kernels/dora_linear``),
+with float32 adapter parameters (A, B, m; the layer's casts of A and B to x's dtype are LoRA's too, not counted):
+
+1. the row norm ``‖W + s·B·A‖``, every forward (A and B change each step): ``A·Wᵀ`` as ``nf4_linear`` of float32
+   ``A [R, K]`` - float32 is not a decode dtype and never decodes NF4 in the GEMM, so W is dequantized to float32
+   into the scratch (``nf4_dequantize[fp32]``), the autotuner's pre-hook zeroes the split-K workspace, and the
+   small-M float32 GEMM reads the float32 W (streamed here: no model of that kernel's loop) - then
+   ``dora_row_norm_reference``'s torch ops on ``[N, R]``, ``[R, K]`` and ``[N]`` (``_elementwise`` each, ``A·Aᵀ`` and
+   ``B·(A·Aᵀ)`` as streamed cuBLAS calls); ``‖W‖²`` is cached by the layer (free after the first call);
+2. ``f = m / norm``;
+3. decode sizes: U kernel + decode kernel with ``col_scale = f`` (``decode_op(dropout=True)``: the two-launch form,
+   the col_scale a runtime flag of the same binary). Training sizes (NF4, K % 64 == 0): U, ``f ⊙ B`` (three
+   torch ops), ``nf4_dequantize_scaled`` writing ``f ⊙ W`` into the scratch, cuBLAS + addmm (LoRA's path).
+
+The backward (NF4, no bias): ``f`` again, the column pass (``dora_colsum``, no ``G ⊙ f`` written) and torch's sum of
+its partials, ``f ⊙ B``, the scaled dequantize again, LoRA's backward on the scaled scratch (dX by cuBLAS + addmm at
+rank 2R, G, dA), dB's skinny pass and its row scaling (three torch ops), ``dm = Σ / m``, and the zero-magnitude
+check (``m == 0``, ``any``; its host sync not modeled). A dense base runs ``torch.mm`` + the epilogue kernel
+(``dora_epilogue``) forward and the column pass writing ``G ⊙ f`` + LoRA's backward on it. Estimates, like every
+figure of the model.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fastpeft.kernels import _perf
+from fastpeft.kernels import _perf_launches as pl
+
+__all__ = ["colsum_grid", "colsum_launch", "dequantize_scaled_op", "dora_decode_op", "dora_rows", "dora_step",
+           "epilogue_launch", "format_dora", "row_norm_preds"]  # fmt: skip
+
+DORA_DECODE_M = (1, 16)
+DORA_TRAIN_M = (2048, 8192)
+
+
+def dequantize_scaled_op(n: int, k: int, arch: int = 90, dtype: str = "bf16", scaled: bool = True) -> pl.OpPrediction:
+    """``nf4_dequantize(row_scale=f)`` (``scaled``) or plain: ``dequantize_op``'s grid with the gate's binary for
+    ``dtype``, the output's bytes at its width (4 for float32), f read when scaled."""
+    m = _perf.machine(arch)
+    case = f"nf4_dequantize{'_scaled' if scaled else ''}[{dtype},double_quant=True]"
+    numel = n * k
+    full, grid = numel // 4096, min(math.ceil(numel / 4096), 32 * m.sms)
+
+    def trips(i: int) -> tuple[int]:
+        return (max(0, math.ceil((full - i) / grid)),)
+
+    out_bytes = 4 if dtype == "fp32" else 2
+    hbm = numel * (0.5 + 1 / 64 + out_bytes) + numel / 64 / 256 * 4 + (n * 4 if scaled else 0)
+    launch = _perf.Launch(f"dequantize {'f·W ' if scaled else ''}{dtype} {n}x{k}", pl.profile(case, arch), grid,
+                          trips, hbm, weights=numel, dram_loads="marked")  # fmt: skip
+    return pl._total(launch.name, [_perf.predict(launch, m)], hbm, m)
+
+
+def row_norm_preds(n: int, k: int, r: int = 16, arch: int = 90) -> list[_perf.Prediction]:
+    """``dora_row_norm`` on an NF4 base with float32 A and B and the cached ``‖W‖²`` (module docstring, step 1)."""
+    m = _perf.machine(arch)
+    preds = list(dequantize_scaled_op(n, k, arch, "fp32", scaled=False).launches)
+    preds.append(pl._elementwise("zero A·Wᵀ workspace", r * n * 4, m))
+    preds.append(pl._stream("A·Wᵀ (fp32 GEMM, W fp32)", 4 * (n * k + r * k + 2 * r * n), 2.0 * r * n * k, m))
+    preds.append(pl._elementwise("B ⊙ (A·Wᵀ)ᵀ", 3 * n * r * 4, m))
+    preds.append(pl._elementwise("sum -> cross", n * r * 4 + n * 4, m))
+    preds.append(pl._stream("A·Aᵀ", 4 * (r * k + r * r), 2.0 * r * r * k, m))
+    preds.append(pl._stream("B·(A·Aᵀ)", 4 * (2 * n * r + r * r), 2.0 * n * r * r, m))
+    preds.append(pl._elementwise("⊙ B", 3 * n * r * 4, m))
+    preds.append(pl._elementwise("sum -> low", n * r * 4 + n * 4, m))
+    # 2s·cross, ‖W‖² + ·, s²·low, + ·, clamp_min, sqrt: six ops over [N] float32
+    preds += [pl._elementwise(name, nb * n * 4, m) for name, nb in
+              (("2s·cross", 2), ("+ ‖W‖²", 3), ("s²·low", 2), ("+", 3), ("clamp", 2), ("sqrt", 2))]  # fmt: skip
+    return preds
+
+
+def _factor(n: int, m: _perf.Machine) -> _perf.Prediction:
+    return pl._elementwise("f = m / norm", 3 * n * 4, m)
+
+
+def dora_decode_op(n: int, k: int, m_rows: int, r: int = 16, arch: int = 90) -> pl.OpPrediction:
+    """The NF4 DoRA forward at decode size: the row norm, f, then the U kernel and the decode kernel with col_scale."""
+    m = _perf.machine(arch)
+    preds = row_norm_preds(n, k, r, arch) + [_factor(n, m)] + pl.decode_op(n, k, m_rows, r, arch, dropout=True).launches
+    return pl._total(f"NF4+DoRA decode {n}x{k} M={m_rows}", preds, n * k * (0.5 + 1 / 64) + m_rows * (k + n) * 2, m)
+
+
+def epilogue_launch(n: int, m_rows: int, r: int = 16, arch: int = 90, dtype: str = "bf16") -> _perf.Launch:
+    """``dora_epilogue`` in place over Y: grid (M / 64, N / 128), the rank loop R / 16 steps; Y read and written,
+    U and B read, f read."""
+    prof = pl.profile(f"dora_epilogue[{dtype},bias=False]", arch)
+    grid = math.ceil(m_rows / 64) * math.ceil(n / 128)
+    steps = (math.ceil(r / 16),) * len(prof.loops)
+    hbm = 2 * (2 * m_rows * n + r * (m_rows + n)) + 4 * n
+    return _perf.Launch(f"DoRA epilogue {m_rows}x{n}", prof, grid, lambda i: steps, hbm, dram_loads="all")
+
+
+def colsum_launch(n: int, m_rows: int, write_gf: bool, arch: int = 90, dtype: str = "bf16") -> _perf.Launch:
+    """``dora_colsum``: grid (N / 128 tiles, slices of M to two programs per SM), each program 32 rows a step over
+    its slice; G and Y read once, ``G ⊙ f`` written if asked, float32 partials [2, slices, N] written."""
+    prof = pl.profile(f"dora_colsum[{dtype},bias=False,gf={write_gf}]", arch)
+    tiles, splits, rows = colsum_grid(n, m_rows, arch)
+
+    def trips(i: int) -> tuple[int, ...]:
+        left = m_rows - (i // tiles) * rows
+        return (max(0, math.ceil(min(rows, left) / 32)),) * len(prof.loops)
+
+    hbm = 2 * m_rows * n * (3 if write_gf else 2) + 2 * splits * n * 4 + 4 * n
+    return _perf.Launch(f"DoRA column pass {m_rows}x{n}", prof, tiles * splits, trips, hbm, dram_loads="all")
+
+
+def colsum_grid(n: int, m_rows: int, arch: int = 90) -> tuple[int, int, int]:
+    """``(tiles, slices, rows per slice)`` as ``dora_colsum`` computes them (BLOCK_M 32, BLOCK_N 128)."""
+    m = _perf.machine(arch)
+    tiles = math.ceil(n / 128)
+    splits = max(1, min(math.ceil(m_rows / 32), math.ceil(pl.TARGET_PROGRAMS_PER_SM * m.sms / tiles)))
+    rows = math.ceil(math.ceil(m_rows / splits) / 32) * 32
+    return tiles, math.ceil(m_rows / rows), rows
+
+
+def _colsum_preds(n: int, m_rows: int, write_gf: bool, arch: int) -> list[_perf.Prediction]:
+    m = _perf.machine(arch)
+    splits = colsum_grid(n, m_rows, arch)[1]
+    return [_perf.predict(colsum_launch(n, m_rows, write_gf, arch), m),
+            pl._elementwise("partials.sum(1)", 2 * (splits + 1) * n * 4, m)]  # fmt: skip
+
+
+def _scaled_b(n: int, r: int, m: _perf.Machine) -> list[_perf.Prediction]:
+    # (B.float() * f[:, None]).to(B.dtype) with float32 B: the product, then the cast to x's dtype
+    return [pl._elementwise("f ⊙ B", (3 * n * r + n) * 4, m), pl._elementwise("cast f ⊙ B", n * r * 6, m)]
+
+
+def dora_step(n: int, k: int, m_rows: int = 8192, r: int = 16, arch: int = 90, path: str = "nf4") -> dict:
+    """Forward and forward + backward seconds of one DoRA linear at ``m_rows`` without dropout or bias, mirroring
+    ``qlora_step(path="cublas")``: ``path`` "nf4" (the scaled scratch, module docstring) or "dense" (a bf16 base:
+    torch.mm + the epilogue kernel; the column pass writes ``G ⊙ f``; the row norm's A·Wᵀ then a bf16 F.linear)."""
+    m = _perf.machine(arch)
+    u = pl._skinny_stream("U", m_rows, k, r, m)
+    if path == "nf4":
+        norm = row_norm_preds(n, k, r, arch)
+        deq = dequantize_scaled_op(n, k, arch).launches
+        fwd = norm + [_factor(n, m), u] + _scaled_b(n, r, m) + deq + pl.cublas_lora_op(n, k, m_rows, r, arch).launches
+        bwd = [_factor(n, m)] + _colsum_preds(n, m_rows, False, arch) + _scaled_b(n, r, m) + deq
+        bwd += pl.cublas_lora_op(k, n, m_rows, 2 * r, arch).launches
+        bwd += [pl._skinny_stream(w, m_rows, width, r, m) for w, width in (("G", n), ("dA", k), ("dB", n))]
+        bwd += [pl._elementwise("s·f", 2 * n * 4, m), pl._elementwise("dB ⊙ s·f", 3 * n * r * 4, m),
+                pl._elementwise("cast dB", n * r * 6, m)]  # fmt: skip
+    else:
+        norm = [pl._stream("A·Wᵀ (bf16)", 2 * (n * k + r * k + r * n), 2.0 * r * n * k, m)] + row_norm_preds(
+            n, k, r, arch
+        )[4:]
+        ep = _perf.predict(epilogue_launch(n, m_rows, r, arch), m)
+        fwd = norm + [_factor(n, m), u] + pl.cublas_gemm(n, k, m_rows, arch).launches + [ep]
+        bwd = [_factor(n, m)] + _colsum_preds(n, m_rows, True, arch)
+        bwd += pl.cublas_lora_op(k, n, m_rows, 2 * r, arch).launches
+        bwd += [pl._skinny_stream(w, m_rows, width, r, m) for w, width in (("G", n), ("dA", k), ("dB", n))]
+    # dm = Σ / m, then the zero-magnitude check (m == 0, any)
+    bwd += [pl._elementwise("dm = Σ / m", 3 * n * 4, m), pl._elementwise("m == 0", 5 * n, m),
+            pl._elementwise("any", n, m)]  # fmt: skip
+    t_fwd = sum(p.seconds for p in fwd)
+    return {"fwd": t_fwd, "fwd_bwd": t_fwd + sum(p.seconds for p in bwd), "launches": len(fwd) + len(bwd)}
+
+
+def _lora_dense_step(n: int, k: int, m_rows: int, r: int, arch: int) -> dict:
+    """fastpeft LoRA on a bf16 base: ``qlora_step``'s cuBLAS path without its two dequantizes."""
+    q = pl.qlora_step(n, k, m_rows, r, arch, path="cublas")
+    deq = pl.dequantize_op(n, k, arch).seconds
+    return {"fwd": q["fwd"] - deq, "fwd_bwd": q["fwd_bwd"] - 2 * deq}
+
+
+def dora_rows(arch: int = 90, shapes=pl.LLAMA3_8B) -> list[tuple[str, int, int, str, float, float]]:
+    """``(what, N, K, M, DoRA s, LoRA s)`` per row: NF4 decode forward, NF4 and dense fwd+bwd at training sizes."""
+    rows = []
+    for n, k in shapes:
+        for mr in DORA_DECODE_M:
+            rows.append(("NF4 fwd", n, k, mr, dora_decode_op(n, k, mr, arch=arch).seconds,
+                         pl.decode_op(n, k, mr, arch=arch).seconds))  # fmt: skip
+        for mr in DORA_TRAIN_M:
+            rows.append(("NF4 fwd+bwd", n, k, mr, dora_step(n, k, mr, arch=arch)["fwd_bwd"],
+                         pl.qlora_step(n, k, mr, arch=arch, path="cublas")["fwd_bwd"]))  # fmt: skip
+            rows.append(("bf16 fwd+bwd", n, k, mr, dora_step(n, k, mr, arch=arch, path="dense")["fwd_bwd"],
+                         _lora_dense_step(n, k, mr, 16, arch)["fwd_bwd"]))  # fmt: skip
+    return rows
+
+
+def format_dora(rows: list) -> list[str]:
+    """The "DoRA vs LoRA" Markdown table."""
+    out = ["", "## DoRA vs LoRA (fastpeft, r = 16, bf16, no dropout or bias; kernels/_perf_dora.py)", "",
+           "DoRA's forward recomputes the row norm every call (A·Wᵀ through the float32 NF4 path, then rank-sized "
+           "torch ops); decode: U + decode kernel with col_scale against LoRA's one launch; training: the scaled "
+           "dequantize, the column pass and the rank-sized torch ops over LoRA's cuBLAS + addmm path.", "",
+           "| case | W [N, K] | M | fastpeft DoRA us | fastpeft LoRA us | ratio |",
+           "|---|---|---|---|---|---|"]  # fmt: skip
+    for what, n, k, mr, d, lo in rows:
+        out.append(f"| {what} | {n}x{k} | {mr} | {pl._us(d)} | {pl._us(lo)} | {d / lo:.2f} |")
+    return out
