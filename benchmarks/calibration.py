@@ -3,7 +3,7 @@
 Each point is a published measurement (cited: where, which GPU, which setting) of a kernel whose binary the model can
 read: bitsandbytes' 4-bit GEMV from the installed wheel's cubin, Triton's tutorial matmul (rebuilt from its algorithm,
 ``benchmarks/calibration_kernels.py``, with the tutorial's autotune lists; the autotuner's pick is the configuration
-the model predicts fastest), Liger-Kernel's LayerNorm, RMSNorm and cross-entropy forward kernels compiled from Liger's
+the model predicts fastest), Liger-Kernel's LayerNorm, RMSNorm, ReLU² and cross-entropy forward kernels compiled from Liger's
 sources at the commit that produced its published benchmark CSV. The model has no per-kernel factor: each point uses
 the same constants; a launch states only what the launcher does (grid, iterations, bytes) and, where a kernel does not
 mark its streamed loads, which loads stream from DRAM and which hit a cache.
@@ -242,7 +242,8 @@ MATMUL_MACHINE = (
     "under 1.41 GHz with every tensor core busy). {extra}"
 )
 DIFFERENCES = (("liger_layer_norm_h100_2048", "liger_layer_norm_h100_1024"),
-               ("liger_layer_norm_h100_16384", "liger_layer_norm_h100_2048"))  # fmt: skip
+               ("liger_layer_norm_h100_16384", "liger_layer_norm_h100_2048"),
+               ("liger_relu_squared_h100_16384", "liger_relu_squared_h100_8192"))  # fmt: skip
 """Pairs whose measured difference checks the kernel when a fixed per-call cost hides it."""
 
 
@@ -295,6 +296,21 @@ def _liger_points() -> list[Point]:
             liger_build(ln_commit, "src/liger_kernel/ops/layer_norm.py", "_layer_norm_forward_kernel", sig,
                         {"BLOCK_SIZE": 1 << (n_cols - 1).bit_length()}, args, warps, 90),
             rowwise(4096, 4096 * n_cols * 4 * 2 + 4096 * 8), why,
+        ))  # fmt: skip
+    # ReLU² forward, bf16, M = 4096 rows: one program per row, the row held whole (n_cols a constexpr); warps as
+    # Liger's calculate_settings picks them
+    relu_commit = "39a1f454f36a0271754913d8cb05e984b00f2026"
+    for n_cols, ms in ((16384, 0.09440000355243683), (8192, 0.05020799860358238), (4096, 0.027936000376939774)):
+        warps = 16 if n_cols >= 8192 else 8 if n_cols >= 2048 else 4
+        points.append(Point(
+            f"liger_relu_squared_h100_{n_cols}", "Liger-Kernel _relu_squared_forward_kernel (bf16)", "H100", 90,
+            f"forward, bf16, M=4096 x N={n_cols}, Liger 0.7.0, 2026-03-27, triton.testing.do_bench median",
+            f"{csv} (commit {relu_commit[:7]}, 'NVIDIA H100 80GB HBM3')", ms * 1e-3, "s",
+            liger_build(relu_commit, "src/liger_kernel/ops/relu_squared.py", "_relu_squared_forward_kernel",
+                        {"Y_ptr": "*bf16", "Y_stride": "i32", "X_ptr": "*bf16", "X_stride": "i32"},
+                        {"n_cols": n_cols, "BLOCK_SIZE": 1 << (n_cols - 1).bit_length()},
+                        {"Y_stride": n_cols, "X_stride": n_cols}, warps, 90),
+            rowwise(4096, 4096 * n_cols * 2 * 2), HOST_BOUND if n_cols <= 4096 else "",
         ))  # fmt: skip
     # RMSNorm forward, bf16 X and Y, fp32 W and rstd, M = 2048, H = 32768 (32 warps per row)
     sig = {
