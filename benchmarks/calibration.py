@@ -3,10 +3,10 @@
 Each point is a published measurement (cited: where, which GPU, which setting) of a kernel whose binary the model can
 read: bitsandbytes' 4-bit GEMV from the installed wheel's cubin, Triton's tutorial matmul (rebuilt from its algorithm,
 ``benchmarks/calibration_kernels.py``, with the tutorial's autotune lists; the autotuner's pick is the configuration
-the model predicts fastest), Liger-Kernel's LayerNorm, RMSNorm, ReLU² and cross-entropy forward kernels compiled from Liger's
-sources at the commit that produced its published benchmark CSV. The model has no per-kernel factor: each point uses
-the same constants; a launch states only what the launcher does (grid, iterations, bytes) and, where a kernel does not
-mark its streamed loads, which loads stream from DRAM and which hit a cache.
+the model predicts fastest), Liger-Kernel's LayerNorm, RMSNorm, ReLU² and cross-entropy forward kernels compiled from
+Liger's sources at the commit that produced its published benchmark CSV. The model has no per-kernel factor: each point
+uses the same constants; a launch states only what the launcher does (grid, iterations, bytes) and, where a kernel does
+not mark its streamed loads, which loads stream from DRAM and which hit a cache.
 
 ``python -m benchmarks.calibration`` rebuilds every profile (needs bitsandbytes' CUDA wheel and a Liger-Kernel git
 checkout, ``--liger-repo``), predicts, and writes ``benchmarks/calibration.json`` (the points, the predictions, and
