@@ -4,16 +4,14 @@ LoRA" table; the LoRA side is ``_perf_launches`` (``decode_op``, ``qlora_step``)
 What a DoRA forward issues (``nn.lora_dora.dora_forward`` without dropout, ``ops.dora``, ``kernels/dora_linear``),
 with float32 adapter parameters (A, B, m; the layer's casts of A and B to x's dtype are LoRA's too, not counted):
 
-1. the row norm ``‖W + s·B·A‖``, every forward (A and B change each step): ``A·Wᵀ`` as ``nf4_linear`` of float32
-   ``A [R, K]`` - float32 is not a decode dtype and never decodes NF4 in the GEMM, so W is dequantized to float32
-   into the scratch (``nf4_dequantize[fp32]``), the autotuner's pre-hook zeroes the split-K workspace, and the
-   small-M float32 GEMM reads the float32 W (streamed here: no model of that kernel's loop) - then
+1. the row norm ``‖W + s·B·A‖``, every training forward (A and B change each step; eval keeps it): ``A·Wᵀ`` as
+   ``nf4_linear`` of ``A [R, K]`` cast to bfloat16 (the decode kernel, R rows, base only; on a GPU, float32 A would
+   dequantize W to a float32 scratch first), the result cast to float32 - then
    ``dora_row_norm_reference``'s torch ops on ``[N, R]``, ``[R, K]`` and ``[N]`` (``_elementwise`` each, ``A·Aᵀ`` and
    ``B·(A·Aᵀ)`` as streamed cuBLAS calls); ``‖W‖²`` is cached by the layer (free after the first call);
-2. ``f = m / norm``;
-3. decode sizes: U kernel + decode kernel with ``col_scale = f`` (``decode_op(dropout=True)``: the two-launch form,
-   the col_scale a runtime flag of the same binary). Training sizes (NF4, K % 64 == 0): U, ``f ⊙ B`` (three
-   torch ops), ``nf4_dequantize_scaled`` writing ``f ⊙ W`` into the scratch, cuBLAS + addmm (LoRA's path).
+2. decode sizes: LoRA's launches (``decode_op``: one without dropout), the kernel forming ``f = m / norm`` in its
+   epilogue (a runtime flag of the same binary). Training sizes (NF4, K % 64 == 0): ``f = m / norm``, U, ``f ⊙ B``
+   (three torch ops), ``nf4_dequantize_scaled`` writing ``f ⊙ W`` into the scratch, cuBLAS + addmm (LoRA's path).
 
 The backward (NF4, no bias): ``f`` again, the column pass (``dora_colsum``, no ``G ⊙ f`` written) and torch's sum of
 its partials, ``f ⊙ B``, the scaled dequantize again, LoRA's backward on the scaled scratch (dX by cuBLAS + addmm at
@@ -58,9 +56,10 @@ def dequantize_scaled_op(n: int, k: int, arch: int = 90, dtype: str = "bf16", sc
 def row_norm_preds(n: int, k: int, r: int = 16, arch: int = 90) -> list[_perf.Prediction]:
     """``dora_row_norm`` on an NF4 base with float32 A and B and the cached ``‖W‖²`` (module docstring, step 1)."""
     m = _perf.machine(arch)
-    preds = list(dequantize_scaled_op(n, k, arch, "fp32", scaled=False).launches)
-    preds.append(pl._elementwise("zero A·Wᵀ workspace", r * n * 4, m))
-    preds.append(pl._stream("A·Wᵀ (fp32 GEMM, W fp32)", 4 * (n * k + r * k + 2 * r * n), 2.0 * r * n * k, m))
+    # A·Wᵀ: A cast to bfloat16, the decode kernel over the packed base (R rows, no LoRA term), the result to float32
+    preds = [pl._elementwise("A to bf16", r * k * 6, m)]
+    preds.append(_perf.predict(pl.decode_launch(n, k, r, 0, arch), m))
+    preds.append(pl._elementwise("A·Wᵀ to fp32", r * n * 6, m))
     preds.append(pl._elementwise("B ⊙ (A·Wᵀ)ᵀ", 3 * n * r * 4, m))
     preds.append(pl._elementwise("sum -> cross", n * r * 4 + n * 4, m))
     preds.append(pl._stream("A·Aᵀ", 4 * (r * k + r * r), 2.0 * r * r * k, m))
@@ -77,10 +76,14 @@ def _factor(n: int, m: _perf.Machine) -> _perf.Prediction:
     return pl._elementwise("f = m / norm", 3 * n * 4, m)
 
 
-def dora_decode_op(n: int, k: int, m_rows: int, r: int = 16, arch: int = 90) -> pl.OpPrediction:
-    """The NF4 DoRA forward at decode size: the row norm, f, then the U kernel and the decode kernel with col_scale."""
+def dora_decode_op(
+    n: int, k: int, m_rows: int, r: int = 16, arch: int = 90, norm_kept: bool = False
+) -> pl.OpPrediction:
+    """The NF4 DoRA forward at decode size: the row norm (unless kept: eval mode, ``nn.lora_dora._row_norm``), then
+    LoRA's decode launches, the kernel forming f = m / norm in its epilogue (``col_norm``; a runtime flag of the same
+    binary)."""
     m = _perf.machine(arch)
-    preds = row_norm_preds(n, k, r, arch) + [_factor(n, m)] + pl.decode_op(n, k, m_rows, r, arch, dropout=True).launches
+    preds = ([] if norm_kept else row_norm_preds(n, k, r, arch)) + pl.decode_op(n, k, m_rows, r, arch).launches
     return pl._total(f"NF4+DoRA decode {n}x{k} M={m_rows}", preds, n * k * (0.5 + 1 / 64) + m_rows * (k + n) * 2, m)
 
 
@@ -172,8 +175,11 @@ def dora_rows(arch: int = 90, shapes=pl.LLAMA3_8B) -> list[tuple[str, int, int, 
     rows = []
     for n, k in shapes:
         for mr in DORA_DECODE_M:
-            rows.append(("NF4 fwd", n, k, mr, dora_decode_op(n, k, mr, arch=arch).seconds,
-                         pl.decode_op(n, k, mr, arch=arch).seconds))  # fmt: skip
+            lora = pl.decode_op(n, k, mr, arch=arch).seconds
+            kept = dora_decode_op(n, k, mr, arch=arch, norm_kept=True).seconds
+            rows.append(("NF4 fwd, eval (norm kept)", n, k, mr, kept, lora))
+            rows.append(("NF4 fwd, training (norm each call)", n, k, mr, dora_decode_op(n, k, mr, arch=arch).seconds,
+                         lora))  # fmt: skip
         for mr in DORA_TRAIN_M:
             rows.append(("NF4 fwd+bwd", n, k, mr, dora_step(n, k, mr, arch=arch)["fwd_bwd"],
                          pl.qlora_step(n, k, mr, arch=arch, path="cublas")["fwd_bwd"]))  # fmt: skip
@@ -185,9 +191,10 @@ def dora_rows(arch: int = 90, shapes=pl.LLAMA3_8B) -> list[tuple[str, int, int, 
 def format_dora(rows: list) -> list[str]:
     """The "DoRA vs LoRA" Markdown table."""
     out = ["", "## DoRA vs LoRA (fastpeft, r = 16, bf16, no dropout or bias; kernels/_perf_dora.py)", "",
-           "DoRA's forward recomputes the row norm every call (A·Wᵀ through the float32 NF4 path, then rank-sized "
-           "torch ops); decode: U + decode kernel with col_scale against LoRA's one launch; training: the scaled "
-           "dequantize, the column pass and the rank-sized torch ops over LoRA's cuBLAS + addmm path.", "",
+           "In training DoRA's forward recomputes the row norm every call (A·Wᵀ as bf16 A through the decode kernel, "
+           "then rank-sized torch ops); in eval it keeps it. Decode: LoRA's one launch, f = m / norm formed in its "
+           "epilogue; training: the scaled dequantize, the column pass and the rank-sized torch ops over LoRA's "
+           "cuBLAS + addmm path.", "",
            "| case | W [N, K] | M | fastpeft DoRA us | fastpeft LoRA us | ratio |",
            "|---|---|---|---|---|---|"]  # fmt: skip
     for what, n, k, mr, d, lo in rows:

@@ -21,8 +21,8 @@ larger than ``f·Y0`` the magnitude's gradient loses the bits the bias takes (ea
 
 Paths (a scaling per row is rank-sized work: ``f ⊙ B`` is ``[N, R]``):
 
-- NF4 forward at decode sizes (``lora_linear_decode.decode_supported``): the decode kernel with ``col_scale = f``
-  in its epilogue, two launches as for LoRA.
+- NF4 forward at decode sizes (``lora_linear_decode.decode_supported``): the decode kernel forming ``f = m / norm``
+  in its epilogue (``col_scale = m``, ``col_norm = norm``): one launch where LoRA's is one.
 - NF4 with ``K % 64 == 0`` wherever LoRA dequantizes once into the scratch (16-bit M > ``SMALL_M_MAX``, or float32):
   the dequantize kernel writes ``f ⊙ W`` into the scratch (``nf4_dequantize(row_scale=f)``), then LoRA's own base
   GEMM (cuBLAS + addmm, or the tiled kernel) with ``f ⊙ B`` and the bias: the DoRA output with no pass beyond
@@ -289,14 +289,19 @@ def dora_linear_fwd(
     """
     m, k, n, r = lora._check_args(x, weight, bias, lora_a, lora_b, nf4, None, 0.0)
     check_dora_args(magnitude, norm, n, x)
-    f = _factor(magnitude, norm)
     s = float(scaling)
     no_keep = lora._keep(None, x.device)
     if nf4 is not None and decode.decode_supported(x, nf4):
-        # decode sizes: U, then the decode kernel with f in its epilogue (two launches, as for LoRA)
+        # decode sizes: the decode kernel forms f = m / norm in its epilogue; one launch as for LoRA (U summed
+        # inside it), or U first past its one-launch sizes
         target = _target_programs(x.device, _interpreting())
+        mag = magnitude if magnitude.dtype == torch.float32 else magnitude.float()
+        if decode.fold_u_supported(m, r, False):
+            return decode.nf4_decode_fwd(x, nf4, bias, None, lora_b, s, target, col_scale=mag, lora_a=lora_a,
+                                         col_norm=norm)  # fmt: skip
         u = decode.lora_u_fwd(x, lora_a, no_keep, 1.0, target)
-        return decode.nf4_decode_fwd(x, nf4, bias, u, lora_b, s, target, col_scale=f), u
+        return decode.nf4_decode_fwd(x, nf4, bias, u, lora_b, s, target, col_scale=mag, col_norm=norm), u
+    f = _factor(magnitude, norm)
     u = lora._skinny(x, lora_a, (lora_a.stride(1), lora_a.stride(0)), no_keep, 1.0, r).to(x.dtype)
     if _scaled_scratch(nf4, m, x.dtype):
         # X·(f ⊙ W)ᵀ + s·U·(f ⊙ B)ᵀ + bias: LoRA's GEMM on the scaled scratch, nothing added

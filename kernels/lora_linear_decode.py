@@ -43,8 +43,8 @@ accumulator (before the loop it would serialize the wgmma: C7515), and the last 
 (DoRA's ``col_scale``), adds the bias (both loaded before the count) and stores: nothing but the sum stands
 between the count and the store. The rows' absmax codes are loaded at the top of each iteration, so the decode
 covers their latency (only the code-map gather, an L1 hit, waits after it). Cost model at M = 1, H100, estimates
-(call with launch overhead): 4096 x 4096 10.9 -> 6.8 us (kernel 5.1 -> 4.8 us), 14336 x 4096 22.0 -> 17.2 us,
-4096 x 14336 20.2 -> 15.4 us, 1024 x 4096 8.4 -> 4.4 us.
+(call with launch overhead): 4096 x 4096 10.9 -> 6.9 us (kernel 5.1 -> 4.9 us), 14336 x 4096 22.0 -> 17.3 us,
+4096 x 14336 20.2 -> 15.4 us, 1024 x 4096 8.4 -> 4.6 us.
 
 Split-K: ``N / BLOCK_N`` programs rarely fill a GPU, so K is split over a second grid axis until one wave of
 resident programs (``resident_per_sm``, from the binaries' registers) is full, rounded so that no slice is empty.
@@ -263,7 +263,7 @@ def _nf4_decode_kernel(
 @triton.jit(do_not_specialize=["lora_scale", "has_bias", "has_scale", "split_k"])
 def _nf4_decode_fused_kernel(
     x_ptr, w_ptr, absmax_ptr, qmap_ptr, nested_ptr, offset_ptr, table_ptr,
-    bias_ptr, scale_ptr, a_ptr, u_ptr, b_ptr, ws_ptr, counter_ptr, out_ptr,
+    bias_ptr, scale_ptr, norm_ptr, a_ptr, u_ptr, b_ptr, ws_ptr, counter_ptr, out_ptr,
     M, N, K, R, blocksize_shift,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_um, stride_ur, stride_bn, stride_br, stride_om, stride_on,
     lora_scale, has_bias, has_scale, split_k,
@@ -271,7 +271,8 @@ def _nf4_decode_fused_kernel(
     FOLD_U: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    # OUT[m, n] = c[n]·(Σ_k W[n, k]·X[m, k] + s·(U·Bᵀ)[m, n]) + bias[n] in x's dtype (c = 1 unless has_scale). The
+    # OUT[m, n] = c[n]·(Σ_k W[n, k]·X[m, k] + s·(U·Bᵀ)[m, n]) + bias[n] in x's dtype (c = 1 unless has_scale; 2:
+    # c = scale / norm). The
     # LoRA term joins the partial sums before they meet: with FOLD_U every slice adds s·B·Uᵀ of its own K range
     # (U = X·Aᵀ accumulated beside the main product, no U launch), else slice 0 adds s·B·Uᵀ from the given U. The
     # K slices meet in the float32 workspace WS [M, N] (zero between calls); the last of each tile to arrive scales,
@@ -305,6 +306,8 @@ def _nf4_decode_fused_kernel(
     c = tl.full([BLOCK_N], 1.0, tl.float32)
     if has_scale:
         c = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
+        if has_scale == 2:  # c = m / ‖W + s·B·A‖, DoRA's factor formed here rather than by a launch of its own
+            c = c / tl.load(norm_ptr + offs_n, mask=mask_n, other=1.0)
     bias = tl.zeros([BLOCK_N], dtype=tl.float32)
     if has_bias:
         bias = tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -521,6 +524,7 @@ def nf4_decode_fwd(
     target_programs: int,
     col_scale: torch.Tensor | None = None,
     lora_a: torch.Tensor | None = None,
+    col_norm: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``Y = c ⊙ (X·dequant(W)ᵀ + s·U·Bᵀ) + bias`` for a ``decode_supported`` call (arguments validated by the
     caller), one launch: the output is written once, in x's dtype, by the last K slice of each tile to finish.
@@ -530,7 +534,8 @@ def nf4_decode_fwd(
         bias: ``[N]`` or None. u: ``[M, R]`` and lora_b: ``[N, R]`` in x's dtype, or both None (no LoRA term).
         scaling: ``s``. target_programs: two programs per SM (the split-K rule reads the SM count from it).
         col_scale: ``c`` float32 ``[N]`` (DoRA's ``m / ‖W + s·B·A‖``, applied in the epilogue before the bias), or
-            None for 1.
+            None for 1. col_norm: float32 ``[N]`` or None: with it the epilogue applies ``col_scale / col_norm``
+            (DoRA's magnitude and row norm, the factor formed in the kernel).
         lora_a: ``[R, K]`` in x's dtype with ``u`` None (``fold_u_supported``: no dropout): U = X·Aᵀ is
             accumulated inside this launch, so the whole LoRA forward is this one launch, and returned.
 
@@ -572,11 +577,11 @@ def nf4_decode_fwd(
     out = x.new_empty((m, n))
     _nf4_decode_fused_kernel[(tiles, split)](
         x, words, nf4.absmax, qmap, nested, offset, tables, x if bias is None else bias,
-        ws if col_scale is None else col_scale, a, u, lora_b, ws, cnt, out,
+        ws if col_scale is None else col_scale, ws if col_norm is None else col_norm, a, u, lora_b, ws, cnt, out,
         m, n, k, r, nf4.blocksize.bit_length() - 1,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), u.stride(0), u.stride(1), lora_b.stride(0),
         lora_b.stride(1), out.stride(0), out.stride(1),
-        float(scaling), int(bias is not None), int(col_scale is not None), split,
+        float(scaling), int(bias is not None), 0 if col_scale is None else 2 if col_norm is not None else 1, split,
         DOUBLE_QUANT=double_quant, NESTED_BLOCKSIZE=nf4.nested_blocksize, USE_ASM=not interpret, PREFETCH=PREFETCH,
         FOLD_U=fold, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, BLOCK_M=block_m, BLOCK_R=block_r, num_warps=NUM_WARPS,
         num_stages=1,

@@ -20,7 +20,7 @@ def _gate_case(
     # fold_r: the rank of a one-launch forward (FOLD_U, BLOCK_R = its padded rank), 0 for a given U
     ty = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
     out = {"ws_ptr": "*fp32", "counter_ptr": "*i32", "out_ptr": f"*{ty}"} if fused else {"out_ptr": "*fp32"}
-    scale = {"scale_ptr": "*fp32", "a_ptr": f"*{ty}"} if fused else {}
+    scale = {"scale_ptr": "*fp32", "norm_ptr": "*fp32", "a_ptr": f"*{ty}"} if fused else {}
     a_strides = ("stride_ar", "stride_ak") if fused else ()
     signature = {
         "x_ptr": f"*{ty}", "w_ptr": "*i32", "absmax_ptr": "*u8" if dq else "*fp32", "qmap_ptr": "*fp32",

@@ -71,6 +71,10 @@ def dora_row_norm(
     if nf4 is None:
         # W's own dtype: a float32 copy of a 16-bit W would be the [N, K] temporary this avoids
         a_wt = F.linear(a.to(weight.dtype), weight.detach()).float()
+    elif nf4.packed.is_cuda:
+        # A in bfloat16 takes the NF4 decode kernel (R <= 64 rows: one skinny pass over the packed base, float32
+        # accumulation); float32 A would dequantize the whole base into a float32 [N, K] scratch first
+        a_wt = nf4_linear(a.to(torch.bfloat16), None, nf4).float()
     else:
         a_wt = nf4_linear(a.float(), None, nf4)
     return reference.dora_row_norm_reference(weight_sq.detach(), a_wt, a, b, scaling)
