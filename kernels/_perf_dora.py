@@ -6,9 +6,8 @@ with float32 adapter parameters (A, B, m; the layer's casts of A and B to x's dt
 
 1. the row norm ``‖W + s·B·A‖``, every training forward (A and B change each step; eval keeps it): ``A·Wᵀ`` as
    ``nf4_linear`` of ``A [R, K]`` cast to bfloat16 (the decode kernel, R rows, base only; on a GPU, float32 A would
-   dequantize W to a float32 scratch first), the result cast to float32 - then
-   ``dora_row_norm_reference``'s torch ops on ``[N, R]``, ``[R, K]`` and ``[N]`` (``_elementwise`` each, ``A·Aᵀ`` and
-   ``B·(A·Aᵀ)`` as streamed cuBLAS calls); ``‖W‖²`` is cached by the layer (free after the first call);
+   dequantize W to a float32 scratch first), the result cast to float32 - then the rank-sized rest in one launch
+   (``kernels/dora_norm.py``, streamed); ``‖W‖²`` is cached by the layer (free after the first call);
 2. decode sizes: LoRA's launches (``decode_op``: one without dropout), the kernel forming ``f = m / norm`` in its
    epilogue (a runtime flag of the same binary). Training sizes (NF4, K % 64 == 0): ``f = m / norm``, U, ``f ⊙ B``
    (three torch ops), ``nf4_dequantize_scaled`` writing ``f ⊙ W`` into the scratch, cuBLAS + addmm (LoRA's path).
@@ -60,15 +59,9 @@ def row_norm_preds(n: int, k: int, r: int = 16, arch: int = 90) -> list[_perf.Pr
     preds = [pl._elementwise("A to bf16", r * k * 6, m)]
     preds.append(_perf.predict(pl.decode_launch(n, k, r, 0, arch), m))
     preds.append(pl._elementwise("A·Wᵀ to fp32", r * n * 6, m))
-    preds.append(pl._elementwise("B ⊙ (A·Wᵀ)ᵀ", 3 * n * r * 4, m))
-    preds.append(pl._elementwise("sum -> cross", n * r * 4 + n * 4, m))
-    preds.append(pl._stream("A·Aᵀ", 4 * (r * k + r * r), 2.0 * r * r * k, m))
-    preds.append(pl._stream("B·(A·Aᵀ)", 4 * (2 * n * r + r * r), 2.0 * n * r * r, m))
-    preds.append(pl._elementwise("⊙ B", 3 * n * r * 4, m))
-    preds.append(pl._elementwise("sum -> low", n * r * 4 + n * 4, m))
-    # 2s·cross, ‖W‖² + ·, s²·low, + ·, clamp_min, sqrt: six ops over [N] float32
-    preds += [pl._elementwise(name, nb * n * 4, m) for name, nb in
-              (("2s·cross", 2), ("+ ‖W‖²", 3), ("s²·low", 2), ("+", 3), ("clamp", 2), ("sqrt", 2))]  # fmt: skip
+    # the rest in one launch (kernels/dora_norm.py, R <= 32): A·Aᵀ per program from L2, B and A·Wᵀ read once;
+    # streamed here (its loop is not profiled)
+    preds.append(pl._stream("dora_norm kernel", 4 * (r * k + n * r + 2 * n) + 2 * r * n, 2.0 * r * n * (r + 1), m))
     return preds
 
 
@@ -192,7 +185,7 @@ def format_dora(rows: list) -> list[str]:
     """The "DoRA vs LoRA" Markdown table."""
     out = ["", "## DoRA vs LoRA (fastpeft, r = 16, bf16, no dropout or bias; kernels/_perf_dora.py)", "",
            "In training DoRA's forward recomputes the row norm every call (A·Wᵀ as bf16 A through the decode kernel, "
-           "then rank-sized torch ops); in eval it keeps it. Decode: LoRA's one launch, f = m / norm formed in its "
+           "then one norm kernel); in eval it keeps it. Decode: LoRA's one launch, f = m / norm formed in its "
            "epilogue; training: the scaled dequantize, the column pass and the rank-sized torch ops over LoRA's "
            "cuBLAS + addmm path.", "",
            "| case | W [N, K] | M | fastpeft DoRA us | fastpeft LoRA us | ratio |",

@@ -412,9 +412,12 @@ _TY = ("fp32", "fp16", "bf16")
 
 
 def compile_gate_cases() -> list[GateCase]:
-    """The epilogue and column-sum kernels per dtype and flag, at the Llama-3-8B shape M = 8192, N = 4096, R = 16."""
+    """The epilogue and column-sum kernels per dtype and flag, at the Llama-3-8B shape M = 8192, N = 4096, R = 16;
+    the row norm's kernel (``kernels/dora_norm.py``)."""
+    from fastpeft.kernels import dora_norm
+
     m, n, r = 8192, 4096, 16
-    cases = []
+    cases = list(dora_norm.compile_gate_cases())
     ecfg, ccfg = _epilogue_config(False), _colsum_config(False)
     for ty, has_bias in itertools.product(_TY, (False, True)):
         cases.append(GateCase(

@@ -28,8 +28,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensor
 
-from fastpeft.kernels import reference, reference_dora
+from fastpeft.kernels import dora_norm, reference, reference_dora
 from fastpeft.kernels.formats import NF4Args
 from fastpeft.ops._checks import check_floating
 from fastpeft.ops._dispatch import use_triton
@@ -77,6 +78,9 @@ def dora_row_norm(
         a_wt = nf4_linear(a.to(torch.bfloat16), None, nf4).float()
     else:
         a_wt = nf4_linear(a.float(), None, nf4)
+    if (use_triton(a_wt) and dora_norm.supported(a) and not isinstance(scaling, Tensor)
+            and not torch.compiler.is_compiling() and not isinstance(a_wt, FakeTensor)):  # fmt: skip
+        return dora_norm.dora_row_norm_fwd(weight_sq.detach(), a_wt, a, b, scaling)  # the rank-sized rest, one launch
     return reference.dora_row_norm_reference(weight_sq.detach(), a_wt, a, b, scaling)
 
 
