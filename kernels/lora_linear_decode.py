@@ -435,6 +435,7 @@ def _block_r(r: int) -> int:
     return min(64, max(16, triton.next_power_of_2(r)))
 
 
+_TRITON_BEFORE_3_9 = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 9)
 RESIDENT_PER_SM = {90: {16: 4, 32: 3, 64: 2}, 80: {16: 3, 32: 2, 64: 2}}
 """Decode programs (128 threads) resident per SM for each arch and ``BLOCK_M``, from the gate's registers: on
 sm_90a ≤ 128, ≤ 168 and ≤ 255, on sm_80 ≤ 168, ≤ 255 and ≤ 255 (a compile-gate test holds the binaries to it)."""
@@ -444,11 +445,13 @@ on sm_80)."""
 
 
 def resident_per_sm(arch: int, block_m: int, fold: bool, n: int) -> int:
-    """Decode programs per SM the split-K rule plans for: ``RESIDENT_PER_SM`` (or ``_FOLD``), one fewer for the
-    given-U form at ``BLOCK_M`` = 16 on sm_90a when N is not a multiple of 16 (that specialization takes 130
-    registers)."""
+    """Decode programs per SM the split-K rule plans for: ``RESIDENT_PER_SM`` (or ``_FOLD``), one fewer at
+    ``BLOCK_M`` = 16 on sm_90a for the given-U form when N is not a multiple of 16 (that specialization takes 130
+    registers) and for both forms under Triton before 3.9 (its builds take more registers there)."""
     arch = 90 if arch >= 90 else 80
     resident = (RESIDENT_PER_SM_FOLD if fold else RESIDENT_PER_SM)[arch][block_m]
+    if arch == 90 and block_m == 16 and _TRITON_BEFORE_3_9:
+        return resident - 1  # Triton 3.6-3.8 builds take 140 (174 folded) registers there
     return resident - 1 if arch == 90 and not fold and block_m == 16 and n % 16 else resident
 
 
