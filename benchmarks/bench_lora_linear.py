@@ -155,8 +155,11 @@ def _layers(op: str, shape: Shape, spec: Spec, copies: int) -> list[_Layer]:
     return _CACHE.get((op, shape.name, spec.dtype_name, spec.device, copies), build)
 
 
-def _peft_module(layer: _Layer, four_bit: bool, r: int) -> tuple[nn.Module, list[torch.Tensor]]:
-    """HF PEFT's LoRA (adapter in PEFT's default float32) on an nn.Linear or a bitsandbytes Linear4bit."""
+def _peft_module(
+    layer: _Layer, four_bit: bool, r: int, magnitude: torch.Tensor | None = None
+) -> tuple[nn.Module, list[torch.Tensor]]:
+    """HF PEFT's LoRA (adapter in PEFT's default float32) on an nn.Linear or a bitsandbytes Linear4bit; with
+    ``magnitude`` HF PEFT's DoRA (``use_dora=True``) holding it."""
     import peft
 
     n, k = layer.weight.shape
@@ -181,12 +184,15 @@ def _peft_module(layer: _Layer, four_bit: bool, r: int) -> tuple[nn.Module, list
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.proj(x)
 
-    config = peft.LoraConfig(r=r, lora_alpha=SCALING * r, target_modules=["proj"], lora_dropout=0.0)
+    dora = magnitude is not None
+    config = peft.LoraConfig(r=r, lora_alpha=SCALING * r, target_modules=["proj"], lora_dropout=0.0, use_dora=dora)
     model = peft.get_peft_model(One(), config)
     lora = model.base_model.model.proj
     with torch.no_grad():
         lora.lora_A["default"].weight.copy_(layer.lora_a)
         lora.lora_B["default"].weight.copy_(layer.lora_b)
+        if dora:
+            lora.lora_magnitude_vector["default"].weight.copy_(magnitude)
     return model, [p for p in model.parameters() if p.requires_grad]
 
 

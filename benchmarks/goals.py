@@ -72,6 +72,15 @@ GOALS = (
     Goal("lora-overhead-small", "LoRA overhead (NF4 forward), M ≤ 64", "≤ 10 % over the same kernel without LoRA",
          "qlora_linear", "fwd", base="fastpeft-nolora", kind="overhead", threshold=0.10, ms=lambda m: m <= 64,
          priority=79),
+    Goal("dora-train", "QDoRA fwd+bwd, M = 2048–8192", "≤ 10 % over fastpeft LoRA on the same NF4 base", "dora",
+         "fwd+bwd", base="fastpeft-lora", kind="overhead", threshold=0.10, ms=lambda m: 2048 <= m <= 8192,
+         priority=78),
+    Goal("dora-train-dense", "DoRA fwd+bwd (bf16 base), M = 2048–8192", "≤ 10 % over fastpeft LoRA on the same base",
+         "dora_dense", "fwd+bwd", base="fastpeft-lora", kind="overhead", threshold=0.10,
+         ms=lambda m: 2048 <= m <= 8192, priority=77),
+    Goal("dora-decode", "QDoRA forward, M ≤ 16, eval (norm kept, no dense weight cached)",
+         "≤ 5 % over fastpeft LoRA on the same NF4 base", "dora", "fwd", ours="fastpeft-eval", base="fastpeft-lora",
+         kind="overhead", threshold=0.05, ms=lambda m: m <= 16, priority=76),
     Goal("dequant-bandwidth", "NF4 dequantize kernel", "≥ 90 % of HBM bandwidth", "nf4_dequant", "fwd",
          kind="fraction", threshold=0.9, priority=85),
     Goal("adapter-eager", "bottleneck adapter fwd+bwd, M ≥ 2048", "≥ 2× torch eager", "adapter", "fwd+bwd",
@@ -100,7 +109,8 @@ class GoalResult:
     predicted: float | None = None
     predicted_at: str = ""
     predicted_basis: str = ""
-    """"cost model" when fastpeft's side rests on compile-gate records, "roofline only" when on rooflines alone."""
+    """"cost model" when fastpeft's side rests on compile-gate records or the latency model, "roofline only" when
+    on rooflines alone."""
     cases: int = 0
     verdict: str = "unmeasured"
     note: str = ""
@@ -188,7 +198,8 @@ def evaluate(rows: list[dict], decode_records: list[dict] | None = None) -> list
                         res.measured, res.measured_at = v, where
                 elif res.predicted is None or _worse(goal, v, res.predicted):
                     res.predicted, res.predicted_at = v, where
-                    gate = "gate " in str(found[goal.ours].get("basis", ""))
+                    basis = str(found[goal.ours].get("basis", ""))
+                    gate = "gate " in basis or "latency model" in basis
                     res.predicted_basis = "cost model" if gate else "roofline only"
         if res.measured is not None:
             res.verdict = "met" if _met(goal, res.measured) else "missed"

@@ -24,7 +24,8 @@ from .goals import priority
 __all__ = ["Plan", "order"]
 
 _PROVIDER_VALUE = {
-    "fastpeft": 3.0, "fastpeft-nolora": 2.5, "dense-bf16": 2.0, "dense-bf16-nolora": 2.0, "bnb": 2.0, "peft": 1.5,
+    "fastpeft": 3.0, "fastpeft-nolora": 2.5, "fastpeft-lora": 2.5, "fastpeft-eval": 2.5, "dense-bf16": 2.0,
+    "dense-bf16-nolora": 2.0, "bnb": 2.0, "peft": 1.5,
     "reference": 1.0, "compiled": 0.5,
 }  # fmt: skip
 _COVERAGE_BONUS = 20.0

@@ -3,7 +3,8 @@
 A provider's call is a list of kernels (``Component``). The NF4 decode-size call and the dequantize pass (bf16,
 double quantization, with their shapes) take the latency-aware model (``kernels/_perf.py`` through
 ``kernels/_perf_launches.py``: every launch the launcher issues, predicted from its SASS; calibration in
-benchmarks/calibration.md). Other kernels that decode NF4 weights (path "small", other dtypes) take the compile
+benchmarks/calibration.md); a component may carry its own launch model (``Component.model``: fastpeft's DoRA call
+from ``kernels/_perf_dora.py``). Other kernels that decode NF4 weights (path "small", other dtypes) take the compile
 gate's first model (``fastpeft.kernels._gate``, the "issue bound"): its
 record for the configuration the launcher picks gives ``memory_bound_weights_per_s`` and
 ``predicted_roofline_fraction`` (issue-bound vs memory-bound from the SASS of the main loop), so the
@@ -24,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,9 @@ class Component:
     """With ``n`` and ``k`` (W ``[N, K]``; ``r`` the LoRA rank, 0 for the base alone) a bf16 "decode" or "dequant"
     component takes the latency-aware model (``kernels/_perf_launches.py``): the whole call as the launcher issues
     it, the LoRA U product of a decode call included."""
+    model: Callable[[int], tuple[float, str]] | None = None
+    """A launch model of the component on ``sm_<arch>`` (``(seconds, basis)``, e.g. ``kernels/_perf_dora.py``'s
+    whole call), used before any gate record; where it cannot run, ``flops`` and ``nbytes`` at the roofline."""
 
 
 def gemm(name: str, m: int, n: int, k: int, es: int, extra_bytes: float = 0.0) -> Component:
@@ -155,7 +159,11 @@ class Predictor:
         for comp in components:
             model = self.latency_model(comp)
             rec = self.record(comp) if comp.gate_path and model is None else None
-            if model is not None:
+            if model is not None and comp.model is not None:
+                # the suite's peaks bound it as they bound a gate record (the model's cuBLAS runs at its own clock)
+                seconds += max(model[0], self.roofline_s(comp))
+                gate_parts.append(model[1])
+            elif model is not None:
                 seconds += model[0]
                 gate_parts.append(model[1])
             elif rec is not None:
@@ -172,6 +180,8 @@ class Predictor:
                 why = (
                     f" (no gate record: {self.error or f'the gate has no {comp.gate_path} case'})"
                     if comp.gate_path
+                    else " (latency model unavailable)"
+                    if comp.model is not None
                     else ""
                 )
                 roofline_parts.append(comp.name + why)
@@ -190,7 +200,12 @@ class Predictor:
     def latency_model(self, comp: Component) -> tuple[float, str] | None:
         """``(seconds, basis)`` of a decode or dequantize component by the latency-aware model, or None where it
         has no profile (other dtypes, no shape, or the model unavailable): a decode-size call under CUDA-graph
-        replay, as it is timed; a dequantize pass with its stream launch."""
+        replay, as it is timed; a dequantize pass with its stream launch. A component's own ``model`` first."""
+        if comp.model is not None:
+            try:
+                return comp.model(self.arch)
+            except Exception:  # no gate build here (no compiler): the roofline instead
+                return None
         if comp.gate_path not in ("decode", "dequant") or not comp.n or comp.dtype != "bf16" or not comp.double_quant:
             return None
         try:

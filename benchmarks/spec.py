@@ -25,7 +25,10 @@ __all__ = [
     "parse_shapes",
 ]
 
-OPS = ("nf4_dequant", "lora_linear", "qlora_linear", "adapter", "lora_mixed", "lm_loss", "finetune_step")
+OPS = (
+    "nf4_dequant", "lora_linear", "qlora_linear", "dora", "dora_dense", "adapter", "lora_mixed", "lm_loss",
+    "finetune_step",
+)  # fmt: skip
 MODES = ("fwd", "fwd+bwd")
 M_VALUES = (1, 16, 64, 256, 2048, 8192)
 

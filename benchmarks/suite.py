@@ -17,7 +17,15 @@ from pathlib import Path
 
 import torch
 
-from . import bench_adapter, bench_finetune, bench_lora_linear, bench_lora_mixed, bench_loss, bench_nf4
+from . import (
+    bench_adapter,
+    bench_dora,
+    bench_finetune,
+    bench_lora_linear,
+    bench_lora_mixed,
+    bench_loss,
+    bench_nf4,
+)
 from .core import (
     LABEL_CPU,
     LABEL_ESTIMATE,
@@ -37,11 +45,13 @@ from .spec import Spec
 
 __all__ = ["MODULES", "RunResult", "collect", "run"]
 
-MODULES = (bench_nf4, bench_lora_linear, bench_adapter, bench_lora_mixed, bench_loss, bench_finetune)
+MODULES = (bench_nf4, bench_lora_linear, bench_dora, bench_adapter, bench_lora_mixed, bench_loss, bench_finetune)
 _MODULE_OF = {op: mod for mod in MODULES for op in mod.OPS}
 _CPU_NOTES = {
     "fastpeft": "fastpeft's CPU path: kernels/reference.py",
     "fastpeft-nolora": "fastpeft's CPU path: kernels/reference.py",
+    "fastpeft-eval": "fastpeft's CPU path: kernels/reference.py",
+    "fastpeft-lora": "fastpeft's CPU path: kernels/reference.py",
     "bnb": "bitsandbytes' CPU backend",
 }
 STATIC_DECODE_M = (1, 16)

@@ -57,7 +57,8 @@ def _check_output(out: Path) -> tuple[list[dict], dict]:
     estimates = [r for r in rows if r["label"] == core.LABEL_ESTIMATE]
     assert manifest["gate"]["error"] == "", manifest["gate"]["error"]
     modelled = {"nf4_dequant": {"fastpeft"}, "qlora_linear": {"fastpeft", "dense-bf16"},
-                "lora_linear": {"fastpeft", "dense-bf16"}, "adapter": {"fastpeft", "reference"}}  # fmt: skip
+                "lora_linear": {"fastpeft", "dense-bf16"}, "adapter": {"fastpeft", "reference"},
+                "dora": {"fastpeft", "fastpeft-eval", "fastpeft-lora"}}  # fmt: skip
     for op, providers in modelled.items():
         got = {r["provider"] for r in estimates if r["op"] == op}
         assert providers <= got, (op, got)
@@ -67,6 +68,9 @@ def _check_output(out: Path) -> tuple[list[dict], dict]:
     for r in estimates:
         if r["provider"] == "fastpeft" and r["op"] == "qlora_linear" and r["mode"] == "fwd" and int(r["M"]) <= 64:
             assert "latency model: NF4+LoRA decode" in r["basis"], r["basis"]
+        if r["op"] == "dora" and r["mode"] == "fwd" and int(r["M"]) <= 64:
+            kind = "LoRA" if r["provider"] == "fastpeft-lora" else "DoRA"
+            assert f"latency model: NF4+{kind} decode" in r["basis"], r["basis"]
         if r["provider"] == "fastpeft" and r["op"] == "nf4_dequant":
             assert "latency model: dequantize" in r["basis"], r["basis"]
 

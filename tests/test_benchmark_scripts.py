@@ -5,6 +5,7 @@ The suite runs end to end in tests/test_bench_quick.py; these checks are cheap a
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -203,8 +204,11 @@ def test_a_gpu_run_reports_measured_rows_beside_their_predictions(tmp_path, monk
     measured = [r for r in result.rows if r["label"] == core.LABEL_MEASURED]
     assert measured and not [r for r in result.rows if r["label"] == core.LABEL_CPU]
     for r in measured:
-        if r["provider"] in ("fastpeft", "dense-bf16") and r["op"] != "finetune_step":
-            assert r["predicted"] != "" and r["predicted_ms"] > 0, r
+        # DoRA: the NF4 op's launch models, forward at every M, fwd+bwd above M = 64 (bench_dora's docstring)
+        dora = r["op"] == "dora" and r["provider"].startswith("fastpeft") and (r["mode"] == "fwd" or r["M"] > 64)
+        others = r["op"] not in ("finetune_step", "dora", "dora_dense") and r["provider"] in ("fastpeft", "dense-bf16")
+        if dora or others:
+            assert r.get("predicted", "") != "" and r["predicted_ms"] > 0, r
     verdicts = {g.goal.key: g for g in result.goals}
     assert verdicts["small-m-wide"].verdict == "met" and verdicts["small-m-wide"].predicted is not None
     assert verdicts["decode-ipw"].verdict == "met"  # the faked records: 5.0 per weight
@@ -227,3 +231,60 @@ def test_bench_help_states_every_default(capsys):
         entry = " ".join(formatter.format_help().split())
         said = f"default: {action.default}" if action.default is not None else "default"
         assert entry in text and said in entry, entry
+
+
+def test_dora_providers_compute_one_function_and_every_case_runs_on_the_cpu():
+    """The DoRA op's providers get the same base, factors and magnitude (so their timings compare like with like),
+    and each quick CPU case of every installed provider runs forward and backward."""
+    from conftest import assert_close
+
+    from fastpeft.benchmarks import bench_dora
+
+    s = spec.Spec(ops=bench_dora.OPS, device="cpu", quick=True).cpu_variant()
+    shape = s.shapes[0]
+    for op in bench_dora.OPS:
+        layer = bench_dora._layers(op, shape, s, 1)[0]
+        x = torch.randn(17, shape.k, dtype=s.dtype)
+        with torch.no_grad():
+            want = bench_dora._reference(x, layer)
+            for p in bench_dora.PROVIDERS_OF[op]:
+                if p == "fastpeft-lora" or core.provider_missing(bench_dora._FAMILY.get(p, "")):
+                    continue
+                got = bench_dora._provider_fn(p, layer, s.rank)[0](x)
+                assert_close(got.float(), want.float(), s.dtype, msg=f"{op} {p}")
+            lora = bench_dora._provider_fn("fastpeft-lora", layer, s.rank)[0](x)
+            assert (lora - want).abs().max() > 1e-2, "the magnitude scaling left out: DoRA equals LoRA"
+    ran = set()
+    for case in bench_dora.cases(s):
+        if core.provider_missing(case.family):
+            continue
+        case.prepare().fn()
+        ran.add((case.op, case.provider, case.mode))
+    assert ("dora", "fastpeft-eval", "fwd") in ran and ("dora", "fastpeft-eval", "fwd+bwd") not in ran
+    assert {(op, p) for op, p, _ in ran} >= {(op, "fastpeft") for op in bench_dora.OPS}
+
+
+def test_dora_predictions_come_from_the_dora_and_lora_launch_models():
+    from fastpeft.benchmarks import bench_dora
+
+    s = spec.Spec(ops=("dora",), device="cuda", shapes=(spec.SHAPE_SETS["llama3-8b"][2],), ms=(1, 16, 8192))
+    by = {(c.provider, c.mode, c.m): c for c in bench_dora.cases(s)}
+    assert bench_dora.components(by[("bnb", "fwd", 1)], s) is None
+    assert bench_dora.components(by[("reference", "fwd+bwd", 8192)], s) is None
+    assert bench_dora.components(by[("fastpeft", "fwd+bwd", 16)], s) is None  # the split-K backward: no model
+    pred = predict.Predictor([])
+    ms = {}
+    for key in (("fastpeft", "fwd", 1), ("fastpeft-eval", "fwd", 1), ("fastpeft-lora", "fwd", 1),
+                ("fastpeft", "fwd+bwd", 8192), ("fastpeft-lora", "fwd+bwd", 8192)):  # fmt: skip
+        case = by[key]
+        out = pred.predict(case.flops, case.nbytes, bench_dora.components(case, s))
+        assert "latency model" in out["basis"] and 0 < out["predicted"] <= 1.0, (key, out)
+        ms[key] = out["predicted_ms"]
+    assert "NF4+DoRA decode" in pred.predict(1, 1, bench_dora.components(by[("fastpeft-eval", "fwd", 1)], s))["basis"]
+    # training recomputes the norm (A·Wᵀ: one more pass over the base), eval keeps it: LoRA's one launch
+    assert ms[("fastpeft", "fwd", 1)] > 1.5 * ms[("fastpeft-lora", "fwd", 1)]
+    assert ms[("fastpeft-eval", "fwd", 1)] == pytest.approx(ms[("fastpeft-lora", "fwd", 1)], rel=0.05)
+    assert ms[("fastpeft", "fwd+bwd", 8192)] > ms[("fastpeft-lora", "fwd+bwd", 8192)]
+    # where the latency model cannot run, the component's counted work at the roofline, said so
+    failing = dataclasses.replace(bench_dora.components(by[("fastpeft", "fwd", 1)], s)[0], model=lambda arch: 1 / 0)
+    assert "latency model unavailable" in pred.predict(1.0, 1e6, [failing])["basis"]
