@@ -1,23 +1,24 @@
 """fastpeft's DoRA linear as its launchers run it, for the cost model (kernels/_perf.py) and the report's "DoRA vs
 LoRA" table; the LoRA side is ``_perf_launches`` (``decode_op``, ``qlora_step``), which this module builds on.
 
-What a DoRA forward issues (``nn.lora_dora.dora_forward`` without dropout, ``ops.dora``, ``kernels/dora_linear``),
-with float32 adapter parameters (A, B, m; the layer's casts of A and B to x's dtype are LoRA's too, not counted):
+What a DoRA training step issues (``nn.lora_dora.dora_forward`` without dropout, ``ops.dora``, ``kernels/dora_linear``),
+with float32 adapter parameters (A, B, m); the layer's casts of A and B to x's dtype are LoRA's too, not counted, and
+the row norm's pass over the base takes that cast of A:
 
 1. the row norm ``‖W + s·B·A‖``, every training forward (A and B change each step; eval keeps it): ``A·Wᵀ`` as
-   ``nf4_linear`` of ``A [R, K]`` cast to bfloat16 (the decode kernel, R rows, base only; on a GPU, float32 A would
-   dequantize W to a float32 scratch first), the result cast to float32 - then the rank-sized rest in one launch
-   (``kernels/dora_norm.py``, streamed); ``‖W‖²`` is cached by the layer (free after the first call);
+   ``nf4_linear`` of the bf16 A (the decode kernel, R rows, base only), then one launch for the rank-sized rest
+   that also writes ``f = m / norm``, ``s·f``, ``m == 0`` and ``f ⊙ B`` (``kernels/dora_norm.py``, streamed);
+   ``‖W‖²`` is cached by the layer (free after the first call);
 2. decode sizes: LoRA's launches (``decode_op``: one without dropout), the kernel forming ``f = m / norm`` in its
-   epilogue (a runtime flag of the same binary). Training sizes (NF4, K % 64 == 0): ``f = m / norm``, U, ``f ⊙ B``
-   (three torch ops), ``nf4_dequantize_scaled`` writing ``f ⊙ W`` into the scratch, cuBLAS + addmm (LoRA's path).
+   epilogue (a runtime flag of the same binary). Training sizes (NF4, K % 64 == 0): U, ``nf4_dequantize_scaled``
+   writing ``f ⊙ W`` into the scratch, cuBLAS + addmm with ``f ⊙ B`` (LoRA's path).
 
-The backward (NF4, no bias): ``f`` again, the column pass (``dora_colsum``, no ``G ⊙ f`` written) and torch's sum of
-its partials, ``f ⊙ B``, the scaled dequantize again, LoRA's backward on the scaled scratch (dX by cuBLAS + addmm at
-rank 2R, G, dA), dB's skinny pass and its row scaling (three torch ops), ``dm = Σ / m``, and the zero-magnitude
-check (``m == 0``, ``any``; its host sync not modeled). A dense base runs ``torch.mm`` + the epilogue kernel
-(``dora_epilogue``) forward and the column pass writing ``G ⊙ f`` + LoRA's backward on it. Estimates, like every
-figure of the model.
+The backward (NF4, no bias): the scaled dequantize again, LoRA's backward on the scaled scratch (dX by cuBLAS + addmm
+at rank 2R, G, dA), dB's skinny pass reading Y beside dY for ``Σ dY`` and ``Σ dY ⊙ Y`` (the weight-gradient kernel's
+``HAS_YSUM``: no column pass), torch's sum of those partials, ``dm = Σ / m`` and the zero-magnitude test (``any`` on
+the norm launch's ``m == 0`` row; its host sync not modeled). dB's row scaling by ``s·f`` replaces LoRA's by ``s``
+(neither modeled). A dense base runs ``torch.mm`` + the epilogue kernel (``dora_epilogue``) forward and the column
+pass writing ``G ⊙ f`` + LoRA's backward on it. Estimates, like every figure of the model.
 """
 
 from __future__ import annotations
@@ -53,20 +54,16 @@ def dequantize_scaled_op(n: int, k: int, arch: int = 90, dtype: str = "bf16", sc
 
 
 def row_norm_preds(n: int, k: int, r: int = 16, arch: int = 90) -> list[_perf.Prediction]:
-    """``dora_row_norm`` on an NF4 base with float32 A and B and the cached ``‖W‖²`` (module docstring, step 1)."""
+    """``dora_norm_factors`` on an NF4 base with float32 A and B, the layer's bf16 cast of A and the cached
+    ``‖W‖²`` (module docstring, step 1)."""
     m = _perf.machine(arch)
-    # A·Wᵀ: A cast to bfloat16, the decode kernel over the packed base (R rows, no LoRA term), the result to float32
-    preds = [pl._elementwise("A to bf16", r * k * 6, m)]
-    preds.append(_perf.predict(pl.decode_launch(n, k, r, 0, arch), m))
-    preds.append(pl._elementwise("A·Wᵀ to fp32", r * n * 6, m))
-    # the rest in one launch (kernels/dora_norm.py, R <= 32): A·Aᵀ per program from L2, B and A·Wᵀ read once;
-    # streamed here (its loop is not profiled)
-    preds.append(pl._stream("dora_norm kernel", 4 * (r * k + n * r + 2 * n) + 2 * r * n, 2.0 * r * n * (r + 1), m))
+    # A·Wᵀ: the decode kernel over the packed base (R rows of the bf16 A, no LoRA term), written in bf16
+    preds = [_perf.predict(pl.decode_launch(n, k, r, 0, arch), m)]
+    # the rest in one launch (kernels/dora_norm.py, R <= 32): A·Aᵀ per program from L2, B, m and A·Wᵀ read once;
+    # norm, F [3, N] and f ⊙ B written; streamed here (its loop is not profiled)
+    nbytes = 4 * (r * k + n * r + 3 * n) + 2 * r * n + 4 * 4 * n + 2 * n * r
+    preds.append(pl._stream("dora_norm kernel", nbytes, 2.0 * r * n * (r + 1), m))
     return preds
-
-
-def _factor(n: int, m: _perf.Machine) -> _perf.Prediction:
-    return pl._elementwise("f = m / norm", 3 * n * 4, m)
 
 
 def dora_decode_op(
@@ -120,38 +117,33 @@ def _colsum_preds(n: int, m_rows: int, write_gf: bool, arch: int) -> list[_perf.
             pl._elementwise("partials.sum(1)", 2 * (splits + 1) * n * 4, m)]  # fmt: skip
 
 
-def _scaled_b(n: int, r: int, m: _perf.Machine) -> list[_perf.Prediction]:
-    # (B.float() * f[:, None]).to(B.dtype) with float32 B: the product, then the cast to x's dtype
-    return [pl._elementwise("f ⊙ B", (3 * n * r + n) * 4, m), pl._elementwise("cast f ⊙ B", n * r * 6, m)]
-
-
 def dora_step(n: int, k: int, m_rows: int = 8192, r: int = 16, arch: int = 90, path: str = "nf4") -> dict:
     """Forward and forward + backward seconds of one DoRA linear at ``m_rows`` without dropout or bias, mirroring
     ``qlora_step(path="cublas")``: ``path`` "nf4" (the scaled scratch, module docstring) or "dense" (a bf16 base:
     torch.mm + the epilogue kernel; the column pass writes ``G ⊙ f``; the row norm's A·Wᵀ then a bf16 F.linear)."""
     m = _perf.machine(arch)
     u = pl._skinny_stream("U", m_rows, k, r, m)
+    wgrad = [pl._skinny_stream(w, m_rows, width, r, m) for w, width in (("G", n), ("dA", k))]
     if path == "nf4":
         norm = row_norm_preds(n, k, r, arch)
         deq = dequantize_scaled_op(n, k, arch).launches
-        fwd = norm + [_factor(n, m), u] + _scaled_b(n, r, m) + deq + pl.cublas_lora_op(n, k, m_rows, r, arch).launches
-        bwd = [_factor(n, m)] + _colsum_preds(n, m_rows, False, arch) + _scaled_b(n, r, m) + deq
-        bwd += pl.cublas_lora_op(k, n, m_rows, 2 * r, arch).launches
-        bwd += [pl._skinny_stream(w, m_rows, width, r, m) for w, width in (("G", n), ("dA", k), ("dB", n))]
-        bwd += [pl._elementwise("s·f", 2 * n * 4, m), pl._elementwise("dB ⊙ s·f", 3 * n * r * 4, m),
-                pl._elementwise("cast dB", n * r * 6, m)]  # fmt: skip
+        fwd = norm + [u] + deq + pl.cublas_lora_op(n, k, m_rows, r, arch).launches
+        bwd = deq + pl.cublas_lora_op(k, n, m_rows, 2 * r, arch).launches + wgrad
+        # dB's pass reads Y beside dY for the two column sums; its partials [2, slices, N] summed by torch
+        splits = colsum_grid(n, m_rows, arch)[1]
+        dbytes = 2 * (2 * m_rows * n + r * (m_rows + n))
+        bwd += [pl._stream("dB + Σ dY, Σ dY·Y", dbytes, 2.0 * m_rows * n * (r + 1), m),
+                pl._elementwise("partials.sum(1)", 2 * (splits + 1) * n * 4, m)]  # fmt: skip
     else:
         norm = [pl._stream("A·Wᵀ (bf16)", 2 * (n * k + r * k + r * n), 2.0 * r * n * k, m)] + row_norm_preds(
             n, k, r, arch
-        )[4:]
+        )[1:]
         ep = _perf.predict(epilogue_launch(n, m_rows, r, arch), m)
-        fwd = norm + [_factor(n, m), u] + pl.cublas_gemm(n, k, m_rows, arch).launches + [ep]
-        bwd = [_factor(n, m)] + _colsum_preds(n, m_rows, True, arch)
-        bwd += pl.cublas_lora_op(k, n, m_rows, 2 * r, arch).launches
-        bwd += [pl._skinny_stream(w, m_rows, width, r, m) for w, width in (("G", n), ("dA", k), ("dB", n))]
-    # dm = Σ / m, then the zero-magnitude check (m == 0, any)
-    bwd += [pl._elementwise("dm = Σ / m", 3 * n * 4, m), pl._elementwise("m == 0", 5 * n, m),
-            pl._elementwise("any", n, m)]  # fmt: skip
+        fwd = norm + [u] + pl.cublas_gemm(n, k, m_rows, arch).launches + [ep]
+        bwd = _colsum_preds(n, m_rows, True, arch) + pl.cublas_lora_op(k, n, m_rows, 2 * r, arch).launches + wgrad
+        bwd.append(pl._skinny_stream("dB", m_rows, n, r, m))
+    # dm = Σ / m, then the zero-magnitude test (any of the norm launch's m == 0 row)
+    bwd += [pl._elementwise("dm = Σ / m", 3 * n * 4, m), pl._elementwise("any", 4 * n, m)]
     t_fwd = sum(p.seconds for p in fwd)
     return {"fwd": t_fwd, "fwd_bwd": t_fwd + sum(p.seconds for p in bwd), "launches": len(fwd) + len(bwd)}
 
@@ -185,9 +177,9 @@ def format_dora(rows: list) -> list[str]:
     """The "DoRA vs LoRA" Markdown table."""
     out = ["", "## DoRA vs LoRA (fastpeft, r = 16, bf16, no dropout or bias; kernels/_perf_dora.py)", "",
            "In training DoRA's forward recomputes the row norm every call (A·Wᵀ as bf16 A through the decode kernel, "
-           "then one norm kernel); in eval it keeps it. Decode: LoRA's one launch, f = m / norm formed in its "
-           "epilogue; training: the scaled dequantize, the column pass and the rank-sized torch ops over LoRA's "
-           "cuBLAS + addmm path.", "",
+           "then one kernel for the rest, f, s·f, m == 0 and f ⊙ B); in eval it keeps it. Decode: LoRA's one "
+           "launch, f = m / norm formed in its epilogue; training (NF4): the scaled dequantize over LoRA's cuBLAS + "
+           "addmm path, the column sums riding dB's pass, dm = Σ / m and the zero test.", "",
            "| case | W [N, K] | M | fastpeft DoRA us | fastpeft LoRA us | ratio |",
            "|---|---|---|---|---|---|"]  # fmt: skip
     for what, n, k, mr, d, lo in rows:

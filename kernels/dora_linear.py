@@ -32,7 +32,9 @@ Paths (a scaling per row is rank-sized work: ``f ⊙ B`` is ``[N, R]``):
   The backward's column pass writes ``G ⊙ f`` and LoRA's backward runs on it.
 
 The backward's column pass (``_dora_colsum_kernel``) reads G and Y once for ``Σ G`` (dbias) and ``Σ G·(Y − bias)``
-(dm), per slice of M into float32 partials (no atomics: deterministic), writing ``G ⊙ f`` where dX needs it.
+(dm), per slice of M into float32 partials (no atomics: deterministic), writing ``G ⊙ f`` where dX needs it. On the
+scaled scratch with dB asked, those sums ride along dB's own pass over G instead (``_wgrad`` with Y: the weight-
+gradient kernel's ``HAS_YSUM``), Y read beside G: no pass of its own.
 """
 
 from __future__ import annotations
@@ -250,6 +252,18 @@ def check_dora_args(magnitude: object, norm: object, n: int, like: torch.Tensor)
     _check_vec("norm", norm, n, torch.float32, like.device)
 
 
+def check_factors(factors: object, scaled_b: object, n: int, r: int, like: torch.Tensor) -> None:
+    """``factors``: float32 ``[3, N]`` and ``scaled_b``: ``[N, R]`` in x's dtype on x's device, or both None."""
+    if factors is None and scaled_b is None:
+        return
+    for name, t, shape, dtype in (("factors", factors, (3, n), torch.float32),
+                                  ("scaled_b", scaled_b, (n, r), like.dtype)):  # fmt: skip
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape or t.device != like.device:
+            raise ValueError(f"{name} must be a {dtype} tensor of shape {list(shape)} on {like.device} "
+                             f"(dora_norm_factors), got {getattr(t, 'dtype', type(t).__name__)} "
+                             f"{list(getattr(t, 'shape', []))}")  # fmt: skip
+
+
 def _factor(magnitude: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """``f = m / ‖W + s·B·A‖`` float32 ``[N]``."""
     return magnitude.float() / norm
@@ -277,18 +291,23 @@ def dora_linear_fwd(
     norm: torch.Tensor,
     *,
     nf4: NF4Args | None = None,
+    factors: torch.Tensor | None = None,
+    scaled_b: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``Y = f ⊙ (X·Wᵀ + s·U·Bᵀ) + bias`` and ``U = X·Aᵀ`` (contract: ``reference_dora.dora_linear_fwd_reference``).
 
     Args:
         x, weight, bias, lora_a, lora_b, scaling, nf4: as ``lora_linear_fwd`` takes them (no dropout).
         magnitude: ``m [N]`` (any float dtype). norm: ``‖W + s·B·A‖`` float32 ``[N]``, detached.
+        factors, scaled_b: ``dora_norm_factors_fwd``'s ``F [3, N]`` and ``f ⊙ B`` for this m and norm, or None to
+            form ``f`` and ``f ⊙ B`` here.
 
     Returns:
         ``y [M, N]`` and ``u [M, R]`` in x's dtype.
     """
     m, k, n, r = lora._check_args(x, weight, bias, lora_a, lora_b, nf4, None, 0.0)
     check_dora_args(magnitude, norm, n, x)
+    check_factors(factors, scaled_b, n, r, x)
     s = float(scaling)
     no_keep = lora._keep(None, x.device)
     if nf4 is not None and decode.decode_supported(x, nf4):
@@ -301,12 +320,12 @@ def dora_linear_fwd(
                                          col_norm=norm)  # fmt: skip
         u = decode.lora_u_fwd(x, lora_a, no_keep, 1.0, target)
         return decode.nf4_decode_fwd(x, nf4, bias, u, lora_b, s, target, col_scale=mag, col_norm=norm), u
-    f = _factor(magnitude, norm)
+    f = _factor(magnitude, norm) if factors is None else factors[0]
     u = lora._skinny(x, lora_a, (lora_a.stride(1), lora_a.stride(0)), no_keep, 1.0, r).to(x.dtype)
     if _scaled_scratch(nf4, m, x.dtype):
         # X·(f ⊙ W)ᵀ + s·U·(f ⊙ B)ᵀ + bias: LoRA's GEMM on the scaled scratch, nothing added
         w = lora._dequantized(nf4, x.dtype, x.device, row_scale=f)
-        fb = _scaled_b(lora_b, f)
+        fb = _scaled_b(lora_b, f) if scaled_b is None else scaled_b
         if lora.cublas_path(m, n, k):
             return lora._cublas_fwd(x, w, bias, u, fb, s), u
         w_args = lora._w_operand(w, None, x.device, False)
@@ -335,6 +354,8 @@ def dora_linear_bwd(
     norm: torch.Tensor,
     *,
     nf4: NF4Args | None = None,
+    factors: torch.Tensor | None = None,
+    scaled_b: torch.Tensor | None = None,
     needs_dx: bool = True,
     needs_da: bool = True,
     needs_db: bool = True,
@@ -344,7 +365,8 @@ def dora_linear_bwd(
     """Gradients of ``dora_linear_fwd``, the norm constant (contract: ``reference_dora.dora_linear_bwd_reference``).
 
     Args:
-        dy: ``[M, N]`` in x's dtype. y: the forward's output ``[M, N]``. u: its ``[M, R]``. The rest as the forward.
+        dy: ``[M, N]`` in x's dtype. y: the forward's output ``[M, N]``. u: its ``[M, R]``. The rest as the forward
+        (``factors`` and ``scaled_b`` spare forming ``f``, ``f ⊙ B``, ``s·f`` and the zero-magnitude test here).
         needs_*: which gradients to compute.
 
     Returns:
@@ -355,22 +377,29 @@ def dora_linear_bwd(
     lora._check_tensor("u", u, (m, r), x)
     lora._check_tensor("y", y, (m, n), x)
     check_dora_args(magnitude, norm, n, x)
-    f = _factor(magnitude, norm)
+    check_factors(factors, scaled_b, n, r, x)
+    f = _factor(magnitude, norm) if factors is None else factors[0]
     s = float(scaling)
     scaled = needs_dx and _scaled_scratch(nf4, m, x.dtype)
     write_gf = (needs_dx or needs_da or needs_db) and not scaled
+    # on the scaled scratch dB's pass over G also sums G and G·(Y − bias): no column pass of its own
+    ride = scaled and needs_db and (needs_dm or needs_dbias)
     dsum = dmsum = gf = None
-    if needs_dm or needs_dbias or write_gf:
+    if (needs_dm or needs_dbias or write_gf) and not ride:
         dsum, dmsum, gf = dora_colsum(dy, y, bias, f, write_gf)
     dx = da = db = None
     if scaled:
         # dX = G·(f ⊙ W) + s·(G·(f ⊙ B))·A on the scaled scratch; dA from the same G·(f ⊙ B); dB = s·f ⊙ (Gᵀ·U)
-        fb = _scaled_b(lora_b, f)
+        fb = _scaled_b(lora_b, f) if scaled_b is None else scaled_b
         w = lora._dequantized(nf4, x.dtype, x.device, row_scale=f)
         dx, da, _, _ = lora.lora_linear_bwd(dy, x, w, lora_a, fb, u, s, needs_da=needs_da, needs_db=False)
         if needs_db:
-            part, _ = _wgrad(dy, u, lora._keep(None, x.device), colsum=False, maskable=False)
-            db = (part * (s * f[:, None])).to(lora_b.dtype)
+            keep = lora._keep(None, x.device)
+            part, sums = _wgrad(dy, u, keep, colsum=ride, maskable=False, y=y if ride else None, bias=bias)
+            if ride:
+                dsum, dmsum = sums[0], sums[1]
+            sf = s * f if factors is None else factors[1]
+            db = (part * sf[:, None]).to(lora_b.dtype)
     elif gf is not None:
         # LoRA's backward on G ⊙ f: dX = (G ⊙ f)·W + s·((G ⊙ f)·B)·A, dA = s·((G ⊙ f)·B)ᵀ·X, dB = s·(G ⊙ f)ᵀ·U
         dx, da, db, _ = lora.lora_linear_bwd(
@@ -380,22 +409,23 @@ def dora_linear_bwd(
     dm = None
     if needs_dm:
         dm = dmsum / magnitude.float()
-        dm = _zero_magnitude_fix(dm, dy, x, weight, nf4, lora_b, u, s, magnitude, norm).to(magnitude.dtype)
+        zero = magnitude == 0 if factors is None else factors[2]
+        dm = _zero_magnitude_fix(dm, zero, dy, x, weight, nf4, lora_b, u, s, magnitude, norm).to(magnitude.dtype)
     return dx, da, db, dbias, dm
 
 
 def _zero_magnitude_fix(
-    dm: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, nf4: NF4Args | None,
-    lora_b: torch.Tensor, u: torch.Tensor, s: float, magnitude: torch.Tensor, norm: torch.Tensor,
+    dm: torch.Tensor, zero: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+    nf4: NF4Args | None, lora_b: torch.Tensor, u: torch.Tensor, s: float, magnitude: torch.Tensor, norm: torch.Tensor,
 ) -> torch.Tensor:  # fmt: skip
     """``dm_n = Σ_i dY[i, n]·Y0[i, n] / ‖·‖_n`` for the columns with ``m_n = 0``, where Y holds only the bias: Y0's
     columns recomputed from X and those rows of the base (the NF4 base dequantized, unscaled, into the scratch).
-    One host sync a call decides whether there are any; none in a trained DoRA layer unless a magnitude is exactly 0.
+    ``zero``: ``m == 0`` per column (bool, or ``dora_norm_factors``' 1.0 / 0.0 row). One host sync a call decides
+    whether there are any; none in a trained DoRA layer unless a magnitude is exactly 0.
     """
-    zero = magnitude == 0
     if not bool(zero.any()):
         return dm
-    idx = zero.nonzero()[:, 0]
+    idx = (magnitude == 0).nonzero()[:, 0]
     w = weight if nf4 is None else lora._dequantized(nf4, x.dtype, x.device)
     y0 = torch.mm(x, w.index_select(0, idx).t()).float()
     y0 += s * (u.float() @ lora_b.index_select(0, idx).float().t())

@@ -3,7 +3,8 @@
 ``dA = s·Gᵀ·drop(X) [R, K]`` and ``dB = s·dYᵀ·U [N, R]`` are reductions over the M rows of skinny
 operands, so ``_lora_wgrad_kernel`` computes ``(keep ⊙ X)ᵀ·G`` for one slice of rows per program (a
 ``[BLOCK_P, BLOCK_M] x [BLOCK_M, BLOCK_R]`` MMA per step, X read transposed), into one float32 partial
-per slice; the column sums of dY for ``dbias`` ride along in dB's pass. A ``sum`` over the few slices
+per slice; the column sums of dY for ``dbias`` ride along in dB's pass, and for DoRA (``HAS_YSUM``) also
+``Σ dY ⊙ (Y − bias)`` for the magnitude's gradient, Y read beside dY. A ``sum`` over the few slices
 finishes each reduction: no atomics, so results are deterministic run to run. The number of slices is
 chosen by rule so the grid fills the device. ``G`` is float32; for a 16-bit MMA it is split as
 ``hi + lo`` (two MMAs), which keeps its float32 accuracy.
@@ -38,14 +39,16 @@ __all__ = ["compile_gate_cases"]
 
 @triton.jit(do_not_specialize=["has_mask", "rows_per_split"])
 def _lora_wgrad_kernel(
-    x_ptr, g_ptr, keep_ptr, out_ptr, colsum_ptr,
+    x_ptr, g_ptr, keep_ptr, out_ptr, colsum_ptr, y_ptr, bias_ptr,
     M, P, R, rows_per_split,
-    stride_xm, stride_xp, stride_gm, stride_gr, stride_km, stride_kp,
+    stride_xm, stride_xp, stride_gm, stride_gr, stride_km, stride_kp, stride_ym, stride_yp,
     has_mask,
     MASKABLE: tl.constexpr, HAS_COLSUM: tl.constexpr, G_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_YSUM: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
 ):  # fmt: skip
-    # OUT[s, P, R] = Σ_{m in slice s} (keep ⊙ X)[m, p]·G[m, r];  COLSUM[s, P] = Σ_{m in slice s} X[m, p]
+    # OUT[s, P, R] = Σ_{m in slice s} (keep ⊙ X)[m, p]·G[m, r];  COLSUM[s, P] = Σ_{m in slice s} X[m, p];
+    # HAS_YSUM: COLSUM[S + s, P] = Σ_{m in slice s} X[m, p]·(Y[m, p] − bias[p])  (S slices)
     dtype = x_ptr.dtype.element_ty
     pid_p = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -56,6 +59,9 @@ def _lora_wgrad_kernel(
     mask_r = offs_r < R
     acc = tl.zeros([BLOCK_P, BLOCK_R], dtype=tl.float32)
     colsum = tl.zeros([BLOCK_P], dtype=tl.float32)
+    ysum = tl.zeros([BLOCK_P], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_p, mask=mask_p, other=0.0).to(tl.float32)
     m_start = pid_s * rows_per_split
     for m0 in range(0, rows_per_split, BLOCK_M):
         offs_m = m_start + m0 + tl.arange(0, BLOCK_M)
@@ -65,6 +71,12 @@ def _lora_wgrad_kernel(
         xt = tl.load(x_ptr + offs_p[:, None] * stride_xp + offs_m[None, :] * stride_xm, mask=mask_pm, other=0.0)
         if HAS_COLSUM:
             colsum += tl.sum(xt.to(tl.float32), axis=1)
+        if HAS_YSUM:
+            yt = tl.load(y_ptr + offs_p[:, None] * stride_yp + offs_m[None, :] * stride_ym, mask=mask_pm, other=0.0,
+                         eviction_policy="evict_first").to(tl.float32)  # fmt: skip
+            if HAS_BIAS:
+                yt = yt - bias[:, None]  # where masked, X is 0
+            ysum += tl.sum(xt.to(tl.float32) * yt, axis=1)
         # dB (never masked) compiles no branch here: the runtime branch inside the loop made ptxas serialize its
         # wgmma (C7515); dA keeps it, one binary with and without dropout (its wgmma stay pipelined)
         if MASKABLE and has_mask:
@@ -88,6 +100,8 @@ def _lora_wgrad_kernel(
     if HAS_COLSUM:
         if pid_r == 0:
             tl.store(colsum_ptr + pid_s * P + offs_p, colsum, mask=mask_p)
+            if HAS_YSUM:
+                tl.store(colsum_ptr + (tl.num_programs(2) + pid_s) * P + offs_p, ysum, mask=mask_p)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,11 +129,20 @@ def _wgrad_rows(m: int, p: int, r: int, cfg: dict[str, int], programs: int) -> i
 
 
 def _wgrad(
-    x: torch.Tensor, g: torch.Tensor, keep: tuple[torch.Tensor, bool], colsum: bool, maskable: bool = True
+    x: torch.Tensor,
+    g: torch.Tensor,
+    keep: tuple[torch.Tensor, bool],
+    colsum: bool,
+    maskable: bool = True,
+    y: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(keep ⊙ X)ᵀ·G [P, R]`` and, if asked, ``Σ_m X [P]``, both float32, for ``X [M, P]``, ``G [M, R]``;
-    ``maskable`` False (dB) compiles the kernel without the keep-mask select (``keep`` must then be unset)."""
+    ``maskable`` False (dB) compiles the kernel without the keep-mask select (``keep`` must then be unset).
+    With ``y`` (DoRA's output ``[M, P]``, X's dtype; ``bias [P]`` or None) the sums come back as ``[2, P]``:
+    ``Σ_m X`` and ``Σ_m X ⊙ (Y − bias)`` (``colsum`` must be asked)."""
     assert maskable or not keep[1], "a keep-mask for a launch compiled without the select"
+    assert y is None or (colsum and not maskable), "Y's sums ride along dB's pass only"
     m, p = x.shape
     r = g.shape[1]
     interpret = _interpreting()
@@ -128,20 +151,25 @@ def _wgrad(
     rows = _wgrad_rows(m, p, r, cfg, _target_programs(x.device, interpret))
     splits = triton.cdiv(m, rows)
     part = torch.empty((splits, p, r), dtype=torch.float32, device=x.device)
-    sums = torch.empty((splits, p), dtype=torch.float32, device=x.device) if colsum else part
+    with_y = y is not None
+    sums = torch.empty((1 + with_y, splits, p), dtype=torch.float32, device=x.device) if colsum else part
     keep_t, has_mask = keep
+    y_t = x if y is None else y
     grid = (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(r, block_r), splits)
     _lora_wgrad_kernel[grid](
-        x, g, keep_t, part, sums, m, p, r, rows,
+        x, g, keep_t, part, sums, y_t, x if bias is None else bias, m, p, r, rows,
         x.stride(0), x.stride(1), g.stride(0), g.stride(1),
         keep_t.stride(0) if has_mask else 0, keep_t.stride(1) if has_mask else 0,
+        y_t.stride(0) if with_y else 0, y_t.stride(1) if with_y else 0,
         int(has_mask), MASKABLE=maskable, HAS_COLSUM=colsum,
         G_SPLIT=g.dtype == torch.float32 and x.dtype != torch.float32,
         DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_R=block_r,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_YSUM=with_y, HAS_BIAS=bias is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )  # fmt: skip
     # the few per-slice partials are summed by torch: a [splits, P, R] reduction, no atomics
-    return part.sum(0), (sums.sum(0) if colsum else None)
+    if not colsum:
+        return part.sum(0), None
+    return part.sum(0), (sums.sum(1) if with_y else sums[0].sum(0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -153,15 +181,20 @@ def compile_gate_cases() -> list[GateCase]:
     """The weight-gradient kernel's rule-picked tile for float16, bfloat16 and float32 x every ``BLOCK_R``:
     dA (float32 G, split into hi + lo for 16-bit X, dropout select) and dB (U in X's dtype, column sums for
     dbias, no select compiled), with the runtime arguments of a Llama-3-8B 4096 x 4096 projection at M = 8192
-    (dropout on in dA's pass, as in training). Collected by ``lora_linear``'s ``compile_gate_cases``."""
+    (dropout on in dA's pass, as in training); DoRA's dB (``dB_dora``: Y's sums beside, with and without a bias).
+    Collected by ``lora_linear``'s ``compile_gate_cases``."""
     cases = []
     m, p = 8192, 4096
-    for (dtype, ty), block_r, grad in itertools.product(_GATE_TYPES.items(), _GATE_BLOCK_R, ("dA", "dB")):
+    grads = ("dA", "dB", "dB_dora", "dB_dora_bias")
+    for (dtype, ty), block_r, grad in itertools.product(_GATE_TYPES.items(), _GATE_BLOCK_R, grads):
         cfg = _wgrad_config(dtype, interpret=False)
-        da = grad == "dA"
+        da, dora = grad == "dA", grad.startswith("dB_dora")
+        name = f"lora_wgrad_{grad}[{ty},BLOCK_R={block_r}]"
+        if dora:
+            name = f"lora_wgrad_dB_dora[{ty},bias={grad.endswith('bias')},BLOCK_R={block_r}]"
         cases.append(
             GateCase(
-                name=f"lora_wgrad_{grad}[{ty},BLOCK_R={block_r}]",
+                name=name,
                 module=__name__,
                 kernel="_lora_wgrad_kernel",
                 signature={
@@ -170,9 +203,11 @@ def compile_gate_cases() -> list[GateCase]:
                     "keep_ptr": "*u8",
                     "out_ptr": "*fp32",
                     "colsum_ptr": "*fp32",
+                    "y_ptr": f"*{ty}",
+                    "bias_ptr": f"*{ty}",
                     **dict.fromkeys(("M", "P", "R", "rows_per_split"), "i32"),
                     **dict.fromkeys(("stride_xm", "stride_xp", "stride_gm", "stride_gr", "stride_km"), "i32"),
-                    "stride_kp": "i32",
+                    **dict.fromkeys(("stride_kp", "stride_ym", "stride_yp"), "i32"),
                     "has_mask": "i32",
                 },
                 constexprs={
@@ -183,6 +218,8 @@ def compile_gate_cases() -> list[GateCase]:
                     "BLOCK_M": cfg["BLOCK_M"],
                     "BLOCK_P": cfg["BLOCK_P"],
                     "BLOCK_R": block_r,
+                    "HAS_YSUM": dora,
+                    "HAS_BIAS": grad == "dB_dora_bias",
                 },
                 num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"],
@@ -200,6 +237,8 @@ def compile_gate_cases() -> list[GateCase]:
                     "stride_gr": 1,
                     "stride_km": p if da else 0,
                     "stride_kp": int(da),
+                    "stride_ym": p if dora else 0,
+                    "stride_yp": int(dora),
                     "has_mask": int(da),
                 },
             )

@@ -14,6 +14,7 @@ from fastpeft.kernels.reference import _acc, _base_weight, nf4_dequantize_refere
 __all__ = [
     "dora_colsum_reference",
     "dora_epilogue_reference",
+    "dora_factors_reference",
     "dora_linear_bwd_reference",
     "dora_linear_fwd_reference",
     "nf4_dequantize_scaled_reference",
@@ -56,6 +57,17 @@ def dora_epilogue_reference(
     if out is None:
         return y.to(base.dtype)
     return out.copy_(y)
+
+
+def dora_factors_reference(
+    norm: torch.Tensor, magnitude: torch.Tensor, lora_b: torch.Tensor, scaling: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a DoRA step needs of the row norm (``dora_norm_factors_fwd``'s contract): ``F [3, N]`` float32 holding
+    ``f = m / norm``, ``s·f`` and ``m == 0`` (1.0 or 0.0), and ``f ⊙ B [N, R]`` in ``dtype`` (B rounded to ``dtype``
+    first, as the op's cast of B does, scaled in float32, rounded once)."""
+    f = magnitude.float() / norm.float()
+    factors = torch.stack((f, scaling * f, (magnitude == 0).float()))
+    return factors, (lora_b.to(dtype).float() * f[:, None]).to(dtype)
 
 
 def dora_colsum_reference(

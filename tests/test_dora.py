@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close, assert_oracle, stable_seed
+from conftest import INTERPRET, assert_close, assert_oracle, stable_seed
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -457,6 +457,32 @@ def test_layer_without_dropout_runs_the_fused_op(monkeypatch):
                            use_dora=True).train(train)  # fmt: skip
         layer(torch.randn(3, 40))
         assert len(calls) == want, f"p={p} training={train}: {len(calls)} dora_linear calls"
+
+
+@pytest.mark.skipif(not INTERPRET, reason="FASTPEFT_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1")
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_training_step_takes_f_and_f_times_b_from_the_norm_launch(monkeypatch, quantized):
+    """In training each forward runs one norm launch that also forms f, s·f, m == 0 and f ⊙ B; the op's forward and
+    backward form none of them again (in eval the kept norm goes in alone)."""
+    from fastpeft.kernels import dora_linear as dl
+    from fastpeft.kernels import dora_norm
+
+    monkeypatch.setenv("FASTPEFT_BACKEND", "triton")
+    calls = []
+    for mod, fn in ((dora_norm, "dora_norm_factors_fwd"), (dl, "_factor"), (dl, "_scaled_b")):
+        real = getattr(mod, fn)
+        monkeypatch.setattr(mod, fn, lambda *a, fn=fn, real=real: calls.append(fn) or real(*a))
+    base = nn.Linear(128, 40)
+    layer = LoraLinear(NF4Linear.from_linear(base) if quantized else base, r=4, lora_alpha=8, init_lora_weights=False,
+                       use_dora=True)  # fmt: skip
+    x = torch.randn(20, 128, generator=_gen("factors step", quantized))
+    layer(x).square().sum().backward()
+    assert calls == ["dora_norm_factors_fwd"], calls
+    assert layer.lora_magnitude_vector["default"].weight.grad.abs().max() > 0
+    calls.clear()
+    with torch.no_grad():
+        layer.eval()(x)
+    assert "dora_norm_factors_fwd" not in calls, calls
 
 
 @pytest.mark.parametrize("quantized", [False, True])

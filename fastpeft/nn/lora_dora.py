@@ -24,7 +24,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 
 from fastpeft.kernels.formats import NF4Args
 from fastpeft.nn.nf4_linear import NF4Linear
-from fastpeft.ops.dora import dora_linear, dora_row_norm, dora_weight_sq
+from fastpeft.ops.dora import dora_linear, dora_norm_factors, dora_row_norm, dora_weight_sq
 from fastpeft.ops.lora import lora_linear, nf4_linear
 
 __all__ = [
@@ -132,9 +132,16 @@ def dora_forward(
     (cast to ``x``'s dtype by the caller).
     """
     if not (layer.training and dropout_p > 0.0):
-        norm = _row_norm(layer, layer.lora_A[name].weight, layer.lora_B[name].weight, layer._scale(name))
+        a, b, s = layer.lora_A[name].weight, layer.lora_B[name].weight, layer._scale(name)
         magnitude = layer.lora_magnitude_vector[name].weight
-        return dora_linear(x, weight, bias, lora_a, lora_b, scaling, magnitude, norm, nf4=nf4)
+        if not layer.training:
+            norm = _row_norm(layer, a, b, s)
+            return dora_linear(x, weight, bias, lora_a, lora_b, scaling, magnitude, norm, nf4=nf4)
+        # a training step: the norm launch also forms f, s·f, m == 0 and f ⊙ B for the op's forward and backward
+        norm, factors, fb = dora_norm_factors(*dora_base_operands(layer), a, b, s, magnitude, x.dtype,
+                                              dora_weight_sq_cached(layer), lora_a_cast=lora_a)  # fmt: skip
+        return dora_linear(x, weight, bias, lora_a, lora_b, scaling, magnitude, norm, nf4=nf4, factors=factors,
+                           scaled_b=fb)  # fmt: skip
     f = dora_factor(layer, name).to(x.dtype)
     dropped = F.dropout(x, dropout_p, training=True)
     y = lora_linear(dropped, weight, None, lora_a, lora_b, scaling, nf4=nf4)

@@ -36,7 +36,7 @@ from fastpeft.ops._checks import check_floating
 from fastpeft.ops._dispatch import use_triton
 from fastpeft.ops.lora import _flat_nf4, _nf4, nf4_linear
 
-__all__ = ["dora_linear", "dora_row_norm", "dora_weight_sq"]
+__all__ = ["dora_linear", "dora_norm_factors", "dora_row_norm", "dora_weight_sq"]
 
 Tensor = torch.Tensor
 
@@ -62,6 +62,30 @@ def dora_row_norm(
         lora_a: ``[R, K]``. lora_b: ``[N, R]``. scaling: ``s`` (a 0-d tensor under ``torch.compile``).
         weight_sq: ``dora_weight_sq(weight, nf4)`` when the caller holds it; computed here otherwise.
     """
+    return _norm(weight, nf4, lora_a, lora_b, scaling, weight_sq, None, None, None)[0]
+
+
+def dora_norm_factors(
+    weight: Tensor | None,
+    nf4: NF4Args | None,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    scaling: float | Tensor,
+    magnitude: Tensor,
+    dtype: torch.dtype,
+    weight_sq: Tensor | None = None,
+    lora_a_cast: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``(norm, factors, scaled_b)`` for a training step's ``dora_linear``: the row norm as ``dora_row_norm``, and
+    where the norm kernel runs (a GPU, R <= 32, a float scaling, outside ``torch.compile``) also ``factors [3, N]``
+    (``f = m / norm``, ``s·f``, ``m == 0``) and ``f ⊙ B`` in ``dtype`` from the same launch; None, None elsewhere
+    (``dora_linear`` then forms them itself). Arguments as ``dora_row_norm``, plus the magnitude ``m [N]``, the
+    op's ``dtype`` and ``lora_a_cast``, A already cast by the caller (the pass over the base takes it instead of
+    casting A again where its dtype fits: 16-bit for NF4, W's for a dense base)."""
+    return _norm(weight, nf4, lora_a, lora_b, scaling, weight_sq, magnitude, dtype, lora_a_cast)
+
+
+def _norm(weight, nf4, lora_a, lora_b, scaling, weight_sq, magnitude, dtype, lora_a_cast) -> tuple:
     if (weight is None) == (nf4 is None):
         raise ValueError("pass exactly one of weight (a dense base) and nf4 (a quantized base)")
     a, b = lora_a.detach(), lora_b.detach()
@@ -71,17 +95,22 @@ def dora_row_norm(
         weight_sq = dora_weight_sq(weight, nf4)
     if nf4 is None:
         # W's own dtype: a float32 copy of a 16-bit W would be the [N, K] temporary this avoids
-        a_wt = F.linear(a.to(weight.dtype), weight.detach()).float()
+        same = lora_a_cast is not None and lora_a_cast.dtype == weight.dtype
+        a_wt = F.linear(lora_a_cast.detach() if same else a.to(weight.dtype), weight.detach())
     elif nf4.packed.is_cuda:
-        # A in bfloat16 takes the NF4 decode kernel (R <= 64 rows: one skinny pass over the packed base, float32
+        # 16-bit A takes the NF4 decode kernel (R <= 64 rows: one skinny pass over the packed base, float32
         # accumulation); float32 A would dequantize the whole base into a float32 [N, K] scratch first
-        a_wt = nf4_linear(a.to(torch.bfloat16), None, nf4).float()
+        low = lora_a_cast is not None and lora_a_cast.dtype in (torch.bfloat16, torch.float16)
+        a_wt = nf4_linear(lora_a_cast.detach() if low else a.to(torch.bfloat16), None, nf4)
     else:
         a_wt = nf4_linear(a.float(), None, nf4)
     if (use_triton(a_wt) and dora_norm.supported(a) and not isinstance(scaling, Tensor)
             and not torch.compiler.is_compiling() and not isinstance(a_wt, FakeTensor)):  # fmt: skip
-        return dora_norm.dora_row_norm_fwd(weight_sq.detach(), a_wt, a, b, scaling)  # the rank-sized rest, one launch
-    return reference.dora_row_norm_reference(weight_sq.detach(), a_wt, a, b, scaling)
+        # the rank-sized rest in one launch; A·Wᵀ read in its own dtype
+        if magnitude is None:
+            return dora_norm.dora_row_norm_fwd(weight_sq.detach(), a_wt, a, b, scaling), None, None
+        return dora_norm.dora_norm_factors_fwd(weight_sq.detach(), a_wt, a, b, scaling, magnitude, dtype)
+    return reference.dora_row_norm_reference(weight_sq.detach(), a_wt, a, b, scaling), None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,6 +128,8 @@ def dora_linear_fwd(
     scaling: float,
     magnitude: Tensor,
     norm: Tensor,
+    factors: Tensor | None,
+    scaled_b: Tensor | None,
     packed: Tensor | None,
     absmax: Tensor | None,
     n: int,
@@ -110,18 +141,19 @@ def dora_linear_fwd(
     nested_quant_map: Tensor | None,
     nested_blocksize: int,
 ) -> tuple[Tensor, Tensor]:
-    """``(Y [M, N], U [M, R])`` of the fused DoRA linear; see ``dora_linear_fwd_reference``."""
+    """``(Y [M, N], U [M, R])`` of the fused DoRA linear; see ``dora_linear_fwd_reference``. ``factors`` and
+    ``scaled_b`` (``dora_norm_factors``; None to form them here) are what the kernels take of m and the norm."""
     nf4 = _nf4(packed, absmax, n, k, blocksize, nested_absmax, offset, quant_map, nested_quant_map, nested_blocksize)
     if use_triton(x):
         from fastpeft.kernels.dora_linear import dora_linear_fwd as launch
-    else:
-        launch = reference_dora.dora_linear_fwd_reference
-    y, u = launch(x, weight, bias, lora_a, lora_b, scaling, magnitude, norm, nf4=nf4)
-    return y, u
+
+        return launch(x, weight, bias, lora_a, lora_b, scaling, magnitude, norm, nf4=nf4, factors=factors,
+                      scaled_b=scaled_b)  # fmt: skip
+    return reference_dora.dora_linear_fwd_reference(x, weight, bias, lora_a, lora_b, scaling, magnitude, norm, nf4=nf4)
 
 
 @dora_linear_fwd.register_fake
-def _(x, weight, bias, lora_a, lora_b, scaling, magnitude, norm, *nf4_flat):
+def _(x, weight, bias, lora_a, lora_b, scaling, magnitude, norm, factors, scaled_b, *nf4_flat):
     m = x.shape[0]
     return x.new_empty((m, lora_b.shape[0])), x.new_empty((m, lora_a.shape[0]))
 
@@ -139,6 +171,8 @@ def dora_linear_bwd(
     scaling: float,
     magnitude: Tensor,
     norm: Tensor,
+    factors: Tensor | None,
+    scaled_b: Tensor | None,
     packed: Tensor | None,
     absmax: Tensor | None,
     n: int,
@@ -157,19 +191,22 @@ def dora_linear_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dX, dA, dB, dbias, dm)``, an empty ``[0]`` tensor where not asked; see ``dora_linear_bwd_reference``."""
     nf4 = _nf4(packed, absmax, n, k, blocksize, nested_absmax, offset, quant_map, nested_quant_map, nested_blocksize)
+    needs = {"needs_dx": needs_dx, "needs_da": needs_da, "needs_db": needs_db, "needs_dbias": needs_dbias,
+             "needs_dm": needs_dm}  # fmt: skip
     if use_triton(dy):
         from fastpeft.kernels.dora_linear import dora_linear_bwd as launch
+
+        grads = launch(dy, x, weight, bias, lora_a, lora_b, u, y, scaling, magnitude, norm, nf4=nf4, factors=factors,
+                       scaled_b=scaled_b, **needs)  # fmt: skip
     else:
-        launch = reference_dora.dora_linear_bwd_reference
-    grads = launch(
-        dy, x, weight, bias, lora_a, lora_b, u, y, scaling, magnitude, norm, nf4=nf4, needs_dx=needs_dx,
-        needs_da=needs_da, needs_db=needs_db, needs_dbias=needs_dbias, needs_dm=needs_dm,
-    )  # fmt: skip
+        grads = reference_dora.dora_linear_bwd_reference(
+            dy, x, weight, bias, lora_a, lora_b, u, y, scaling, magnitude, norm, nf4=nf4, **needs
+        )
     return tuple(g if g is not None else dy.new_empty((0,)) for g in grads)
 
 
 @dora_linear_bwd.register_fake
-def _(dy, x, weight, bias, lora_a, lora_b, u, y, scaling, magnitude, norm, *rest):
+def _(dy, x, weight, bias, lora_a, lora_b, u, y, scaling, magnitude, norm, factors, scaled_b, *rest):
     needs_dx, needs_da, needs_db, needs_dbias, needs_dm = rest[-5:]
     empty = dy.new_empty((0,))
     return (
@@ -182,31 +219,31 @@ def _(dy, x, weight, bias, lora_a, lora_b, u, y, scaling, magnitude, norm, *rest
 
 
 def _dora_setup_context(ctx, inputs: Sequence, output: tuple[Tensor, Tensor]) -> None:
-    (x, weight, bias, lora_a, lora_b, scaling, magnitude, norm, packed, absmax, n, k, blocksize, nested_absmax,
-     offset, quant_map, nested_quant_map, nested_blocksize) = inputs  # fmt: skip
+    (x, weight, bias, lora_a, lora_b, scaling, magnitude, norm, factors, scaled_b, packed, absmax, n, k, blocksize,
+     nested_absmax, offset, quant_map, nested_quant_map, nested_blocksize) = inputs  # fmt: skip
     y, u = output
     ctx.mark_non_differentiable(u)
     ctx.set_materialize_grads(False)
     # Y itself, not X·Wᵀ + s·U·Bᵀ: dm is recovered from it (no [M, N] kept beyond the output)
-    ctx.save_for_backward(x, weight, bias, lora_a, lora_b, u, y, magnitude, norm, packed, absmax, nested_absmax,
-                          offset, quant_map, nested_quant_map)  # fmt: skip
+    ctx.save_for_backward(x, weight, bias, lora_a, lora_b, u, y, magnitude, norm, factors, scaled_b, packed, absmax,
+                          nested_absmax, offset, quant_map, nested_quant_map)  # fmt: skip
     ctx.consts = (scaling, n, k, blocksize, nested_blocksize)
 
 
 def _dora_backward(ctx, dy: Tensor | None, _du: Tensor | None) -> tuple:
     """With Gf = dY ⊙ f: dX = Gf·W + s·(Gf·B)·A, dA = s·(Gf·B)ᵀ·X, dB = s·Gfᵀ·U, dbias = Σ dY,
     dm = Σ_i dY ⊙ (Y − bias) / m; the norm, W and the scaling get none."""
-    n_inputs = 18
+    n_inputs = 20
     needs = ctx.needs_input_grad
     flags = (needs[0], needs[3], needs[4], needs[2], needs[6])  # dx, da, db, dbias, dm
     if dy is None or not any(flags):
         return (None,) * n_inputs
-    (x, weight, bias, lora_a, lora_b, u, y, magnitude, norm, packed, absmax, nested_absmax, offset, quant_map,
-     nested_quant_map) = ctx.saved_tensors  # fmt: skip
+    (x, weight, bias, lora_a, lora_b, u, y, magnitude, norm, factors, scaled_b, packed, absmax, nested_absmax, offset,
+     quant_map, nested_quant_map) = ctx.saved_tensors  # fmt: skip
     scaling, n, k, blocksize, nested_blocksize = ctx.consts
     dx, da, db, dbias, dm = dora_linear_bwd(
-        dy.contiguous(), x, weight, bias, lora_a, lora_b, u, y, scaling, magnitude, norm, packed, absmax, n, k,
-        blocksize, nested_absmax, offset, quant_map, nested_quant_map, nested_blocksize, *flags,
+        dy.contiguous(), x, weight, bias, lora_a, lora_b, u, y, scaling, magnitude, norm, factors, scaled_b, packed,
+        absmax, n, k, blocksize, nested_absmax, offset, quant_map, nested_quant_map, nested_blocksize, *flags,
     )  # fmt: skip
     grads = [None] * n_inputs
     for i, g, wanted in ((0, dx, flags[0]), (3, da, flags[1]), (4, db, flags[2]), (2, dbias, flags[3]),
@@ -229,6 +266,8 @@ def dora_linear(
     norm: Tensor,
     *,
     nf4: NF4Args | None = None,
+    factors: Tensor | None = None,
+    scaled_b: Tensor | None = None,
 ) -> Tensor:
     """``Y = f ⊙ (X·Wᵀ + s·X·Aᵀ·Bᵀ) + bias``, ``f = m / norm``, differentiable in X, A, B, bias and m (never W; the
     norm is a constant). No dropout: DoRA with dropout in training keeps its two-pass form (``nn.lora_dora``).
@@ -239,6 +278,8 @@ def dora_linear(
         bias: ``[N]`` or None. lora_a: ``[R, K]``. lora_b: ``[N, R]``. scaling: ``s``.
         magnitude: ``m [N]`` (any float dtype; its gradient comes back in it).
         norm: ``‖W + s·B·A‖`` ``[N]`` (``dora_row_norm``), used detached, as float32.
+        factors, scaled_b: ``dora_norm_factors``'s two, from this ``m`` and ``norm`` (the op then forms neither
+            ``f`` nor ``f ⊙ B`` itself, forward or backward); None for the op to form them.
 
     Returns:
         ``[..., N]`` in x's dtype.
@@ -256,5 +297,8 @@ def dora_linear(
     norm = norm.detach().float().contiguous()
     # the custom op on every device (no plain-Function twin as lora_linear has): the memory model's fake-tensor
     # trace then sees what a real CPU step saves (a Function twin saved differently under checkpointing)
-    y, _ = dora_linear_fwd(x2, weight, bias, lora_a, lora_b, float(scaling), magnitude, norm, *_flat_nf4(nf4))
+    if (factors is None) != (scaled_b is None):
+        raise ValueError("pass both factors and scaled_b (dora_norm_factors) or neither")
+    y, _ = dora_linear_fwd(x2, weight, bias, lora_a, lora_b, float(scaling), magnitude, norm, factors, scaled_b,
+                           *_flat_nf4(nf4))  # fmt: skip
     return y.view(*lead, y.shape[-1])

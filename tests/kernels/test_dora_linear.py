@@ -181,7 +181,11 @@ def test_each_path_matches_the_reference_forward_and_backward(monkeypatch, name,
     bwd_kw = {"nf4": p["nf4"], "needs_dbias": True}
     bwd_args = (dy, p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"], u_ref, y_ref, p["scaling"],
                 p["magnitude"], p["norm"])  # fmt: skip
+    colsum = dora_linear.dora_colsum
+    monkeypatch.setattr(dora_linear, "dora_colsum", lambda *a: calls.__setitem__("colsum", 1) or colsum(*a))
     got = dora_linear.dora_linear_bwd(*bwd_args, **bwd_kw)
+    # on the scaled scratch dm's and dbias' sums ride along dB's pass: no column pass of its own
+    assert calls.get("colsum", 0) == int(not scaled_path), f"{name}: column pass {calls}"
     # oracle rule: against float64 autograd of the formula, at most 2x the error of eager autograd in x's dtype
     # (each path rounds dY ⊙ f, f ⊙ B or f ⊙ W once to x's dtype, as eager's chain rounds its intermediates)
     exact, eager = _autograd_formula(p, dy, torch.float64), _autograd_formula(p, dy, dtype)
@@ -192,6 +196,34 @@ def test_each_path_matches_the_reference_forward_and_backward(monkeypatch, name,
     none = dora_linear.dora_linear_bwd(*bwd_args, nf4=p["nf4"], needs_dx=False, needs_da=False, needs_db=False,
                                        needs_dm=False)  # fmt: skip
     assert none == (None,) * 5
+
+
+@pytest.mark.parametrize("name, m, k, n, dtype, base, cublas", PATHS, ids=[p[0] for p in PATHS])
+def test_factors_from_the_norm_launch_change_no_bit(monkeypatch, name, m, k, n, dtype, base, cublas):
+    """Given ``dora_norm_factors``' F and f ⊙ B, each path computes exactly what it computes forming them itself
+    (forward and backward, zero magnitudes included), and forms none of f, f ⊙ B or m == 0 itself."""
+    if cublas:
+        monkeypatch.setattr(L, "cublas_path", lambda m, p, q: True)
+    p, dy = _op_problem(m, k, n, dtype, base, ("given factors", name))
+    p["magnitude"][[1, 7]] = 0.0
+    factors, fb = reference_dora.dora_factors_reference(p["norm"], p["magnitude"], p["lora_b"], p["scaling"], dtype)
+    plain_y, plain_u = dora_linear.dora_linear_fwd(*_fwd_args(p), nf4=p["nf4"])
+    bwd_args = (dy, p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"], plain_u, plain_y, p["scaling"],
+                p["magnitude"], p["norm"])  # fmt: skip
+    plain = dora_linear.dora_linear_bwd(*bwd_args, nf4=p["nf4"], needs_dbias=True)
+    formed = []
+    for fn in ("_factor", "_scaled_b"):
+        real = getattr(dora_linear, fn)
+        monkeypatch.setattr(dora_linear, fn, lambda *a, fn=fn, real=real: formed.append(fn) or real(*a))
+    given = {"nf4": p["nf4"], "factors": factors, "scaled_b": fb}
+    y, u = dora_linear.dora_linear_fwd(*_fwd_args(p), **given)
+    grads = dora_linear.dora_linear_bwd(*bwd_args, **given, needs_dbias=True)
+    assert torch.equal(y, plain_y) and torch.equal(u, plain_u), f"{name}: forward"
+    for what, a, b in zip(("dX", "dA", "dB", "dbias", "dm"), grads, plain, strict=True):
+        assert torch.equal(a, b), f"{name}: {what} differs given the factors"
+    assert not formed, f"{name}: formed {formed} though given"
+    with pytest.raises(ValueError, match="factors must be"):
+        dora_linear.dora_linear_fwd(*_fwd_args(p), nf4=p["nf4"], factors=factors[:2], scaled_b=fb)
 
 
 @pytest.mark.parametrize("base", ["dense", "nf4"])

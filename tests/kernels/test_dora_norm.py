@@ -67,9 +67,37 @@ def test_every_norm_launch_is_a_gated_binary(monkeypatch):
     for r, awt_dtype in ((4, torch.float32), (20, torch.bfloat16), (32, torch.float32), (16, torch.bfloat16)):
         wsq, awt, a, b, _ = _operands(40, 64, r, awt_dtype, g)
         dora_norm.dora_row_norm_fwd(wsq, awt, a, b, 1.0)
+        op_dtype = torch.float16 if r == 4 else awt_dtype  # a float32 dense base under a 16-bit op, and the rest
+        dora_norm.dora_norm_factors_fwd(wsq, awt, a, b, 1.0, torch.ones(40), op_dtype)
     cases = [c for c in _gate.all_cases() if c.kernel == "_dora_norm_kernel"]
     assert rec.launches and cases
     problems = {
         min(reasons, key=len) for launch in rec.launches if all(reasons := [_mismatch(c, launch) for c in cases])
     }
     assert not problems, problems
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("n", "r"), [(130, 4), (257, 20), (33, 32)])
+def test_factors_equal_the_reference_bit_for_bit(n, r, dtype):
+    """The factors launch: the same norm as the plain launch, and f = m / norm, s·f, m == 0 and f ⊙ B (B rounded to
+    the op's dtype first) exactly as ``dora_factors_reference`` forms them from that norm, zero magnitudes too."""
+    from fastpeft.kernels import reference_dora
+
+    g = torch.Generator().manual_seed(stable_seed("dora factors", n, r, str(dtype)))
+    wsq, awt, a, b, _ = _operands(n, 64, r, torch.float32, g)
+    mag = torch.rand(n, generator=g) + 0.5
+    mag[[0, n // 2]] = 0.0
+    s = 1.3
+    norm, factors, fb = dora_norm.dora_norm_factors_fwd(wsq, awt.to(dtype), a, b, s, mag, dtype)
+    assert torch.equal(norm, dora_norm.dora_row_norm_fwd(wsq, awt.to(dtype), a, b, s))
+    want_f, want_fb = reference_dora.dora_factors_reference(norm, mag, b, s, dtype)
+    assert factors.shape == (3, n) and fb.dtype == dtype and fb.shape == (n, r)
+    assert torch.equal(factors, want_f), (factors - want_f).abs().max()
+    if dtype == torch.bfloat16:
+        # Triton's interpreter rounds float32 to bfloat16 toward zero (a GPU and torch round to nearest): an ulp
+        # for the cast of B and one for that of the product
+        torch.testing.assert_close(fb.float(), want_fb.float(), rtol=2.0**-6, atol=0.0)
+    else:
+        assert torch.equal(fb, want_fb), (fb.float() - want_fb.float()).abs().max()
+    assert factors[2].sum() == 2 and factors[0, 0] == 0
