@@ -24,10 +24,11 @@ whose figures are quoted here unless said otherwise; H100 SXM, estimates, not me
 
 - forward, 16-bit x, ``M <= 64`` (``lora_linear_decode.DECODE_M_MAX``), ``K % 64 == 0``: the decode kernel
   (``lora_linear_decode``; split-K reduced inside, output written in x's dtype), one launch without dropout for
-  M <= 16 and R <= 64 (U summed inside it), else the ``U`` kernel first. At M = 1, r = 16 the model gives 6.9 us
-  for 4096 x 4096 (40 % of HBM for the call, 1.9x its bf16 cuBLAS GEMV), 17.3 us for 14336 x 4096 (55 %, 2.3x);
-  the kernels alone reach 58-74 % of HBM at M <= 16 (28-30 % at 1024 x 4096), 52-55 % at M = 64 (latency- or integer-pipe-bound, the
-  calibration's error on bandwidth-bound points is -33 % to +3 %: benchmarks/calibration.md);
+  M <= 16 and R <= 64 (U summed inside it), else the ``U`` kernel first. At M = 1, r = 16 the model gives 6.8 us
+  for 4096 x 4096 (40 % of HBM for the call, 1.9x its bf16 cuBLAS GEMV), 15.9 us for 14336 x 4096 (60 %, 2.5x);
+  the kernels alone reach 58-80 % of HBM at M <= 16 (28-30 % at 1024 x 4096), 52-55 % at M = 64 (latency- or
+  integer-pipe-bound; the calibration's error on bandwidth-bound points is -33 % to +3 %:
+  benchmarks/calibration.md);
 - ``M <= SMALL_M_MAX`` (16), 16-bit, otherwise (dX, or a forward the decode kernel does not take): the
   general GEMM's split-K path decoding NF4 in its main loop (bandwidth-bound sizes; ≈ 39 instructions
   per weight by the first model's count, so far from the roofline: acceptable only because such calls are

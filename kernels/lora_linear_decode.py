@@ -42,9 +42,10 @@ each tile adds ``s·B·Uᵀ``. Either way the LoRA term is added after the main 
 accumulator (before the loop it would serialize the wgmma: C7515), and the last slice to arrive only scales
 (DoRA's ``col_scale``), adds the bias (both loaded before the count) and stores: nothing but the sum stands
 between the count and the store. The rows' absmax codes are loaded at the top of each iteration, so the decode
-covers their latency (only the code-map gather, an L1 hit, waits after it). Cost model at M = 1, H100, estimates
-(call with launch overhead): 4096 x 4096 10.9 -> 6.9 us (kernel 5.1 -> 4.9 us), 14336 x 4096 22.0 -> 17.3 us,
-4096 x 14336 20.2 -> 15.4 us, 1024 x 4096 8.4 -> 4.6 us.
+covers their latency (only the code-map gather, an L1 hit, waits after it). The decode's three right shifts
+per word run as ``mul.hi`` on the FMA pipe up to BLOCK_M = 32 (``nf4_prmt``; at 64 they stay shifts, whose two
+registers fewer keep that build from spilling). Cost model at M = 1, H100, estimates (call with launch overhead):
+4096 x 4096 6.8 us (kernel 4.8 us), 14336 x 4096 15.9 us, 4096 x 14336 14.3 us, 1024 x 4096 4.6 us.
 
 Split-K: ``N / BLOCK_N`` programs rarely fill a GPU, so K is split over a second grid axis until one wave of
 resident programs (``resident_per_sm``, from the binaries' registers) is full, rounded so that no slice is empty.
@@ -57,9 +58,9 @@ launch) and float32 (a cast launch); a plain store per slice with the last progr
 L2 round trips on that program's critical path (not modelled). There is no host synchronisation and no
 data-dependent host logic, so the launches are CUDA-graph capturable once a warm-up call has sized the workspace.
 The summation order of float atomics varies run to run (as before), within the oracle's tolerance.
-What binds now (the model): the integer pipe in the given-U form (PRMT decode, ≈ 2.9 ALU instructions per
-weight: 380 cycles per CTA-iteration against 308 of HBM bytes), the loop's latency in the folded form (3 programs
-per SM); see benchmarks/model_predictions.md.
+What binds now (the model): the integer pipe in the given-U form (PRMT decode, ≈ 2.6 integer-pipe instructions
+per weight: 332 cycles per CTA-iteration against ≈ 308 of HBM bytes), the loop's latency in the folded form (3
+programs per SM, 148-168 registers); see benchmarks/model_predictions.md.
 The C library (``csrc/``) still launches the atomic form, ``_nf4_decode_kernel``, into a workspace it zeroes.
 """
 
@@ -74,11 +75,11 @@ import triton.language as tl
 
 from fastpeft.kernels._gate import GateCase
 from fastpeft.kernels.formats import NF4_CODE, NF4Args, dynamic_map
-from fastpeft.kernels.nf4_prmt import DECODE_ASM, _decode_words, _permute_tables, decode_tables
+from fastpeft.kernels.nf4_prmt import DECODE_ASM, DECODE_ASM_SHR, _decode_words, _permute_tables, decode_tables
 
 __all__ = [
-    "DECODE_ASM", "DECODE_M_MAX", "FOLD_R_MAX", "compile_gate_cases", "decode_supported", "decode_tables",
-    "fold_u_supported", "lora_u_fwd", "nf4_decode_fwd",
+    "DECODE_ASM", "DECODE_ASM_SHR", "DECODE_M_MAX", "FOLD_R_MAX", "compile_gate_cases", "decode_supported",
+    "decode_tables", "fold_u_supported", "lora_u_fwd", "nf4_decode_fwd",
 ]  # fmt: skip
 
 BLOCK_N = 128
@@ -128,7 +129,9 @@ def _decode_partial(
     k_of_j = 16 * ((j // 2) % 4) + 8 * ((j // 8) % 2) + 2 * (j // 16) + j % 2
     x_rows = x_ptr + offs_m[None, :] * stride_xm + k_of_j[:, None] * stride_xk
     offset = tl.load(offset_ptr)
-    t0, t1, t2, t3, t4, t5, t6, t7, sel = _permute_tables(table_ptr, USE_ASM)
+    # the decode's shifts on the FMA pipe (IMAD.HI) up to BLOCK_M = 32; at 64 the two multiplier registers spill
+    shifts_on_fma: tl.constexpr = BLOCK_M <= 32
+    t0, t1, t2, t3, t4, t5, t6, t7, sel, sh16, sh1 = _permute_tables(table_ptr, USE_ASM, shifts_on_fma)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     ut = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)
     offs_r = tl.arange(0, BLOCK_R)
@@ -162,7 +165,9 @@ def _decode_partial(
         else:
             absmax = tl.load(absmax_ptr + blk, mask=mask_n, other=0.0)
         # -- decode: 8 codes a word -> [BLOCK_N, 64] code values in x's dtype, already in the MMA operand's order --
-        o0, o1, o2, o3 = _decode_words(words, table_ptr, t0, t1, t2, t3, t4, t5, t6, t7, sel, USE_ASM)
+        o0, o1, o2, o3 = _decode_words(
+            words, table_ptr, t0, t1, t2, t3, t4, t5, t6, t7, sel, sh16, sh1, USE_ASM, shifts_on_fma
+        )
         pairs = tl.join(tl.join(o0, o2), tl.join(o1, o3)).reshape(2, 2, 4, 8, 8, 4)  # (..., word, p)
         lo = pairs.to(tl.int16).to(dtype, bitcast=True)
         hi = (pairs >> 16).to(tl.int16).to(dtype, bitcast=True)

@@ -62,6 +62,8 @@ def _run_ptx(asm: str, operands: list[int]) -> list[int]:
             regs[dst] = val(src[0]) | val(src[1])
         elif op == "shr.b32":
             regs[dst] = val(src[0]) >> val(src[1])
+        elif op == "mul.hi.u32":
+            regs[dst] = (val(src[0]) * val(src[1])) >> 32
         elif op == "prmt.b32":
             regs[dst] = _prmt(val(src[0]), val(src[1]), val(src[2]))
         else:
@@ -78,11 +80,16 @@ def _twin_words(word: int, halves: list[int]) -> list[int]:
     return [halves[codes[2 * t]] | (halves[codes[2 * t + 1]] << 16) for t in range(4)]
 
 
+@pytest.mark.parametrize("asm", ["mul.hi shifts", "shr shifts"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_permute_ptx_decodes_every_code_in_every_position(dtype):
+def test_permute_ptx_decodes_every_code_in_every_position(dtype, asm):
     tables = D.decode_tables(dtype, torch.device("cpu")).tolist()
-    permute, halves = [t & MASK32 for t in tables[:9]], tables[9:]
-    assert re.findall(r"^\s*(\w+\.\w+)", D.DECODE_ASM, re.M)  # the emulator runs the shipped text
+    # the permute tables and select mask, the twin's 16-bit patterns, the two shift multipliers (2^16, 2^31)
+    permute, halves, shifts = [t & MASK32 for t in tables[:9]], tables[9:25], [t & MASK32 for t in tables[25:]]
+    assert shifts == [1 << 16, 1 << 31]
+    text = D.DECODE_ASM if asm == "mul.hi shifts" else D.DECODE_ASM_SHR
+    assert ("mul.hi.u32" in text) == (asm == "mul.hi shifts")
+    assert re.findall(r"^\s*(\w+\.\w+)", text, re.M)  # the emulator runs the shipped text
     g = torch.Generator().manual_seed(stable_seed("ptx", str(dtype)))
     words = [int(w) & MASK32 for w in torch.randint(0, 2**32, (200,), generator=g, dtype=torch.int64)]
     # every code at every nibble position, the rest random
@@ -90,14 +97,14 @@ def test_permute_ptx_decodes_every_code_in_every_position(dtype):
         for code in range(16):
             words.append((words[pos * 16 + code] & ~(0xF << (4 * pos)) | (code << (4 * pos))) & MASK32)
     for w in words:
-        got = _run_ptx(D.DECODE_ASM, [0, 0, 0, 0, w, *permute])
+        got = _run_ptx(text, [0, 0, 0, 0, w, *permute, *shifts])
         want = _twin_words(w, halves)
         assert got == want, f"word {w:#010x}: {[hex(v) for v in got]} != {[hex(v) for v in want]}"
 
 
 def test_twin_table_holds_the_codebook():
     for dtype in (torch.float16, torch.bfloat16):
-        halves = torch.tensor(D.decode_tables(dtype, torch.device("cpu"))[9:].tolist(), dtype=torch.int32)
+        halves = torch.tensor(D.decode_tables(dtype, torch.device("cpu"))[9:25].tolist(), dtype=torch.int32)
         values = halves.to(torch.int16).view(dtype).float()
         torch.testing.assert_close(values, torch.tensor(NF4_CODE).to(dtype).float(), rtol=0, atol=0)
 
