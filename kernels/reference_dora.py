@@ -7,6 +7,7 @@ file of its own. Same signatures and contracts as the launchers; accumulation in
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from fastpeft.kernels.formats import NESTED_BLOCKSIZE, NF4Args
 from fastpeft.kernels.reference import _acc, _base_weight, nf4_dequantize_reference
@@ -101,15 +102,19 @@ def dora_linear_fwd_reference(
 
     Returns:
         ``y [M, N]`` and ``u [M, R]`` in x's dtype (the LoRA term from U rounded to x's dtype, as the kernels).
+
+    Evaluated in HF PEFT's order, ``base + ((f − 1) ⊙ (base − bias) + f ⊙ (U·Bᵀ) · s)`` with ``base`` the base
+    layer's own ``F.linear`` (bias inside the product): in float32 that is peft's result bit for bit, and a DoRA
+    adapter at its initialization (``f = 1``, ``B = 0``) returns the base layer's output exactly.
     """
     acc = _acc(x)
     xf = x.to(acc)
     u = (xf @ lora_a.to(acc).t()).to(x.dtype)
-    y = xf @ _base_weight(weight, nf4, acc).t()
-    y.addmm_(u.to(acc), lora_b.to(acc).t(), alpha=scaling)
-    y *= magnitude.to(acc) / norm.to(acc)
-    if bias is not None:
-        y += bias.to(acc)
+    b = None if bias is None else bias.to(acc)
+    base = F.linear(xf, _base_weight(weight, nf4, acc), b)
+    f = magnitude.to(acc) / norm.to(acc)
+    lora = u.to(acc) @ lora_b.to(acc).t()
+    y = base + ((f - 1) * (base if b is None else base - b) + f * lora * scaling)
     return y.to(x.dtype), u
 
 

@@ -185,3 +185,20 @@ def test_base_model_state_dict_leaves_out_the_magnitude_vector():
     extracted = get_base_model_state_dict(pm)
     assert set(extracted) == keys
     assert all(torch.equal(extracted[k], v) for k, v in base.state_dict().items())
+
+
+def test_a_fresh_dora_adapter_returns_the_base_output_bit_for_bit_as_peft_does():
+    """At initialization (B = 0, m = the row norms) DoRA is a no-op: the layer's output is the base layer's, exactly
+    (float32, CPU), in eval and in training without dropout, as HF PEFT's is (its test_lora_use_dora_linear)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(1000, 300)  # wide enough that x·Wᵀ + bias rounds apart from the base's addmm
+    x = torch.randn(17, 1000)
+    want = lin(x)
+    assert not torch.equal(x @ lin.weight.t() + lin.bias, want), "the two orders agree here: the check proves nothing"
+    ours = get_peft_model(torch.nn.Sequential(twin(lin)), LoraConfig(r=4, target_modules=["0"], use_dora=True))
+    hf = peft.get_peft_model(torch.nn.Sequential(twin(lin)), peft.LoraConfig(r=4, target_modules=["0"], use_dora=True))
+    for train in (False, True):
+        with torch.no_grad():
+            got, theirs = ours.train(train)(x), hf.train(train)(x)
+        assert torch.equal(theirs, want), "HF PEFT's own no-op, the premise of this test"
+        assert torch.equal(got, want), f"training={train}: {max_diff(got, want):.3e} from the base output"
