@@ -6,8 +6,9 @@ and ``fwd+bwd`` (gradients for X, A, B and the magnitude m; the base is frozen).
 dtype, as the LoRA op's; m is float32, as HF PEFT keeps it. Training semantics: every call recomputes the
 row norm (A and B change every step), ``‖W‖²`` cached as the layer caches it. Providers:
 
-* ``fastpeft``: ``fastpeft.ops.dora.dora_row_norm`` then ``dora_linear`` (NF4 forward at M <= 64: the decode
-  kernel forming f in its epilogue; larger M: ``f ⊙ W`` dequantized into the scratch, then LoRA's GEMM).
+* ``fastpeft``: ``fastpeft.ops.dora.dora_norm_factors`` then ``dora_linear`` with its factors, as a training step
+  of the layer runs them (NF4 forward at M <= 64: the decode kernel forming f in its epilogue; larger M: ``f ⊙ W``
+  dequantized into the scratch, then LoRA's GEMM).
 * ``fastpeft-eval`` (fwd, M <= 64): ``dora_linear`` with the norm computed once and kept, as the layer keeps it
   in eval mode; no dense weight is cached.
 * ``fastpeft-lora``: ``fastpeft.ops.lora.lora_linear`` on the same base and factors, the anchor of the DoRA
@@ -173,7 +174,7 @@ def _reference(x: torch.Tensor, L: _DoraLayer) -> torch.Tensor:
 
 def _provider_fn(p: str, L: _DoraLayer, rank: int) -> tuple[Callable[[torch.Tensor], torch.Tensor], list]:
     """``f(x) -> y`` of provider ``p`` on layer ``L`` and the tensors whose gradients it makes."""
-    from fastpeft.ops.dora import dora_linear, dora_row_norm
+    from fastpeft.ops.dora import dora_linear, dora_norm_factors, dora_row_norm
     from fastpeft.ops.lora import lora_linear
 
     a, b, m, q = L.lora_a, L.lora_b, L.magnitude, L.nf4
@@ -181,8 +182,8 @@ def _provider_fn(p: str, L: _DoraLayer, rank: int) -> tuple[Callable[[torch.Tens
     if p == "fastpeft":
 
         def f(x: torch.Tensor) -> torch.Tensor:
-            norm = dora_row_norm(w, q, a, b, SCALING, L.weight_sq)
-            return dora_linear(x, w, None, a, b, SCALING, m, norm, nf4=q)
+            norm, factors, fb = dora_norm_factors(w, q, a, b, SCALING, m, x.dtype, L.weight_sq, lora_a_cast=a)
+            return dora_linear(x, w, None, a, b, SCALING, m, norm, nf4=q, factors=factors, scaled_b=fb)
 
         return f, [a, b, m]
     if p == "fastpeft-eval":

@@ -15,7 +15,8 @@ Math, for ``X [M, K]``, a frozen ``W [N, K]`` (dense, or NF4), ``bias [N]``, ``A
 
 so the backward keeps the op's own output ``Y`` (no extra memory where its consumer keeps it too) instead of
 ``Y0``. Where ``m_n = 0`` the column of ``Y`` is ``bias`` and ``Y0`` cannot be recovered from it: those columns
-(found by one host sync per backward) get ``Y0`` recomputed from X and the base's rows (``_zero_magnitude_fix``).
+get ``Y0`` recomputed from X and the base's rows by ``_dora_zero_dm_kernel``, which finds them on the GPU (one
+launch that only reads m when no magnitude is 0: no host synchronization).
 Numerics of the recovery: ``Y − bias`` carries ``Y``'s rounding (half an ulp of ``|Y|``), so with a bias much
 larger than ``f·Y0`` the magnitude's gradient loses the bits the bias takes (eager autograd keeps ``Y0``).
 
@@ -48,11 +49,11 @@ import triton.language as tl
 from fastpeft.kernels import lora_linear as lora
 from fastpeft.kernels import lora_linear_decode as decode
 from fastpeft.kernels._gate import GateCase
-from fastpeft.kernels.formats import NF4Args, dot_precision
+from fastpeft.kernels.formats import NESTED_BLOCKSIZE, NF4Args, dot_precision, dynamic_map, nf4_code
 from fastpeft.kernels.lora_linear_kernels import _interpreting, _target_programs
 from fastpeft.kernels.lora_linear_wgrad import _wgrad
 
-__all__ = ["compile_gate_cases", "dora_colsum", "dora_epilogue", "dora_linear_bwd", "dora_linear_fwd"]
+__all__ = ["compile_gate_cases", "dora_colsum", "dora_epilogue", "dora_linear_bwd", "dora_linear_fwd", "dora_zero_dm"]
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -135,6 +136,63 @@ def _dora_colsum_kernel(
                      (g * f[None, :]).to(gf_ptr.dtype.element_ty), mask=mask)  # fmt: skip
     tl.store(dsum_ptr + pid_s * N + offs_n, tl.sum(acc_g, axis=0), mask=mask_n)
     tl.store(dm_ptr + pid_s * N + offs_n, tl.sum(acc_m, axis=0), mask=mask_n)
+
+
+@triton.jit(do_not_specialize=["lora_scale"])
+def _dora_zero_dm_kernel(
+    x_ptr, w_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, qmap_ptr, u_ptr, b_ptr, dy_ptr, m_ptr, norm_ptr,
+    dm_ptr, M, N, K, R, blocksize,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_um, stride_ur, stride_bn, stride_br, stride_gm, stride_gn,
+    lora_scale,
+    NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):  # fmt: skip
+    # dm[n] = Σ_i dY[i, n]·(X_i·W_nᵀ + s·U_i·B_nᵀ) / norm[n] for the columns n of this program with m[n] = 0, whose Y
+    # holds only the bias; a program without such a column (all of them, unless a magnitude is exactly 0) reads
+    # its BLOCK_N magnitudes and leaves. W_n: a dense row, or an NF4 row decoded here (bitsandbytes' layout)
+    pid = tl.program_id(0)
+    offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mags = tl.load(m_ptr + offs, mask=offs < N, other=1.0)
+    if tl.sum(tl.where(mags == 0.0, 1, 0)) > 0:
+        for j in range(BLOCK_N):
+            n = pid * BLOCK_N + j
+            if n < N:
+                if tl.load(m_ptr + n) == 0.0:
+                    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+                    for m0 in range(0, M, BLOCK_M):
+                        offs_m = m0 + tl.arange(0, BLOCK_M)
+                        mask_m = offs_m < M
+                        y0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+                        for k0 in range(0, K, BLOCK_K):
+                            offs_k = k0 + tl.arange(0, BLOCK_K)
+                            mask_k = offs_k < K
+                            if NF4:
+                                q = n.to(tl.int64) * K + offs_k  # flat index; the even element in the high nibble
+                                byte = tl.load(w_ptr + q // 2, mask=mask_k, other=0).to(tl.int32)
+                                code = tl.where(q % 2 == 0, byte >> 4, byte & 0xF)
+                                blk = q // blocksize
+                                if DOUBLE_QUANT:
+                                    a8 = tl.load(absmax_ptr + blk, mask=mask_k, other=0).to(tl.int32)
+                                    nested = tl.load(nested_ptr + blk // NESTED_BLOCKSIZE, mask=mask_k, other=0.0)
+                                    scale = tl.load(qmap_ptr + a8) * nested + tl.load(offset_ptr)
+                                else:
+                                    scale = tl.load(absmax_ptr + blk, mask=mask_k, other=0.0)
+                                w_n = tl.load(code_ptr + code) * scale
+                            else:
+                                w_n = tl.load(w_ptr + n * stride_wn + offs_k * stride_wk, mask=mask_k,
+                                              other=0.0).to(tl.float32)  # fmt: skip
+                            xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                                         mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(tl.float32)  # fmt: skip
+                            y0 += tl.sum(xk * w_n[None, :], axis=1)
+                        for r0 in range(0, R, BLOCK_R):  # + s·U_i·B_nᵀ, BLOCK_R ranks a step
+                            offs_r = r0 + tl.arange(0, BLOCK_R)
+                            b_n = tl.load(b_ptr + n * stride_bn + offs_r * stride_br, mask=offs_r < R, other=0.0)
+                            u = tl.load(u_ptr + offs_m[:, None] * stride_um + offs_r[None, :] * stride_ur,
+                                        mask=mask_m[:, None] & (offs_r < R)[None, :], other=0.0)  # fmt: skip
+                            y0 += lora_scale * tl.sum(u.to(tl.float32) * b_n.to(tl.float32)[None, :], axis=1)
+                        g = tl.load(dy_ptr + offs_m * stride_gm + n * stride_gn, mask=mask_m, other=0.0)
+                        acc += g.to(tl.float32) * y0
+                    tl.store(dm_ptr + n, tl.sum(acc, axis=0) / tl.load(norm_ptr + n))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,6 +290,60 @@ def dora_colsum(
     return sums[0], sums[1], gf
 
 
+ZERO_DM_BLOCK_N = 128
+"""Magnitudes a zero-magnitude program checks: N / 128 programs, each a 512-byte read when none is 0."""
+
+
+def _zero_dm_config(interpret: bool) -> dict[str, int]:
+    # the rare path: a float32 FMA dot per row block, 32 rows x 128 of K in flight, small enough not to spill
+    if interpret:
+        return {"BLOCK_M": 8, "BLOCK_K": 32, "num_warps": 4}
+    return {"BLOCK_M": 32, "BLOCK_K": 128, "num_warps": 4}
+
+
+def dora_zero_dm(
+    dm: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, nf4: NF4Args | None,
+    lora_b: torch.Tensor, u: torch.Tensor, scaling: float, magnitude: torch.Tensor, norm: torch.Tensor,
+) -> torch.Tensor:  # fmt: skip
+    """``dm`` in place where ``m_n = 0`` (Y's column holds only the bias there, so ``(Y − bias) / m`` says nothing):
+    ``dm_n = Σ_i dY[i, n]·(X_i·W_nᵀ + s·U_i·B_nᵀ) / norm_n``, W's row dense or NF4-decoded in the kernel, float32.
+    One launch that decides on the GPU: no host synchronization, so a DoRA backward stays CUDA-graph capturable;
+    without a zero magnitude it only reads m. Contract: the ``m == 0`` branch of ``dora_linear_bwd_reference``.
+
+    Args:
+        dm: float32 ``[N]``, contiguous, written where ``m_n = 0``. dy ``[M, N]``, x ``[M, K]``, u ``[M, R]``,
+        lora_b ``[N, R]``: the backward's (any strides). weight / nf4: the base. magnitude, norm: ``[N]``.
+    """
+    m_rows, k = x.shape
+    n, r = lora_b.shape
+    _check_vec("dm", dm, n, torch.float32, x.device)
+    mag = magnitude.detach().float().contiguous()
+    cfg = _zero_dm_config(_interpreting())
+    nested_bs = NESTED_BLOCKSIZE if nf4 is None else nf4.nested_blocksize
+    if nf4 is None:
+        w, absmax = weight, None
+        placeholders = (norm,) * 5  # absmax, nested absmax, offset, code map, nested map: unread
+        w_strides, blocksize, dq = (weight.stride(0), weight.stride(1)), 1, False
+    else:
+        w, absmax, dq = nf4.packed.reshape(-1), nf4.absmax, nf4.absmax.dtype == torch.uint8
+        code = (nf4_code(x.device) if nf4.quant_map is None else nf4.quant_map).float().contiguous()
+        if dq:
+            qmap = nf4.nested_quant_map if nf4.nested_quant_map is not None else dynamic_map(x.device)
+            extra = (nf4.nested_absmax, nf4.offset.reshape(1).float(), code, qmap.float().contiguous())
+        else:
+            extra = (absmax, absmax, code, absmax)  # nested absmax, offset and nested map unread
+        placeholders = (absmax, *extra)
+        w_strides, blocksize = (0, 0), nf4.blocksize
+    _dora_zero_dm_kernel[(triton.cdiv(n, ZERO_DM_BLOCK_N),)](
+        x, w, *placeholders, u, lora_b, dy, mag, norm, dm, m_rows, n, k, r, blocksize,
+        x.stride(0), x.stride(1), *w_strides, u.stride(0), u.stride(1), lora_b.stride(0), lora_b.stride(1),
+        dy.stride(0), dy.stride(1), float(scaling),
+        NF4=nf4 is not None, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=nested_bs, BLOCK_N=ZERO_DM_BLOCK_N,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=16, num_warps=cfg["num_warps"],
+    )  # fmt: skip
+    return dm
+
+
 def _check_vec(name: str, t: object, n: int, dtype: torch.dtype, device: torch.device) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -253,10 +365,10 @@ def check_dora_args(magnitude: object, norm: object, n: int, like: torch.Tensor)
 
 
 def check_factors(factors: object, scaled_b: object, n: int, r: int, like: torch.Tensor) -> None:
-    """``factors``: float32 ``[3, N]`` and ``scaled_b``: ``[N, R]`` in x's dtype on x's device, or both None."""
+    """``factors``: float32 ``[2, N]`` and ``scaled_b``: ``[N, R]`` in x's dtype on x's device, or both None."""
     if factors is None and scaled_b is None:
         return
-    for name, t, shape, dtype in (("factors", factors, (3, n), torch.float32),
+    for name, t, shape, dtype in (("factors", factors, (2, n), torch.float32),
                                   ("scaled_b", scaled_b, (n, r), like.dtype)):  # fmt: skip
         if not isinstance(t, torch.Tensor) or t.dtype != dtype or tuple(t.shape) != shape or t.device != like.device:
             raise ValueError(f"{name} must be a {dtype} tensor of shape {list(shape)} on {like.device} "
@@ -299,7 +411,7 @@ def dora_linear_fwd(
     Args:
         x, weight, bias, lora_a, lora_b, scaling, nf4: as ``lora_linear_fwd`` takes them (no dropout).
         magnitude: ``m [N]`` (any float dtype). norm: ``‖W + s·B·A‖`` float32 ``[N]``, detached.
-        factors, scaled_b: ``dora_norm_factors_fwd``'s ``F [3, N]`` and ``f ⊙ B`` for this m and norm, or None to
+        factors, scaled_b: ``dora_norm_factors_fwd``'s ``F [2, N]`` and ``f ⊙ B`` for this m and norm, or None to
             form ``f`` and ``f ⊙ B`` here.
 
     Returns:
@@ -366,7 +478,7 @@ def dora_linear_bwd(
 
     Args:
         dy: ``[M, N]`` in x's dtype. y: the forward's output ``[M, N]``. u: its ``[M, R]``. The rest as the forward
-        (``factors`` and ``scaled_b`` spare forming ``f``, ``f ⊙ B``, ``s·f`` and the zero-magnitude test here).
+        (``factors`` and ``scaled_b`` spare forming ``f``, ``f ⊙ B`` and ``s·f`` here).
         needs_*: which gradients to compute.
 
     Returns:
@@ -408,30 +520,9 @@ def dora_linear_bwd(
     dbias = dsum.to(dy.dtype) if needs_dbias else None
     dm = None
     if needs_dm:
-        dm = dmsum / magnitude.float()
-        zero = magnitude == 0 if factors is None else factors[2]
-        dm = _zero_magnitude_fix(dm, zero, dy, x, weight, nf4, lora_b, u, s, magnitude, norm).to(magnitude.dtype)
+        dm = dora_zero_dm(dmsum / magnitude.float(), dy, x, weight, nf4, lora_b, u, s, magnitude, norm)
+        dm = dm.to(magnitude.dtype)
     return dx, da, db, dbias, dm
-
-
-def _zero_magnitude_fix(
-    dm: torch.Tensor, zero: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
-    nf4: NF4Args | None, lora_b: torch.Tensor, u: torch.Tensor, s: float, magnitude: torch.Tensor, norm: torch.Tensor,
-) -> torch.Tensor:  # fmt: skip
-    """``dm_n = Σ_i dY[i, n]·Y0[i, n] / ‖·‖_n`` for the columns with ``m_n = 0``, where Y holds only the bias: Y0's
-    columns recomputed from X and those rows of the base (the NF4 base dequantized, unscaled, into the scratch).
-    ``zero``: ``m == 0`` per column (bool, or ``dora_norm_factors``' 1.0 / 0.0 row). One host sync a call decides
-    whether there are any; none in a trained DoRA layer unless a magnitude is exactly 0.
-    """
-    if not bool(zero.any()):
-        return dm
-    idx = (magnitude == 0).nonzero()[:, 0]
-    w = weight if nf4 is None else lora._dequantized(nf4, x.dtype, x.device)
-    y0 = torch.mm(x, w.index_select(0, idx).t()).float()
-    y0 += s * (u.float() @ lora_b.index_select(0, idx).float().t())
-    dm = dm.clone()
-    dm[idx] = (dy.index_select(1, idx).float() * y0).sum(0) / norm[idx]
-    return dm
 
 
 # ----------------------------------------------------------------------------------------------
@@ -442,8 +533,9 @@ _TY = ("fp32", "fp16", "bf16")
 
 
 def compile_gate_cases() -> list[GateCase]:
-    """The epilogue and column-sum kernels per dtype and flag, at the Llama-3-8B shape M = 8192, N = 4096, R = 16;
-    the row norm's kernel (``kernels/dora_norm.py``)."""
+    """The epilogue, column-sum and zero-magnitude kernels per dtype and flag (the last per base: dense, NF4, NF4 with
+    double quantization), at the Llama-3-8B shape M = 8192, N = 4096, R = 16; the row norm's kernel
+    (``kernels/dora_norm.py``)."""
     from fastpeft.kernels import dora_norm
 
     m, n, r = 8192, 4096, 16
@@ -478,5 +570,27 @@ def compile_gate_cases() -> list[GateCase]:
             num_warps=ccfg["num_warps"],
             args={"M": m, "N": n, "rows_per_slice": 1024, "stride_gm": n, "stride_gn": 1, "stride_ym": n,
                   "stride_yn": 1, "stride_fm": n, "stride_fn": 1},
+        ))  # fmt: skip
+    zcfg = _zero_dm_config(False)
+    for ty, base in itertools.product(_TY, ("dense", "nf4", "nf4dq")):
+        nf4, dq = base != "dense", base == "nf4dq"
+        cases.append(GateCase(
+            name=f"dora_zero_dm[{ty},{base}]", module=__name__, kernel="_dora_zero_dm_kernel",
+            signature={
+                "x_ptr": f"*{ty}", "w_ptr": "*u8" if nf4 else f"*{ty}", "absmax_ptr": "*u8" if dq else "*fp32",
+                "nested_ptr": "*fp32", "offset_ptr": "*fp32", "code_ptr": "*fp32", "qmap_ptr": "*fp32",
+                "u_ptr": f"*{ty}", "b_ptr": f"*{ty}", "dy_ptr": f"*{ty}", "m_ptr": "*fp32", "norm_ptr": "*fp32",
+                "dm_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "R": "i32", "blocksize": "i32",
+                **dict.fromkeys(("stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_um", "stride_ur"), "i32"),
+                **dict.fromkeys(("stride_bn", "stride_br", "stride_gm", "stride_gn"), "i32"), "lora_scale": "fp32",
+            },
+            constexprs={"NF4": nf4, "DOUBLE_QUANT": dq, "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE,
+                        "BLOCK_N": ZERO_DM_BLOCK_N, "BLOCK_M": zcfg["BLOCK_M"], "BLOCK_K": zcfg["BLOCK_K"],
+                        "BLOCK_R": 16},
+            num_warps=zcfg["num_warps"],
+            args={"M": m, "N": n, "K": 4096, "R": r, "blocksize": 64 if nf4 else 1, "stride_xm": 4096,
+                  "stride_xk": 1, "stride_wn": 0 if nf4 else 4096, "stride_wk": 0 if nf4 else 1, "stride_um": r,
+                  "stride_ur": 1, "stride_bn": r, "stride_br": 1, "stride_gm": n, "stride_gn": 1,
+                  "lora_scale": 0.5},
         ))  # fmt: skip
     return cases

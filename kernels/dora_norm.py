@@ -13,10 +13,10 @@ Products run in float32 FMA (``input_precision="ieee"``: tf32 would round A to 1
 (``R_MAX``).
 
 Given the magnitude ``m``, the same launch also writes what the DoRA op needs of the norm in a training step
-(``dora_factors_reference`` is the contract): ``F [3, N]`` float32 with ``f = m / norm``, ``s·f`` and ``m == 0``
-(1.0 or 0.0), and ``f ⊙ B`` ``[N, R]`` in the op's dtype (B rounded to it first, as the op's cast of B does, then
-scaled in float32 and rounded once). Those are six rank-sized torch launches in a step otherwise (``f``, ``f ⊙ B``
-and its cast in the forward and again in the backward, ``s·f`` for dB, the zero test).
+(``dora_factors_reference`` is the contract): ``F [2, N]`` float32 with ``f = m / norm`` and ``s·f``, and
+``f ⊙ B`` ``[N, R]`` in the op's dtype (B rounded to it first, as the op's cast of B does, then scaled in float32
+and rounded once). Those are six rank-sized torch launches in a step otherwise (``f``, ``f ⊙ B`` and its cast in
+the forward and again in the backward, ``s·f`` for dB).
 """
 
 from __future__ import annotations
@@ -65,12 +65,11 @@ def _dora_norm_kernel(
     norm = tl.sqrt(tl.maximum(sq, 0.0))
     tl.store(out_ptr + offs_n, norm, mask=mask_n)
     if FACTORS:
-        # -- f = m / norm (rounded as torch divides), s·f, m == 0, and f ⊙ B in the op's dtype --
+        # -- f = m / norm (rounded as torch divides), s·f, and f ⊙ B in the op's dtype --
         mag = tl.load(m_ptr + offs_n, mask=mask_n, other=1.0).to(tl.float32)
         f = tl.math.div_rn(mag, norm)
         tl.store(fac_ptr + offs_n, f, mask=mask_n)
         tl.store(fac_ptr + N + offs_n, scaling * f, mask=mask_n)
-        tl.store(fac_ptr + 2 * N + offs_n, tl.where(mag == 0.0, 1.0, 0.0), mask=mask_n)
         b_op = b.to(fb_ptr.dtype.element_ty).to(tl.float32)
         tl.store(fb_ptr + offs_n[:, None] * stride_fbn + offs_r[None, :] * stride_fbr,
                  (b_op * f[:, None]).to(fb_ptr.dtype.element_ty), mask=mask)  # fmt: skip
@@ -101,7 +100,7 @@ def dora_norm_factors_fwd(
     weight_sq: torch.Tensor, a_wt: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float,
     magnitude: torch.Tensor, dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``(norm [N], F [3, N], f ⊙ B [N, R])`` in one launch (contract: ``dora_factors_reference``).
+    """``(norm [N], F [2, N], f ⊙ B [N, R])`` in one launch (contract: ``dora_factors_reference``).
 
     Args:
         weight_sq, a_wt, lora_a, lora_b, scaling: as ``dora_row_norm_fwd``.
@@ -117,7 +116,7 @@ def _launch(weight_sq, a_wt, lora_a, lora_b, scaling, magnitude, dtype) -> tuple
     wsq = weight_sq.float().contiguous()  # [N]: a copy only for another dtype or a strided view
     factors = magnitude is not None
     if factors:
-        fac = torch.empty((3, n), dtype=torch.float32, device=out.device)
+        fac = torch.empty((2, n), dtype=torch.float32, device=out.device)
         fb = torch.empty((n, r), dtype=dtype, device=out.device)
         mag = magnitude.detach().contiguous()
     else:

@@ -63,11 +63,11 @@ def dora_epilogue_reference(
 def dora_factors_reference(
     norm: torch.Tensor, magnitude: torch.Tensor, lora_b: torch.Tensor, scaling: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """What a DoRA step needs of the row norm (``dora_norm_factors_fwd``'s contract): ``F [3, N]`` float32 holding
-    ``f = m / norm``, ``s·f`` and ``m == 0`` (1.0 or 0.0), and ``f ⊙ B [N, R]`` in ``dtype`` (B rounded to ``dtype``
-    first, as the op's cast of B does, scaled in float32, rounded once)."""
+    """What a DoRA step needs of the row norm (``dora_norm_factors_fwd``'s contract): ``F [2, N]`` float32 holding
+    ``f = m / norm`` and ``s·f``, and ``f ⊙ B [N, R]`` in ``dtype`` (B rounded to ``dtype`` first, as the op's cast
+    of B does, scaled in float32, rounded once)."""
     f = magnitude.float() / norm.float()
-    factors = torch.stack((f, scaling * f, (magnitude == 0).float()))
+    factors = torch.stack((f, scaling * f))
     return factors, (lora_b.to(dtype).float() * f[:, None]).to(dtype)
 
 

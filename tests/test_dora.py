@@ -462,7 +462,7 @@ def test_layer_without_dropout_runs_the_fused_op(monkeypatch):
 @pytest.mark.skipif(not INTERPRET, reason="FASTPEFT_BACKEND=triton on CPU tensors needs TRITON_INTERPRET=1")
 @pytest.mark.parametrize("quantized", [False, True])
 def test_a_training_step_takes_f_and_f_times_b_from_the_norm_launch(monkeypatch, quantized):
-    """In training each forward runs one norm launch that also forms f, s·f, m == 0 and f ⊙ B; the op's forward and
+    """In training each forward runs one norm launch that also forms f, s·f and f ⊙ B; the op's forward and
     backward form none of them again (in eval the kept norm goes in alone)."""
     from fastpeft.kernels import dora_linear as dl
     from fastpeft.kernels import dora_norm

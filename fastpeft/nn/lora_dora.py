@@ -137,7 +137,7 @@ def dora_forward(
         if not layer.training:
             norm = _row_norm(layer, a, b, s)
             return dora_linear(x, weight, bias, lora_a, lora_b, scaling, magnitude, norm, nf4=nf4)
-        # a training step: the norm launch also forms f, s·f, m == 0 and f ⊙ B for the op's forward and backward
+        # a training step: the norm launch also forms f, s·f and f ⊙ B for the op's forward and backward
         norm, factors, fb = dora_norm_factors(*dora_base_operands(layer), a, b, s, magnitude, x.dtype,
                                               dora_weight_sq_cached(layer), lora_a_cast=lora_a)  # fmt: skip
         return dora_linear(x, weight, bias, lora_a, lora_b, scaling, magnitude, norm, nf4=nf4, factors=factors,

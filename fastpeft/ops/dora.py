@@ -77,8 +77,8 @@ def dora_norm_factors(
     lora_a_cast: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``(norm, factors, scaled_b)`` for a training step's ``dora_linear``: the row norm as ``dora_row_norm``, and
-    where the norm kernel runs (a GPU, R <= 32, a float scaling, outside ``torch.compile``) also ``factors [3, N]``
-    (``f = m / norm``, ``s·f``, ``m == 0``) and ``f ⊙ B`` in ``dtype`` from the same launch; None, None elsewhere
+    where the norm kernel runs (a GPU, R <= 32, a float scaling, outside ``torch.compile``) also ``factors [2, N]``
+    (``f = m / norm``, ``s·f``) and ``f ⊙ B`` in ``dtype`` from the same launch; None, None elsewhere
     (``dora_linear`` then forms them itself). Arguments as ``dora_row_norm``, plus the magnitude ``m [N]``, the
     op's ``dtype`` and ``lora_a_cast``, A already cast by the caller (the pass over the base takes it instead of
     casting A again where its dtype fits: 16-bit for NF4, W's for a dense base)."""
