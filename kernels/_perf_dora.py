@@ -15,8 +15,8 @@ the row norm's pass over the base takes that cast of A:
 
 The backward (NF4, no bias): the scaled dequantize again, LoRA's backward on the scaled scratch (dX by cuBLAS + addmm
 at rank 2R, G, dA), dB's skinny pass reading Y beside dY for ``Σ dY`` and ``Σ dY ⊙ Y`` (the weight-gradient kernel's
-``HAS_YSUM``: no column pass), torch's sum of those partials, ``dm = Σ / m`` and the zero-magnitude kernel (a read
-of m: no magnitude is 0; no host sync). dB's row scaling by ``s·f`` replaces LoRA's by ``s``
+``HAS_YSUM``: no column pass), then one launch for ``dm = Σ / m`` from those partials (``dora_dm``; its
+zero-magnitude branch idle: no magnitude is 0; no host sync). dB's row scaling by ``s·f`` replaces LoRA's by ``s``
 (neither modeled). A dense base runs ``torch.mm`` + the epilogue kernel (``dora_epilogue``) forward and the column
 pass writing ``G ⊙ f`` + LoRA's backward on it. Estimates, like every figure of the model.
 """
@@ -110,11 +110,10 @@ def colsum_grid(n: int, m_rows: int, arch: int = 90) -> tuple[int, int, int]:
     return tiles, math.ceil(m_rows / rows), rows
 
 
-def _colsum_preds(n: int, m_rows: int, write_gf: bool, arch: int) -> list[_perf.Prediction]:
-    m = _perf.machine(arch)
-    splits = colsum_grid(n, m_rows, arch)[1]
-    return [_perf.predict(colsum_launch(n, m_rows, write_gf, arch), m),
-            pl._elementwise("partials.sum(1)", 2 * (splits + 1) * n * 4, m)]  # fmt: skip
+def _dm_pred(n: int, m_rows: int, m: _perf.Machine) -> _perf.Prediction:
+    """``dora_dm``: the [2, slices, N] partials read once, m read, dm written (no zero magnitude: its branch idle)."""
+    splits = colsum_grid(n, m_rows, m.arch)[1]
+    return pl._elementwise("dm = Σ / m, zero-magnitude check", (2 * splits + 2) * n * 4, m)
 
 
 def dora_step(n: int, k: int, m_rows: int = 8192, r: int = 16, arch: int = 90, path: str = "nf4") -> dict:
@@ -130,20 +129,19 @@ def dora_step(n: int, k: int, m_rows: int = 8192, r: int = 16, arch: int = 90, p
         fwd = norm + [u] + deq + pl.cublas_lora_op(n, k, m_rows, r, arch).launches
         bwd = deq + pl.cublas_lora_op(k, n, m_rows, 2 * r, arch).launches + wgrad
         # dB's pass reads Y beside dY for the two column sums; its partials [2, slices, N] summed by torch
-        splits = colsum_grid(n, m_rows, arch)[1]
         dbytes = 2 * (2 * m_rows * n + r * (m_rows + n))
-        bwd += [pl._stream("dB + Σ dY, Σ dY·Y", dbytes, 2.0 * m_rows * n * (r + 1), m),
-                pl._elementwise("partials.sum(1)", 2 * (splits + 1) * n * 4, m)]  # fmt: skip
+        bwd.append(pl._stream("dB + Σ dY, Σ dY·Y", dbytes, 2.0 * m_rows * n * (r + 1), m))
     else:
         norm = [pl._stream("A·Wᵀ (bf16)", 2 * (n * k + r * k + r * n), 2.0 * r * n * k, m)] + row_norm_preds(
             n, k, r, arch
         )[1:]
         ep = _perf.predict(epilogue_launch(n, m_rows, r, arch), m)
         fwd = norm + [u] + pl.cublas_gemm(n, k, m_rows, arch).launches + [ep]
-        bwd = _colsum_preds(n, m_rows, True, arch) + pl.cublas_lora_op(k, n, m_rows, 2 * r, arch).launches + wgrad
+        bwd = [_perf.predict(colsum_launch(n, m_rows, True, arch), m)]
+        bwd += pl.cublas_lora_op(k, n, m_rows, 2 * r, arch).launches + wgrad
         bwd.append(pl._skinny_stream("dB", m_rows, n, r, m))
-    # dm = Σ / m, then the zero-magnitude kernel (N / 128 programs reading m; none is 0)
-    bwd += [pl._elementwise("dm = Σ / m", 3 * n * 4, m), pl._elementwise("zero-magnitude check", 4 * n, m)]
+    # dbias and dm = Σ / m from the partials, the zero-magnitude branch idle (kernels/dora_linear.py dora_dm)
+    bwd.append(_dm_pred(n, m_rows, m))
     t_fwd = sum(p.seconds for p in fwd)
     return {"fwd": t_fwd, "fwd_bwd": t_fwd + sum(p.seconds for p in bwd), "launches": len(fwd) + len(bwd)}
 
@@ -179,7 +177,7 @@ def format_dora(rows: list) -> list[str]:
            "In training DoRA's forward recomputes the row norm every call (A·Wᵀ as bf16 A through the decode kernel, "
            "then one kernel for the rest, f, s·f and f ⊙ B); in eval it keeps it. Decode: LoRA's one "
            "launch, f = m / norm formed in its epilogue; training (NF4): the scaled dequantize over LoRA's cuBLAS + "
-           "addmm path, the column sums riding dB's pass, dm = Σ / m and the zero-magnitude check.", "",
+           "addmm path, the column sums riding dB's pass, one launch for dm = Σ / m.", "",
            "| case | W [N, K] | M | fastpeft DoRA us | fastpeft LoRA us | ratio |",
            "|---|---|---|---|---|---|"]  # fmt: skip
     for what, n, k, mr, d, lo in rows:

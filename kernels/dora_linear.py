@@ -15,8 +15,9 @@ Math, for ``X [M, K]``, a frozen ``W [N, K]`` (dense, or NF4), ``bias [N]``, ``A
 
 so the backward keeps the op's own output ``Y`` (no extra memory where its consumer keeps it too) instead of
 ``Y0``. Where ``m_n = 0`` the column of ``Y`` is ``bias`` and ``Y0`` cannot be recovered from it: those columns
-get ``Y0`` recomputed from X and the base's rows by ``_dora_zero_dm_kernel``, which finds them on the GPU (one
-launch that only reads m when no magnitude is 0: no host synchronization).
+get ``Y0`` recomputed from X and the base's rows by ``_dora_dm_kernel``, which finds them on the GPU: one launch
+that sums the column partials into dbias and dm = Σ / m and, only where a magnitude is exactly 0, recomputes (no
+host synchronization).
 Numerics of the recovery: ``Y − bias`` carries ``Y``'s rounding (half an ulp of ``|Y|``), so with a bias much
 larger than ``f·Y0`` the magnitude's gradient loses the bits the bias takes (eager autograd keeps ``Y0``).
 
@@ -53,7 +54,7 @@ from fastpeft.kernels.formats import NESTED_BLOCKSIZE, NF4Args, dot_precision, d
 from fastpeft.kernels.lora_linear_kernels import _interpreting, _target_programs
 from fastpeft.kernels.lora_linear_wgrad import _wgrad
 
-__all__ = ["compile_gate_cases", "dora_colsum", "dora_epilogue", "dora_linear_bwd", "dora_linear_fwd", "dora_zero_dm"]
+__all__ = ["compile_gate_cases", "dora_colsum", "dora_epilogue", "dora_dm", "dora_linear_bwd", "dora_linear_fwd"]
 
 # ----------------------------------------------------------------------------------------------
 # kernels
@@ -138,21 +139,31 @@ def _dora_colsum_kernel(
     tl.store(dm_ptr + pid_s * N + offs_n, tl.sum(acc_m, axis=0), mask=mask_n)
 
 
-@triton.jit(do_not_specialize=["lora_scale"])
-def _dora_zero_dm_kernel(
-    x_ptr, w_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, qmap_ptr, u_ptr, b_ptr, dy_ptr, m_ptr, norm_ptr,
-    dm_ptr, M, N, K, R, blocksize,
+@triton.jit(do_not_specialize=["lora_scale", "has_dbias", "slices"])
+def _dora_dm_kernel(
+    part_ptr, dbias_ptr, x_ptr, w_ptr, absmax_ptr, nested_ptr, offset_ptr, code_ptr, qmap_ptr, u_ptr, b_ptr, dy_ptr,
+    m_ptr, norm_ptr, dm_ptr, M, N, K, R, blocksize, slices, has_dbias,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_um, stride_ur, stride_bn, stride_br, stride_gm, stride_gn,
     lora_scale,
     NF4: tl.constexpr, DOUBLE_QUANT: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
 ):  # fmt: skip
-    # dm[n] = Σ_i dY[i, n]·(X_i·W_nᵀ + s·U_i·B_nᵀ) / norm[n] for the columns n of this program with m[n] = 0, whose Y
-    # holds only the bias; a program without such a column (all of them, unless a magnitude is exactly 0) reads
-    # its BLOCK_N magnitudes and leaves. W_n: a dense row, or an NF4 row decoded here (bitsandbytes' layout)
+    # PART [2, slices, N]: the backward's per-slice Σ dY and Σ dY·(Y − bias). This program's BLOCK_N columns: dbias
+    # = Σ_s of the first (if has_dbias), dm = Σ_s of the second / m where m != 0, and where m[n] = 0 (Y holds only
+    # the bias there) dm[n] = Σ_i dY[i, n]·(X_i·W_nᵀ + s·U_i·B_nᵀ) / norm[n], W_n a dense row or an NF4 row decoded
+    # here (bitsandbytes' layout). Each column is written once, by the vector store or by the zero branch.
     pid = tl.program_id(0)
     offs = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    mags = tl.load(m_ptr + offs, mask=offs < N, other=1.0)
+    mask_n = offs < N
+    mags = tl.load(m_ptr + offs, mask=mask_n, other=1.0)
+    sum_g = tl.zeros([BLOCK_N], dtype=tl.float32)
+    sum_m = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for s in range(slices):
+        sum_g += tl.load(part_ptr + s * N + offs, mask=mask_n, other=0.0)
+        sum_m += tl.load(part_ptr + (slices + s) * N + offs, mask=mask_n, other=0.0)
+    if has_dbias:
+        tl.store(dbias_ptr + offs, sum_g.to(dbias_ptr.dtype.element_ty), mask=mask_n)
+    tl.store(dm_ptr + offs, tl.math.div_rn(sum_m, mags), mask=mask_n & (mags != 0.0))
     if tl.sum(tl.where(mags == 0.0, 1, 0)) > 0:
         for j in range(BLOCK_N):
             n = pid * BLOCK_N + j
@@ -255,15 +266,16 @@ def dora_epilogue(
 
 def dora_colsum(
     dy: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, f: torch.Tensor, write_gf: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(Σ_i dY, Σ_i dY ⊙ (Y − bias), dY ⊙ f)`` (contract: ``reference_dora.dora_colsum_reference``).
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(PART, dY ⊙ f)``: PART float32 ``[2, S, N]`` the slices' ``Σ_i dY`` and ``Σ_i dY ⊙ (Y − bias)``, whose sums
+    over S are ``reference_dora.dora_colsum_reference``'s first two (its contract; ``dora_dm`` sums them).
 
     Args:
         dy, y: ``[M, N]`` in one dtype (any strides). bias: ``[N]`` in that dtype, contiguous, or None.
         f: float32 ``[N]``. write_gf: whether to write ``dY ⊙ f`` (else None comes back).
 
     Returns:
-        the two sums, float32 ``[N]``, and ``dY ⊙ f`` ``[M, N]`` in dy's dtype or None.
+        the partials and ``dY ⊙ f`` ``[M, N]`` in dy's dtype or None.
     """
     m, n = dy.shape
     if tuple(y.shape) != (m, n) or y.dtype != dy.dtype:
@@ -286,62 +298,67 @@ def dora_colsum(
         HAS_BIAS=bias is not None, WRITE_GF=write_gf, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         num_warps=cfg["num_warps"],
     )  # fmt: skip
-    sums = part.sum(1)  # the few slices' partials, summed by torch
-    return sums[0], sums[1], gf
+    return part, gf
 
 
-ZERO_DM_BLOCK_N = 128
-"""Magnitudes a zero-magnitude program checks: N / 128 programs, each a 512-byte read when none is 0."""
+DM_BLOCK_N = 128
+"""Columns per program of the dm pass: N / 128 programs."""
 
 
-def _zero_dm_config(interpret: bool) -> dict[str, int]:
-    # the rare path: a float32 FMA dot per row block, 32 rows x 128 of K in flight, small enough not to spill
+def _dm_config(interpret: bool) -> dict[str, int]:
+    # the zero-magnitude branch (rare): a float32 FMA dot per row block, 32 rows x 128 of K in flight, no spill
     if interpret:
         return {"BLOCK_M": 8, "BLOCK_K": 32, "num_warps": 4}
     return {"BLOCK_M": 32, "BLOCK_K": 128, "num_warps": 4}
 
 
-def dora_zero_dm(
-    dm: torch.Tensor, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, nf4: NF4Args | None,
-    lora_b: torch.Tensor, u: torch.Tensor, scaling: float, magnitude: torch.Tensor, norm: torch.Tensor,
-) -> torch.Tensor:  # fmt: skip
-    """``dm`` in place where ``m_n = 0`` (Y's column holds only the bias there, so ``(Y − bias) / m`` says nothing):
-    ``dm_n = Σ_i dY[i, n]·(X_i·W_nᵀ + s·U_i·B_nᵀ) / norm_n``, W's row dense or NF4-decoded in the kernel, float32.
-    One launch that decides on the GPU: no host synchronization, so a DoRA backward stays CUDA-graph capturable;
-    without a zero magnitude it only reads m. Contract: the ``m == 0`` branch of ``dora_linear_bwd_reference``.
+def dora_dm(
+    part: torch.Tensor, needs_dbias: bool, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+    nf4: NF4Args | None, lora_b: torch.Tensor, u: torch.Tensor, scaling: float, magnitude: torch.Tensor,
+    norm: torch.Tensor,
+) -> tuple[torch.Tensor | None, torch.Tensor]:  # fmt: skip
+    """``(dbias, dm)`` from the backward's column partials in one launch, with no host synchronization (a DoRA
+    backward stays CUDA-graph capturable): ``dbias = Σ_s PART[0, s]`` in dy's dtype (None unless asked), ``dm =
+    Σ_s PART[1, s] / m`` float32, and where ``m_n = 0`` (Y's column holds only the bias, so ``(Y − bias) / m``
+    says nothing) ``dm_n = Σ_i dY[i, n]·(X_i·W_nᵀ + s·U_i·B_nᵀ) / norm_n``, W's row dense or NF4-decoded in the
+    kernel, float32; without a zero magnitude that branch never runs. Contract: ``dora_linear_bwd_reference``'s
+    dbias and dm.
 
     Args:
-        dm: float32 ``[N]``, contiguous, written where ``m_n = 0``. dy ``[M, N]``, x ``[M, K]``, u ``[M, R]``,
-        lora_b ``[N, R]``: the backward's (any strides). weight / nf4: the base. magnitude, norm: ``[N]``.
+        part: float32 ``[2, S, N]`` (``dora_colsum`` / ``_wgrad``'s unsummed slices), contiguous.
+        dy ``[M, N]``, x ``[M, K]``, u ``[M, R]``, lora_b ``[N, R]``: the backward's (any strides). weight / nf4: the
+        base. magnitude, norm: ``[N]``.
     """
     m_rows, k = x.shape
     n, r = lora_b.shape
-    _check_vec("dm", dm, n, torch.float32, x.device)
+    if part.dtype != torch.float32 or part.dim() != 3 or part.shape[0] != 2 or part.shape[2] != n:
+        raise ValueError(f"part must be float32 [2, S, {n}], got {part.dtype} {list(part.shape)}")
     mag = magnitude.detach().float().contiguous()
-    cfg = _zero_dm_config(_interpreting())
+    dm = torch.empty(n, dtype=torch.float32, device=x.device)
+    dbias = torch.empty(n, dtype=dy.dtype, device=x.device) if needs_dbias else None
+    cfg = _dm_config(_interpreting())
     nested_bs = NESTED_BLOCKSIZE if nf4 is None else nf4.nested_blocksize
     if nf4 is None:
-        w, absmax = weight, None
-        placeholders = (norm,) * 5  # absmax, nested absmax, offset, code map, nested map: unread
+        w, placeholders = weight, (norm,) * 5  # absmax, nested absmax, offset, code map, nested map: unread
         w_strides, blocksize, dq = (weight.stride(0), weight.stride(1)), 1, False
     else:
         w, absmax, dq = nf4.packed.reshape(-1), nf4.absmax, nf4.absmax.dtype == torch.uint8
         code = (nf4_code(x.device) if nf4.quant_map is None else nf4.quant_map).float().contiguous()
         if dq:
             qmap = nf4.nested_quant_map if nf4.nested_quant_map is not None else dynamic_map(x.device)
-            extra = (nf4.nested_absmax, nf4.offset.reshape(1).float(), code, qmap.float().contiguous())
+            placeholders = (absmax, nf4.nested_absmax, nf4.offset.reshape(1).float(), code, qmap.float().contiguous())
         else:
-            extra = (absmax, absmax, code, absmax)  # nested absmax, offset and nested map unread
-        placeholders = (absmax, *extra)
+            placeholders = (absmax, absmax, absmax, code, absmax)  # nested absmax, offset and nested map unread
         w_strides, blocksize = (0, 0), nf4.blocksize
-    _dora_zero_dm_kernel[(triton.cdiv(n, ZERO_DM_BLOCK_N),)](
-        x, w, *placeholders, u, lora_b, dy, mag, norm, dm, m_rows, n, k, r, blocksize,
+    _dora_dm_kernel[(triton.cdiv(n, DM_BLOCK_N),)](
+        part.contiguous(), dy if dbias is None else dbias, x, w, *placeholders, u, lora_b, dy, mag, norm, dm,
+        m_rows, n, k, r, blocksize, part.shape[1], int(needs_dbias),
         x.stride(0), x.stride(1), *w_strides, u.stride(0), u.stride(1), lora_b.stride(0), lora_b.stride(1),
         dy.stride(0), dy.stride(1), float(scaling),
-        NF4=nf4 is not None, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=nested_bs, BLOCK_N=ZERO_DM_BLOCK_N,
+        NF4=nf4 is not None, DOUBLE_QUANT=dq, NESTED_BLOCKSIZE=nested_bs, BLOCK_N=DM_BLOCK_N,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=16, num_warps=cfg["num_warps"],
     )  # fmt: skip
-    return dm
+    return dbias, dm
 
 
 def _check_vec(name: str, t: object, n: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -496,9 +513,9 @@ def dora_linear_bwd(
     write_gf = (needs_dx or needs_da or needs_db) and not scaled
     # on the scaled scratch dB's pass over G also sums G and G·(Y − bias): no column pass of its own
     ride = scaled and needs_db and (needs_dm or needs_dbias)
-    dsum = dmsum = gf = None
+    part = gf = None
     if (needs_dm or needs_dbias or write_gf) and not ride:
-        dsum, dmsum, gf = dora_colsum(dy, y, bias, f, write_gf)
+        part, gf = dora_colsum(dy, y, bias, f, write_gf)
     dx = da = db = None
     if scaled:
         # dX = G·(f ⊙ W) + s·(G·(f ⊙ B))·A on the scaled scratch; dA from the same G·(f ⊙ B); dB = s·f ⊙ (Gᵀ·U)
@@ -507,21 +524,23 @@ def dora_linear_bwd(
         dx, da, _, _ = lora.lora_linear_bwd(dy, x, w, lora_a, fb, u, s, needs_da=needs_da, needs_db=False)
         if needs_db:
             keep = lora._keep(None, x.device)
-            part, sums = _wgrad(dy, u, keep, colsum=ride, maskable=False, y=y if ride else None, bias=bias)
+            grad_b, sums = _wgrad(dy, u, keep, colsum=ride, maskable=False, y=y if ride else None, bias=bias)
             if ride:
-                dsum, dmsum = sums[0], sums[1]
+                part = sums
             sf = s * f if factors is None else factors[1]
-            db = (part * sf[:, None]).to(lora_b.dtype)
+            db = (grad_b * sf[:, None]).to(lora_b.dtype)
     elif gf is not None:
         # LoRA's backward on G ⊙ f: dX = (G ⊙ f)·W + s·((G ⊙ f)·B)·A, dA = s·((G ⊙ f)·B)ᵀ·X, dB = s·(G ⊙ f)ᵀ·U
         dx, da, db, _ = lora.lora_linear_bwd(
             gf, x, weight, lora_a, lora_b, u, s, nf4=nf4, needs_dx=needs_dx, needs_da=needs_da, needs_db=needs_db
         )
-    dbias = dsum.to(dy.dtype) if needs_dbias else None
-    dm = None
+    # dbias and dm (Σ / m; recomputed where m = 0) from the partials in one launch, no host sync
+    dbias = dm = None
     if needs_dm:
-        dm = dora_zero_dm(dmsum / magnitude.float(), dy, x, weight, nf4, lora_b, u, s, magnitude, norm)
+        dbias, dm = dora_dm(part, needs_dbias, dy, x, weight, nf4, lora_b, u, s, magnitude, norm)
         dm = dm.to(magnitude.dtype)
+    elif needs_dbias:
+        dbias = part[0].sum(0).to(dy.dtype)
     return dx, da, db, dbias, dm
 
 
@@ -571,24 +590,27 @@ def compile_gate_cases() -> list[GateCase]:
             args={"M": m, "N": n, "rows_per_slice": 1024, "stride_gm": n, "stride_gn": 1, "stride_ym": n,
                   "stride_yn": 1, "stride_fm": n, "stride_fn": 1},
         ))  # fmt: skip
-    zcfg = _zero_dm_config(False)
+    zcfg = _dm_config(False)
     for ty, base in itertools.product(_TY, ("dense", "nf4", "nf4dq")):
         nf4, dq = base != "dense", base == "nf4dq"
         cases.append(GateCase(
-            name=f"dora_zero_dm[{ty},{base}]", module=__name__, kernel="_dora_zero_dm_kernel",
+            name=f"dora_dm[{ty},{base}]", module=__name__, kernel="_dora_dm_kernel",
             signature={
-                "x_ptr": f"*{ty}", "w_ptr": "*u8" if nf4 else f"*{ty}", "absmax_ptr": "*u8" if dq else "*fp32",
+                "part_ptr": "*fp32", "dbias_ptr": f"*{ty}", "x_ptr": f"*{ty}", "w_ptr": "*u8" if nf4 else f"*{ty}",
+                "absmax_ptr": "*u8" if dq else "*fp32",
                 "nested_ptr": "*fp32", "offset_ptr": "*fp32", "code_ptr": "*fp32", "qmap_ptr": "*fp32",
                 "u_ptr": f"*{ty}", "b_ptr": f"*{ty}", "dy_ptr": f"*{ty}", "m_ptr": "*fp32", "norm_ptr": "*fp32",
                 "dm_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "R": "i32", "blocksize": "i32",
+                "slices": "i32", "has_dbias": "i32",
                 **dict.fromkeys(("stride_xm", "stride_xk", "stride_wn", "stride_wk", "stride_um", "stride_ur"), "i32"),
                 **dict.fromkeys(("stride_bn", "stride_br", "stride_gm", "stride_gn"), "i32"), "lora_scale": "fp32",
             },
             constexprs={"NF4": nf4, "DOUBLE_QUANT": dq, "NESTED_BLOCKSIZE": NESTED_BLOCKSIZE,
-                        "BLOCK_N": ZERO_DM_BLOCK_N, "BLOCK_M": zcfg["BLOCK_M"], "BLOCK_K": zcfg["BLOCK_K"],
+                        "BLOCK_N": DM_BLOCK_N, "BLOCK_M": zcfg["BLOCK_M"], "BLOCK_K": zcfg["BLOCK_K"],
                         "BLOCK_R": 16},
             num_warps=zcfg["num_warps"],
-            args={"M": m, "N": n, "K": 4096, "R": r, "blocksize": 64 if nf4 else 1, "stride_xm": 4096,
+            args={"M": m, "N": n, "K": 4096, "R": r, "blocksize": 64 if nf4 else 1, "slices": 8, "has_dbias": 0,
+                  "stride_xm": 4096,
                   "stride_xk": 1, "stride_wn": 0 if nf4 else 4096, "stride_wk": 0 if nf4 else 1, "stride_um": r,
                   "stride_ur": 1, "stride_bn": r, "stride_br": 1, "stride_gm": n, "stride_gn": 1,
                   "lora_scale": 0.5},

@@ -139,8 +139,9 @@ def _wgrad(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(keep ⊙ X)ᵀ·G [P, R]`` and, if asked, ``Σ_m X [P]``, both float32, for ``X [M, P]``, ``G [M, R]``;
     ``maskable`` False (dB) compiles the kernel without the keep-mask select (``keep`` must then be unset).
-    With ``y`` (DoRA's output ``[M, P]``, X's dtype; ``bias [P]`` or None) the sums come back as ``[2, P]``:
-    ``Σ_m X`` and ``Σ_m X ⊙ (Y − bias)`` (``colsum`` must be asked)."""
+    With ``y`` (DoRA's output ``[M, P]``, X's dtype; ``bias [P]`` or None) the sums come back unsummed, float32
+    ``[2, S, P]``: the S slices' ``Σ_m X`` and ``Σ_m X ⊙ (Y − bias)`` (``colsum`` must be asked; ``dora_dm`` sums
+    them)."""
     assert maskable or not keep[1], "a keep-mask for a launch compiled without the select"
     assert y is None or (colsum and not maskable), "Y's sums ride along dB's pass only"
     m, p = x.shape
@@ -169,7 +170,7 @@ def _wgrad(
     # the few per-slice partials are summed by torch: a [splits, P, R] reduction, no atomics
     if not colsum:
         return part.sum(0), None
-    return part.sum(0), (sums.sum(1) if with_y else sums[0].sum(0))
+    return part.sum(0), (sums if with_y else sums[0].sum(0))
 
 
 # ----------------------------------------------------------------------------------------------

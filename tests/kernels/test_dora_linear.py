@@ -95,14 +95,15 @@ def test_column_pass_matches_reference(dtype, m, n, bias, write_gf):
     dy, y = _rnd(g, m, n, dtype=dtype), _rnd(g, m, n, dtype=dtype)
     f = torch.rand(n, generator=g) + 0.5
     bb = _rnd(g, n, dtype=dtype) if bias else None
-    got = dora_linear.dora_colsum(dy, y, bb, f, write_gf)
+    part, gf = dora_linear.dora_colsum(dy, y, bb, f, write_gf)
     want = reference_dora.dora_colsum_reference(dy, y, bb, f, write_gf)
-    for what, a, b in zip(("sum dY", "sum dY(Y - bias)"), got[:2], want[:2], strict=True):
+    assert part.shape[:1] == (2,) and part.shape[2] == n, part.shape
+    for what, a, b in zip(("sum dY", "sum dY(Y - bias)"), part.sum(1), want[:2], strict=True):
         assert_close(a, b, msg=f"{what} {dtype} {m}x{n}")
     if write_gf:
-        assert_close(got[2], want[2], msg=f"dY * f {dtype} {m}x{n}")
+        assert_close(gf, want[2], msg=f"dY * f {dtype} {m}x{n}")
     else:
-        assert got[2] is None
+        assert gf is None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -242,8 +243,11 @@ def test_zero_magnitude_columns_get_the_gradient_from_recomputed_outputs(monkeyp
     with monkeypatch.context() as mp:
         mp.setattr(torch.Tensor, "__bool__", no_sync)
         mp.setattr(torch.Tensor, "item", no_sync)
-        _, _, _, _, dm = dora_linear.dora_linear_bwd(dy, p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"], u,
-                                                     y, p["scaling"], p["magnitude"], p["norm"], nf4=p["nf4"])  # fmt: skip
+        grads = dora_linear.dora_linear_bwd(dy, p["x"], p["weight"], p["bias"], p["lora_a"], p["lora_b"], u, y,
+                                            p["scaling"], p["magnitude"], p["norm"], nf4=p["nf4"],
+                                            needs_dbias=True)  # fmt: skip
+        dm, dbias = grads[4], grads[3]
+    assert_close(dbias, dy.sum(0), msg=f"dbias beside zero magnitudes ({base})")  # fmt: skip
     w = p["weight"] if p["nf4"] is None else reference._base_weight(None, p["nf4"], torch.float32)
     y0 = p["x"].double() @ w.double().t() + p["scaling"] * (u.double() @ p["lora_b"].double().t())
     want = (dy.double() * y0).sum(0) / p["norm"].double()
@@ -270,7 +274,7 @@ def test_launchers_refuse_bad_dora_arguments():
 # ----------------------------------------------------------------------------------------------
 
 KERNELS = {
-    dora_linear: ["_dora_epilogue_kernel", "_dora_colsum_kernel", "_dora_zero_dm_kernel"],
+    dora_linear: ["_dora_epilogue_kernel", "_dora_colsum_kernel", "_dora_dm_kernel"],
     nf4: ["_nf4_dequantize_scaled_kernel"],
 }
 TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.uint8: "u8"}
@@ -299,7 +303,9 @@ def test_every_dora_launch_is_a_gated_binary(monkeypatch):
             u3, b3 = torch.zeros(5, 8, dtype=dtype), torch.zeros(3, 8, dtype=dtype)
             for base_w, q in ((torch.zeros(3, 128, dtype=dtype), None), (None, _nf4(torch.randn(3, 128), False)),
                               (None, _nf4(torch.randn(3, 128), True))):  # fmt: skip
-                dora_linear.dora_zero_dm(torch.zeros(3), g, x, base_w, q, b3, u3, 0.5, m, torch.ones(3))
+                for dbias in (False, True):
+                    part = torch.zeros(2, 2, 3)
+                    dora_linear.dora_dm(part, dbias, g, x, base_w, q, b3, u3, 0.5, m, torch.ones(3))
     cases: dict[str, list[_gate.GateCase]] = {}
     for case in _gate.all_cases():
         cases.setdefault(case.kernel, []).append(case)
