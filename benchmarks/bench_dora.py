@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .bench_lora_linear import _Layer, _peft_module, _weight_bytes
+from .bench_lora_linear import _Layer, _peft_module, _weight_bytes, timed_calls
 from .bench_lora_linear import _path as _lora_path
 from .core import Case, OperandCache, Prepared, copies_past_l2
 from .predict import Component
@@ -205,28 +205,7 @@ def _prepare(case: Case, shape: Shape, spec: Spec) -> Prepared:
     set_bytes = _weight_bytes(shape.n, shape.k, case.op == "dora", es) + es * case.m * shape.k
     copies = copies_past_l2(set_bytes, spec.device) if graph else 1
     layers = _layers(case.op, shape, spec, copies)
-    fns = [_provider_fn(case.provider, L, spec.rank) for L in layers]
-    xs = [torch.randn(case.m, shape.k, device=spec.device, dtype=spec.dtype) for _ in layers]
-    note = f"{copies} operand copies rotated past L2" if copies > 1 else ""
-    if case.mode == "fwd":
-        it = itertools.cycle(list(zip(fns, xs, strict=True)))
-
-        def fwd() -> None:
-            (f, _), x = next(it)
-            with torch.no_grad():
-                f(x)
-
-        return Prepared(fwd, cuda_graph=graph, note=note)
-    xgs = [x.requires_grad_() for x in xs]
-    dy = torch.randn(case.m, shape.n, device=spec.device, dtype=spec.dtype)
-    it = itertools.cycle(list(zip(fns, xgs, strict=True)))
-
-    def fwd_bwd() -> None:
-        (f, _), x = next(it)
-        f(x).backward(dy)
-
-    grads = xgs + [t for _, params in fns for t in params]
-    return Prepared(fwd_bwd, grad_to_none=grads, note=note)
+    return timed_calls(case, shape, spec, [_provider_fn(case.provider, L, spec.rank) for L in layers], graph, copies)
 
 
 def _costs(case: Case) -> None:

@@ -253,8 +253,14 @@ def _prepare(case: Case, shape: Shape, spec: Spec) -> Prepared:
     set_bytes = _weight_bytes(shape.n, shape.k, case.op == "qlora_linear", es) + es * case.m * shape.k
     copies = copies_past_l2(set_bytes, spec.device) if graph else 1
     layers = _layers(case.op, shape, spec, copies)
-    fns = _provider(case, shape, spec, layers)
-    xs = [torch.randn(case.m, shape.k, device=spec.device, dtype=spec.dtype) for _ in layers]
+    return timed_calls(case, shape, spec, _provider(case, shape, spec, layers), graph, copies)
+
+
+def timed_calls(case: Case, shape: Shape, spec: Spec, fns: list[tuple[Callable, list]], graph: bool,
+                copies: int) -> Prepared:  # fmt: skip
+    """The timed closure over ``fns`` (``(f(x) -> y, trained tensors)`` per operand copy, rotated call to call):
+    a forward under no_grad (in a CUDA graph where ``graph``), or forward + backward with a fixed dY."""
+    xs = [torch.randn(case.m, shape.k, device=spec.device, dtype=spec.dtype) for _ in fns]
     note = f"{copies} operand copies rotated past L2" if copies > 1 else ""
     if case.mode == "fwd":
         it = itertools.cycle(list(zip(fns, xs, strict=True)))

@@ -117,7 +117,7 @@ def _vector_register(x):
 def _permute_tables(table_ptr, USE_ASM: tl.constexpr, SHIFTS_ON_FMA: tl.constexpr):
     # the eight permute table words (low bytes of codes 0-15, then high bytes), the select mask and, for the
     # shifts on the FMA pipe, their multipliers: loaded once per program
-    if USE_ASM and not SHIFTS_ON_FMA:
+    if USE_ASM:
         t0 = _vector_register(tl.load(table_ptr + 0))
         t1 = _vector_register(tl.load(table_ptr + 1))
         t2 = _vector_register(tl.load(table_ptr + 2))
@@ -127,19 +127,11 @@ def _permute_tables(table_ptr, USE_ASM: tl.constexpr, SHIFTS_ON_FMA: tl.constexp
         t6 = _vector_register(tl.load(table_ptr + 6))
         t7 = _vector_register(tl.load(table_ptr + 7))
         sel = _vector_register(tl.load(table_ptr + 8))
-        sh16, sh1 = 0, 0
-    elif USE_ASM:
-        t0 = _vector_register(tl.load(table_ptr + 0))
-        t1 = _vector_register(tl.load(table_ptr + 1))
-        t2 = _vector_register(tl.load(table_ptr + 2))
-        t3 = _vector_register(tl.load(table_ptr + 3))
-        t4 = _vector_register(tl.load(table_ptr + 4))
-        t5 = _vector_register(tl.load(table_ptr + 5))
-        t6 = _vector_register(tl.load(table_ptr + 6))
-        t7 = _vector_register(tl.load(table_ptr + 7))
-        sel = _vector_register(tl.load(table_ptr + 8))
-        sh16 = _vector_register(tl.load(table_ptr + 25))
-        sh1 = _vector_register(tl.load(table_ptr + 26))
+        if SHIFTS_ON_FMA:
+            sh16 = _vector_register(tl.load(table_ptr + 25))
+            sh1 = _vector_register(tl.load(table_ptr + 26))
+        else:
+            sh16, sh1 = 0, 0
     else:  # the interpreter's twin reads the 16-bit table directly
         t0, t1, t2, t3, t4, t5, t6, t7, sel, sh16, sh1 = 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
     return t0, t1, t2, t3, t4, t5, t6, t7, sel, sh16, sh1
