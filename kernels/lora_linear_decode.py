@@ -43,8 +43,8 @@ accumulator (before the loop it would serialize the wgmma: C7515), and the last 
 (DoRA's ``col_scale``), adds the bias (both loaded before the count) and stores: nothing but the sum stands
 between the count and the store. The rows' absmax codes are loaded at the top of each iteration, so the decode
 covers their latency (only the code-map gather, an L1 hit, waits after it). The decode's three right shifts
-per word run as ``mul.hi`` on the FMA pipe up to BLOCK_M = 32 (``nf4_prmt``; at 64 they stay shifts, whose two
-registers fewer keep that build from spilling). Cost model at M = 1, H100, estimates (call with launch overhead):
+per word run as ``mul.hi`` on the FMA pipe at BLOCK_M = 16 (``nf4_prmt``; past it they stay shifts, whose two
+registers fewer keep BLOCK_M = 32 at 3 programs per SM on every supported Triton and 64 from spilling). Cost model at M = 1, H100, estimates (call with launch overhead):
 4096 x 4096 6.8 us (kernel 4.8 us), 14336 x 4096 15.9 us, 4096 x 14336 14.3 us, 1024 x 4096 4.6 us.
 
 Split-K: ``N / BLOCK_N`` programs rarely fill a GPU, so K is split over a second grid axis until one wave of
@@ -129,8 +129,9 @@ def _decode_partial(
     k_of_j = 16 * ((j // 2) % 4) + 8 * ((j // 8) % 2) + 2 * (j // 16) + j % 2
     x_rows = x_ptr + offs_m[None, :] * stride_xm + k_of_j[:, None] * stride_xk
     offset = tl.load(offset_ptr)
-    # the decode's shifts on the FMA pipe (IMAD.HI) up to BLOCK_M = 32; at 64 the two multiplier registers spill
-    shifts_on_fma: tl.constexpr = BLOCK_M <= 32
+    # the decode's shifts on the FMA pipe (IMAD.HI) at BLOCK_M = 16; past it the two multiplier registers cost a
+    # program per SM (BLOCK_M = 32 under Triton 3.6: 175 registers) or spill (64)
+    shifts_on_fma: tl.constexpr = BLOCK_M <= 16
     t0, t1, t2, t3, t4, t5, t6, t7, sel, sh16, sh1 = _permute_tables(table_ptr, USE_ASM, shifts_on_fma)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     ut = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)

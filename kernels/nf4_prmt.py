@@ -54,8 +54,8 @@ def _decode_asm(shifts_on_fma: bool = True) -> str:
     the permute tables in ``$5..$8`` (low bytes of codes 0-15, four per word) and ``$9..$12`` (high bytes),
     the select mask ``0x44444444`` in ``$13`` (as an immediate, ptxas rebuilds it every use), and 2^16, 2^31
     in ``$14``, ``$15`` (``x >> 16`` and ``x >> 1`` as ``mul.hi``: the FMA pipe instead of the integer one).
-    ``shifts_on_fma`` False writes them as shifts (``$14``, ``$15`` unused): two registers fewer, for the M = 64
-    build that has none to spare."""
+    ``shifts_on_fma`` False writes them as shifts (``$14``, ``$15`` unused): two registers fewer, for the builds
+    past BLOCK_M = 16 that have none to spare."""
     shr = (lambda d, a, k: f"mul.hi.u32 {d}, {a}, {'$14' if k == 16 else '$15'};") if shifts_on_fma else (
         lambda d, a, k: f"shr.b32 {d}, {a}, {k};")  # fmt: skip
     lines = [
