@@ -319,8 +319,7 @@ def dora_dm(
     backward stays CUDA-graph capturable): ``dbias = Σ_s PART[0, s]`` in dy's dtype (None unless asked), ``dm =
     Σ_s PART[1, s] / m`` float32, and where ``m_n = 0`` (Y's column holds only the bias, so ``(Y − bias) / m``
     says nothing) ``dm_n = Σ_i dY[i, n]·(X_i·W_nᵀ + s·U_i·B_nᵀ) / norm_n``, W's row dense or NF4-decoded in the
-    kernel, float32; without a zero magnitude that branch never runs. Contract: ``dora_linear_bwd_reference``'s
-    dbias and dm.
+    kernel, float32; without a zero magnitude that branch never runs. Contract: ``reference_dora.dora_dm_reference``.
 
     Args:
         part: float32 ``[2, S, N]`` (``dora_colsum`` / ``_wgrad``'s unsummed slices), contiguous.

@@ -14,6 +14,7 @@ from fastpeft.kernels.reference import _acc, _base_weight, nf4_dequantize_refere
 
 __all__ = [
     "dora_colsum_reference",
+    "dora_dm_reference",
     "dora_epilogue_reference",
     "dora_factors_reference",
     "dora_linear_bwd_reference",
@@ -152,7 +153,7 @@ def dora_linear_bwd_reference(
     a, b = lora_a.to(acc), lora_b.to(acc)
     gb = gf @ b
     dx = da = db = dbias = dm = None
-    w = _base_weight(weight, nf4, acc) if needs_dx or (needs_dm and bool((magnitude == 0).any())) else None
+    w = _base_weight(weight, nf4, acc) if needs_dx else None
     if needs_dx:
         dx = (gf @ w).addmm_(gb, a, alpha=scaling).to(x.dtype)
     if needs_da:
@@ -163,10 +164,26 @@ def dora_linear_bwd_reference(
         dbias = g.sum(0).to(dy.dtype)
     if needs_dm:
         y0 = y.to(acc) if bias is None else y.to(acc) - bias.to(acc)
-        dm = (g * y0).sum(0) / magnitude.to(acc)
-        zero = magnitude == 0
-        if bool(zero.any()):  # Y holds only the bias there: Y0's columns from X and those rows of W
-            y0z = x.to(acc) @ w[zero].t() + scaling * u.to(acc) @ b[zero].t()
-            dm[zero] = (g[:, zero] * y0z).sum(0) / norm.to(acc)[zero]
+        part = torch.stack((g.sum(0), (g * y0).sum(0)))[:, None]  # one slice
+        dm = dora_dm_reference(part, False, dy, x, weight, nf4, lora_b, u, scaling, magnitude, norm)[1]
         dm = dm.to(magnitude.dtype)
     return dx, da, db, dbias, dm
+
+
+def dora_dm_reference(
+    part: torch.Tensor, needs_dbias: bool, dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None,
+    nf4: NF4Args | None, lora_b: torch.Tensor, u: torch.Tensor, scaling: float, magnitude: torch.Tensor,
+    norm: torch.Tensor,
+) -> tuple[torch.Tensor | None, torch.Tensor]:  # fmt: skip
+    """``dora_dm``'s twin: ``(dbias, dm)`` from the column partials ``PART [2, S, N]`` (slices of ``Σ dY`` and
+    ``Σ dY ⊙ (Y − bias)``): ``dbias = Σ_s PART[0]`` in dy's dtype (None unless asked), ``dm = Σ_s PART[1] / m``,
+    and where ``m_n = 0`` (Y holds only the bias) ``dm_n = Σ_i dY[i, n]·(X_i·W_nᵀ + s·U_i·B_nᵀ) / norm_n``."""
+    acc = _acc(dy)
+    sums = part.to(acc).sum(1)
+    dm = sums[1] / magnitude.to(acc)
+    zero = magnitude == 0
+    if bool(zero.any()):  # Y0's columns from X and those rows of W
+        w = _base_weight(weight, nf4, acc)
+        y0z = x.to(acc) @ w[zero].t() + scaling * u.to(acc) @ lora_b.to(acc)[zero].t()
+        dm[zero] = (dy.to(acc)[:, zero] * y0z).sum(0) / norm.to(acc)[zero]
+    return (sums[0].to(dy.dtype) if needs_dbias else None), dm

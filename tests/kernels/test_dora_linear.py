@@ -259,6 +259,32 @@ def test_zero_magnitude_columns_get_the_gradient_from_recomputed_outputs(monkeyp
     assert_close(dm_ref, want, msg=f"reference dm with zero magnitudes ({base})")
 
 
+DM_CASES = [("dense", torch.float32, 8), ("nf4", torch.float16, 20), ("nf4dq", torch.float32, 33),
+            ("dense", torch.bfloat16, 4)]  # fmt: skip
+
+
+@pytest.mark.parametrize(("base", "dtype", "r"), DM_CASES)
+def test_dm_kernel_matches_its_twin(base, dtype, r):
+    """``dora_dm`` on three slices of partials against ``dora_dm_reference``: dbias in dy's dtype, dm = Σ / m, and
+    zero-magnitude columns recomputed (dense and NF4 rows, ranks past one 16-wide step, a strided dY)."""
+    m, k, n = 13, 128, 150
+    p, dy = _op_problem(m, k, n, torch.float32, base, ("dm twin", base, str(dtype), r), r=r)
+    g = _gen("dm twin parts", base, r)
+    p["magnitude"][[2, 149]] = 0.0
+    part = torch.randn(2, 3, n, generator=g)
+    dy_t = dy.to(dtype).t().contiguous().t()  # [M, N] with strides (1, M)
+    x, u, b = p["x"].to(dtype), _rnd(g, m, r, dtype=dtype), p["lora_b"].to(dtype)
+    weight = None if p["weight"] is None else p["weight"].to(dtype)
+    args = (dy_t, x, weight, p["nf4"], b, u, p["scaling"], p["magnitude"], p["norm"])
+    dbias, dm = dora_linear.dora_dm(part, True, *args)
+    want_bias, want_dm = reference_dora.dora_dm_reference(part, True, *args)
+    assert dbias.dtype == dtype and dm.dtype == torch.float32
+    assert_close(dbias, want_bias, msg=f"dbias {base} {dtype}")
+    assert_close(dm, want_dm, msg=f"dm {base} {dtype} r={r}")
+    assert bool(want_dm[[2, 149]].abs().min() > 0), "the zero columns' dm is 0: the check would prove nothing"
+    assert dora_linear.dora_dm(part, False, *args)[0] is None
+
+
 def test_launchers_refuse_bad_dora_arguments():
     p, _ = _op_problem(5, 70, 33, torch.float32, "dense", ("refuse",))
     with pytest.raises(TypeError, match="norm"):
