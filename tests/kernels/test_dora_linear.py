@@ -259,6 +259,35 @@ def test_zero_magnitude_columns_get_the_gradient_from_recomputed_outputs(monkeyp
     assert_close(dm_ref, want, msg=f"reference dm with zero magnitudes ({base})")
 
 
+@pytest.mark.parametrize(("dtype", "bias"), [(torch.float32, True), (torch.float16, False), (torch.float16, True)])
+def test_db_pass_sums_y_beside_dy_as_the_column_twin(monkeypatch, dtype, bias):
+    """dB's weight-gradient pass with Y (HAS_YSUM): dYᵀ·U as LoRA's dB pass gives it, its unsummed [2, S, N]
+    partials sum to ``dora_colsum_reference``'s Σ dY and Σ dY ⊙ (Y − bias), and the launch is a gated binary."""
+    from test_gate_coverage import _mismatch, _Recorder
+
+    from fastpeft.kernels import lora_linear_wgrad as wg
+    from fastpeft.kernels.lora_linear_wgrad import _wgrad
+
+    g = _gen("db pass with y", str(dtype), bias)
+    m, n, r = 70, 40, 8
+    dy, y, u = _rnd(g, m, n, dtype=dtype), _rnd(g, m, n, dtype=dtype), _rnd(g, m, r, dtype=dtype)
+    bb = _rnd(g, n, dtype=dtype) if bias else None
+    keep = L._keep(None, dy.device)
+    grad_b, part = _wgrad(dy, u, keep, colsum=True, maskable=False, y=y, bias=bb)
+    plain, _ = _wgrad(dy, u, keep, colsum=False, maskable=False)
+    want = reference_dora.dora_colsum_reference(dy, y, bb, torch.ones(n), False)
+    assert part.shape[0] == 2 and part.shape[1] > 1 and part.shape[2] == n, part.shape  # several slices
+    assert torch.equal(grad_b, plain), "Y's sums changed dB's product"
+    for what, a, b in zip(("sum dY", "sum dY(Y - bias)"), part.sum(1), want[:2], strict=True):
+        assert_close(a, b, msg=f"{what} {dtype} bias={bias}")
+    rec = _Recorder("_lora_wgrad_kernel", wg._lora_wgrad_kernel)  # records the launch, runs nothing
+    monkeypatch.setattr(wg, "_lora_wgrad_kernel", rec)
+    _wgrad(dy, u, keep, colsum=True, maskable=False, y=y, bias=bb)
+    cases = [c for c in _gate.all_cases() if c.name.startswith("lora_wgrad_dB_dora[")]
+    reasons = [_mismatch(c, rec.launches[0]) for c in cases]
+    assert cases and not all(reasons), min(reasons, key=len)
+
+
 DM_CASES = [("dense", torch.float32, 8), ("nf4", torch.float16, 20), ("nf4dq", torch.float32, 33),
             ("dense", torch.bfloat16, 4)]  # fmt: skip
 
