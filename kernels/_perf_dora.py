@@ -17,18 +17,22 @@ The backward (NF4, no bias): the scaled dequantize again, LoRA's backward on the
 at rank 2R, G, dA), dB's skinny pass reading Y beside dY for ``Σ dY`` and ``Σ dY ⊙ Y`` (the weight-gradient kernel's
 ``HAS_YSUM``: no column pass), then one launch for ``dm = Σ / m`` from those partials (``dora_dm``; its
 zero-magnitude branch idle: no magnitude is 0; no host sync). dB's row scaling by ``s·f`` replaces LoRA's by ``s``
-(neither modeled). A dense base runs ``torch.mm`` + the epilogue kernel (``dora_epilogue``) forward and the column
-pass writing ``G ⊙ f`` + LoRA's backward on it. Estimates, like every figure of the model.
+(neither modeled). A dense base runs ``torch.mm`` + the epilogue kernel (``dora_epilogue``) forward; backward, dB's
+pass also writes ``G ⊙ f`` (``WRITE_XF``), on which LoRA's dX and dA run. Estimates, like every figure of the
+model.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
+
 from fastpeft.kernels import _perf
 from fastpeft.kernels import _perf_launches as pl
+from fastpeft.kernels.lora_linear_wgrad import _wgrad_config, _wgrad_rows
 
-__all__ = ["colsum_grid", "colsum_launch", "dequantize_scaled_op", "dora_decode_op", "dora_rows", "dora_step",
+__all__ = ["dequantize_scaled_op", "dora_decode_op", "dora_rows", "dora_step",
            "epilogue_launch", "format_dora", "row_norm_preds"]  # fmt: skip
 
 DORA_DECODE_M = (1, 16)
@@ -87,39 +91,18 @@ def epilogue_launch(n: int, m_rows: int, r: int = 16, arch: int = 90, dtype: str
     return _perf.Launch(f"DoRA epilogue {m_rows}x{n}", prof, grid, lambda i: steps, hbm, dram_loads="all")
 
 
-def colsum_launch(n: int, m_rows: int, write_gf: bool, arch: int = 90, dtype: str = "bf16") -> _perf.Launch:
-    """``dora_colsum``: grid (N / 128 tiles, slices of M to two programs per SM), each program 32 rows a step over
-    its slice; G and Y read once, ``G ⊙ f`` written if asked, float32 partials [2, slices, N] written."""
-    prof = pl.profile(f"dora_colsum[{dtype},bias=False,gf={write_gf}]", arch)
-    tiles, splits, rows = colsum_grid(n, m_rows, arch)
-
-    def trips(i: int) -> tuple[int, ...]:
-        left = m_rows - (i // tiles) * rows
-        return (max(0, math.ceil(min(rows, left) / 32)),) * len(prof.loops)
-
-    hbm = 2 * m_rows * n * (3 if write_gf else 2) + 2 * splits * n * 4 + 4 * n
-    return _perf.Launch(f"DoRA column pass {m_rows}x{n}", prof, tiles * splits, trips, hbm, dram_loads="all")
-
-
-def colsum_grid(n: int, m_rows: int, arch: int = 90) -> tuple[int, int, int]:
-    """``(tiles, slices, rows per slice)`` as ``dora_colsum`` computes them (BLOCK_M 32, BLOCK_N 128)."""
-    m = _perf.machine(arch)
-    tiles = math.ceil(n / 128)
-    splits = max(1, min(math.ceil(m_rows / 32), math.ceil(pl.TARGET_PROGRAMS_PER_SM * m.sms / tiles)))
-    rows = math.ceil(math.ceil(m_rows / splits) / 32) * 32
-    return tiles, math.ceil(m_rows / rows), rows
-
-
-def _dm_pred(n: int, m_rows: int, m: _perf.Machine) -> _perf.Prediction:
-    """``dora_dm``: the [2, slices, N] partials read once, m read, dm written (no zero magnitude: its branch idle)."""
-    splits = colsum_grid(n, m_rows, m.arch)[1]
+def _dm_pred(n: int, m_rows: int, r: int, m: _perf.Machine) -> _perf.Prediction:
+    """``dora_dm``: dB's pass's [2, slices, N] partials read once, m read, dm written (no zero magnitude: its branch
+    idle)."""
+    cfg = _wgrad_config(torch.bfloat16, interpret=False)
+    splits = math.ceil(m_rows / _wgrad_rows(m_rows, n, r, cfg, pl.TARGET_PROGRAMS_PER_SM * m.sms))
     return pl._elementwise("dm = Σ / m, zero-magnitude check", (2 * splits + 2) * n * 4, m)
 
 
 def dora_step(n: int, k: int, m_rows: int = 8192, r: int = 16, arch: int = 90, path: str = "nf4") -> dict:
     """Forward and forward + backward seconds of one DoRA linear at ``m_rows`` without dropout or bias, mirroring
     ``qlora_step(path="cublas")``: ``path`` "nf4" (the scaled scratch, module docstring) or "dense" (a bf16 base:
-    torch.mm + the epilogue kernel; the column pass writes ``G ⊙ f``; the row norm's A·Wᵀ then a bf16 F.linear)."""
+    torch.mm + the epilogue kernel; dB's pass writes ``G ⊙ f``; the row norm's A·Wᵀ then a bf16 F.linear)."""
     m = _perf.machine(arch)
     u = pl._skinny_stream("U", m_rows, k, r, m)
     wgrad = [pl._skinny_stream(w, m_rows, width, r, m) for w, width in (("G", n), ("dA", k))]
@@ -137,11 +120,12 @@ def dora_step(n: int, k: int, m_rows: int = 8192, r: int = 16, arch: int = 90, p
         )[1:]
         ep = _perf.predict(epilogue_launch(n, m_rows, r, arch), m)
         fwd = norm + [u] + pl.cublas_gemm(n, k, m_rows, arch).launches + [ep]
-        bwd = [_perf.predict(colsum_launch(n, m_rows, True, arch), m)]
+        # dB's pass reads Y beside dY for the two column sums and writes G ⊙ f for dX and dA (WRITE_XF)
+        dbytes = 2 * (3 * m_rows * n + r * (m_rows + n))
+        bwd = [pl._stream("dB + Σ dY, Σ dY·Y, G ⊙ f", dbytes, 2.0 * m_rows * n * (r + 1), m)]
         bwd += pl.cublas_lora_op(k, n, m_rows, 2 * r, arch).launches + wgrad
-        bwd.append(pl._skinny_stream("dB", m_rows, n, r, m))
     # dbias and dm = Σ / m from the partials, the zero-magnitude branch idle (kernels/dora_linear.py dora_dm)
-    bwd.append(_dm_pred(n, m_rows, m))
+    bwd.append(_dm_pred(n, m_rows, r, m))
     t_fwd = sum(p.seconds for p in fwd)
     return {"fwd": t_fwd, "fwd_bwd": t_fwd + sum(p.seconds for p in bwd), "launches": len(fwd) + len(bwd)}
 

@@ -31,12 +31,12 @@ Paths (a scaling per row is rank-sized work: ``f ⊙ B`` is ``[N, R]``):
   LoRA's. The backward dequantizes ``f ⊙ W`` again for dX = G·(f ⊙ W) + s·(G·(f ⊙ B))·A.
 - everything else (dense bases, the NF4 split-K path): LoRA's base GEMM without the LoRA term, then
   ``_dora_epilogue_kernel``: ``Y = f ⊙ (base + s·U·Bᵀ) + bias`` in place, the bytes of LoRA's addmm pass over Y.
-  The backward's column pass writes ``G ⊙ f`` and LoRA's backward runs on it.
+  The backward's dB pass writes ``G ⊙ f`` and LoRA's dX and dA run on it.
 
-The backward's column pass (``_dora_colsum_kernel``) reads G and Y once for ``Σ G`` (dbias) and ``Σ G·(Y − bias)``
-(dm), per slice of M into float32 partials (no atomics: deterministic), writing ``G ⊙ f`` where dX needs it. On the
-scaled scratch with dB asked, those sums ride along dB's own pass over G instead (``_wgrad`` with Y: the weight-
-gradient kernel's ``HAS_YSUM``), Y read beside G: no pass of its own.
+The column sums ``Σ G`` (dbias) and ``Σ G·(Y − bias)`` (dm), per slice of M into float32 partials (no atomics:
+deterministic), ride along dB's own pass over G (``_wgrad`` with Y: the weight-gradient kernel's ``HAS_YSUM``), Y
+read beside G, which off the scaled scratch also writes the ``G ⊙ f`` that dX and dA read (``WRITE_XF``): no pass
+of their own. Where dB is not asked, the column pass (``_dora_colsum_kernel``) does both.
 """
 
 from __future__ import annotations
@@ -507,29 +507,31 @@ def dora_linear_bwd(
     f = _factor(magnitude, norm) if factors is None else factors[0]
     s = float(scaling)
     scaled = needs_dx and _scaled_scratch(nf4, m, x.dtype)
-    write_gf = (needs_dx or needs_da or needs_db) and not scaled
-    # on the scaled scratch dB's pass over G also sums G and G·(Y − bias): no column pass of its own
-    ride = scaled and needs_db and (needs_dm or needs_dbias)
-    part = gf = None
-    if (needs_dm or needs_dbias or write_gf) and not ride:
+    write_gf = (needs_dx or needs_da) and not scaled
+    # dB's pass over G also sums G and G·(Y − bias) and, off the scaled scratch, writes G ⊙ f: the column pass
+    # runs only where dB is not asked
+    sums = needs_dm or needs_dbias or write_gf
+    part = gf = db = None
+    if needs_db:
+        keep = lora._keep(None, x.device)
+        gf = torch.empty_like(dy, memory_format=torch.contiguous_format) if write_gf else None
+        grad_b, part = _wgrad(dy, u, keep, colsum=sums, maskable=False, y=y if sums else None, bias=bias,
+                              scale_into=None if gf is None else (f, gf))  # fmt: skip
+        # dB = s·(G ⊙ f)ᵀ·U = s·f ⊙ (Gᵀ·U)
+        sf = s * f if factors is None else factors[1]
+        db = (grad_b * sf[:, None]).to(lora_b.dtype)
+    elif sums:
         part, gf = dora_colsum(dy, y, bias, f, write_gf)
-    dx = da = db = None
+    dx = da = None
     if scaled:
-        # dX = G·(f ⊙ W) + s·(G·(f ⊙ B))·A on the scaled scratch; dA from the same G·(f ⊙ B); dB = s·f ⊙ (Gᵀ·U)
+        # dX = G·(f ⊙ W) + s·(G·(f ⊙ B))·A on the scaled scratch; dA from the same G·(f ⊙ B)
         fb = _scaled_b(lora_b, f) if scaled_b is None else scaled_b
         w = lora._dequantized(nf4, x.dtype, x.device, row_scale=f)
         dx, da, _, _ = lora.lora_linear_bwd(dy, x, w, lora_a, fb, u, s, needs_da=needs_da, needs_db=False)
-        if needs_db:
-            keep = lora._keep(None, x.device)
-            grad_b, sums = _wgrad(dy, u, keep, colsum=ride, maskable=False, y=y if ride else None, bias=bias)
-            if ride:
-                part = sums
-            sf = s * f if factors is None else factors[1]
-            db = (grad_b * sf[:, None]).to(lora_b.dtype)
     elif gf is not None:
-        # LoRA's backward on G ⊙ f: dX = (G ⊙ f)·W + s·((G ⊙ f)·B)·A, dA = s·((G ⊙ f)·B)ᵀ·X, dB = s·(G ⊙ f)ᵀ·U
-        dx, da, db, _ = lora.lora_linear_bwd(
-            gf, x, weight, lora_a, lora_b, u, s, nf4=nf4, needs_dx=needs_dx, needs_da=needs_da, needs_db=needs_db
+        # LoRA's backward on G ⊙ f: dX = (G ⊙ f)·W + s·((G ⊙ f)·B)·A, dA = s·((G ⊙ f)·B)ᵀ·X
+        dx, da, _, _ = lora.lora_linear_bwd(
+            gf, x, weight, lora_a, lora_b, u, s, nf4=nf4, needs_dx=needs_dx, needs_da=needs_da, needs_db=False
         )
     # dbias and dm (Σ / m; recomputed where m = 0) from the partials in one launch, no host sync
     dbias = dm = None

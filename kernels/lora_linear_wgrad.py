@@ -39,16 +39,17 @@ __all__ = ["compile_gate_cases"]
 
 @triton.jit(do_not_specialize=["has_mask", "rows_per_split"])
 def _lora_wgrad_kernel(
-    x_ptr, g_ptr, keep_ptr, out_ptr, colsum_ptr, y_ptr, bias_ptr,
+    x_ptr, g_ptr, keep_ptr, out_ptr, colsum_ptr, y_ptr, bias_ptr, f_ptr, xf_ptr,
     M, P, R, rows_per_split,
-    stride_xm, stride_xp, stride_gm, stride_gr, stride_km, stride_kp, stride_ym, stride_yp,
+    stride_xm, stride_xp, stride_gm, stride_gr, stride_km, stride_kp, stride_ym, stride_yp, stride_fm, stride_fp,
     has_mask,
     MASKABLE: tl.constexpr, HAS_COLSUM: tl.constexpr, G_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_R: tl.constexpr,
-    HAS_YSUM: tl.constexpr = False, HAS_BIAS: tl.constexpr = False,
+    HAS_YSUM: tl.constexpr = False, HAS_BIAS: tl.constexpr = False, WRITE_XF: tl.constexpr = False,
 ):  # fmt: skip
     # OUT[s, P, R] = Σ_{m in slice s} (keep ⊙ X)[m, p]·G[m, r];  COLSUM[s, P] = Σ_{m in slice s} X[m, p];
-    # HAS_YSUM: COLSUM[S + s, P] = Σ_{m in slice s} X[m, p]·(Y[m, p] − bias[p])  (S slices)
+    # HAS_YSUM: COLSUM[S + s, P] = Σ_{m in slice s} X[m, p]·(Y[m, p] − bias[p])  (S slices);
+    # WRITE_XF: XF[m, p] = X[m, p]·f[p] in X's dtype (by the programs of the first R tile)
     dtype = x_ptr.dtype.element_ty
     pid_p = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -62,6 +63,9 @@ def _lora_wgrad_kernel(
     ysum = tl.zeros([BLOCK_P], dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    if WRITE_XF:
+        f = tl.load(f_ptr + offs_p, mask=mask_p, other=0.0)
+        xf_rows = tl.where(pid_r == 0, M, 0)  # a predicate, not a branch in the loop (that serialized dB's wgmma)
     m_start = pid_s * rows_per_split
     for m0 in range(0, rows_per_split, BLOCK_M):
         offs_m = m_start + m0 + tl.arange(0, BLOCK_M)
@@ -77,6 +81,10 @@ def _lora_wgrad_kernel(
             if HAS_BIAS:
                 yt = yt - bias[:, None]  # where masked, X is 0
             ysum += tl.sum(xt.to(tl.float32) * yt, axis=1)
+        if WRITE_XF:
+            tl.store(xf_ptr + offs_p[:, None] * stride_fp + offs_m[None, :] * stride_fm,
+                     (xt.to(tl.float32) * f[:, None]).to(xf_ptr.dtype.element_ty),
+                     mask=mask_p[:, None] & (offs_m < xf_rows)[None, :])  # fmt: skip
         # dB (never masked) compiles no branch here: the runtime branch inside the loop made ptxas serialize its
         # wgmma (C7515); dA keeps it, one binary with and without dropout (its wgmma stay pipelined)
         if MASKABLE and has_mask:
@@ -136,14 +144,17 @@ def _wgrad(
     maskable: bool = True,
     y: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    scale_into: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(keep ⊙ X)ᵀ·G [P, R]`` and, if asked, ``Σ_m X [P]``, both float32, for ``X [M, P]``, ``G [M, R]``;
     ``maskable`` False (dB) compiles the kernel without the keep-mask select (``keep`` must then be unset).
     With ``y`` (DoRA's output ``[M, P]``, X's dtype; ``bias [P]`` or None) the sums come back unsummed, float32
     ``[2, S, P]``: the S slices' ``Σ_m X`` and ``Σ_m X ⊙ (Y − bias)`` (``colsum`` must be asked; ``dora_dm`` sums
-    them)."""
+    them). With ``scale_into = (f, out)`` (f float32 ``[P]``, ``out [M, P]`` in X's dtype, dB only) the pass also
+    writes ``X ⊙ f`` into ``out``, rounded once: DoRA's ``dY ⊙ f`` for dX, with no pass of its own."""
     assert maskable or not keep[1], "a keep-mask for a launch compiled without the select"
     assert y is None or (colsum and not maskable), "Y's sums ride along dB's pass only"
+    assert scale_into is None or not maskable, "X ⊙ f rides along dB's pass only"
     m, p = x.shape
     r = g.shape[1]
     interpret = _interpreting()
@@ -156,16 +167,19 @@ def _wgrad(
     sums = torch.empty((1 + with_y, splits, p), dtype=torch.float32, device=x.device) if colsum else part
     keep_t, has_mask = keep
     y_t = x if y is None else y
+    f, xf = (part, x) if scale_into is None else scale_into
     grid = (triton.cdiv(p, cfg["BLOCK_P"]), triton.cdiv(r, block_r), splits)
     _lora_wgrad_kernel[grid](
-        x, g, keep_t, part, sums, y_t, x if bias is None else bias, m, p, r, rows,
+        x, g, keep_t, part, sums, y_t, x if bias is None else bias, f, xf, m, p, r, rows,
         x.stride(0), x.stride(1), g.stride(0), g.stride(1),
         keep_t.stride(0) if has_mask else 0, keep_t.stride(1) if has_mask else 0,
         y_t.stride(0) if with_y else 0, y_t.stride(1) if with_y else 0,
+        xf.stride(0) if scale_into else 0, xf.stride(1) if scale_into else 0,
         int(has_mask), MASKABLE=maskable, HAS_COLSUM=colsum,
         G_SPLIT=g.dtype == torch.float32 and x.dtype != torch.float32,
         DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_P=cfg["BLOCK_P"], BLOCK_R=block_r,
-        HAS_YSUM=with_y, HAS_BIAS=bias is not None, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_YSUM=with_y, HAS_BIAS=bias is not None, WRITE_XF=scale_into is not None, num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )  # fmt: skip
     # the few per-slice partials are summed by torch: a [splits, P, R] reduction, no atomics
     if not colsum:
@@ -182,17 +196,18 @@ def compile_gate_cases() -> list[GateCase]:
     """The weight-gradient kernel's rule-picked tile for float16, bfloat16 and float32 x every ``BLOCK_R``:
     dA (float32 G, split into hi + lo for 16-bit X, dropout select) and dB (U in X's dtype, column sums for
     dbias, no select compiled), with the runtime arguments of a Llama-3-8B 4096 x 4096 projection at M = 8192
-    (dropout on in dA's pass, as in training); DoRA's dB (``dB_dora``: Y's sums beside, with and without a bias).
+    (dropout on in dA's pass, as in training); DoRA's dB (``dB_dora``: Y's sums beside, with and without a bias, and
+    on a base that is not the scaled scratch also writing dY ⊙ f, ``gf=True``).
     Collected by ``lora_linear``'s ``compile_gate_cases``."""
     cases = []
     m, p = 8192, 4096
-    grads = ("dA", "dB", "dB_dora", "dB_dora_bias")
+    grads = ("dA", "dB", "dB_dora", "dB_dora_bias", "dB_dora_gf", "dB_dora_gf_bias")
     for (dtype, ty), block_r, grad in itertools.product(_GATE_TYPES.items(), _GATE_BLOCK_R, grads):
         cfg = _wgrad_config(dtype, interpret=False)
-        da, dora = grad == "dA", grad.startswith("dB_dora")
+        da, dora, xf = grad == "dA", grad.startswith("dB_dora"), "_gf" in grad
         name = f"lora_wgrad_{grad}[{ty},BLOCK_R={block_r}]"
         if dora:
-            name = f"lora_wgrad_dB_dora[{ty},bias={grad.endswith('bias')},BLOCK_R={block_r}]"
+            name = f"lora_wgrad_dB_dora[{ty},bias={grad.endswith('bias')},{'gf=True,' if xf else ''}BLOCK_R={block_r}]"
         cases.append(
             GateCase(
                 name=name,
@@ -206,9 +221,11 @@ def compile_gate_cases() -> list[GateCase]:
                     "colsum_ptr": "*fp32",
                     "y_ptr": f"*{ty}",
                     "bias_ptr": f"*{ty}",
+                    "f_ptr": "*fp32",
+                    "xf_ptr": f"*{ty}",
                     **dict.fromkeys(("M", "P", "R", "rows_per_split"), "i32"),
                     **dict.fromkeys(("stride_xm", "stride_xp", "stride_gm", "stride_gr", "stride_km"), "i32"),
-                    **dict.fromkeys(("stride_kp", "stride_ym", "stride_yp"), "i32"),
+                    **dict.fromkeys(("stride_kp", "stride_ym", "stride_yp", "stride_fm", "stride_fp"), "i32"),
                     "has_mask": "i32",
                 },
                 constexprs={
@@ -220,7 +237,8 @@ def compile_gate_cases() -> list[GateCase]:
                     "BLOCK_P": cfg["BLOCK_P"],
                     "BLOCK_R": block_r,
                     "HAS_YSUM": dora,
-                    "HAS_BIAS": grad == "dB_dora_bias",
+                    "HAS_BIAS": grad.endswith("bias"),
+                    "WRITE_XF": xf,
                 },
                 num_warps=cfg["num_warps"],
                 num_stages=cfg["num_stages"],
@@ -240,6 +258,8 @@ def compile_gate_cases() -> list[GateCase]:
                     "stride_kp": int(da),
                     "stride_ym": p if dora else 0,
                     "stride_yp": int(dora),
+                    "stride_fm": p if xf else 0,
+                    "stride_fp": int(xf),
                     "has_mask": int(da),
                 },
             )

@@ -185,8 +185,8 @@ def test_each_path_matches_the_reference_forward_and_backward(monkeypatch, name,
     colsum = dora_linear.dora_colsum
     monkeypatch.setattr(dora_linear, "dora_colsum", lambda *a: calls.__setitem__("colsum", 1) or colsum(*a))
     got = dora_linear.dora_linear_bwd(*bwd_args, **bwd_kw)
-    # on the scaled scratch dm's and dbias' sums ride along dB's pass: no column pass of its own
-    assert calls.get("colsum", 0) == int(not scaled_path), f"{name}: column pass {calls}"
+    # dm's and dbias' sums (and G ⊙ f off the scaled scratch) ride along dB's pass: no column pass of their own
+    assert calls.get("colsum", 0) == 0, f"{name}: column pass {calls}"
     # oracle rule: against float64 autograd of the formula, at most 2x the error of eager autograd in x's dtype
     # (each path rounds dY ⊙ f, f ⊙ B or f ⊙ W once to x's dtype, as eager's chain rounds its intermediates)
     exact, eager = _autograd_formula(p, dy, torch.float64), _autograd_formula(p, dy, dtype)
@@ -259,33 +259,43 @@ def test_zero_magnitude_columns_get_the_gradient_from_recomputed_outputs(monkeyp
     assert_close(dm_ref, want, msg=f"reference dm with zero magnitudes ({base})")
 
 
-@pytest.mark.parametrize(("dtype", "bias"), [(torch.float32, True), (torch.float16, False), (torch.float16, True)])
-def test_db_pass_sums_y_beside_dy_as_the_column_twin(monkeypatch, dtype, bias):
-    """dB's weight-gradient pass with Y (HAS_YSUM): dYᵀ·U as LoRA's dB pass gives it, its unsummed [2, S, N]
-    partials sum to ``dora_colsum_reference``'s Σ dY and Σ dY ⊙ (Y − bias), and the launch is a gated binary."""
+# r = 80: two rank tiles, of which only the first writes dY ⊙ f (N = 20: one column tile, so M is still sliced)
+@pytest.mark.parametrize(("dtype", "bias", "r"), [(torch.float32, True, 8), (torch.float16, False, 8),
+                                                  (torch.float16, True, 80)])  # fmt: skip
+def test_db_pass_sums_y_beside_dy_as_the_column_twin(monkeypatch, dtype, bias, r):
+    """dB's weight-gradient pass with Y (HAS_YSUM), and also writing dY ⊙ f (WRITE_XF): dYᵀ·U as LoRA's dB pass
+    gives it, its unsummed [2, S, N] partials sum to ``dora_colsum_reference``'s Σ dY and Σ dY ⊙ (Y − bias), dY ⊙ f
+    is its twin's, and each launch is a gated binary."""
     from test_gate_coverage import _mismatch, _Recorder
 
     from fastpeft.kernels import lora_linear_wgrad as wg
     from fastpeft.kernels.lora_linear_wgrad import _wgrad
 
-    g = _gen("db pass with y", str(dtype), bias)
-    m, n, r = 70, 40, 8
+    g = _gen("db pass with y", str(dtype), bias, r)
+    m, n = 70, 40 if r <= 64 else 20
     dy, y, u = _rnd(g, m, n, dtype=dtype), _rnd(g, m, n, dtype=dtype), _rnd(g, m, r, dtype=dtype)
     bb = _rnd(g, n, dtype=dtype) if bias else None
     keep = L._keep(None, dy.device)
+    f = torch.rand(n, generator=g) + 0.5
+    gf = torch.full_like(dy, float("nan"))
     grad_b, part = _wgrad(dy, u, keep, colsum=True, maskable=False, y=y, bias=bb)
+    grad_f, part_f = _wgrad(dy, u, keep, colsum=True, maskable=False, y=y, bias=bb, scale_into=(f, gf))
     plain, _ = _wgrad(dy, u, keep, colsum=False, maskable=False)
-    want = reference_dora.dora_colsum_reference(dy, y, bb, torch.ones(n), False)
+    want = reference_dora.dora_colsum_reference(dy, y, bb, f, True)
     assert part.shape[0] == 2 and part.shape[1] > 1 and part.shape[2] == n, part.shape  # several slices
-    assert torch.equal(grad_b, plain), "Y's sums changed dB's product"
+    assert torch.equal(grad_b, plain) and torch.equal(grad_f, plain), "Y's sums or dY ⊙ f changed dB's product"
+    assert torch.equal(part_f, part), "writing dY ⊙ f changed the sums"
     for what, a, b in zip(("sum dY", "sum dY(Y - bias)"), part.sum(1), want[:2], strict=True):
         assert_close(a, b, msg=f"{what} {dtype} bias={bias}")
-    rec = _Recorder("_lora_wgrad_kernel", wg._lora_wgrad_kernel)  # records the launch, runs nothing
+    assert_close(gf, want[2], msg=f"dY * f {dtype} bias={bias}")  # every element written (no NaN left)
+    rec = _Recorder("_lora_wgrad_kernel", wg._lora_wgrad_kernel)  # records the launches, runs nothing
     monkeypatch.setattr(wg, "_lora_wgrad_kernel", rec)
     _wgrad(dy, u, keep, colsum=True, maskable=False, y=y, bias=bb)
+    _wgrad(dy, u, keep, colsum=True, maskable=False, y=y, bias=bb, scale_into=(f, gf))
     cases = [c for c in _gate.all_cases() if c.name.startswith("lora_wgrad_dB_dora[")]
-    reasons = [_mismatch(c, rec.launches[0]) for c in cases]
-    assert cases and not all(reasons), min(reasons, key=len)
+    for launch in rec.launches:
+        reasons = [_mismatch(c, launch) for c in cases]
+        assert cases and not all(reasons), min(reasons, key=len)
 
 
 DM_CASES = [("dense", torch.float32, 8), ("nf4", torch.float16, 20), ("nf4dq", torch.float32, 33),
