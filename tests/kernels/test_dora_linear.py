@@ -193,6 +193,13 @@ def test_each_path_matches_the_reference_forward_and_backward(monkeypatch, name,
     assert_oracle(y, exact[0], eager[0], msg=f"{name}: Y")
     for what, a, e, ea in zip(("dX", "dA", "dB", "dbias", "dm"), got, exact[1:], eager[1:], strict=True):
         assert_oracle(a, e, ea, msg=f"{name}: {what}")
+    # B frozen: the column pass gives the sums (and G ⊙ f off the scaled scratch); dX, dA, dbias, dm as with dB
+    frozen_b = dora_linear.dora_linear_bwd(*bwd_args, **bwd_kw, needs_db=False)
+    assert calls.get("colsum", 0) == 1 and frozen_b[2] is None, f"{name}: column pass {calls}"
+    for what, a, b in zip(("dX", "dA"), frozen_b[:2], got[:2], strict=True):
+        assert torch.equal(a, b), f"{name}: {what} differs without dB"
+    for what, a, b in zip(("dbias", "dm"), frozen_b[3:], got[3:], strict=True):  # other slices: summed apart
+        assert_close(a, b, msg=f"{name}: {what} without dB")
     # the gradients that were not asked for are not computed
     none = dora_linear.dora_linear_bwd(*bwd_args, nf4=p["nf4"], needs_dx=False, needs_da=False, needs_db=False,
                                        needs_dm=False)  # fmt: skip
